@@ -1,0 +1,14 @@
+"""cifops: CIF integration and a fused contrastive loss as PyTorch custom ops.
+
+    import cifops
+    out = cifops.cif(hidden, alphas, lengths, target_lengths=target_lengths)
+    out.embeds, out.token_lengths, out.fire_frames, out.alpha_sum
+"""
+from cifops._loader import build_info, load_library
+
+load_library()
+
+from cifops._cif import Cif, CifOutput, cif  # noqa: E402
+
+__all__ = ["cif", "Cif", "CifOutput", "build_info"]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""cifops.cif: continuous integrate-and-fire as a torch custom op.
+
+The contract (shared/docs/cif-semantics.md, repeated in cif's docstring) is
+implemented by hand-written CPU and CUDA kernels (csrc/cif/). This module
+registers their autograd and fake (meta) kernels with torch.library and wraps
+them in the public function and an nn.Module.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+_TAIL_MODES = ("keep", "normalize")
+
+
+class CifOutput(NamedTuple):
+    """Result of :func:`cif`.
+
+    embeds:        [B, N, D], hidden's dtype; zero beyond each token_lengths[b].
+    token_lengths: [B] int64, tokens emitted (complete + tail), at most N.
+    fire_frames:   [B, N] int64, frame index at which each token fired, -1 in padding.
+    alpha_sum:     [B], alphas' dtype, unscaled sum of the valid alphas
+                   (differentiable; the quantity loss is |alpha_sum - target_lengths|).
+    """
+
+    embeds: Tensor
+    token_lengths: Tensor
+    fire_frames: Tensor
+    alpha_sum: Tensor
+
+
+# --- fake kernels: shapes only, so torch.compile can trace the op ---------------
+
+@torch.library.register_fake("cifops::cif_forward")
+def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
+                      tail_threshold, tail_normalize, max_tokens):
+    B, _, D = hidden.shape
+    if max_tokens >= 0:
+        n = max_tokens
+    else:
+        n = torch.library.get_ctx().new_dynamic_size()
+    return (hidden.new_empty((B, n, D)),
+            hidden.new_empty((B,), dtype=torch.int64),
+            hidden.new_empty((B, n), dtype=torch.int64),
+            alphas.new_empty((B,)))
+
+
+@torch.library.register_fake("cifops::cif_backward")
+def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, lengths, target_lengths,
+                       threshold, scale_eps, tail_threshold, tail_normalize):
+    return torch.empty_like(hidden), torch.empty_like(alphas)
+
+
+# --- autograd: the backward is its own op ---------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, \
+        tail_normalize, _ = inputs
+    ctx.save_for_backward(hidden, alphas, lengths, target_lengths)
+    ctx.args = (threshold, scale_eps, tail_threshold, tail_normalize)
+
+
+def _backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum):
+    hidden, alphas, lengths, target_lengths = ctx.saved_tensors
+    if grad_embeds is None:
+        grad_embeds = hidden.new_zeros((hidden.shape[0], 0, hidden.shape[2]))
+    grad_hidden, grad_alphas = torch.ops.cifops.cif_backward(
+        grad_embeds, grad_alpha_sum, hidden, alphas, lengths, target_lengths, *ctx.args)
+    return grad_hidden, grad_alphas, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("cifops::cif_forward", _backward, setup_context=_setup_context)
+
+
+# --- the public API ----------------------------------------------------------------
+
+def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
+        threshold: float = 1.0, target_lengths: Optional[Tensor] = None,
+        scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
+        tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
+    r"""Continuous integrate-and-fire: integrate frame weights into token embeddings.
+
+    Per utterance b with valid length L_b, prefix sums in float64
+    ``P_0 = 0, P_t = P_{t-1} + alpha_t`` place frame t on ``[P_{t-1}, P_t)`` and token
+    k on ``[k*threshold, (k+1)*threshold)``; the weight of frame t in token k is their
+    overlap ``w_{t,k}`` and the token embedding is ``c_k = sum_t w_{t,k} h_t``.
+    ``floor(P_L / threshold)`` complete tokens fire (a frame whose weight exceeds the
+    threshold fires several); token k fires at the frame with
+    ``P_{t-1} < (k+1)*threshold <= P_t``. The residual ``r = P_L - n*threshold`` is
+    emitted as one more token when ``tail_threshold`` is set and ``r >= tail_threshold``
+    (and ``r > 0``): raw (``tail_mode="keep"``) or scaled by ``threshold / r``
+    (``"normalize"``); its fire frame is ``L_b - 1``.
+
+    With ``target_lengths`` (training), the alphas are first scaled by
+    ``(threshold * target_lengths + scale_eps) / sum(alpha)`` so that exactly
+    ``target_lengths`` tokens fire; gradients flow through the scaling.
+
+    Args:
+        hidden: [B, T, D] float16/bfloat16/float32/float64 frame features.
+        alphas: [B, T] floating, >= 0 and finite, the frame weights.
+        lengths: [B] integer valid lengths in [0, T]; None: all T frames are valid.
+            Frames t >= lengths[b] count as weight 0 and get zero gradient.
+        threshold: the firing threshold beta (> 0).
+        target_lengths: [B] integer target token counts (training-time scaling).
+        scale_eps: the eps of the scaling, in [0, threshold).
+        tail_threshold: emit the incomplete last token when its weight reaches this; None
+            drops it (the usual choice in training).
+        tail_mode: "normalize" or "keep" (see above).
+        max_tokens: the output width N. Tokens beyond it are dropped, and no
+            device-to-host synchronisation happens, so the op can be captured in a CUDA
+            graph and traced by ``torch.compile(fullgraph=True)``. None: N is the largest
+            token count in the batch (one small device-to-host copy on CUDA).
+
+    Returns:
+        :class:`CifOutput` ``(embeds [B, N, D], token_lengths [B] int64,
+        fire_frames [B, N] int64, alpha_sum [B])``.
+
+    Differentiable with respect to ``hidden`` and ``alphas`` (through the scaling, the
+    tail normalisation and ``alpha_sum``), with the fire decisions held fixed.
+    Accumulation is in float32 for float16/bfloat16/float32 inputs and float64 for
+    float64; fire decisions are identical on CPU and CUDA.
+
+    Value errors (negative/NaN/inf alphas, lengths outside [0, T], a positive target
+    for weights that sum to zero) raise on CPU, and on CUDA when ``max_tokens`` is None.
+    On CUDA with ``max_tokens`` given (no synchronisation), such an utterance emits no
+    tokens instead.
+    """
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"cifops.cif: hidden must be a Tensor, got {type(hidden).__name__}")
+    if not isinstance(alphas, Tensor):
+        raise TypeError(f"cifops.cif: alphas must be a Tensor, got {type(alphas).__name__}")
+    if tail_mode not in _TAIL_MODES:
+        raise ValueError(f"cifops.cif: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
+    if max_tokens is None:
+        max_tokens = -1
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"cifops.cif: max_tokens must be an int >= 0 or None, got {max_tokens!r}")
+    if tail_threshold is not None:
+        tail_threshold = float(tail_threshold)
+    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, float(threshold),
+                                       float(scale_eps), tail_threshold, tail_mode == "normalize",
+                                       max_tokens)
+    return CifOutput(*out)
+
+
+class Cif(torch.nn.Module):
+    """:func:`cif` as a module; the keyword arguments of :func:`cif` are its settings.
+
+    ``forward(hidden [B, T, D], alphas [B, T], lengths [B] = None, target_lengths [B] = None)``
+    returns a :class:`CifOutput`.
+    """
+
+    def __init__(self, threshold: float = 1.0, scale_eps: float = 1e-4,
+                 tail_threshold: Optional[float] = None, tail_mode: str = "normalize",
+                 max_tokens: Optional[int] = None):
+        super().__init__()
+        self.threshold = threshold
+        self.scale_eps = scale_eps
+        self.tail_threshold = tail_threshold
+        self.tail_mode = tail_mode
+        self.max_tokens = max_tokens
+
+    def forward(self, hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
+                target_lengths: Optional[Tensor] = None) -> CifOutput:
+        return cif(hidden, alphas, lengths, threshold=self.threshold,
+                   target_lengths=target_lengths, scale_eps=self.scale_eps,
+                   tail_threshold=self.tail_threshold, tail_mode=self.tail_mode,
+                   max_tokens=self.max_tokens)
+
+    def extra_repr(self) -> str:
+        return (f"threshold={self.threshold}, tail_threshold={self.tail_threshold}, "
+                f"tail_mode={self.tail_mode!r}, max_tokens={self.max_tokens}")

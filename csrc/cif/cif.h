@@ -1,0 +1,321 @@
+// cifops CIF kernels: the contract, the shapes and the entry points.
+// This header is free of torch headers so that the kernels build into a native
+// sanitizer test (tests/native) as well as into the torch extension.
+//
+// ---------------------------------------------------------------------------
+// The recursion (shared/docs/cif-semantics.md; frames 0-based here)
+//
+//   inputs   hidden h      [B][T][D]
+//            alphas a      [B][T]          a[b][t] >= 0, finite
+//            lengths L     [B]             0 <= L_b <= T (frames t >= L_b ignored)
+//            target_len    [B] (optional)  training-time scaling
+//
+//   S_b      = sum_{t < L_b} a[b][t]                         (float64, sequential)
+//   s_b      = (beta * target_len_b + eps) / S_b  if target_len is given, else 1
+//   P[b][0]  = 0,   P[b][t+1] = P[b][t] + s_b * a[b][t]      (float64, sequential)
+//
+//   frame t occupies [P[t], P[t+1]) of the weight axis, token k occupies
+//   [k beta, (k+1) beta); the weight of frame t in token k is the overlap
+//
+//   w[t][k]  = max(0, min(P[t+1], (k+1) beta) - max(P[t], k beta))
+//   c[k]     = sum_t w[t][k] * h[t]                          (accumulated in acc_t)
+//
+//   fires    token k fires at the frame t with P[t] < (k+1) beta <= P[t+1];
+//            token_after[t] = #{k : (k+1) beta <= P[t+1]}   (tokens fired by frame t)
+//   n_b      = token_after[L_b - 1]  complete tokens
+//   r_b      = P[L_b] - n_b beta     residual; emitted as token n_b when
+//            tail_threshold is set and r_b >= tail_threshold and r_b > 0,
+//            scaled by beta / r_b in "normalize" mode; its fire frame is L_b - 1.
+//   token k spans frames [fire[k-1], fire[k]] (fire[-1] = 0), so every frame of
+//   token k is found from two fire frames, without a [T][N] alignment.
+//
+// Backward, with the fire decisions held fixed (g = dLoss/dc, E_b emitted tokens,
+// tscale(k) = beta / r_b for a normalised tail token, else 1):
+//
+//   dh[t]    = sum_{k = k_in(t)}^{k_out(t)} w[t][k] tscale(k) g[k]
+//              k_in(t) = token_after[t-1] (0 for t = 0), k_out(t) = token_after[t]
+//   D1[t]    = tscale(k_out) g[k_out] . h[t]            (dw[t][k_out]/dP[t+1] = 1)
+//   D0[t]    = tscale(k_in) g[k_in] . h[t] if P[t] > k_in beta, else 0
+//                                                       (dw[t][k_in]/dP[t] = -1)
+//   dP[t+1]  = D1[t] - D0[t+1]         (+ the tail term below at t + 1 = L_b)
+//   tail     dP[L_b] -= (1 / r_b) sum_{t in tail} w[t][n_b] D1[t]
+//   G[j]     = sum_{t >= j} dP[t+1]                     (reverse prefix sum)
+//   da[j]    = s_b (G[j] - (1 / S_b) sum_i a[i] G[i])   with target_len, else G[j]
+//              + dLoss/dS_b                             (the alpha_sum output)
+//
+// All of it is O(B T D) work and O(B T) scalar state, with no atomics.
+// ---------------------------------------------------------------------------
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#if defined(__CUDACC__)
+#define CIFOPS_HD __host__ __device__ __forceinline__
+#else
+#define CIFOPS_HD inline
+#endif
+
+namespace cifops {
+
+enum class ScalarKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// Per-utterance status written by the scan; the host turns it into an error
+// message naming the argument and the offending index.
+enum CifStatus : int64_t {
+  kCifOk = 0,
+  kCifBadAlpha = 1,        // negative, NaN or infinite alphas[b][t]
+  kCifBadLength = 2,       // lengths[b] outside [0, T]
+  kCifBadTarget = 3,       // target_lengths[b] < 0
+  kCifZeroSumTarget = 4,   // target_lengths[b] > 0 but the weights sum to zero
+  kCifTooManyTokens = 5,   // the integrated weight exceeds 2^53 thresholds
+};
+
+struct CifConfig {
+  int64_t batch = 0;        // B
+  int64_t frames = 0;       // T
+  int64_t dim = 0;          // D
+  int64_t max_tokens = -1;  // N when given; -1: emit every token (host decides N)
+  double threshold = 1.0;   // beta
+  double scale_eps = 1e-4;  // eps of the target-length scaling
+  bool has_tail_threshold = false;
+  double tail_threshold = 0.0;
+  bool tail_normalize = true;
+};
+
+// Scratch state shared by the forward and the backward; all arrays are dense.
+struct CifWorkspace {
+  double* prefix = nullptr;       // [B][T+1]  P
+  int64_t* token_after = nullptr; // [B][T]    tokens fired by the end of frame t
+  int64_t* row_info = nullptr;    // [B][kRowInfo]
+  double* row_real = nullptr;     // [B][kRowReal]
+};
+
+// row_info fields
+constexpr int kInfoTotal = 0;     // complete + tail tokens (before max_tokens)
+constexpr int kInfoComplete = 1;  // n_b
+constexpr int kInfoHasTail = 2;   // 1 when the tail token is emitted
+constexpr int kInfoLength = 3;    // L_b
+constexpr int kInfoStatus = 4;    // CifStatus
+constexpr int kInfoWhere = 5;     // offending frame (or -1)
+constexpr int kInfoScaled = 6;    // 1 when target_lengths scaling is applied
+constexpr int kRowInfo = 7;
+// row_real fields
+constexpr int kRealScale = 0;      // s_b
+constexpr int kRealTailScale = 1;  // beta / r_b (normalised tail) or 1
+constexpr int kRealAlphaSum = 2;   // S_b
+constexpr int kRealResidual = 3;   // r_b
+constexpr int kRowReal = 4;
+
+// Boundary of token k: (k+1) * beta, computed the same way everywhere so that
+// every backend makes the same fire decisions.
+CIFOPS_HD double cif_boundary(int64_t k, double beta) { return static_cast<double>(k + 1) * beta; }
+
+// Weight of frame t (interval [p0, p1)) in token k.
+CIFOPS_HD double cif_overlap(double p0, double p1, int64_t k, double beta) {
+  const double hi = p1 < cif_boundary(k, beta) ? p1 : cif_boundary(k, beta);
+  const double lo = p0 > cif_boundary(k - 1, beta) ? p0 : cif_boundary(k - 1, beta);
+  return hi > lo ? hi - lo : 0.0;
+}
+
+// The sequential part of CIF for one utterance: validation, alpha sum, scaling,
+// float64 prefix sums, fire counts and the tail decision. O(T), run by one
+// thread per utterance on both backends so that the decisions are identical.
+// alpha_t is float or double; a null `length` or `target` means "not given".
+template <typename alpha_t>
+CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
+                            const int64_t* target_ptr, const CifConfig& cfg, double* prefix,
+                            int64_t* token_after, int64_t* info, double* real) {
+  const int64_t T = cfg.frames;
+  const double beta = cfg.threshold;
+  info[kInfoStatus] = kCifOk;
+  info[kInfoWhere] = -1;
+  info[kInfoTotal] = 0;
+  info[kInfoComplete] = 0;
+  info[kInfoHasTail] = 0;
+  info[kInfoScaled] = target_ptr ? 1 : 0;
+  real[kRealScale] = 1.0;
+  real[kRealTailScale] = 1.0;
+  real[kRealAlphaSum] = 0.0;
+  real[kRealResidual] = 0.0;
+  int64_t length = length_ptr ? *length_ptr : T;  // not given: all frames valid
+  info[kInfoLength] = 0;
+  for (int64_t t = 0; t <= T; ++t) prefix[t] = 0.0;
+  for (int64_t t = 0; t < T; ++t) token_after[t] = 0;
+  if (length < 0 || length > T) {
+    info[kInfoStatus] = kCifBadLength;
+    return;
+  }
+  if (target_ptr && *target_ptr < 0) {
+    info[kInfoStatus] = kCifBadTarget;
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t t = 0; t < length; ++t) {
+    const double a = static_cast<double>(alphas[t]);
+    // !(a >= 0) catches NaN; a - a != 0 catches +inf.
+    if (!(a >= 0.0) || a - a != 0.0) {
+      info[kInfoStatus] = kCifBadAlpha;
+      info[kInfoWhere] = t;
+      return;
+    }
+    sum += a;
+  }
+  real[kRealAlphaSum] = sum;
+  double scale = 1.0;
+  if (target_ptr) {
+    if (sum > 0.0) {
+      scale = (beta * static_cast<double>(*target_ptr) + cfg.scale_eps) / sum;
+    } else if (*target_ptr == 0) {
+      scale = 0.0;  // nothing to integrate and nothing asked for
+    } else {
+      info[kInfoStatus] = kCifZeroSumTarget;
+      return;
+    }
+  }
+  info[kInfoLength] = length;
+  real[kRealScale] = scale;
+  double p = 0.0;
+  int64_t fired = 0;
+  for (int64_t t = 0; t < length; ++t) {
+    p += static_cast<double>(alphas[t]) * scale;
+    prefix[t + 1] = p;
+    if (cif_boundary(fired, beta) <= p) {
+      if (p / beta >= 9007199254740992.0) {  // 2^53: token counts stop being exact
+        info[kInfoStatus] = kCifTooManyTokens;
+        info[kInfoWhere] = t;
+        info[kInfoLength] = 0;
+        return;
+      }
+      // Jump over many fires at once (alpha >> beta), then settle exactly on
+      // the comparison that defines a fire.
+      int64_t k = static_cast<int64_t>(p / beta);
+      if (k < fired) k = fired;
+      while (k > fired && cif_boundary(k - 1, beta) > p) --k;
+      while (cif_boundary(k, beta) <= p) ++k;
+      fired = k;
+    }
+    token_after[t] = fired;
+  }
+  for (int64_t t = length; t < T; ++t) {
+    prefix[t + 1] = p;
+    token_after[t] = fired;
+  }
+  const double residual = p - static_cast<double>(fired) * beta;
+  real[kRealResidual] = residual;
+  info[kInfoComplete] = fired;
+  int64_t total = fired;
+  if (cfg.has_tail_threshold && length > 0 && residual > 0.0 && residual >= cfg.tail_threshold) {
+    info[kInfoHasTail] = 1;
+    real[kRealTailScale] = cfg.tail_normalize ? beta / residual : 1.0;
+    total += 1;
+  }
+  info[kInfoTotal] = total;
+}
+
+// Fire frame of token k (k < total), by binary search on token_after.
+CIFOPS_HD int64_t cif_fire_frame(const int64_t* token_after, const int64_t* info, int64_t k) {
+  if (k >= info[kInfoComplete]) return info[kInfoLength] - 1;  // the tail token
+  // first t with token_after[t] > k
+  int64_t lo = 0, hi = info[kInfoLength] - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (token_after[mid] > k) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Tokens emitted for an utterance, given the output width N.
+CIFOPS_HD int64_t cif_emitted(const int64_t* info, int64_t n_out) {
+  return info[kInfoTotal] < n_out ? info[kInfoTotal] : n_out;
+}
+
+// The sequential half of the backward for one utterance: from the per-frame dot
+// products dots[t] = {D1[t], D0[t]} to dLoss/dalpha (see the header comment).
+// Overwrites dots[t][0] with G[t]. O(T), one thread per utterance.
+template <typename alpha_t>
+CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alpha_sum,
+                                  const CifConfig& cfg, int64_t n_out, const double* prefix,
+                                  const int64_t* token_after, const int64_t* info,
+                                  const double* real, double* dots, alpha_t* grad_alphas) {
+  const double beta = cfg.threshold;
+  const int64_t L = info[kInfoLength];
+  const int64_t n = info[kInfoComplete];
+  // Tail normalisation: c_tail = (beta / r) u, so dLoss/dr = -(1/r) g . c_tail,
+  // and r = P[L] - n beta moves with P[L].
+  double tail_term = 0.0;
+  if (info[kInfoHasTail] && cfg.tail_normalize && n < n_out) {
+    const int64_t first = n == 0 ? 0 : cif_fire_frame(token_after, info, n - 1);
+    for (int64_t t = first; t < L; ++t)
+      tail_term += cif_overlap(prefix[t], prefix[t + 1], n, beta) * dots[2 * t];
+    tail_term = -tail_term / real[kRealResidual];
+  }
+  // G[j] = sum_{t >= j} dP[t+1], and sum_j a[j] G[j] for the scaling.
+  double running = 0.0, weighted = 0.0;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    double dp = dots[2 * t] - (t + 1 < L ? dots[2 * (t + 1) + 1] : 0.0);
+    if (t == L - 1) dp += tail_term;
+    running += dp;
+    dots[2 * t] = running;  // D1[t] is not read again
+    weighted += static_cast<double>(alphas[t]) * running;
+  }
+  const double scale = real[kRealScale];
+  const double sum = real[kRealAlphaSum];
+  const double extra = grad_alpha_sum ? static_cast<double>(*grad_alpha_sum) : 0.0;
+  for (int64_t t = 0; t < cfg.frames; ++t) {
+    double g = 0.0;
+    if (t < L) {
+      const double G = dots[2 * t];
+      if (!info[kInfoScaled]) g = G;
+      else if (sum > 0.0) g = scale * (G - weighted / sum);  // s_b = (beta tgt + eps) / S_b
+      g += extra;                                            // the alpha_sum output
+    }
+    grad_alphas[t] = static_cast<alpha_t>(g);
+  }
+}
+
+// ----------------------------------------------------------------------------
+// CPU entry points (csrc/cif/cif_cpu.cpp). `parallel_for(n, grain, body)` runs
+// body(begin, end) over [0, n) in chunks; the torch binding passes
+// at::parallel_for, the native test a serial loop.
+using ParallelFor =
+    std::function<void(int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
+
+// Scan every utterance. alphas is [B][T] of `alpha_kind` (float32/float64);
+// lengths and target may be null.
+void cif_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
+                  const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
+                  const ParallelFor& parallel_for);
+
+// Forward after the scan: embeds [B][N][D], token_lengths [B], fire_frames [B][N],
+// alpha_sum [B] (alpha_kind). n_out is N.
+void cif_forward_cpu(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
+                     int64_t n_out, CifWorkspace ws, void* embeds, int64_t* token_lengths,
+                     int64_t* fire_frames, void* alpha_sum, ScalarKind alpha_kind,
+                     const ParallelFor& parallel_for);
+
+// Backward after the scan: grad_embeds [B][N][D] -> grad_hidden [B][T][D],
+// grad_alphas [B][T]; grad_alpha_sum [B] may be null. dots is scratch [B][T][2].
+void cif_backward_cpu(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
+                      ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
+                      const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
+                      void* grad_hidden, void* grad_alphas, const ParallelFor& parallel_for);
+
+// ----------------------------------------------------------------------------
+// CUDA entry points (csrc/cif/cif_cuda.cu): same arguments, device pointers, the
+// stream as a cudaStream_t passed through void*. They return a cudaError_t
+// (as int) of the launches.
+// The scan also writes token_lengths (min(total, cfg.max_tokens), or total when
+// max_tokens is -1) and alpha_sum when they are not null.
+int cif_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
+                  const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
+                  int64_t* token_lengths, void* alpha_sum, void* stream);
+int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
+                     int64_t n_out, CifWorkspace ws, void* embeds, int64_t* fire_frames,
+                     void* stream);
+int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
+                      ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
+                      const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
+                      void* grad_hidden, void* grad_alphas, void* stream);
+
+}  // namespace cifops

@@ -1,0 +1,107 @@
+// CPU implementation of the cifops::cif_forward / cif_backward ops: checks,
+// allocation and dispatch to the torch-free kernels in cif_cpu.cpp.
+// float16/bfloat16 inputs are computed in float32 and cast back.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "cif_host.h"
+
+namespace cifops {
+namespace {
+
+const ParallelFor kAtenParallelFor = [](int64_t n, int64_t grain,
+                                        const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(0, n, grain, body);
+};
+
+at::ScalarType cpu_compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor to_compute(const at::Tensor& x) {
+  return x.to(cpu_compute_type(x.scalar_type())).contiguous();
+}
+
+std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
+  if (!x.has_value()) return std::nullopt;
+  return x->to(at::kLong).contiguous();
+}
+
+const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cpu_op(
+    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
+    std::optional<double> tail_threshold, bool tail_normalize, int64_t max_tokens) {
+  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  const CifConfig cfg =
+      make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens);
+  const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
+  const auto len = to_long(lengths), tgt = to_long(target_lengths);
+  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
+  cif_scan_cpu(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len), maybe_ptr(tgt), cfg,
+               ws.view(), kAtenParallelFor);
+  const int64_t max_total = check_scan_status(ws.row_info, alphas, len, tgt);
+  const int64_t n_out = max_tokens >= 0 ? max_tokens : max_total;
+  at::Tensor embeds = at::empty({cfg.batch, n_out, cfg.dim}, h.options());
+  at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
+  at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
+  at::Tensor alpha_sum = at::empty({cfg.batch}, a.options());
+  cif_forward_cpu(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out, ws.view(),
+                  embeds.data_ptr(), token_lengths.data_ptr<int64_t>(),
+                  fire_frames.data_ptr<int64_t>(), alpha_sum.data_ptr(),
+                  scalar_kind(a.scalar_type()), kAtenParallelFor);
+  return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
+          alpha_sum.to(alphas.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> cif_backward_cpu_op(
+    const at::Tensor& grad_embeds, const std::optional<at::Tensor>& grad_alpha_sum,
+    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
+    std::optional<double> tail_threshold, bool tail_normalize) {
+  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  TORCH_CHECK(grad_embeds.dim() == 3 && grad_embeds.size(0) == hidden.size(0) &&
+                  grad_embeds.size(2) == hidden.size(2),
+              "cifops.cif_backward: grad_embeds must have shape [B, N, D] with B = ",
+              hidden.size(0), ", D = ", hidden.size(2), ", got ", grad_embeds.sizes());
+  if (grad_alpha_sum.has_value())
+    TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
+                "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
+                grad_alpha_sum->sizes());
+  const int64_t n_out = grad_embeds.size(1);
+  const CifConfig cfg =
+      make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, n_out);
+  const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
+  const at::Tensor g = grad_embeds.to(h.scalar_type()).contiguous();
+  std::optional<at::Tensor> gs;
+  if (grad_alpha_sum.has_value()) gs = grad_alpha_sum->to(a.scalar_type()).contiguous();
+  const auto len = to_long(lengths), tgt = to_long(target_lengths);
+  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
+  cif_scan_cpu(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len), maybe_ptr(tgt), cfg,
+               ws.view(), kAtenParallelFor);
+  check_scan_status(ws.row_info, alphas, len, tgt);
+  at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
+  at::Tensor grad_hidden = at::empty_like(h);
+  at::Tensor grad_alphas = at::empty_like(a);
+  cif_backward_cpu(g.data_ptr(), gs.has_value() ? gs->data_ptr() : nullptr, h.data_ptr(),
+                   scalar_kind(h.scalar_type()), a.data_ptr(), scalar_kind(a.scalar_type()), cfg,
+                   n_out, ws.view(), dots.data_ptr<double>(), grad_hidden.data_ptr(),
+                   grad_alphas.data_ptr(), kAtenParallelFor);
+  return {grad_hidden.to(hidden.scalar_type()), grad_alphas.to(alphas.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cifops, CPU, m) {
+  m.impl("cif_forward", &cif_forward_cpu_op);
+  m.impl("cif_backward", &cif_backward_cpu_op);
+}
+
+}  // namespace cifops

@@ -1,0 +1,110 @@
+// CUDA implementation of the cifops::cif_forward / cif_backward ops: checks,
+// allocation and launches of the torch-free kernels in cif_cuda.cu on the
+// current stream. With max_tokens given there is no device-to-host copy (value
+// errors in the inputs then surface as utterances with no tokens, since raising
+// would need a sync); without it the per-utterance token counts and statuses
+// are copied back once, and errors are raised like on the CPU.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cif_host.h"
+
+namespace cifops {
+namespace {
+
+#define CIFOPS_CUDA_CHECK(expr) C10_CUDA_CHECK(static_cast<cudaError_t>(expr))
+
+// Alphas are computed in float32 (float64 for float64); hidden in its own dtype.
+at::Tensor alphas_compute(const at::Tensor& a) {
+  return a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
+  if (!x.has_value()) return std::nullopt;
+  return x->to(at::kLong).contiguous();
+}
+
+const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cuda_op(
+    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
+    std::optional<double> tail_threshold, bool tail_normalize, int64_t max_tokens) {
+  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const CifConfig cfg =
+      make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens);
+  const at::Tensor h = hidden.contiguous(), a = alphas_compute(alphas);
+  const auto len = to_long(lengths), tgt = to_long(target_lengths);
+  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
+  at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
+  at::Tensor alpha_sum = at::empty({cfg.batch}, a.options());
+  CIFOPS_CUDA_CHECK(cif_scan_cuda(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len),
+                                  maybe_ptr(tgt), cfg, ws.view(), token_lengths.data_ptr<int64_t>(),
+                                  alpha_sum.data_ptr(), stream));
+  int64_t n_out = max_tokens;
+  if (n_out < 0) n_out = check_scan_status(ws.row_info.cpu(), alphas, len, tgt);
+  at::Tensor embeds = at::empty({cfg.batch, n_out, cfg.dim}, h.options());
+  at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
+  CIFOPS_CUDA_CHECK(cif_forward_cuda(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out,
+                                     ws.view(), embeds.data_ptr(),
+                                     fire_frames.data_ptr<int64_t>(), stream));
+  return {embeds, token_lengths, fire_frames, alpha_sum.to(alphas.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(
+    const at::Tensor& grad_embeds, const std::optional<at::Tensor>& grad_alpha_sum,
+    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
+    std::optional<double> tail_threshold, bool tail_normalize) {
+  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  TORCH_CHECK(grad_embeds.dim() == 3 && grad_embeds.size(0) == hidden.size(0) &&
+                  grad_embeds.size(2) == hidden.size(2),
+              "cifops.cif_backward: grad_embeds must have shape [B, N, D] with B = ",
+              hidden.size(0), ", D = ", hidden.size(2), ", got ", grad_embeds.sizes());
+  TORCH_CHECK(grad_embeds.device() == hidden.device(), "cifops.cif_backward: grad_embeds is on ",
+              grad_embeds.device(), " but hidden is on ", hidden.device());
+  if (grad_alpha_sum.has_value())
+    TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
+                "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
+                grad_alpha_sum->sizes());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t n_out = grad_embeds.size(1);
+  const CifConfig cfg =
+      make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, n_out);
+  const at::Tensor h = hidden.contiguous(), a = alphas_compute(alphas);
+  const at::Tensor g = grad_embeds.to(h.scalar_type()).contiguous();
+  std::optional<at::Tensor> gs;
+  if (grad_alpha_sum.has_value()) gs = grad_alpha_sum->to(a.scalar_type()).contiguous();
+  const auto len = to_long(lengths), tgt = to_long(target_lengths);
+  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
+  CIFOPS_CUDA_CHECK(cif_scan_cuda(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len),
+                                  maybe_ptr(tgt), cfg, ws.view(), nullptr, nullptr, stream));
+  at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
+  at::Tensor grad_hidden = at::empty_like(h);
+  at::Tensor grad_alphas = at::empty_like(a);
+  CIFOPS_CUDA_CHECK(cif_backward_cuda(
+      g.data_ptr(), gs.has_value() ? gs->data_ptr() : nullptr, h.data_ptr(),
+      scalar_kind(h.scalar_type()), a.data_ptr(), scalar_kind(a.scalar_type()), cfg, n_out,
+      ws.view(), dots.data_ptr<double>(), grad_hidden.data_ptr(), grad_alphas.data_ptr(), stream));
+  return {grad_hidden, grad_alphas.to(alphas.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cifops, CUDA, m) {
+  m.impl("cif_forward", &cif_forward_cuda_op);
+  m.impl("cif_backward", &cif_backward_cuda_op);
+}
+
+}  // namespace cifops

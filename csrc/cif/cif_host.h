@@ -1,0 +1,141 @@
+// Host-side helpers shared by the CPU and CUDA bindings of the CIF op: argument
+// checks with messages that name the argument, workspace allocation, and the
+// translation of per-utterance scan statuses into errors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "cif.h"
+
+namespace cifops {
+
+inline ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return ScalarKind::kFloat16;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kFloat: return ScalarKind::kFloat32;
+    case at::kDouble: return ScalarKind::kFloat64;
+    default: TORCH_CHECK(false, "cifops: unsupported dtype ", t);
+  }
+}
+
+inline bool is_half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// Checks shared by cif_forward and cif_backward. Only metadata is checked here;
+// values (negative alphas, lengths > T, ...) are checked by the scan.
+inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
+                           const std::optional<at::Tensor>& lengths,
+                           const std::optional<at::Tensor>& target_lengths, double threshold,
+                           double scale_eps, std::optional<double> tail_threshold) {
+  TORCH_CHECK(hidden.dim() == 3, "cifops.cif: hidden must be a 3-D tensor [B, T, D], got shape ",
+              hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()),
+              "cifops.cif: hidden must be float16, bfloat16, float32 or float64, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(alphas.dim() == 2, "cifops.cif: alphas must be a 2-D tensor [B, T], got shape ",
+              alphas.sizes());
+  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()),
+              "cifops.cif: alphas must be a floating tensor, got ", alphas.scalar_type());
+  TORCH_CHECK(alphas.size(0) == hidden.size(0) && alphas.size(1) == hidden.size(1),
+              "cifops.cif: alphas must have shape [B, T] = [", hidden.size(0), ", ",
+              hidden.size(1), "] to match hidden, got ", alphas.sizes());
+  TORCH_CHECK(alphas.device() == hidden.device(), "cifops.cif: alphas is on ", alphas.device(),
+              " but hidden is on ", hidden.device());
+  auto check_lengths = [&](const std::optional<at::Tensor>& x, const char* name) {
+    if (!x.has_value()) return;
+    TORCH_CHECK(x->dim() == 1 && x->size(0) == hidden.size(0), "cifops.cif: ", name,
+                " must be a 1-D tensor [B] = [", hidden.size(0), "], got shape ", x->sizes());
+    TORCH_CHECK(at::isIntegralType(x->scalar_type(), /*includeBool=*/false), "cifops.cif: ",
+                name, " must be an integer tensor, got ", x->scalar_type());
+    TORCH_CHECK(x->device() == hidden.device(), "cifops.cif: ", name, " is on ", x->device(),
+                " but hidden is on ", hidden.device());
+  };
+  check_lengths(lengths, "lengths");
+  check_lengths(target_lengths, "target_lengths");
+  TORCH_CHECK(std::isfinite(threshold) && threshold > 0,
+              "cifops.cif: threshold must be a finite number > 0, got ", threshold);
+  TORCH_CHECK(std::isfinite(scale_eps) && scale_eps >= 0 && scale_eps < threshold,
+              "cifops.cif: scale_eps must be in [0, threshold), got ", scale_eps);
+  if (tail_threshold.has_value())
+    TORCH_CHECK(std::isfinite(*tail_threshold) && *tail_threshold >= 0,
+                "cifops.cif: tail_threshold must be a finite number >= 0 or None, got ",
+                *tail_threshold);
+}
+
+inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, double scale_eps,
+                                 std::optional<double> tail_threshold, bool tail_normalize,
+                                 int64_t max_tokens) {
+  CifConfig cfg;
+  cfg.batch = hidden.size(0);
+  cfg.frames = hidden.size(1);
+  cfg.dim = hidden.size(2);
+  cfg.max_tokens = max_tokens;
+  cfg.threshold = threshold;
+  cfg.scale_eps = scale_eps;
+  cfg.has_tail_threshold = tail_threshold.has_value();
+  cfg.tail_threshold = tail_threshold.value_or(0.0);
+  cfg.tail_normalize = tail_normalize;
+  return cfg;
+}
+
+// The scratch tensors behind a CifWorkspace; they live as long as this struct.
+struct CifWorkspaceTensors {
+  at::Tensor prefix, token_after, row_info, row_real;
+  CifWorkspaceTensors(int64_t B, int64_t T, const at::TensorOptions& opts)
+      : prefix(at::empty({B, T + 1}, opts.dtype(at::kDouble))),
+        token_after(at::empty({B, T}, opts.dtype(at::kLong))),
+        row_info(at::empty({B, kRowInfo}, opts.dtype(at::kLong))),
+        row_real(at::empty({B, kRowReal}, opts.dtype(at::kDouble))) {}
+  CifWorkspace view() const {
+    CifWorkspace ws;
+    ws.prefix = prefix.data_ptr<double>();
+    ws.token_after = token_after.data_ptr<int64_t>();
+    ws.row_info = row_info.data_ptr<int64_t>();
+    ws.row_real = row_real.data_ptr<double>();
+    return ws;
+  }
+};
+
+// Raise the first per-utterance error found by the scan. row_info is on the CPU.
+// Returns the largest token count (complete + tail) over the batch.
+inline int64_t check_scan_status(const at::Tensor& row_info_cpu, const at::Tensor& alphas,
+                                 const std::optional<at::Tensor>& lengths,
+                                 const std::optional<at::Tensor>& target_lengths) {
+  const int64_t* info = row_info_cpu.data_ptr<int64_t>();
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < row_info_cpu.size(0); ++b) {
+    const int64_t* row = info + b * kRowInfo;
+    const int64_t where = row[kInfoWhere];
+    switch (row[kInfoStatus]) {
+      case kCifOk: break;
+      case kCifBadAlpha:
+        TORCH_CHECK(false, "cifops.cif: alphas must be finite and >= 0, got alphas[", b, ", ",
+                    where, "] = ", alphas.select(0, b).select(0, where).item<double>());
+      case kCifBadLength:
+        TORCH_CHECK(false, "cifops.cif: lengths must be in [0, T] = [0, ", alphas.size(1),
+                    "], got lengths[", b, "] = ", lengths->select(0, b).item<int64_t>());
+      case kCifBadTarget:
+        TORCH_CHECK(false, "cifops.cif: target_lengths must be >= 0, got target_lengths[", b,
+                    "] = ", target_lengths->select(0, b).item<int64_t>());
+      case kCifZeroSumTarget:
+        TORCH_CHECK(false, "cifops.cif: target_lengths[", b, "] = ",
+                    target_lengths->select(0, b).item<int64_t>(),
+                    " but the valid alphas of utterance ", b,
+                    " sum to zero, so no scaling can reach the target");
+      case kCifTooManyTokens:
+        TORCH_CHECK(false, "cifops.cif: the alphas of utterance ", b, " integrate to more than ",
+                    "2^53 thresholds by frame ", where, "; token counts would not be exact");
+      default: TORCH_CHECK(false, "cifops.cif: internal error, unknown scan status");
+    }
+    if (row[kInfoTotal] > max_total) max_total = row[kInfoTotal];
+  }
+  return max_total;
+}
+
+}  // namespace cifops

@@ -1,0 +1,52 @@
+// The cifops operator library: every schema is declared here, once. The
+// implementations live in one file per op per backend (csrc/<op>/<op>_{cpu,cuda}_op.cpp);
+// autograd and fake (meta) kernels are registered from Python (cifops/_ops.py).
+//
+// The module has no Python functions: importing cifops._C loads this library,
+// which registers the ops with the dispatcher, and exposes how it was built.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef CIFOPS_TORCH_VERSION
+#error "CIFOPS_TORCH_VERSION must be defined by the build (setup.py)"
+#endif
+#ifndef CIFOPS_CUDA_ARCHS
+#define CIFOPS_CUDA_ARCHS ""
+#endif
+#ifndef CIFOPS_CUDA_VERSION
+#define CIFOPS_CUDA_VERSION ""
+#endif
+#ifdef CIFOPS_WITH_CUDA
+static constexpr int kWithCuda = 1;
+#else
+static constexpr int kWithCuda = 0;
+#endif
+
+TORCH_LIBRARY(cifops, m) {
+  // CIF integration (shared/docs/cif-semantics.md). max_tokens = -1: N is the
+  // largest token count of the batch (one device-to-host copy on CUDA).
+  m.def(
+      "cif_forward(Tensor hidden, Tensor alphas, Tensor? lengths, Tensor? target_lengths, "
+      "float threshold, float scale_eps, float? tail_threshold, bool tail_normalize, "
+      "int max_tokens) -> (Tensor embeds, Tensor token_lengths, Tensor fire_frames, "
+      "Tensor alpha_sum)");
+  m.def(
+      "cif_backward(Tensor grad_embeds, Tensor? grad_alpha_sum, Tensor hidden, Tensor alphas, "
+      "Tensor? lengths, Tensor? target_lengths, float threshold, float scale_eps, "
+      "float? tail_threshold, bool tail_normalize) -> (Tensor grad_hidden, Tensor grad_alphas)");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "cifops compiled operator library", -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "torch_version", CIFOPS_TORCH_VERSION) < 0 ||
+      PyModule_AddIntConstant(m, "with_cuda", kWithCuda) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_archs", CIFOPS_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_version", CIFOPS_CUDA_VERSION) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
