@@ -1,0 +1,385 @@
+"""cifops.cif against the literal float64 reference (cifops/reference.py), plus
+gradcheck, opcheck, torch.compile, dtypes, layouts and input errors."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import cifops
+from cifops.reference import cif_reference
+
+from conftest import requires_cuda
+
+DYADIC = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.5]
+THRESHOLDS = [1.0, 0.5, 0.75, 2.0, 0.3]
+
+
+@st.composite
+def cif_cases(draw, positive=False):
+    """A batch and a set of options covering the contract's corners."""
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 10))
+    D = draw(st.integers(1, 5))
+    if positive:  # continuous weights, strictly positive: no exact boundaries
+        alpha_values = st.floats(0.05, 2.5)
+    else:
+        alpha_values = st.one_of(st.sampled_from(DYADIC), st.floats(0.0, 2.5), st.just(0.0))
+    alphas = torch.tensor(draw(st.lists(st.lists(alpha_values, min_size=T, max_size=T),
+                                        min_size=B, max_size=B)), dtype=torch.float64)
+    if not positive and draw(st.booleans()):
+        alphas[draw(st.integers(0, B - 1))] = 0.0  # an all-zero row
+    lengths = None
+    if draw(st.booleans()):
+        low = 1 if positive else 0
+        lengths = torch.tensor(draw(st.lists(st.integers(low, T), min_size=B, max_size=B)))
+    opts = dict(threshold=draw(st.sampled_from(THRESHOLDS)))
+    if draw(st.booleans()):
+        L = lengths if lengths is not None else torch.full((B,), T)
+        sums = [float(alphas[b, :int(L[b])].sum()) for b in range(B)]
+        opts["target_lengths"] = torch.tensor(
+            [draw(st.integers(0, 5)) if s > 0 else 0 for s in sums])
+    if draw(st.booleans()):
+        opts["tail_threshold"] = draw(st.sampled_from([0.0, 0.1, 0.25, 0.5]))
+        opts["tail_mode"] = draw(st.sampled_from(["keep", "normalize"]))
+    if draw(st.booleans()):
+        opts["max_tokens"] = draw(st.integers(0, 6))
+    seed = draw(st.integers(0, 2**16))
+    hidden = torch.randn(B, T, D, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(seed))
+    return hidden, alphas, lengths, opts
+
+
+def assert_same(out, ref, rtol=1e-9, atol=1e-9):
+    assert torch.equal(out.token_lengths, ref.token_lengths), (out.token_lengths, ref.token_lengths)
+    assert torch.equal(out.fire_frames, ref.fire_frames), (out.fire_frames, ref.fire_frames)
+    torch.testing.assert_close(out.embeds.double(), ref.embeds, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.alpha_sum.double(), ref.alpha_sum, rtol=rtol, atol=atol)
+
+
+@given(cif_cases())
+def test_matches_reference(case):
+    hidden, alphas, lengths, opts = case
+    assert_same(cifops.cif(hidden, alphas, lengths, **opts),
+                cif_reference(hidden, alphas, lengths, **opts))
+
+
+@given(cif_cases())
+def test_float32_matches_reference(case):
+    hidden, alphas, lengths, opts = case
+    out = cifops.cif(hidden.float(), alphas, lengths, **opts)  # float64 alphas: same decisions
+    ref = cif_reference(hidden.float(), alphas, lengths, **opts)
+    assert out.embeds.dtype == torch.float32
+    assert_same(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@given(cif_cases(positive=True))
+def test_gradients_match_reference(case):
+    hidden, alphas, lengths, opts = case
+    grads = []
+    for fn in (cifops.cif, cif_reference):
+        h = hidden.clone().requires_grad_()
+        a = alphas.clone().requires_grad_()
+        out = fn(h, a, lengths, **opts)
+        weights = torch.linspace(-1, 1, out.embeds.numel(), dtype=torch.float64)
+        loss = (out.embeds.double().flatten() * weights).sum() + (out.alpha_sum * 0.3).sum()
+        grads.append(torch.autograd.grad(loss, (h, a), allow_unused=True))
+    for got, want in zip(*grads):
+        want = torch.zeros_like(got) if want is None else want
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+
+
+def test_known_values():
+    # Worked by hand from the definition: multi-fire, a split frame and a tail.
+    hidden = torch.tensor([[[1.0], [10.0], [100.0], [1000.0]]], dtype=torch.float64)
+    alphas = torch.tensor([[0.5, 1.75, 0.25, 0.3]], dtype=torch.float64)
+    out = cifops.cif(hidden, alphas, tail_threshold=0.2, tail_mode="keep")
+    # P = 0, 0.5, 2.25, 2.5, 2.8. Token 0 = 0.5*1 + 0.5*10 fires at frame 1, which
+    # also fires token 1 = 1.0*10 (multi-fire); the tail [2, 2.8) = 0.25*10 + 0.25*100
+    # + 0.3*1000 fires at the last frame.
+    assert out.token_lengths.tolist() == [3]
+    assert out.fire_frames.tolist() == [[1, 1, 3]]
+    assert out.embeds[0, :, 0].tolist() == pytest.approx([5.5, 10.0, 2.5 + 25.0 + 300.0])
+    assert out.alpha_sum.item() == pytest.approx(2.8)
+    # normalised tail: weights 0.25+0.25+0.3 = 0.8 of a token, scaled by 1/0.8
+    out = cifops.cif(hidden, alphas, tail_threshold=0.2)
+    assert out.embeds[0, 2, 0].item() == pytest.approx((2.5 + 25.0 + 300.0) / 0.8)
+    out = cifops.cif(hidden, alphas)  # no tail threshold: the residual is dropped
+    assert out.token_lengths.tolist() == [2]
+
+
+def test_target_lengths_fire_exactly():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 50, 8, generator=g)
+    alphas = torch.rand(6, 50, generator=g)
+    lengths = torch.tensor([50, 49, 30, 7, 1, 50])
+    target = torch.tensor([12, 0, 31, 3, 4, 60])
+    out = cifops.cif(hidden, alphas, lengths, target_lengths=target)
+    assert out.token_lengths.tolist() == target.tolist()
+    valid = torch.arange(50)[None] < lengths[:, None]
+    torch.testing.assert_close(out.alpha_sum, (alphas * valid).sum(1))
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(tail_threshold=0.05),
+    dict(tail_threshold=0.05, tail_mode="keep"),
+    dict(target_lengths=torch.tensor([3, 2, 1])),
+    dict(target_lengths=torch.tensor([3, 2, 1]), threshold=0.8),
+    dict(threshold=0.6, tail_threshold=0.05, max_tokens=3),
+])
+def test_gradcheck(opts):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    alphas = (torch.rand(3, 7, dtype=torch.float64, generator=g) * 1.6 + 0.05).requires_grad_()
+    lengths = torch.tensor([7, 5, 3])
+
+    def fn(h, a):
+        out = cifops.cif(h, a, lengths, **opts)
+        return out.embeds, out.alpha_sum
+
+    assert torch.autograd.gradcheck(fn, (hidden, alphas))
+
+
+def _opcheck_samples():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 6, 3, dtype=torch.float64, generator=g)
+    alphas = torch.rand(2, 6, dtype=torch.float64, generator=g) + 0.05
+    lengths = torch.tensor([6, 4])
+    return [
+        (hidden, alphas, None, None, 1.0, 1e-4, None, True, 5),
+        (hidden, alphas, lengths, torch.tensor([2, 3]), 1.0, 1e-4, None, True, 4),
+        (hidden.float(), alphas.float(), lengths, None, 0.7, 1e-4, 0.1, False, 6),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(3))
+def test_opcheck_forward(sample):
+    args = list(_opcheck_samples()[sample])
+    args[0] = args[0].clone().requires_grad_()
+    args[1] = args[1].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.cifops.cif_forward.default, tuple(args))
+
+
+def test_opcheck_backward():
+    hidden, alphas, lengths, target, *rest = _opcheck_samples()[1]
+    grad = torch.randn(2, 4, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.cifops.cif_backward.default,
+                          (grad, torch.randn(2, dtype=torch.float64), hidden, alphas, lengths,
+                           target, 1.0, 1e-4, None, True))
+
+
+def test_compile_fullgraph():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.cif = cifops.Cif(max_tokens=6, tail_threshold=0.3)
+
+        def forward(self, x, alphas, lengths):
+            out = self.cif(self.proj(x), torch.sigmoid(alphas), lengths)
+            return out.embeds.square().sum() + out.alpha_sum.sum()
+
+    torch.manual_seed(0)
+    model = Model()
+    x, alphas, lengths = torch.randn(2, 10, 8), torch.randn(2, 10), torch.tensor([10, 7])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, alphas, lengths)
+    loss.backward()
+    grad_compiled = model.proj.weight.grad.clone()
+    model.zero_grad()
+    eager = model(x, alphas, lengths)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad_compiled, model.proj.weight.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 40, 16, generator=g).to(dtype).requires_grad_()
+    alphas = torch.rand(3, 40, generator=g).to(dtype).requires_grad_()
+    out = cifops.cif(hidden, alphas, tail_threshold=0.3)
+    assert out.embeds.dtype == dtype and out.alpha_sum.dtype == dtype
+    ref = cif_reference(hidden.detach().double(), alphas.detach().double(), tail_threshold=0.3)
+    assert torch.equal(out.token_lengths, ref.token_lengths)
+    torch.testing.assert_close(out.embeds.double(), ref.embeds, rtol=2e-2, atol=5e-2)
+    out.embeds.float().sum().backward()
+    assert hidden.grad.dtype == dtype and alphas.grad.dtype == dtype
+    assert torch.isfinite(hidden.grad.float()).all() and torch.isfinite(alphas.grad.float()).all()
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 16, 20, generator=g)[:, :, ::2]          # strided D
+    alphas = torch.rand(16, 3, generator=g).t()                       # transposed
+    lengths = torch.tensor([[16, 9, 4]]).t()[:, 0]
+    assert not hidden.is_contiguous() and not alphas.is_contiguous()
+    out = cifops.cif(hidden, alphas, lengths, tail_threshold=0.2)
+    assert_same(out, cif_reference(hidden, alphas, lengths, tail_threshold=0.2),
+                rtol=1e-5, atol=1e-5)
+
+
+def test_integer_lengths_dtypes_and_empty_shapes():
+    hidden, alphas = torch.randn(2, 5, 3), torch.rand(2, 5)
+    for dtype in (torch.int32, torch.int64, torch.int16):
+        out = cifops.cif(hidden, alphas, torch.tensor([5, 2], dtype=dtype))
+        assert out.token_lengths.dtype == torch.int64
+    out = cifops.cif(torch.randn(0, 5, 3), torch.rand(0, 5))
+    assert out.embeds.shape == (0, 0, 3)
+    out = cifops.cif(torch.randn(2, 0, 3), torch.rand(2, 0), tail_threshold=0.1)
+    assert out.embeds.shape == (2, 0, 3) and out.token_lengths.tolist() == [0, 0]
+    out = cifops.cif(torch.randn(2, 4, 0), torch.full((2, 4), 0.6))
+    assert out.embeds.shape == (2, 2, 0) and out.fire_frames.tolist() == [[1, 3], [1, 3]]
+    out = cifops.cif(hidden, alphas, max_tokens=0)
+    assert out.embeds.shape == (2, 0, 3)
+
+
+def test_max_tokens_truncates_and_pads():
+    hidden = torch.randn(1, 6, 2, dtype=torch.float64)
+    alphas = torch.full((1, 6), 0.5, dtype=torch.float64)
+    full = cifops.cif(hidden, alphas)
+    short = cifops.cif(hidden, alphas, max_tokens=2)
+    long = cifops.cif(hidden, alphas, max_tokens=5)
+    assert full.token_lengths.item() == 3 and short.token_lengths.item() == 2
+    assert torch.equal(short.embeds, full.embeds[:, :2])
+    assert torch.equal(long.embeds[:, :3], full.embeds) and (long.embeds[:, 3:] == 0).all()
+    assert long.fire_frames.tolist() == [[1, 3, 5, -1, -1]]
+
+
+def test_build_info():
+    info = cifops.build_info()
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_archs"]
+
+
+@pytest.mark.parametrize("make_args, match", [
+    (lambda: (torch.randn(2, 5), torch.rand(2, 5)), "hidden must be a 3-D tensor"),
+    (lambda: (torch.randn(2, 5, 3), torch.rand(2, 5, 1)), "alphas must be a 2-D tensor"),
+    (lambda: (torch.randn(2, 5, 3), torch.rand(2, 4)), r"alphas must have shape \[B, T\]"),
+    (lambda: (torch.ones(2, 5, 3, dtype=torch.int64), torch.rand(2, 5)), "hidden must be float16"),
+    (lambda: (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.int64)), "alphas must be a floating"),
+    (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, -0.1, 0.2, 0.3, 0.1]] * 2)),
+     r"alphas must be finite and >= 0, got alphas\[0, 1\] = -0.1"),
+    (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, 0.1, 0.2, 0.3, 0.1],
+                                                  [0.1, 0.1, float("nan"), 0.3, 0.1]])),
+     r"alphas\[1, 2\] = nan"),
+    (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, 0.1, float("inf"), 0.3, 0.1]] * 2)),
+     r"alphas\[0, 2\] = inf"),
+])
+def test_bad_tensors(make_args, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        cifops.cif(*make_args())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lengths=torch.tensor([5, 6])), r"lengths must be in \[0, T\] = \[0, 5\], got lengths\[1\] = 6"),
+    (dict(lengths=torch.tensor([-1, 5])), r"lengths\[0\] = -1"),
+    (dict(lengths=torch.tensor([5])), r"lengths must be a 1-D tensor \[B\]"),
+    (dict(lengths=torch.tensor([5.0, 4.0])), "lengths must be an integer tensor"),
+    (dict(threshold=0.0), "threshold must be a finite number > 0"),
+    (dict(threshold=float("nan")), "threshold must be a finite number > 0"),
+    (dict(tail_mode="drop"), "tail_mode must be 'keep' or 'normalize'"),
+    (dict(tail_threshold=-0.5), "tail_threshold must be"),
+    (dict(max_tokens=-2), "max_tokens must be an int >= 0 or None"),
+    (dict(scale_eps=1.5), r"scale_eps must be in \[0, threshold\)"),
+    (dict(target_lengths=torch.tensor([3, -1])), r"target_lengths must be >= 0, got target_lengths\[1\] = -1"),
+    (dict(target_lengths=torch.tensor([3, 2]), lengths=torch.tensor([5, 0])),
+     r"target_lengths\[1\] = 2 but the valid alphas of utterance 1 sum to zero"),
+])
+def test_bad_options(kwargs, match):
+    hidden, alphas = torch.randn(2, 5, 3), torch.rand(2, 5) + 0.1
+    lengths = kwargs.pop("lengths", None)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        cifops.cif(hidden, alphas, lengths, **kwargs)
+
+
+def test_bad_input_to_backward_op():
+    hidden, alphas = torch.randn(2, 5, 3), torch.rand(2, 5)
+    with pytest.raises(RuntimeError, match="grad_embeds must have shape"):
+        torch.ops.cifops.cif_backward(torch.randn(2, 3, 4), None, hidden, alphas, None, None,
+                                      1.0, 1e-4, None, True)
+
+
+# --- CUDA -------------------------------------------------------------------------
+
+def _cuda_cases():
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for B, T, D in [(1, 1, 1), (3, 17, 5), (8, 200, 256), (4, 333, 300), (2, 64, 1000)]:
+        alphas = torch.rand(B, T, generator=g) * 1.5
+        alphas[0, : T // 3] = torch.tensor(DYADIC)[torch.randint(len(DYADIC), (T // 3,), generator=g)]
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        cases.append((torch.randn(B, T, D, generator=g), alphas, lengths))
+    return cases
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(tail_threshold=0.3),
+                                  dict(tail_threshold=0.2, tail_mode="keep", max_tokens=40),
+                                  dict(target_lengths="auto", threshold=0.9)])
+def test_cuda_matches_cpu(dtype, opts):
+    for hidden, alphas, lengths in _cuda_cases():
+        kw = dict(opts)
+        if kw.get("target_lengths") == "auto":
+            kw["target_lengths"] = torch.randint(1, 30, lengths.shape) * (lengths > 0)
+        h = hidden.to(dtype).requires_grad_()
+        a = alphas.clone().requires_grad_()
+        cpu = cifops.cif(h, a, lengths, **kw)
+        hc = h.detach().cuda().requires_grad_()
+        ac = alphas.cuda().requires_grad_()
+        gpu = cifops.cif(hc, ac, lengths.cuda(),
+                         **{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()})
+        assert torch.equal(gpu.token_lengths.cpu(), cpu.token_lengths)
+        assert torch.equal(gpu.fire_frames.cpu(), cpu.fire_frames)
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype in (torch.float16, torch.bfloat16) else {}
+        torch.testing.assert_close(gpu.embeds.cpu(), cpu.embeds, **tol)
+        weights = torch.randn(cpu.embeds.shape).to(dtype)
+        (cpu.embeds * weights).float().sum().backward()
+        (gpu.embeds * weights.cuda()).float().sum().backward()
+        torch.testing.assert_close(hc.grad.cpu(), h.grad, **tol)
+        torch.testing.assert_close(ac.grad.cpu(), a.grad, rtol=1e-3, atol=1e-3 * a.shape[1])
+
+
+@requires_cuda
+def test_cuda_deterministic_and_large():
+    g = torch.Generator(device="cuda").manual_seed(6)
+    hidden = torch.randn(64, 1500, 512, device="cuda", generator=g, requires_grad=True)
+    alphas = (torch.rand(64, 1500, device="cuda", generator=g) * 0.9).requires_grad_()
+    results = []
+    for _ in range(2):
+        out = cifops.cif(hidden, alphas, tail_threshold=0.5)
+        gh, ga = torch.autograd.grad(out.embeds.square().sum(), (hidden, alphas))
+        results.append((out.embeds, gh, ga))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+    cpu = cifops.cif(hidden.detach().cpu()[:4], alphas.detach().cpu()[:4], tail_threshold=0.5)
+    torch.testing.assert_close(results[0][0][:4, : cpu.embeds.shape[1]].cpu(), cpu.embeds,
+                               rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+def test_cuda_graph_capture_with_max_tokens():
+    hidden = torch.randn(4, 100, 64, device="cuda")
+    alphas = torch.rand(4, 100, device="cuda")
+    lengths = torch.tensor([100, 80, 50, 10], device="cuda")
+    eager = cifops.cif(hidden, alphas, lengths, max_tokens=60)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cifops.cif(hidden, alphas, lengths, max_tokens=60)  # warm-up outside capture
+        with torch.cuda.graph(graph):
+            captured = cifops.cif(hidden, alphas, lengths, max_tokens=60)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.embeds, eager.embeds)
+    assert torch.equal(captured.fire_frames, eager.fire_frames)
+
+
+@requires_cuda
+def test_cuda_device_mismatch():
+    with pytest.raises(RuntimeError, match="alphas is on cpu but hidden is on cuda"):
+        cifops.cif(torch.randn(2, 5, 3, device="cuda"), torch.rand(2, 5))
