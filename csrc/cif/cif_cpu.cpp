@@ -119,9 +119,13 @@ void backward_impl(const scalar_t* grad_embeds, const alpha_t* grad_alpha_sum,
         const scalar_t* g = grad_embeds + (b * n_out + k) * D;
         const double w = cif_overlap(P[t], P[t + 1], k, beta) * ts;
         if (w > 0.0) axpy(static_cast<scalar_t>(w), g, dh, D);
-        if (k == k_out) dots[2 * row] = ts * static_cast<double>(dot(g, h, D));
-        if (k == k_in && t > 0 && P[t] > cif_boundary(k_in - 1, beta))
-          dots[2 * row + 1] = ts * static_cast<double>(dot(g, h, D));
+        const bool need_d1 = k == k_out;  // dw[t][k_out]/dP[t+1] = 1
+        const bool need_d0 = k == k_in && t > 0 && P[t] > cif_boundary(k_in - 1, beta);
+        if (need_d1 || need_d0) {  // inside a token both are the same product
+          const double gh = ts * static_cast<double>(dot(g, h, D));
+          if (need_d1) dots[2 * row] = gh;
+          if (need_d0) dots[2 * row + 1] = gh;
+        }
       }
     }
   });
