@@ -97,8 +97,8 @@ def cif_function(
     if padding_mask is not None:
         padding_mask = padding_mask.bool()
         alpha = alpha.masked_fill(padding_mask, 0)
-        positions = torch.arange(1, S + 1, device=alpha.device)
-        lengths = positions.masked_fill(padding_mask, 0).amax(1)  # 1 + last unpadded frame
+        frame_numbers = torch.arange(1, S + 1, device=alpha.device).expand(B, S)
+        lengths = frame_numbers.masked_fill(padding_mask, 0).amax(1)  # 1 + last unpadded frame
 
     training = target_lengths is not None
     opts = dict(threshold=beta, scale_eps=eps)
