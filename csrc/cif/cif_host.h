@@ -25,8 +25,6 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
-inline bool is_half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
-
 // Checks shared by cif_forward and cif_backward. Only metadata is checked here;
 // values (negative alphas, lengths > T, ...) are checked by the scan.
 inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
