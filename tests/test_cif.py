@@ -392,3 +392,29 @@ def test_cuda_graph_capture_with_max_tokens():
 def test_cuda_device_mismatch():
     with pytest.raises(RuntimeError, match="alphas is on cpu but hidden is on cuda"):
         cifops.cif(torch.randn(2, 5, 3, device="cuda"), torch.rand(2, 5))
+
+
+def test_import_errors_say_how_to_rebuild(monkeypatch):
+    from cifops import _loader
+
+    class StaleLibrary:
+        torch_version = "0.0.1"
+
+    monkeypatch.setattr(_loader, "_C", None)
+    monkeypatch.setattr(_loader.importlib, "import_module", lambda name: StaleLibrary)
+    with pytest.raises(ImportError, match=r"built against torch 0.0.1 .*pip install --no-build-isolation -e \."):
+        _loader.load_library()
+
+    def missing(name):
+        raise ImportError(f"No module named '{name}'")
+
+    monkeypatch.setattr(_loader.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match=r"cifops._C is missing .*Rebuild it"):
+        _loader.load_library()
+
+    def wrong_abi(name):
+        raise ImportError("_C.so: undefined symbol: _ZN3c104cuda")
+
+    monkeypatch.setattr(_loader.importlib, "import_module", wrong_abi)
+    with pytest.raises(ImportError, match=r"does not match torch .*Rebuild it"):
+        _loader.load_library()
