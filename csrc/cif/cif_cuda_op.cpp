@@ -24,15 +24,6 @@ at::Tensor alphas_compute(const at::Tensor& a) {
   return a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
-std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
-  if (!x.has_value()) return std::nullopt;
-  return x->to(at::kLong).contiguous();
-}
-
-const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
-  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cuda_op(
     const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
@@ -67,16 +58,7 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(
     const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
     std::optional<double> tail_threshold, bool tail_normalize) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
-  TORCH_CHECK(grad_embeds.dim() == 3 && grad_embeds.size(0) == hidden.size(0) &&
-                  grad_embeds.size(2) == hidden.size(2),
-              "cifops.cif_backward: grad_embeds must have shape [B, N, D] with B = ",
-              hidden.size(0), ", D = ", hidden.size(2), ", got ", grad_embeds.sizes());
-  TORCH_CHECK(grad_embeds.device() == hidden.device(), "cifops.cif_backward: grad_embeds is on ",
-              grad_embeds.device(), " but hidden is on ", hidden.device());
-  if (grad_alpha_sum.has_value())
-    TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
-                "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
-                grad_alpha_sum->sizes());
+  check_cif_backward_args(grad_embeds, grad_alpha_sum, hidden);
   const c10::cuda::CUDAGuard guard(hidden.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t n_out = grad_embeds.size(1);

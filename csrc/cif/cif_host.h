@@ -66,6 +66,32 @@ inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
                 *tail_threshold);
 }
 
+// Checks of cif_backward's own arguments, on top of check_cif_args.
+inline void check_cif_backward_args(const at::Tensor& grad_embeds,
+                                    const std::optional<at::Tensor>& grad_alpha_sum,
+                                    const at::Tensor& hidden) {
+  TORCH_CHECK(grad_embeds.dim() == 3 && grad_embeds.size(0) == hidden.size(0) &&
+                  grad_embeds.size(2) == hidden.size(2),
+              "cifops.cif_backward: grad_embeds must have shape [B, N, D] with B = ",
+              hidden.size(0), ", D = ", hidden.size(2), ", got ", grad_embeds.sizes());
+  TORCH_CHECK(grad_embeds.device() == hidden.device(), "cifops.cif_backward: grad_embeds is on ",
+              grad_embeds.device(), " but hidden is on ", hidden.device());
+  if (grad_alpha_sum.has_value())
+    TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
+                "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
+                grad_alpha_sum->sizes());
+}
+
+// Integer lengths of any dtype as contiguous int64, and their raw pointer (or null).
+inline std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
+  if (!x.has_value()) return std::nullopt;
+  return x->to(at::kLong).contiguous();
+}
+
+inline const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
+}
+
 inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, double scale_eps,
                                  std::optional<double> tail_threshold, bool tail_normalize,
                                  int64_t max_tokens) {
