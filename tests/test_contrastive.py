@@ -99,7 +99,7 @@ def check_against_reference(student, teacher, targets, *, temperature=0.02, norm
     if torch.isnan(ref).any() or not ref.requires_grad:
         return
     upstream = torch.randn(ref.shape, dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(7))
+                           generator=torch.Generator().manual_seed(7)).to(ref.device)
     inputs = (s, t, tau) if teacher_grad else (s, tau)
     grads = torch.autograd.grad(loss, inputs, upstream.to(loss.dtype))
     ref_grads = torch.autograd.grad(ref, (s64, t64, tau64) if teacher_grad else (s64, tau64),

@@ -399,9 +399,12 @@ row_pass_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
   const bool real_row = row < pass.rows;
   const acc_t inv_tau = *inv_temperature;
   const bool softmax = lse != nullptr;
-  // the positive column; -1 when ignored, cols (never seen) when out of range
-  int64_t positive = real_row ? contrastive_target(target, row, pass.ignore_index) : -1;
-  if (positive >= pass.cols || positive < -1) positive = pass.cols;
+  // the positive column; -1 when ignored, cols (never met) when out of range
+  int64_t positive = -1;
+  if (real_row) {
+    const int64_t t = target ? target[row] : row;
+    if (target == nullptr || t != pass.ignore_index) positive = t >= 0 && t < pass.cols ? t : pass.cols;
+  }
   // a valid positive is written by the one thread that meets its column below
   if (real_row && part == 0 && target_logit && (positive < 0 || positive == pass.cols))
     target_logit[row] = positive < 0 ? acc_t(0) : quiet_nan<acc_t>();
