@@ -521,6 +521,16 @@ def test_portable_simd_build_matches_reference():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.skipif(os.environ.get("CIFOPS_CUDA_EMULATION") != "1",
+                    reason="set CIFOPS_CUDA_EMULATION=1 to run (about 2 minutes)")
+def test_cuda_kernels_under_cpu_emulation():
+    """The CUDA kernels run on the CPU under tests/native/contrastive_cuda_emulation."""
+    script = os.path.join(os.path.dirname(__file__), "native", "contrastive_cuda_emulation",
+                          "run.sh")
+    out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and out.stdout.count("-> PASS") == 2, out.stdout + out.stderr
+
+
 # --- CUDA -------------------------------------------------------------------------------------
 
 CUDA_CASES = [
