@@ -2,10 +2,10 @@
 // small emulation of emu_cuda.h (one std::thread per CUDA thread, __syncthreads and
 // warp shuffles through barriers) and, in its second build (as for sm_80), the fake
 // tensor-core API of emu_wmma.h (which checks WMMA's pointer-alignment and ldm rules),
-// and compares every
-// output with the CPU kernels of contrastive_cpu.cpp. It checks the kernels' indexing,
-// tiling, synchronisation and reductions where no GPU is available; it says nothing
-// about speed or about the real tensor-core fragment layouts. Built and run by run.sh.
+// and compares every output with the CPU kernels of contrastive_cpu.cpp. It checks the
+// kernels' indexing, tiling, synchronisation and reductions where no GPU is available;
+// it says nothing about speed or about the real tensor-core fragment layouts. Built and
+// run by run.sh.
 #include "contrastive/contrastive.h"
 #include <cstdio>
 #include <random>
