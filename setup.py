@@ -62,11 +62,21 @@ def want_cuda():
     return possible, "; ".join(why)
 
 
+def openmp_flags():
+    # ATen's at::parallel_for is a header template around `#pragma omp parallel`: in an
+    # extension compiled without -fopenmp it silently runs on one thread. The libgomp
+    # that torch ships has the system's SONAME, so the one already loaded is reused.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        return ["-fopenmp"]
+    return []
+
+
 def build_extension():
     with_cuda, why_not = want_cuda()
     debug = env_flag("CIFOPS_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas"]
+    openmp = openmp_flags()
+    cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas"] + openmp
     macros = [("CIFOPS_TORCH_VERSION", f'"{torch.__version__}"')]
     sources = ["csrc/ops.cpp"]
     sources += sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_cpu_op.cpp"))
@@ -91,12 +101,14 @@ def build_extension():
         extra = {"cxx": cxx_flags}
         print(f"cifops: building CPU kernels only ({why_not}) against torch {torch.__version__}, "
               f"MAX_JOBS={os.environ['MAX_JOBS']}")
+    print(f"cifops: CPU kernels {'with OpenMP threads' if openmp else 'single-threaded (no OpenMP)'}")
     return ext_cls(
         name="cifops._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args=extra,
+        extra_link_args=openmp,
     )
 
 
