@@ -38,13 +38,13 @@ struct CudaSide {
     const int64_t rows_padded = contrastive_cuda_padded_rows(kind, rows);
     const int64_t dim_padded = contrastive_cuda_padded_dim(kind, dim);
     op = at::empty({rows_padded, dim_padded}, x.options());
-    val = is_half_type(x.scalar_type())
+    val = at::isReducedFloatingType(x.scalar_type())
               ? at::empty({rows_padded, dim_padded}, x.options().dtype(at::kFloat))
               : op;
     inv_norm = at::empty({rows}, x.options().dtype(at::kDouble));
     CIFOPS_CUDA_CHECK(contrastive_prepare_cuda(
         x.data_ptr(), kind, rows, dim, normalize, op.data_ptr(),
-        is_half_type(x.scalar_type()) ? val.data_ptr() : nullptr, inv_norm.data_ptr<double>(),
+        at::isReducedFloatingType(x.scalar_type()) ? val.data_ptr() : nullptr, inv_norm.data_ptr<double>(),
         stream));
   }
 };
