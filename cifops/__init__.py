@@ -3,12 +3,16 @@
     import cifops
     out = cifops.cif(hidden, alphas, lengths, target_lengths=target_lengths)
     out.embeds, out.token_lengths, out.fire_frames, out.alpha_sum
+    loss = cifops.contrastive_loss(student, teacher, temperature=0.02)
 """
 from cifops._loader import build_info, load_library
 
 load_library()
 
 from cifops._cif import Cif, CifOutput, cif  # noqa: E402
+from cifops._contrastive import (  # noqa: E402
+    ContrastiveLoss, contrastive_accuracy, contrastive_loss)
 
-__all__ = ["cif", "Cif", "CifOutput", "build_info"]
+__all__ = ["cif", "Cif", "CifOutput", "contrastive_loss", "contrastive_accuracy",
+           "ContrastiveLoss", "build_info"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 // The cifops operator library: every schema is declared here, once. The
 // implementations live in one file per op per backend (csrc/<op>/<op>_{cpu,cuda}_op.cpp);
-// autograd and fake (meta) kernels are registered from Python (cifops/_ops.py).
+// autograd and fake (meta) kernels are registered from Python (cifops/_cif.py,
+// cifops/_contrastive.py).
 //
 // The module has no Python functions: importing cifops._C loads this library,
 // which registers the ops with the dispatcher, and exposes how it was built.
@@ -34,6 +35,26 @@ TORCH_LIBRARY(cifops, m) {
       "cif_backward(Tensor grad_embeds, Tensor? grad_alpha_sum, Tensor hidden, Tensor alphas, "
       "Tensor? lengths, Tensor? target_lengths, float threshold, float scale_eps, "
       "float? tail_threshold, bool tail_normalize) -> (Tensor grad_hidden, Tensor grad_alphas)");
+
+  // Fused contrastive (InfoNCE) loss (csrc/contrastive/contrastive.h). temperature
+  // is a 1-element tensor (CPU, or on the inputs' device). stats [6, N] are the
+  // per-row log-sum-exps, expected and positive logits the backward needs;
+  // fused_grad is the student gradient of a scalar loss computed in the forward
+  // when fuse_student_grad allows it (CPU, not symmetric), else empty.
+  m.def(
+      "contrastive_forward(Tensor student, Tensor teacher, Tensor? targets, "
+      "Tensor temperature, bool normalize, bool symmetric, str reduction, int ignore_index, "
+      "bool fuse_student_grad) -> (Tensor loss, Tensor stats, Tensor fused_grad)");
+  // Gradients that are not asked for come back as empty tensors.
+  m.def(
+      "contrastive_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? targets, "
+      "Tensor temperature, Tensor stats, Tensor fused_grad, bool normalize, bool symmetric, "
+      "str reduction, int ignore_index, bool need_student, bool need_teacher, "
+      "bool need_temperature) -> (Tensor grad_student, Tensor grad_teacher, "
+      "Tensor grad_temperature)");
+  m.def(
+      "contrastive_accuracy(Tensor student, Tensor teacher, Tensor? targets, bool normalize, "
+      "int ignore_index) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

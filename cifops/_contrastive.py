@@ -1,0 +1,225 @@
+"""cifops.contrastive_loss: a fused InfoNCE loss as torch custom ops.
+
+The loss is computed by hand-written CPU and CUDA kernels (csrc/contrastive/)
+that never build the N x M similarity matrix: they stream tiles of it, keep an
+online log-sum-exp per row, and save per-row statistics from which the backward
+recomputes the tiles it needs. This module registers their autograd and fake
+(meta) kernels with torch.library and wraps them in the public functions and an
+nn.Module.
+"""
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fuses_student_grad(student, reduction, symmetric, fuse_student_grad):
+    # Mirrors contrastive_forward_cpu_op: only the CPU kernels finish the student
+    # gradient inside the forward, for a scalar, non-symmetric loss.
+    return (fuse_student_grad and reduction != "none" and not symmetric
+            and student.device.type == "cpu")
+
+
+# --- fake kernels: shapes only, so torch.compile can trace the ops -------------------
+
+@torch.library.register_fake("cifops::contrastive_forward")
+def _contrastive_forward_fake(student, teacher, targets, temperature, normalize, symmetric,
+                              reduction, ignore_index, fuse_student_grad):
+    n, d = student.shape
+    compute = _compute_dtype(student.dtype)
+    loss = student.new_empty((n,) if reduction == "none" else ())
+    stats = student.new_empty((6, n), dtype=compute)
+    fused = _fuses_student_grad(student, reduction, symmetric, fuse_student_grad)
+    fused_grad = student.new_empty((n, d) if fused else (0, 0), dtype=compute)
+    return loss, stats, fused_grad
+
+
+@torch.library.register_fake("cifops::contrastive_backward")
+def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature, stats,
+                               fused_grad, normalize, symmetric, reduction, ignore_index,
+                               need_student, need_teacher, need_temperature):
+    return (student.new_empty(student.shape if need_student else (0,)),
+            teacher.new_empty(teacher.shape if need_teacher else (0,)),
+            temperature.new_empty(temperature.shape if need_temperature else (0,)))
+
+
+@torch.library.register_fake("cifops::contrastive_accuracy")
+def _contrastive_accuracy_fake(student, teacher, targets, normalize, ignore_index):
+    return student.new_empty((), dtype=_compute_dtype(student.dtype))
+
+
+# --- autograd: the backward is its own op ----------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, targets, temperature, normalize, symmetric, reduction, ignore_index, _ = \
+        inputs
+    _, stats, fused_grad = output
+    ctx.save_for_backward(student, teacher, targets, temperature, stats, fused_grad)
+    ctx.args = (normalize, symmetric, reduction, ignore_index)
+    ctx.mark_non_differentiable(stats, fused_grad)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_fused):
+    student, teacher, targets, temperature, stats, fused_grad = ctx.saved_tensors
+    need_student, need_teacher, _, need_temperature = ctx.needs_input_grad[:4]
+    grad_student, grad_teacher, grad_temperature = torch.ops.cifops.contrastive_backward(
+        grad_loss, student, teacher, targets, temperature, stats, fused_grad, *ctx.args,
+        need_student, need_teacher, need_temperature)
+    return (grad_student if need_student else None, grad_teacher if need_teacher else None,
+            None, grad_temperature if need_temperature else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("cifops::contrastive_forward", _backward,
+                                setup_context=_setup_context)
+
+
+# --- the public API ----------------------------------------------------------------------
+
+def _check_tensors(fn, student, teacher, targets):
+    # Types and devices are checked here as well as in the ops: inputs on different
+    # devices would otherwise be dispatched to one backend's kernel (or to the fake
+    # kernel, for "meta") before any check could name them.
+    for name, x in (("student", student), ("teacher", teacher), ("targets", targets)):
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(x).__name__}")
+    for name, x in (("teacher", teacher), ("targets", targets)):
+        if x is not None and x.device != student.device:
+            raise ValueError(f"{fn}: {name} is on {x.device} but student is on "
+                             f"{student.device}")
+
+
+def _temperature_tensor(temperature):
+    if isinstance(temperature, Tensor):
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError("cifops.contrastive_loss: temperature must be a float or a 0-dim "
+                        f"tensor, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError("cifops.contrastive_loss: temperature must be a finite number > 0, "
+                         f"got {temperature}")
+    return torch.tensor(float(temperature), dtype=torch.float64)
+
+
+def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None, *,
+                     temperature: Union[float, Tensor] = 0.02, normalize: bool = True,
+                     symmetric: bool = False, reduction: str = "sum",
+                     ignore_index: int = -100) -> Tensor:
+    r"""Fused contrastive (InfoNCE) loss of student rows against teacher rows.
+
+    With ``normalize``, ``s_i = student_i / max(||student_i||, 1e-6)`` and ``t_j``
+    likewise (else the raw rows); the logits are ``z_ij = (s_i . t_j) / temperature``
+    and row ``i``'s loss is ``l_i = logsumexp_j z_ij - z_{i, targets_i}``: a
+    cross-entropy over all ``M`` teacher rows with the positive at ``targets_i``.
+    ``targets=None`` pairs student ``i`` with teacher ``i`` (then ``M >= N``; teacher
+    rows beyond ``N`` are extra negatives). Rows whose target is ``ignore_index``
+    give 0 and are not counted.
+
+    ``symmetric=True`` (CLIP-style; needs ``targets=None`` and ``N == M``) averages
+    both directions: row ``i``'s loss is ``(l_i + l'_i) / 2`` where
+    ``l'_i = logsumexp_k z_ki - z_ii`` is teacher ``i``'s loss over all students.
+
+    The ``N x M`` logit matrix is never stored: the kernels stream tiles of it with an
+    online log-sum-exp, in ``O((N + M) D)`` memory, and the backward recomputes the
+    tiles from per-row statistics. On the CPU, for a scalar loss that is not
+    symmetric, the student gradient is finished in the forward (one pass over the
+    tiles instead of two) when the student requires grad, and the backward only
+    scales it. A teacher that does not require grad costs no teacher-gradient work.
+
+    Args:
+        student: [N, D] float16/bfloat16/float32/float64.
+        teacher: [M, D], same dtype and device as student.
+        targets: [N] integer positives in [0, M), or ``ignore_index``; None: ``arange(N)``.
+        temperature: float or 1-element tensor ``> 0``. A tensor that requires grad gets
+            its gradient. On CUDA a CUDA temperature is not checked (that would need a
+            sync); a non-positive one gives NaN.
+        normalize: L2-normalise the rows first (cosine similarities).
+        symmetric: average the student-to-teacher and teacher-to-student losses.
+        reduction: "sum" (default, as in the HKD recipe), "mean" over counted rows
+            (NaN when no row counts, as torch's cross_entropy), or "none" ([N]).
+        ignore_index: the target value of rows to leave out.
+
+    Returns:
+        the loss in student's dtype: ``[]`` for "sum"/"mean", ``[N]`` for "none".
+
+    Precision: float16/bfloat16/float32 compute in float32 and float64 in float64.
+    On CUDA, float16/bfloat16 logits use tensor-core MMA with float32 accumulation
+    and the gradient products TF32 MMA with float32 accumulation; float32 inputs use
+    plain float32 FMA (no TF32) and float64 plain float64 FMA. The student gradient is
+    deterministic on both devices (no atomics). On CUDA, targets are not checked
+    against ``[0, M)`` (that would need a sync): a row with an out-of-range target
+    gives a NaN loss.
+    """
+    _check_tensors("cifops.contrastive_loss", student, teacher, targets)
+    if reduction not in _REDUCTIONS:
+        raise ValueError("cifops.contrastive_loss: reduction must be 'none', 'sum' or 'mean', "
+                         f"got {reduction!r}")
+    temperature = _temperature_tensor(temperature)
+    if temperature.device.type != "cpu" and temperature.device != student.device:
+        raise ValueError(f"cifops.contrastive_loss: temperature is on {temperature.device} but "
+                         f"student is on {student.device} (a CPU scalar tensor is also accepted)")
+    fuse = (torch.is_grad_enabled() and student.requires_grad
+            and _fuses_student_grad(student, reduction, symmetric, True))
+    loss, _, _ = torch.ops.cifops.contrastive_forward(
+        student, teacher, targets, temperature, bool(normalize), bool(symmetric), reduction,
+        int(ignore_index), fuse)
+    return loss
+
+
+def contrastive_accuracy(student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None, *,
+                         normalize: bool = True, ignore_index: int = -100) -> Tensor:
+    r"""Fraction of counted student rows whose most similar teacher row is the positive.
+
+    The same logits as :func:`contrastive_loss` (the temperature does not change the
+    argmax): ``mean over rows with targets_i != ignore_index of
+    [argmax_j z_ij == targets_i]``, ties going to the first maximal column as in
+    ``torch.argmax``. No gradient, no ``N x M`` memory. Returns a 0-dim float32 tensor
+    (float64 for float64 inputs), NaN when no row counts.
+
+    Args:
+        student: [N, D]; teacher: [M, D]; targets: [N] or None (``arange(N)``, M >= N).
+    """
+    _check_tensors("cifops.contrastive_accuracy", student, teacher, targets)
+    return torch.ops.cifops.contrastive_accuracy(student.detach(), teacher.detach(), targets,
+                                                 bool(normalize), int(ignore_index))
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """:func:`contrastive_loss` as a module; the keyword arguments are its settings.
+
+    ``forward(student [N, D], teacher [M, D], targets [N] = None)`` returns the loss
+    (``[]``, or ``[N]`` with ``reduction="none"``). ``temperature`` may be a float or a
+    tensor (pass an ``nn.Parameter`` to learn it).
+    """
+
+    def __init__(self, temperature: Union[float, Tensor] = 0.02, normalize: bool = True,
+                 symmetric: bool = False, reduction: str = "sum", ignore_index: int = -100):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError("cifops.ContrastiveLoss: reduction must be 'none', 'sum' or "
+                             f"'mean', got {reduction!r}")
+        self.temperature = temperature
+        self.normalize = normalize
+        self.symmetric = symmetric
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def forward(self, student: Tensor, teacher: Tensor,
+                targets: Optional[Tensor] = None) -> Tensor:
+        return contrastive_loss(student, teacher, targets, temperature=self.temperature,
+                                normalize=self.normalize, symmetric=self.symmetric,
+                                reduction=self.reduction, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        temperature = (self.temperature if not isinstance(self.temperature, Tensor)
+                       else "tensor")
+        return (f"temperature={temperature}, normalize={self.normalize}, "
+                f"symmetric={self.symmetric}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}")

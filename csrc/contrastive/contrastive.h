@@ -1,0 +1,219 @@
+// cifops fused contrastive (InfoNCE) loss: the contract, the shapes and the
+// entry points. Free of torch headers, like csrc/cif/cif.h, so that the kernels
+// can be built and tested outside the extension.
+//
+// ---------------------------------------------------------------------------
+// The loss (cifops/_contrastive.py repeats it in contrastive_loss's docstring)
+//
+//   inputs   student x    [N][D]
+//            teacher y    [M][D]
+//            targets      [N] int64, optional; None means targets_i = i (then M >= N)
+//            temperature  tau > 0
+//
+//   unit rows     s_i = x_i / max(||x_i||, eps),  t_j = y_j / max(||y_j||, eps)
+//                 (eps = 1e-6; with normalize=False, s = x and t = y)
+//   logits        z_ij = (s_i . t_j) / tau                            [N][M], never stored
+//   row loss      l_i  = lse_j z_ij - z_{i, targets_i}
+//                 0 and not counted when targets_i == ignore_index
+//   column loss   l'_j = lse_i z_ij - z_jj           (symmetric=True: targets None, N == M)
+//   per row       r_i  = l_i,  or (l_i + l'_i) / 2 when symmetric
+//   loss          "none": r [N];  "sum": sum_i r_i;  "mean": sum_i r_i / #counted
+//
+// Gradients. With per-row weights a_i = dLoss/dl_i (0 for ignored rows) and
+// per-column weights b_j = dLoss/dl'_j (symmetric only, else 0):
+//
+//   G_ij    = dLoss/dz_ij = a_i (P_ij - [j == targets_i]) + b_j (Q_ij - [i == j])
+//             P_ij = exp(z_ij - lse_i),  Q_ij = exp(z_ij - clse_j)   (row / column softmax)
+//   dL/ds_i = (1/tau) sum_j G_ij t_j          dL/dt_j = (1/tau) sum_i G_ij s_i
+//   dL/dx_i = (dL/ds_i - s_i (s_i . dL/ds_i)) / ||x_i||   if ||x_i|| >= eps
+//           = dL/ds_i / eps                               otherwise (the clamp is constant)
+//   dL/dtau = -(1/tau) sum_ij G_ij z_ij
+//           = -(1/tau) sum_i [ a_i (E_i - z_{i,targets_i}) + b_i (E'_i - z_ii) ]
+//             with E_i = sum_j P_ij z_ij and E'_j = sum_i Q_ij z_ij (expected logits),
+//             so the temperature gradient needs no pass over the tiles.
+//
+// Both directions are the same computation with the roles of the two sides
+// swapped: the column statistics of (x, y) are the row statistics of (y, x),
+// and dL/dt is the "row gradient" of (y, x) with the two softmax terms swapped.
+// The kernels are therefore written once for an A side (rows, [R][D]) and a B
+// side (columns, [C][D]):
+//
+//   row pass   for each row r of A: online over column tiles of B,
+//              m_r = running max, l_r = sum_c exp(z_rc - m_r), e_r = sum_c exp(z_rc - m_r) z_rc
+//              -> lse_r = m_r + log l_r, E_r = e_r / l_r, z_r,target, argmax_r.
+//              Optionally (CPU, scalar loss, not symmetric) it also accumulates
+//              acc_r = sum_c exp(z_rc - m_r) b_c, rescaled when m_r grows, and finishes
+//              dL/ds_r = (a_r / tau) (acc_r / l_r - b_{target_r}): the student gradient
+//              falls out of the forward and the backward only scales it.
+//   grad pass  for each row r of A: sum_c G_rc b_c over column tiles of B, the tiles
+//              recomputed from the saved log-sum-exps, with
+//              G_rc = wr_r (exp(z_rc - lser_r) - [c == tr_r]) + wc_c (exp(z_rc - lsec_c) - [r == tc_c]).
+//              Student gradient: A = s, B = t, (wr, lser, tr) = (a, lse, targets),
+//                                (wc, lsec, tc) = (b, clse, identity) when symmetric.
+//              Teacher gradient: A = t, B = s, (wr, lser, tr) = (b, clse, identity) when
+//                                symmetric, (wc, lsec, tc) = (a, lse, targets).
+//   Memory: the unit copies of both sides, O((N + M) D), plus one tile per thread
+//   (CPU) or per block (CUDA). Nothing is N x M.
+// ---------------------------------------------------------------------------
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+
+#include "cif/cif.h"  // ScalarKind, ParallelFor, CIFOPS_HD
+
+namespace cifops {
+
+// The norm clamp of the normalisation (as torch.nn.functional.normalize's eps).
+constexpr double kContrastiveNormEps = 1e-6;
+
+// Rows of the per-row statistics tensor [kStatRows][N] saved by the forward.
+enum ContrastiveStat : int {
+  kStatLse = 0,         // lse_i over the teacher rows
+  kStatExpect = 1,      // E_i, expected logit under the row softmax
+  kStatTarget = 2,      // z_{i, targets_i} (0 for ignored rows, NaN for a bad target on CUDA)
+  kStatColLse = 3,      // clse_i over the student rows (symmetric), else 0
+  kStatColExpect = 4,   // E'_i (symmetric), else 0
+  kStatColTarget = 5,   // z_ii as seen by the column pass (symmetric), else 0
+  kStatRows = 6,
+};
+
+// One softmax direction of G: its per-index weights, log-sum-exps (acc_t arrays)
+// and the index of its positive. `weight == nullptr` means the term is absent.
+// `target == nullptr` means the identity (the positive of index i is i). Arrays
+// are indexed by the A row for the row term and by the B row for the column term.
+struct SoftmaxTerm {
+  const void* weight = nullptr;
+  const void* lse = nullptr;
+  const int64_t* target = nullptr;
+};
+
+// Sizes and scalars of one pass. A is [rows][dim] (stored [rows_padded][dim_padded]),
+// B is [cols][dim] (stored [cols_padded][dim_padded]); padding is zero.
+struct ContrastivePass {
+  int64_t rows = 0;          // R
+  int64_t cols = 0;          // C
+  int64_t dim = 0;           // D
+  int64_t dim_padded = 0;    // row stride of the unit copies
+  double inv_temperature = 1.0;  // CPU: the value; CUDA reads it from a device pointer
+  int64_t ignore_index = -100;
+};
+
+// Outputs of the row pass. Any pointer may be null (not wanted), except lse.
+template <typename acc_t>
+struct RowStats {
+  acc_t* lse = nullptr;          // [R]
+  acc_t* expect = nullptr;       // [R]
+  acc_t* target_logit = nullptr; // [R]
+  int64_t* argmax = nullptr;     // [R]; with only argmax wanted, lse may be null too
+};
+
+// The positive column of row r, or -1 when the row is ignored.
+CIFOPS_HD int64_t contrastive_target(const int64_t* target, int64_t r, int64_t ignore_index) {
+  if (target == nullptr) return r;
+  const int64_t t = target[r];
+  return t == ignore_index ? -1 : t;
+}
+
+// ||x|| of one row without overflow or underflow for any finite input: the sum of
+// squares is taken of x / max|x| in double (float32 squares overflow above 1.8e19,
+// double ones above 1.3e154).
+template <typename T>
+CIFOPS_HD double contrastive_row_norm(const T* x, int64_t D) {
+  double amax = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = static_cast<double>(x[d]);
+    const double a = v < 0 ? -v : v;
+    amax = a > amax ? a : amax;
+  }
+  if (!(amax > 0.0) || amax - amax != 0.0) return amax;  // zero row, or inf/NaN (propagate)
+  const double inv = 1.0 / amax;
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = static_cast<double>(x[d]) * inv;
+    sum += v * v;
+  }
+  return amax * sqrt(sum);
+}
+
+// 1 / max(||x||, eps), the factor of the unit row (kept in double: the backward
+// tells the clamped rows apart by it).
+CIFOPS_HD double contrastive_inv_norm(double norm) {
+  return 1.0 / (norm < kContrastiveNormEps ? kContrastiveNormEps : norm);
+}
+
+// Whether the clamp was active: then the normalisation is a constant scaling and
+// its backward has no projection term.
+CIFOPS_HD bool contrastive_norm_clamped(double inv_norm) {
+  return inv_norm >= 1.0 / kContrastiveNormEps;
+}
+
+// ----------------------------------------------------------------------------
+// CPU entry points (csrc/contrastive/contrastive_cpu.cpp); `kind` is float32 or
+// float64 (the binding converts half inputs to float32).
+//
+// The CPU kernels tile rows in blocks of kCpuRowBlock and columns in panels of
+// contrastive_cpu_panel(kind) so every side is padded to a multiple of both.
+constexpr int64_t kCpuRowBlock = 48;
+int64_t contrastive_cpu_panel(ScalarKind kind);
+int64_t contrastive_cpu_padded_rows(int64_t rows);
+int64_t contrastive_cpu_padded_dim(ScalarKind kind, int64_t dim);
+
+// One side: unit [rows_padded][dim_padded] (zero padding), packed (may be null:
+// the same rows as column panels [rows_padded / panel][dim_padded][panel], the
+// layout the logit kernel streams), inv_norm [rows] double (1 / max(||x||, eps),
+// or 1 without normalize). x is [rows][dim], contiguous.
+void contrastive_prepare_cpu(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
+                             bool normalize, void* unit, void* packed, double* inv_norm,
+                             const ParallelFor& parallel_for);
+
+// The row pass of A against B (see the header comment). a_unit, b_packed, b_unit
+// come from contrastive_prepare_cpu. With fused_weight non-null (and b_unit
+// non-null), also writes fused_grad [R][D] = sum_r fused_weight_r dl_r/dx_r
+// (through the normalisation of A, using a_inv_norm; normalize says whether it
+// applies). Every row's argmax is the first maximal column.
+void contrastive_row_pass_cpu(ScalarKind kind, const ContrastivePass& pass, const void* a_unit,
+                              const void* b_packed, const void* b_unit, const int64_t* target,
+                              void* lse, void* expect, void* target_logit, int64_t* argmax,
+                              const void* fused_weight, const double* a_inv_norm, bool normalize,
+                              void* fused_grad, const ParallelFor& parallel_for);
+
+// The grad pass: grad_x [R][D] = dLoss/dx for the A side, through its normalisation.
+void contrastive_grad_pass_cpu(ScalarKind kind, const ContrastivePass& pass, const void* a_unit,
+                               const void* b_packed, const void* b_unit,
+                               const SoftmaxTerm& row_term, const SoftmaxTerm& col_term,
+                               const double* a_inv_norm, bool normalize, void* grad_x,
+                               const ParallelFor& parallel_for);
+
+// ----------------------------------------------------------------------------
+// CUDA entry points (csrc/contrastive/contrastive_cuda.cu): device pointers, the
+// stream passed through void*, a cudaError_t (as int) returned. The compute type
+// acc_t is float for float16/bfloat16/float32 inputs and double for float64.
+// "op" copies hold the unit rows in the input dtype (the tensor-core operand for
+// half inputs); for half inputs "val" copies hold them in float32 (the TF32
+// operand of the gradient products); for float32/float64 val may alias op.
+// Padding: rows to contrastive_cuda_padded_rows, the row stride to
+// contrastive_cuda_padded_dim; the padding is written by the prepare kernel.
+int64_t contrastive_cuda_padded_rows(ScalarKind kind, int64_t rows);
+int64_t contrastive_cuda_padded_dim(ScalarKind kind, int64_t dim);
+
+int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
+                             bool normalize, void* op, void* val, double* inv_norm, void* stream);
+
+// The row pass (no fused gradient on CUDA). inv_temperature points to one acc_t
+// on the device. lse may be null when only argmax is wanted.
+int contrastive_row_pass_cuda(ScalarKind kind, const ContrastivePass& pass, const void* a_op,
+                              const void* b_op, const void* inv_temperature,
+                              const int64_t* target, void* lse, void* expect,
+                              void* target_logit, int64_t* argmax, void* stream);
+
+// The grad pass: grad_unit [rows_padded][dim_padded] acc_t scratch, then the
+// normalisation backward into grad_x [R][D] (input dtype).
+int contrastive_grad_pass_cuda(ScalarKind kind, const ContrastivePass& pass, const void* a_op,
+                               const void* a_val, const void* b_op, const void* b_val,
+                               const void* inv_temperature, const SoftmaxTerm& row_term,
+                               const SoftmaxTerm& col_term, const double* a_inv_norm,
+                               bool normalize, void* grad_unit, void* grad_x, void* stream);
+
+}  // namespace cifops

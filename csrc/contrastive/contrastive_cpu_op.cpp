@@ -1,0 +1,210 @@
+// CPU implementation of the cifops::contrastive_forward / contrastive_backward /
+// contrastive_accuracy ops: checks, allocation of the unit copies and dispatch to
+// the torch-free kernels in contrastive_cpu.cpp. float16/bfloat16 inputs are
+// computed in float32 and the results cast back.
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "contrastive_host.h"
+
+namespace cifops {
+namespace {
+
+const ParallelFor kAtenParallelFor = [](int64_t n, int64_t grain,
+                                        const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(0, n, grain, body);
+};
+
+constexpr const char* kLossFn = "cifops.contrastive_loss";
+constexpr const char* kAccuracyFn = "cifops.contrastive_accuracy";
+
+// One side (student or teacher) as the kernels read it: unit rows, optionally the
+// packed column panels, and the inverse norms. Rows padded, see contrastive.h.
+struct CpuSide {
+  at::Tensor unit, packed, inv_norm;
+  CpuSide(const at::Tensor& x, bool normalize, bool with_packed) {
+    const ScalarKind kind = scalar_kind(x.scalar_type());
+    const int64_t rows = x.size(0), dim = x.size(1);
+    const int64_t rows_padded = contrastive_cpu_padded_rows(rows);
+    const int64_t dim_padded = contrastive_cpu_padded_dim(kind, dim);
+    unit = at::empty({rows_padded, dim_padded}, x.options());
+    if (with_packed) packed = at::empty({rows_padded * dim_padded}, x.options());
+    inv_norm = at::empty({rows}, x.options().dtype(at::kDouble));
+    contrastive_prepare_cpu(x.data_ptr(), kind, rows, dim, normalize, unit.data_ptr(),
+                            with_packed ? packed.data_ptr() : nullptr,
+                            inv_norm.data_ptr<double>(), kAtenParallelFor);
+  }
+  const double* inv_norm_ptr() const { return inv_norm.data_ptr<double>(); }
+};
+
+ContrastivePass make_pass(int64_t rows, int64_t cols, const CpuSide& a, int64_t dim,
+                          double inv_temperature, int64_t ignore_index) {
+  ContrastivePass pass;
+  pass.rows = rows;
+  pass.cols = cols;
+  pass.dim = dim;
+  pass.dim_padded = a.unit.size(1);
+  pass.inv_temperature = inv_temperature;
+  pass.ignore_index = ignore_index;
+  return pass;
+}
+
+const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
+}
+
+// The inputs in the compute dtype, targets as int64, checked.
+struct CpuInputs {
+  at::Tensor student, teacher;
+  std::optional<at::Tensor> targets;
+  at::Tensor counted;
+  ScalarKind kind;
+  int64_t N, M, D;
+  CpuInputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& tg,
+            int64_t ignore_index, const char* fn) {
+    const at::ScalarType ct = contrastive_compute_type(s.scalar_type());
+    student = s.to(ct).contiguous();
+    teacher = t.to(ct).contiguous();
+    kind = scalar_kind(ct);
+    N = s.size(0);
+    M = t.size(0);
+    D = s.size(1);
+    targets = targets_long(tg);
+    if (targets.has_value()) check_target_values(*targets, M, ignore_index, fn);
+    counted = counted_rows(targets, N, ignore_index, student.options());
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cpu_op(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& targets, const at::Tensor& temperature, bool normalize,
+    bool symmetric, c10::string_view reduction, int64_t ignore_index, bool fuse_student_grad) {
+  check_contrastive_args(student, teacher, targets, &temperature, symmetric, kLossFn);
+  const ContrastiveReduction red = parse_reduction(reduction, kLossFn);
+  const double tau = checked_temperature(temperature, kLossFn);
+  const CpuInputs in(student, teacher, targets, ignore_index, kLossFn);
+  // The gradient can only be finished inside the row pass when every term of G is
+  // a row-softmax term (not symmetric) and the upstream gradient is one scalar.
+  const bool fused = fuse_student_grad && red != ContrastiveReduction::kNone && !symmetric;
+  const CpuSide s_side(in.student, normalize, /*with_packed=*/symmetric);
+  const CpuSide t_side(in.teacher, normalize, /*with_packed=*/true);
+  at::Tensor stats = at::zeros({kStatRows, in.N}, in.student.options());
+  at::Tensor fused_grad = at::empty({fused ? in.N : 0, fused ? in.D : 0}, in.student.options());
+  at::Tensor weights;  // dLoss/dl_i for a loss gradient of 1
+  if (fused)
+    weights = row_weights(at::ones({}, in.student.options()), in.counted, red,
+                          in.student.scalar_type());
+  const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0 / tau, ignore_index);
+  contrastive_row_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
+                           t_side.unit.data_ptr(), maybe_ptr(in.targets),
+                           stats[kStatLse].data_ptr(), stats[kStatExpect].data_ptr(),
+                           stats[kStatTarget].data_ptr(), nullptr,
+                           fused ? weights.data_ptr() : nullptr, s_side.inv_norm_ptr(), normalize,
+                           fused ? fused_grad.data_ptr() : nullptr, kAtenParallelFor);
+  if (symmetric) {  // column statistics: the row pass of (teacher, student)
+    const ContrastivePass cpass = make_pass(in.M, in.N, t_side, in.D, 1.0 / tau, ignore_index);
+    contrastive_row_pass_cpu(in.kind, cpass, t_side.unit.data_ptr(), s_side.packed.data_ptr(),
+                             s_side.unit.data_ptr(), nullptr, stats[kStatColLse].data_ptr(),
+                             stats[kStatColExpect].data_ptr(), stats[kStatColTarget].data_ptr(),
+                             nullptr, nullptr, t_side.inv_norm_ptr(), normalize, nullptr,
+                             kAtenParallelFor);
+  }
+  const at::Tensor loss = loss_from_stats(stats, in.counted, symmetric, red);
+  return {loss.to(student.scalar_type()), stats, fused_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu_op(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& targets, const at::Tensor& temperature,
+    const at::Tensor& stats, const at::Tensor& fused_grad, bool normalize, bool symmetric,
+    c10::string_view reduction, int64_t ignore_index, bool need_student, bool need_teacher,
+    bool need_temperature) {
+  check_contrastive_args(student, teacher, targets, &temperature, symmetric, kLossFn);
+  const ContrastiveReduction red = parse_reduction(reduction, kLossFn);
+  const double tau = checked_temperature(temperature, kLossFn);
+  const CpuInputs in(student, teacher, targets, ignore_index, kLossFn);
+  const at::ScalarType ct = in.student.scalar_type();
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == in.N,
+              "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", in.N,
+              "], got ", stats.sizes());
+  const bool scalar_loss = red != ContrastiveReduction::kNone;
+  TORCH_CHECK(scalar_loss ? grad_loss.numel() == 1 : grad_loss.sizes() == at::IntArrayRef{in.N},
+              "cifops.contrastive_backward: grad_loss must have the loss's shape, got ",
+              grad_loss.sizes());
+  const bool has_fused = fused_grad.numel() > 0;
+  TORCH_CHECK(!has_fused || (scalar_loss && fused_grad.sizes() == in.student.sizes()),
+              "cifops.contrastive_backward: fused_grad must be empty or [N, D] with a scalar "
+              "loss, got ", fused_grad.sizes());
+  const at::Tensor st = stats.to(ct).contiguous();
+  // w_i = dLoss/dr_i; the two softmax terms of G (contrastive.h) weigh w / 2 each
+  // when symmetric: the row term over teacher columns with the student's targets,
+  // the column term over student rows.
+  const at::Tensor w = row_weights(grad_loss, in.counted, red, ct);
+  const at::Tensor a = symmetric ? (w * 0.5).contiguous() : w;
+  const at::Tensor lse = st[kStatLse].contiguous(), clse = st[kStatColLse].contiguous();
+  const int64_t* tgt = maybe_ptr(in.targets);
+  const SoftmaxTerm row_softmax{a.data_ptr(), lse.data_ptr(), tgt};
+  const SoftmaxTerm col_softmax =
+      symmetric ? SoftmaxTerm{a.data_ptr(), clse.data_ptr(), nullptr} : SoftmaxTerm{};
+
+  at::Tensor grad_student = at::empty({0}, student.options());
+  at::Tensor grad_teacher = at::empty({0}, teacher.options());
+  at::Tensor grad_temperature = at::empty({0}, temperature.options());
+  if (need_student && has_fused) {
+    grad_student = (fused_grad.to(ct) * grad_loss.to(ct).reshape({})).to(student.scalar_type());
+  } else if (need_student) {
+    const CpuSide s_side(in.student, normalize, false);
+    const CpuSide t_side(in.teacher, normalize, true);
+    at::Tensor g = at::empty({in.N, in.D}, in.student.options());
+    const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0 / tau, ignore_index);
+    contrastive_grad_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
+                              t_side.unit.data_ptr(), row_softmax, col_softmax,
+                              s_side.inv_norm_ptr(), normalize, g.data_ptr(), kAtenParallelFor);
+    grad_student = g.to(student.scalar_type());
+  }
+  if (need_teacher) {
+    const CpuSide t_side(in.teacher, normalize, false);
+    const CpuSide s_side(in.student, normalize, true);
+    // roles swapped: the teacher is the A side, so the column term of the student
+    // pass is its row term and vice versa
+    at::Tensor g = at::empty({in.M, in.D}, in.teacher.options());
+    const ContrastivePass pass = make_pass(in.M, in.N, t_side, in.D, 1.0 / tau, ignore_index);
+    contrastive_grad_pass_cpu(in.kind, pass, t_side.unit.data_ptr(), s_side.packed.data_ptr(),
+                              s_side.unit.data_ptr(), col_softmax, row_softmax,
+                              t_side.inv_norm_ptr(), normalize, g.data_ptr(), kAtenParallelFor);
+    grad_teacher = g.to(teacher.scalar_type());
+  }
+  if (need_temperature)
+    grad_temperature = temperature_grad(st, w, in.counted, symmetric, temperature);
+  return {grad_student, grad_teacher, grad_temperature};
+}
+
+at::Tensor contrastive_accuracy_cpu_op(const at::Tensor& student, const at::Tensor& teacher,
+                                       const std::optional<at::Tensor>& targets, bool normalize,
+                                       int64_t ignore_index) {
+  check_contrastive_args(student, teacher, targets, nullptr, false, kAccuracyFn);
+  const CpuInputs in(student, teacher, targets, ignore_index, kAccuracyFn);
+  const CpuSide s_side(in.student, normalize, false);
+  const CpuSide t_side(in.teacher, normalize, true);
+  at::Tensor argmax = at::empty({in.N}, student.options().dtype(at::kLong));
+  const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0, ignore_index);
+  contrastive_row_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
+                           nullptr, nullptr, nullptr, nullptr, nullptr,
+                           argmax.data_ptr<int64_t>(), nullptr, nullptr, normalize, nullptr,
+                           kAtenParallelFor);
+  return accuracy_from_argmax(argmax, in.targets, in.counted, in.student.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cifops, CPU, m) {
+  m.impl("contrastive_forward", &contrastive_forward_cpu_op);
+  m.impl("contrastive_backward", &contrastive_backward_cpu_op);
+  m.impl("contrastive_accuracy", &contrastive_accuracy_cpu_op);
+}
+
+}  // namespace cifops
