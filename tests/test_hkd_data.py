@@ -293,3 +293,25 @@ def test_prepare_demo_corpus_tiny(tmp_path):
     # reproducible: the same seed gives the same corpus
     prepare_demo_corpus.main(["--out", str(tmp_path / "again")] + args[2:])
     assert (out / "train" / "text").read_text() == (tmp_path / "again" / "train" / "text").read_text()
+
+
+# --- dataset + collate -------------------------------------------------------------------
+
+@needs_teacher
+def test_dataset_collates_a_model_batch(kaldi_dir):
+    import dataset
+    utts, _ = data.check_audio(data.read_kaldi_dir(kaldi_dir)[0])
+    vocab = teacher_lib.TokenVocab.build(TOKENIZER, [u.text for u in utts])
+    states = {"a": torch.randn(3, 8).half(), "b": torch.randn(5, 8).half()}   # L + 1 each
+    items = dataset.AsrDataset(utts, vocab, TOKENIZER, states,
+                               spec_augment=features.SpecAugment())
+    batch = dataset.collate([items[0], items[1]])
+    assert batch.feats.shape == (2, 98, 80) and batch.feat_lens.tolist() == [98, 48]
+    assert batch.token_lens.tolist() == [2, 4] and batch.tokens.shape == (2, 4)
+    assert batch.teacher.shape == (2, 5, 8) and batch.teacher_lens.tolist() == [3, 5]
+    assert vocab.decode(batch.tokens[1].tolist()) == "don't stop"
+    assert torch.equal(items[0]["feats"], items[0]["feats"])          # seeded SpecAugment
+    with pytest.raises(ValueError, match=r"wav\.scp:2: b: 4 cached teacher states for 4 tokens"):
+        dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"], "b": states["b"][:4]})
+    with pytest.raises(KeyError, match=r"wav\.scp:2: b is not in the teacher cache"):
+        dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"]})
