@@ -319,3 +319,17 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
         dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"], "b": states["b"][:4]})
     with pytest.raises(KeyError, match=r"wav\.scp:2: b is not in the teacher cache"):
         dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"]})
+
+
+def test_align_chinese_characters_with_a_bert_by_path(tmp_path):
+    """A BERT loaded by path; Chinese transcripts (no spaces) align one piece per character."""
+    from transformers import BertTokenizerFast
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "今", "天", "气", "好", "hello"]
+    (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    # positional: the vocab file (transformers 4: vocab_file, 5: vocab)
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
+    tokenizer = teacher_lib.load_tokenizer(tmp_path / "bert")
+    a = teacher_lib.align(tokenizer, "今天天气 好")
+    assert a.pieces == ["今", "天", "天", "气", "好"] and a.word_spans == [(0, 4), (4, 5)]
+    with pytest.raises(teacher_lib.AlignmentError, match="tokenised as"):
+        teacher_lib.align(tokenizer, "今天 hello world")
