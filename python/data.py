@@ -327,8 +327,11 @@ class BucketBatchSampler:
             self.batches_done += 1
             yield batch
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed, "batches_done": self.batches_done}
+    def state_dict(self, batches_done: Optional[int] = None) -> dict:
+        """batches_done: the batches the training loop has consumed, when a DataLoader
+        prefetches ahead of it (default: the batches this sampler has yielded)."""
+        done = self.batches_done if batches_done is None else batches_done
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": done}
 
     def load_state_dict(self, state: dict):
         self.seed = state["seed"]

@@ -333,3 +333,15 @@ def test_align_chinese_characters_with_a_bert_by_path(tmp_path):
     assert a.pieces == ["今", "天", "天", "气", "好"] and a.word_spans == [(0, 4), (4, 5)]
     with pytest.raises(teacher_lib.AlignmentError, match="tokenised as"):
         teacher_lib.align(tokenizer, "今天 hello world")
+
+
+@needs_teacher
+def test_extract_teacher_writes_vocab_and_one_cache_per_split(kaldi_dir, tmp_path):
+    import dataset
+    import extract_teacher
+    out = tmp_path / "teacher"
+    extract_teacher.main(["--train", str(kaldi_dir), "--splits", str(kaldi_dir), "--out", str(out)])
+    vocab = teacher_lib.TokenVocab.load(out / "tokens.txt")
+    states = dataset.load_teacher_cache(out / "train.pt")
+    assert set(states) == {"a", "b"} and states["a"].dtype == torch.float16
+    assert states["b"].shape == (len(vocab.encode(TOKENIZER, "don't stop")) + 1, 384)
