@@ -197,6 +197,8 @@ void contrastive_grad_pass_cpu(ScalarKind kind, const ContrastivePass& pass, con
 // contrastive_cuda_padded_dim; the padding is written by the prepare kernel.
 int64_t contrastive_cuda_padded_rows(ScalarKind kind, int64_t rows);
 int64_t contrastive_cuda_padded_dim(ScalarKind kind, int64_t dim);
+// Row stride of the grad pass's acc_t scratch [rows_padded][grad_stride].
+int64_t contrastive_cuda_grad_stride(ScalarKind kind, int64_t dim);
 
 int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
                              bool normalize, void* op, void* val, double* inv_norm, void* stream);
@@ -208,8 +210,9 @@ int contrastive_row_pass_cuda(ScalarKind kind, const ContrastivePass& pass, cons
                               const int64_t* target, void* lse, void* expect,
                               void* target_logit, int64_t* argmax, void* stream);
 
-// The grad pass: grad_unit [rows_padded][dim_padded] acc_t scratch, then the
-// normalisation backward into grad_x [R][D] (input dtype).
+// The grad pass: grad_unit [rows_padded][grad_stride] acc_t scratch, then the
+// normalisation backward into grad_x [R][D] (input dtype). a_val / b_val are the
+// val copies (the op copies for float32/float64).
 int contrastive_grad_pass_cuda(ScalarKind kind, const ContrastivePass& pass, const void* a_op,
                                const void* a_val, const void* b_op, const void* b_val,
                                const void* inv_temperature, const SoftmaxTerm& row_term,

@@ -12,6 +12,7 @@
 // float32 inputs compute in float32 (per-row statistics in double), float64 in
 // float64.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -67,12 +68,15 @@ struct TileProblem {
   int64_t cols_padded; // Cp
 };
 
-// Per-task scratch: a Z tile and an accumulator block.
+// Per-thread scratch: a Z tile and an accumulator block (kept between calls).
 template <typename T>
 struct TileScratch {
   std::vector<T> z, acc;
-  TileScratch(int64_t dim_padded, bool with_acc)
-      : z(kRowBlock * kColTile), acc(with_acc ? kRowBlock * dim_padded : 0) {}
+  void reserve(int64_t dim_padded, bool with_acc) {
+    if (z.size() < static_cast<size_t>(kRowBlock * kColTile)) z.resize(kRowBlock * kColTile);
+    if (with_acc && acc.size() < static_cast<size_t>(kRowBlock * dim_padded))
+      acc.resize(kRowBlock * dim_padded);
+  }
 };
 
 template <typename T>

@@ -226,14 +226,35 @@ void row_pass_block(const TileProblem<T>& tp, const RowPassIo<T>& io, int64_t r0
     tile_logits(tp, r0, c0, width, groups, z);
     for (int64_t r = 0; r < rows; ++r) {
       T* zr = z + r * kColTile;
-      // scale by 1/tau; the tile max and its first column (NaN wins, so it propagates)
+      // scale by 1/tau and take the tile max (a NaN wins, so that it propagates); the
+      // first maximal column too when the argmax is wanted (scalar loop)
       T tile_max = -std::numeric_limits<T>::infinity();
       int64_t tile_arg = -1;
-      for (int64_t j = 0; j < valid; ++j) {
-        zr[j] *= inv_tau;
-        if (zr[j] > tile_max || (zr[j] != zr[j] && tile_max == tile_max)) {
-          tile_max = zr[j];
-          tile_arg = j;
+      if (io.argmax != nullptr) {
+        for (int64_t j = 0; j < valid; ++j) {
+          zr[j] *= inv_tau;
+          if (zr[j] > tile_max || (zr[j] != zr[j] && tile_max == tile_max)) {
+            tile_max = zr[j];
+            tile_arg = j;
+          }
+        }
+      } else {
+        V vmax = vbroadcast(tile_max);
+        V vnan = V{};
+        int64_t j = 0;
+        for (; j + L <= valid; j += L) {
+          const V zv = vload(zr + j) * inv_tau;
+          vstore(zr + j, zv);
+          vmax = zv > vmax ? zv : vmax;
+          vnan = zv != zv ? zv : vnan;  // keeps a NaN lane
+        }
+        for (int l = 0; l < L; ++l) {
+          tile_max = vmax[l] > tile_max ? vmax[l] : tile_max;
+          if (vnan[l] != vnan[l]) tile_max = vnan[l];
+        }
+        for (; j < valid; ++j) {
+          zr[j] *= inv_tau;
+          if (zr[j] > tile_max || (zr[j] != zr[j] && tile_max == tile_max)) tile_max = zr[j];
         }
       }
       // first maximal column overall: a later tile must be strictly larger (a NaN,
@@ -416,14 +437,27 @@ void prepare(const T* x, int64_t rows, int64_t dim, bool normalize, T* unit, T* 
   });
 }
 
+// Row blocks are handed out dynamically: every task of parallel_for pulls the next
+// block from a shared counter until none is left, so a thread slowed down by other
+// load on its core does not hold the others up (a static split waits for it). Each
+// block's result does not depend on which thread computes it.
+template <typename T, typename Block>
+void for_each_row_block(int64_t rows, const ParallelFor& parallel_for, const Block& block) {
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  std::atomic<int64_t> next{0};
+  parallel_for(blocks, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) block(b * kRowBlock);
+  });
+}
+
 template <typename T>
 void row_pass(const ContrastivePass& pass, const T* a_unit, const T* b_packed, const T* b_unit,
               const RowPassIo<T>& io, const ParallelFor& parallel_for) {
   const TileProblem<T> tp{&pass, a_unit, b_packed, b_unit, contrastive_cpu_padded_rows(pass.cols)};
-  const int64_t blocks = (pass.rows + kRowBlock - 1) / kRowBlock;
-  parallel_for(blocks, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<T> scratch(pass.dim_padded, io.fused_weight != nullptr);
-    for (int64_t b = begin; b < end; ++b) row_pass_block(tp, io, b * kRowBlock, scratch);
+  for_each_row_block<T>(pass.rows, parallel_for, [&](int64_t r0) {
+    thread_local TileScratch<T> scratch;
+    scratch.reserve(pass.dim_padded, io.fused_weight != nullptr);
+    row_pass_block(tp, io, r0, scratch);
   });
 }
 
@@ -431,9 +465,9 @@ template <typename T>
 void grad_pass(const ContrastivePass& pass, const T* a_unit, const T* b_packed, const T* b_unit,
                const GradPassIo<T>& io, const ParallelFor& parallel_for) {
   const TileProblem<T> tp{&pass, a_unit, b_packed, b_unit, contrastive_cpu_padded_rows(pass.cols)};
-  const int64_t blocks = (pass.rows + kRowBlock - 1) / kRowBlock;
-  parallel_for(blocks, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<T> scratch(pass.dim_padded, true);
-    for (int64_t b = begin; b < end; ++b) grad_pass_block(tp, io, b * kRowBlock, scratch);
+  for_each_row_block<T>(pass.rows, parallel_for, [&](int64_t r0) {
+    thread_local TileScratch<T> scratch;
+    scratch.reserve(pass.dim_padded, true);
+    grad_pass_block(tp, io, r0, scratch);
   });
 }
