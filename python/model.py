@@ -34,7 +34,7 @@ paper's released AISHELL-1 configuration (about 47 M parameters with a 4k vocabu
 """
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -301,6 +301,10 @@ class CifDecoder(nn.Module):
 
 # --- the model -----------------------------------------------------------------------------
 
+# rank-local teacher rows [n, Dt] -> (all ranks' rows [M, Dt], offset of the local rows)
+GatherTeacher = Callable[[Tensor], Tuple[Tensor, int]]
+
+
 @dataclass
 class Batch:
     """A training batch. feats [B, T, F] float; feat_lens [B]; tokens [B, L] ASR ids
@@ -333,9 +337,20 @@ class CifHkdModel(nn.Module):
         enc, enc_lens = self.encoder(feats, feat_lens)
         return enc, enc_lens, self.cif_predictor(enc, enc_lens)
 
-    def compute_loss(self, batch: Batch) -> Tuple[Tensor, Dict[str, Tensor], int]:
+    def forward(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
+                ) -> Tuple[Tensor, Dict[str, Tensor], int]:
+        """compute_loss (forward is what DistributedDataParallel wraps)."""
+        return self.compute_loss(batch, gather_teacher)
+
+    def compute_loss(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
+                     ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """-> (weighted sum of the enabled terms, {name: detached term}, number of tokens
-        the CE/ACD/LRD terms are summed over). Terms are sums, not means."""
+        the CE/ACD/LRD terms are summed over). Terms are sums, not means.
+
+        gather_teacher: for data parallel training, maps this rank's teacher rows
+        [n, Dt] to (the teacher rows of all ranks [M, Dt], the offset of this rank's rows
+        in them); ACD then takes every rank's tokens as negatives. The gathered rows carry
+        no gradient (the teacher is frozen); the student's stay local."""
         c = self.config
         b = batch.feats.shape[0]
         enc, enc_lens, alphas = self.encode(batch.feats, batch.feat_lens)
@@ -376,8 +391,12 @@ class CifHkdModel(nn.Module):
             teacher = self._teacher_tokens(batch, n, token_mask)   # [num_tokens, Dt]
             if c.acd_weight > 0:
                 student = self.acd_proj(cif[token_mask])
+                negatives, targets = teacher, None
+                if gather_teacher is not None:
+                    negatives, offset = gather_teacher(teacher)
+                    targets = offset + torch.arange(teacher.shape[0], device=teacher.device)
                 terms["acd"] = cifops.contrastive_loss(
-                    student, teacher.to(student.dtype), temperature=c.acd_temperature,
+                    student, negatives.to(student.dtype), targets, temperature=c.acd_temperature,
                     normalize=True, reduction="sum")
             if c.lrd_weight > 0:
                 student = self.lrd_proj(h[token_mask])
