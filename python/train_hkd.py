@@ -18,7 +18,9 @@ student carries gradients).
 
 EXP/ gets checkpoint-<step>.pt (atomically written; model, optimizer, scheduler, step,
 epoch, sampler position, every rank's RNG states), averaged.pt (the mean of the last
---average-last checkpoints' weights; decode.py reads it), tensorboard/ and train.log.
+--average-last checkpoints' weights; decode.py reads it), tensorboard/ (when the
+tensorboard package is installed) and train_log.jsonl (the same scalars, one line per
+--log-every-steps updates).
 """
 import argparse
 import dataclasses
@@ -515,7 +517,11 @@ def run(args) -> Optional[Path]:
             board.scalars({f"train/{k}": v for k, v in per_token.items()}, step)
             board.scalars({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                            "train/utterances_per_s": rate, "train/step_s": step_times[-1]}, step)
-            log.debug("step %d %s", step, per_token)
+            if is_main:
+                with open(args.exp_dir / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, **per_token,
+                                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                        "step_s": round(step_times[-1], 4)}) + "\n")
         if valid_set is not None and args.valid_every_steps and step % args.valid_every_steps == 0 and is_main:
             board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, device).items()}, step)
         if args.save_every_steps and step % args.save_every_steps == 0:
