@@ -442,7 +442,10 @@ def run(args) -> Optional[Path]:
             mine = rank_batches(sampler, rank, world_size)
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine[batches_done:],
                                                  collate_fn=dataset_lib.collate,
-                                                 num_workers=args.num_workers)
+                                                 num_workers=args.num_workers,
+                                                 # its own seed source: a loader drawing from the
+                                                 # global RNG would shift dropout after --resume
+                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
             for batch in loader:
                 batches_done += 1
                 yield batch
@@ -487,7 +490,7 @@ def run(args) -> Optional[Path]:
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"train_hkd: non-finite loss {float(loss)} at step {step + 1} (epoch {epoch}, "
+                        f"train_hkd: non-finite loss {float(loss.detach())} at step {step + 1} (epoch {epoch}, "
                         f"micro-batch {i}, rank {rank}); terms "
                         + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
                 (loss * scale).backward()
