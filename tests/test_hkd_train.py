@@ -192,3 +192,49 @@ def test_score_cer_wer():
     result = decode.score(["the cat sat", "a b"], ["the cat sit", "a b"])
     assert result["wer"] == pytest.approx(1 / 5)
     assert result["cer"] == pytest.approx(1 / 11)
+
+
+def _acd_rank(rank, store, batch, state, config, out):
+    """One of two gloo ranks: its half of the batch, ACD negatives gathered from both."""
+    import model as model_lib
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = model_lib.CifHkdModel(config).eval()
+    model.load_state_dict(state)
+    half = model_lib.Batch(*(t[rank::2] for t in
+                             (batch.feats, batch.feat_lens, batch.tokens, batch.token_lens,
+                              batch.teacher, batch.teacher_lens)))
+    loss, terms, _ = model.compute_loss(half, train_hkd.make_gather_teacher(2, rank))
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for value in (grads, terms["acd"], loss.detach()):
+        torch.distributed.all_reduce(value)
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "acd": terms["acd"], "grads": grads}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_with_gathered_negatives_equal_one_process(tmp_path):
+    """Summed over two ranks, the loss (ACD with every rank's teacher rows as negatives) and
+    its gradients equal one process's on the whole batch."""
+    import model as model_lib
+    config = model_lib.ModelConfig(vocab_size=23, teacher_dim=16, d_model=32, num_heads=4, ffn_dim=64,
+                                   num_layers=2, pool_after=(1, 2), conv_kernel=5,
+                                   subsampling_channels=8, decoder_layers=1, decoder_ffn_dim=64)
+    g = torch.Generator().manual_seed(0)
+    token_lens = torch.tensor([5, 3, 4, 2])
+    batch = model_lib.Batch(torch.randn(4, 160, 80, generator=g), torch.tensor([160, 121, 150, 90]),
+                            torch.randint(3, 23, (4, 5), generator=g), token_lens,
+                            torch.randn(4, 6, 16, generator=g), token_lens + 1)
+    torch.manual_seed(0)
+    model = model_lib.CifHkdModel(config).eval()
+    loss, terms, _ = model.compute_loss(batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    out = tmp_path / "ranks.pt"
+    torch.multiprocessing.spawn(_acd_rank, args=(tmp_path / "store", batch, model.state_dict(), config, out),
+                                nprocs=2, join=True)
+    ranks = torch.load(out)
+    torch.testing.assert_close(ranks["acd"], terms["acd"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ranks["loss"], loss.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ranks["grads"], grads, rtol=1e-3, atol=1e-4)
