@@ -27,7 +27,7 @@ $(INSTALLED): pyproject.toml setup.py | $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install torch ninja numpy
 	$(PY) -m pip install --no-deps funasr==1.4.16
-	$(PY) -m pip install --no-build-isolation -e '.[test]'
+	$(PY) -m pip install --no-build-isolation -e '.[test,train]'
 	touch $@
 
 # Incremental rebuild of cifops/_C (ninja reuses build/ between runs).

@@ -1,0 +1,339 @@
+"""Speech data for the CIF-HKD recipe: manifests, audio loading, length-bucketed batches.
+
+Two manifest formats describe a split, both read into a list of :class:`Utterance`:
+
+- a Kaldi-style directory with ``wav.scp`` (``<utt> <path>``) and ``text``
+  (``<utt> <transcript>``), optionally ``utt2spk`` and ``utt2dur``;
+- a JSONL file, one object per line: ``{"audio": path, "text": str}`` plus optional
+  ``"id"``, ``"duration"`` (seconds) and ``"speaker"``. Relative paths are relative to
+  the manifest's folder.
+
+Problems in a manifest (a malformed line, a duplicate id, an utterance in wav.scp with no
+transcript or the reverse, an unreadable audio file) raise :class:`ManifestError` with
+``file:line`` in the message. With ``skip_bad=True`` they are skipped instead and counted
+in the returned :class:`SkipReport`, which the caller should print.
+
+Audio is read with soundfile, mixed down to mono and resampled to 16 kHz with soxr
+(``soxr.resample``, the maintained libsoxr binding) when it has another rate.
+"""
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16000
+
+
+class ManifestError(ValueError):
+    """A problem in a manifest or the audio it names; the message starts with file:line."""
+
+
+@dataclass
+class Utterance:
+    """One utterance. duration is in seconds (None until known); source is "file:line"
+    of the manifest entry, for error messages."""
+    id: str
+    audio: str
+    text: str
+    duration: Optional[float] = None
+    speaker: Optional[str] = None
+    source: str = ""
+
+
+@dataclass
+class SkipReport:
+    """What a loader skipped with skip_bad=True: reason -> count, and a few examples."""
+    counts: Counter = field(default_factory=Counter)
+    examples: List[str] = field(default_factory=list)
+
+    def add(self, reason: str, message: str):
+        self.counts[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        if not self.total:
+            return "nothing skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        return f"skipped {self.total} ({parts}); e.g. " + "; ".join(self.examples)
+
+
+def _fail(report: Optional[SkipReport], reason: str, message: str):
+    if report is None:
+        raise ManifestError(message)
+    report.add(reason, message)
+
+
+def _read_table(path: Path, report: Optional[SkipReport], what: str) -> Dict[str, Tuple[str, int]]:
+    """``<key> <value...>`` lines -> {key: (value, line number)}."""
+    table = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            key, _, value = line.strip().partition(" ")
+            value = value.strip()
+            if what == "path" and not value:
+                _fail(report, "malformed line", f"{path}:{lineno}: expected '<utt-id> <{what}>', got {line!r}")
+                continue
+            if key in table:
+                _fail(report, "duplicate id", f"{path}:{lineno}: duplicate utterance id {key!r} "
+                                              f"(first on line {table[key][1]})")
+                continue
+            table[key] = (value, lineno)
+    return table
+
+
+def read_kaldi_dir(data_dir, skip_bad: bool = False) -> Tuple[List[Utterance], SkipReport]:
+    """Read ``wav.scp`` + ``text`` (+ optional ``utt2spk``, ``utt2dur``) of a Kaldi data dir.
+
+    wav.scp entries must be file paths (pipes such as ``sox ... |`` and ark offsets are
+    not supported and are reported as errors). Returns (utterances in wav.scp order,
+    skip report).
+    """
+    data_dir = Path(data_dir)
+    report = SkipReport()
+    fail_to = report if skip_bad else None
+    scp_path, text_path = data_dir / "wav.scp", data_dir / "text"
+    for path in (scp_path, text_path):
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing (a Kaldi data dir needs wav.scp and text)")
+    wavs = _read_table(scp_path, fail_to, "path")
+    texts = _read_table(text_path, fail_to, "transcript")
+    spk = _read_table(data_dir / "utt2spk", fail_to, "speaker") if (data_dir / "utt2spk").is_file() else {}
+    durs = _read_table(data_dir / "utt2dur", fail_to, "duration") if (data_dir / "utt2dur").is_file() else {}
+
+    utterances = []
+    for utt, (audio, lineno) in wavs.items():
+        source = f"{scp_path}:{lineno}"
+        if audio.endswith("|") or ":" in audio.split()[-1] and audio.split()[-1].split(":")[-1].isdigit():
+            _fail(fail_to, "unsupported wav.scp entry",
+                  f"{source}: {utt}: only plain file paths are supported, got {audio!r}")
+            continue
+        if utt not in texts:
+            _fail(fail_to, "no transcript", f"{source}: {utt} has audio but no line in {text_path}")
+            continue
+        text, text_line = texts[utt]
+        if not text:
+            _fail(fail_to, "empty transcript", f"{text_path}:{text_line}: {utt} has an empty transcript")
+            continue
+        duration = None
+        if utt in durs:
+            try:
+                duration = float(durs[utt][0])
+            except ValueError:
+                _fail(fail_to, "malformed line", f"{data_dir / 'utt2dur'}:{durs[utt][1]}: "
+                                                 f"bad duration {durs[utt][0]!r}")
+                continue
+        path = Path(audio) if Path(audio).is_absolute() else data_dir / audio
+        utterances.append(Utterance(utt, str(path), text, duration,
+                                    spk.get(utt, (None, 0))[0], source))
+    for utt, (_, lineno) in texts.items():
+        if utt not in wavs:
+            _fail(fail_to, "no audio", f"{text_path}:{lineno}: {utt} has a transcript but no "
+                                       f"line in {scp_path}")
+    return utterances, report
+
+
+def read_jsonl_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], SkipReport]:
+    """Read a JSONL manifest (see the module docstring). Returns (utterances, skip report)."""
+    path = Path(path)
+    report = SkipReport()
+    fail_to = report if skip_bad else None
+    utterances, first_line = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            source = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(fail_to, "malformed line", f"{source}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                _fail(fail_to, "malformed line", f"{source}: expected a JSON object")
+                continue
+            audio = row.get("audio")
+            text = row.get("text")
+            if not isinstance(audio, str) or not audio:
+                _fail(fail_to, "malformed line", f"{source}: missing or non-string 'audio'")
+                continue
+            if not isinstance(text, str) or not text.strip():
+                _fail(fail_to, "empty transcript", f"{source}: missing or empty 'text'")
+                continue
+            duration = row.get("duration")
+            if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
+                _fail(fail_to, "malformed line", f"{source}: 'duration' must be a positive number, "
+                                                 f"got {duration!r}")
+                continue
+            utt = str(row.get("id", Path(audio).stem))
+            if utt in first_line:
+                _fail(fail_to, "duplicate id", f"{source}: duplicate utterance id {utt!r} "
+                                               f"(first on line {first_line[utt]})")
+                continue
+            first_line[utt] = lineno
+            audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+            utterances.append(Utterance(utt, str(audio_path), text.strip(),
+                                        float(duration) if duration is not None else None,
+                                        row.get("speaker"), source))
+    return utterances, report
+
+
+def read_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], SkipReport]:
+    """A Kaldi data dir (a directory) or a JSONL manifest (a file)."""
+    if Path(path).is_dir():
+        return read_kaldi_dir(path, skip_bad)
+    return read_jsonl_manifest(path, skip_bad)
+
+
+def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
+                report: Optional[SkipReport] = None, max_duration: Optional[float] = None
+                ) -> Tuple[List[Utterance], SkipReport]:
+    """Open every file's header (no decoding): fill in missing durations, and reject
+    unreadable audio, empty audio, and a stated duration that disagrees with the file by
+    more than 0.1 s (the manifest does not describe this audio). max_duration (seconds)
+    drops longer utterances (counted in the report as "too long"; never an error).
+    """
+    report = report if report is not None else SkipReport()
+    fail_to = report if skip_bad else None
+    kept = []
+    for utt in utterances:
+        try:
+            info = sf.info(utt.audio)
+        except (RuntimeError, OSError, sf.LibsndfileError) as e:
+            _fail(fail_to, "unreadable audio", f"{utt.source}: {utt.id}: cannot read {utt.audio}: {e}")
+            continue
+        duration = info.frames / info.samplerate
+        if info.frames == 0:
+            _fail(fail_to, "empty audio", f"{utt.source}: {utt.id}: {utt.audio} has no samples")
+            continue
+        if utt.duration is not None and abs(utt.duration - duration) > 0.1:
+            _fail(fail_to, "duration mismatch",
+                  f"{utt.source}: {utt.id}: manifest says {utt.duration:.3f} s, {utt.audio} "
+                  f"holds {duration:.3f} s")
+            continue
+        if max_duration is not None and duration > max_duration:
+            report.add("too long", f"{utt.source}: {utt.id}: {duration:.1f} s > {max_duration} s")
+            continue
+        utt.duration = duration
+        kept.append(utt)
+    return kept, report
+
+
+def load_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read a file as float32 mono at sample_rate ([num_samples], values in [-1, 1]).
+    Raises ManifestError naming the file when it cannot be read."""
+    try:
+        samples, file_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, sf.LibsndfileError) as e:
+        raise ManifestError(f"{path}: cannot read audio: {e}") from e
+    samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if file_rate != sample_rate:
+        import soxr
+        samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
+    return np.ascontiguousarray(samples)
+
+
+class BucketBatchSampler:
+    """Batches of similar-length utterances, capped by padded seconds, in an order fixed
+    by (seed, epoch) and resumable mid-epoch.
+
+    Utterances are sorted by duration and cut into ``num_buckets`` equal-count buckets;
+    each bucket is shuffled and packed greedily into batches whose padded length
+    ``max(duration) * batch_size`` stays within ``max_batch_seconds`` (and at most
+    ``max_batch_size`` utterances); then the batches of all buckets are shuffled together.
+    An utterance longer than max_batch_seconds forms a batch of its own. drop_last drops
+    each bucket's last batch when it is less than half full.
+
+    Resuming: ``state_dict()`` returns ``{"epoch", "seed", "batches_done"}``;
+    ``load_state_dict`` makes the next iteration skip the batches already done. Iterating
+    advances ``batches_done``; call ``set_epoch`` at the start of each epoch.
+    """
+
+    def __init__(self, durations: Sequence[float], max_batch_seconds: float, *,
+                 max_batch_size: int = 10 ** 9, num_buckets: int = 10, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        if not durations:
+            raise ValueError("BucketBatchSampler: durations is empty")
+        if any(d is None or not math.isfinite(d) or d <= 0 for d in durations):
+            raise ValueError("BucketBatchSampler: every duration must be a positive number "
+                             "(run data.check_audio first to fill them in)")
+        if max_batch_seconds <= 0 or max_batch_size < 1 or num_buckets < 1:
+            raise ValueError("BucketBatchSampler: max_batch_seconds > 0, max_batch_size >= 1 "
+                             "and num_buckets >= 1 expected")
+        self.durations = list(durations)
+        self.max_batch_seconds = max_batch_seconds
+        self.max_batch_size = max_batch_size
+        self.num_buckets = num_buckets
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.batches_done = 0
+        self._cache = None
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.batches_done = 0
+
+    def batches(self) -> List[List[int]]:
+        """All batches of the current epoch, in order (deterministic)."""
+        if self._cache is not None and self._cache[0] == (self.seed, self.epoch):
+            return self._cache[1]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = sorted(range(len(self.durations)), key=lambda i: (self.durations[i], i))
+        size = math.ceil(len(order) / self.num_buckets)
+        result = []
+        for start in range(0, len(order), size):
+            bucket = order[start:start + size]
+            if self.shuffle:
+                rng.shuffle(bucket)
+            batch, longest = [], 0.0
+            for i in bucket:
+                new_longest = max(longest, self.durations[i])
+                if batch and (new_longest * (len(batch) + 1) > self.max_batch_seconds
+                              or len(batch) >= self.max_batch_size):
+                    result.append(batch)
+                    batch, new_longest = [], self.durations[i]
+                batch.append(i)
+                longest = new_longest
+            if batch and not (self.drop_last and longest * len(batch) < self.max_batch_seconds / 2):
+                result.append(batch)
+        if self.shuffle:
+            rng.shuffle(result)
+        self._cache = ((self.seed, self.epoch), result)
+        return result
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[List[int]]:
+        batches = self.batches()
+        while self.batches_done < len(batches):
+            batch = batches[self.batches_done]
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self, batches_done: Optional[int] = None) -> dict:
+        """batches_done: the batches the training loop has consumed, when a DataLoader
+        prefetches ahead of it (default: the batches this sampler has yielded)."""
+        done = self.batches_done if batches_done is None else batches_done
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": done}
+
+    def load_state_dict(self, state: dict):
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]

@@ -1,0 +1,81 @@
+"""Utterances -> model.Batch: features, ASR token ids and cached teacher states.
+
+    utts, report = data.read_manifest("data/demo/train")
+    utts, report = data.check_audio(utts, report=report)
+    dataset = AsrDataset(utts, vocab, tokenizer, teacher_states=cache["states"],
+                         spec_augment=features.SpecAugment())
+    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=120)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+Token ids are computed once, at construction (an AlignmentError names the utterance's
+manifest line). Teacher states come from extract_teacher.py's cache; an utterance missing
+from it, or whose state count differs from its tokens + [SEP], is an error.
+"""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import data
+import features
+import model as model_lib
+import teacher as teacher_lib
+
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Item i: {"id", "feats" [T, 80] (CMVN, SpecAugment when given), "tokens" [L],
+    "teacher" [L+1, Dt] or None}. SpecAugment masks are seeded by (seed, epoch, i)."""
+
+    def __init__(self, utterances: Sequence[data.Utterance], vocab: teacher_lib.TokenVocab,
+                 tokenizer, teacher_states: Optional[Dict[str, Tensor]] = None,
+                 spec_augment: Optional[features.SpecAugment] = None, seed: int = 0):
+        self.utterances = list(utterances)
+        self.tokens = []
+        for utt in self.utterances:
+            try:
+                self.tokens.append(torch.tensor(vocab.encode(tokenizer, utt.text), dtype=torch.long))
+            except teacher_lib.AlignmentError as e:
+                raise teacher_lib.AlignmentError(f"{utt.source}: {utt.id}: {e}") from None
+            if teacher_states is not None:
+                states = teacher_states.get(utt.id)
+                if states is None:
+                    raise KeyError(f"{utt.source}: {utt.id} is not in the teacher cache")
+                if states.shape[0] != len(self.tokens[-1]) + 1:
+                    raise ValueError(f"{utt.source}: {utt.id}: {states.shape[0]} cached teacher "
+                                     f"states for {len(self.tokens[-1])} tokens + [SEP]; "
+                                     "re-run extract_teacher.py")
+        self.teacher_states = teacher_states
+        self.spec_augment = spec_augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, index: int) -> dict:
+        utt = self.utterances[index]
+        feats = features.utterance_cmvn(features.compute_fbank(data.load_audio(utt.audio)))
+        if self.spec_augment is not None:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+            feats = self.spec_augment(feats, generator=generator)
+        teacher = None if self.teacher_states is None else self.teacher_states[utt.id].float()
+        return {"id": utt.id, "feats": feats, "tokens": self.tokens[index], "teacher": teacher}
+
+
+def collate(items: List[dict]) -> model_lib.Batch:
+    """Pad a list of AsrDataset items into a model.Batch (zeros as padding)."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    feats = pad([it["feats"] for it in items], batch_first=True)
+    feat_lens = torch.tensor([it["feats"].shape[0] for it in items])
+    tokens = pad([it["tokens"] for it in items], batch_first=True, padding_value=model_lib.BLANK_ID)
+    token_lens = torch.tensor([len(it["tokens"]) for it in items])
+    teacher = teacher_lens = None
+    if all(it["teacher"] is not None for it in items):
+        teacher, teacher_lens = teacher_lib.pad_teacher_states([it["teacher"] for it in items])
+    return model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens)
+
+
+def load_teacher_cache(path) -> Dict[str, Tensor]:
+    """extract_teacher.py's file -> {utt_id: [L+1, Dt] float16}."""
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    return cache["states"]

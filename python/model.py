@@ -1,0 +1,450 @@
+"""CIF-HKD: a CIF-based recognizer with hierarchical knowledge distillation from a PLM.
+
+Shapes (B utterances, T fbank frames, T' = ~T/8 encoder frames, L transcript tokens,
+N = L + 1 CIF tokens including the end-of-sentence token [SEP], V ASR vocabulary,
+D d_model, Dt the teacher's width):
+
+    feats [B, T, 80] -> Conv2d subsampling (2x) + Conformer layers with MaxPool(2) after
+        two of them (8x in all)                               -> enc [B, T', D]
+    enc -> CifWeightPredictor                                  -> alphas [B, T'] in (0, 1)
+    cifops.cif(enc, alphas, target_lengths=L+1)  (training)    -> c [B, N, D]
+    cifops.cif(enc, alphas, tail_threshold=0.45) (inference)
+    decoder: x_i = Linear([embed(y_{i-1}); c_{i-1}]) (y_{-1} = [SEP], c_{-1} = 0),
+        causal self-attention layers (no cross-attention)     -> s [B, N, D]
+        h_i = Linear([s_i; c_i])                                -> h [B, N, D]
+        logits_i = Linear(h_i)                                  -> [B, N, V]
+    CTC head on enc                                             -> [B, T', V]
+    ACD: Linear(c_i) -> Dt vs the teacher's e_i, InfoNCE over every token of the batch
+         (cifops.contrastive_loss, tau 0.02)
+    LRD: Linear(h_i) -> Dt regressed onto e_i (MSE, summed)
+
+compute_loss returns the weighted sum of
+
+    ce        cross-entropy with label smoothing 0.1 over the N tokens   (weight 1.0)
+    quantity  |sum(alphas) - (L+1)|                                     (weight 1.0)
+    ctc       CTC on the L tokens                                       (weight 0.5)
+    acd       acoustic contrastive distillation                         (weight 1.0)
+    lrd       linguistic regression distillation                        (weight 0.01)
+
+all summed over tokens (the trainer divides by the token count). A weight of 0 removes
+its term and its computation (no CTC head, no projection, no teacher needed).
+
+ModelConfig() is a small configuration for the CPU demo; aishell1_config() is the
+paper's released AISHELL-1 configuration (about 47 M parameters with a 4k vocabulary).
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import cifops
+
+BLANK_ID = 0   # CTC blank and padding (teacher.TokenVocab.BLANK)
+EOS_ID = 1     # end of sentence, the teacher's [SEP]; also the decoder's start symbol
+IGNORE = -100  # ignored target
+
+
+@dataclass
+class ModelConfig:
+    """Model sizes and loss weights. Defaults: the CPU demo (about 5 M parameters plus
+    2 x vocab x d_model for the embeddings and output layers)."""
+    vocab_size: int = 0                 # ASR vocabulary incl. blank, [SEP], [UNK]
+    teacher_dim: int = 384              # PLM width (all-MiniLM-L6-v2: 384; BERT-base: 768)
+    num_mel_bins: int = 80
+    # encoder
+    d_model: int = 144
+    num_heads: int = 4
+    ffn_dim: int = 576
+    num_layers: int = 6
+    pool_after: Tuple[int, ...] = (2, 4)   # MaxPool(2) after these layers (1-based)
+    conv_kernel: int = 15
+    subsampling_channels: int = 64
+    dropout: float = 0.1
+    # CIF
+    cif_dropout: float = 0.2
+    cif_threshold: float = 1.0
+    tail_threshold: float = 0.45
+    # decoder
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    decoder_ffn_dim: int = 576
+    # losses
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.1
+    quantity_weight: float = 1.0
+    ctc_weight: float = 0.5
+    acd_weight: float = 1.0
+    acd_temperature: float = 0.02
+    lrd_weight: float = 0.01
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads or self.d_model % self.decoder_heads:
+            raise ValueError("ModelConfig: d_model must be divisible by num_heads and decoder_heads")
+        if any(not 1 <= p <= self.num_layers for p in self.pool_after):
+            raise ValueError(f"ModelConfig: pool_after {self.pool_after} must name layers "
+                             f"1..{self.num_layers}")
+
+
+def aishell1_config(vocab_size: int = 4233, teacher_dim: int = 768) -> ModelConfig:
+    """The paper's AISHELL-1 configuration (15 Conformer layers, d 256, FFN 2048, 4 heads,
+    kernel 15, pooling after layers 5 and 10, 2 decoder layers; teacher bert-base-chinese)."""
+    return ModelConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, d_model=256, num_heads=4,
+                       ffn_dim=2048, num_layers=15, pool_after=(5, 10), conv_kernel=15,
+                       subsampling_channels=256, dropout=0.1, decoder_layers=2, decoder_heads=4,
+                       decoder_ffn_dim=2048)
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """[B] lengths -> [B, max_len] bool, True on valid positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def sinusoids(positions: Tensor, dim: int) -> Tensor:
+    """Transformer sinusoidal encodings of float positions [P] -> [P, dim]."""
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+                         * (-math.log(10000.0) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    out = torch.zeros(positions.shape[0], dim, device=positions.device)
+    out[:, 0::2] = torch.sin(angles)
+    out[:, 1::2] = torch.cos(angles)
+    return out
+
+
+# --- encoder -------------------------------------------------------------------------
+
+class Conv2dSubsampling(nn.Module):
+    """[B, T, F] -> [B, ceil(T/2), D]: Conv2d(k3, stride 2) + ReLU + Linear."""
+
+    def __init__(self, num_mel_bins: int, channels: int, d_model: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1)
+        self.out = nn.Linear(channels * ((num_mel_bins + 1) // 2), d_model)
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        x = F.relu(self.conv(feats.unsqueeze(1)))          # [B, C, T2, F2]
+        b, c, t, f = x.shape
+        x = self.out(x.permute(0, 2, 1, 3).reshape(b, t, c * f))
+        return x, (lengths + 1) // 2
+
+
+class RelPositionMultiheadAttention(nn.Module):
+    """Self-attention with Transformer-XL relative positions (the Conformer's):
+    score(i, j) = (q_i + u) . k_j + (q_i + v) . W p_{i-j}, p sinusoidal."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.pos = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model)
+        self.pos_bias_u = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        self.pos_bias_v = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+        self.dropout = nn.Dropout(dropout)
+
+    @staticmethod
+    def rel_shift(scores: Tensor) -> Tensor:
+        """[B, H, T, 2T-1] scores against relative positions T-1, ..., -(T-1) ->
+        [B, H, T, T] with out[..., i, j] = scores[..., i, T-1-(i-j)]."""
+        b, h, t, n = scores.shape
+        padded = torch.cat([scores.new_zeros(b, h, t, 1), scores], dim=-1).view(b, h, n + 1, t)
+        return padded[:, :, 1:].reshape(b, h, t, n)[..., :t]
+
+    def forward(self, x: Tensor, pos_emb: Tensor, padding_mask: Tensor) -> Tensor:
+        """x [B, T, D]; pos_emb [2T-1, D]; padding_mask [B, T] True at padding."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                          # [B, H, T, dh]
+        p = self.pos(pos_emb).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # [H, 2T-1, dh]
+        content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)
+        position = self.rel_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
+        scores = (content + position) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        attn = self.dropout(torch.softmax(scores, dim=-1))
+        return self.out((attn @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__(nn.LayerNorm(d_model), nn.Linear(d_model, ffn_dim), nn.SiLU(),
+                         nn.Dropout(dropout), nn.Linear(ffn_dim, d_model), nn.Dropout(dropout))
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution: pointwise + GLU, depthwise (kernel k), norm, SiLU, pointwise.
+    LayerNorm instead of BatchNorm, so padding and batch composition never enter the
+    statistics (the demo trains with small, variable batches)."""
+
+    def __init__(self, d_model: int, kernel: int, dropout: float):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(d_model)
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        x = F.glu(self.pointwise_in(self.norm_in(x)), dim=-1)
+        x = x.masked_fill(padding_mask[..., None], 0.0)     # padding must not leak in
+        x = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        return self.dropout(self.pointwise_out(F.silu(self.norm(x))))
+
+
+class ConformerLayer(nn.Module):
+    """Macaron FFN/2, relative-position MHSA, convolution, FFN/2, LayerNorm."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, kernel: int, dropout: float):
+        super().__init__()
+        self.ffn1 = FeedForward(d_model, ffn_dim, dropout)
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.attn = RelPositionMultiheadAttention(d_model, num_heads, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv = ConvModule(d_model, kernel, dropout)
+        self.ffn2 = FeedForward(d_model, ffn_dim, dropout)
+        self.norm_out = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, pos_emb: Tensor, padding_mask: Tensor) -> Tensor:
+        x = x + 0.5 * self.ffn1(x)
+        x = x + self.dropout(self.attn(self.norm_attn(x), pos_emb, padding_mask))
+        x = x + self.conv(x, padding_mask)
+        x = x + 0.5 * self.ffn2(x)
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    """fbank [B, T, F] + lengths -> ([B, T', D], lengths [B]); T' = ceil(T/2) halved
+    (ceil) at each pooling layer: 8x with two poolings."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.subsampling = Conv2dSubsampling(c.num_mel_bins, c.subsampling_channels, c.d_model)
+        self.layers = nn.ModuleList(ConformerLayer(c.d_model, c.num_heads, c.ffn_dim, c.conv_kernel,
+                                                   c.dropout) for _ in range(c.num_layers))
+        self.pool_after = set(c.pool_after)
+        self.dropout = nn.Dropout(c.dropout)
+        self.d_model = c.d_model
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        x, lengths = self.subsampling(feats, lengths)
+        x = self.dropout(x)
+        for index, layer in enumerate(self.layers, 1):
+            t = x.shape[1]
+            padding_mask = ~lengths_to_mask(lengths, t)
+            pos_emb = sinusoids(torch.arange(t - 1, -t, -1, device=x.device), self.d_model).to(x.dtype)
+            x = layer(x, pos_emb, padding_mask)
+            if index in self.pool_after:
+                # padding may not win a max: fill it with the lowest value first
+                x = x.masked_fill(padding_mask[..., None], torch.finfo(x.dtype).min)
+                x = F.max_pool1d(x.transpose(1, 2), 2, ceil_mode=True).transpose(1, 2)
+                lengths = (lengths + 1) // 2
+                x = x.masked_fill(~lengths_to_mask(lengths, x.shape[1])[..., None], 0.0)
+        x = x.masked_fill(~lengths_to_mask(lengths, x.shape[1])[..., None], 0.0)
+        return x, lengths
+
+
+# --- CIF and decoder ---------------------------------------------------------------------
+
+class CifWeightPredictor(nn.Module):
+    """enc [B, T', D] -> alphas [B, T'] in (0, 1), 0 at padding:
+    Conv1d(D, D, 3) -> ReLU -> dropout -> Linear(D, 1) -> sigmoid. (The ReLU keeps the
+    conv and the linear from collapsing into a single linear map.)"""
+
+    def __init__(self, d_model: int, dropout: float):
+        super().__init__()
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(d_model, 1)
+
+    def forward(self, enc: Tensor, lengths: Tensor) -> Tensor:
+        x = F.relu(self.conv(enc.transpose(1, 2))).transpose(1, 2)
+        alphas = torch.sigmoid(self.proj(self.dropout(x))).squeeze(-1)
+        return alphas * lengths_to_mask(lengths, enc.shape[1])
+
+
+class CifDecoder(nn.Module):
+    """Autoregressive decoder over CIF tokens without cross-attention (see module doc).
+
+    forward(prev_tokens [B, N], cif [B, N, D], token_mask [B, N]) -> (logits [B, N, V],
+    h [B, N, D]); h is the state just before the vocabulary projection (LRD's student).
+    """
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        d = c.d_model
+        self.embed = nn.Embedding(c.vocab_size, d)
+        self.input_proj = nn.Linear(2 * d, d)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, c.decoder_heads, c.decoder_ffn_dim, c.dropout,
+                                       activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(c.decoder_layers))
+        self.norm = nn.LayerNorm(d)
+        self.output_proj = nn.Linear(2 * d, d)
+        self.vocab_proj = nn.Linear(d, c.vocab_size)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, prev_tokens: Tensor, cif: Tensor, token_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        b, n, d = cif.shape
+        cif_prev = torch.cat([cif.new_zeros(b, 1, d), cif[:, :-1]], dim=1)
+        x = self.input_proj(torch.cat([self.embed(prev_tokens), cif_prev], dim=-1))
+        x = self.dropout(x + sinusoids(torch.arange(n, device=cif.device), d).to(x.dtype))
+        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=cif.device), diagonal=1)
+        for layer in self.layers:
+            x = layer(x, src_mask=causal, src_key_padding_mask=~token_mask, is_causal=True)
+        h = self.output_proj(torch.cat([self.norm(x), cif], dim=-1))
+        return self.vocab_proj(h), h
+
+
+# --- the model -----------------------------------------------------------------------------
+
+# rank-local teacher rows [n, Dt] -> (all ranks' rows [M, Dt], offset of the local rows)
+GatherTeacher = Callable[[Tensor], Tuple[Tensor, int]]
+
+
+@dataclass
+class Batch:
+    """A training batch. feats [B, T, F] float; feat_lens [B]; tokens [B, L] ASR ids
+    (without [SEP]; padding anything); token_lens [B]; teacher [B, L+1, Dt] and
+    teacher_lens [B] (= token_lens + 1) only when ACD or LRD is on."""
+    feats: Tensor
+    feat_lens: Tensor
+    tokens: Tensor
+    token_lens: Tensor
+    teacher: Optional[Tensor] = None
+    teacher_lens: Optional[Tensor] = None
+
+
+class CifHkdModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size < 3:
+            raise ValueError("ModelConfig.vocab_size must be set (blank, [SEP], [UNK] and pieces)")
+        self.config = config
+        d = config.d_model
+        self.encoder = ConformerEncoder(config)
+        self.cif_predictor = CifWeightPredictor(d, config.cif_dropout)
+        self.decoder = CifDecoder(config)
+        self.ctc_head = nn.Linear(d, config.vocab_size)
+        self.acd_proj = nn.Linear(d, config.teacher_dim)
+        self.lrd_proj = nn.Linear(d, config.teacher_dim)
+
+    def encode(self, feats: Tensor, feat_lens: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """-> (enc [B, T', D], enc_lens [B], alphas [B, T'])."""
+        enc, enc_lens = self.encoder(feats, feat_lens)
+        return enc, enc_lens, self.cif_predictor(enc, enc_lens)
+
+    def forward(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
+                ) -> Tuple[Tensor, Dict[str, Tensor], int]:
+        """compute_loss (forward is what DistributedDataParallel wraps)."""
+        return self.compute_loss(batch, gather_teacher)
+
+    def compute_loss(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
+                     ) -> Tuple[Tensor, Dict[str, Tensor], int]:
+        """-> (weighted sum of the enabled terms, {name: detached term}, number of tokens
+        the CE/ACD/LRD terms are summed over). Terms are sums, not means.
+
+        gather_teacher: for data parallel training, maps this rank's teacher rows
+        [n, Dt] to (the teacher rows of all ranks [M, Dt], the offset of this rank's rows
+        in them); ACD then takes every rank's tokens as negatives. The gathered rows carry
+        no gradient (the teacher is frozen); the student's stay local."""
+        c = self.config
+        b = batch.feats.shape[0]
+        enc, enc_lens, alphas = self.encode(batch.feats, batch.feat_lens)
+        num_targets = batch.token_lens + 1                      # L + 1 with [SEP]
+        out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
+                         target_lengths=num_targets)
+        n = min(out.embeds.shape[1], int(num_targets.max()))
+        cif = out.embeds[:, :n]
+        token_mask = lengths_to_mask(torch.minimum(out.token_lengths, num_targets), n)
+
+        # targets p_1..p_L, [SEP], IGNORE beyond
+        positions = torch.arange(n, device=cif.device)[None, :]
+        tokens = batch.tokens[:, :n]
+        if tokens.shape[1] < n:
+            tokens = F.pad(tokens, (0, n - tokens.shape[1]), value=BLANK_ID)
+        targets = torch.where(positions < batch.token_lens[:, None], tokens,
+                              torch.full_like(tokens, EOS_ID))
+        targets = targets.masked_fill(~token_mask, IGNORE)
+
+        terms: Dict[str, Tensor] = {}
+        if c.quantity_weight > 0:
+            terms["quantity"] = (out.alpha_sum - num_targets.to(out.alpha_sum.dtype)).abs().sum()
+        if c.ctc_weight > 0:
+            log_probs = F.log_softmax(self.ctc_head(enc), dim=-1).float().transpose(0, 1)
+            flat_tokens = torch.cat([batch.tokens[i, :batch.token_lens[i]] for i in range(b)])
+            terms["ctc"] = F.ctc_loss(log_probs, flat_tokens, enc_lens, batch.token_lens,
+                                      blank=BLANK_ID, reduction="sum", zero_infinity=True)
+        h = None
+        if c.ce_weight > 0 or c.lrd_weight > 0:
+            prev = torch.cat([torch.full_like(targets[:, :1], EOS_ID), targets[:, :-1]], dim=1)
+            prev = prev.masked_fill(prev == IGNORE, BLANK_ID)
+            logits, h = self.decoder(prev, cif, token_mask)
+            if c.ce_weight > 0:
+                terms["ce"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                              targets.reshape(-1), ignore_index=IGNORE,
+                                              label_smoothing=c.label_smoothing, reduction="sum")
+        if c.acd_weight > 0 or c.lrd_weight > 0:
+            teacher = self._teacher_tokens(batch, n, token_mask)   # [num_tokens, Dt]
+            if c.acd_weight > 0:
+                student = self.acd_proj(cif[token_mask])
+                negatives, targets = teacher, None
+                if gather_teacher is not None:
+                    negatives, offset = gather_teacher(teacher)
+                    targets = offset + torch.arange(teacher.shape[0], device=teacher.device)
+                terms["acd"] = cifops.contrastive_loss(
+                    student, negatives.to(student.dtype), targets, temperature=c.acd_temperature,
+                    normalize=True, reduction="sum")
+            if c.lrd_weight > 0:
+                student = self.lrd_proj(h[token_mask])
+                terms["lrd"] = F.mse_loss(student.float(), teacher.float(), reduction="sum")
+
+        weights = {"ce": c.ce_weight, "quantity": c.quantity_weight, "ctc": c.ctc_weight,
+                   "acd": c.acd_weight, "lrd": c.lrd_weight}
+        if not terms:
+            raise ValueError("compute_loss: every loss weight is 0")
+        loss = sum(weights[name] * value for name, value in terms.items())
+        return loss, {name: value.detach() for name, value in terms.items()}, int(token_mask.sum())
+
+    @staticmethod
+    def _teacher_tokens(batch: Batch, n: int, token_mask: Tensor) -> Tensor:
+        if batch.teacher is None or batch.teacher_lens is None:
+            raise ValueError("compute_loss: ACD/LRD are on but the batch has no teacher states")
+        if not torch.equal(batch.teacher_lens.cpu(), (batch.token_lens + 1).cpu()):
+            bad = int(torch.nonzero(batch.teacher_lens.cpu() != batch.token_lens.cpu() + 1)[0])
+            raise ValueError(f"compute_loss: utterance {bad} has {int(batch.teacher_lens[bad])} "
+                             f"teacher states for {int(batch.token_lens[bad])} tokens + [SEP]; "
+                             "the teacher cache does not match the vocabulary/transcripts")
+        teacher = batch.teacher[:, :n]
+        if teacher.shape[1] < n:
+            teacher = F.pad(teacher, (0, 0, 0, n - teacher.shape[1]))
+        return teacher[token_mask]
+
+    @torch.no_grad()
+    def greedy_search(self, feats: Tensor, feat_lens: Tensor, max_tokens: Optional[int] = None
+                      ) -> List[List[int]]:
+        """Greedy decoding: CIF with the tail threshold, one decoder step per CIF token,
+        stopping at [SEP]. Returns ASR id lists (no [SEP])."""
+        c = self.config
+        enc, enc_lens, alphas = self.encode(feats, feat_lens)
+        out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
+                         tail_threshold=c.tail_threshold, max_tokens=max_tokens)
+        cif, lens = out.embeds, out.token_lengths
+        b, n, _ = cif.shape
+        tokens = torch.full((b, n + 1), EOS_ID, dtype=torch.long, device=cif.device)
+        for i in range(n):
+            mask = lengths_to_mask(torch.clamp(lens, max=i + 1), i + 1)
+            logits, _ = self.decoder(tokens[:, :i + 1], cif[:, :i + 1], mask | (~mask.any(1, keepdim=True)))
+            tokens[:, i + 1] = logits[:, i].argmax(-1)
+        hyps = []
+        for row, length in zip(tokens[:, 1:].tolist(), lens.tolist()):
+            row = row[:length]
+            hyps.append(row[:row.index(EOS_ID)] if EOS_ID in row else row)
+        return hyps
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Build a small, reproducible English speech corpus for the CIF-HKD CPU demo.
+
+No speech corpus can be downloaded on this project's machines, so the demo corpus is
+synthetic: real English sentences from Debian's ``fortunes`` packages, spoken by
+espeak-ng (8 English accents x voice variants, varied speed and pitch) and, when it
+is installed, flite (several voices).
+
+Pipeline:
+  1. read every fortune file under --fortunes-dir, split fortunes into sentences;
+  2. clean and normalise each sentence to lowercase words of letters with internal
+     apostrophes ("don't"), dropping sentences a synthesiser would not read as written
+     (digits, symbols, all-caps abbreviations); keep --min-words..--max-words words;
+     deduplicate;
+  3. shuffle (seeded) and split by sentence into train / dev / test (no sentence in
+     two splits);
+  4. give each utterance a voice (accent+variant), speed and pitch (seeded). Test uses
+     voices held out of training (--test-voices); dev uses training voices;
+  5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
+     runs at another rate), and write Kaldi-style dirs and JSONL manifests:
+
+     OUT/wav/<utt>.wav
+     OUT/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}
+     OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
+
+Synthesis speed is printed at the end: 69.6 utterances/s with 2 jobs on the project's 2-core
+machine, so the default size (3000/200/200, 2.9 h of audio) takes about 50 s.
+
+    python python/prepare_demo_corpus.py --out data/demo            # defaults
+    python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
+
+Existing wavs of the same name are kept (re-running resumes); everything else is
+rewritten. The same --seed and inputs give the same corpus. Nothing is installed:
+a missing synthesiser or fortunes package is reported with the Debian package to
+install, and the script exits with status 2.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16000
+
+# espeak-ng's English accents (voices/gmw) and a set of its voice variants (voices/!v).
+ESPEAK_ACCENTS = ["en-gb", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
+                  "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
+ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4", "klatt"]
+# flite voices at 16 kHz ("kal" is 8 kHz and would be upsampled; left out).
+FLITE_VOICES = ["slt", "rms", "awb", "kal16"]
+# Held out of training: a whole espeak accent and one flite voice (when flite exists).
+DEFAULT_TEST_VOICES = ["espeak:en-029+*", "flite:awb"]
+
+# Characters a synthesiser would read aloud as words or that make the text ambiguous.
+_REJECT_CHARS = re.compile(r"[0-9@#$%&*+=/\\<>|_~^\[\]{}]")
+_ABBREVIATION = re.compile(r"\b[A-Z]{2,}\b|\b(?:[A-Za-z]\.){2,}")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One synthetic speaker. engine: "espeak" or "flite"; name: e.g. "en-us+f2"."""
+    engine: str
+    name: str
+
+    @property
+    def speaker_id(self) -> str:
+        return f"{self.engine}-{self.name.replace('+', '-')}"
+
+    def matches(self, pattern: str) -> bool:
+        engine, _, name = pattern.partition(":")
+        if engine != self.engine:
+            return False
+        if name.endswith("*"):
+            return self.name.startswith(name[:-1])
+        return self.name == name
+
+
+def normalise_sentence(raw: str):
+    """Return the sentence as lowercase words (letters, internal apostrophes) or None
+    when a synthesiser would not read it as written."""
+    text = unicodedata.normalize("NFKD", raw)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = text.replace("\u2019", "'").replace("`", "'")
+    if _REJECT_CHARS.search(text) or _ABBREVIATION.search(text):
+        return None
+    if not text.isascii():
+        return None
+    text = text.lower()
+    text = re.sub(r"[^a-z']+", " ", text)
+    words = []
+    for word in text.split():
+        word = word.strip("'")          # quotes, not apostrophes
+        word = re.sub(r"'{2,}", "'", word)
+        if word:
+            words.append(word)
+    return " ".join(words) if words else None
+
+
+def read_fortune_sentences(fortunes_dir: Path):
+    """Sentences of every fortune file in fortunes_dir (sorted, so the order is fixed)."""
+    files = sorted(p for p in fortunes_dir.iterdir()
+                   if p.is_file() and p.suffix not in (".dat", ".u8") and not p.is_symlink())
+    sentences = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for fortune in text.split("\n%\n"):
+            lines = []
+            for line in fortune.splitlines():
+                stripped = line.strip()
+                # attributions ("-- Mark Twain"), dialogue/indented verse layout markers
+                if stripped.startswith("--") or stripped.startswith("%"):
+                    break
+                lines.append(stripped)
+            body = " ".join(lines)
+            if not body or ":" in body and len(body.split(":")[0].split()) <= 2:
+                # "Q: ... A: ..." and "Name: ..." dialogues read badly
+                continue
+            sentences.extend(s for s in _SENTENCE_END.split(body) if s)
+    return sentences
+
+
+def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int):
+    seen, pool = set(), []
+    for raw in read_fortune_sentences(fortunes_dir):
+        norm = normalise_sentence(raw)
+        if norm is None:
+            continue
+        n = len(norm.split())
+        if not min_words <= n <= max_words or norm in seen:
+            continue
+        seen.add(norm)
+        pool.append(norm)
+    return pool
+
+
+def available_voices(use_flite: bool):
+    voices = [Voice("espeak", f"{accent}+{variant}")
+              for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS]
+    if use_flite:
+        voices += [Voice("flite", name) for name in FLITE_VOICES]
+    return voices
+
+
+def _to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    if samples.ndim > 1:
+        samples = samples.mean(axis=1)
+    if sample_rate != SAMPLE_RATE:
+        import soxr
+        samples = soxr.resample(samples, sample_rate, SAMPLE_RATE)
+    return samples.astype(np.float32)
+
+
+def synthesise(voice: Voice, text: str, speed: float, pitch: int, out_path: Path) -> float:
+    """Speak text into out_path (16 kHz mono PCM16). speed: 1.0 = the engine's normal
+    rate. Returns the duration in seconds."""
+    with tempfile.NamedTemporaryFile(suffix=".wav", dir=out_path.parent) as tmp:
+        if voice.engine == "espeak":
+            cmd = ["espeak-ng", "-v", voice.name, "-s", str(int(round(170 * speed))),
+                   "-p", str(pitch), "-w", tmp.name, text]
+        else:
+            # flite: duration_stretch > 1 is slower; int_f0_target_mean shifts the pitch.
+            cmd = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1.0 / speed:.3f}",
+                   "--setf", f"int_f0_target_mean={80 + 1.6 * pitch:.0f}", "-t", text, "-o", tmp.name]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        samples, sample_rate = sf.read(tmp.name, dtype="float32")
+    samples = _to_16k_mono(samples, sample_rate)
+    if len(samples) == 0:
+        raise RuntimeError(f"{voice.engine} produced no audio for {text!r}")
+    sf.write(out_path, samples, SAMPLE_RATE, subtype="PCM_16")
+    return len(samples) / SAMPLE_RATE
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--num-train", type=int, default=3000, help="training utterances")
+    parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (training voices)")
+    parser.add_argument("--num-test", type=int, default=200, help="test utterances (held-out voices)")
+    parser.add_argument("--min-words", type=int, default=4)
+    parser.add_argument("--max-words", type=int, default=16)
+    parser.add_argument("--speed-range", type=float, nargs=2, default=(0.85, 1.15),
+                        help="speaking-rate factors, uniform")
+    parser.add_argument("--pitch-range", type=int, nargs=2, default=(30, 70),
+                        help="espeak pitch 0-99, uniform")
+    parser.add_argument("--test-voices", nargs="+", default=DEFAULT_TEST_VOICES,
+                        help="voices held out of train/dev, as engine:name, '*' as suffix "
+                             "wildcard (default: %(default)s)")
+    parser.add_argument("--no-flite", action="store_true", help="use espeak-ng only")
+    parser.add_argument("--fortunes-dir", type=Path, default=Path("/usr/share/games/fortunes"))
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--seed", type=int, default=1234)
+    return parser
+
+
+def check_tools(args) -> bool:
+    """Exit (status 2) with the Debian package to install when something is missing.
+    Returns whether flite is used."""
+    if shutil.which("espeak-ng") is None:
+        _die("espeak-ng not found on PATH; install the Debian package 'espeak-ng' "
+             "(apt-get install -y espeak-ng)")
+    if not args.fortunes_dir.is_dir() or not any(args.fortunes_dir.iterdir()):
+        _die(f"no fortune files in {args.fortunes_dir}; install the Debian package 'fortunes' "
+             "(apt-get install -y fortunes) or pass --fortunes-dir")
+    use_flite = not args.no_flite and shutil.which("flite") is not None
+    if not use_flite and not args.no_flite:
+        print("prepare_demo_corpus: flite not found (Debian package 'flite'); espeak-ng voices only",
+              file=sys.stderr)
+    return use_flite
+
+
+def _die(message: str):
+    print(f"prepare_demo_corpus: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def write_split(out: Path, split: str, rows):
+    split_dir = out / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r["id"])   # Kaldi wants sorted keys
+    with open(split_dir / "wav.scp", "w") as scp, open(split_dir / "text", "w") as text, \
+            open(split_dir / "utt2spk", "w") as u2s, open(out / f"{split}.jsonl", "w") as jsonl:
+        for row in rows:
+            scp.write(f"{row['id']} {row['audio']}\n")
+            text.write(f"{row['id']} {row['text']}\n")
+            u2s.write(f"{row['id']} {row['speaker']}\n")
+            jsonl.write(json.dumps(row) + "\n")
+    spk2utt = {}
+    for row in rows:
+        spk2utt.setdefault(row["speaker"], []).append(row["id"])
+    with open(split_dir / "spk2utt", "w") as f:
+        for spk in sorted(spk2utt):
+            f.write(f"{spk} {' '.join(spk2utt[spk])}\n")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    use_flite = check_tools(args)
+    rng = random.Random(args.seed)
+
+    pool = build_sentence_pool(args.fortunes_dir, args.min_words, args.max_words)
+    need = args.num_train + args.num_dev + args.num_test
+    print(f"prepare_demo_corpus: {len(pool)} distinct sentences after cleaning "
+          f"({args.min_words}-{args.max_words} words)")
+    if len(pool) < need:
+        _die(f"need {need} sentences, have {len(pool)}: lower --num-* or widen --min/max-words")
+    rng.shuffle(pool)
+    sentences = {"train": pool[:args.num_train],
+                 "dev": pool[args.num_train:args.num_train + args.num_dev],
+                 "test": pool[args.num_train + args.num_dev:need]}
+
+    voices = available_voices(use_flite)
+    held_out = [v for v in voices if any(v.matches(p) for p in args.test_voices)]
+    seen = [v for v in voices if v not in held_out]
+    if not held_out or not seen:
+        _die(f"--test-voices {args.test_voices} must hold out some but not all voices")
+    voices_of = {"train": seen, "dev": seen, "test": held_out}
+
+    out = args.out.resolve()
+    (out / "wav").mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for split in ("train", "dev", "test"):
+        for i, text in enumerate(sentences[split]):
+            voice = rng.choice(voices_of[split])
+            speed = rng.uniform(*args.speed_range)
+            pitch = rng.randint(*args.pitch_range)
+            utt = f"{voice.speaker_id}_{split}{i:06d}"   # speaker prefix: Kaldi's convention
+            jobs.append((split, utt, voice, text, speed, pitch))
+
+    def run(job):
+        split, utt, voice, text, speed, pitch = job
+        path = out / "wav" / f"{utt}.wav"
+        if path.exists():
+            try:
+                return split, utt, voice, text, path, sf.info(str(path)).duration, False
+            except RuntimeError:
+                pass   # broken from an interrupted run: synthesise again
+        duration = synthesise(voice, text, speed, pitch, path)
+        return split, utt, voice, text, path, duration, True
+
+    start = time.perf_counter()
+    rows = {"train": [], "dev": [], "test": []}
+    synthesised, audio_seconds = 0, 0.0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool_exec:
+        for n, (split, utt, voice, text, path, duration, new) in enumerate(pool_exec.map(run, jobs), 1):
+            rows[split].append({"id": utt, "audio": str(path), "text": text,
+                                "duration": round(duration, 3), "speaker": voice.speaker_id})
+            synthesised += new
+            audio_seconds += duration
+            if n % 500 == 0:
+                print(f"  {n}/{len(jobs)} utterances", flush=True)
+    elapsed = time.perf_counter() - start
+
+    for split, split_rows in rows.items():
+        write_split(out, split, split_rows)
+        hours = sum(r["duration"] for r in split_rows) / 3600
+        speakers = len({r["speaker"] for r in split_rows})
+        print(f"  {split}: {len(split_rows)} utterances, {hours:.2f} h, {speakers} voices")
+    rate = synthesised / elapsed if elapsed > 0 else float("inf")
+    print(f"prepare_demo_corpus: synthesised {synthesised} utterances ({audio_seconds / 3600:.2f} h "
+          f"of audio in all) in {elapsed:.1f} s with {args.jobs} jobs: {rate:.1f} utterances/s; "
+          f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)})")
+    print(f"prepare_demo_corpus: wrote {out}/{{train,dev,test}} and {out}/{{train,dev,test}}.jsonl")
+
+
+if __name__ == "__main__":
+    main()

