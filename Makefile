@@ -1,6 +1,7 @@
 # cifops developer entry points. `make test` is what CI runs (.ci/run).
 #
-#   make test    create .venv if absent, install torch and cifops with its test extras,
+#   make test    install the Debian speech tools if missing (as root), create .venv if
+#                absent, install torch and cifops with its test and train extras,
 #                build, run the native sanitizer tests, pytest tests, and the benchmarks
 #                once each (--benchmark-disable) so that their code cannot rot
 #   make bench   run the benchmarks for real and print the ratios (benchmarks/RESULTS.md)
@@ -12,9 +13,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.cifops-installed
 
-.PHONY: test build native-test pytest bench-smoke bench clean
+.PHONY: test system-deps build native-test pytest bench-smoke bench clean
 
-test: build native-test pytest bench-smoke
+test: system-deps build native-test pytest bench-smoke
+
+# Debian packages of the speech-data tests and the demo corpus: installed with apt-get
+# when run as root, otherwise named (those tests then skip and say why).
+system-deps:
+	@missing=""; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v flite >/dev/null || missing="$$missing flite"; \
+	[ -d /usr/share/games/fortunes ] || missing="$$missing fortunes"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else \
+	  echo "make: install the Debian packages$$missing (apt-get install$$missing) for the speech-data tests"; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -418,3 +418,12 @@ def test_import_errors_say_how_to_rebuild(monkeypatch):
     monkeypatch.setattr(_loader.importlib, "import_module", wrong_abi)
     with pytest.raises(ImportError, match=r"does not match torch .*Rebuild it"):
         _loader.load_library()
+
+
+def test_tiny_residual_tail_in_float32():
+    # beta / r = 7e140 does not fit float32: the scale must apply to the float64 weights.
+    hidden = torch.tensor([[[1.5410]]])
+    alphas = torch.tensor([[1.4601e-141]], dtype=torch.float64)
+    out = cifops.cif(hidden, alphas, tail_threshold=0.0)
+    assert out.token_lengths.tolist() == [1]
+    torch.testing.assert_close(out.embeds, hidden)

@@ -11,10 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import cifops  # noqa: E402
 import model as M  # noqa: E402
 
-HAS_CONTRASTIVE = hasattr(cifops, "contrastive_loss")
-needs_contrastive = pytest.mark.skipif(
-    not HAS_CONTRASTIVE, reason="this cifops build has no contrastive_loss (build the merged "
-                                "'contrastive' branch: pip install --no-build-isolation -e .)")
 
 VOCAB, TEACHER_DIM = 23, 16
 TERMS = ("ce", "quantity", "ctc", "acd", "lrd")
@@ -24,8 +20,6 @@ def tiny_config(**overrides) -> M.ModelConfig:
     base = dict(vocab_size=VOCAB, teacher_dim=TEACHER_DIM, num_mel_bins=80, d_model=32,
                 num_heads=4, ffn_dim=64, num_layers=3, pool_after=(1, 2), conv_kernel=5,
                 subsampling_channels=8, decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64)
-    if not HAS_CONTRASTIVE:
-        base["acd_weight"] = 0.0
     base.update(overrides)
     return M.ModelConfig(**base)
 
@@ -76,7 +70,7 @@ def test_every_term_finite_and_backward_reaches_every_parameter():
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config())
     loss, terms, num_tokens = model.compute_loss(tiny_batch())
-    expected = set(TERMS) if HAS_CONTRASTIVE else set(TERMS) - {"acd"}
+    expected = set(TERMS)
     assert set(terms) == expected
     assert num_tokens == 6 + 4 + 2                              # L + 1 per utterance
     assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
@@ -84,15 +78,11 @@ def test_every_term_finite_and_backward_reaches_every_parameter():
     torch.testing.assert_close(loss.detach(), sum(weights[k] * v for k, v in terms.items()))
     loss.backward()
     for name, p in model.named_parameters():
-        if name.startswith("acd_proj") and not HAS_CONTRASTIVE:
-            continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 @pytest.mark.parametrize("term", TERMS)
 def test_zero_weight_turns_its_term_off(term):
-    if term == "acd" and not HAS_CONTRASTIVE:
-        pytest.skip("acd is off already without cifops.contrastive_loss")
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config(**{f"{term}_weight": 0.0}))
     loss, terms, _ = model.compute_loss(tiny_batch())
@@ -126,7 +116,6 @@ def test_teacher_states_must_match_tokens():
         model.compute_loss(batch)
 
 
-@needs_contrastive
 def test_acd_is_the_fused_infonce_over_all_batch_tokens():
     torch.manual_seed(0)
     only_acd = tiny_config(ce_weight=0.0, quantity_weight=0.0, ctc_weight=0.0, lrd_weight=0.0)

@@ -75,14 +75,14 @@ void forward_impl(const scalar_t* hidden, const CifConfig& cfg, int64_t n_out, C
       const int64_t first = k == 0 ? 0 : cif_fire_frame(token_after, info, k - 1);
       const int64_t last = cif_fire_frame(token_after, info, k);
       fire_frames[row] = last;
+      // The tail's beta / r scale is applied to the float64 weights, so that a tiny
+      // residual does not underflow to 0 * inf in float32.
+      const double scale =
+          k == info[kInfoComplete] ? ws.row_real[b * kRowReal + kRealTailScale] : 1.0;
       std::memset(out, 0, sizeof(scalar_t) * D);
       for (int64_t t = first; t <= last; ++t) {
-        const double w = cif_overlap(P[t], P[t + 1], k, beta);
+        const double w = cif_overlap(P[t], P[t + 1], k, beta) * scale;
         if (w > 0.0) axpy(static_cast<scalar_t>(w), hidden + (b * T + t) * D, out, D);
-      }
-      if (k == info[kInfoComplete]) {  // the tail token
-        const scalar_t s = static_cast<scalar_t>(ws.row_real[b * kRowReal + kRealTailScale]);
-        for (int64_t d = 0; d < D; ++d) out[d] *= s;
       }
     }
   });

@@ -98,15 +98,15 @@ __global__ void forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cf
     const int64_t first = k == 0 ? 0 : cif_fire_frame(token_after, info, k - 1);
     const int64_t last = cif_fire_frame(token_after, info, k);
     if (lane == 0) fire_frames[row] = last;
-    const acc_t tail_scale = k == info[kInfoComplete]
-                                 ? static_cast<acc_t>(ws.row_real[b * kRowReal + kRealTailScale])
-                                 : acc_t(1);
+    // The tail's beta / r scale multiplies the float64 weights (no 0 * inf in float32).
+    const double tail_scale = k == info[kInfoComplete] ? ws.row_real[b * kRowReal + kRealTailScale]
+                                                       : 1.0;
     for (int64_t d0 = 0; d0 < D; d0 += kWarpSize * kPerLane) {
       acc_t acc[kPerLane];
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) acc[i] = acc_t(0);
       for (int64_t t = first; t <= last; ++t) {
-        const acc_t w = static_cast<acc_t>(cif_overlap(P[t], P[t + 1], k, beta));
+        const acc_t w = static_cast<acc_t>(cif_overlap(P[t], P[t + 1], k, beta) * tail_scale);
         const scalar_t* h = hidden + (b * T + t) * D;
 #pragma unroll
         for (int i = 0; i < kPerLane; ++i) {
@@ -117,7 +117,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cf
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) {
         const int64_t d = d0 + i * kWarpSize + lane;
-        if (d < D) out[d] = from_acc<scalar_t>(acc[i] * tail_scale);
+        if (d < D) out[d] = from_acc<scalar_t>(acc[i]);
       }
     }
   }
