@@ -13,7 +13,7 @@ Cases, at the sizes of the issue in both modes:
     matmul + F.cross_entropy), and their median ratio measured in the same run.
   * GPU (skipped without one): the fused op, the naive loss and Inf-CL (skipped when
     the inf_cl package is not installed), synchronising inside the timed call.
-Results and the machine they were measured on: benchmarks/RESULTS_contrastive.md.
+Results and the machine they were measured on: benchmarks/RESULTS.md.
 """
 import json
 import os
