@@ -14,14 +14,10 @@
 #endif
 
 #include "cif_host.h"
+#include "cpu_parallel.h"
 
 namespace cifops {
 namespace {
-
-const ParallelFor kAtenParallelFor = [](int64_t n, int64_t grain,
-                                        const std::function<void(int64_t, int64_t)>& body) {
-  at::parallel_for(0, n, grain, body);
-};
 
 // A CPU tensor for a large output (embeds, grad_hidden), backed by transparent huge
 // pages where the kernel allows them (THP "madvise" or "always"). Fresh outputs of tens

@@ -10,14 +10,10 @@
 #include <torch/library.h>
 
 #include "contrastive_host.h"
+#include "cpu_parallel.h"
 
 namespace cifops {
 namespace {
-
-const ParallelFor kAtenParallelFor = [](int64_t n, int64_t grain,
-                                        const std::function<void(int64_t, int64_t)>& body) {
-  at::parallel_for(0, n, grain, body);
-};
 
 constexpr const char* kLossFn = "cifops.contrastive_loss";
 constexpr const char* kAccuracyFn = "cifops.contrastive_accuracy";
