@@ -124,17 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu_op(
   const double tau = checked_temperature(temperature, kLossFn);
   const CpuInputs in(student, teacher, targets, ignore_index, kLossFn);
   const at::ScalarType ct = in.student.scalar_type();
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == in.N,
-              "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", in.N,
-              "], got ", stats.sizes());
-  const bool scalar_loss = red != ContrastiveReduction::kNone;
-  TORCH_CHECK(scalar_loss ? grad_loss.numel() == 1 : grad_loss.sizes() == at::IntArrayRef{in.N},
-              "cifops.contrastive_backward: grad_loss must have the loss's shape, got ",
-              grad_loss.sizes());
-  const bool has_fused = fused_grad.numel() > 0;
-  TORCH_CHECK(!has_fused || (scalar_loss && fused_grad.sizes() == in.student.sizes()),
-              "cifops.contrastive_backward: fused_grad must be empty or [N, D] with a scalar "
-              "loss, got ", fused_grad.sizes());
+  const bool has_fused =
+      check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, red);
   const at::Tensor st = stats.to(ct).contiguous();
   // w_i = dLoss/dr_i; the two softmax terms of G (contrastive.h) weigh w / 2 each
   // when symmetric: the row term over teacher columns with the student's targets,

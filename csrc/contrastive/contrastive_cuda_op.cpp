@@ -133,19 +133,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
   const c10::cuda::CUDAGuard guard(student.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const CudaInputs in(student, teacher, targets, ignore_index);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == in.N,
-              "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", in.N,
-              "], got ", stats.sizes());
-  const bool scalar_loss = red != ContrastiveReduction::kNone;
-  TORCH_CHECK(scalar_loss ? grad_loss.numel() == 1 : grad_loss.sizes() == at::IntArrayRef{in.N},
-              "cifops.contrastive_backward: grad_loss must have the loss's shape, got ",
-              grad_loss.sizes());
   TORCH_CHECK(grad_loss.device() == student.device() && stats.device() == student.device(),
               "cifops.contrastive_backward: grad_loss and stats must be on ", student.device());
-  const bool has_fused = fused_grad.numel() > 0;
-  TORCH_CHECK(!has_fused || (scalar_loss && fused_grad.sizes() == in.student.sizes()),
-              "cifops.contrastive_backward: fused_grad must be empty or [N, D] with a scalar "
-              "loss, got ", fused_grad.sizes());
+  const bool has_fused =
+      check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, red);
   const at::ScalarType ct = in.compute;
   const at::Tensor st = stats.to(ct).contiguous();
   // w_i = dLoss/dr_i; each softmax term of G weighs w / 2 when symmetric (contrastive.h)

@@ -135,6 +135,25 @@ inline at::Tensor loss_from_stats(const at::Tensor& stats, const at::Tensor& cou
   return row;
 }
 
+// Checks of contrastive_backward's saved tensors and upstream gradient, shared by both
+// backends. Returns whether fused_grad holds a student gradient from the forward.
+inline bool check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                   const at::Tensor& fused_grad, const at::Tensor& student,
+                                   int64_t N, ContrastiveReduction reduction) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == N,
+              "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", N,
+              "], got ", stats.sizes());
+  const bool scalar_loss = reduction != ContrastiveReduction::kNone;
+  TORCH_CHECK(scalar_loss ? grad_loss.numel() == 1 : grad_loss.sizes() == at::IntArrayRef{N},
+              "cifops.contrastive_backward: grad_loss must have the loss's shape, got ",
+              grad_loss.sizes());
+  const bool has_fused = fused_grad.numel() > 0;
+  TORCH_CHECK(!has_fused || (scalar_loss && fused_grad.sizes() == student.sizes()),
+              "cifops.contrastive_backward: fused_grad must be empty or [N, D] with a scalar "
+              "loss, got ", fused_grad.sizes());
+  return has_fused;
+}
+
 // w_i = dLoss/dr_i from the upstream gradient (0 for rows not counted; "mean" with no
 // counted rows then gives zero gradients, as torch's cross_entropy does).
 inline at::Tensor row_weights(const at::Tensor& grad_loss, const at::Tensor& counted,
