@@ -4,6 +4,9 @@
 #                absent, install torch and cifops with its test and train extras,
 #                build, run the native sanitizer tests, pytest tests, and the benchmarks
 #                once each (--benchmark-disable) so that their code cannot rot
+#   make demo    the CIF-HKD CPU demo: synthesise the corpus, train the CIF baseline and
+#                CIF+HKD, decode the held-out voices, print the table (exp/demo/results.md);
+#                DEMO_ARGS=--ablations adds CIF+ACD and CIF+LRD (python/demo.py --help)
 #   make bench   run the benchmarks for real and print the ratios (benchmarks/RESULTS.md)
 #   make clean   remove build outputs (keeps .venv)
 
@@ -13,17 +16,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.cifops-installed
 
-.PHONY: test system-deps build native-test pytest bench-smoke bench clean
+.PHONY: test demo system-deps build native-test pytest bench-smoke bench clean
 
 test: system-deps build native-test pytest bench-smoke
 
-# Debian packages of the speech-data tests and the demo corpus: installed with apt-get
-# when run as root, otherwise named (those tests then skip and say why).
+DEMO_ARGS ?=
+demo: system-deps build
+	PYTHONPATH=python $(PY) python/demo.py $(DEMO_ARGS)
+
+# Debian packages of the speech-data tests and the demo corpus (pocketsphinx-testdata:
+# five real LibriVox recordings to decode): installed with apt-get when run as root,
+# otherwise named (those tests then skip and say why).
 system-deps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v flite >/dev/null || missing="$$missing flite"; \
 	[ -d /usr/share/games/fortunes ] || missing="$$missing fortunes"; \
+	[ -d /usr/share/pocketsphinx/test/data/librivox ] || missing="$$missing pocketsphinx-testdata"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages:$$missing"; \

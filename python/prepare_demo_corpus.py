@@ -11,20 +11,24 @@ Pipeline:
   2. clean and normalise each sentence to lowercase words of letters with internal
      apostrophes ("don't"), dropping sentences a synthesiser would not read as written
      (digits, symbols, all-caps abbreviations); keep --min-words..--max-words words;
-     deduplicate;
+     deduplicate; keep only sentences made of the --top-words most frequent words (a
+     closed vocabulary: 2000 words give 3645 sentences and about 1800 WordPieces, so a
+     small corpus sees each token often enough to learn it);
   3. shuffle (seeded) and split by sentence into train / dev / test (no sentence in
      two splits);
   4. give each utterance a voice (accent+variant), speed and pitch (seeded). Test uses
      voices held out of training (--test-voices); dev uses training voices;
   5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
-     runs at another rate), and write Kaldi-style dirs and JSONL manifests:
+     runs at another rate) with a seeded white-noise floor --snr-range dB below the
+     speech (synthesisers write exact digital silence), and write Kaldi-style dirs and
+     JSONL manifests:
 
      OUT/wav/<utt>.wav
      OUT/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}
      OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
-Synthesis speed is printed at the end: 69.6 utterances/s with 2 jobs on the project's 2-core
-machine, so the default size (3000/200/200, 2.9 h of audio) takes about 50 s.
+Synthesis speed is printed at the end: 81.4 utterances/s with 2 jobs on the project's 2-core
+machine, so the default size (3000/200/200, 2.4 h of audio) takes about 42 s.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
@@ -45,6 +49,8 @@ import sys
 import tempfile
 import time
 import unicodedata
+import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +73,7 @@ DEFAULT_TEST_VOICES = ["espeak:en-029+*", "flite:awb"]
 _REJECT_CHARS = re.compile(r"[0-9@#$%&*+=/\\<>|_~^\[\]{}]")
 _ABBREVIATION = re.compile(r"\b[A-Z]{2,}\b|\b(?:[A-Za-z]\.){2,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_CLAUSE_BREAK = re.compile(r"[,;:()]|--")
 
 
 @dataclass(frozen=True)
@@ -132,18 +139,29 @@ def read_fortune_sentences(fortunes_dir: Path):
     return sentences
 
 
-def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int):
+def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int, top_words: int = 0,
+                        clauses: bool = False):
+    """Cleaned, deduplicated sentences of min_words..max_words words, in file order.
+
+    clauses: split sentences further at , ; : ( ) and dashes (each clause is read on its
+    own). top_words > 0 keeps only sentences whose every word is among the top_words most
+    frequent words of all cleaned sentences (a closed vocabulary, like WSJ's 5k task:
+    fewer tokens, each heard more often)."""
     seen, pool = set(), []
     for raw in read_fortune_sentences(fortunes_dir):
-        norm = normalise_sentence(raw)
-        if norm is None:
-            continue
-        n = len(norm.split())
-        if not min_words <= n <= max_words or norm in seen:
-            continue
-        seen.add(norm)
-        pool.append(norm)
-    return pool
+        for part in (_CLAUSE_BREAK.split(raw) if clauses else [raw]):
+            norm = normalise_sentence(part)
+            if norm is None or norm in seen:
+                continue
+            seen.add(norm)
+            pool.append(norm)
+    if top_words > 0:
+        counts = Counter(word for sentence in pool for word in sentence.split())
+        # ties broken alphabetically so the word list does not depend on dict order
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        allowed = {word for word, _ in ranked[:top_words]}
+        pool = [s for s in pool if all(word in allowed for word in s.split())]
+    return [s for s in pool if min_words <= len(s.split()) <= max_words]
 
 
 def available_voices(use_flite: bool):
@@ -163,9 +181,22 @@ def _to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return samples.astype(np.float32)
 
 
-def synthesise(voice: Voice, text: str, speed: float, pitch: int, out_path: Path) -> float:
-    """Speak text into out_path (16 kHz mono PCM16). speed: 1.0 = the engine's normal
-    rate. Returns the duration in seconds."""
+def add_noise_floor(samples: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    """Add white noise snr_db below the speech's power (seeded). Synthesisers write exact
+    digital silence, which no microphone records: its log-mel energies sit at the floor
+    (log of FLT_EPSILON) and would dominate the utterance's feature statistics."""
+    power = float(np.mean(samples.astype(np.float64) ** 2))
+    if power == 0.0:
+        return samples
+    noise = np.random.default_rng(seed).standard_normal(len(samples))
+    return (samples + noise * np.sqrt(power / 10 ** (snr_db / 10))).astype(np.float32)
+
+
+def synthesise(voice: Voice, text: str, speed: float, pitch: int, out_path: Path,
+               snr_db: float = float("inf"), noise_seed: int = 0) -> float:
+    """Speak text into out_path (16 kHz mono PCM16) with a noise floor snr_db below the
+    speech (none when infinite). speed: 1.0 = the engine's normal rate. Returns the
+    duration in seconds."""
     with tempfile.NamedTemporaryFile(suffix=".wav", dir=out_path.parent) as tmp:
         if voice.engine == "espeak":
             cmd = ["espeak-ng", "-v", voice.name, "-s", str(int(round(170 * speed))),
@@ -179,6 +210,11 @@ def synthesise(voice: Voice, text: str, speed: float, pitch: int, out_path: Path
     samples = _to_16k_mono(samples, sample_rate)
     if len(samples) == 0:
         raise RuntimeError(f"{voice.engine} produced no audio for {text!r}")
+    if np.isfinite(snr_db):
+        samples = add_noise_floor(samples, snr_db, noise_seed)
+    peak = float(np.max(np.abs(samples)))
+    if peak > 0.99:                      # the noise must not clip the 16-bit file
+        samples = samples * (0.99 / peak)
     sf.write(out_path, samples, SAMPLE_RATE, subtype="PCM_16")
     return len(samples) / SAMPLE_RATE
 
@@ -187,15 +223,23 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--num-train", type=int, default=3000, help="training utterances")
+    parser.add_argument("--num-train", type=int, default=3000,
+                        help="training utterances (sentences repeat, with other voices, when "
+                             "there are fewer training sentences)")
     parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (training voices)")
     parser.add_argument("--num-test", type=int, default=200, help="test utterances (held-out voices)")
-    parser.add_argument("--min-words", type=int, default=4)
-    parser.add_argument("--max-words", type=int, default=16)
+    parser.add_argument("--min-words", type=int, default=3)
+    parser.add_argument("--max-words", type=int, default=12)
+    parser.add_argument("--no-clauses", action="store_true",
+                        help="whole sentences only (default: also split them at , ; : ( ) --)")
+    parser.add_argument("--top-words", type=int, default=300,
+                        help="keep sentences made only of the N most frequent words (0: all)")
     parser.add_argument("--speed-range", type=float, nargs=2, default=(0.85, 1.15),
                         help="speaking-rate factors, uniform")
     parser.add_argument("--pitch-range", type=int, nargs=2, default=(30, 70),
                         help="espeak pitch 0-99, uniform")
+    parser.add_argument("--snr-range", type=float, nargs=2, default=(30.0, 50.0),
+                        help="white-noise floor, dB below the speech, uniform ('0 0': none)")
     parser.add_argument("--test-voices", nargs="+", default=DEFAULT_TEST_VOICES,
                         help="voices held out of train/dev, as engine:name, '*' as suffix "
                              "wildcard (default: %(default)s)")
@@ -251,16 +295,21 @@ def main(argv=None):
     use_flite = check_tools(args)
     rng = random.Random(args.seed)
 
-    pool = build_sentence_pool(args.fortunes_dir, args.min_words, args.max_words)
-    need = args.num_train + args.num_dev + args.num_test
-    print(f"prepare_demo_corpus: {len(pool)} distinct sentences after cleaning "
-          f"({args.min_words}-{args.max_words} words)")
-    if len(pool) < need:
-        _die(f"need {need} sentences, have {len(pool)}: lower --num-* or widen --min/max-words")
+    pool = build_sentence_pool(args.fortunes_dir, args.min_words, args.max_words, args.top_words,
+                               clauses=not args.no_clauses)
+    print(f"prepare_demo_corpus: {len(pool)} distinct {'sentences' if args.no_clauses else 'clauses'} "
+          f"after cleaning ({args.min_words}-{args.max_words} words"
+          + (f", {args.top_words} most frequent words only)" if args.top_words > 0 else ")"))
+    held = args.num_dev + args.num_test
+    if len(pool) <= held:
+        _die(f"{len(pool)} sentences leave none for training after {held} dev+test: lower "
+             "--num-dev/--num-test, widen --min/max-words or raise --top-words")
     rng.shuffle(pool)
-    sentences = {"train": pool[:args.num_train],
-                 "dev": pool[args.num_train:args.num_train + args.num_dev],
-                 "test": pool[args.num_train + args.num_dev:need]}
+    # split by sentence; training sentences are spoken again (by other random voices)
+    # when --num-train exceeds them
+    train_pool = pool[held:]
+    sentences = {"train": [train_pool[i % len(train_pool)] for i in range(args.num_train)],
+                 "dev": pool[:args.num_dev], "test": pool[args.num_dev:held]}
 
     voices = available_voices(use_flite)
     held_out = [v for v in voices if any(v.matches(p) for p in args.test_voices)]
@@ -277,18 +326,19 @@ def main(argv=None):
             voice = rng.choice(voices_of[split])
             speed = rng.uniform(*args.speed_range)
             pitch = rng.randint(*args.pitch_range)
+            snr_db = rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
             utt = f"{voice.speaker_id}_{split}{i:06d}"   # speaker prefix: Kaldi's convention
-            jobs.append((split, utt, voice, text, speed, pitch))
+            jobs.append((split, utt, voice, text, speed, pitch, snr_db))
 
     def run(job):
-        split, utt, voice, text, speed, pitch = job
+        split, utt, voice, text, speed, pitch, snr_db = job
         path = out / "wav" / f"{utt}.wav"
         if path.exists():
             try:
                 return split, utt, voice, text, path, sf.info(str(path)).duration, False
             except RuntimeError:
                 pass   # broken from an interrupted run: synthesise again
-        duration = synthesise(voice, text, speed, pitch, path)
+        duration = synthesise(voice, text, speed, pitch, path, snr_db, zlib.crc32(utt.encode()))
         return split, utt, voice, text, path, duration, True
 
     start = time.perf_counter()
@@ -308,7 +358,9 @@ def main(argv=None):
         write_split(out, split, split_rows)
         hours = sum(r["duration"] for r in split_rows) / 3600
         speakers = len({r["speaker"] for r in split_rows})
-        print(f"  {split}: {len(split_rows)} utterances, {hours:.2f} h, {speakers} voices")
+        distinct = len({r["text"] for r in split_rows})
+        print(f"  {split}: {len(split_rows)} utterances of {distinct} sentences, {hours:.2f} h, "
+              f"{speakers} voices")
     rate = synthesised / elapsed if elapsed > 0 else float("inf")
     print(f"prepare_demo_corpus: synthesised {synthesised} utterances ({audio_seconds / 3600:.2f} h "
           f"of audio in all) in {elapsed:.1f} s with {args.jobs} jobs: {rate:.1f} utterances/s; "

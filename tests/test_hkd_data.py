@@ -272,6 +272,23 @@ def test_normalise_sentence():
     assert norm("The IBM PC is here.") is None      # abbreviations too
 
 
+def test_sentence_pool_top_words_keeps_closed_vocabulary_sentences(tmp_path):
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "one").write_text("The cat sat on the mat.\n%\nThe dog sat on the cat.\n%\n"
+                                  "A zebra ate the mat.\n%\nThe cat sat.\n")
+    pool = prepare_demo_corpus.build_sentence_pool(fortunes, 3, 10)
+    assert len(pool) == 4
+    # ranks: the 6, cat 3, sat 3, mat 2, on 2, then a, ate, dog, zebra 1 (ties alphabetical)
+    top6 = prepare_demo_corpus.build_sentence_pool(fortunes, 3, 10, top_words=6)
+    assert top6 == ["the cat sat on the mat", "the cat sat"]
+    top7 = prepare_demo_corpus.build_sentence_pool(fortunes, 3, 10, top_words=7)
+    assert top7 == top6                     # 'ate' joins, but 'a zebra ate the mat' needs 'zebra'
+    top8 = prepare_demo_corpus.build_sentence_pool(fortunes, 3, 10, top_words=8)
+    assert "the dog sat on the cat" in top8 and "a zebra ate the mat" not in top8
+    assert prepare_demo_corpus.build_sentence_pool(fortunes, 3, 10, top_words=9) == pool
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
                     reason="needs the Debian packages espeak-ng and fortunes")
 def test_prepare_demo_corpus_tiny(tmp_path):

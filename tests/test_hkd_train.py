@@ -238,3 +238,74 @@ def test_two_ranks_with_gathered_negatives_equal_one_process(tmp_path):
     torch.testing.assert_close(ranks["acd"], terms["acd"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ranks["loss"], loss.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ranks["grads"], grads, rtol=1e-3, atol=1e-4)
+
+
+# --- real speech, pictures and the demo ----------------------------------------------------
+
+import demo  # noqa: E402
+
+
+@pytest.mark.skipif(not demo.LIBRIVOX.is_dir(),
+                    reason="needs the Debian package pocketsphinx-testdata (LibriVox recordings)")
+def test_decode_real_librivox_speech_end_to_end(trained, tmp_path):
+    manifest = demo.librivox_manifest(tmp_path)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(rows) == 5 and rows[1]["text"] == "he was not an ill disposed young man"
+    result = decode.main(["--checkpoint", str(trained / "averaged.pt"), "--split", str(manifest),
+                          "--out", str(tmp_path / "out"), "--beam", "2"])
+    assert result["utterances"] == 5 and result["words"] == sum(len(r["text"].split()) for r in rows)
+    hyps = (tmp_path / "out" / "hyp.txt").read_text().splitlines()
+    assert [h.split()[0] for h in hyps] == [r["id"] for r in rows]
+    assert 0 < result["real_time_factor"] < 10
+
+
+def test_plot_alignment_writes_a_png(corpus, trained, tmp_path):
+    import plot_alignment
+    out = tmp_path / "alignment.png"
+    plot_alignment.main(["--checkpoint", str(trained / "averaged.pt"), "--split",
+                         str(corpus / "corpus" / "dev"), "--out", str(out), "--method", "greedy"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="not in"):
+        plot_alignment.main(["--checkpoint", str(trained / "averaged.pt"), "--split",
+                             str(corpus / "corpus" / "dev"), "--out", str(out), "--utt", "nope"])
+
+
+def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
+    import yaml
+    config = tmp_path / "demo.yaml"
+    options = {"corpus": str(corpus / "corpus"), "teacher_dir": str(corpus / "teacher"), "seed": 3,
+               "max_steps": 2, "warmup_steps": 1, "save_every_steps": 1, "average_last": 2,
+               "valid_every_steps": 0, "log_every_steps": 1, "no_progress": True,
+               "max_batch_seconds": 6.0}
+    options.update({"d_model": 32, "num_heads": 4, "ffn_dim": 64, "num_layers": 2, "pool_after": [1, 2],
+                    "conv_kernel": 5, "subsampling_channels": 8, "decoder_layers": 1,
+                    "decoder_heads": 4, "decoder_ffn_dim": 64})            # TINY_MODEL
+    config.write_text(yaml.safe_dump(options))
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config", str(config), "--beam", "2", "--jobs", "2"]
+    assert demo.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["systems"]) == {"cif", "hkd"} and results["seed"] == 3
+    assert results["max_steps"] == 2
+    for name in ("cif", "hkd"):
+        assert (out / name / "checkpoint-2.pt").exists()
+        wer = json.loads((out / name / "decode-test" / "wer.json").read_text())
+        assert wer["cer"] == results["systems"][name]["cer"]
+    hkd_log = read_log(out / "hkd")
+    assert "acd" in hkd_log[-1] and "acd" not in read_log(out / "cif")[-1]
+    trivial = results["trivial_constant"]
+    assert 0 < trivial["cer"] and trivial["hypothesis"] in (corpus / "corpus" / "train" / "text").read_text()
+    table = (out / "results.md").read_text()
+    assert "| CIF |" in table and "| CIF + HKD |" in table and "best constant sentence" in table
+    for png in ("curves.png", "alignment.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a second run reuses the trained systems; a changed budget trains again
+    capsys.readouterr()
+    assert demo.main(argv) == 0
+    assert capsys.readouterr().out.count("already trained") == 2
+    options["max_steps"] = 3
+    config.write_text(yaml.safe_dump(options))
+    assert demo.main(argv + ["--ablations"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["systems"]) == {"cif", "acd", "lrd", "hkd"} and results["max_steps"] == 3
+    assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""The CPU demo (`make demo`): the paper's comparison on the synthetic English corpus.
+
+    python python/demo.py                   # CIF baseline and CIF+HKD
+    python python/demo.py --ablations       # also CIF+ACD and CIF+LRD
+    python python/demo.py --max-steps 1500  # a longer budget (conf/demo.yaml has the rest)
+
+Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
+(extract_teacher.py) when missing; train every system with train_hkd.py and the same
+config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
+cores/jobs threads each; decode the held-out-voice test split with beam search; write
+
+    OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
+                                       against the baseline, and the trivial baselines
+    OUT/curves.png                     training CE and CTC per token against the step
+    OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
+    OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
+                                       decode-test/ (hypotheses, wer.json)
+
+A system whose experiment finished with the same command is not trained again; one that
+was interrupted resumes from its last checkpoint. When Debian's pocketsphinx-testdata is
+installed, its five LibriVox recordings (real speech, out of domain for voices trained
+on synthetic speech) are decoded too and reported on their own line.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List
+
+import decode as decode_lib
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+
+# name -> (label, ACD on, LRD on); the paper's Table rows
+SYSTEMS = {"cif": ("CIF", False, False), "acd": ("CIF + ACD", True, False),
+           "lrd": ("CIF + LRD", False, True), "hkd": ("CIF + HKD", True, True)}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("exp/demo"))
+    parser.add_argument("--config", type=Path, default=ROOT / "conf" / "demo.yaml",
+                        help="train_hkd.py options shared by every system")
+    parser.add_argument("--ablations", action="store_true", help="also train CIF+ACD and CIF+LRD")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's budget")
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="systems trained at once (0: one per core, at most all of them)")
+    parser.add_argument("--beam", type=int, default=10)
+    return parser
+
+
+def load_config(path: Path) -> dict:
+    import yaml
+    return {k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
+
+
+def python_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_logged(cmd: List[str], log_path: Path, threads: int):
+    env = python_env()
+    env["OMP_NUM_THREADS"] = str(threads)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"demo: `{' '.join(cmd)}` failed (exit {result.returncode}); "
+                           f"last lines of {log_path}:\n{tail}")
+
+
+def train_command(args, name: str, threads: int) -> List[str]:
+    _, acd, lrd = SYSTEMS[name]
+    cmd = [sys.executable, str(HERE / "train_hkd.py"), "--config", str(args.config),
+           "--exp-dir", str(args.out / name), "--threads", str(threads)]
+    if not acd:
+        cmd += ["--acd-weight", "0"]
+    if not lrd:
+        cmd += ["--lrd-weight", "0"]
+    if args.max_steps is not None:
+        cmd += ["--max-steps", str(args.max_steps)]
+    if args.seed is not None:
+        cmd += ["--seed", str(args.seed)]
+    return cmd
+
+
+def train(args, name: str, threads: int) -> float:
+    """Train one system (or skip it, or resume it); returns the wall seconds its last
+    training run took."""
+    exp = args.out / name
+    cmd = train_command(args, name, threads)
+    # the thread count does not change the result's meaning; the rest of the command does
+    key = json.dumps([c for c in cmd if c != str(threads)] + [Path(args.config).read_text()])
+    stamp = exp / "demo-command.json"
+    if stamp.exists() and stamp.read_text() != key:
+        print(f"demo: {name}: the command or config changed; training again", flush=True)
+        shutil.rmtree(exp)
+    seconds_file = exp / "demo-train-seconds.txt"
+    if (exp / "averaged.pt").exists() and seconds_file.exists():
+        print(f"demo: {name}: already trained ({exp}); delete it to train again", flush=True)
+        return float(seconds_file.read_text())
+    exp.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    if any(exp.glob("checkpoint-*.pt")):
+        cmd.append("--resume")
+        print(f"demo: {name}: resuming from its last checkpoint", flush=True)
+    start = time.perf_counter()
+    print(f"demo: training {SYSTEMS[name][0]} ({threads} thread(s); log {exp / 'train.out'})", flush=True)
+    run_logged(cmd, exp / "train.out", threads)
+    elapsed = time.perf_counter() - start
+    seconds_file.write_text(f"{elapsed:.1f}\n")
+    print(f"demo: {name} trained in {elapsed / 60:.1f} min", flush=True)
+    return elapsed
+
+
+def librivox_manifest(out: Path):
+    """JSONL manifest of pocketsphinx-testdata's LibriVox recordings, or None."""
+    transcription = LIBRIVOX / "transcription"
+    if not transcription.exists():
+        return None
+    import soundfile as sf
+    path = out / "librivox.jsonl"
+    with open(path, "w") as f:
+        for line in transcription.read_text().splitlines():
+            # "<s> words </s> (utt-id)"
+            text, _, utt = line.rpartition("(")
+            utt = utt.strip().rstrip(")")
+            words = [w for w in text.split() if w not in ("<s>", "</s>")]
+            audio = LIBRIVOX / f"{utt}.wav"
+            f.write(json.dumps({"id": utt, "audio": str(audio), "text": " ".join(words),
+                                "duration": sf.info(str(audio)).duration}) + "\n")
+    return path
+
+
+def constant_baseline(corpus: Path) -> dict:
+    """The best constant hypothesis: the training transcript with the fewest character
+    errors on dev, scored on test (what a recognizer that ignores the audio can reach)."""
+    import data
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+    train = [u.text for u in data.read_manifest(corpus / "train")[0]]
+    dev = [u.text.replace(" ", "") for u in data.read_manifest(corpus / "dev")[0]]
+    test = [u.text for u in data.read_manifest(corpus / "test")[0]]
+    cands = [t.replace(" ", "") for t in train]
+    totals = cdist(cands, dev, scorer=Levenshtein.distance, workers=-1).sum(axis=1)
+    best = train[int(totals.argmin())]
+    result = decode_lib.score(test, [best] * len(test))
+    result["hypothesis"] = best
+    return result
+
+
+def plot_curves(out: Path, names: List[str]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        rows = [json.loads(l) for l in (out / name / "train_log.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        for ax, key in zip(axes, ("ce", "ctc")):
+            ax.plot(steps, [r[key] for r in rows], label=SYSTEMS[name][0])
+    for ax, title in zip(axes, ("decoder cross-entropy per token", "CTC loss per token")):
+        ax.set_title(title)
+        ax.set_xlabel("update")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def table(results: Dict[str, dict], trivial: dict, librivox: Dict[str, dict], meta: dict) -> str:
+    base = results["cif"]["cer"], results["cif"]["wer"]
+
+    def rel(new, old):
+        return f"{100 * (old - new) / old:+.1f}%" if old > 0 else "n/a"
+
+    lines = [f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)", "",
+             f"Test: {results['cif']['utterances']} utterances of held-out voices, "
+             f"{results['cif']['words']} words; beam {meta['beam']}. "
+             "Relative reductions are against the CIF baseline (positive = fewer errors).", "",
+             "| system | ACD | LRD | test CER % | test WER % | rel. CER reduction | rel. WER reduction |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        label, acd, lrd = SYSTEMS[name]
+        lines.append(f"| {label} | {'yes' if acd else '-'} | {'yes' if lrd else '-'} | "
+                     f"{100 * r['cer']:.2f} | {100 * r['wer']:.2f} | "
+                     f"{'-' if name == 'cif' else rel(r['cer'], base[0])} | "
+                     f"{'-' if name == 'cif' else rel(r['wer'], base[1])} |")
+    lines.append(f"| trivial: best constant sentence | - | - | {100 * trivial['cer']:.2f} | "
+                 f"{100 * trivial['wer']:.2f} | | |")
+    lines.append("| trivial: empty output | - | - | 100.00 | 100.00 | | |")
+    lines += ["", f"The constant sentence (the training transcript closest to dev): "
+              f"\"{trivial['hypothesis']}\"."]
+    if librivox:
+        lines += ["", "Real speech (5 LibriVox recordings of Debian's pocketsphinx-testdata, "
+                  "out of domain: the models heard synthetic voices only):", ""]
+        lines += [f"- {SYSTEMS[n][0]}: CER {100 * r['cer']:.2f}%, WER {100 * r['wer']:.2f}%"
+                  for n, r in librivox.items()]
+    lines += ["", f"Training wall time: " + ", ".join(
+        f"{SYSTEMS[n][0]} {t / 60:.1f} min" for n, t in meta["train_seconds"].items())
+              + f" ({meta['jobs']} system(s) at a time, {meta['threads']} thread(s) each); "
+              f"whole demo {meta['total_seconds'] / 60:.1f} min on {os.cpu_count()} cores."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    start = time.perf_counter()
+    config = load_config(args.config)
+    corpus = Path(config.get("corpus", "data/demo"))
+    teacher_dir = Path(config.get("teacher_dir", "exp/teacher"))
+    if not corpus.is_absolute():
+        corpus = ROOT / corpus
+    if not teacher_dir.is_absolute():
+        teacher_dir = ROOT / teacher_dir
+    args.out = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = ["cif", "acd", "lrd", "hkd"] if args.ablations else ["cif", "hkd"]
+
+    # 1. corpus and teacher cache (train_hkd.py would make them too, but once, not per system)
+    if not (corpus / "train" / "text").exists():
+        import prepare_demo_corpus
+        prepare_demo_corpus.main(["--out", str(corpus)])
+    if not all((teacher_dir / f).exists() for f in ("tokens.txt", "train.pt", "dev.pt")):
+        import extract_teacher
+        extract_teacher.main(["--train", str(corpus / "train"), "--out", str(teacher_dir), "--splits",
+                              str(corpus / "train"), str(corpus / "dev")])
+
+    # 2. training, jobs systems at a time
+    cores = os.cpu_count() or 1
+    jobs = args.jobs or min(cores, len(names))
+    threads = max(1, cores // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        seconds = dict(zip(names, pool.map(lambda n: train(args, n, threads), names)))
+
+    # 3. decoding and scoring
+    librivox = librivox_manifest(args.out)
+    results, real = {}, {}
+    for name in names:
+        ckpt = args.out / name / "averaged.pt"
+        results[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(corpus / "test"),
+                                         "--out", str(args.out / name / "decode-test"),
+                                         "--beam", str(args.beam)])
+        if librivox is not None:
+            real[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(librivox),
+                                          "--out", str(args.out / name / "decode-librivox"),
+                                          "--beam", str(args.beam)])
+    trivial = constant_baseline(corpus)
+
+    # 4. pictures and the table
+    plot_curves(args.out, names)
+    import plot_alignment
+    plot_alignment.main(["--checkpoint", str(args.out / names[-1] / "averaged.pt"),
+                         "--split", str(corpus / "test"), "--out", str(args.out / "alignment.png"),
+                         "--beam", str(args.beam)])
+    train_args = json.loads((args.out / names[0] / "args.json").read_text())
+    meta = {"seed": train_args["seed"], "max_steps": train_args["max_steps"], "beam": args.beam,
+            "train_seconds": seconds, "jobs": jobs, "threads": threads,
+            "total_seconds": time.perf_counter() - start}
+    text = table(results, trivial, real, meta)
+    (args.out / "results.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(
+        {"systems": results, "trivial_constant": trivial, "librivox": real, **meta}, indent=1) + "\n")
+    print("\n" + text)
+    print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
