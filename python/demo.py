@@ -83,10 +83,12 @@ def run_logged(cmd: List[str], log_path: Path, threads: int):
                            f"last lines of {log_path}:\n{tail}")
 
 
-def train_command(args, name: str, threads: int) -> List[str]:
+def train_command(args, name: str) -> List[str]:
+    """train_hkd.py's command for one system (without --threads, which does not change
+    what is trained)."""
     _, acd, lrd = SYSTEMS[name]
     cmd = [sys.executable, str(HERE / "train_hkd.py"), "--config", str(args.config),
-           "--exp-dir", str(args.out / name), "--threads", str(threads)]
+           "--exp-dir", str(args.out / name)]
     if not acd:
         cmd += ["--acd-weight", "0"]
     if not lrd:
@@ -102,9 +104,8 @@ def train(args, name: str, threads: int) -> float:
     """Train one system (or skip it, or resume it); returns the wall seconds its last
     training run took."""
     exp = args.out / name
-    cmd = train_command(args, name, threads)
-    # the thread count does not change the result's meaning; the rest of the command does
-    key = json.dumps([c for c in cmd if c != str(threads)] + [Path(args.config).read_text()])
+    cmd = train_command(args, name)
+    key = json.dumps(cmd + [Path(args.config).read_text()])
     stamp = exp / "demo-command.json"
     if stamp.exists() and stamp.read_text() != key:
         print(f"demo: {name}: the command or config changed; training again", flush=True)
@@ -115,6 +116,7 @@ def train(args, name: str, threads: int) -> float:
         return float(seconds_file.read_text())
     exp.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key)
+    cmd += ["--threads", str(threads)]
     if any(exp.glob("checkpoint-*.pt")):
         cmd.append("--resume")
         print(f"demo: {name}: resuming from its last checkpoint", flush=True)

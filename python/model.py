@@ -62,6 +62,12 @@ class ModelConfig:
     pool_after: Tuple[int, ...] = (2, 4)   # MaxPool(2) after these layers (1-based)
     conv_kernel: int = 15
     subsampling_channels: int = 64
+    # LayerNorm at the end of every Conformer block (Gulati et al.; the released
+    # configuration). Off in the demo: it pins the scale of the encoder output, so the CTC
+    # and CIF heads can only sharpen as fast as Adam grows their weights (about lr per
+    # step), which kept a from-scratch model on the unigram plateau for thousands of
+    # updates (docs/hkd-recipe.md, "Why the demo model has no block-final LayerNorm").
+    block_final_norm: bool = False
     dropout: float = 0.1
     # CIF
     cif_dropout: float = 0.2
@@ -94,7 +100,7 @@ def aishell1_config(vocab_size: int = 4233, teacher_dim: int = 768) -> ModelConf
     return ModelConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, d_model=256, num_heads=4,
                        ffn_dim=2048, num_layers=15, pool_after=(5, 10), conv_kernel=15,
                        subsampling_channels=256, dropout=0.1, decoder_layers=2, decoder_heads=4,
-                       decoder_ffn_dim=2048)
+                       decoder_ffn_dim=2048, block_final_norm=True)
 
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -196,9 +202,11 @@ class ConvModule(nn.Module):
 
 
 class ConformerLayer(nn.Module):
-    """Macaron FFN/2, relative-position MHSA, convolution, FFN/2, LayerNorm."""
+    """Macaron FFN/2, relative-position MHSA, convolution, FFN/2, LayerNorm (when
+    final_norm; otherwise the pre-norm residual stream is the output)."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, kernel: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, kernel: int, dropout: float,
+                 final_norm: bool = True):
         super().__init__()
         self.ffn1 = FeedForward(d_model, ffn_dim, dropout)
         self.norm_attn = nn.LayerNorm(d_model)
@@ -206,7 +214,7 @@ class ConformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv = ConvModule(d_model, kernel, dropout)
         self.ffn2 = FeedForward(d_model, ffn_dim, dropout)
-        self.norm_out = nn.LayerNorm(d_model)
+        self.norm_out = nn.LayerNorm(d_model) if final_norm else nn.Identity()
 
     def forward(self, x: Tensor, pos_emb: Tensor, padding_mask: Tensor) -> Tensor:
         x = x + 0.5 * self.ffn1(x)
@@ -224,7 +232,8 @@ class ConformerEncoder(nn.Module):
         super().__init__()
         self.subsampling = Conv2dSubsampling(c.num_mel_bins, c.subsampling_channels, c.d_model)
         self.layers = nn.ModuleList(ConformerLayer(c.d_model, c.num_heads, c.ffn_dim, c.conv_kernel,
-                                                   c.dropout) for _ in range(c.num_layers))
+                                                   c.dropout, c.block_final_norm)
+                                    for _ in range(c.num_layers))
         self.pool_after = set(c.pool_after)
         self.dropout = nn.Dropout(c.dropout)
         self.d_model = c.d_model

@@ -110,6 +110,9 @@ def get_parser() -> argparse.ArgumentParser:
         value = getattr(defaults, f.name)
         if isinstance(value, tuple):
             g.add_argument("--" + f.name.replace("_", "-"), type=int, nargs="+", default=value)
+        elif isinstance(value, bool):
+            g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                           default=value)
         else:
             g.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value)
     return parser

@@ -63,6 +63,14 @@ def test_a_few_steps_reduce_the_loss(corpus, tmp_path):
     assert all(set(h) >= {"loss", "ce", "ctc", "quantity", "acd", "lrd", "lr"} for h in history)
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
     assert (exp / "checkpoint-8.pt").exists()
+    # TensorBoard has the same scalars as train_log.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(exp / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/ce", "train/acd", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    board = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in board] == list(range(1, 9))
+    assert [v for _, v in board] == pytest.approx([h["loss"] for h in history], rel=1e-6)
 
 
 def test_baseline_without_distillation_needs_no_teacher_terms(corpus, tmp_path):
@@ -113,6 +121,8 @@ def test_config_file_and_command_line_precedence(tmp_path):
     conf.write_text("max-steps: 5\npeak_lr: 0.002\npool-after: [1, 3]\nexp_dir: /x\n")
     args = train_hkd.parse_args(["--config", str(conf), "--peak-lr", "0.01"])
     assert (args.max_steps, args.peak_lr, args.pool_after, args.exp_dir) == (5, 0.01, [1, 3], Path("/x"))
+    assert not args.block_final_norm
+    assert train_hkd.model_config(train_hkd.parse_args(["--block-final-norm"]), 10).block_final_norm
     (tmp_path / "bad.json").write_text('{"no_such_option": 1}')
     with pytest.raises(SystemExit):
         train_hkd.parse_args(["--config", str(tmp_path / "bad.json")])
