@@ -52,6 +52,7 @@ def load_model(path: Path, device="cpu") -> Tuple[model_lib.CifHkdModel, dict]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     config = dict(state["model_config"])
     config["pool_after"] = tuple(config["pool_after"])
+    config.setdefault("block_final_norm", True)   # checkpoints from before the switch had it
     model = model_lib.CifHkdModel(model_lib.ModelConfig(**config))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state

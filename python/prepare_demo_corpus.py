@@ -10,12 +10,14 @@ Pipeline:
   1. read every fortune file under --fortunes-dir, split fortunes into sentences;
   2. clean and normalise each sentence to lowercase words of letters with internal
      apostrophes ("don't"), dropping sentences a synthesiser would not read as written
-     (digits, symbols, all-caps abbreviations); keep --min-words..--max-words words;
-     deduplicate; keep only sentences made of the --top-words most frequent words (a
-     closed vocabulary: 2000 words give 3645 sentences and about 1800 WordPieces, so a
-     small corpus sees each token often enough to learn it);
+     (digits, symbols, all-caps abbreviations); split them into clauses at , ; : ( )
+     and -- (unless --no-clauses); deduplicate; keep only clauses made of the
+     --top-words most frequent words (a closed vocabulary: the default 300 words give
+     2081 clauses of --min-words..--max-words (3-12) words and 298 WordPieces, so a small
+     corpus hears each token about 50 times);
   3. shuffle (seeded) and split by sentence into train / dev / test (no sentence in
-     two splits);
+     two splits); training sentences are spoken more than once (by other voices) when
+     --num-train exceeds them;
   4. give each utterance a voice (accent+variant), speed and pitch (seeded). Test uses
      voices held out of training (--test-voices); dev uses training voices;
   5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
@@ -27,8 +29,8 @@ Pipeline:
      OUT/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}
      OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
-Synthesis speed is printed at the end: 81.4 utterances/s with 2 jobs on the project's 2-core
-machine, so the default size (3000/200/200, 2.4 h of audio) takes about 42 s.
+Synthesis speed is printed at the end: 99.8 utterances/s with 2 jobs on the project's 2-core
+machine, so the default size (3000/200/200, 1.44 h of audio) takes about 34 s.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
