@@ -126,17 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu_op(
   const at::ScalarType ct = in.student.scalar_type();
   const bool has_fused =
       check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, red);
-  const at::Tensor st = stats.to(ct).contiguous();
-  // w_i = dLoss/dr_i; the two softmax terms of G (contrastive.h) weigh w / 2 each
-  // when symmetric: the row term over teacher columns with the student's targets,
-  // the column term over student rows.
-  const at::Tensor w = row_weights(grad_loss, in.counted, red, ct);
-  const at::Tensor a = symmetric ? (w * 0.5).contiguous() : w;
-  const at::Tensor lse = st[kStatLse].contiguous(), clse = st[kStatColLse].contiguous();
-  const int64_t* tgt = maybe_ptr(in.targets);
-  const SoftmaxTerm row_softmax{a.data_ptr(), lse.data_ptr(), tgt};
-  const SoftmaxTerm col_softmax =
-      symmetric ? SoftmaxTerm{a.data_ptr(), clse.data_ptr(), nullptr} : SoftmaxTerm{};
+  const BackwardTerms terms(grad_loss, stats, in.counted, red, ct, symmetric, in.targets);
 
   at::Tensor grad_student = at::empty({0}, student.options());
   at::Tensor grad_teacher = at::empty({0}, teacher.options());
@@ -149,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu_op(
     at::Tensor g = at::empty({in.N, in.D}, in.student.options());
     const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0 / tau, ignore_index);
     contrastive_grad_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
-                              t_side.unit.data_ptr(), row_softmax, col_softmax,
+                              t_side.unit.data_ptr(), terms.row, terms.col,
                               s_side.inv_norm_ptr(), normalize, g.data_ptr(), kAtenParallelFor);
     grad_student = g.to(student.scalar_type());
   }
@@ -161,12 +151,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu_op(
     at::Tensor g = at::empty({in.M, in.D}, in.teacher.options());
     const ContrastivePass pass = make_pass(in.M, in.N, t_side, in.D, 1.0 / tau, ignore_index);
     contrastive_grad_pass_cpu(in.kind, pass, t_side.unit.data_ptr(), s_side.packed.data_ptr(),
-                              s_side.unit.data_ptr(), col_softmax, row_softmax,
+                              s_side.unit.data_ptr(), terms.col, terms.row,
                               t_side.inv_norm_ptr(), normalize, g.data_ptr(), kAtenParallelFor);
     grad_teacher = g.to(teacher.scalar_type());
   }
   if (need_temperature)
-    grad_temperature = temperature_grad(st, w, in.counted, symmetric, temperature);
+    grad_temperature = temperature_grad(terms.stats, terms.w, in.counted, symmetric, temperature);
   return {grad_student, grad_teacher, grad_temperature};
 }
 

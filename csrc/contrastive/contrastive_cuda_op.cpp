@@ -138,15 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
   const bool has_fused =
       check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, red);
   const at::ScalarType ct = in.compute;
-  const at::Tensor st = stats.to(ct).contiguous();
-  // w_i = dLoss/dr_i; each softmax term of G weighs w / 2 when symmetric (contrastive.h)
-  const at::Tensor w = row_weights(grad_loss, in.counted, red, ct);
-  const at::Tensor a = symmetric ? (w * 0.5).contiguous() : w;
-  const at::Tensor lse = st[kStatLse].contiguous(), clse = st[kStatColLse].contiguous();
-  const int64_t* tgt = maybe_ptr(in.targets);
-  const SoftmaxTerm row_softmax{a.data_ptr(), lse.data_ptr(), tgt};
-  const SoftmaxTerm col_softmax =
-      symmetric ? SoftmaxTerm{a.data_ptr(), clse.data_ptr(), nullptr} : SoftmaxTerm{};
+  const BackwardTerms terms(grad_loss, stats, in.counted, red, ct, symmetric, in.targets);
 
   at::Tensor grad_student = at::empty({0}, student.options());
   at::Tensor grad_teacher = at::empty({0}, teacher.options());
@@ -173,12 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
       return grad_x;
     };
     if (student_pass)
-      grad_student = run(s_side, t_side, in.N, in.M, row_softmax, col_softmax, in.student);
+      grad_student = run(s_side, t_side, in.N, in.M, terms.row, terms.col, in.student);
     if (need_teacher)  // roles swapped: the column term of the student pass is its row term
-      grad_teacher = run(t_side, s_side, in.M, in.N, col_softmax, row_softmax, in.teacher);
+      grad_teacher = run(t_side, s_side, in.M, in.N, terms.col, terms.row, in.teacher);
   }
   if (need_temperature)
-    grad_temperature = temperature_grad(st, w, in.counted, symmetric, temperature);
+    grad_temperature = temperature_grad(terms.stats, terms.w, in.counted, symmetric, temperature);
   return {grad_student, grad_teacher, grad_temperature};
 }
 

@@ -179,6 +179,26 @@ inline at::Tensor temperature_grad(const at::Tensor& stats, const at::Tensor& we
   return grad.to(temperature.device(), temperature.scalar_type()).reshape(temperature.sizes());
 }
 
+// The backward's row weights and softmax terms of G (contrastive.h), shared by both
+// backends: w_i = dLoss/dr_i; each term weighs w / 2 when symmetric (the row term over
+// teacher columns with the student's targets, the column term over student rows). The
+// tensors own the memory that the SoftmaxTerm pointers point to.
+struct BackwardTerms {
+  at::Tensor stats, w, a, lse, col_lse;  // stats and weights in the compute type
+  SoftmaxTerm row, col;
+
+  BackwardTerms(const at::Tensor& grad_loss, const at::Tensor& saved_stats,
+                const at::Tensor& counted, ContrastiveReduction reduction,
+                at::ScalarType compute, bool symmetric, const std::optional<at::Tensor>& targets)
+      : stats(saved_stats.to(compute).contiguous()),
+        w(row_weights(grad_loss, counted, reduction, compute)),
+        a(symmetric ? (w * 0.5).contiguous() : w),
+        lse(stats[kStatLse].contiguous()),
+        col_lse(stats[kStatColLse].contiguous()),
+        row{a.data_ptr(), lse.data_ptr(), maybe_ptr(targets)},
+        col(symmetric ? SoftmaxTerm{a.data_ptr(), col_lse.data_ptr(), nullptr} : SoftmaxTerm{}) {}
+};
+
 // Fraction of counted rows whose argmax is the positive (NaN when none counts).
 inline at::Tensor accuracy_from_argmax(const at::Tensor& argmax,
                                        const std::optional<at::Tensor>& targets,
