@@ -24,11 +24,19 @@ import teacher as teacher_lib
 
 class AsrDataset(torch.utils.data.Dataset):
     """Item i: {"id", "feats" [T, 80] (CMVN, SpecAugment when given), "tokens" [L],
-    "teacher" [L+1, Dt] or None}. SpecAugment masks are seeded by (seed, epoch, i)."""
+    "teacher" [L+1, Dt] or None}.
+
+    speed_perturb: speed factors (Kaldi/sox ``speed``: 1.1 is 10% faster and higher, as
+    if the voice were another speaker's); each item draws one uniformly. The factor and
+    the SpecAugment masks are seeded by (seed, epoch, i)."""
 
     def __init__(self, utterances: Sequence[data.Utterance], vocab: teacher_lib.TokenVocab,
                  tokenizer, teacher_states: Optional[Dict[str, Tensor]] = None,
-                 spec_augment: Optional[features.SpecAugment] = None, seed: int = 0):
+                 spec_augment: Optional[features.SpecAugment] = None, seed: int = 0,
+                 speed_perturb: Sequence[float] = ()):
+        if any(not 0.5 <= f <= 2.0 for f in speed_perturb):
+            raise ValueError(f"speed_perturb factors must be in [0.5, 2], got {list(speed_perturb)}")
+        self.speed_perturb = [float(f) for f in speed_perturb]
         self.utterances = list(utterances)
         self.tokens = []
         for utt in self.utterances:
@@ -54,9 +62,13 @@ class AsrDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         utt = self.utterances[index]
-        feats = features.utterance_cmvn(features.compute_fbank(data.load_audio(utt.audio)))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+        samples = data.load_audio(utt.audio)
+        if self.speed_perturb:
+            factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), (1,), generator=generator))]
+            samples = features.speed_perturb(samples, factor)
+        feats = features.utterance_cmvn(features.compute_fbank(samples))
         if self.spec_augment is not None:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
             feats = self.spec_augment(feats, generator=generator)
         teacher = None if self.teacher_states is None else self.teacher_states[utt.id].float()
         return {"id": utt.id, "feats": feats, "tokens": self.tokens[index], "teacher": teacher}

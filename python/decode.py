@@ -181,6 +181,16 @@ def decode(args) -> dict:
     refs = [vocab.decode(items.tokens[i].tolist()) if vocab.UNK not in items.tokens[i].tolist()
             else u.text.lower() for i, u in enumerate(utts)]
     result = score(refs, [r["hyp"] for r in ordered])
+    by_speaker = {}     # where one held-out voice is much harder, it shows here
+    for u, ref, r in zip(utts, refs, ordered):
+        if u.speaker:
+            pair = by_speaker.setdefault(u.speaker, ([], []))
+            pair[0].append(ref)
+            pair[1].append(r["hyp"])
+    if by_speaker:
+        result["per_speaker"] = {spk: {k: v for k, v in score(*by_speaker[spk]).items()
+                                       if k in ("cer", "wer", "chars", "utterances")}
+                                 for spk in sorted(by_speaker)}
     result.update({"method": args.method, "beam": args.beam if args.method == "beam" else 1,
                    "checkpoint": str(args.checkpoint), "split": str(args.split),
                    "real_time_factor": elapsed / max(audio_s, 1e-9)})

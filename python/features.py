@@ -1,5 +1,6 @@
 """Acoustic front end of the CIF-HKD recipe: Kaldi fbank, utterance CMVN, SpecAugment.
 
+    samples = speed_perturb(samples, 1.1)     # training only (optional)
     feats = compute_fbank(samples)            # [T, 80] float32, 10 ms frames
     feats = utterance_cmvn(feats)             # zero mean, unit variance per bin
     feats = SpecAugment()(feats)              # training only; 2 freq masks F=27, 2 time masks T=50
@@ -48,6 +49,20 @@ def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_b
     if num_frames == 0:
         return torch.zeros(0, num_mel_bins)
     return torch.from_numpy(np.stack([fbank.get_frame(i) for i in range(num_frames)]))
+
+
+def speed_perturb(samples: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Kaldi's speed perturbation (sox ``speed``): play the waveform factor times faster,
+    which shortens it by 1/factor and raises every frequency, pitch and formants alike,
+    by factor. Done by resampling with soxr (the maintained libsoxr binding) as if the
+    samples had been recorded at factor * sample_rate."""
+    if factor <= 0:
+        raise ValueError(f"speed_perturb: factor must be positive, got {factor}")
+    samples = np.asarray(samples, dtype=np.float32)
+    if factor == 1.0:
+        return samples
+    import soxr
+    return soxr.resample(samples, factor * sample_rate, sample_rate).astype(np.float32)
 
 
 def utterance_cmvn(feats: Tensor, eps: float = 1e-5) -> Tensor:

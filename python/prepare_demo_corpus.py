@@ -19,13 +19,14 @@ Pipeline:
      two splits); training sentences are spoken more than once (by other voices) when
      --num-train exceeds them;
   4. give each utterance a voice (accent+variant), speed and pitch (seeded). Test uses
-     voices held out of training (--test-voices); dev uses training voices;
+     voices held out of training (--test-voices), drawn uniformly; dev and train use
+     the training voices, --flite-share (0.25) of them flite's;
   5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
      runs at another rate) with a seeded white-noise floor --snr-range dB below the
      speech (synthesisers write exact digital silence), and write Kaldi-style dirs and
      JSONL manifests:
 
-     OUT/wav/<utt>.wav
+     OUT/wav/<utt>-<crc32 of the synthesis parameters>.wav
      OUT/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}
      OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
@@ -35,10 +36,10 @@ machine, so the default size (3000/200/200, 1.44 h of audio) takes about 34 s.
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
 
-Existing wavs of the same name are kept (re-running resumes); everything else is
-rewritten. The same --seed and inputs give the same corpus. Nothing is installed:
-a missing synthesiser or fortunes package is reported with the Debian package to
-install, and the script exits with status 2.
+Existing wavs of the same utterance and synthesis parameters are kept (re-running
+resumes); everything else is rewritten. The same --seed and inputs give the same
+corpus. Nothing is installed: a missing synthesiser or fortunes package is reported
+with the Debian package to install, and the script exits with status 2.
 """
 import argparse
 import json
@@ -246,6 +247,11 @@ def get_parser():
                         help="voices held out of train/dev, as engine:name, '*' as suffix "
                              "wildcard (default: %(default)s)")
     parser.add_argument("--no-flite", action="store_true", help="use espeak-ng only")
+    parser.add_argument("--flite-share", type=float, default=0.25,
+                        help="share of the train/dev utterances spoken by the training flite "
+                             "voices (drawn uniformly among all training voices otherwise, the "
+                             "few flite voices would be rare beside the 77 espeak ones); test "
+                             "voices are always drawn uniformly")
     parser.add_argument("--fortunes-dir", type=Path, default=Path("/usr/share/games/fortunes"))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=1234)
@@ -318,14 +324,24 @@ def main(argv=None):
     seen = [v for v in voices if v not in held_out]
     if not held_out or not seen:
         _die(f"--test-voices {args.test_voices} must hold out some but not all voices")
-    voices_of = {"train": seen, "dev": seen, "test": held_out}
+    if not 0.0 <= args.flite_share <= 1.0:
+        _die(f"--flite-share must be in [0, 1], got {args.flite_share}")
+    by_engine = {engine: [v for v in seen if v.engine == engine] for engine in ("espeak", "flite")}
+    if by_engine["flite"] and by_engine["espeak"]:
+        seen_shares = [(by_engine["flite"], args.flite_share), (by_engine["espeak"], 1.0 - args.flite_share)]
+    else:
+        seen_shares = [(seen, 1.0)]
+    voices_of = {"train": seen_shares, "dev": seen_shares, "test": [(held_out, 1.0)]}
 
     out = args.out.resolve()
     (out / "wav").mkdir(parents=True, exist_ok=True)
     jobs = []
     for split in ("train", "dev", "test"):
+        # one generator per split: a bigger --num-train leaves dev and test as they were
+        rng = random.Random(f"{args.seed}-{split}")
         for i, text in enumerate(sentences[split]):
-            voice = rng.choice(voices_of[split])
+            group = rng.choices([g for g, _ in voices_of[split]], [w for _, w in voices_of[split]])[0]
+            voice = rng.choice(group)
             speed = rng.uniform(*args.speed_range)
             pitch = rng.randint(*args.pitch_range)
             snr_db = rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
@@ -334,7 +350,10 @@ def main(argv=None):
 
     def run(job):
         split, utt, voice, text, speed, pitch, snr_db = job
-        path = out / "wav" / f"{utt}.wav"
+        # the synthesis parameters are part of the name: a wav from another seed or other
+        # options is never mistaken for this one when a run resumes
+        params = zlib.crc32(repr((voice, text, speed, pitch, snr_db)).encode())
+        path = out / "wav" / f"{utt}-{params:08x}.wav"
         if path.exists():
             try:
                 return split, utt, voice, text, path, sf.info(str(path)).duration, False

@@ -74,6 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-buckets", type=int, default=10)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     g.add_argument("--no-spec-augment", action="store_true")
+    g.add_argument("--speed-perturb", type=float, nargs="+", default=[],
+                   help="speed factors drawn per training utterance, e.g. 0.9 1.0 1.1 "
+                        "(Kaldi's speed perturbation; default: none)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--exp-dir", type=Path, default=Path("exp/hkd"))
     g.add_argument("--num-epochs", type=int, default=30)
@@ -270,11 +273,14 @@ def ensure_data(args, is_main: bool):
         dist.barrier()
 
 
-def load_split(args, split: str, vocab, tokenizer, spec_augment, need_teacher: bool):
+def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool):
+    """One split's AsrDataset; SpecAugment and speed perturbation on the training split only."""
     utts, report = data.read_manifest(args.corpus / split)
     utts, report = data.check_audio(utts, report=report)
     states = dataset_lib.load_teacher_cache(args.teacher_dir / f"{split}.pt") if need_teacher else None
-    return dataset_lib.AsrDataset(utts, vocab, tokenizer, states, spec_augment, seed=args.seed)
+    spec_augment = features.SpecAugment() if train and not args.no_spec_augment else None
+    return dataset_lib.AsrDataset(utts, vocab, tokenizer, states, spec_augment, seed=args.seed,
+                                  speed_perturb=args.speed_perturb if train else ())
 
 
 def rank_batches(sampler: data.BucketBatchSampler, rank: int, world_size: int) -> List[List[int]]:
@@ -366,9 +372,8 @@ def run(args) -> Optional[Path]:
     tokenizer = teacher_lib.load_tokenizer(args.teacher)
     config = model_config(args, len(vocab))
     need_teacher = config.acd_weight > 0 or config.lrd_weight > 0
-    spec_augment = None if args.no_spec_augment else features.SpecAugment()
-    train_set = load_split(args, args.train_split, vocab, tokenizer, spec_augment, need_teacher)
-    valid_set = (load_split(args, args.valid_split, vocab, tokenizer, None, need_teacher)
+    train_set = load_split(args, args.train_split, vocab, tokenizer, need_teacher, train=True)
+    valid_set = (load_split(args, args.valid_split, vocab, tokenizer, need_teacher, train=False)
                  if args.valid_split else None)
     sampler = data.BucketBatchSampler([u.duration for u in train_set.utterances],
                                       args.max_batch_seconds, max_batch_size=args.max_batch_size,

@@ -168,6 +168,22 @@ def test_fbank_shape_and_cmvn():
     assert features.compute_fbank(np.zeros(100, np.float32)).shape == (0, 80)
 
 
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_speed_perturb_scales_duration_and_frequency(factor):
+    rate, seconds, tone = 16000, 2.0, 1000.0
+    t = np.arange(int(rate * seconds)) / rate
+    samples = (0.5 * np.sin(2 * np.pi * tone * t)).astype(np.float32)
+    out = features.speed_perturb(samples, factor)
+    assert out.dtype == np.float32
+    assert abs(len(out) - len(samples) / factor) <= 2          # factor times faster
+    spectrum = np.abs(np.fft.rfft(out[1000:-1000] * np.hanning(len(out) - 2000)))
+    peak_hz = np.argmax(spectrum) * rate / (len(out) - 2000)
+    assert abs(peak_hz - tone * factor) < 5                     # and factor times higher
+    np.testing.assert_array_equal(features.speed_perturb(samples, 1.0), samples)
+    with pytest.raises(ValueError, match="factor"):
+        features.speed_perturb(samples, 0.0)
+
+
 def test_specaugment_masks_and_is_reproducible():
     feats = torch.randn(300, 80) + 5.0       # no natural zeros
     config = features.SpecAugmentConfig(num_freq_masks=2, freq_mask_width=27,
@@ -311,9 +327,24 @@ def test_prepare_demo_corpus_tiny(tmp_path):
     assert info.samplerate == 16000 and info.channels == 1
     for u in splits["train"]:
         assert all(w.replace("'", "").isalpha() and w == w.lower() for w in u.text.split())
+    # --flite-share: the share of training utterances spoken by flite voices
+    if shutil.which("flite") is not None:
+        only_flite = tmp_path / "flite"
+        prepare_demo_corpus.main(["--out", str(only_flite), "--flite-share", "1"] + args[2:])
+        assert all(u.speaker.startswith("flite-") for u in data.read_kaldi_dir(only_flite / "train")[0])
+    with pytest.raises(SystemExit):
+        prepare_demo_corpus.main(["--out", str(tmp_path / "bad"), "--flite-share", "1.5"] + args[2:])
     # reproducible: the same seed gives the same corpus
     prepare_demo_corpus.main(["--out", str(tmp_path / "again")] + args[2:])
     assert (out / "train" / "text").read_text() == (tmp_path / "again" / "train" / "text").read_text()
+    # more training utterances leave dev and test as they were (voices, speeds, noise too)
+    bigger = tmp_path / "bigger"
+    prepare_demo_corpus.main(["--out", str(bigger), "--num-train", "16"] + args[4:])
+    assert len(data.read_kaldi_dir(bigger / "train")[0]) == 16
+    for split in ("dev", "test"):
+        assert (bigger / split / "text").read_text() == (out / split / "text").read_text()
+        names = lambda d: [Path(p).name for p in (d / split / "wav.scp").read_text().split()[1::2]]
+        assert names(bigger) == names(out)
 
 
 # --- dataset + collate -------------------------------------------------------------------
@@ -332,6 +363,19 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
     assert batch.teacher.shape == (2, 5, 8) and batch.teacher_lens.tolist() == [3, 5]
     assert vocab.decode(batch.tokens[1].tolist()) == "don't stop"
     assert torch.equal(items[0]["feats"], items[0]["feats"])          # seeded SpecAugment
+    # speed perturbation: one factor per item, seeded by (seed, epoch, index)
+    fast = dataset.AsrDataset(utts, vocab, TOKENIZER, states, speed_perturb=[1.25])
+    assert fast[0]["feats"].shape[0] == 1 + (round(16000 / 1.25) - 400) // 160
+    mixed = dataset.AsrDataset(utts, vocab, TOKENIZER, states, speed_perturb=[0.8, 1.0, 1.25])
+    lengths = set()
+    for epoch in range(12):
+        mixed.epoch = epoch
+        frames = mixed[0]["feats"].shape[0]
+        assert torch.equal(mixed[0]["feats"], mixed[0]["feats"])
+        lengths.add(frames)
+    assert lengths == {1 + (round(16000 / f) - 400) // 160 for f in (0.8, 1.0, 1.25)}
+    with pytest.raises(ValueError, match="speed_perturb"):
+        dataset.AsrDataset(utts, vocab, TOKENIZER, states, speed_perturb=[0.0])
     with pytest.raises(ValueError, match=r"wav\.scp:2: b: 4 cached teacher states for 4 tokens"):
         dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"], "b": states["b"][:4]})
     with pytest.raises(KeyError, match=r"wav\.scp:2: b is not in the teacher cache"):

@@ -82,8 +82,9 @@ def test_baseline_without_distillation_needs_no_teacher_terms(corpus, tmp_path):
 
 def test_kill_and_resume_is_exact(corpus, tmp_path):
     """6 steps in one go == 3 steps, stop, --resume to 6 (crossing epochs, with dropout,
-    SpecAugment and gradient accumulation)."""
-    extra = ["--accum-grad", "2", "--save-every-steps", "3", "--valid-split", "", "--average-last", "0"]
+    SpecAugment, speed perturbation and gradient accumulation)."""
+    extra = ["--accum-grad", "2", "--save-every-steps", "3", "--valid-split", "", "--average-last", "0",
+             "--speed-perturb", "0.9", "1.0", "1.1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     train_hkd.main(common(corpus, whole, "--max-steps", "6", *extra))
     train_hkd.main(common(corpus, split, "--max-steps", "3", *extra))
@@ -186,7 +187,10 @@ def test_decode_writes_hypotheses_and_scores(corpus, trained, tmp_path, method):
     times = rows[0]["start_s"]
     assert len(times) == len(rows[0]["tokens"]) and times == sorted(times)
     assert all(abs(t / 0.08 - round(t / 0.08)) < 1e-6 for t in times), "80 ms frames"
-    assert json.loads((out / "wer.json").read_text())["method"] == method
+    saved = json.loads((out / "wer.json").read_text())
+    assert saved["method"] == method
+    speaker = (corpus / "corpus" / "dev" / "utt2spk").read_text().split()[1]
+    assert saved["per_speaker"] == {speaker: {k: result[k] for k in ("cer", "wer", "chars", "utterances")}}
 
 
 def test_beam_of_one_is_greedy(corpus, trained):
