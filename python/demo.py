@@ -8,14 +8,16 @@
 Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
 (extract_teacher.py) when missing; train every system with train_hkd.py and the same
 config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
-cores/jobs threads each; decode the held-out-voice test split with beam search; write
+cores/jobs threads each; decode the held-out-voice test split and the dev split (training
+voices) with beam search; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
-                                       against the baseline, and the trivial baselines
+                                       against the baseline, dev CER, the trivial
+                                       baselines, and the test CER per held-out voice
     OUT/curves.png                     training CE and CTC per token against the step
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
-                                       decode-test/ (hypotheses, wer.json)
+                                       decode-test/, decode-dev/ (hypotheses, wer.json)
 
 A system whose experiment finished with the same command is not trained again; one that
 was interrupted resumes from its last checkpoint. When Debian's pocketsphinx-testdata is
@@ -186,7 +188,8 @@ def plot_curves(out: Path, names: List[str]):
     plt.close(fig)
 
 
-def table(results: Dict[str, dict], trivial: dict, librivox: Dict[str, dict], meta: dict) -> str:
+def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivox: Dict[str, dict],
+          meta: dict) -> str:
     base = results["cif"]["cer"], results["cif"]["wer"]
 
     def rel(new, old):
@@ -196,19 +199,30 @@ def table(results: Dict[str, dict], trivial: dict, librivox: Dict[str, dict], me
              f"Test: {results['cif']['utterances']} utterances of held-out voices, "
              f"{results['cif']['words']} words; beam {meta['beam']}. "
              "Relative reductions are against the CIF baseline (positive = fewer errors).", "",
-             "| system | ACD | LRD | test CER % | test WER % | rel. CER reduction | rel. WER reduction |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "| system | ACD | LRD | test CER % | test WER % | rel. CER reduction | rel. WER reduction "
+             "| dev CER % | rel. dev CER reduction |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         label, acd, lrd = SYSTEMS[name]
         lines.append(f"| {label} | {'yes' if acd else '-'} | {'yes' if lrd else '-'} | "
                      f"{100 * r['cer']:.2f} | {100 * r['wer']:.2f} | "
                      f"{'-' if name == 'cif' else rel(r['cer'], base[0])} | "
-                     f"{'-' if name == 'cif' else rel(r['wer'], base[1])} |")
+                     f"{'-' if name == 'cif' else rel(r['wer'], base[1])} | {100 * dev[name]['cer']:.2f} | "
+                     f"{'-' if name == 'cif' else rel(dev[name]['cer'], dev['cif']['cer'])} |")
     lines.append(f"| trivial: best constant sentence | - | - | {100 * trivial['cer']:.2f} | "
-                 f"{100 * trivial['wer']:.2f} | | |")
-    lines.append("| trivial: empty output | - | - | 100.00 | 100.00 | | |")
+                 f"{100 * trivial['wer']:.2f} | | | | |")
+    lines.append("| trivial: empty output | - | - | 100.00 | 100.00 | | | 100.00 | |")
     lines += ["", f"The constant sentence (the training transcript closest to dev): "
-              f"\"{trivial['hypothesis']}\"."]
+              f"\"{trivial['hypothesis']}\". Dev: {dev['cif']['utterances']} utterances of "
+              "training voices, clauses not in training."]
+    speakers = sorted(results["cif"].get("per_speaker", {}))
+    if speakers:
+        lines += ["", "Test CER % per held-out voice:", "",
+                  "| voice | utterances | " + " | ".join(SYSTEMS[n][0] for n in results) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in results) + " |"]
+        for spk in speakers:
+            lines.append(f"| {spk} | {results['cif']['per_speaker'][spk]['utterances']} | " + " | ".join(
+                f"{100 * r['per_speaker'][spk]['cer']:.2f}" for r in results.values()) + " |")
     if librivox:
         lines += ["", "Real speech (5 LibriVox recordings of Debian's pocketsphinx-testdata, "
                   "out of domain: the models heard synthetic voices only):", ""]
@@ -253,12 +267,14 @@ def main(argv=None):
 
     # 3. decoding and scoring
     librivox = librivox_manifest(args.out)
-    results, real = {}, {}
+    results, dev, real = {}, {}, {}
     for name in names:
         ckpt = args.out / name / "averaged.pt"
         results[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(corpus / "test"),
                                          "--out", str(args.out / name / "decode-test"),
                                          "--beam", str(args.beam)])
+        dev[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(corpus / "dev"),
+                                     "--out", str(args.out / name / "decode-dev"), "--beam", str(args.beam)])
         if librivox is not None:
             real[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(librivox),
                                           "--out", str(args.out / name / "decode-librivox"),
@@ -275,10 +291,11 @@ def main(argv=None):
     meta = {"seed": train_args["seed"], "max_steps": train_args["max_steps"], "beam": args.beam,
             "train_seconds": seconds, "jobs": jobs, "threads": threads,
             "total_seconds": time.perf_counter() - start}
-    text = table(results, trivial, real, meta)
+    text = table(results, dev, trivial, real, meta)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
-        {"systems": results, "trivial_constant": trivial, "librivox": real, **meta}, indent=1) + "\n")
+        {"systems": results, "dev": dev, "trivial_constant": trivial, "librivox": real, **meta},
+        indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")
     return 0

@@ -305,12 +305,16 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
         assert (out / name / "checkpoint-2.pt").exists()
         wer = json.loads((out / name / "decode-test" / "wer.json").read_text())
         assert wer["cer"] == results["systems"][name]["cer"]
+        dev = json.loads((out / name / "decode-dev" / "wer.json").read_text())
+        assert dev["cer"] == results["dev"][name]["cer"] and dev["split"].endswith("dev")
     hkd_log = read_log(out / "hkd")
     assert "acd" in hkd_log[-1] and "acd" not in read_log(out / "cif")[-1]
     trivial = results["trivial_constant"]
     assert 0 < trivial["cer"] and trivial["hypothesis"] in (corpus / "corpus" / "train" / "text").read_text()
     table = (out / "results.md").read_text()
     assert "| CIF |" in table and "| CIF + HKD |" in table and "best constant sentence" in table
+    test_speaker = (corpus / "corpus" / "test" / "utt2spk").read_text().split()[1]
+    assert f"| {test_speaker} | 1 | " in table                         # per held-out voice
     for png in ("curves.png", "alignment.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # a second run reuses the trained systems; a changed budget trains again
