@@ -338,13 +338,13 @@ def main(argv=None):
     jobs = []
     for split in ("train", "dev", "test"):
         # one generator per split: a bigger --num-train leaves dev and test as they were
-        rng = random.Random(f"{args.seed}-{split}")
+        split_rng = random.Random(f"{args.seed}-{split}")
         for i, text in enumerate(sentences[split]):
-            group = rng.choices([g for g, _ in voices_of[split]], [w for _, w in voices_of[split]])[0]
-            voice = rng.choice(group)
-            speed = rng.uniform(*args.speed_range)
-            pitch = rng.randint(*args.pitch_range)
-            snr_db = rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
+            group = split_rng.choices([g for g, _ in voices_of[split]], [w for _, w in voices_of[split]])[0]
+            voice = split_rng.choice(group)
+            speed = split_rng.uniform(*args.speed_range)
+            pitch = split_rng.randint(*args.pitch_range)
+            snr_db = split_rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
             utt = f"{voice.speaker_id}_{split}{i:06d}"   # speaker prefix: Kaldi's convention
             jobs.append((split, utt, voice, text, speed, pitch, snr_db))
 
