@@ -198,8 +198,10 @@ def decode(args) -> dict:
         for r in ordered:
             f.write(f"{r['id']} {r['hyp']}\n")
     with open(args.out / "hyp.jsonl", "w") as f:
-        for r, ref in zip(ordered, refs):
-            f.write(json.dumps({**r, "ref": ref}) + "\n")
+        for r, ref in zip(ordered, refs):   # per-utterance counts: for confidence intervals
+            counts = score([ref], [r["hyp"]])
+            f.write(json.dumps({**r, "ref": ref, "chars": counts["chars"],
+                                "char_errors": counts["char_errors"]}) + "\n")
     (args.out / "wer.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"decode: {args.split} ({len(utts)} utterances, {args.method}"
           f"{'' if args.method == 'greedy' else f', beam {args.beam}'}): "

@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
+
 import decode as decode_lib
 
 HERE = Path(__file__).resolve().parent
@@ -188,30 +190,75 @@ def plot_curves(out: Path, names: List[str]):
     plt.close(fig)
 
 
+def bootstrap(decode_dirs: Dict[str, Path], base: str = "cif", samples: int = 2000,
+              seed: int = 0) -> Dict[str, dict]:
+    """95% bootstrap intervals of each system's CER and of its CER gain over `base` (base
+    CER minus its CER, in points; paired: every resample scores all systems on the same
+    utterances). The resampled unit is the test clause with all its voices, since they
+    share the clause's difficulty. p_better: the share of resamples where the system
+    beats the base."""
+    rows = {name: [json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines()]
+            for name, d in decode_dirs.items()}
+    clause_of = {}
+    for r in rows[base]:
+        clause_of.setdefault(r["ref"], len(clause_of))
+    groups = {r["id"]: clause_of[r["ref"]] for r in rows[base]}
+    chars = np.zeros(len(clause_of))
+    errors = {}
+    for name, system_rows in rows.items():
+        if sorted(r["id"] for r in system_rows) != sorted(groups):
+            raise ValueError(f"demo: {decode_dirs[name]} decoded other utterances than {decode_dirs[base]}")
+        errors[name] = np.zeros(len(clause_of))
+        for r in system_rows:
+            errors[name][groups[r["id"]]] += r["char_errors"]
+            if name == base:
+                chars[groups[r["id"]]] += r["chars"]
+    picks = np.random.default_rng(seed).integers(0, len(chars), size=(samples, len(chars)))
+    total = chars[picks].sum(axis=1)
+    cer = {name: 100 * e[picks].sum(axis=1) / total for name, e in errors.items()}
+    out = {}
+    for name in rows:
+        gain = cer[base] - cer[name]
+        out[name] = {"cer_ci": np.percentile(cer[name], [2.5, 97.5]).round(2).tolist(),
+                     "gain_ci": np.percentile(gain, [2.5, 97.5]).round(2).tolist(),
+                     "p_better": float((gain > 0).mean()), "clauses": len(chars), "samples": samples}
+    return out
+
+
 def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivox: Dict[str, dict],
-          meta: dict) -> str:
+          ci: Dict[str, dict], meta: dict) -> str:
     base = results["cif"]["cer"], results["cif"]["wer"]
 
     def rel(new, old):
         return f"{100 * (old - new) / old:+.1f}%" if old > 0 else "n/a"
 
+    def interval(pair):
+        return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
     lines = [f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)", "",
-             f"Test: {results['cif']['utterances']} utterances of held-out voices, "
+             f"Test: {results['cif']['utterances']} utterances of held-out voices "
+             f"({ci['cif']['clauses']} clauses, each spoken by every held-out voice), "
              f"{results['cif']['words']} words; beam {meta['beam']}. "
-             "Relative reductions are against the CIF baseline (positive = fewer errors).", "",
-             "| system | ACD | LRD | test CER % | test WER % | rel. CER reduction | rel. WER reduction "
-             "| dev CER % | rel. dev CER reduction |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Relative reductions and gains are against the CIF baseline (positive = fewer errors). "
+             f"95% intervals: paired bootstrap over test clauses ({ci['cif']['samples']} resamples); "
+             "P(better): the share of resamples where the system beats CIF.", "",
+             "| system | ACD | LRD | test CER % | 95% CI | test WER % | rel. CER reduction "
+             "| CER gain, points (95% CI) | P(better) | rel. WER reduction | dev CER % | rel. dev CER reduction |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         label, acd, lrd = SYSTEMS[name]
+        first = name == "cif"
         lines.append(f"| {label} | {'yes' if acd else '-'} | {'yes' if lrd else '-'} | "
-                     f"{100 * r['cer']:.2f} | {100 * r['wer']:.2f} | "
-                     f"{'-' if name == 'cif' else rel(r['cer'], base[0])} | "
-                     f"{'-' if name == 'cif' else rel(r['wer'], base[1])} | {100 * dev[name]['cer']:.2f} | "
-                     f"{'-' if name == 'cif' else rel(dev[name]['cer'], dev['cif']['cer'])} |")
-    lines.append(f"| trivial: best constant sentence | - | - | {100 * trivial['cer']:.2f} | "
-                 f"{100 * trivial['wer']:.2f} | | | | |")
-    lines.append("| trivial: empty output | - | - | 100.00 | 100.00 | | | 100.00 | |")
+                     f"{100 * r['cer']:.2f} | {interval(ci[name]['cer_ci'])} | {100 * r['wer']:.2f} | "
+                     f"{'-' if first else rel(r['cer'], base[0])} | "
+                     + ("- | - | " if first else
+                        f"{100 * (base[0] - r['cer']):+.2f} {interval(ci[name]['gain_ci'])} | "
+                        f"{ci[name]['p_better']:.2f} | ")
+                     + f"{'-' if first else rel(r['wer'], base[1])} | {100 * dev[name]['cer']:.2f} | "
+                     f"{'-' if first else rel(dev[name]['cer'], dev['cif']['cer'])} |")
+    lines.append(f"| trivial: best constant sentence | - | - | {100 * trivial['cer']:.2f} | | "
+                 f"{100 * trivial['wer']:.2f} | | | | | | |")
+    lines.append("| trivial: empty output | - | - | 100.00 | | 100.00 | | | | | 100.00 | |")
     lines += ["", f"The constant sentence (the training transcript closest to dev): "
               f"\"{trivial['hypothesis']}\". Dev: {dev['cif']['utterances']} utterances of "
               "training voices, clauses not in training."]
@@ -291,10 +338,12 @@ def main(argv=None):
     meta = {"seed": train_args["seed"], "max_steps": train_args["max_steps"], "beam": args.beam,
             "train_seconds": seconds, "jobs": jobs, "threads": threads,
             "total_seconds": time.perf_counter() - start}
-    text = table(results, dev, trivial, real, meta)
+    ci = bootstrap({name: args.out / name / "decode-test" for name in names})
+    text = table(results, dev, trivial, real, ci, meta)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
-        {"systems": results, "dev": dev, "trivial_constant": trivial, "librivox": real, **meta},
+        {"systems": results, "dev": dev, "bootstrap": ci, "trivial_constant": trivial, "librivox": real,
+         **meta},
         indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")

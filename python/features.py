@@ -88,6 +88,13 @@ class SpecAugmentConfig:
     max_time_ratio: float = 0.2
     mask_value: float = 0.0
 
+    def __post_init__(self):
+        for name in ("num_freq_masks", "freq_mask_width", "num_time_masks", "time_mask_width"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SpecAugmentConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_time_ratio <= 1.0:
+            raise ValueError(f"SpecAugmentConfig: max_time_ratio must be in [0, 1], got {self.max_time_ratio}")
+
 
 class SpecAugment(torch.nn.Module):
     """Frequency and time masking of one utterance's [T, F] features (a copy is returned).

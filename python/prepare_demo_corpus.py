@@ -18,9 +18,10 @@ Pipeline:
   3. shuffle (seeded) and split by sentence into train / dev / test (no sentence in
      two splits); training sentences are spoken more than once (by other voices) when
      --num-train exceeds them;
-  4. give each utterance a voice (accent+variant), speed and pitch (seeded). Test uses
-     voices held out of training (--test-voices); dev and train use the training
-     voices (uniformly, or --flite-share of the utterances by flite's);
+  4. give each utterance a voice (accent+variant), speed and pitch (seeded). Every test
+     clause is spoken by every voice held out of training (--test-voices: 12 voices, so
+     2400 test utterances by default, enough to tell systems apart); dev and train use
+     the training voices (uniformly, or --flite-share of the utterances by flite's);
   5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
      runs at another rate) with a seeded white-noise floor --snr-range dB below the
      speech (synthesisers write exact digital silence), and write Kaldi-style dirs and
@@ -30,8 +31,8 @@ Pipeline:
      OUT/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}
      OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
-Synthesis speed is printed at the end: about 85 utterances/s with 2 jobs on the project's
-2-core machine, so the default size (6000/200/200, 2.7 h of audio) takes about 75 s.
+Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the project's
+2-core machine, so the default size (6000/200/200x12, 3.7 h of audio) takes about 70 s.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
@@ -63,9 +64,12 @@ import soundfile as sf
 
 SAMPLE_RATE = 16000
 
-# espeak-ng's English accents (voices/gmw) and a set of its voice variants (voices/!v).
-ESPEAK_ACCENTS = ["en-gb", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
+# espeak-ng's English accents, by voice file name (voices/gmw). British English is "en":
+# espeak-ng 1.51 accepts "en-gb" (its language name) too but then ignores a "+variant",
+# so "en-gb+f1" would sound exactly like "en-gb+m1".
+ESPEAK_ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
                   "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
+# A set of its voice variants (voices/!v).
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4", "klatt"]
 # flite voices at 16 kHz ("kal" is 8 kHz and would be upsampled; left out).
 FLITE_VOICES = ["slt", "rms", "awb", "kal16"]
@@ -167,12 +171,15 @@ def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int, top_
     return [s for s in pool if min_words <= len(s.split()) <= max_words]
 
 
-def available_voices(use_flite: bool):
+def split_voices(use_flite: bool, test_patterns):
+    """(training voices, held-out test voices): the voices that match no test pattern and
+    those that match one."""
     voices = [Voice("espeak", f"{accent}+{variant}")
               for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS]
     if use_flite:
         voices += [Voice("flite", name) for name in FLITE_VOICES]
-    return voices
+    held_out = [v for v in voices if any(v.matches(p) for p in test_patterns)]
+    return [v for v in voices if v not in held_out], held_out
 
 
 def _to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -230,7 +237,8 @@ def get_parser():
                         help="training utterances (sentences repeat, with other voices, when "
                              "there are fewer training sentences)")
     parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (training voices)")
-    parser.add_argument("--num-test", type=int, default=200, help="test utterances (held-out voices)")
+    parser.add_argument("--num-test", type=int, default=200,
+                        help="test clauses, each spoken by every held-out voice (12 with flite)")
     parser.add_argument("--min-words", type=int, default=3)
     parser.add_argument("--max-words", type=int, default=12)
     parser.add_argument("--no-clauses", action="store_true",
@@ -319,9 +327,7 @@ def main(argv=None):
     sentences = {"train": [train_pool[i % len(train_pool)] for i in range(args.num_train)],
                  "dev": pool[:args.num_dev], "test": pool[args.num_dev:held]}
 
-    voices = available_voices(use_flite)
-    held_out = [v for v in voices if any(v.matches(p) for p in args.test_voices)]
-    seen = [v for v in voices if v not in held_out]
+    seen, held_out = split_voices(use_flite, args.test_voices)
     if not held_out or not seen:
         _die(f"--test-voices {args.test_voices} must hold out some but not all voices")
     if args.flite_share is not None and not 0.0 <= args.flite_share <= 1.0:
@@ -331,7 +337,7 @@ def main(argv=None):
         seen_shares = [(by_engine["flite"], args.flite_share), (by_engine["espeak"], 1.0 - args.flite_share)]
     else:
         seen_shares = [(seen, 1.0)]
-    voices_of = {"train": seen_shares, "dev": seen_shares, "test": [(held_out, 1.0)]}
+    voices_of = {"train": seen_shares, "dev": seen_shares}
 
     out = args.out.resolve()
     (out / "wav").mkdir(parents=True, exist_ok=True)
@@ -340,13 +346,17 @@ def main(argv=None):
         # one generator per split: a bigger --num-train leaves dev and test as they were
         split_rng = random.Random(f"{args.seed}-{split}")
         for i, text in enumerate(sentences[split]):
-            group = split_rng.choices([g for g, _ in voices_of[split]], [w for _, w in voices_of[split]])[0]
-            voice = split_rng.choice(group)
-            speed = split_rng.uniform(*args.speed_range)
-            pitch = split_rng.randint(*args.pitch_range)
-            snr_db = split_rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
-            utt = f"{voice.speaker_id}_{split}{i:06d}"   # speaker prefix: Kaldi's convention
-            jobs.append((split, utt, voice, text, speed, pitch, snr_db))
+            if split == "test":     # every held-out voice speaks every test clause
+                speakers = held_out
+            else:
+                group = split_rng.choices([g for g, _ in voices_of[split]], [w for _, w in voices_of[split]])[0]
+                speakers = [split_rng.choice(group)]
+            for voice in speakers:
+                speed = split_rng.uniform(*args.speed_range)
+                pitch = split_rng.randint(*args.pitch_range)
+                snr_db = split_rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
+                utt = f"{voice.speaker_id}_{split}{i:06d}"   # speaker prefix: Kaldi's convention
+                jobs.append((split, utt, voice, text, speed, pitch, snr_db))
 
     def run(job):
         split, utt, voice, text, speed, pitch, snr_db = job

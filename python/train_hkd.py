@@ -68,12 +68,21 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
     g.add_argument("--demo-num-train", type=int, default=6000, help="demo corpus size if made")
     g.add_argument("--demo-num-dev", type=int, default=200)
-    g.add_argument("--demo-num-test", type=int, default=200)
+    g.add_argument("--demo-num-test", type=int, default=200,
+                   help="demo test clauses (each spoken by every held-out voice)")
     g.add_argument("--max-batch-seconds", type=float, default=60.0, help="padded audio per batch")
     g.add_argument("--max-batch-size", type=int, default=10 ** 9)
     g.add_argument("--num-buckets", type=int, default=10)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     g.add_argument("--no-spec-augment", action="store_true")
+    sa = features.SpecAugmentConfig()
+    g.add_argument("--freq-masks", type=int, default=sa.num_freq_masks, help="SpecAugment")
+    g.add_argument("--freq-mask-width", type=int, default=sa.freq_mask_width,
+                   help="SpecAugment: widest frequency mask, mel bins")
+    g.add_argument("--time-masks", type=int, default=sa.num_time_masks, help="SpecAugment")
+    g.add_argument("--time-mask-width", type=int, default=sa.time_mask_width,
+                   help="SpecAugment: widest time mask, frames (at most --max-time-ratio x length)")
+    g.add_argument("--max-time-ratio", type=float, default=sa.max_time_ratio, help="SpecAugment")
     g.add_argument("--speed-perturb", type=float, nargs="+", default=[],
                    help="speed factors drawn per training utterance, e.g. 0.9 1.0 1.1 "
                         "(Kaldi's speed perturbation; default: none)")
@@ -278,7 +287,12 @@ def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bo
     utts, report = data.read_manifest(args.corpus / split)
     utts, report = data.check_audio(utts, report=report)
     states = dataset_lib.load_teacher_cache(args.teacher_dir / f"{split}.pt") if need_teacher else None
-    spec_augment = features.SpecAugment() if train and not args.no_spec_augment else None
+    spec_augment = None
+    if train and not args.no_spec_augment:
+        spec_augment = features.SpecAugment(features.SpecAugmentConfig(
+            num_freq_masks=args.freq_masks, freq_mask_width=args.freq_mask_width,
+            num_time_masks=args.time_masks, time_mask_width=args.time_mask_width,
+            max_time_ratio=args.max_time_ratio))
     return dataset_lib.AsrDataset(utts, vocab, tokenizer, states, spec_augment, seed=args.seed,
                                   speed_perturb=args.speed_perturb if train else ())
 

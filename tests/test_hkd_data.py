@@ -197,6 +197,13 @@ def test_specaugment_masks_and_is_reproducible():
     assert masked_bins <= 2 * 27 and masked_frames <= 2 * 50
     off = features.SpecAugment(features.SpecAugmentConfig(num_freq_masks=0, num_time_masks=0))
     assert torch.equal(off(feats), feats)
+    narrow = features.SpecAugment(features.SpecAugmentConfig(freq_mask_width=3, time_mask_width=4))
+    b = narrow(feats, generator=torch.Generator().manual_seed(1))
+    assert (b == 0).all(0).sum() <= 2 * 3 and (b == 0).all(1).sum() <= 2 * 4
+    with pytest.raises(ValueError, match="freq_mask_width"):
+        features.SpecAugmentConfig(freq_mask_width=-1)
+    with pytest.raises(ValueError, match="max_time_ratio"):
+        features.SpecAugmentConfig(max_time_ratio=1.5)
 
 
 # --- teacher alignment ------------------------------------------------------------------
@@ -305,6 +312,33 @@ def test_sentence_pool_top_words_keeps_closed_vocabulary_sentences(tmp_path):
     assert prepare_demo_corpus.build_sentence_pool(fortunes, 3, 10, top_words=9) == pool
 
 
+def test_split_voices_holds_out_the_test_voices():
+    seen, held_out = prepare_demo_corpus.split_voices(True, prepare_demo_corpus.DEFAULT_TEST_VOICES)
+    V = prepare_demo_corpus.Voice
+    assert set(held_out) == {V("espeak", f"en-029+{v}") for v in prepare_demo_corpus.ESPEAK_VARIANTS} | {
+        V("flite", "awb")}
+    assert not set(seen) & set(held_out) and len(seen) == 7 * 11 + 3
+    seen, held_out = prepare_demo_corpus.split_voices(False, ["espeak:en-us+m1", "flite:awb"])
+    assert held_out == [V("espeak", "en-us+m1")] and len(seen) == 8 * 11 - 1
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the Debian package espeak-ng")
+def test_every_espeak_voice_sounds_different(tmp_path):
+    # espeak-ng ignores "+variant" after some names (en-gb+f1 == en-gb+m1): every accent
+    # must change with its variant, and every variant must change the voice
+    def audio(name):
+        voice = prepare_demo_corpus.Voice("espeak", name)
+        path = tmp_path / f"{name}.wav"
+        prepare_demo_corpus.synthesise(voice, "the cat sat on the mat", 1.0, 50, path)
+        return sf.read(path)[0].tobytes()
+
+    for accent in prepare_demo_corpus.ESPEAK_ACCENTS:
+        assert audio(f"{accent}+m1") != audio(f"{accent}+f1"), accent
+    variants = prepare_demo_corpus.ESPEAK_VARIANTS
+    sounds = {audio(f"en-us+{v}") for v in variants}
+    assert len(sounds) == len(variants)
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
                     reason="needs the Debian packages espeak-ng and fortunes")
 def test_prepare_demo_corpus_tiny(tmp_path):
@@ -318,7 +352,12 @@ def test_prepare_demo_corpus_tiny(tmp_path):
         jsonl, _ = data.read_jsonl_manifest(out / f"{split}.jsonl")
         assert [u.id for u in jsonl] == [u.id for u in utts]
         splits[split] = utts
-    assert [len(splits[s]) for s in ("train", "dev", "test")] == [12, 3, 4]
+    _, held_out = prepare_demo_corpus.split_voices(shutil.which("flite") is not None,
+                                                   prepare_demo_corpus.DEFAULT_TEST_VOICES)
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [12, 3, 4 * len(held_out)]
+    # every held-out voice speaks every test clause
+    test_pairs = {(u.speaker, u.text) for u in splits["test"]}
+    assert test_pairs == {(v.speaker_id, t) for v in held_out for t in {u.text for u in splits["test"]}}
     texts = {s: {u.text for u in utts} for s, utts in splits.items()}
     assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"]
     train_voices = {u.speaker for u in splits["train"]}

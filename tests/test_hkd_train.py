@@ -48,6 +48,18 @@ def common(corpus, exp, *extra):
             + TINY_MODEL + list(extra))
 
 
+def test_specaugment_options_reach_the_training_split(corpus, tmp_path):
+    args = train_hkd.parse_args(common(corpus, tmp_path, "--freq-mask-width", "5", "--time-masks", "1"))
+    vocab = train_hkd.teacher_lib.TokenVocab.load(corpus / "teacher" / "tokens.txt")
+    tokenizer = train_hkd.teacher_lib.load_tokenizer(None)
+    train = train_hkd.load_split(args, "train", vocab, tokenizer, need_teacher=False, train=True)
+    config = train.spec_augment.config
+    assert (config.freq_mask_width, config.num_time_masks, config.num_freq_masks) == (5, 1, 2)
+    assert train_hkd.load_split(args, "dev", vocab, tokenizer, False, train=False).spec_augment is None
+    args.no_spec_augment = True
+    assert train_hkd.load_split(args, "train", vocab, tokenizer, False, train=True).spec_augment is None
+
+
 def read_log(exp):
     return [json.loads(line) for line in (exp / "train_log.jsonl").read_text().splitlines()]
 
@@ -184,6 +196,7 @@ def test_decode_writes_hypotheses_and_scores(corpus, trained, tmp_path, method):
     lines = (out / "hyp.txt").read_text().splitlines()
     rows = [json.loads(line) for line in (out / "hyp.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows) == 1 and lines[0].split()[0] == rows[0]["id"]
+    assert (rows[0]["chars"], rows[0]["char_errors"]) == (result["chars"], result["char_errors"])
     times = rows[0]["start_s"]
     assert len(times) == len(rows[0]["tokens"]) and times == sorted(times)
     assert all(abs(t / 0.08 - round(t / 0.08)) < 1e-6 for t in times), "80 ms frames"
@@ -317,6 +330,9 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert f"| {test_speaker} | 1 | " in table                         # per held-out voice
     for png in ("curves.png", "alignment.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert results["bootstrap"]["cif"]["gain_ci"] == [0.0, 0.0]
+    low, high = results["bootstrap"]["hkd"]["cer_ci"]
+    assert low <= 100 * results["systems"]["hkd"]["cer"] <= high
     # a second run reuses the trained systems; a changed budget trains again
     capsys.readouterr()
     assert demo.main(argv) == 0
@@ -327,3 +343,31 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["systems"]) == {"cif", "acd", "lrd", "hkd"} and results["max_steps"] == 3
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
+
+
+def test_bootstrap_intervals_resample_clauses(tmp_path):
+    # 20 clauses, each spoken by 2 voices, 10 characters each; "good" makes 1 error per
+    # utterance, "bad" 3, "mixed" as many as "good" on half the clauses and 5 on the rest
+    def write(name, errors_of):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "hyp.jsonl", "w") as f:
+            for c in range(20):
+                for v in range(2):
+                    f.write(json.dumps({"id": f"v{v}_{c}", "ref": f"clause {c}", "chars": 10,
+                                        "char_errors": errors_of(c)}) + "\n")
+        return d
+
+    dirs = {"cif": write("cif", lambda c: 3), "good": write("good", lambda c: 1),
+            "mixed": write("mixed", lambda c: 1 if c % 2 else 5)}
+    ci = demo.bootstrap(dirs, samples=500)
+    assert ci["cif"]["cer_ci"] == [30.0, 30.0] and ci["cif"]["gain_ci"] == [0.0, 0.0]
+    assert ci["good"]["gain_ci"] == [20.0, 20.0] and ci["good"]["p_better"] == 1.0
+    assert ci["cif"]["clauses"] == 20
+    low, high = ci["mixed"]["gain_ci"]     # 0 on average, either sign in a resample
+    assert low < 0 < high and 0.2 < ci["mixed"]["p_better"] < 0.8
+    assert 10 < ci["mixed"]["cer_ci"][0] < 30 < ci["mixed"]["cer_ci"][1] < 50
+    (dirs["good"] / "hyp.jsonl").write_text("\n".join(
+        (dirs["good"] / "hyp.jsonl").read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(ValueError, match="other utterances"):
+        demo.bootstrap(dirs)
