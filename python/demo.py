@@ -12,8 +12,10 @@ cores/jobs threads each; decode the held-out-voice test split and the dev split 
 voices) with beam search; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
-                                       against the baseline, dev CER, the trivial
-                                       baselines, and the test CER per held-out voice
+                                       against the baseline, 95% bootstrap intervals of
+                                       the test CER and of the gain over the baseline,
+                                       dev CER, the trivial baselines, and the test CER
+                                       per held-out voice
     OUT/curves.png                     training CE and CTC per token against the step
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
