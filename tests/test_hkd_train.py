@@ -332,7 +332,7 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert results["bootstrap"]["cif"]["gain_ci"] == [0.0, 0.0]
     low, high = results["bootstrap"]["hkd"]["cer_ci"]
-    assert low <= 100 * results["systems"]["hkd"]["cer"] <= high
+    assert low - 0.005 <= 100 * results["systems"]["hkd"]["cer"] <= high + 0.005   # rounded to 0.01
     # a second run reuses the trained systems; a changed budget trains again
     capsys.readouterr()
     assert demo.main(argv) == 0
