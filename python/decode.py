@@ -11,7 +11,8 @@ sum of their log-probabilities; batches of utterances are decoded together.
 
 Writes OUT/hyp.txt (``<utt> <hypothesis>``), OUT/hyp.jsonl (id, ref, hyp, tokens, token
 start times in seconds: the token's CIF fire frame x the encoder frame period, 80 ms with
-8x subsampling, and the utterance's chars and char_errors) and OUT/wer.json (WER, CER over characters without spaces; see score()).
+8x subsampling, and the utterance's chars and char_errors) and OUT/wer.json (WER, CER
+over characters without spaces; see score()).
 """
 import argparse
 import json

@@ -337,7 +337,6 @@ def main(argv=None):
         seen_shares = [(by_engine["flite"], args.flite_share), (by_engine["espeak"], 1.0 - args.flite_share)]
     else:
         seen_shares = [(seen, 1.0)]
-    voices_of = {"train": seen_shares, "dev": seen_shares}
 
     out = args.out.resolve()
     (out / "wav").mkdir(parents=True, exist_ok=True)
@@ -349,7 +348,7 @@ def main(argv=None):
             if split == "test":     # every held-out voice speaks every test clause
                 speakers = held_out
             else:
-                group = split_rng.choices([g for g, _ in voices_of[split]], [w for _, w in voices_of[split]])[0]
+                group = split_rng.choices([g for g, _ in seen_shares], [w for _, w in seen_shares])[0]
                 speakers = [split_rng.choice(group)]
             for voice in speakers:
                 speed = split_rng.uniform(*args.speed_range)

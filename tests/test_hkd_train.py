@@ -347,7 +347,7 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
 
 def test_bootstrap_intervals_resample_clauses(tmp_path):
     # 20 clauses, each spoken by 2 voices, 10 characters each; "good" makes 1 error per
-    # utterance, "bad" 3, "mixed" as many as "good" on half the clauses and 5 on the rest
+    # utterance, "cif" 3, "mixed" as many as "good" on half the clauses and 5 on the rest
     def write(name, errors_of):
         d = tmp_path / name
         d.mkdir()
