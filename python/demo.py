@@ -244,13 +244,14 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
              "Relative reductions and gains are against the CIF baseline (positive = fewer errors). "
              f"95% intervals: paired bootstrap over test clauses ({ci['cif']['samples']} resamples); "
              "P(better): the share of resamples where the system beats CIF.", "",
-             "| system | ACD | LRD | test CER % | 95% CI | test WER % | rel. CER reduction "
+             "| system | ACD weight | LRD weight | test CER % | 95% CI | test WER % | rel. CER reduction "
              "| CER gain, points (95% CI) | P(better) | rel. WER reduction | dev CER % | rel. dev CER reduction |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
-        label, acd, lrd = SYSTEMS[name]
+        label = SYSTEMS[name][0]
         first = name == "cif"
-        lines.append(f"| {label} | {'yes' if acd else '-'} | {'yes' if lrd else '-'} | "
+        acd, lrd = (f"{w:g}" if w else "-" for w in meta["weights"][name])
+        lines.append(f"| {label} | {acd} | {lrd} | "
                      f"{100 * r['cer']:.2f} | {interval(ci[name]['cer_ci'])} | {100 * r['wer']:.2f} | "
                      f"{'-' if first else rel(r['cer'], base[0])} | "
                      + ("- | - | " if first else
@@ -336,8 +337,10 @@ def main(argv=None):
     plot_alignment.main(["--checkpoint", str(args.out / names[-1] / "averaged.pt"),
                          "--split", str(corpus / "test"), "--out", str(args.out / "alignment.png"),
                          "--beam", str(args.beam)])
-    train_args = json.loads((args.out / names[0] / "args.json").read_text())
-    meta = {"seed": train_args["seed"], "max_steps": train_args["max_steps"], "beam": args.beam,
+    trained = {name: json.loads((args.out / name / "args.json").read_text()) for name in names}
+    first = trained[names[0]]
+    meta = {"seed": first["seed"], "max_steps": first["max_steps"], "beam": args.beam,
+            "weights": {name: (a["acd_weight"], a["lrd_weight"]) for name, a in trained.items()},
             "train_seconds": seconds, "jobs": jobs, "threads": threads,
             "total_seconds": time.perf_counter() - start}
     ci = bootstrap({name: args.out / name / "decode-test" for name in names})

@@ -32,7 +32,7 @@ Pipeline:
      OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
 Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the project's
-2-core machine, so the default size (6000/200/200x12, 3.7 h of audio) takes about 70 s.
+2-core machine, so the default size (12000/200/200x12, 6.2 h of audio) takes about 2 min.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
@@ -233,7 +233,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--num-train", type=int, default=6000,
+    parser.add_argument("--num-train", type=int, default=12000,
                         help="training utterances (sentences repeat, with other voices, when "
                              "there are fewer training sentences)")
     parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (training voices)")

@@ -66,7 +66,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
                    help="extract_teacher.py output: tokens.txt, <split>.pt (made if missing)")
     g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
-    g.add_argument("--demo-num-train", type=int, default=6000, help="demo corpus size if made")
+    g.add_argument("--demo-num-train", type=int, default=12000, help="demo corpus size if made")
     g.add_argument("--demo-num-dev", type=int, default=200)
     g.add_argument("--demo-num-test", type=int, default=200,
                    help="demo test clauses (each spoken by every held-out voice)")

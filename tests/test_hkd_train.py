@@ -325,7 +325,8 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     trivial = results["trivial_constant"]
     assert 0 < trivial["cer"] and trivial["hypothesis"] in (corpus / "corpus" / "train" / "text").read_text()
     table = (out / "results.md").read_text()
-    assert "| CIF |" in table and "| CIF + HKD |" in table and "best constant sentence" in table
+    assert "| CIF | - | - |" in table and "| CIF + HKD | 1 | 0.01 |" in table    # the weights trained with
+    assert "best constant sentence" in table
     test_speaker = (corpus / "corpus" / "test" / "utt2spk").read_text().split()[1]
     assert f"| {test_speaker} | 1 | " in table                         # per held-out voice
     for png in ("curves.png", "alignment.png"):
@@ -342,6 +343,8 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert demo.main(argv + ["--ablations"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["systems"]) == {"cif", "acd", "lrd", "hkd"} and results["max_steps"] == 3
+    table = (out / "results.md").read_text()
+    assert "| CIF + ACD | 1 | - |" in table and "| CIF + LRD | - | 0.01 |" in table
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
 
 
