@@ -4,10 +4,14 @@
     python python/decode.py --checkpoint exp/hkd/averaged.pt --split data/demo/test \
         --out exp/hkd/decode-test --method beam --beam 10
 
-CIF fires the number of output tokens: the decoder takes exactly one step per CIF token
-(tail threshold model_config.tail_threshold), and the hypothesis ends at the first [SEP].
-Beam search keeps --beam prefixes per utterance, all of the same length, scored by the
-sum of their log-probabilities; batches of utterances are decoded together.
+CIF fires the number of output tokens n (tail threshold model_config.tail_threshold).
+The token count is where CIF goes wrong most often on unseen speakers, so decoding also
+tries the counts n - R .. n + R (--count-search R, default 2): for each count the alphas
+are scaled to sum to it, as in training, and a beam search forced to that length runs
+(count - 1 ordinary tokens, then [SEP]); the hypothesis with the best mean log-probability
+per step wins. Beams (--beam, 10 by default) are scored by the sum of their
+log-probabilities; batches of utterances and all their candidate counts are decoded
+together, with the decoder's key/value cache. --method greedy is a beam of one.
 
 Writes OUT/hyp.txt (``<utt> <hypothesis>``), OUT/hyp.jsonl (id, ref, hyp, tokens, token
 start times in seconds: the token's CIF fire frame x the encoder frame period, 80 ms with
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import cifops
@@ -31,6 +36,7 @@ import model as model_lib
 import teacher as teacher_lib
 
 FBANK_SHIFT_S = 0.010
+COUNT_SEARCH = 2
 
 
 def get_parser():
@@ -42,8 +48,13 @@ def get_parser():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vocab", type=Path, default=None, help="tokens.txt (default: the checkpoint's)")
     parser.add_argument("--teacher", default=None, help="tokenizer folder (default MiniLM)")
-    parser.add_argument("--method", choices=["greedy", "beam"], default="beam")
+    parser.add_argument("--method", choices=["greedy", "beam"], default="beam",
+                        help="greedy: a beam of one")
     parser.add_argument("--beam", type=int, default=10)
+    parser.add_argument("--count-search", type=int, default=COUNT_SEARCH,
+                        help="also try this many token counts either side of the one CIF fires "
+                             "and keep the hypothesis with the best mean log-probability per "
+                             "token (0: CIF's count only)")
     parser.add_argument("--max-batch-seconds", type=float, default=120.0)
     parser.add_argument("--device", default="cpu")
     return parser
@@ -64,78 +75,107 @@ def frame_period_s(config: model_lib.ModelConfig) -> float:
     return FBANK_SHIFT_S * 2 * 2 ** len(config.pool_after)
 
 
-def cif_tokens(model, feats: Tensor, feat_lens: Tensor):
-    """-> (cif [B, N, D], token_lengths [B], fire_frames [B, N]) with the tail threshold."""
+def token_count_candidates(model, feats: Tensor, feat_lens: Tensor, count_search: int
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """CIF with 2 * count_search + 1 token counts per utterance: n - count_search .. n +
+    count_search (at least 1), n being the count CIF fires with the tail threshold. Each
+    candidate scales the alphas to its count, as training does with the reference count.
+
+    -> (cif [C*B, N, D], counts [C*B], fire_frames [C*B, N]), candidate-major: row
+    c * B + b is utterance b with count n_b + c - count_search. An utterance whose weights
+    sum to zero (no frames) gets count 0."""
     c = model.config
     enc, enc_lens, alphas = model.encode(feats, feat_lens)
-    out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, tail_threshold=c.tail_threshold)
-    return out.embeds, out.token_lengths, out.fire_frames
-
-
-def _decoder_step(model, prefix: Tensor, cif: Tensor, lens: Tensor) -> Tensor:
-    """Log-probabilities [R, V] of the token after prefix [R, i+1] (starting with [SEP])
-    given cif [R, >= i+1, D]; rows past their token count are masked harmlessly."""
-    i = prefix.shape[1] - 1
-    mask = model_lib.lengths_to_mask(torch.clamp(lens, max=i + 1), i + 1)
-    mask = mask | ~mask.any(1, keepdim=True)           # a row with no tokens still needs one key
-    logits, _ = model.decoder(prefix, cif[:, :i + 1], mask)
-    return torch.log_softmax(logits[:, i].float(), dim=-1)
-
-
-def _strip(row: List[int], length: int) -> Tuple[List[int], int]:
-    """Cut a step sequence at its token count and its first [SEP]; -> (tokens, count)."""
-    row = row[:length]
-    if model_lib.EOS_ID in row:
-        row = row[:row.index(model_lib.EOS_ID)]
-    return row, len(row)
+    fired = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, tail_threshold=c.tail_threshold)
+    nonzero = fired.alpha_sum > 0
+    outs = []
+    for delta in range(-count_search, count_search + 1):
+        counts = torch.where(nonzero, torch.clamp(fired.token_lengths + delta, min=1),
+                             torch.zeros_like(fired.token_lengths))
+        outs.append(cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, target_lengths=counts))
+    n = max(o.embeds.shape[1] for o in outs)
+    cif = torch.cat([F.pad(o.embeds, (0, 0, 0, n - o.embeds.shape[1])) for o in outs])
+    fire = torch.cat([F.pad(o.fire_frames, (0, n - o.fire_frames.shape[1]), value=-1) for o in outs])
+    return cif, torch.cat([o.token_lengths for o in outs]), fire
 
 
 @torch.no_grad()
-def greedy_search(model, feats: Tensor, feat_lens: Tensor) -> List[Tuple[List[int], List[int]]]:
-    """-> per utterance (ASR ids without [SEP], fire frame of each)."""
-    cif, lens, fire = cif_tokens(model, feats, feat_lens)
-    b, n, _ = cif.shape
-    prefix = torch.full((b, n + 1), model_lib.EOS_ID, dtype=torch.long, device=cif.device)
-    for i in range(n):
-        prefix[:, i + 1] = _decoder_step(model, prefix[:, :i + 1], cif, lens).argmax(-1)
-    results = []
-    for row, length, frames in zip(prefix[:, 1:].tolist(), lens.tolist(), fire.tolist()):
-        tokens, k = _strip(row, length)
-        results.append((tokens, frames[:k]))
-    return results
+def forced_beam_search(model, cif: Tensor, counts: Tensor, beam: int) -> Tuple[List[List[int]], Tensor]:
+    """Beam search over R rows of CIF tokens, each row's hypothesis exactly counts[r]
+    steps long: counts[r] - 1 tokens (neither blank nor [SEP]), then [SEP]. Uses the
+    decoder's key/value cache (CifDecoder.step); rows are processed longest first, so a
+    step computes only the rows that still have tokens.
 
-
-@torch.no_grad()
-def beam_search(model, feats: Tensor, feat_lens: Tensor, beam: int = 10
-                ) -> List[Tuple[List[int], List[int]]]:
-    """Batched beam search over B utterances x beam prefixes, one step per CIF token.
-    Utterances with fewer tokens keep their beams unchanged once done.
-    -> per utterance (best hypothesis' ASR ids without [SEP], fire frame of each)."""
-    cif, lens, fire = cif_tokens(model, feats, feat_lens)
-    b, n, d = cif.shape
-    k = beam
-    cif_k = cif.repeat_interleave(k, dim=0)                      # [B*K, N, D]
-    lens_k = lens.repeat_interleave(k)
-    prefix = torch.full((b, k, n + 1), model_lib.EOS_ID, dtype=torch.long, device=cif.device)
-    scores = torch.full((b, k), float("-inf"), device=cif.device)
+    -> (per row the best hypothesis' ASR ids without [SEP], its log-probability [R]
+    including the final [SEP]; 0 for a row of count 0)."""
+    rows, n, d = cif.shape
+    k, device = beam, cif.device
+    order = torch.argsort(counts, descending=True, stable=True)
+    cif, counts = cif[order], counts[order]
+    cif_k = cif.repeat_interleave(k, dim=0)                      # [R*K, N, D]
+    tokens = torch.zeros(rows, k, n, dtype=torch.long, device=device)
+    scores = torch.full((rows, k), float("-inf"), device=device)
     scores[:, 0] = 0.0                                           # one live prefix at first
-    for i in range(n):
-        logp = _decoder_step(model, prefix[:, :, :i + 1].reshape(b * k, i + 1), cif_k, lens_k)
+    prev = torch.full((rows * k,), model_lib.EOS_ID, dtype=torch.long, device=device)
+    special = torch.tensor([model_lib.BLANK_ID, model_lib.EOS_ID], device=device)
+    cache = None
+    for i in range(int(counts[0]) if rows else 0):
+        m = int((counts > i).sum())                              # rows [0, m) still decode
+        mk = m * k
+        cif_prev = cif_k[:mk, i - 1] if i else cif.new_zeros(mk, d)
+        cache = None if cache is None else [(keys[:mk], values[:mk]) for keys, values in cache]
+        logits, cache = model.decoder.step(prev[:mk], cif_prev, cif_k[:mk, i], i, cache)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         v = logp.shape[-1]
-        candidates = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
-        top_scores, top = candidates.topk(k, dim=-1)
+        final = torch.full_like(logp, float("-inf"))
+        final[:, model_lib.EOS_ID] = logp[:, model_lib.EOS_ID]
+        is_last = (counts[:m] == i + 1).repeat_interleave(k)[:, None]
+        logp = torch.where(is_last, final, logp.index_fill(1, special, float("-inf")))
+        candidates = (scores[:m, :, None] + logp.view(m, k, v)).view(m, k * v)
+        scores[:m], top = candidates.topk(k, dim=-1)
         origin, token = top // v, top % v
-        active = (i < lens)[:, None]                             # [B, 1]
-        new_prefix = torch.gather(prefix, 1, origin[:, :, None].expand(-1, -1, n + 1)).clone()
-        new_prefix[:, :, i + 1] = token
-        prefix = torch.where(active[:, :, None], new_prefix, prefix)
-        scores = torch.where(active, top_scores, scores)
+        tokens[:m] = torch.gather(tokens[:m], 1, origin[:, :, None].expand(-1, -1, n))
+        tokens[:m, :, i] = token
+        flat = (torch.arange(m, device=device)[:, None] * k + origin).view(-1)
+        cache = [(keys[flat], values[flat]) for keys, values in cache]
+        prev = token.view(-1)
     best = scores.argmax(-1)
+    best_scores = torch.where(counts > 0, scores[torch.arange(rows, device=device), best], 0.0)
+    hyps: List[List[int]] = [[] for _ in range(rows)]
+    for sorted_row, row in enumerate(order.tolist()):
+        hyps[row] = tokens[sorted_row, best[sorted_row], :max(int(counts[sorted_row]) - 1, 0)].tolist()
+    out_scores = torch.empty_like(best_scores)
+    out_scores[order] = best_scores
+    return hyps, out_scores
+
+
+@torch.no_grad()
+def beam_search(model, feats: Tensor, feat_lens: Tensor, beam: int = 10,
+                count_search: int = COUNT_SEARCH) -> List[Tuple[List[int], List[int]]]:
+    """Decode B utterances: forced_beam_search for every candidate token count of
+    token_count_candidates, then per utterance the candidate with the highest mean
+    log-probability per step (the final [SEP] included).
+
+    -> per utterance (ASR ids without [SEP], fire frame of each)."""
+    if beam < 1:
+        raise ValueError(f"beam_search: beam must be >= 1, got {beam}")
+    if count_search < 0:
+        raise ValueError(f"beam_search: count_search must be >= 0, got {count_search}")
+    b = feats.shape[0]
+    cif, counts, fire = token_count_candidates(model, feats, feat_lens, count_search)
+    hyps, logp = forced_beam_search(model, cif, counts, beam)
+    mean = (logp / counts.clamp(min=1)).view(2 * count_search + 1, b)
     results = []
-    for u in range(b):
-        tokens, count = _strip(prefix[u, best[u], 1:].tolist(), int(lens[u]))
-        results.append((tokens, fire[u, :count].tolist()))
+    for u, c in enumerate(mean.argmax(0).tolist()):
+        row = c * b + u
+        results.append((hyps[row], fire[row, :len(hyps[row])].tolist()))
     return results
+
+
+def greedy_search(model, feats: Tensor, feat_lens: Tensor, count_search: int = COUNT_SEARCH
+                  ) -> List[Tuple[List[int], List[int]]]:
+    """beam_search with a beam of one."""
+    return beam_search(model, feats, feat_lens, 1, count_search)
 
 
 def score(refs: List[str], hyps: List[str]) -> dict:
@@ -152,6 +192,10 @@ def score(refs: List[str], hyps: List[str]) -> dict:
 
 
 def decode(args) -> dict:
+    if args.beam < 1:
+        raise ValueError(f"decode: --beam must be >= 1, got {args.beam}")
+    if args.count_search < 0:
+        raise ValueError(f"decode: --count-search must be >= 0, got {args.count_search}")
     device = torch.device(args.device)
     model, state = load_model(args.checkpoint, device)
     vocab = teacher_lib.TokenVocab.load(args.vocab or state["vocab"])
@@ -167,9 +211,9 @@ def decode(args) -> dict:
         batch = dataset_lib.collate([items[i] for i in indices])
         feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
         if args.method == "greedy":
-            results = greedy_search(model, feats, feat_lens)
+            results = greedy_search(model, feats, feat_lens, args.count_search)
         else:
-            results = beam_search(model, feats, feat_lens, args.beam)
+            results = beam_search(model, feats, feat_lens, args.beam, args.count_search)
         for i, (tokens, frames) in zip(indices, results):
             utt = utts[i]
             audio_s += utt.duration
@@ -193,6 +237,7 @@ def decode(args) -> dict:
                                        if k in ("cer", "wer", "chars", "utterances")}
                                  for spk in sorted(by_speaker)}
     result.update({"method": args.method, "beam": args.beam if args.method == "beam" else 1,
+                   "count_search": args.count_search,
                    "checkpoint": str(args.checkpoint), "split": str(args.split),
                    "real_time_factor": elapsed / max(audio_s, 1e-9)})
     with open(args.out / "hyp.txt", "w") as f:

@@ -9,7 +9,7 @@ Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
 (extract_teacher.py) when missing; train every system with train_hkd.py and the same
 config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
 cores/jobs threads each; decode the held-out-voice test split and the dev split (training
-voices) with beam search; write
+voices) with decode.py's beam search, the same way, jobs systems at a time; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
                                        against the baseline, 95% bootstrap intervals of
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+import torch
 
 import decode as decode_lib
 
@@ -240,7 +241,8 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
     lines = [f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)", "",
              f"Test: {results['cif']['utterances']} utterances of held-out voices "
              f"({ci['cif']['clauses']} clauses, each spoken by every held-out voice), "
-             f"{results['cif']['words']} words; beam {meta['beam']}. "
+             f"{results['cif']['words']} words; beam {meta['beam']}, token counts CIF's "
+             f"+-{results['cif']['count_search']} (decode.py --count-search). "
              "Relative reductions and gains are against the CIF baseline (positive = fewer errors). "
              f"95% intervals: paired bootstrap over test clauses ({ci['cif']['samples']} resamples); "
              "P(better): the share of resamples where the system beats CIF.", "",
@@ -315,20 +317,24 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         seconds = dict(zip(names, pool.map(lambda n: train(args, n, threads), names)))
 
-    # 3. decoding and scoring
+    # 3. decoding and scoring, jobs systems at a time as in training
     librivox = librivox_manifest(args.out)
-    results, dev, real = {}, {}, {}
-    for name in names:
-        ckpt = args.out / name / "averaged.pt"
-        results[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(corpus / "test"),
-                                         "--out", str(args.out / name / "decode-test"),
-                                         "--beam", str(args.beam)])
-        dev[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(corpus / "dev"),
-                                     "--out", str(args.out / name / "decode-dev"), "--beam", str(args.beam)])
-        if librivox is not None:
-            real[name] = decode_lib.main(["--checkpoint", str(ckpt), "--split", str(librivox),
-                                          "--out", str(args.out / name / "decode-librivox"),
-                                          "--beam", str(args.beam)])
+    splits = {"test": corpus / "test", "dev": corpus / "dev"}
+    if librivox is not None:
+        splits["librivox"] = librivox
+
+    def decode_system(name: str) -> Dict[str, dict]:
+        return {split: decode_lib.main(["--checkpoint", str(args.out / name / "averaged.pt"),
+                                        "--split", str(path), "--out", str(args.out / name / f"decode-{split}"),
+                                        "--beam", str(args.beam)])
+                for split, path in splits.items()}
+
+    torch.set_num_threads(threads)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        decoded = dict(zip(names, pool.map(decode_system, names)))
+    results = {name: d["test"] for name, d in decoded.items()}
+    dev = {name: d["dev"] for name, d in decoded.items()}
+    real = {name: d["librivox"] for name, d in decoded.items() if "librivox" in d}
     trivial = constant_baseline(corpus)
 
     # 4. pictures and the table

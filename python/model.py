@@ -307,6 +307,39 @@ class CifDecoder(nn.Module):
         h = self.output_proj(torch.cat([self.norm(x), cif], dim=-1))
         return self.vocab_proj(h), h
 
+    def step(self, prev_token: Tensor, cif_prev: Tensor, cif_cur: Tensor, position: int,
+             cache: Optional[List[Tuple[Tensor, Tensor]]] = None
+             ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+        """One decoding step with cached keys and values (inference only: no dropout).
+
+        prev_token [R] (y_{i-1}, [SEP] at i = 0), cif_prev [R, D] (c_{i-1}, zeros at
+        i = 0), cif_cur [R, D] (c_i), position i; cache: what the previous step returned
+        (None at i = 0), per layer (keys, values) [R, H, i, D/H]. Returns (logits [R, V]
+        of token i, the cache extended by position i). The logits equal
+        forward(...)[0][:, i] for the same inputs (tested); a step costs O(i), not the
+        O(i^2) of running forward on the whole prefix. Reorder beams with
+        ``[(k[idx], v[idx]) for k, v in cache]``."""
+        if self.training:
+            raise RuntimeError("CifDecoder.step is for inference: call model.eval() first")
+        d = cif_cur.shape[-1]
+        x = self.input_proj(torch.cat([self.embed(prev_token), cif_prev], dim=-1))
+        x = x + sinusoids(torch.tensor([position], device=x.device), d).to(x.dtype)
+        new_cache = []
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            heads = attn.num_heads
+            q, k, v = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.view(-1, heads, 1, d // heads) for t in (q, k, v))
+            if cache is not None:
+                k = torch.cat([cache[index][0], k], dim=2)
+                v = torch.cat([cache[index][1], v], dim=2)
+            new_cache.append((k, v))
+            a = F.scaled_dot_product_attention(q, k, v)          # every cached key is a past position
+            x = x + attn.out_proj(a.reshape(-1, d))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        h = self.output_proj(torch.cat([self.norm(x), cif_cur], dim=-1))
+        return self.vocab_proj(h), new_cache
+
 
 # --- the model -----------------------------------------------------------------------------
 
@@ -431,28 +464,6 @@ class CifHkdModel(nn.Module):
         if teacher.shape[1] < n:
             teacher = F.pad(teacher, (0, 0, 0, n - teacher.shape[1]))
         return teacher[token_mask]
-
-    @torch.no_grad()
-    def greedy_search(self, feats: Tensor, feat_lens: Tensor, max_tokens: Optional[int] = None
-                      ) -> List[List[int]]:
-        """Greedy decoding: CIF with the tail threshold, one decoder step per CIF token,
-        stopping at [SEP]. Returns ASR id lists (no [SEP])."""
-        c = self.config
-        enc, enc_lens, alphas = self.encode(feats, feat_lens)
-        out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
-                         tail_threshold=c.tail_threshold, max_tokens=max_tokens)
-        cif, lens = out.embeds, out.token_lengths
-        b, n, _ = cif.shape
-        tokens = torch.full((b, n + 1), EOS_ID, dtype=torch.long, device=cif.device)
-        for i in range(n):
-            mask = lengths_to_mask(torch.clamp(lens, max=i + 1), i + 1)
-            logits, _ = self.decoder(tokens[:, :i + 1], cif[:, :i + 1], mask | (~mask.any(1, keepdim=True)))
-            tokens[:, i + 1] = logits[:, i].argmax(-1)
-        hyps = []
-        for row, length in zip(tokens[:, 1:].tolist(), lens.tolist()):
-            row = row[:length]
-            hyps.append(row[:row.index(EOS_ID)] if EOS_ID in row else row)
-        return hyps
 
 
 def count_parameters(model: nn.Module) -> int:

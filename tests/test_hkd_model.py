@@ -130,13 +130,25 @@ def test_acd_is_the_fused_infonce_over_all_batch_tokens():
     assert terms["acd"] <= n * (torch.log(torch.tensor(float(n))) + 2 / 0.02)
 
 
-def test_greedy_search_returns_token_lists():
+def test_decoder_step_matches_the_full_forward():
+    """Incremental decoding with the key/value cache gives the logits of running the
+    decoder on the whole prefix, at every position."""
     torch.manual_seed(0)
-    model = M.CifHkdModel(tiny_config()).eval()
-    batch = tiny_batch()
-    hyps = model.greedy_search(batch.feats, batch.feat_lens)
-    assert len(hyps) == 3 and all(isinstance(h, list) for h in hyps)
-    assert all(M.EOS_ID not in h and all(0 <= t < VOCAB for t in h) for h in hyps)
+    decoder = M.CifHkdModel(tiny_config(decoder_layers=2)).decoder.eval()
+    b, n, d = 3, 6, 32
+    prev = torch.randint(2, VOCAB, (b, n))
+    prev[:, 0] = M.EOS_ID
+    cif = torch.randn(b, n, d)
+    with torch.no_grad():
+        full, _ = decoder(prev, cif, torch.ones(b, n, dtype=torch.bool))
+        cache = None
+        for i in range(n):
+            logits, cache = decoder.step(prev[:, i], cif[:, i - 1] if i else torch.zeros(b, d),
+                                         cif[:, i], i, cache)
+            torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
+            assert cache[0][0].shape == (b, 4, i + 1, d // 4)
+    with pytest.raises(RuntimeError, match="model.eval"):
+        decoder.train().step(prev[:, 0], torch.zeros(b, d), cif[:, 0], 0)
 
 
 def test_presets():

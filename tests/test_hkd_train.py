@@ -206,13 +206,87 @@ def test_decode_writes_hypotheses_and_scores(corpus, trained, tmp_path, method):
     assert saved["per_speaker"] == {speaker: {k: result[k] for k in ("cer", "wer", "chars", "utterances")}}
 
 
-def test_beam_of_one_is_greedy(corpus, trained):
-    model, _ = decode.load_model(trained / "averaged.pt")
+def _tiny_decoder_model(vocab_size=6):
+    import model as model_lib
     torch.manual_seed(0)
-    feats, lens = torch.randn(3, 200, 80), torch.tensor([200, 150, 90])
-    assert decode.beam_search(model, feats, lens, beam=1) == decode.greedy_search(model, feats, lens)
-    best = decode.beam_search(model, feats, lens, beam=4)
-    assert len(best) == 3
+    config = model_lib.ModelConfig(vocab_size=vocab_size, teacher_dim=8, d_model=16, num_heads=2,
+                                   ffn_dim=32, num_layers=2, pool_after=(1, 2), conv_kernel=3,
+                                   subsampling_channels=4, decoder_layers=2, decoder_heads=2,
+                                   decoder_ffn_dim=32)
+    return model_lib.CifHkdModel(config).eval()
+
+
+def _sequence_logprob(model, cif_row, sequence):
+    """log P(sequence + [SEP]) by running the decoder on the whole prefix (no cache)."""
+    import model as model_lib
+    count = len(sequence) + 1
+    prev = torch.tensor([[model_lib.EOS_ID] + list(sequence)])
+    targets = torch.tensor(list(sequence) + [model_lib.EOS_ID])
+    logits, _ = model.decoder(prev, cif_row[None, :count], torch.ones(1, count, dtype=torch.bool))
+    return float(torch.log_softmax(logits[0], -1).gather(1, targets[:, None]).sum())
+
+
+@torch.no_grad()
+def test_forced_beam_search_is_exact_with_a_full_beam():
+    """With a beam as wide as the search space, forced_beam_search returns the best
+    sequence of exactly count - 1 ordinary tokens + [SEP] (brute force), and its score is
+    that sequence's log-probability; a narrow beam returns a valid, correctly scored
+    sequence that is no better."""
+    import itertools
+    import model as model_lib
+    model = _tiny_decoder_model()
+    counts = torch.tensor([4, 1, 3, 0, 2])
+    cif = torch.randn(len(counts), 4, 16)
+    ordinary = range(2, 6)                     # neither blank (0) nor [SEP] (1)
+    exact, exact_scores = decode.forced_beam_search(model, cif, counts, beam=4 ** 3)
+    narrow, narrow_scores = decode.forced_beam_search(model, cif, counts, beam=2)
+    for r, count in enumerate(counts.tolist()):
+        if count == 0:
+            assert exact[r] == narrow[r] == [] and exact_scores[r] == narrow_scores[r] == 0
+            continue
+        scored = {seq: _sequence_logprob(model, cif[r], seq)
+                  for seq in itertools.product(ordinary, repeat=count - 1)}
+        best = max(scored, key=scored.get)
+        assert tuple(exact[r]) == best
+        assert float(exact_scores[r]) == pytest.approx(scored[best], abs=1e-4)
+        assert len(narrow[r]) == count - 1 and all(t in ordinary for t in narrow[r])
+        assert float(narrow_scores[r]) == pytest.approx(scored[tuple(narrow[r])], abs=1e-4)
+        assert float(narrow_scores[r]) <= scored[best] + 1e-4
+    assert model_lib.EOS_ID not in sum(exact, [])
+
+
+@torch.no_grad()
+def test_count_search_keeps_the_candidate_with_the_best_mean_logprob():
+    model = _tiny_decoder_model()
+    torch.manual_seed(1)
+    feats, lens = torch.randn(3, 240, 80), torch.tensor([240, 200, 120])
+    c = model.config
+    enc, enc_lens, alphas = model.encode(feats, lens)
+    fired = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
+                       tail_threshold=c.tail_threshold).token_lengths
+    cif, counts, fire = decode.token_count_candidates(model, feats, lens, count_search=1)
+    expected = torch.cat([torch.clamp(fired + delta, min=1) for delta in (-1, 0, 1)])
+    assert torch.equal(counts, expected)
+    assert torch.equal((fire >= 0).sum(1), counts)   # each candidate fires exactly its count
+    hyps, scores = decode.forced_beam_search(model, cif, counts, beam=3)
+    results = decode.beam_search(model, feats, lens, beam=3, count_search=1)
+    for u in range(3):
+        means = [float(scores[c * 3 + u]) / int(counts[c * 3 + u]) for c in range(3)]
+        row = means.index(max(means)) * 3 + u
+        assert results[u] == (hyps[row], fire[row, :len(hyps[row])].tolist())
+    # count_search 0: CIF's own count only
+    only = decode.beam_search(model, feats, lens, beam=3, count_search=0)
+    assert [len(tokens) for tokens, _ in only] == (fired - 1).clamp(min=0).tolist()
+    assert decode.greedy_search(model, feats, lens, 1) == decode.beam_search(model, feats, lens, 1, 1)
+
+
+def test_decode_rejects_bad_search_options(corpus, trained, tmp_path):
+    base = ["--checkpoint", str(trained / "averaged.pt"), "--split", str(corpus / "corpus" / "dev"),
+            "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match="--beam"):
+        decode.main(base + ["--beam", "0"])
+    with pytest.raises(ValueError, match="--count-search"):
+        decode.main(base + ["--count-search", "-1"])
 
 
 def test_score_cer_wer():
