@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,10 @@ def get_parser():
                         help="also try this many token counts either side of the one CIF fires "
                              "and keep the hypothesis with the best mean log-probability per "
                              "token (0: CIF's count only)")
+    parser.add_argument("--reference-counts", action="store_true",
+                        help="a diagnostic: centre the count search on each transcript's token "
+                             "count + [SEP] instead of CIF's (--count-search 0: decode with the "
+                             "reference count; shows what CIF's count errors cost)")
     parser.add_argument("--max-batch-seconds", type=float, default=120.0)
     parser.add_argument("--device", default="cpu")
     return parser
@@ -75,11 +79,12 @@ def frame_period_s(config: model_lib.ModelConfig) -> float:
     return FBANK_SHIFT_S * 2 * 2 ** len(config.pool_after)
 
 
-def token_count_candidates(model, feats: Tensor, feat_lens: Tensor, count_search: int
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
+def token_count_candidates(model, feats: Tensor, feat_lens: Tensor, count_search: int,
+                           reference_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """CIF with 2 * count_search + 1 token counts per utterance: n - count_search .. n +
-    count_search (at least 1), n being the count CIF fires with the tail threshold. Each
-    candidate scales the alphas to its count, as training does with the reference count.
+    count_search (at least 1), n being the count CIF fires with the tail threshold, or
+    reference_counts [B] (the transcript's tokens + [SEP]; a diagnostic) in place of n.
+    Each candidate scales the alphas to its count, as training does with the reference.
 
     -> (cif [C*B, N, D], counts [C*B], fire_frames [C*B, N]), candidate-major: row
     c * B + b is utterance b with count n_b + c - count_search. An utterance whose weights
@@ -88,10 +93,10 @@ def token_count_candidates(model, feats: Tensor, feat_lens: Tensor, count_search
     enc, enc_lens, alphas = model.encode(feats, feat_lens)
     fired = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, tail_threshold=c.tail_threshold)
     nonzero = fired.alpha_sum > 0
+    centre = fired.token_lengths if reference_counts is None else reference_counts.to(fired.token_lengths)
     outs = []
     for delta in range(-count_search, count_search + 1):
-        counts = torch.where(nonzero, torch.clamp(fired.token_lengths + delta, min=1),
-                             torch.zeros_like(fired.token_lengths))
+        counts = torch.where(nonzero, torch.clamp(centre + delta, min=1), torch.zeros_like(centre))
         outs.append(cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, target_lengths=counts))
     n = max(o.embeds.shape[1] for o in outs)
     cif = torch.cat([F.pad(o.embeds, (0, 0, 0, n - o.embeds.shape[1])) for o in outs])
@@ -151,7 +156,8 @@ def forced_beam_search(model, cif: Tensor, counts: Tensor, beam: int) -> Tuple[L
 
 @torch.no_grad()
 def beam_search(model, feats: Tensor, feat_lens: Tensor, beam: int = 10,
-                count_search: int = COUNT_SEARCH) -> List[Tuple[List[int], List[int]]]:
+                count_search: int = COUNT_SEARCH, reference_counts: Optional[Tensor] = None
+                ) -> List[Tuple[List[int], List[int]]]:
     """Decode B utterances: forced_beam_search for every candidate token count of
     token_count_candidates, then per utterance the candidate with the highest mean
     log-probability per step (the final [SEP] included).
@@ -162,7 +168,7 @@ def beam_search(model, feats: Tensor, feat_lens: Tensor, beam: int = 10,
     if count_search < 0:
         raise ValueError(f"beam_search: count_search must be >= 0, got {count_search}")
     b = feats.shape[0]
-    cif, counts, fire = token_count_candidates(model, feats, feat_lens, count_search)
+    cif, counts, fire = token_count_candidates(model, feats, feat_lens, count_search, reference_counts)
     hyps, logp = forced_beam_search(model, cif, counts, beam)
     mean = (logp / counts.clamp(min=1)).view(2 * count_search + 1, b)
     results = []
@@ -210,10 +216,9 @@ def decode(args) -> dict:
     for indices in sampler:
         batch = dataset_lib.collate([items[i] for i in indices])
         feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
-        if args.method == "greedy":
-            results = greedy_search(model, feats, feat_lens, args.count_search)
-        else:
-            results = beam_search(model, feats, feat_lens, args.beam, args.count_search)
+        reference = batch.token_lens.to(device) + 1 if args.reference_counts else None
+        results = beam_search(model, feats, feat_lens, 1 if args.method == "greedy" else args.beam,
+                              args.count_search, reference)
         for i, (tokens, frames) in zip(indices, results):
             utt = utts[i]
             audio_s += utt.duration
@@ -237,7 +242,7 @@ def decode(args) -> dict:
                                        if k in ("cer", "wer", "chars", "utterances")}
                                  for spk in sorted(by_speaker)}
     result.update({"method": args.method, "beam": args.beam if args.method == "beam" else 1,
-                   "count_search": args.count_search,
+                   "count_search": args.count_search, "reference_counts": args.reference_counts,
                    "checkpoint": str(args.checkpoint), "split": str(args.split),
                    "real_time_factor": elapsed / max(audio_s, 1e-9)})
     with open(args.out / "hyp.txt", "w") as f:

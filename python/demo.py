@@ -283,7 +283,8 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
     lines += ["", f"Training wall time: " + ", ".join(
         f"{SYSTEMS[n][0]} {t / 60:.1f} min" for n, t in meta["train_seconds"].items())
               + f" ({meta['jobs']} system(s) at a time, {meta['threads']} thread(s) each); "
-              f"whole demo {meta['total_seconds'] / 60:.1f} min on {os.cpu_count()} cores."]
+              f"this run of demo.py {meta['total_seconds'] / 60:.1f} min on {os.cpu_count()} cores "
+              "(systems trained before are reused, their time not counted)."]
     return "\n".join(lines) + "\n"
 
 
@@ -330,6 +331,8 @@ def main(argv=None):
                 for split, path in splits.items()}
 
     torch.set_num_threads(threads)
+    # transformers resolves its names lazily, and two threads importing it at once can fail
+    from transformers import AutoTokenizer  # noqa: F401
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         decoded = dict(zip(names, pool.map(decode_system, names)))
     results = {name: d["test"] for name, d in decoded.items()}

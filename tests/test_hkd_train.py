@@ -278,6 +278,10 @@ def test_count_search_keeps_the_candidate_with_the_best_mean_logprob():
     only = decode.beam_search(model, feats, lens, beam=3, count_search=0)
     assert [len(tokens) for tokens, _ in only] == (fired - 1).clamp(min=0).tolist()
     assert decode.greedy_search(model, feats, lens, 1) == decode.beam_search(model, feats, lens, 1, 1)
+    # the diagnostic: the transcripts' counts instead of CIF's
+    reference = torch.tensor([5, 1, 3])
+    forced = decode.beam_search(model, feats, lens, beam=3, count_search=0, reference_counts=reference)
+    assert [len(tokens) for tokens, _ in forced] == [4, 0, 2]
 
 
 def test_decode_rejects_bad_search_options(corpus, trained, tmp_path):
