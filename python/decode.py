@@ -4,9 +4,9 @@
     python python/decode.py --checkpoint exp/hkd/averaged.pt --split data/demo/test \
         --out exp/hkd/decode-test --method beam --beam 10
 
-CIF fires the number of output tokens n (tail threshold model_config.tail_threshold).
-The token count is where CIF goes wrong most often on unseen speakers, so decoding also
-tries the counts n - R .. n + R (--count-search R, default 2): for each count the alphas
+CIF fires the number of output tokens n (tail threshold model_config.tail_threshold), and
+a wrong n shifts every later token against its CIF embedding, so decoding also tries the
+counts n - R .. n + R (--count-search R, default 2): for each count the alphas
 are scaled to sum to it, as in training, and a beam search forced to that length runs
 (count - 1 ordinary tokens, then [SEP]); the hypothesis with the best mean log-probability
 per step wins. Beams (--beam, 10 by default) are scored by the sum of their
