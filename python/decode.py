@@ -8,10 +8,14 @@ CIF fires the number of output tokens n (tail threshold model_config.tail_thresh
 a wrong n shifts every later token against its CIF embedding, so decoding also tries the
 counts n - R .. n + R (--count-search R, default 2): for each count the alphas
 are scaled to sum to it, as in training, and a beam search forced to that length runs
-(count - 1 ordinary tokens, then [SEP]); the hypothesis with the best mean log-probability
-per step wins. Beams (--beam, 10 by default) are scored by the sum of their
-log-probabilities; batches of utterances and all their candidate counts are decoded
-together, with the decoder's key/value cache. --method greedy is a beam of one.
+(count - 1 ordinary tokens, then [SEP]). Beams (--beam, 10 by default) are ranked by the
+decoder's summed log-probabilities; batches of utterances and all their candidate counts
+are decoded together, with the decoder's key/value cache. --method greedy is a beam of one.
+
+Every hypothesis of every count's final beam is then rescored with the CTC branch, as in
+joint CTC/attention decoding: score = ((1 - w) * decoder log-prob + w * CTC log-prob) /
+count, and the best score wins (--ctc-weight w, default 0.3 for models trained with CTC;
+0 keeps the decoder's mean log-probability alone).
 
 Writes OUT/hyp.txt (``<utt> <hypothesis>``), OUT/hyp.jsonl (id, ref, hyp, tokens, token
 start times in seconds: the token's CIF fire frame x the encoder frame period, 80 ms with
@@ -37,6 +41,7 @@ import teacher as teacher_lib
 
 FBANK_SHIFT_S = 0.010
 COUNT_SEARCH = 2
+CTC_WEIGHT = 0.3
 
 
 def get_parser():
@@ -53,8 +58,12 @@ def get_parser():
     parser.add_argument("--beam", type=int, default=10)
     parser.add_argument("--count-search", type=int, default=COUNT_SEARCH,
                         help="also try this many token counts either side of the one CIF fires "
-                             "and keep the hypothesis with the best mean log-probability per "
-                             "token (0: CIF's count only)")
+                             "and keep the hypothesis with the best score per token (0: CIF's "
+                             "count only)")
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="weight w of the CTC branch in the hypothesis score "
+                             "(1 - w) * decoder + w * CTC log-probability; default "
+                             f"{CTC_WEIGHT} for a model trained with CTC, else 0")
     parser.add_argument("--reference-counts", action="store_true",
                         help="a diagnostic: centre the count search on each transcript's token "
                              "count + [SEP] instead of CIF's (--count-search 0: decode with the "
@@ -79,18 +88,19 @@ def frame_period_s(config: model_lib.ModelConfig) -> float:
     return FBANK_SHIFT_S * 2 * 2 ** len(config.pool_after)
 
 
-def token_count_candidates(model, feats: Tensor, feat_lens: Tensor, count_search: int,
+def token_count_candidates(model, encoded: Tuple[Tensor, Tensor, Tensor], count_search: int,
                            reference_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """CIF with 2 * count_search + 1 token counts per utterance: n - count_search .. n +
     count_search (at least 1), n being the count CIF fires with the tail threshold, or
     reference_counts [B] (the transcript's tokens + [SEP]; a diagnostic) in place of n.
     Each candidate scales the alphas to its count, as training does with the reference.
+    encoded: model.encode's (enc, enc_lens, alphas).
 
     -> (cif [C*B, N, D], counts [C*B], fire_frames [C*B, N]), candidate-major: row
     c * B + b is utterance b with count n_b + c - count_search. An utterance whose weights
     sum to zero (no frames) gets count 0."""
     c = model.config
-    enc, enc_lens, alphas = model.encode(feats, feat_lens)
+    enc, enc_lens, alphas = encoded
     fired = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, tail_threshold=c.tail_threshold)
     nonzero = fired.alpha_sum > 0
     centre = fired.token_lengths if reference_counts is None else reference_counts.to(fired.token_lengths)
@@ -105,14 +115,17 @@ def token_count_candidates(model, feats: Tensor, feat_lens: Tensor, count_search
 
 
 @torch.no_grad()
-def forced_beam_search(model, cif: Tensor, counts: Tensor, beam: int) -> Tuple[List[List[int]], Tensor]:
+def forced_beam_search(model, cif: Tensor, counts: Tensor, beam: int
+                       ) -> Tuple[List[List[List[int]]], Tensor]:
     """Beam search over R rows of CIF tokens, each row's hypothesis exactly counts[r]
     steps long: counts[r] - 1 tokens (neither blank nor [SEP]), then [SEP]. Uses the
     decoder's key/value cache (CifDecoder.step); rows are processed longest first, so a
     step computes only the rows that still have tokens.
 
-    -> (per row the best hypothesis' ASR ids without [SEP], its log-probability [R]
-    including the final [SEP]; 0 for a row of count 0)."""
+    -> (per row its final beam of K = beam hypotheses, best first, as ASR ids without
+    [SEP]; their log-probabilities [R, K], the final [SEP] included). A slot no sequence
+    reached (a short row has fewer than K sequences) is empty and scores -inf; a row of
+    count 0 has the empty hypothesis, scored 0, in slot 0."""
     rows, n, d = cif.shape
     k, device = beam, cif.device
     order = torch.argsort(counts, descending=True, stable=True)
@@ -144,44 +157,86 @@ def forced_beam_search(model, cif: Tensor, counts: Tensor, beam: int) -> Tuple[L
         flat = (torch.arange(m, device=device)[:, None] * k + origin).view(-1)
         cache = [(keys[flat], values[flat]) for keys, values in cache]
         prev = token.view(-1)
-    best = scores.argmax(-1)
-    best_scores = torch.where(counts > 0, scores[torch.arange(rows, device=device), best], 0.0)
-    hyps: List[List[int]] = [[] for _ in range(rows)]
+    hyps: List[List[List[int]]] = [[] for _ in range(rows)]
+    reached = torch.isfinite(scores).tolist()
     for sorted_row, row in enumerate(order.tolist()):
-        hyps[row] = tokens[sorted_row, best[sorted_row], :max(int(counts[sorted_row]) - 1, 0)].tolist()
-    out_scores = torch.empty_like(best_scores)
-    out_scores[order] = best_scores
+        beam_tokens = tokens[sorted_row, :, :max(int(counts[sorted_row]) - 1, 0)].tolist()
+        hyps[row] = [seq if ok else [] for seq, ok in zip(beam_tokens, reached[sorted_row])]
+    out_scores = torch.empty_like(scores)
+    out_scores[order] = scores                                   # topk keeps each beam sorted
     return hyps, out_scores
+
+
+def ctc_logprobs(model, enc: Tensor, enc_lens: Tensor, hyps: List[List[int]], utts: Tensor,
+                 max_elements: int = 2 ** 26) -> Tensor:
+    """log P_CTC(hyps[i] | utterance utts[i]) from the CTC branch over the encoder frames
+    (enc [B, T, D], enc_lens [B]); -inf where no alignment exists. Hypotheses are scored
+    in chunks whose copies of the frame log-probabilities hold at most max_elements
+    numbers.  -> [len(hyps)]"""
+    log_probs = F.log_softmax(model.ctc_head(enc).float(), dim=-1).transpose(0, 1)   # [T, B, V]
+    chunk = max(1, max_elements // (log_probs.shape[0] * log_probs.shape[2]))
+    out = []
+    for start in range(0, len(hyps), chunk):
+        part, index = hyps[start:start + chunk], utts[start:start + chunk]
+        lengths = torch.tensor([len(h) for h in part], dtype=torch.long)
+        targets = torch.tensor([t for h in part for t in h], dtype=torch.long, device=enc.device)
+        out.append(-F.ctc_loss(log_probs[:, index], targets, enc_lens[index].cpu(), lengths,
+                               blank=model_lib.BLANK_ID, reduction="none"))
+    return torch.cat(out) if out else log_probs.new_zeros(0)
+
+
+def resolve_ctc_weight(model, ctc_weight: Optional[float], option: str = "ctc_weight") -> float:
+    """The CTC weight to decode with: CTC_WEIGHT by default when the model was trained with
+    its CTC branch (model_config.ctc_weight > 0), else 0; an explicit weight is checked."""
+    trained = model.config.ctc_weight > 0
+    if ctc_weight is None:
+        return CTC_WEIGHT if trained else 0.0
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"decode: {option} must be in [0, 1], got {ctc_weight}")
+    if ctc_weight > 0 and not trained:
+        raise ValueError(f"decode: {option} {ctc_weight} needs a model trained with its CTC branch "
+                         "(its model_config.ctc_weight is 0); decode with 0")
+    return float(ctc_weight)
 
 
 @torch.no_grad()
 def beam_search(model, feats: Tensor, feat_lens: Tensor, beam: int = 10,
-                count_search: int = COUNT_SEARCH, reference_counts: Optional[Tensor] = None
-                ) -> List[Tuple[List[int], List[int]]]:
+                count_search: int = COUNT_SEARCH, ctc_weight: Optional[float] = None,
+                reference_counts: Optional[Tensor] = None) -> List[Tuple[List[int], List[int]]]:
     """Decode B utterances: forced_beam_search for every candidate token count of
-    token_count_candidates, then per utterance the candidate with the highest mean
-    log-probability per step (the final [SEP] included).
+    token_count_candidates, then per utterance, over every count's final beam, the
+    hypothesis with the best ((1 - w) * decoder log-prob + w * CTC log-prob) / count
+    (the final [SEP] is in the decoder's log-prob and in count; w = resolve_ctc_weight's).
 
     -> per utterance (ASR ids without [SEP], fire frame of each)."""
     if beam < 1:
         raise ValueError(f"beam_search: beam must be >= 1, got {beam}")
     if count_search < 0:
         raise ValueError(f"beam_search: count_search must be >= 0, got {count_search}")
+    w = resolve_ctc_weight(model, ctc_weight)
     b = feats.shape[0]
-    cif, counts, fire = token_count_candidates(model, feats, feat_lens, count_search, reference_counts)
-    hyps, logp = forced_beam_search(model, cif, counts, beam)
-    mean = (logp / counts.clamp(min=1)).view(2 * count_search + 1, b)
+    encoded = model.encode(feats, feat_lens)
+    cif, counts, fire = token_count_candidates(model, encoded, count_search, reference_counts)
+    hyps, logp = forced_beam_search(model, cif, counts, beam)   # [C*B] x K, [C*B, K]
+    score = logp
+    if w > 0:
+        flat = [h for row in hyps for h in row]
+        utts = (torch.arange(len(flat), device=feats.device) // beam) % b
+        ctc = ctc_logprobs(model, encoded[0], encoded[1], flat, utts).view_as(logp).to(logp)
+        score = torch.where(torch.isfinite(logp), (1 - w) * logp + w * ctc, float("-inf"))
+    score = score / counts.clamp(min=1)[:, None]
+    best = score.view(2 * count_search + 1, b, beam).permute(1, 0, 2).reshape(b, -1).argmax(-1)
     results = []
-    for u, c in enumerate(mean.argmax(0).tolist()):
-        row = c * b + u
-        results.append((hyps[row], fire[row, :len(hyps[row])].tolist()))
+    for u, index in enumerate(best.tolist()):
+        row, slot = (index // beam) * b + u, index % beam
+        results.append((hyps[row][slot], fire[row, :len(hyps[row][slot])].tolist()))
     return results
 
 
-def greedy_search(model, feats: Tensor, feat_lens: Tensor, count_search: int = COUNT_SEARCH
-                  ) -> List[Tuple[List[int], List[int]]]:
+def greedy_search(model, feats: Tensor, feat_lens: Tensor, count_search: int = COUNT_SEARCH,
+                  ctc_weight: Optional[float] = None) -> List[Tuple[List[int], List[int]]]:
     """beam_search with a beam of one."""
-    return beam_search(model, feats, feat_lens, 1, count_search)
+    return beam_search(model, feats, feat_lens, 1, count_search, ctc_weight)
 
 
 def score(refs: List[str], hyps: List[str]) -> dict:
@@ -204,6 +259,7 @@ def decode(args) -> dict:
         raise ValueError(f"decode: --count-search must be >= 0, got {args.count_search}")
     device = torch.device(args.device)
     model, state = load_model(args.checkpoint, device)
+    ctc_weight = resolve_ctc_weight(model, args.ctc_weight, "--ctc-weight")
     vocab = teacher_lib.TokenVocab.load(args.vocab or state["vocab"])
     tokenizer = teacher_lib.load_tokenizer(args.teacher)
     utts, report = data.read_manifest(args.split)
@@ -218,7 +274,7 @@ def decode(args) -> dict:
         feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
         reference = batch.token_lens.to(device) + 1 if args.reference_counts else None
         results = beam_search(model, feats, feat_lens, 1 if args.method == "greedy" else args.beam,
-                              args.count_search, reference)
+                              args.count_search, ctc_weight, reference)
         for i, (tokens, frames) in zip(indices, results):
             utt = utts[i]
             audio_s += utt.duration
@@ -242,7 +298,8 @@ def decode(args) -> dict:
                                        if k in ("cer", "wer", "chars", "utterances")}
                                  for spk in sorted(by_speaker)}
     result.update({"method": args.method, "beam": args.beam if args.method == "beam" else 1,
-                   "count_search": args.count_search, "reference_counts": args.reference_counts,
+                   "count_search": args.count_search, "ctc_weight": ctc_weight,
+                   "reference_counts": args.reference_counts,
                    "checkpoint": str(args.checkpoint), "split": str(args.split),
                    "real_time_factor": elapsed / max(audio_s, 1e-9)})
     with open(args.out / "hyp.txt", "w") as f:

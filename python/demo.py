@@ -107,14 +107,23 @@ def train_command(args, name: str) -> List[str]:
     return cmd
 
 
+def same_training(stamp: str, cmd: List[str], config_text: str) -> bool:
+    """Whether a system's stamp (its training command + the config's text, as JSON) names
+    this training: the same command and the same settings; comments and layout of the
+    config do not count."""
+    import yaml
+    old = json.loads(stamp)
+    return old[:-1] == cmd and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
+
+
 def train(args, name: str, threads: int) -> float:
     """Train one system (or skip it, or resume it); returns the wall seconds its last
     training run took."""
     exp = args.out / name
     cmd = train_command(args, name)
-    key = json.dumps(cmd + [Path(args.config).read_text()])
+    config_text = Path(args.config).read_text()
     stamp = exp / "demo-command.json"
-    if stamp.exists() and stamp.read_text() != key:
+    if stamp.exists() and not same_training(stamp.read_text(), cmd, config_text):
         print(f"demo: {name}: the command or config changed; training again", flush=True)
         shutil.rmtree(exp)
     seconds_file = exp / "demo-train-seconds.txt"
@@ -122,7 +131,7 @@ def train(args, name: str, threads: int) -> float:
         print(f"demo: {name}: already trained ({exp}); delete it to train again", flush=True)
         return float(seconds_file.read_text())
     exp.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(key)
+    stamp.write_text(json.dumps(cmd + [config_text]))
     cmd += ["--threads", str(threads)]
     if any(exp.glob("checkpoint-*.pt")):
         cmd.append("--resume")
@@ -242,7 +251,8 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
              f"Test: {results['cif']['utterances']} utterances of held-out voices "
              f"({ci['cif']['clauses']} clauses, each spoken by every held-out voice), "
              f"{results['cif']['words']} words; beam {meta['beam']}, token counts CIF's "
-             f"+-{results['cif']['count_search']} (decode.py --count-search). "
+             f"+-{results['cif']['count_search']} (decode.py --count-search), CTC weight "
+             f"{results['cif']['ctc_weight']} in the hypothesis score (--ctc-weight). "
              "Relative reductions and gains are against the CIF baseline (positive = fewer errors). "
              f"95% intervals: paired bootstrap over test clauses ({ci['cif']['samples']} resamples); "
              "P(better): the share of resamples where the system beats CIF.", "",

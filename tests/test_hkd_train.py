@@ -228,52 +228,100 @@ def _sequence_logprob(model, cif_row, sequence):
 
 @torch.no_grad()
 def test_forced_beam_search_is_exact_with_a_full_beam():
-    """With a beam as wide as the search space, forced_beam_search returns the best
-    sequence of exactly count - 1 ordinary tokens + [SEP] (brute force), and its score is
-    that sequence's log-probability; a narrow beam returns a valid, correctly scored
-    sequence that is no better."""
+    """With a beam as wide as the search space, forced_beam_search's final beam is every
+    sequence of exactly count - 1 ordinary tokens + [SEP], best first (brute force), each
+    scored with its log-probability; a narrow beam returns valid, correctly scored
+    sequences, best first, no better than the best."""
     import itertools
     import model as model_lib
     model = _tiny_decoder_model()
     counts = torch.tensor([4, 1, 3, 0, 2])
     cif = torch.randn(len(counts), 4, 16)
     ordinary = range(2, 6)                     # neither blank (0) nor [SEP] (1)
-    exact, exact_scores = decode.forced_beam_search(model, cif, counts, beam=4 ** 3)
+    full = 4 ** 3
+    exact, exact_scores = decode.forced_beam_search(model, cif, counts, beam=full)
     narrow, narrow_scores = decode.forced_beam_search(model, cif, counts, beam=2)
+    assert exact_scores.shape == (len(counts), full) and narrow_scores.shape == (len(counts), 2)
     for r, count in enumerate(counts.tolist()):
         if count == 0:
-            assert exact[r] == narrow[r] == [] and exact_scores[r] == narrow_scores[r] == 0
+            assert exact[r][0] == narrow[r][0] == [] and exact_scores[r, 0] == narrow_scores[r, 0] == 0
             continue
         scored = {seq: _sequence_logprob(model, cif[r], seq)
                   for seq in itertools.product(ordinary, repeat=count - 1)}
-        best = max(scored, key=scored.get)
-        assert tuple(exact[r]) == best
-        assert float(exact_scores[r]) == pytest.approx(scored[best], abs=1e-4)
-        assert len(narrow[r]) == count - 1 and all(t in ordinary for t in narrow[r])
-        assert float(narrow_scores[r]) == pytest.approx(scored[tuple(narrow[r])], abs=1e-4)
-        assert float(narrow_scores[r]) <= scored[best] + 1e-4
-    assert model_lib.EOS_ID not in sum(exact, [])
+        ranked = sorted(scored, key=scored.get, reverse=True)
+        reached = len(ranked)
+        assert [tuple(h) for h in exact[r][:reached]] == ranked
+        assert exact_scores[r, :reached].tolist() == pytest.approx([scored[q] for q in ranked], abs=1e-4)
+        assert torch.all(exact_scores[r, reached:] == float("-inf")) and not any(exact[r][reached:])
+        for slot in range(min(2, reached)):
+            seq = tuple(narrow[r][slot])
+            assert len(seq) == count - 1 and all(t in ordinary for t in seq)
+            assert float(narrow_scores[r, slot]) == pytest.approx(scored[seq], abs=1e-4)
+        assert narrow_scores[r, 0] >= narrow_scores[r, 1] and float(narrow_scores[r, 0]) <= scored[ranked[0]] + 1e-4
+    assert model_lib.EOS_ID not in [t for row in exact for h in row for t in h]
+
+
+def _brute_force_ctc_logprob(log_probs, sequence):
+    """log sum over every frame labelling that collapses (merge repeats, drop blanks) to
+    sequence: the CTC definition, by enumeration."""
+    import itertools
+    import math
+    t, v = log_probs.shape
+    total = []
+    for path in itertools.product(range(v), repeat=t):
+        collapsed = [k for i, k in enumerate(path) if k != 0 and (i == 0 or k != path[i - 1])]
+        if collapsed == list(sequence):
+            total.append(sum(float(log_probs[i, k]) for i, k in enumerate(path)))
+    return math.log(sum(math.exp(x) for x in total)) if total else float("-inf")
 
 
 @torch.no_grad()
-def test_count_search_keeps_the_candidate_with_the_best_mean_logprob():
+def test_ctc_logprobs_match_the_definition():
+    model = _tiny_decoder_model(vocab_size=4)
+    enc, lens = torch.randn(2, 5, 16), torch.tensor([5, 3])
+    hyps = [[2, 3], [2, 2], [], [3, 3, 2], [2, 3, 2, 3], [3]]
+    utts = torch.tensor([0, 0, 0, 0, 1, 1])    # [2, 3, 2, 3] cannot fit in 3 frames
+    got = decode.ctc_logprobs(model, enc, lens, hyps, utts)
+    chunked = decode.ctc_logprobs(model, enc, lens, hyps, utts, max_elements=5 * 4 * 4)  # 4 per chunk
+    assert torch.equal(got, chunked)
+    log_probs = torch.log_softmax(model.ctc_head(enc).double(), -1)
+    for h, u, value in zip(hyps, utts.tolist(), got.tolist()):
+        expected = _brute_force_ctc_logprob(log_probs[u, :int(lens[u])], h)
+        assert value == pytest.approx(expected, abs=1e-4) if expected > float("-inf") else value == float("-inf")
+
+
+@torch.no_grad()
+def test_beam_search_picks_the_best_joint_score_over_counts_and_beams():
     model = _tiny_decoder_model()
     torch.manual_seed(1)
     feats, lens = torch.randn(3, 240, 80), torch.tensor([240, 200, 120])
     c = model.config
-    enc, enc_lens, alphas = model.encode(feats, lens)
+    encoded = model.encode(feats, lens)
+    enc, enc_lens, alphas = encoded
     fired = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
                        tail_threshold=c.tail_threshold).token_lengths
-    cif, counts, fire = decode.token_count_candidates(model, feats, lens, count_search=1)
+    cif, counts, fire = decode.token_count_candidates(model, encoded, count_search=1)
     expected = torch.cat([torch.clamp(fired + delta, min=1) for delta in (-1, 0, 1)])
     assert torch.equal(counts, expected)
     assert torch.equal((fire >= 0).sum(1), counts)   # each candidate fires exactly its count
     hyps, scores = decode.forced_beam_search(model, cif, counts, beam=3)
-    results = decode.beam_search(model, feats, lens, beam=3, count_search=1)
-    for u in range(3):
-        means = [float(scores[c * 3 + u]) / int(counts[c * 3 + u]) for c in range(3)]
-        row = means.index(max(means)) * 3 + u
-        assert results[u] == (hyps[row], fire[row, :len(hyps[row])].tolist())
+    for w in (0.0, 0.3, 1.0):
+        results = decode.beam_search(model, feats, lens, beam=3, count_search=1, ctc_weight=w)
+        for u in range(3):
+            best, best_key = None, None
+            for cand in range(3):
+                row = cand * 3 + u
+                for slot in range(3):
+                    if scores[row, slot] == float("-inf"):
+                        continue
+                    ctc = float(decode.ctc_logprobs(model, enc, enc_lens, [hyps[row][slot]], torch.tensor([u]))[0])
+                    key = ((1 - w) * float(scores[row, slot]) + w * ctc) / int(counts[row])
+                    if best_key is None or key > best_key:
+                        best, best_key = (hyps[row][slot], fire[row, :len(hyps[row][slot])].tolist()), key
+            assert results[u] == best, (w, u)
+    # the default: CTC_WEIGHT for a model trained with CTC
+    assert decode.beam_search(model, feats, lens, beam=3, count_search=1) == \
+        decode.beam_search(model, feats, lens, beam=3, count_search=1, ctc_weight=decode.CTC_WEIGHT)
     # count_search 0: CIF's own count only
     only = decode.beam_search(model, feats, lens, beam=3, count_search=0)
     assert [len(tokens) for tokens, _ in only] == (fired - 1).clamp(min=0).tolist()
@@ -284,6 +332,18 @@ def test_count_search_keeps_the_candidate_with_the_best_mean_logprob():
     assert [len(tokens) for tokens, _ in forced] == [4, 0, 2]
 
 
+def test_ctc_weight_checks():
+    model = _tiny_decoder_model()
+    assert decode.resolve_ctc_weight(model, None) == decode.CTC_WEIGHT
+    assert decode.resolve_ctc_weight(model, 0.7) == 0.7
+    with pytest.raises(ValueError, match="ctc_weight must be in"):
+        decode.resolve_ctc_weight(model, 1.5)
+    model.config.ctc_weight = 0.0                # a model trained without its CTC branch
+    assert decode.resolve_ctc_weight(model, None) == 0.0
+    with pytest.raises(ValueError, match="--ctc-weight 0.3 needs a model trained with its CTC"):
+        decode.resolve_ctc_weight(model, 0.3, "--ctc-weight")
+
+
 def test_decode_rejects_bad_search_options(corpus, trained, tmp_path):
     base = ["--checkpoint", str(trained / "averaged.pt"), "--split", str(corpus / "corpus" / "dev"),
             "--out", str(tmp_path)]
@@ -291,6 +351,8 @@ def test_decode_rejects_bad_search_options(corpus, trained, tmp_path):
         decode.main(base + ["--beam", "0"])
     with pytest.raises(ValueError, match="--count-search"):
         decode.main(base + ["--count-search", "-1"])
+    with pytest.raises(ValueError, match="--ctc-weight"):
+        decode.main(base + ["--ctc-weight", "-0.1"])
 
 
 def test_score_cer_wer():
@@ -414,6 +476,9 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert low - 0.005 <= 100 * results["systems"]["hkd"]["cer"] <= high + 0.005   # rounded to 0.01
     # a second run reuses the trained systems; a changed budget trains again
     capsys.readouterr()
+    assert demo.main(argv) == 0
+    assert capsys.readouterr().out.count("already trained") == 2
+    config.write_text("# a comment changes no setting\n" + yaml.safe_dump(options, indent=4))
     assert demo.main(argv) == 0
     assert capsys.readouterr().out.count("already trained") == 2
     options["max_steps"] = 3
