@@ -173,7 +173,7 @@ def ctc_logprobs(model, enc: Tensor, enc_lens: Tensor, hyps: List[List[int]], ut
     (enc [B, T, D], enc_lens [B]); -inf where no alignment exists. Hypotheses are scored
     in chunks whose copies of the frame log-probabilities hold at most max_elements
     numbers.  -> [len(hyps)]"""
-    log_probs = F.log_softmax(model.ctc_head(enc).float(), dim=-1).transpose(0, 1)   # [T, B, V]
+    log_probs = model.ctc_log_probs(enc)                                             # [T, B, V]
     chunk = max(1, max_elements // (log_probs.shape[0] * log_probs.shape[2]))
     out = []
     for start in range(0, len(hyps), chunk):

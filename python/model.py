@@ -379,6 +379,11 @@ class CifHkdModel(nn.Module):
         enc, enc_lens = self.encoder(feats, feat_lens)
         return enc, enc_lens, self.cif_predictor(enc, enc_lens)
 
+    def ctc_log_probs(self, enc: Tensor) -> Tensor:
+        """The CTC branch: enc [B, T, D] -> float32 log-probabilities [T, B, V] (ctc_loss's
+        layout)."""
+        return F.log_softmax(self.ctc_head(enc).float(), dim=-1).transpose(0, 1)
+
     def forward(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
                 ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """compute_loss (forward is what DistributedDataParallel wraps)."""
@@ -416,7 +421,7 @@ class CifHkdModel(nn.Module):
         if c.quantity_weight > 0:
             terms["quantity"] = (out.alpha_sum - num_targets.to(out.alpha_sum.dtype)).abs().sum()
         if c.ctc_weight > 0:
-            log_probs = F.log_softmax(self.ctc_head(enc), dim=-1).float().transpose(0, 1)
+            log_probs = self.ctc_log_probs(enc)
             flat_tokens = torch.cat([batch.tokens[i, :batch.token_lens[i]] for i in range(b)])
             terms["ctc"] = F.ctc_loss(log_probs, flat_tokens, enc_lens, batch.token_lens,
                                       blank=BLANK_ID, reduction="sum", zero_infinity=True)
