@@ -103,6 +103,49 @@ def aishell1_config(vocab_size: int = 4233, teacher_dim: int = 768) -> ModelConf
                        decoder_ffn_dim=2048, block_final_norm=True)
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with a cheaper random mask on CPU (CUDA and eval behave as nn.Dropout).
+
+    torch's CPU dropout draws one mt19937 double per element through a serial loop
+    (bernoulli_; MKL's vectorised generator is used on Intel CPUs only): 9 ms forward
+    for a [13, 150, 576] activation on the 2-core AMD EPYC of the demo, 11-13% of a demo
+    training step. This mask takes four 16-bit uniform draws from each 64-bit mt19937
+    word and turns them into 0 / 1/(1-p) with float arithmetic: 2 ms. An element is
+    dropped with probability round(65536 p) / 65536 (p to within 1e-5) and kept ones are
+    scaled by the exact inverse of the keep probability, so the expectation is unchanged.
+    Draws come from torch's default CPU generator, so torch.manual_seed and the
+    trainer's saved RNG state reproduce the masks.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x * dropout_mask(x.shape, self.p).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def dropout_mask(shape, p: float) -> Tensor:
+    """float32 CPU tensor of `shape`: 0 with probability round(65536 p) / 65536, else
+    1 / (1 - that probability); independent elements (Dropout's mask)."""
+    n = math.prod(shape)
+    dropped = round(p * 65536)                       # of the 65536 values of a draw
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    draws = words.view(torch.int16)[:n].to(torch.float32)       # uniform in [-32768, 32767]
+    # keep draw >= -32768 + dropped: draw - (-32768 + dropped - 1) is >= 1 exactly then
+    keep = draws.sub_(dropped - 32769).clamp_(0.0, 1.0)
+    return keep.mul_(65536 / (65536 - dropped)).view(shape)
+
+
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     """[B] lengths -> [B, max_len] bool, True on valid positions."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -150,7 +193,7 @@ class RelPositionMultiheadAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @staticmethod
     def rel_shift(scores: Tensor) -> Tensor:
@@ -177,7 +220,7 @@ class RelPositionMultiheadAttention(nn.Module):
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, ffn_dim: int, dropout: float):
         super().__init__(nn.LayerNorm(d_model), nn.Linear(d_model, ffn_dim), nn.SiLU(),
-                         nn.Dropout(dropout), nn.Linear(ffn_dim, d_model), nn.Dropout(dropout))
+                         Dropout(dropout), nn.Linear(ffn_dim, d_model), Dropout(dropout))
 
 
 class ConvModule(nn.Module):
@@ -192,7 +235,7 @@ class ConvModule(nn.Module):
         self.depthwise = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=d_model)
         self.norm = nn.LayerNorm(d_model)
         self.pointwise_out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
         x = F.glu(self.pointwise_in(self.norm_in(x)), dim=-1)
@@ -211,7 +254,7 @@ class ConformerLayer(nn.Module):
         self.ffn1 = FeedForward(d_model, ffn_dim, dropout)
         self.norm_attn = nn.LayerNorm(d_model)
         self.attn = RelPositionMultiheadAttention(d_model, num_heads, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv = ConvModule(d_model, kernel, dropout)
         self.ffn2 = FeedForward(d_model, ffn_dim, dropout)
         self.norm_out = nn.LayerNorm(d_model) if final_norm else nn.Identity()
@@ -235,7 +278,7 @@ class ConformerEncoder(nn.Module):
                                                    c.dropout, c.block_final_norm)
                                     for _ in range(c.num_layers))
         self.pool_after = set(c.pool_after)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.d_model = c.d_model
 
     def forward(self, feats: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
@@ -266,7 +309,7 @@ class CifWeightPredictor(nn.Module):
     def __init__(self, d_model: int, dropout: float):
         super().__init__()
         self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.proj = nn.Linear(d_model, 1)
 
     def forward(self, enc: Tensor, lengths: Tensor) -> Tensor:
@@ -291,10 +334,12 @@ class CifDecoder(nn.Module):
             nn.TransformerEncoderLayer(d, c.decoder_heads, c.decoder_ffn_dim, c.dropout,
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(c.decoder_layers))
+        for layer in self.layers:      # the cheaper CPU mask (the attention's own dropout stays)
+            layer.dropout, layer.dropout1, layer.dropout2 = (Dropout(c.dropout) for _ in range(3))
         self.norm = nn.LayerNorm(d)
         self.output_proj = nn.Linear(2 * d, d)
         self.vocab_proj = nn.Linear(d, c.vocab_size)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, prev_tokens: Tensor, cif: Tensor, token_mask: Tensor) -> Tuple[Tensor, Tensor]:
         b, n, d = cif.shape

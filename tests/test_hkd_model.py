@@ -151,6 +151,41 @@ def test_decoder_step_matches_the_full_forward():
         decoder.train().step(prev[:, 0], torch.zeros(b, d), cif[:, 0], 0)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_dropout_drops_at_rate_p_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    x = torch.full((200, 1000), 2.0, requires_grad=True)
+    y = M.Dropout(p).train()(x)
+    dropped = (y == 0).double().mean().item()
+    # binomial: 6 standard deviations of the mean over 2e5 draws
+    assert abs(dropped - p) < 6 * (p * (1 - p) / x.numel()) ** 0.5
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 2.0 / (1 - p)), rtol=1e-4)
+    assert abs(y.mean().item() - 2.0) < 0.02
+    # the gradient is the same mask: zero where dropped, 1/(1-p) where kept
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad == 0, y.detach() == 0)
+    assert torch.allclose(x.grad[y.detach() != 0], torch.tensor(1 / (1 - p)), rtol=1e-4)
+
+
+def test_dropout_masks_are_independent_and_follow_the_seed():
+    x = torch.ones(4, 257, 33)              # numel not a multiple of 4 draws per word
+    d = M.Dropout(0.3).train()
+    torch.manual_seed(5)
+    a, b = d(x), d(x)
+    torch.manual_seed(5)
+    assert torch.equal(d(x), a)
+    assert not torch.equal(a, b)
+    # neighbouring elements (draws from one 64-bit word) are uncorrelated
+    keep = (a != 0).flatten().double()
+    corr = torch.corrcoef(torch.stack([keep[:-1], keep[1:]]))[0, 1].item()
+    assert abs(corr) < 0.03
+    assert d.eval()(x) is x and M.Dropout(0.0).train()(x) is x
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="p must be"):
+            M.Dropout(bad)
+
+
 def test_presets():
     assert M.ModelConfig().d_model == 144
     paper = M.aishell1_config()
