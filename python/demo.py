@@ -35,7 +35,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -202,38 +202,47 @@ def plot_curves(out: Path, names: List[str]):
     plt.close(fig)
 
 
-def bootstrap(decode_dirs: Dict[str, Path], base: str = "cif", samples: int = 2000,
-              seed: int = 0) -> Dict[str, dict]:
+def bootstrap(decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "cif",
+              samples: int = 2000, seed: int = 0) -> Dict[str, dict]:
     """95% bootstrap intervals of each system's CER and of its CER gain over `base` (base
     CER minus its CER, in points; paired: every resample scores all systems on the same
     utterances). The resampled unit is the test clause with all its voices, since they
     share the clause's difficulty. p_better: the share of resamples where the system
-    beats the base."""
-    rows = {name: [json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines()]
-            for name, d in decode_dirs.items()}
+    beats the base. cer and gain: the point estimates, in % and points.
+
+    A system given as several decode directories (the same system trained with several
+    seeds, each decoded on the same test set) is pooled: a clause's errors and characters
+    are summed over the runs, so its CER is the runs' overall CER and the resamples pair
+    every run of every system on the same clauses."""
+    runs = {name: [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+            for name, dirs in decode_dirs.items()}
+    if any(not dirs for dirs in runs.values()):
+        raise ValueError("demo: bootstrap: every system needs at least one decode directory")
+    rows = {name: [[json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines()]
+                   for d in dirs] for name, dirs in runs.items()}
     clause_of = {}
-    for r in rows[base]:
+    for r in rows[base][0]:
         clause_of.setdefault(r["ref"], len(clause_of))
-    groups = {r["id"]: clause_of[r["ref"]] for r in rows[base]}
-    chars = np.zeros(len(clause_of))
-    errors = {}
-    for name, system_rows in rows.items():
-        if sorted(r["id"] for r in system_rows) != sorted(groups):
-            raise ValueError(f"demo: {decode_dirs[name]} decoded other utterances than {decode_dirs[base]}")
-        errors[name] = np.zeros(len(clause_of))
-        for r in system_rows:
-            errors[name][groups[r["id"]]] += r["char_errors"]
-            if name == base:
-                chars[groups[r["id"]]] += r["chars"]
-    picks = np.random.default_rng(seed).integers(0, len(chars), size=(samples, len(chars)))
-    total = chars[picks].sum(axis=1)
-    cer = {name: 100 * e[picks].sum(axis=1) / total for name, e in errors.items()}
+    groups = {r["id"]: clause_of[r["ref"]] for r in rows[base][0]}
+    chars, errors = {}, {}
+    for name, system_runs in rows.items():
+        chars[name], errors[name] = np.zeros(len(clause_of)), np.zeros(len(clause_of))
+        for d, run in zip(runs[name], system_runs):
+            if sorted(r["id"] for r in run) != sorted(groups):
+                raise ValueError(f"demo: {d} decoded other utterances than {runs[base][0]}")
+            for r in run:
+                errors[name][groups[r["id"]]] += r["char_errors"]
+                chars[name][groups[r["id"]]] += r["chars"]
+    picks = np.random.default_rng(seed).integers(0, len(clause_of), size=(samples, len(clause_of)))
+    cer = {name: 100 * e[picks].sum(axis=1) / chars[name][picks].sum(axis=1) for name, e in errors.items()}
+    point = {name: 100 * errors[name].sum() / chars[name].sum() for name in rows}
     out = {}
     for name in rows:
         gain = cer[base] - cer[name]
-        out[name] = {"cer_ci": np.percentile(cer[name], [2.5, 97.5]).round(2).tolist(),
+        out[name] = {"cer": round(float(point[name]), 2), "gain": round(float(point[base] - point[name]), 2),
+                     "cer_ci": np.percentile(cer[name], [2.5, 97.5]).round(2).tolist(),
                      "gain_ci": np.percentile(gain, [2.5, 97.5]).round(2).tolist(),
-                     "p_better": float((gain > 0).mean()), "clauses": len(chars), "samples": samples}
+                     "p_better": float((gain > 0).mean()), "clauses": len(clause_of), "samples": samples}
     return out
 
 

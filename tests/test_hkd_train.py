@@ -491,18 +491,23 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
 
 
+def write_hyps(directory, errors_of):
+    """A decode dir of 20 clauses, each spoken by 2 voices, 10 characters each;
+    errors_of(clause): the character errors of each of its utterances."""
+    directory.mkdir()
+    with open(directory / "hyp.jsonl", "w") as f:
+        for c in range(20):
+            for v in range(2):
+                f.write(json.dumps({"id": f"v{v}_{c}", "ref": f"clause {c}", "chars": 10,
+                                    "char_errors": errors_of(c)}) + "\n")
+    return directory
+
+
 def test_bootstrap_intervals_resample_clauses(tmp_path):
-    # 20 clauses, each spoken by 2 voices, 10 characters each; "good" makes 1 error per
-    # utterance, "cif" 3, "mixed" as many as "good" on half the clauses and 5 on the rest
+    # "good" makes 1 error per utterance, "cif" 3, "mixed" as many as "good" on half the
+    # clauses and 5 on the rest
     def write(name, errors_of):
-        d = tmp_path / name
-        d.mkdir()
-        with open(d / "hyp.jsonl", "w") as f:
-            for c in range(20):
-                for v in range(2):
-                    f.write(json.dumps({"id": f"v{v}_{c}", "ref": f"clause {c}", "chars": 10,
-                                        "char_errors": errors_of(c)}) + "\n")
-        return d
+        return write_hyps(tmp_path / name, errors_of)
 
     dirs = {"cif": write("cif", lambda c: 3), "good": write("good", lambda c: 1),
             "mixed": write("mixed", lambda c: 1 if c % 2 else 5)}
@@ -517,3 +522,29 @@ def test_bootstrap_intervals_resample_clauses(tmp_path):
         (dirs["good"] / "hyp.jsonl").read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(ValueError, match="other utterances"):
         demo.bootstrap(dirs)
+
+
+def test_bootstrap_pools_the_runs_of_a_system(tmp_path):
+    # write_hyps' 20 clauses; the runs of a system (seeds) are pooled per clause:
+    # cif's two runs make 3 and 1 errors per utterance (20% overall); "steady" 2 (20%);
+    # "split" = runs "odd" (1 error on odd clauses, 5 on even) and "even" (the reverse):
+    # pooled, 6 errors per voice in every clause (30%), so every resample gives 30%
+    def write(name, errors_of):
+        return write_hyps(tmp_path / name, errors_of)
+
+    cif = [write("cif3", lambda c: 3), write("cif1", lambda c: 1)]
+    split = [write("odd", lambda c: 1 if c % 2 else 5), write("even", lambda c: 5 if c % 2 else 1)]
+    ci = demo.bootstrap({"cif": cif, "steady": write("steady", lambda c: 2), "split": split},
+                        samples=300)
+    assert ci["cif"]["cer"] == 20.0 and ci["cif"]["cer_ci"] == [20.0, 20.0]
+    assert ci["steady"]["gain"] == 0.0 and ci["steady"]["gain_ci"] == [0.0, 0.0]
+    assert ci["split"]["cer"] == 30.0 and ci["split"]["cer_ci"] == [30.0, 30.0]
+    assert ci["split"]["gain_ci"] == [-10.0, -10.0] and ci["split"]["p_better"] == 0.0
+    # a single run of the same system is not pooled: its interval is wide
+    low, high = demo.bootstrap({"cif": cif[0], "odd": split[0]}, samples=300)["odd"]["gain_ci"]
+    assert low < 0 < high
+    (split[1] / "hyp.jsonl").write_text("\n".join((split[1] / "hyp.jsonl").read_text().splitlines()[1:]) + "\n")
+    with pytest.raises(ValueError, match="even decoded other utterances"):
+        demo.bootstrap({"cif": cif, "split": split})
+    with pytest.raises(ValueError, match="at least one decode directory"):
+        demo.bootstrap({"cif": cif, "split": []})
