@@ -491,9 +491,10 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
 
 
-def write_hyps(directory, errors_of):
-    """A decode dir of 20 clauses, each spoken by 2 voices, 10 characters each;
+def write_hyps(root, name, errors_of):
+    """A decode dir root/name of 20 clauses, each spoken by 2 voices, 10 characters each;
     errors_of(clause): the character errors of each of its utterances."""
+    directory = root / name
     directory.mkdir()
     with open(directory / "hyp.jsonl", "w") as f:
         for c in range(20):
@@ -506,11 +507,9 @@ def write_hyps(directory, errors_of):
 def test_bootstrap_intervals_resample_clauses(tmp_path):
     # "good" makes 1 error per utterance, "cif" 3, "mixed" as many as "good" on half the
     # clauses and 5 on the rest
-    def write(name, errors_of):
-        return write_hyps(tmp_path / name, errors_of)
-
-    dirs = {"cif": write("cif", lambda c: 3), "good": write("good", lambda c: 1),
-            "mixed": write("mixed", lambda c: 1 if c % 2 else 5)}
+    dirs = {"cif": write_hyps(tmp_path, "cif", lambda c: 3),
+            "good": write_hyps(tmp_path, "good", lambda c: 1),
+            "mixed": write_hyps(tmp_path, "mixed", lambda c: 1 if c % 2 else 5)}
     ci = demo.bootstrap(dirs, samples=500)
     assert ci["cif"]["cer_ci"] == [30.0, 30.0] and ci["cif"]["gain_ci"] == [0.0, 0.0]
     assert ci["good"]["gain_ci"] == [20.0, 20.0] and ci["good"]["p_better"] == 1.0
@@ -529,13 +528,11 @@ def test_bootstrap_pools_the_runs_of_a_system(tmp_path):
     # cif's two runs make 3 and 1 errors per utterance (20% overall); "steady" 2 (20%);
     # "split" = runs "odd" (1 error on odd clauses, 5 on even) and "even" (the reverse):
     # pooled, 6 errors per voice in every clause (30%), so every resample gives 30%
-    def write(name, errors_of):
-        return write_hyps(tmp_path / name, errors_of)
-
-    cif = [write("cif3", lambda c: 3), write("cif1", lambda c: 1)]
-    split = [write("odd", lambda c: 1 if c % 2 else 5), write("even", lambda c: 5 if c % 2 else 1)]
-    ci = demo.bootstrap({"cif": cif, "steady": write("steady", lambda c: 2), "split": split},
-                        samples=300)
+    cif = [write_hyps(tmp_path, "cif3", lambda c: 3), write_hyps(tmp_path, "cif1", lambda c: 1)]
+    split = [write_hyps(tmp_path, "odd", lambda c: 1 if c % 2 else 5),
+             write_hyps(tmp_path, "even", lambda c: 5 if c % 2 else 1)]
+    steady = write_hyps(tmp_path, "steady", lambda c: 2)
+    ci = demo.bootstrap({"cif": cif, "steady": steady, "split": split}, samples=300)
     assert ci["cif"]["cer"] == 20.0 and ci["cif"]["cer_ci"] == [20.0, 20.0]
     assert ci["steady"]["gain"] == 0.0 and ci["steady"]["gain_ci"] == [0.0, 0.0]
     assert ci["split"]["cer"] == 30.0 and ci["split"]["cer_ci"] == [30.0, 30.0]
@@ -543,7 +540,8 @@ def test_bootstrap_pools_the_runs_of_a_system(tmp_path):
     # a single run of the same system is not pooled: its interval is wide
     low, high = demo.bootstrap({"cif": cif[0], "odd": split[0]}, samples=300)["odd"]["gain_ci"]
     assert low < 0 < high
-    (split[1] / "hyp.jsonl").write_text("\n".join((split[1] / "hyp.jsonl").read_text().splitlines()[1:]) + "\n")
+    (split[1] / "hyp.jsonl").write_text(
+        "\n".join((split[1] / "hyp.jsonl").read_text().splitlines()[1:]) + "\n")
     with pytest.raises(ValueError, match="even decoded other utterances"):
         demo.bootstrap({"cif": cif, "split": split})
     with pytest.raises(ValueError, match="at least one decode directory"):
