@@ -3,23 +3,26 @@
 
     python python/demo.py                   # CIF baseline and CIF+HKD
     python python/demo.py --ablations       # also CIF+ACD and CIF+LRD
-    python python/demo.py --max-steps 1500  # a longer budget (conf/demo.yaml has the rest)
+    python python/demo.py --seed 43 --out exp/s43   # another seed (conf/demo.yaml has the rest)
 
 Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
 (extract_teacher.py) when missing; train every system with train_hkd.py and the same
 config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
 cores/jobs threads each; decode the held-out-voice test split and the dev split (training
-voices) with decode.py's beam search, the same way, jobs systems at a time; write
+voices) with decode.py's beam search, the same way, jobs systems at a time, and the test
+split again with the decoder alone (--ctc-weight 0: the paper's decoding); write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
                                        against the baseline, 95% bootstrap intervals of
                                        the test CER and of the gain over the baseline,
                                        dev CER, the trivial baselines, and the test CER
-                                       per held-out voice
+                                       per held-out voice; then the test CER and gain of
+                                       the decoder alone
     OUT/curves.png                     training CE and CTC per token against the step
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
-                                       decode-test/, decode-dev/ (hypotheses, wer.json)
+                                       decode-test/, decode-dev/ (hypotheses, wer.json),
+                                       decode-test-decoder/ (the decoder alone)
 
 A system whose experiment finished with the same command is not trained again; one that
 was interrupted resumes from its last checkpoint. When Debian's pocketsphinx-testdata is
@@ -45,6 +48,8 @@ import decode as decode_lib
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+
+DECODER_ALONE_DIR = "decode-test-decoder"   # the test split decoded with --ctc-weight 0
 
 # name -> (label, ACD on, LRD on); the paper's Table rows
 SYSTEMS = {"cif": ("CIF", False, False), "acd": ("CIF + ACD", True, False),
@@ -307,6 +312,22 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
     return "\n".join(lines) + "\n"
 
 
+def decoder_table(results: Dict[str, dict], ci: Dict[str, dict]) -> str:
+    """The test split decoded with the decoder alone (--ctc-weight 0)."""
+    lines = ["", f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search "
+             f"+-{results['cif']['count_search']} kept): test CER, and the gain over CIF with its 95% interval "
+             "(the same bootstrap):", "",
+             "| system | test CER % | 95% CI | test WER % | CER gain, points (95% CI) | P(better) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        c = ci[name]
+        lines.append(f"| {SYSTEMS[name][0]} | {100 * r['cer']:.2f} | [{c['cer_ci'][0]:.2f}, {c['cer_ci'][1]:.2f}] | "
+                     f"{100 * r['wer']:.2f} | "
+                     + ("- | - |" if name == "cif" else
+                        f"{c['gain']:+.2f} [{c['gain_ci'][0]:.2f}, {c['gain_ci'][1]:.2f}] | {c['p_better']:.2f} |"))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     start = time.perf_counter()
@@ -344,10 +365,14 @@ def main(argv=None):
         splits["librivox"] = librivox
 
     def decode_system(name: str) -> Dict[str, dict]:
-        return {split: decode_lib.main(["--checkpoint", str(args.out / name / "averaged.pt"),
-                                        "--split", str(path), "--out", str(args.out / name / f"decode-{split}"),
-                                        "--beam", str(args.beam)])
-                for split, path in splits.items()}
+        def run_decode(split: Path, out: str, *options: str) -> dict:
+            return decode_lib.main(["--checkpoint", str(args.out / name / "averaged.pt"), "--split", str(split),
+                                    "--out", str(args.out / name / out), "--beam", str(args.beam), *options])
+        done = {split: run_decode(path, f"decode-{split}") for split, path in splits.items()}
+        # the decoder alone, as the paper decodes: what distillation does to the decoder,
+        # without the CTC branch's score (which the systems share)
+        done["test_decoder"] = run_decode(splits["test"], DECODER_ALONE_DIR, "--ctc-weight", "0")
+        return done
 
     torch.set_num_threads(threads)
     # transformers resolves its names lazily, and two threads importing it at once can fail
@@ -355,6 +380,7 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         decoded = dict(zip(names, pool.map(decode_system, names)))
     results = {name: d["test"] for name, d in decoded.items()}
+    decoder_alone = {name: d["test_decoder"] for name, d in decoded.items()}
     dev = {name: d["dev"] for name, d in decoded.items()}
     real = {name: d["librivox"] for name, d in decoded.items() if "librivox" in d}
     trivial = constant_baseline(corpus)
@@ -372,11 +398,12 @@ def main(argv=None):
             "train_seconds": seconds, "jobs": jobs, "threads": threads,
             "total_seconds": time.perf_counter() - start}
     ci = bootstrap({name: args.out / name / "decode-test" for name in names})
-    text = table(results, dev, trivial, real, ci, meta)
+    ci_decoder = bootstrap({name: args.out / name / DECODER_ALONE_DIR for name in names})
+    text = table(results, dev, trivial, real, ci, meta) + decoder_table(decoder_alone, ci_decoder)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"systems": results, "dev": dev, "bootstrap": ci, "trivial_constant": trivial, "librivox": real,
-         **meta},
+         "decoder_alone": {"systems": decoder_alone, "bootstrap": ci_decoder}, **meta},
         indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")

@@ -460,6 +460,10 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
         assert wer["cer"] == results["systems"][name]["cer"]
         dev = json.loads((out / name / "decode-dev" / "wer.json").read_text())
         assert dev["cer"] == results["dev"][name]["cer"] and dev["split"].endswith("dev")
+        alone = json.loads((out / name / "decode-test-decoder" / "wer.json").read_text())
+        assert wer["ctc_weight"] > 0 and alone["ctc_weight"] == 0 and alone["split"].endswith("test")
+        assert alone["cer"] == results["decoder_alone"]["systems"][name]["cer"]
+        assert results["decoder_alone"]["bootstrap"][name]["cer"] == round(100 * alone["cer"], 2)
     hkd_log = read_log(out / "hkd")
     assert "acd" in hkd_log[-1] and "acd" not in read_log(out / "cif")[-1]
     trivial = results["trivial_constant"]
@@ -467,6 +471,9 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| CIF | - | - |" in table and "| CIF + HKD | 1 | 0.01 |" in table    # the weights trained with
     assert "best constant sentence" in table
+    decoder_rows = table.split("Decoded with the decoder alone")[1]
+    hkd_alone = results["decoder_alone"]["systems"]["hkd"]["cer"]
+    assert f"| CIF + HKD | {100 * hkd_alone:.2f} | [" in decoder_rows
     test_speaker = (corpus / "corpus" / "test" / "utt2spk").read_text().split()[1]
     assert f"| {test_speaker} | 1 | " in table                         # per held-out voice
     for png in ("curves.png", "alignment.png"):
