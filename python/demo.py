@@ -251,15 +251,17 @@ def bootstrap(decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "
     return out
 
 
+def interval(pair: Sequence[float], sign: str = "") -> str:
+    """[low, high] to two decimals; sign "+" for gains."""
+    return f"[{pair[0]:{sign}.2f}, {pair[1]:{sign}.2f}]"
+
+
 def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivox: Dict[str, dict],
           ci: Dict[str, dict], meta: dict) -> str:
     base = results["cif"]["cer"], results["cif"]["wer"]
 
     def rel(new, old):
         return f"{100 * (old - new) / old:+.1f}%" if old > 0 else "n/a"
-
-    def interval(pair):
-        return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
 
     lines = [f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)", "",
              f"Test: {results['cif']['utterances']} utterances of held-out voices "
@@ -281,7 +283,7 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
                      f"{100 * r['cer']:.2f} | {interval(ci[name]['cer_ci'])} | {100 * r['wer']:.2f} | "
                      f"{'-' if first else rel(r['cer'], base[0])} | "
                      + ("- | - | " if first else
-                        f"{100 * (base[0] - r['cer']):+.2f} {interval(ci[name]['gain_ci'])} | "
+                        f"{100 * (base[0] - r['cer']):+.2f} {interval(ci[name]['gain_ci'], '+')} | "
                         f"{ci[name]['p_better']:.2f} | ")
                      + f"{'-' if first else rel(r['wer'], base[1])} | {100 * dev[name]['cer']:.2f} | "
                      f"{'-' if first else rel(dev[name]['cer'], dev['cif']['cer'])} |")
@@ -321,10 +323,9 @@ def decoder_table(results: Dict[str, dict], ci: Dict[str, dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         c = ci[name]
-        lines.append(f"| {SYSTEMS[name][0]} | {100 * r['cer']:.2f} | [{c['cer_ci'][0]:.2f}, {c['cer_ci'][1]:.2f}] | "
-                     f"{100 * r['wer']:.2f} | "
+        lines.append(f"| {SYSTEMS[name][0]} | {100 * r['cer']:.2f} | {interval(c['cer_ci'])} | {100 * r['wer']:.2f} | "
                      + ("- | - |" if name == "cif" else
-                        f"{c['gain']:+.2f} [{c['gain_ci'][0]:.2f}, {c['gain_ci'][1]:.2f}] | {c['p_better']:.2f} |"))
+                        f"{c['gain']:+.2f} {interval(c['gain_ci'], '+')} | {c['p_better']:.2f} |"))
     return "\n".join(lines) + "\n"
 
 
