@@ -256,6 +256,11 @@ def interval(pair: Sequence[float], sign: str = "") -> str:
     return f"[{pair[0]:{sign}.2f}, {pair[1]:{sign}.2f}]"
 
 
+def gain_cells(c: dict) -> str:
+    """A system's bootstrap row as table cells: gain over the base (95% CI) | P(better) |"""
+    return f"{c['gain']:+.2f} {interval(c['gain_ci'], '+')} | {c['p_better']:.2f} | "
+
+
 def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivox: Dict[str, dict],
           ci: Dict[str, dict], meta: dict) -> str:
     base = results["cif"]["cer"], results["cif"]["wer"]
@@ -283,8 +288,7 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
                      f"{100 * r['cer']:.2f} | {interval(ci[name]['cer_ci'])} | {100 * r['wer']:.2f} | "
                      f"{'-' if first else rel(r['cer'], base[0])} | "
                      + ("- | - | " if first else
-                        f"{100 * (base[0] - r['cer']):+.2f} {interval(ci[name]['gain_ci'], '+')} | "
-                        f"{ci[name]['p_better']:.2f} | ")
+                        gain_cells(ci[name]))
                      + f"{'-' if first else rel(r['wer'], base[1])} | {100 * dev[name]['cer']:.2f} | "
                      f"{'-' if first else rel(dev[name]['cer'], dev['cif']['cer'])} |")
     lines.append(f"| trivial: best constant sentence | - | - | {100 * trivial['cer']:.2f} | | "
@@ -324,8 +328,7 @@ def decoder_table(results: Dict[str, dict], ci: Dict[str, dict]) -> str:
     for name, r in results.items():
         c = ci[name]
         lines.append(f"| {SYSTEMS[name][0]} | {100 * r['cer']:.2f} | {interval(c['cer_ci'])} | {100 * r['wer']:.2f} | "
-                     + ("- | - |" if name == "cif" else
-                        f"{c['gain']:+.2f} {interval(c['gain_ci'], '+')} | {c['p_better']:.2f} |"))
+                     + ("- | - |" if name == "cif" else gain_cells(c).rstrip()))
     return "\n".join(lines) + "\n"
 
 
