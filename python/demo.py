@@ -8,8 +8,9 @@
 Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
 (extract_teacher.py) when missing; train every system with train_hkd.py and the same
 config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
-cores/jobs threads each; decode the held-out-voice test split and the dev split (training
-voices) with decode.py's beam search, the same way, jobs systems at a time, and the test
+cores/jobs threads each; decode the held-out-voice test split, the dev split (training
+voices) and test-seen (the test clauses spoken by training voices, when the corpus has
+it) with decode.py's beam search, the same way, jobs systems at a time, and the test
 split again with the decoder alone (--ctc-weight 0: the paper's decoding); write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
@@ -17,11 +18,13 @@ split again with the decoder alone (--ctc-weight 0: the paper's decoding); write
                                        the test CER and of the gain over the baseline,
                                        dev CER, the trivial baselines, and the test CER
                                        per held-out voice; then the test CER and gain of
-                                       the decoder alone
+                                       the decoder alone, and the CER and gain on
+                                       test-seen
     OUT/curves.png                     training CE and CTC per token against the step
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
-                                       decode-test/, decode-dev/ (hypotheses, wer.json),
+                                       decode-test/, decode-dev/, decode-test-seen/
+                                       (hypotheses, wer.json),
                                        decode-test-decoder/ (the decoder alone)
 
 A system whose experiment finished with the same command is not trained again; one that
@@ -318,12 +321,11 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
     return "\n".join(lines) + "\n"
 
 
-def decoder_table(results: Dict[str, dict], ci: Dict[str, dict]) -> str:
-    """The test split decoded with the decoder alone (--ctc-weight 0)."""
-    lines = ["", f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search "
-             f"+-{results['cif']['count_search']} kept): test CER, and the gain over CIF with its 95% interval "
-             "(the same bootstrap):", "",
-             "| system | test CER % | 95% CI | test WER % | CER gain, points (95% CI) | P(better) |",
+def gain_table(title: str, results: Dict[str, dict], ci: Dict[str, dict]) -> str:
+    """A second decoding or split: each system's CER, and its gain over CIF with the 95%
+    interval of the same bootstrap, under the paragraph title."""
+    lines = ["", title, "",
+             "| system | CER % | 95% CI | WER % | CER gain, points (95% CI) | P(better) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         c = ci[name]
@@ -365,6 +367,8 @@ def main(argv=None):
     # 3. decoding and scoring, jobs systems at a time as in training
     librivox = librivox_manifest(args.out)
     splits = {"test": corpus / "test", "dev": corpus / "dev"}
+    if (corpus / "test-seen" / "text").exists():    # made by prepare_demo_corpus.py since 2026-11-25
+        splits["test-seen"] = corpus / "test-seen"
     if librivox is not None:
         splits["librivox"] = librivox
 
@@ -385,6 +389,7 @@ def main(argv=None):
         decoded = dict(zip(names, pool.map(decode_system, names)))
     results = {name: d["test"] for name, d in decoded.items()}
     decoder_alone = {name: d["test_decoder"] for name, d in decoded.items()}
+    seen = {name: d["test-seen"] for name, d in decoded.items() if "test-seen" in d}
     dev = {name: d["dev"] for name, d in decoded.items()}
     real = {name: d["librivox"] for name, d in decoded.items() if "librivox" in d}
     trivial = constant_baseline(corpus)
@@ -403,11 +408,24 @@ def main(argv=None):
             "total_seconds": time.perf_counter() - start}
     ci = bootstrap({name: args.out / name / "decode-test" for name in names})
     ci_decoder = bootstrap({name: args.out / name / DECODER_ALONE_DIR for name in names})
-    text = table(results, dev, trivial, real, ci, meta) + decoder_table(decoder_alone, ci_decoder)
+    count_search = results["cif"]["count_search"]
+    text = table(results, dev, trivial, real, ci, meta) + gain_table(
+        f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search +-{count_search} "
+        "kept): test CER, and the gain over CIF with its 95% interval (the same bootstrap):",
+        decoder_alone, ci_decoder)
+    extra = {}
+    if seen:
+        ci_seen = bootstrap({name: args.out / name / "decode-test-seen" for name in names})
+        extra["test_seen"] = {"systems": seen, "bootstrap": ci_seen}
+        text += gain_table(
+            f"The test clauses spoken by training voices ({seen['cif']['utterances']} utterances of the split "
+            "test-seen: new sentences, known voices; decode.py's defaults as in the first table), against "
+            "the held-out voices of the first table (new sentences, new voices): what a system does for "
+            "new sentences, apart from what it does for new voices.", seen, ci_seen)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"systems": results, "dev": dev, "bootstrap": ci, "trivial_constant": trivial, "librivox": real,
-         "decoder_alone": {"systems": decoder_alone, "bootstrap": ci_decoder}, **meta},
+         "decoder_alone": {"systems": decoder_alone, "bootstrap": ci_decoder}, **extra, **meta},
         indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")

@@ -20,19 +20,24 @@ Pipeline:
      --num-train exceeds them;
   4. give each utterance a voice (accent+variant), speed and pitch (seeded). Every test
      clause is spoken by every voice held out of training (--test-voices: 12 voices, so
-     2400 test utterances by default, enough to tell systems apart); dev and train use
-     the training voices (uniformly, or --flite-share of the utterances by flite's);
+     2400 test utterances by default, enough to tell systems apart), and again by
+     --test-seen-voices training voices (12 distinct ones per clause, drawn uniformly)
+     into the split test-seen: the same unseen sentences from voices the models heard,
+     which separates what a system does for new sentences from what it does for new
+     voices; dev and train use the training voices (uniformly, or --flite-share of the
+     utterances by flite's);
   5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
      runs at another rate) with a seeded white-noise floor --snr-range dB below the
      speech (synthesisers write exact digital silence), and write Kaldi-style dirs and
      JSONL manifests:
 
      OUT/wav/<utt>-<crc32 of the synthesis parameters>.wav
-     OUT/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}
-     OUT/{train,dev,test}.jsonl   {"id", "audio", "text", "duration", "speaker"}
+     OUT/{train,dev,test,test-seen}/{wav.scp,text,utt2spk,spk2utt}
+     OUT/{train,dev,test,test-seen}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
 Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the project's
-2-core machine, so the default size (12000/200/200x12, 6.2 h of audio) takes about 2 min.
+2-core machine, so the default size (12000/200/200x12/200x12, 6.6 h of audio) takes about
+2 min.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
@@ -254,6 +259,9 @@ def get_parser():
     parser.add_argument("--test-voices", nargs="+", default=DEFAULT_TEST_VOICES,
                         help="voices held out of train/dev, as engine:name, '*' as suffix "
                              "wildcard (default: %(default)s)")
+    parser.add_argument("--test-seen-voices", type=int, default=12,
+                        help="the split test-seen: every test clause spoken by this many "
+                             "distinct training voices (0: no test-seen split)")
     parser.add_argument("--no-flite", action="store_true", help="use espeak-ng only")
     parser.add_argument("--flite-share", type=float, default=None,
                         help="share of the train/dev utterances spoken by the training flite "
@@ -330,6 +338,9 @@ def main(argv=None):
     seen, held_out = split_voices(use_flite, args.test_voices)
     if not held_out or not seen:
         _die(f"--test-voices {args.test_voices} must hold out some but not all voices")
+    if not 0 <= args.test_seen_voices <= len(seen):
+        _die(f"--test-seen-voices must be in [0, {len(seen)}] (the training voices), "
+             f"got {args.test_seen_voices}")
     if args.flite_share is not None and not 0.0 <= args.flite_share <= 1.0:
         _die(f"--flite-share must be in [0, 1], got {args.flite_share}")
     by_engine = {engine: [v for v in seen if v.engine == engine] for engine in ("espeak", "flite")}
@@ -340,13 +351,16 @@ def main(argv=None):
 
     out = args.out.resolve()
     (out / "wav").mkdir(parents=True, exist_ok=True)
+    sentences["test-seen"] = sentences["test"] if args.test_seen_voices > 0 else []
     jobs = []
-    for split in ("train", "dev", "test"):
+    for split in sentences:
         # one generator per split: a bigger --num-train leaves dev and test as they were
         split_rng = random.Random(f"{args.seed}-{split}")
         for i, text in enumerate(sentences[split]):
             if split == "test":     # every held-out voice speaks every test clause
                 speakers = held_out
+            elif split == "test-seen":
+                speakers = split_rng.sample(seen, args.test_seen_voices)
             else:
                 group = split_rng.choices([g for g, _ in seen_shares], [w for _, w in seen_shares])[0]
                 speakers = [split_rng.choice(group)]
@@ -372,7 +386,7 @@ def main(argv=None):
         return split, utt, voice, text, path, duration, True
 
     start = time.perf_counter()
-    rows = {"train": [], "dev": [], "test": []}
+    rows = {split: [] for split in sentences}
     synthesised, audio_seconds = 0, 0.0
     with ThreadPoolExecutor(max_workers=args.jobs) as pool_exec:
         for n, (split, utt, voice, text, path, duration, new) in enumerate(pool_exec.map(run, jobs), 1):
@@ -385,6 +399,10 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
 
     for split, split_rows in rows.items():
+        if not split_rows:     # --test-seen-voices 0: no stale split from an earlier run
+            shutil.rmtree(out / split, ignore_errors=True)
+            (out / f"{split}.jsonl").unlink(missing_ok=True)
+            continue
         write_split(out, split, split_rows)
         hours = sum(r["duration"] for r in split_rows) / 3600
         speakers = len({r["speaker"] for r in split_rows})
@@ -395,7 +413,8 @@ def main(argv=None):
     print(f"prepare_demo_corpus: synthesised {synthesised} utterances ({audio_seconds / 3600:.2f} h "
           f"of audio in all) in {elapsed:.1f} s with {args.jobs} jobs: {rate:.1f} utterances/s; "
           f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)})")
-    print(f"prepare_demo_corpus: wrote {out}/{{train,dev,test}} and {out}/{{train,dev,test}}.jsonl")
+    names = ",".join(split for split, split_rows in rows.items() if split_rows)
+    print(f"prepare_demo_corpus: wrote {out}/{{{names}}} and {out}/{{{names}}}.jsonl")
 
 
 if __name__ == "__main__":

@@ -346,15 +346,15 @@ def test_prepare_demo_corpus_tiny(tmp_path):
     args = ["--out", str(out), "--num-train", "12", "--num-dev", "3", "--num-test", "4", "--seed", "5"]
     prepare_demo_corpus.main(args)
     splits = {}
-    for split in ("train", "dev", "test"):
+    for split in ("train", "dev", "test", "test-seen"):
         utts, _ = data.read_kaldi_dir(out / split)
         utts, _ = data.check_audio(utts)
         jsonl, _ = data.read_jsonl_manifest(out / f"{split}.jsonl")
         assert [u.id for u in jsonl] == [u.id for u in utts]
         splits[split] = utts
-    _, held_out = prepare_demo_corpus.split_voices(shutil.which("flite") is not None,
-                                                   prepare_demo_corpus.DEFAULT_TEST_VOICES)
-    assert [len(splits[s]) for s in ("train", "dev", "test")] == [12, 3, 4 * len(held_out)]
+    seen, held_out = prepare_demo_corpus.split_voices(shutil.which("flite") is not None,
+                                                      prepare_demo_corpus.DEFAULT_TEST_VOICES)
+    assert [len(splits[s]) for s in ("train", "dev", "test", "test-seen")] == [12, 3, 4 * len(held_out), 4 * 12]
     # every held-out voice speaks every test clause
     test_pairs = {(u.speaker, u.text) for u in splits["test"]}
     assert test_pairs == {(v.speaker_id, t) for v in held_out for t in {u.text for u in splits["test"]}}
@@ -362,6 +362,12 @@ def test_prepare_demo_corpus_tiny(tmp_path):
     assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"]
     train_voices = {u.speaker for u in splits["train"]}
     assert not train_voices & {u.speaker for u in splits["test"]}       # held-out voices
+    # test-seen: the test clauses again, each from 12 distinct training voices
+    assert texts["test-seen"] == texts["test"]
+    for text in texts["test"]:
+        voices = [u.speaker for u in splits["test-seen"] if u.text == text]
+        assert len(set(voices)) == len(voices) == 12
+    assert {u.speaker for u in splits["test-seen"]} <= {v.speaker_id for v in seen}
     info = sf.info(splits["test"][0].audio)
     assert info.samplerate == 16000 and info.channels == 1
     for u in splits["train"]:
@@ -373,14 +379,20 @@ def test_prepare_demo_corpus_tiny(tmp_path):
         assert all(u.speaker.startswith("flite-") for u in data.read_kaldi_dir(only_flite / "train")[0])
     with pytest.raises(SystemExit):
         prepare_demo_corpus.main(["--out", str(tmp_path / "bad"), "--flite-share", "1.5"] + args[2:])
+    with pytest.raises(SystemExit):
+        prepare_demo_corpus.main(["--out", str(tmp_path / "bad"), "--test-seen-voices", str(len(seen) + 1)]
+                                 + args[2:])
     # reproducible: the same seed gives the same corpus
     prepare_demo_corpus.main(["--out", str(tmp_path / "again")] + args[2:])
     assert (out / "train" / "text").read_text() == (tmp_path / "again" / "train" / "text").read_text()
+    # --test-seen-voices 0 leaves no test-seen split, not even one from an earlier run
+    prepare_demo_corpus.main(["--out", str(tmp_path / "again"), "--test-seen-voices", "0"] + args[2:])
+    assert not (tmp_path / "again" / "test-seen").exists() and not (tmp_path / "again" / "test-seen.jsonl").exists()
     # more training utterances leave dev and test as they were (voices, speeds, noise too)
     bigger = tmp_path / "bigger"
     prepare_demo_corpus.main(["--out", str(bigger), "--num-train", "16"] + args[4:])
     assert len(data.read_kaldi_dir(bigger / "train")[0]) == 16
-    for split in ("dev", "test"):
+    for split in ("dev", "test", "test-seen"):
         assert (bigger / split / "text").read_text() == (out / split / "text").read_text()
         names = lambda d: [Path(p).name for p in (d / split / "wav.scp").read_text().split()[1::2]]
         assert names(bigger) == names(out)
