@@ -8,24 +8,23 @@
 Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
 (extract_teacher.py) when missing; train every system with train_hkd.py and the same
 config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
-cores/jobs threads each; decode the held-out-voice test split, the dev split (training
-voices) and test-seen (the test clauses spoken by training voices, when the corpus has
-it) with decode.py's beam search, the same way, jobs systems at a time, and the test
-split again with the decoder alone (--ctc-weight 0: the paper's decoding); write
+cores/jobs threads each; decode the held-out-voice test split and the dev split (training
+voices) with decode.py's beam search, the same way, jobs systems at a time, and the test
+split again with the decoder alone (--ctc-weight 0: the paper's decoding), and test-seen
+(the test clauses spoken by training voices, when the corpus has it) that way too; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
                                        against the baseline, 95% bootstrap intervals of
                                        the test CER and of the gain over the baseline,
                                        dev CER, the trivial baselines, and the test CER
                                        per held-out voice; then the test CER and gain of
-                                       the decoder alone, and the CER and gain on
-                                       test-seen
+                                       the decoder alone on test and test-seen
     OUT/curves.png                     training CE and CTC per token against the step
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
-                                       decode-test/, decode-dev/, decode-test-seen/
-                                       (hypotheses, wer.json),
-                                       decode-test-decoder/ (the decoder alone)
+                                       decode-test/, decode-dev/ (hypotheses, wer.json),
+                                       decode-test-decoder/, decode-test-seen-decoder/
+                                       (the decoder alone)
 
 A system whose experiment finished with the same command is not trained again; one that
 was interrupted resumes from its last checkpoint. When Debian's pocketsphinx-testdata is
@@ -53,6 +52,7 @@ ROOT = HERE.parent
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 DECODER_ALONE_DIR = "decode-test-decoder"   # the test split decoded with --ctc-weight 0
+SEEN_DECODER_DIR = "decode-test-seen-decoder"   # test-seen (training voices), the same way
 
 # name -> (label, ACD on, LRD on); the paper's Table rows
 SYSTEMS = {"cif": ("CIF", False, False), "acd": ("CIF + ACD", True, False),
@@ -321,16 +321,28 @@ def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivo
     return "\n".join(lines) + "\n"
 
 
-def gain_table(title: str, results: Dict[str, dict], ci: Dict[str, dict]) -> str:
-    """A second decoding or split: each system's CER, and its gain over CIF with the 95%
-    interval of the same bootstrap, under the paragraph title."""
-    lines = ["", title, "",
-             "| system | CER % | 95% CI | WER % | CER gain, points (95% CI) | P(better) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+def decoder_table(results: Dict[str, dict], ci: Dict[str, dict], seen: Dict[str, dict],
+                  ci_seen: Dict[str, dict]) -> str:
+    """The test split decoded with the decoder alone (--ctc-weight 0), and test-seen (when
+    decoded: `seen` not empty) the same way."""
+    split_cells = "CER % | 95% CI | WER % | CER gain, points (95% CI) | P(better) |"
+    lines = ["", f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search "
+             f"+-{results['cif']['count_search']} kept): CER, and the gain over CIF with its 95% interval "
+             "(the same bootstrap), on the test split (new sentences from held-out voices)"
+             + (f" and on test-seen (the same sentences from training voices, {seen['cif']['utterances']} "
+                "utterances: what a system does for new sentences, apart from new voices)" if seen else "")
+             + ":", "",
+             "| system | test " + split_cells.replace(" | ", " | test ", 2)
+             + (" test-seen " + split_cells.replace(" | ", " | test-seen ", 2) if seen else ""),
+             "| --- |" + " ---: |" * (10 if seen else 5)]
+
+    def cells(r: dict, c: dict, first: bool) -> str:
+        return (f" {100 * r['cer']:.2f} | {interval(c['cer_ci'])} | {100 * r['wer']:.2f} | "
+                + ("- | - |" if first else gain_cells(c).rstrip()))
+
     for name, r in results.items():
-        c = ci[name]
-        lines.append(f"| {SYSTEMS[name][0]} | {100 * r['cer']:.2f} | {interval(c['cer_ci'])} | {100 * r['wer']:.2f} | "
-                     + ("- | - |" if name == "cif" else gain_cells(c).rstrip()))
+        lines.append(f"| {SYSTEMS[name][0]} |" + cells(r, ci[name], name == "cif")
+                     + (cells(seen[name], ci_seen[name], name == "cif") if seen else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -367,8 +379,6 @@ def main(argv=None):
     # 3. decoding and scoring, jobs systems at a time as in training
     librivox = librivox_manifest(args.out)
     splits = {"test": corpus / "test", "dev": corpus / "dev"}
-    if (corpus / "test-seen" / "text").exists():    # made by prepare_demo_corpus.py since 2026-11-25
-        splits["test-seen"] = corpus / "test-seen"
     if librivox is not None:
         splits["librivox"] = librivox
 
@@ -380,6 +390,8 @@ def main(argv=None):
         # the decoder alone, as the paper decodes: what distillation does to the decoder,
         # without the CTC branch's score (which the systems share)
         done["test_decoder"] = run_decode(splits["test"], DECODER_ALONE_DIR, "--ctc-weight", "0")
+        if (corpus / "test-seen" / "text").exists():   # prepare_demo_corpus.py makes it since 2026-11-25
+            done["test_seen_decoder"] = run_decode(corpus / "test-seen", SEEN_DECODER_DIR, "--ctc-weight", "0")
         return done
 
     torch.set_num_threads(threads)
@@ -389,7 +401,7 @@ def main(argv=None):
         decoded = dict(zip(names, pool.map(decode_system, names)))
     results = {name: d["test"] for name, d in decoded.items()}
     decoder_alone = {name: d["test_decoder"] for name, d in decoded.items()}
-    seen = {name: d["test-seen"] for name, d in decoded.items() if "test-seen" in d}
+    seen = {name: d["test_seen_decoder"] for name, d in decoded.items() if "test_seen_decoder" in d}
     dev = {name: d["dev"] for name, d in decoded.items()}
     real = {name: d["librivox"] for name, d in decoded.items() if "librivox" in d}
     trivial = constant_baseline(corpus)
@@ -408,20 +420,9 @@ def main(argv=None):
             "total_seconds": time.perf_counter() - start}
     ci = bootstrap({name: args.out / name / "decode-test" for name in names})
     ci_decoder = bootstrap({name: args.out / name / DECODER_ALONE_DIR for name in names})
-    count_search = results["cif"]["count_search"]
-    text = table(results, dev, trivial, real, ci, meta) + gain_table(
-        f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search +-{count_search} "
-        "kept): test CER, and the gain over CIF with its 95% interval (the same bootstrap):",
-        decoder_alone, ci_decoder)
-    extra = {}
-    if seen:
-        ci_seen = bootstrap({name: args.out / name / "decode-test-seen" for name in names})
-        extra["test_seen"] = {"systems": seen, "bootstrap": ci_seen}
-        text += gain_table(
-            f"The test clauses spoken by training voices ({seen['cif']['utterances']} utterances of the split "
-            "test-seen: new sentences, known voices; decode.py's defaults as in the first table), against "
-            "the held-out voices of the first table (new sentences, new voices): what a system does for "
-            "new sentences, apart from what it does for new voices.", seen, ci_seen)
+    ci_seen = bootstrap({name: args.out / name / SEEN_DECODER_DIR for name in names}) if seen else {}
+    text = table(results, dev, trivial, real, ci, meta) + decoder_table(decoder_alone, ci_decoder, seen, ci_seen)
+    extra = {"test_seen_decoder_alone": {"systems": seen, "bootstrap": ci_seen}} if seen else {}
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"systems": results, "dev": dev, "bootstrap": ci, "trivial_constant": trivial, "librivox": real,
