@@ -27,14 +27,14 @@ split again with the decoder alone (--ctc-weight 0: the paper's decoding), and t
                                        (the decoder alone)
 
 A system whose experiment finished with the same command is not trained again; one that
-was interrupted resumes from its last checkpoint. When Debian's pocketsphinx-testdata is
+was interrupted resumes from its last checkpoint; one trained with another command or
+config is moved aside to OUT/<system>.replaced-<time> and trained afresh. When Debian's pocketsphinx-testdata is
 installed, its five LibriVox recordings (real speech, out of domain for voices trained
 on synthetic speech) are decoded too and reported on their own line.
 """
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -132,8 +132,11 @@ def train(args, name: str, threads: int) -> float:
     config_text = Path(args.config).read_text()
     stamp = exp / "demo-command.json"
     if stamp.exists() and not same_training(stamp.read_text(), cmd, config_text):
-        print(f"demo: {name}: the command or config changed; training again", flush=True)
-        shutil.rmtree(exp)
+        # kept, not deleted: a trained system is hours of CPU time
+        kept = exp.with_name(f"{exp.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        exp.rename(kept)
+        print(f"demo: {name}: the command or config changed; training again (the previous "
+              f"experiment is now {kept}: delete it when it is no longer needed)", flush=True)
     seconds_file = exp / "demo-train-seconds.txt"
     if (exp / "averaged.pt").exists() and seconds_file.exists():
         print(f"demo: {name}: already trained ({exp}); delete it to train again", flush=True)

@@ -36,7 +36,7 @@ Pipeline:
      OUT/{train,dev,test,test-seen}.jsonl   {"id", "audio", "text", "duration", "speaker"}
 
 Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the project's
-2-core machine, so the default size (12000/200/200x12/200x12, 6.6 h of audio) takes about
+2-core machine, so the default size (12000/200/200x12/200x12, 7.2 h of audio) takes about
 2 min.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults

@@ -503,6 +503,8 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| CIF + ACD | 1 | - |" in table and "| CIF + LRD | - | 0.01 |" in table
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
+    kept = list(out.glob("cif.replaced-*"))                             # the old one moved aside
+    assert len(kept) == 1 and [h["step"] for h in read_log(kept[0])] == [1, 2]
 
 
 def write_hyps(root, name, errors_of):
