@@ -28,9 +28,10 @@ split again with the decoder alone (--ctc-weight 0: the paper's decoding), and t
 
 A system whose experiment finished with the same command is not trained again; one that
 was interrupted resumes from its last checkpoint; one trained with another command or
-config is moved aside to OUT/<system>.replaced-<time> and trained afresh. When Debian's pocketsphinx-testdata is
-installed, its five LibriVox recordings (real speech, out of domain for voices trained
-on synthetic speech) are decoded too and reported on their own line.
+config is moved aside to OUT/<system>.replaced-<time> and trained afresh. When Debian's
+pocketsphinx-testdata is installed, its five LibriVox recordings (real speech, out of
+domain for voices trained on synthetic speech) are decoded too and reported on their own
+line.
 """
 import argparse
 import json
@@ -393,7 +394,7 @@ def main(argv=None):
         # the decoder alone, as the paper decodes: what distillation does to the decoder,
         # without the CTC branch's score (which the systems share)
         done["test_decoder"] = run_decode(splits["test"], DECODER_ALONE_DIR, "--ctc-weight", "0")
-        if (corpus / "test-seen" / "text").exists():   # prepare_demo_corpus.py makes it since 2026-11-25
+        if (corpus / "test-seen" / "text").exists():   # corpora made before test-seen existed lack it
             done["test_seen_decoder"] = run_decode(corpus / "test-seen", SEEN_DECODER_DIR, "--ctc-weight", "0")
         return done
 
