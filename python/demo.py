@@ -329,15 +329,16 @@ def decoder_table(results: Dict[str, dict], ci: Dict[str, dict], seen: Dict[str,
                   ci_seen: Dict[str, dict]) -> str:
     """The test split decoded with the decoder alone (--ctc-weight 0), and test-seen (when
     decoded: `seen` not empty) the same way."""
-    split_cells = "CER % | 95% CI | WER % | CER gain, points (95% CI) | P(better) |"
+    def header(split: str) -> str:
+        return f" {split} CER % | {split} 95% CI | {split} WER % | CER gain, points (95% CI) | P(better) |"
+
     lines = ["", f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search "
              f"+-{results['cif']['count_search']} kept): CER, and the gain over CIF with its 95% interval "
              "(the same bootstrap), on the test split (new sentences from held-out voices)"
              + (f" and on test-seen (the same sentences from training voices, {seen['cif']['utterances']} "
                 "utterances: what a system does for new sentences, apart from new voices)" if seen else "")
              + ":", "",
-             "| system | test " + split_cells.replace(" | ", " | test ", 2)
-             + (" test-seen " + split_cells.replace(" | ", " | test-seen ", 2) if seen else ""),
+             "| system |" + header("test") + (header("test-seen") if seen else ""),
              "| --- |" + " ---: |" * (10 if seen else 5)]
 
     def cells(r: dict, c: dict, first: bool) -> str:
