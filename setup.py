@@ -76,7 +76,10 @@ def build_extension():
     debug = env_flag("CIFOPS_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
     openmp = openmp_flags()
-    cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas"] + openmp
+    # -ffp-contract=off: the CIF scan rounds each product and sum on its own on every
+    # backend (the CUDA kernels use __dmul_rn/__dadd_rn), so fire decisions agree bit for
+    # bit; GCC would otherwise fuse them into FMAs where the target has them (aarch64).
+    cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"] + openmp
     macros = [("CIFOPS_TORCH_VERSION", f'"{torch.__version__}"')]
     sources = ["csrc/ops.cpp"]
     sources += sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_cpu_op.cpp"))

@@ -11,8 +11,10 @@ Cases, at the sizes of the issue in both modes:
   * CPU speed: forward + backward at N = M = 4096, D = 384, float32, 2 threads, frozen
     teacher (the HKD setting): the fused op, the naive PyTorch loss (F.normalize +
     matmul + F.cross_entropy), and their median ratio measured in the same run.
-  * GPU (skipped without one): the fused op, the naive loss and Inf-CL (skipped when
-    the inf_cl package is not installed), synchronising inside the timed call.
+  * GPU (skipped without one): the GPU issue's sizes (N = M = 2048 to 32768, D = 768
+    bfloat16 and D = 384 float32; frozen teacher, trainable teacher, symmetric): the
+    fused op, the naive loss (eager and torch.compile) and Inf-CL (skipped when the
+    inf_cl package is not installed), synchronising inside the timed call.
 Results and the machine they were measured on: benchmarks/RESULTS.md.
 """
 import json
@@ -170,53 +172,71 @@ def test_cpu_memory_16384(benchmark, cpu_threads):
 
 
 # --- GPU -----------------------------------------------------------------------------------
+# The GPU issue's cases: forward + backward, temperature 0.02, reduction "sum", against
+# naive PyTorch (eager and torch.compile) and Inf-CL, each call's peak extra memory in
+# extra_info. benchmarks/gpu_bench.py times the same cases with CUDA events in one
+# process, with the accuracy check (benchmarks/gpu_check.sh).
 
 GPU = torch.cuda.is_available() and cifops.build_info()["cuda"]
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU and cifops built with CUDA")
-GPU_N, GPU_D = 16384, 384
+GPU_CASES = [(2048, 768, "bfloat16", "frozen"), (8192, 768, "bfloat16", "frozen"),
+             (32768, 768, "bfloat16", "frozen"), (8192, 768, "bfloat16", "teacher"),
+             (32768, 768, "bfloat16", "teacher"), (8192, 768, "bfloat16", "symmetric"),
+             (32768, 768, "bfloat16", "symmetric"), (32768, 384, "float32", "frozen")]
 
 
-@pytest.fixture(scope="module")
-def gpu_inputs():
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    return (torch.randn(GPU_N, GPU_D, device="cuda", generator=gen, dtype=torch.bfloat16),
-            torch.randn(GPU_N, GPU_D, device="cuda", generator=gen, dtype=torch.bfloat16))
+def _gpu_step(impl, mode):
+    symmetric = mode == "symmetric"
 
+    def naive(s, t):
+        logits = F.normalize(s, dim=1) @ F.normalize(t, dim=1).T / TEMPERATURE
+        y = torch.arange(len(s), device=s.device)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(logits.float().T, y, reduction="sum"))
+        return loss
 
-def _synchronised(fn):
-    def call(*args):
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-    return call
+    if impl == "cifops":
+        def loss_fn(s, t):
+            return cifops.contrastive_loss(s, t, temperature=TEMPERATURE, reduction="sum",
+                                           symmetric=symmetric)
+    elif impl == "naive":
+        loss_fn = naive
+    elif impl == "naive_compiled":
+        loss_fn = torch.compile(naive)
+    else:
+        inf_cl = pytest.importorskip("inf_cl")
+        if mode != "frozen":
+            pytest.skip("Inf-CL is compared in the frozen-teacher case")
 
-
-@needs_gpu
-@pytest.mark.benchmark(group="contrastive-gpu-16384x16384x384-bf16")
-def test_gpu_fused(benchmark, gpu_inputs):
-    _info(benchmark, impl="cifops.contrastive_loss", device=torch.cuda.get_device_name())
-    benchmark.pedantic(_synchronised(fused_step), args=gpu_inputs, rounds=10, warmup_rounds=2)
-
-
-@needs_gpu
-@pytest.mark.benchmark(group="contrastive-gpu-16384x16384x384-bf16")
-def test_gpu_naive(benchmark, gpu_inputs):
-    _info(benchmark, impl="naive", device=torch.cuda.get_device_name())
-    benchmark.pedantic(_synchronised(naive_step), args=gpu_inputs, rounds=10, warmup_rounds=2)
-
-
-@needs_gpu
-@pytest.mark.benchmark(group="contrastive-gpu-16384x16384x384-bf16")
-def test_gpu_inf_cl(benchmark, gpu_inputs):
-    inf_cl = pytest.importorskip("inf_cl")
+        def loss_fn(s, t):  # Inf-CL takes normalised features and a logit scale
+            return inf_cl.cal_inf_loss(F.normalize(s, dim=1), F.normalize(t, dim=1),
+                                       scale=1.0 / TEMPERATURE).sum()
 
     def step(student, teacher):
         s = student.detach().requires_grad_(True)
-        # Inf-CL takes normalised features and a logit scale (1 / temperature)
-        loss = inf_cl.cal_inf_loss(F.normalize(s, dim=1), F.normalize(teacher, dim=1),
-                                   scale=1.0 / TEMPERATURE)
-        loss.sum().backward()
+        t = teacher.detach().requires_grad_(mode != "frozen")
+        loss_fn(s, t).backward()
+        torch.cuda.synchronize()
         return s.grad
+    return step
 
-    _info(benchmark, impl="inf_cl.cal_inf_loss", device=torch.cuda.get_device_name())
-    benchmark.pedantic(_synchronised(step), args=gpu_inputs, rounds=10, warmup_rounds=2)
+
+@needs_gpu
+@pytest.mark.parametrize("impl", ["cifops", "naive", "naive_compiled", "inf_cl"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "N%d-D%d-%s-%s" % c)
+def test_gpu_forward_backward(benchmark, case, impl):
+    N, D, dtype, mode = case
+    gen = torch.Generator(device="cuda").manual_seed(N)
+    student = torch.randn(N, D, device="cuda", generator=gen).to(getattr(torch, dtype))
+    teacher = (student.float() + 0.5 * torch.randn(N, D, device="cuda", generator=gen)).to(
+        student.dtype)
+    step = _gpu_step(impl, mode)
+    step(student, teacher)  # warm-up (and compilation)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(student, teacher)
+    _info(benchmark, impl=impl, device=torch.cuda.get_device_name(),
+          peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+    benchmark.group = f"contrastive-gpu-N{N}-D{D}-{dtype}-{mode}"
+    benchmark.pedantic(step, args=(student, teacher), rounds=10, warmup_rounds=2)

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 _TAIL_MODES = ("keep", "normalize")
+# Per-utterance fields of the scan workspace (kRowReal, kRowInfo in csrc/cif/cif.h).
+_ROW_REAL, _ROW_INFO = 4, 7
 
 
 class CifOutput(NamedTuple):
@@ -39,33 +41,38 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
         n = max_tokens
     else:
         n = torch.library.get_ctx().new_dynamic_size()
+    T = hidden.shape[1]
     return (hidden.new_empty((B, n, D)),
             hidden.new_empty((B,), dtype=torch.int64),
             hidden.new_empty((B, n), dtype=torch.int64),
-            alphas.new_empty((B,)))
+            alphas.new_empty((B,)),
+            hidden.new_empty((B * (T + 1) + B * _ROW_REAL,), dtype=torch.float64),
+            hidden.new_empty((B * T + B * _ROW_INFO,), dtype=torch.int64))
 
 
 @torch.library.register_fake("cifops::cif_backward")
-def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, lengths, target_lengths,
+def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int,
                        threshold, scale_eps, tail_threshold, tail_normalize):
     return torch.empty_like(hidden), torch.empty_like(alphas)
 
 
 # --- autograd: the backward is its own op ---------------------------------------
 
+# The forward's scan workspace (prefix sums, fire counts, per-utterance results) is
+# saved with the inputs, so the backward runs no second scan.
 def _setup_context(ctx, inputs, output):
-    hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, \
-        tail_normalize, _ = inputs
-    ctx.save_for_backward(hidden, alphas, lengths, target_lengths)
+    hidden, alphas, _, _, threshold, scale_eps, tail_threshold, tail_normalize, _ = inputs
+    ctx.save_for_backward(hidden, alphas, output[4], output[5])
     ctx.args = (threshold, scale_eps, tail_threshold, tail_normalize)
 
 
-def _backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum):
-    hidden, alphas, lengths, target_lengths = ctx.saved_tensors
+def _backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum,
+              grad_scan_real, grad_scan_int):
+    hidden, alphas, scan_real, scan_int = ctx.saved_tensors
     if grad_embeds is None:
         grad_embeds = hidden.new_zeros((hidden.shape[0], 0, hidden.shape[2]))
     grad_hidden, grad_alphas = torch.ops.cifops.cif_backward(
-        grad_embeds, grad_alpha_sum, hidden, alphas, lengths, target_lengths, *ctx.args)
+        grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int, *ctx.args)
     return grad_hidden, grad_alphas, None, None, None, None, None, None, None
 
 
@@ -140,7 +147,7 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, float(threshold),
                                        float(scale_eps), tail_threshold, tail_mode == "normalize",
                                        max_tokens)
-    return CifOutput(*out)
+    return CifOutput(*out[:4])
 
 
 class Cif(torch.nn.Module):

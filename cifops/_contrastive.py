@@ -21,10 +21,9 @@ def _compute_dtype(dtype):
 
 
 def _fuses_student_grad(student, reduction, symmetric, fuse_student_grad):
-    # Mirrors contrastive_forward_cpu_op: only the CPU kernels finish the student
-    # gradient inside the forward, for a scalar, non-symmetric loss.
-    return (fuse_student_grad and reduction != "none" and not symmetric
-            and student.device.type == "cpu")
+    # Mirrors contrastive_forward_{cpu,cuda}_op: both backends finish the student
+    # gradient inside the forward for a scalar, non-symmetric loss.
+    return fuse_student_grad and reduction != "none" and not symmetric
 
 
 # --- fake kernels: shapes only, so torch.compile can trace the ops -------------------

@@ -24,16 +24,18 @@ static constexpr int kWithCuda = 0;
 #endif
 
 TORCH_LIBRARY(cifops, m) {
-  // CIF integration (shared/docs/cif-semantics.md). max_tokens = -1: N is the
-  // largest token count of the batch (one device-to-host copy on CUDA).
+  // CIF integration (docs/cif-semantics.md). max_tokens = -1: N is the largest
+  // token count of the batch (one device-to-host copy on CUDA). scan_real and
+  // scan_int are the scan's workspace (csrc/cif/cif_host.h): the backward reads
+  // them instead of scanning again.
   m.def(
       "cif_forward(Tensor hidden, Tensor alphas, Tensor? lengths, Tensor? target_lengths, "
       "float threshold, float scale_eps, float? tail_threshold, bool tail_normalize, "
       "int max_tokens) -> (Tensor embeds, Tensor token_lengths, Tensor fire_frames, "
-      "Tensor alpha_sum)");
+      "Tensor alpha_sum, Tensor scan_real, Tensor scan_int)");
   m.def(
       "cif_backward(Tensor grad_embeds, Tensor? grad_alpha_sum, Tensor hidden, Tensor alphas, "
-      "Tensor? lengths, Tensor? target_lengths, float threshold, float scale_eps, "
+      "Tensor scan_real, Tensor scan_int, float threshold, float scale_eps, "
       "float? tail_threshold, bool tail_normalize) -> (Tensor grad_hidden, Tensor grad_alphas)");
 
   // Fused contrastive (InfoNCE) loss (csrc/contrastive/contrastive.h). temperature

@@ -170,10 +170,12 @@ def test_opcheck_forward(sample):
 
 def test_opcheck_backward():
     hidden, alphas, lengths, target, *rest = _opcheck_samples()[1]
+    scan_real, scan_int = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target,
+                                                       *rest)[4:]
     grad = torch.randn(2, 4, 3, dtype=torch.float64)
     torch.library.opcheck(torch.ops.cifops.cif_backward.default,
-                          (grad, torch.randn(2, dtype=torch.float64), hidden, alphas, lengths,
-                           target, 1.0, 1e-4, None, True))
+                          (grad, torch.randn(2, dtype=torch.float64), hidden, alphas, scan_real,
+                           scan_int, 1.0, 1e-4, None, True))
 
 
 def test_compile_fullgraph():
@@ -305,9 +307,18 @@ def test_bad_options(kwargs, match):
 
 def test_bad_input_to_backward_op():
     hidden, alphas = torch.randn(2, 5, 3), torch.rand(2, 5)
+    scan_real, scan_int = torch.ops.cifops.cif_forward(hidden, alphas, None, None, 1.0, 1e-4,
+                                                       None, True, 3)[4:]
     with pytest.raises(RuntimeError, match="grad_embeds must have shape"):
-        torch.ops.cifops.cif_backward(torch.randn(2, 3, 4), None, hidden, alphas, None, None,
-                                      1.0, 1e-4, None, True)
+        torch.ops.cifops.cif_backward(torch.randn(2, 3, 4), None, hidden, alphas, scan_real,
+                                      scan_int, 1.0, 1e-4, None, True)
+    # a workspace that is not this forward's (another T) is refused, naming it
+    with pytest.raises(RuntimeError, match="scan_real must be the forward's"):
+        torch.ops.cifops.cif_backward(torch.randn(2, 3, 3), None, hidden, alphas,
+                                      scan_real[:-1], scan_int, 1.0, 1e-4, None, True)
+    with pytest.raises(RuntimeError, match="scan_int must be the forward's"):
+        torch.ops.cifops.cif_backward(torch.randn(2, 3, 3), None, hidden, alphas, scan_real,
+                                      scan_int.float(), 1.0, 1e-4, None, True)
 
 
 # --- CUDA -------------------------------------------------------------------------
@@ -349,6 +360,83 @@ def test_cuda_matches_cpu(dtype, opts):
         (gpu.embeds * weights.cuda()).float().sum().backward()
         torch.testing.assert_close(hc.grad.cpu(), h.grad, **tol)
         torch.testing.assert_close(ac.grad.cpu(), a.grad, rtol=1e-3, atol=1e-3 * a.shape[1])
+
+
+def _scan_workspace(hidden, alphas, lengths, target, threshold=1.0, tail=None, max_tokens=-1):
+    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target, threshold, 1e-4, tail,
+                                       True, max_tokens)
+    return out[4], out[5]
+
+
+@requires_cuda
+@pytest.mark.parametrize("alpha_dtype", [torch.float32, torch.float64])
+def test_cuda_scan_workspace_bitwise_equal_to_cpu(alpha_dtype):
+    """The scan's prefix sums, fire counts and per-utterance results (the workspace the
+    backward reads) are bit for bit the CPU's: with target-length scaling (a product and
+    a sum rounded separately on both backends), dyadic weights landing on boundaries,
+    multi-fire, T above the CUDA scan's 1024-frame tile, and invalid utterances (which
+    the CUDA op with max_tokens reports as empty instead of raising)."""
+    g = torch.Generator().manual_seed(11)
+    for B, T in [(3, 5), (4, 700), (3, 2500)]:
+        alphas = (torch.rand(B, T, generator=g) * 1.2).to(alpha_dtype)
+        alphas[0, : T // 2] = torch.tensor(DYADIC, dtype=alpha_dtype)[
+            torch.randint(len(DYADIC), (T // 2,), generator=g)]
+        alphas[1, ::7] = 3.7  # multi-fire frames
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        lengths[0] = T
+        hidden = torch.randn(B, T, 4, generator=g)
+        for target in (None, torch.randint(0, 3 * T // 4 + 2, (B,), generator=g)):
+            for threshold, tail in ((1.0, None), (0.75, 0.3)):
+                cpu = _scan_workspace(hidden, alphas, lengths, target, threshold, tail)
+                gpu = _scan_workspace(hidden.cuda(), alphas.cuda(), lengths.cuda(),
+                                      None if target is None else target.cuda(), threshold, tail)
+                assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    # invalid utterances: a negative and a NaN weight, a length above T, a negative
+    # target, a positive target over zero weights; max_tokens avoids the raise on CUDA
+    alphas = torch.rand(5, 9, dtype=torch.float64)
+    alphas[0, 4], alphas[1, 2] = -0.5, float("nan")
+    alphas[4] = 0.0
+    lengths = torch.tensor([9, 9, 10, 9, 9])
+    target = torch.tensor([2, 2, 2, -1, 3])
+    gpu = _scan_workspace(torch.randn(5, 9, 2).cuda(), alphas.cuda(), lengths.cuda(),
+                          target.cuda(), max_tokens=4)
+    cpu_rows = []
+    for b in range(5):  # the CPU raises for a bad utterance, so compare row by row
+        try:
+            cpu_rows.append(_scan_workspace(torch.randn(1, 9, 2), alphas[b:b + 1],
+                                            lengths[b:b + 1], target[b:b + 1], max_tokens=4))
+        except RuntimeError:
+            cpu_rows.append(None)
+    assert all(r is None for r in cpu_rows)
+    info = gpu[1].cpu()[5 * 9:].view(5, 7)
+    assert info[:, 4].tolist() == [1, 1, 2, 3, 4]  # CifStatus of each utterance
+    assert info[:, 5].tolist()[:2] == [4, 2]       # the offending frames
+    assert torch.equal(info[:, 0], torch.zeros(5, dtype=torch.long))  # no tokens
+
+
+@requires_cuda
+def test_cuda_no_host_sync_with_max_tokens():
+    """With max_tokens, forward and backward make no device-to-host synchronisation."""
+    hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
+    alphas = (torch.rand(4, 300, device="cuda") * 0.6).requires_grad_()
+    lengths = torch.tensor([300, 250, 10, 0], device="cuda")
+    target = torch.tensor([50, 40, 2, 0], device="cuda")
+    probe = torch.randn(60, 64, device="cuda")
+    cifops.cif(hidden, alphas, lengths, max_tokens=60)  # load the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = cifops.cif(hidden, alphas, lengths, target_lengths=target, max_tokens=60,
+                         tail_threshold=0.4)
+        gh, ga = torch.autograd.grad((out.embeds * probe).sum() + out.alpha_sum.sum(),
+                                     (hidden, alphas))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = cifops.cif(hidden.detach().cpu().requires_grad_(), alphas.detach().cpu(),
+                     lengths.cpu(), target_lengths=target.cpu(), max_tokens=60,
+                     tail_threshold=0.4)
+    assert torch.equal(out.fire_frames.cpu(), cpu.fire_frames)
+    assert torch.isfinite(gh).all() and torch.isfinite(ga).all()
 
 
 @requires_cuda

@@ -111,6 +111,17 @@ constexpr int kRowReal = 4;
 // every backend makes the same fire decisions.
 CIFOPS_HD double cif_boundary(int64_t k, double beta) { return static_cast<double>(k + 1) * beta; }
 
+// Tokens fired once the prefix sum reaches p, given `fired` so far (p >= the boundary
+// of token `fired`): jump over many fires at once (alpha >> beta), then settle exactly
+// on the comparison that defines a fire.
+CIFOPS_HD int64_t cif_settle_fires(double p, int64_t fired, double beta) {
+  int64_t k = static_cast<int64_t>(p / beta);
+  if (k < fired) k = fired;
+  while (k > fired && cif_boundary(k - 1, beta) > p) --k;
+  while (cif_boundary(k, beta) <= p) ++k;
+  return k;
+}
+
 // Weight of frame t (interval [p0, p1)) in token k.
 CIFOPS_HD double cif_overlap(double p0, double p1, int64_t k, double beta) {
   const double hi = p1 < cif_boundary(k, beta) ? p1 : cif_boundary(k, beta);
@@ -187,13 +198,7 @@ CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
         info[kInfoLength] = 0;
         return;
       }
-      // Jump over many fires at once (alpha >> beta), then settle exactly on
-      // the comparison that defines a fire.
-      int64_t k = static_cast<int64_t>(p / beta);
-      if (k < fired) k = fired;
-      while (k > fired && cif_boundary(k - 1, beta) > p) --k;
-      while (cif_boundary(k, beta) <= p) ++k;
-      fired = k;
+      fired = cif_settle_fires(p, fired, beta);
     }
     token_after[t] = fired;
   }

@@ -46,10 +46,12 @@ at::Tensor to_compute(const at::Tensor& x) {
   return x.to(cpu_compute_type(x.scalar_type())).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cpu_op(
-    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
-    std::optional<double> tail_threshold, bool tail_normalize, int64_t max_tokens) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
+                   const std::optional<at::Tensor>& lengths,
+                   const std::optional<at::Tensor>& target_lengths, double threshold,
+                   double scale_eps, std::optional<double> tail_threshold, bool tail_normalize,
+                   int64_t max_tokens) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
   TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
   const CifConfig cfg =
@@ -59,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cpu_op(
   CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
   cif_scan_cpu(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len), maybe_ptr(tgt), cfg,
                ws.view(), kAtenParallelFor);
-  const int64_t max_total = check_scan_status(ws.row_info, alphas, len, tgt);
+  const int64_t max_total = check_scan_status(ws.row_info(), alphas, len, tgt);
   const int64_t n_out = max_tokens >= 0 ? max_tokens : max_total;
   at::Tensor embeds = empty_large({cfg.batch, n_out, cfg.dim}, h.options());
   at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
@@ -70,16 +72,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cpu_op(
                   fire_frames.data_ptr<int64_t>(), alpha_sum.data_ptr(),
                   scalar_kind(a.scalar_type()), kAtenParallelFor);
   return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
-          alpha_sum.to(alphas.scalar_type())};
+          alpha_sum.to(alphas.scalar_type()), ws.real, ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cpu_op(
     const at::Tensor& grad_embeds, const std::optional<at::Tensor>& grad_alpha_sum,
-    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
+    const at::Tensor& hidden, const at::Tensor& alphas, const at::Tensor& scan_real,
+    const at::Tensor& scan_int, double threshold, double scale_eps,
     std::optional<double> tail_threshold, bool tail_normalize) {
-  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  check_cif_args(hidden, alphas, std::nullopt, std::nullopt, threshold, scale_eps,
+                 tail_threshold);
   check_cif_backward_args(grad_embeds, grad_alpha_sum, hidden);
+  const CifWorkspaceTensors ws(scan_real, scan_int, hidden);
   const int64_t n_out = grad_embeds.size(1);
   const CifConfig cfg =
       make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, n_out);
@@ -87,11 +91,6 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_cpu_op(
   const at::Tensor g = grad_embeds.to(h.scalar_type()).contiguous();
   std::optional<at::Tensor> gs;
   if (grad_alpha_sum.has_value()) gs = grad_alpha_sum->to(a.scalar_type()).contiguous();
-  const auto len = to_long(lengths), tgt = to_long(target_lengths);
-  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
-  cif_scan_cpu(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len), maybe_ptr(tgt), cfg,
-               ws.view(), kAtenParallelFor);
-  check_scan_status(ws.row_info, alphas, len, tgt);
   at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
   at::Tensor grad_hidden = empty_large(h.sizes(), h.options());
   at::Tensor grad_alphas = at::empty_like(a);

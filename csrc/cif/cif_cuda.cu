@@ -2,22 +2,35 @@
 // raw pointers, sizes and a stream come in, a cudaError_t goes out.
 //
 // Parallelisation
-//   scan      one thread per utterance runs the O(T) float64 recursion of
-//             cif_scan_row, exactly as the CPU does, so both backends make the
-//             same fire decisions bit for bit.
-//   forward   one warp per output row (b, k): it finds the token's frame span
-//             [fire[k-1], fire[k]] by binary search on token_after, and the 32
-//             lanes stride over D accumulating w[t][k] * h[t] in registers
-//             (float32 for half/float inputs, float64 for double). Each token
-//             row is written exactly once, so no atomics and no zero-fill pass.
+//   scan      one block per utterance. The block stages the utterance's alphas in
+//             shared memory, tile by tile, with coalesced loads, validates them in
+//             parallel (the first bad frame is a block-wide minimum), and one thread
+//             runs the float64 recursion of cif_scan_row out of shared memory and
+//             registers: the same operations in the same order as the CPU (product
+//             and sum rounded separately, never fused), so both backends make the
+//             same fire decisions bit for bit. The block writes the tile's prefix sums
+//             and fire counts back with coalesced stores. The forward op returns this
+//             workspace, autograd saves it, and the backward reads it: one scan per
+//             forward+backward.
+//   forward   one warp per output row (b, k): the token's frame span [fire[k-1], fire[k]]
+//             from a 32-ary warp search of token_after (two or three loads instead of
+//             log2 T), then 16-byte loads of the hidden rows (float4, 8 x half),
+//             w[t][k] * h[t] accumulated in registers (float32 for half/float inputs,
+//             float64 for double). Each token row is written once, so no atomics and
+//             no zero-fill pass.
 //   backward  one warp per frame row (b, t): dh[t] over the (usually one or two)
-//             tokens the frame feeds, and the two dot products D1[t], D0[t],
-//             reduced across lanes with a fixed shuffle tree (deterministic);
-//             then one thread per utterance runs cif_alpha_grad_row.
+//             tokens the frame feeds, with 16-byte loads and stores, and the two dot
+//             products D1[t], D0[t], reduced across lanes with a fixed shuffle tree;
+//             then one block per utterance turns them into dLoss/dalpha with a
+//             fixed-order block-wide float64 reverse scan (deterministic run to run,
+//             no atomics).
 // Everything is launched on the caller's stream; there is no host sync here.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
 
 #include "cif.h"
 
@@ -25,9 +38,13 @@ namespace cifops {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 4;   // 128 threads: many rows per SM in flight
-constexpr int kPerLane = 8;         // D elements per lane per pass: 256 per warp pass
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kRowWarps = 8;             // warps per block of the row kernels
+constexpr int kPacksPerLane = 2;         // 16-byte packs per lane per pass over D
+constexpr int kScanThreads = 256;        // block of the scan and the alpha gradient
+constexpr int kScanTile = 1024;          // frames staged in shared memory at a time
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
+static_assert(kScanTile % kScanThreads == 0, "the scan's reset relies on it");
 
 template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
@@ -45,10 +62,16 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16(x);
 }
 
+// V elements of T moved as one aligned access (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
+    v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 
@@ -57,130 +80,366 @@ int64_t blocks_for(int64_t items, int64_t per_block) {
   return blocks < kMaxBlocks ? blocks : kMaxBlocks;
 }
 
+// First t in [0, L) with token_after[t] > k, for a token k that fires (so
+// token_after[L - 1] > k). token_after is non-decreasing. All lanes of the warp
+// call it and get the same answer: each round probes 32 evenly spaced frames and
+// keeps the interval where the predicate turns true.
+__device__ __forceinline__ int64_t warp_fire_frame(const int64_t* __restrict__ token_after,
+                                                   int64_t L, int64_t k, int lane) {
+  int64_t lo = 0, hi = L - 1;  // the answer is in [lo, hi]
+  while (true) {
+    const int64_t n = hi - lo + 1;
+    const int64_t step = n <= kWarpSize ? 1 : (n + kWarpSize - 1) / kWarpSize;
+    const int64_t probe = lo + lane * step;
+    const bool pred = probe > hi || token_after[probe] > k;
+    const unsigned ballot = __ballot_sync(kFullMask, pred);
+    const int j = __ffs(ballot) - 1;  // pred holds at probe = hi, so some lane is true
+    if (step == 1 || j == 0) return lo + j * step;
+    const int64_t new_hi = lo + j * step;
+    lo = lo + (j - 1) * step + 1;
+    hi = new_hi < hi ? new_hi : hi;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The scan
+
+// Block-wide minimum of an int64 (fixed order; every thread gets the result).
+__device__ int64_t block_min(int64_t v, int64_t* shared) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const int64_t o = __shfl_xor_sync(kFullMask, v, offset);
+    v = o < v ? o : v;
+  }
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = shared[0];
+  for (int w = 1; w < kScanThreads / kWarpSize; ++w) v = shared[w] < v ? shared[w] : v;
+  return v;
+}
+
+// Product and sum rounded separately (no FMA contraction), as on the CPU.
+__device__ __forceinline__ double scaled_add(double p, double a, double scale) {
+  return __dadd_rn(p, __dmul_rn(a, scale));
+}
+
 template <typename alpha_t>
-__global__ void scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ lengths,
-                            const int64_t* __restrict__ target, CifConfig cfg, CifWorkspace ws,
-                            int64_t* __restrict__ token_lengths, alpha_t* __restrict__ alpha_sum) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= cfg.batch) return;
+__global__ void __launch_bounds__(kScanThreads)
+scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ lengths,
+            const int64_t* __restrict__ target, CifConfig cfg, CifWorkspace ws,
+            int64_t* __restrict__ token_lengths, alpha_t* __restrict__ alpha_sum) {
+  __shared__ double s_alpha[kScanTile];
+  __shared__ double s_prefix[kScanTile];
+  __shared__ int64_t s_after[kScanTile];
+  __shared__ int64_t s_red[kScanThreads / kWarpSize];
+  __shared__ double s_carry[2];  // running sum, and (status != ok) as a flag
+  __shared__ int64_t s_fired;
+  const int64_t b = blockIdx.x;
+  const int tid = threadIdx.x;
   const int64_t T = cfg.frames;
+  const double beta = cfg.threshold;
+  const alpha_t* a = alphas + b * T;
+  double* P = ws.prefix + b * (T + 1);
+  int64_t* after = ws.token_after + b * T;
   int64_t* info = ws.row_info + b * kRowInfo;
   double* real = ws.row_real + b * kRowReal;
-  cif_scan_row(alphas + b * T, lengths ? lengths + b : nullptr, target ? target + b : nullptr, cfg,
-               ws.prefix + b * (T + 1), ws.token_after + b * T, info, real);
+
+  const int64_t length = lengths ? lengths[b] : T;
+  const bool bad_length = length < 0 || length > T;
+  const bool bad_target = !bad_length && target && target[b] < 0;
+  // Parallel validation: the first frame with a negative, NaN or infinite alpha.
+  int64_t first_bad = T;
+  if (!bad_length && !bad_target) {
+    for (int64_t t = tid; t < length; t += kScanThreads) {
+      const double v = static_cast<double>(a[t]);
+      if ((!(v >= 0.0) || v - v != 0.0) && t < first_bad) first_bad = t;
+    }
+  }
+  first_bad = block_min(first_bad, s_red);
+  const bool ok = !bad_length && !bad_target && first_bad == T;
+
+  // The alpha sum, sequentially in frame order (needed first only for the scaling;
+  // without it the prefix pass below produces the same sum).
+  double sum = 0.0, scale = 1.0;
+  bool zero_sum_target = false;
+  if (ok && target) {
+    for (int64_t t0 = 0; t0 < length; t0 += kScanTile) {
+      const int64_t n = length - t0 < kScanTile ? length - t0 : kScanTile;
+      __syncthreads();
+      for (int64_t i = tid; i < n; i += kScanThreads) s_alpha[i] = static_cast<double>(a[t0 + i]);
+      __syncthreads();
+      if (tid == 0)
+        for (int64_t i = 0; i < n; ++i) sum = __dadd_rn(sum, s_alpha[i]);
+    }
+    if (tid == 0) {
+      // (beta * target + eps) / sum, each operation rounded on its own as on the CPU
+      if (sum > 0.0)
+        scale = __ddiv_rn(__dadd_rn(__dmul_rn(beta, static_cast<double>(target[b])), cfg.scale_eps),
+                          sum);
+      else if (target[b] == 0) scale = 0.0;
+      else zero_sum_target = true;
+      s_carry[0] = scale;
+      s_carry[1] = zero_sum_target ? 1.0 : 0.0;
+    }
+    __syncthreads();
+    scale = s_carry[0];
+    zero_sum_target = s_carry[1] != 0.0;
+  }
+  const bool run = ok && !zero_sum_target;
+  const int64_t L = run ? length : 0;
+
+  // The prefix pass: thread 0 runs the recursion over each staged tile; the block
+  // writes the tile out. Frames >= L carry the final prefix and count.
+  double p = 0.0;
+  int64_t fired = 0;
+  bool too_many = false;
+  int64_t too_many_at = -1;
+  for (int64_t t0 = 0; t0 < L; t0 += kScanTile) {
+    const int64_t n = L - t0 < kScanTile ? L - t0 : kScanTile;
+    __syncthreads();
+    for (int64_t i = tid; i < n; i += kScanThreads) s_alpha[i] = static_cast<double>(a[t0 + i]);
+    __syncthreads();
+    if (tid == 0) {
+      for (int64_t i = 0; i < n; ++i) {
+        p = scaled_add(p, s_alpha[i], scale);
+        if (too_many) continue;  // only the sum goes on (it is alpha_sum without target)
+        s_prefix[i] = p;
+        if (cif_boundary(fired, beta) <= p) {
+          if (p / beta >= 9007199254740992.0) {  // 2^53: token counts stop being exact
+            too_many = true;
+            too_many_at = t0 + i;
+            continue;
+          }
+          fired = cif_settle_fires(p, fired, beta);
+        }
+        s_after[i] = fired;
+      }
+    }
+    __syncthreads();
+    // After an overflow these are stale; the reset below rewrites every frame, each
+    // from the same thread (kScanTile is a multiple of kScanThreads).
+    for (int64_t i = tid; i < n; i += kScanThreads) {
+      P[t0 + i + 1] = s_prefix[i];
+      after[t0 + i] = s_after[i];
+    }
+  }
+  __syncthreads();  // every thread has read the scale out of s_carry
+  if (tid == 0) {
+    s_carry[0] = p;
+    s_fired = fired;
+    s_carry[1] = too_many ? 1.0 : 0.0;
+  }
+  __syncthreads();
+  too_many = s_carry[1] != 0.0;
+  const double p_end = too_many ? 0.0 : s_carry[0];
+  const int64_t fired_end = too_many ? 0 : s_fired;
+  const int64_t fill_from = too_many ? 0 : L;
+  if (tid == 0) P[0] = 0.0;
+  for (int64_t t = fill_from + tid; t < T; t += kScanThreads) {
+    P[t + 1] = p_end;
+    after[t] = fired_end;
+  }
+  if (tid != 0) return;
+
+  // Per-utterance results, as cif_scan_row writes them.
+  info[kInfoStatus] = kCifOk;
+  info[kInfoWhere] = -1;
+  info[kInfoTotal] = 0;
+  info[kInfoComplete] = 0;
+  info[kInfoHasTail] = 0;
+  info[kInfoScaled] = target ? 1 : 0;
+  info[kInfoLength] = 0;
+  real[kRealScale] = 1.0;
+  real[kRealTailScale] = 1.0;
+  real[kRealAlphaSum] = 0.0;
+  real[kRealResidual] = 0.0;
+  if (bad_length) info[kInfoStatus] = kCifBadLength;
+  else if (bad_target) info[kInfoStatus] = kCifBadTarget;
+  else if (first_bad < T) {
+    info[kInfoStatus] = kCifBadAlpha;
+    info[kInfoWhere] = first_bad;
+  } else {
+    real[kRealAlphaSum] = target ? sum : p;  // unscaled: without target_lengths P[L] is the sum
+    if (zero_sum_target) {
+      info[kInfoStatus] = kCifZeroSumTarget;
+    } else if (too_many) {
+      info[kInfoStatus] = kCifTooManyTokens;
+      info[kInfoWhere] = too_many_at;
+      real[kRealScale] = scale;
+    } else {
+      info[kInfoLength] = L;
+      real[kRealScale] = scale;
+      const double residual = __dadd_rn(p, -__dmul_rn(static_cast<double>(fired), beta));
+      real[kRealResidual] = residual;
+      info[kInfoComplete] = fired;
+      int64_t total = fired;
+      if (cfg.has_tail_threshold && L > 0 && residual > 0.0 && residual >= cfg.tail_threshold) {
+        info[kInfoHasTail] = 1;
+        real[kRealTailScale] = cfg.tail_normalize ? beta / residual : 1.0;
+        total += 1;
+      }
+      info[kInfoTotal] = total;
+    }
+  }
   if (token_lengths)
     token_lengths[b] = cfg.max_tokens >= 0 ? cif_emitted(info, cfg.max_tokens) : info[kInfoTotal];
   if (alpha_sum) alpha_sum[b] = static_cast<alpha_t>(real[kRealAlphaSum]);
 }
 
-template <typename scalar_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
-                               CifWorkspace ws, scalar_t* __restrict__ embeds,
-                               int64_t* __restrict__ fire_frames) {
+// A row of packs set to zero by the warp.
+template <typename scalar_t, int V>
+__device__ __forceinline__ void warp_zero_row(Pack<scalar_t, V>* row, int64_t packs, int lane) {
+  Pack<scalar_t, V> zero;
+#pragma unroll
+  for (int j = 0; j < V; ++j) zero.v[j] = from_acc<scalar_t>(typename AccType<scalar_t>::type(0));
+  for (int64_t i = lane; i < packs; i += kWarpSize) row[i] = zero;
+}
+
+// ---------------------------------------------------------------------------
+// The embedding kernels. V elements per pack; V = 1 when the rows are not 16-byte
+// aligned (odd D, offset views).
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
+               CifWorkspace ws, scalar_t* __restrict__ embeds,
+               int64_t* __restrict__ fire_frames) {
   using acc_t = typename AccType<scalar_t>::type;
+  using pack_t = Pack<scalar_t, V>;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t T = cfg.frames, D = cfg.dim;
+  const int64_t T = cfg.frames, D = cfg.dim, packs = D / V;
   const double beta = cfg.threshold;
   const int64_t rows = cfg.batch * n_out;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kRowWarps;
   for (int64_t row = warp; row < rows; row += warp_stride) {
     const int64_t b = row / n_out, k = row % n_out;
-    const int64_t* info = ws.row_info + b * kRowInfo;
-    const int64_t* token_after = ws.token_after + b * T;
-    const double* P = ws.prefix + b * (T + 1);
-    scalar_t* out = embeds + row * D;
+    const int64_t* __restrict__ info = ws.row_info + b * kRowInfo;
+    const int64_t* __restrict__ token_after = ws.token_after + b * T;
+    const double* __restrict__ P = ws.prefix + b * (T + 1);
+    pack_t* out = reinterpret_cast<pack_t*>(embeds + row * D);
+    const int64_t L = info[kInfoLength], complete = info[kInfoComplete];
     if (k >= cif_emitted(info, n_out)) {
-      for (int64_t d = lane; d < D; d += kWarpSize) out[d] = from_acc<scalar_t>(acc_t(0));
+      warp_zero_row(out, packs, lane);
       if (lane == 0) fire_frames[row] = -1;
       continue;
     }
-    const int64_t first = k == 0 ? 0 : cif_fire_frame(token_after, info, k - 1);
-    const int64_t last = cif_fire_frame(token_after, info, k);
+    // The tail token (k == complete) spans to L - 1; complete tokens end where they fire.
+    const int64_t first = k == 0 ? 0 : warp_fire_frame(token_after, L, k - 1, lane);
+    const int64_t last = k >= complete ? L - 1 : warp_fire_frame(token_after, L, k, lane);
     if (lane == 0) fire_frames[row] = last;
     // The tail's beta / r scale multiplies the float64 weights (no 0 * inf in float32).
-    const double tail_scale = k == info[kInfoComplete] ? ws.row_real[b * kRowReal + kRealTailScale]
-                                                       : 1.0;
-    for (int64_t d0 = 0; d0 < D; d0 += kWarpSize * kPerLane) {
-      acc_t acc[kPerLane];
+    const double tail_scale = k == complete ? ws.row_real[b * kRowReal + kRealTailScale] : 1.0;
+    const pack_t* h = reinterpret_cast<const pack_t*>(hidden + b * T * D);
+    for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacksPerLane) {
+      acc_t acc[kPacksPerLane][V];
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[i] = acc_t(0);
+      for (int i = 0; i < kPacksPerLane; ++i)
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[i][j] = acc_t(0);
       for (int64_t t = first; t <= last; ++t) {
         const acc_t w = static_cast<acc_t>(cif_overlap(P[t], P[t + 1], k, beta) * tail_scale);
-        const scalar_t* h = hidden + (b * T + t) * D;
+        pack_t hv[kPacksPerLane];
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const int64_t d = d0 + i * kWarpSize + lane;
-          if (d < D) acc[i] += w * to_acc(h[d]);
+        for (int i = 0; i < kPacksPerLane; ++i) {
+          const int64_t idx = i0 + i * kWarpSize + lane;
+          if (idx < packs) hv[i] = h[t * packs + idx];
         }
+#pragma unroll
+        for (int i = 0; i < kPacksPerLane; ++i)
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[i][j] += w * to_acc(hv[i].v[j]);
       }
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int64_t d = d0 + i * kWarpSize + lane;
-        if (d < D) out[d] = from_acc<scalar_t>(acc[i]);
+      for (int i = 0; i < kPacksPerLane; ++i) {
+        const int64_t idx = i0 + i * kWarpSize + lane;
+        if (idx < packs) {
+          pack_t o;
+#pragma unroll
+          for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[i][j]);
+          out[idx] = o;
+        }
       }
     }
   }
 }
 
-template <typename scalar_t>
-__global__ void backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
-                                      const scalar_t* __restrict__ hidden, CifConfig cfg,
-                                      int64_t n_out, CifWorkspace ws, double* __restrict__ dots,
-                                      scalar_t* __restrict__ grad_hidden) {
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
+                      const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
+                      CifWorkspace ws, double* __restrict__ dots,
+                      scalar_t* __restrict__ grad_hidden) {
   using acc_t = typename AccType<scalar_t>::type;
+  using pack_t = Pack<scalar_t, V>;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t T = cfg.frames, D = cfg.dim;
+  const int64_t T = cfg.frames, D = cfg.dim, packs = D / V;
   const double beta = cfg.threshold;
   const int64_t rows = cfg.batch * T;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kRowWarps;
   for (int64_t row = warp; row < rows; row += warp_stride) {
     const int64_t b = row / T, t = row % T;
-    const int64_t* info = ws.row_info + b * kRowInfo;
-    const int64_t* token_after = ws.token_after + b * T;
-    const double* P = ws.prefix + b * (T + 1);
-    scalar_t* dh = grad_hidden + row * D;
+    const int64_t* __restrict__ info = ws.row_info + b * kRowInfo;
+    const int64_t* __restrict__ token_after = ws.token_after + b * T;
+    const double* __restrict__ P = ws.prefix + b * (T + 1);
+    pack_t* dh = reinterpret_cast<pack_t*>(grad_hidden + row * D);
     const int64_t emitted = cif_emitted(info, n_out);
     if (t >= info[kInfoLength] || emitted == 0) {
-      for (int64_t d = lane; d < D; d += kWarpSize) dh[d] = from_acc<scalar_t>(acc_t(0));
+      warp_zero_row(dh, packs, lane);
       if (lane == 0) { dots[2 * row] = 0.0; dots[2 * row + 1] = 0.0; }
       continue;
     }
     const int64_t k_in = t == 0 ? 0 : token_after[t - 1];
     const int64_t k_out = token_after[t];
     const int64_t k_last = k_out < emitted - 1 ? k_out : emitted - 1;
-    const bool in_open = t > 0 && P[t] > cif_boundary(k_in - 1, beta);  // dw/dP[t] = -1
+    const double p0 = P[t], p1 = P[t + 1];
+    const bool in_open = t > 0 && p0 > cif_boundary(k_in - 1, beta);  // dw/dP[t] = -1
+    const int64_t complete = info[kInfoComplete];
     const double tail_scale = ws.row_real[b * kRowReal + kRealTailScale];
-    const scalar_t* h = hidden + row * D;
+    const pack_t* h = reinterpret_cast<const pack_t*>(hidden + row * D);
     acc_t d1 = acc_t(0), d0 = acc_t(0);
-    for (int64_t c0 = 0; c0 < D; c0 += kWarpSize * kPerLane) {
-      acc_t hv[kPerLane], acc[kPerLane];
+    for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacksPerLane) {
+      pack_t hv[kPacksPerLane];
+      acc_t acc[kPacksPerLane][V];
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int64_t d = c0 + i * kWarpSize + lane;
-        hv[i] = d < D ? to_acc(h[d]) : acc_t(0);
-        acc[i] = acc_t(0);
+      for (int i = 0; i < kPacksPerLane; ++i) {
+        const int64_t idx = i0 + i * kWarpSize + lane;
+        if (idx < packs) hv[i] = h[idx];
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[i][j] = acc_t(0);
       }
       for (int64_t k = k_in; k <= k_last; ++k) {
-        const double ts = k == info[kInfoComplete] ? tail_scale : 1.0;
-        const acc_t w = static_cast<acc_t>(cif_overlap(P[t], P[t + 1], k, beta) * ts);
-        const scalar_t* g = grad_embeds + (b * n_out + k) * D;
+        const double ts = k == complete ? tail_scale : 1.0;
+        const acc_t w = static_cast<acc_t>(cif_overlap(p0, p1, k, beta) * ts);
+        const pack_t* g = reinterpret_cast<const pack_t*>(grad_embeds + (b * n_out + k) * D);
         acc_t dot = acc_t(0);
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const int64_t d = c0 + i * kWarpSize + lane;
-          const acc_t gv = d < D ? to_acc(g[d]) : acc_t(0);
-          acc[i] += w * gv;
-          dot += gv * hv[i];
+        for (int i = 0; i < kPacksPerLane; ++i) {
+          const int64_t idx = i0 + i * kWarpSize + lane;
+          if (idx < packs) {
+            const pack_t gv = g[idx];
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              const acc_t x = to_acc(gv.v[j]);
+              acc[i][j] += w * x;
+              dot += x * to_acc(hv[i].v[j]);
+            }
+          }
         }
         if (k == k_out) d1 += static_cast<acc_t>(ts) * dot;
         if (k == k_in && in_open) d0 += static_cast<acc_t>(ts) * dot;
       }
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int64_t d = c0 + i * kWarpSize + lane;
-        if (d < D) dh[d] = from_acc<scalar_t>(acc[i]);
+      for (int i = 0; i < kPacksPerLane; ++i) {
+        const int64_t idx = i0 + i * kWarpSize + lane;
+        if (idx < packs) {
+          pack_t o;
+#pragma unroll
+          for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[i][j]);
+          dh[idx] = o;
+        }
       }
     }
     d1 = warp_sum(d1);
@@ -192,18 +451,106 @@ __global__ void backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
   }
 }
 
-template <typename alpha_t>
-__global__ void backward_alpha_kernel(const alpha_t* __restrict__ alphas,
-                                      const alpha_t* __restrict__ grad_alpha_sum, CifConfig cfg,
-                                      int64_t n_out, CifWorkspace ws, double* __restrict__ dots,
-                                      alpha_t* __restrict__ grad_alphas) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= cfg.batch) return;
-  const int64_t T = cfg.frames;
-  cif_alpha_grad_row(alphas + b * T, grad_alpha_sum ? grad_alpha_sum + b : nullptr, cfg, n_out,
-                     ws.prefix + b * (T + 1), ws.token_after + b * T, ws.row_info + b * kRowInfo,
-                     ws.row_real + b * kRowReal, dots + 2 * b * T, grad_alphas + b * T);
+// ---------------------------------------------------------------------------
+// dLoss/dalpha, one block per utterance (cif_alpha_grad_row in parallel).
+
+// Block-wide inclusive scan of one double per thread, in thread order (fixed
+// shuffle and shared-memory order: deterministic). Returns the inclusive prefix;
+// *total gets the block's sum.
+__device__ double block_inclusive_scan(double v, double* shared, double* total) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const double o = __shfl_up_sync(kFullMask, v, offset);
+    if (lane >= offset) v += o;
+  }
+  __syncthreads();
+  if (lane == kWarpSize - 1) shared[warp] = v;
+  __syncthreads();
+  double before = 0.0, all = 0.0;
+  for (int w = 0; w < kScanThreads / kWarpSize; ++w) {
+    if (w < warp) before += shared[w];
+    all += shared[w];
+  }
+  *total = all;
+  return before + v;
 }
+
+// Block-wide sum in a fixed order.
+__device__ double block_sum(double v, double* shared) {
+  double total;
+  block_inclusive_scan(v, shared, &total);
+  return total;
+}
+
+template <typename alpha_t>
+__global__ void __launch_bounds__(kScanThreads)
+backward_alpha_kernel(const alpha_t* __restrict__ alphas,
+                      const alpha_t* __restrict__ grad_alpha_sum, CifConfig cfg, int64_t n_out,
+                      CifWorkspace ws, const double* __restrict__ dots,
+                      alpha_t* __restrict__ grad_alphas) {
+  __shared__ double s_red[kScanThreads / kWarpSize];
+  const int64_t b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int64_t T = cfg.frames;
+  const double beta = cfg.threshold;
+  const int64_t* info = ws.row_info + b * kRowInfo;
+  const double* real = ws.row_real + b * kRowReal;
+  const double* P = ws.prefix + b * (T + 1);
+  const double* dt = dots + 2 * b * T;
+  const alpha_t* a = alphas + b * T;
+  alpha_t* ga = grad_alphas + b * T;
+  const int64_t L = info[kInfoLength];
+  const int64_t n = info[kInfoComplete];
+  // Tail normalisation: dLoss/dr = -(1/r) sum_t w[t][n] D1[t] over the tail's frames
+  // (the overlap with token n is zero on every other frame).
+  double tail_term = 0.0;
+  if (info[kInfoHasTail] && cfg.tail_normalize && n < n_out) {
+    double part = 0.0;
+    for (int64_t t = tid; t < L; t += kScanThreads)
+      part += cif_overlap(P[t], P[t + 1], n, beta) * dt[2 * t];
+    tail_term = -block_sum(part, s_red) / real[kRealResidual];
+  }
+  // dp[t] = D1[t] - D0[t + 1] (+ the tail term at t = L - 1); G[j] = sum_{t >= j} dp[t].
+  // Thread c owns the contiguous frames [c * chunk, (c + 1) * chunk), in reverse:
+  // thread 0 the last chunk, so that an inclusive scan in thread order is the
+  // suffix sum over chunks.
+  const int64_t chunk = (L + kScanThreads - 1) / kScanThreads;
+  const int64_t hi = L - static_cast<int64_t>(tid) * chunk;  // frames [lo, hi), descending
+  const int64_t lo = hi - chunk > 0 ? hi - chunk : 0;
+  auto dp = [&](int64_t t) {
+    double v = dt[2 * t] - (t + 1 < L ? dt[2 * (t + 1) + 1] : 0.0);
+    if (t == L - 1) v += tail_term;
+    return v;
+  };
+  double local = 0.0;
+  for (int64_t t = hi - 1; t >= lo; --t) local += dp(t);
+  double total;
+  const double incl = block_inclusive_scan(hi > lo ? local : 0.0, s_red, &total);
+  double running = incl - (hi > lo ? local : 0.0);  // the frames after this chunk
+  double weighted = 0.0;
+  // G[t] is recomputed in the second pass from the same running sums.
+  for (int64_t t = hi - 1; t >= lo; --t) {
+    running += dp(t);
+    weighted += static_cast<double>(a[t]) * running;
+  }
+  weighted = block_sum(weighted, s_red);
+  const double scale = real[kRealScale];
+  const double sum = real[kRealAlphaSum];
+  const double extra = grad_alpha_sum ? static_cast<double>(grad_alpha_sum[b]) : 0.0;
+  const bool scaled = info[kInfoScaled] != 0;
+  running = incl - (hi > lo ? local : 0.0);
+  for (int64_t t = hi - 1; t >= lo; --t) {
+    running += dp(t);
+    double g;
+    if (!scaled) g = running;
+    else g = sum > 0.0 ? scale * (running - weighted / sum) : 0.0;
+    ga[t] = static_cast<alpha_t>(g + extra);
+  }
+  for (int64_t t = L + tid; t < T; t += kScanThreads) ga[t] = static_cast<alpha_t>(0.0);
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch
 
 template <typename F>
 int dispatch_alpha(ScalarKind kind, F&& f) {
@@ -223,7 +570,14 @@ int dispatch_hidden(ScalarKind kind, F&& f) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-constexpr int kScanThreads = 64;
+// Whether rows of D elements of `bytes` each, at these base pointers, can move as
+// 16-byte packs.
+bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
+  if ((D * bytes) % 16 != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
 
 }  // namespace
 
@@ -233,8 +587,8 @@ int cif_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* leng
   if (cfg.batch == 0) return cudaSuccess;
   return dispatch_alpha(alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
-    const int blocks = static_cast<int>((cfg.batch + kScanThreads - 1) / kScanThreads);
-    scan_kernel<alpha_t><<<blocks, kScanThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+    scan_kernel<alpha_t><<<static_cast<unsigned>(cfg.batch), kScanThreads, 0,
+                           static_cast<cudaStream_t>(stream)>>>(
         static_cast<const alpha_t*>(alphas), lengths, target, cfg, ws, token_lengths,
         static_cast<alpha_t*>(alpha_sum));
     return static_cast<int>(cudaGetLastError());
@@ -248,11 +602,17 @@ int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig
   if (rows == 0) return cudaSuccess;
   return dispatch_hidden(hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const int64_t blocks = blocks_for(rows, kWarpsPerBlock);
-    forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0,
-                               static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const scalar_t*>(hidden), cfg, n_out, ws, static_cast<scalar_t*>(embeds),
-        fire_frames);
+    constexpr int V = 16 / sizeof(scalar_t);
+    const unsigned blocks = static_cast<unsigned>(blocks_for(rows, kRowWarps));
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const auto* h = static_cast<const scalar_t*>(hidden);
+    auto* e = static_cast<scalar_t*>(embeds);
+    if (packable(cfg.dim, sizeof(scalar_t), {hidden, embeds}))
+      forward_kernel<scalar_t, V><<<blocks, kRowWarps * kWarpSize, 0, s>>>(h, cfg, n_out, ws, e,
+                                                                          fire_frames);
+    else
+      forward_kernel<scalar_t, 1><<<blocks, kRowWarps * kWarpSize, 0, s>>>(h, cfg, n_out, ws, e,
+                                                                          fire_frames);
     return static_cast<int>(cudaGetLastError());
   });
 }
@@ -265,18 +625,23 @@ int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int err = dispatch_hidden(hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const int64_t blocks = blocks_for(cfg.batch * cfg.frames, kWarpsPerBlock);
-    backward_frame_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize,
-                                      0, s>>>(static_cast<const scalar_t*>(grad_embeds),
-                                              static_cast<const scalar_t*>(hidden), cfg, n_out,
-                                              ws, dots, static_cast<scalar_t*>(grad_hidden));
+    constexpr int V = 16 / sizeof(scalar_t);
+    const unsigned blocks = static_cast<unsigned>(blocks_for(cfg.batch * cfg.frames, kRowWarps));
+    const auto* g = static_cast<const scalar_t*>(grad_embeds);
+    const auto* h = static_cast<const scalar_t*>(hidden);
+    auto* gh = static_cast<scalar_t*>(grad_hidden);
+    if (packable(cfg.dim, sizeof(scalar_t), {grad_embeds, hidden, grad_hidden}))
+      backward_frame_kernel<scalar_t, V><<<blocks, kRowWarps * kWarpSize, 0, s>>>(
+          g, h, cfg, n_out, ws, dots, gh);
+    else
+      backward_frame_kernel<scalar_t, 1><<<blocks, kRowWarps * kWarpSize, 0, s>>>(
+          g, h, cfg, n_out, ws, dots, gh);
     return static_cast<int>(cudaGetLastError());
   });
   if (err != cudaSuccess) return err;
   return dispatch_alpha(alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
-    const int blocks = static_cast<int>((cfg.batch + kScanThreads - 1) / kScanThreads);
-    backward_alpha_kernel<alpha_t><<<blocks, kScanThreads, 0, s>>>(
+    backward_alpha_kernel<alpha_t><<<static_cast<unsigned>(cfg.batch), kScanThreads, 0, s>>>(
         static_cast<const alpha_t*>(alphas), static_cast<const alpha_t*>(grad_alpha_sum), cfg,
         n_out, ws, dots, static_cast<alpha_t*>(grad_alphas));
     return static_cast<int>(cudaGetLastError());

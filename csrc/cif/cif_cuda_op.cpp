@@ -3,7 +3,8 @@
 // current stream. With max_tokens given there is no device-to-host copy (value
 // errors in the inputs then surface as utterances with no tokens, since raising
 // would need a sync); without it the per-utterance token counts and statuses
-// are copied back once, and errors are raised like on the CPU.
+// are copied back once, and errors are raised like on the CPU. The scan's
+// workspace is returned with the outputs, and the backward reads it (no second scan).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,10 +25,12 @@ at::Tensor alphas_compute(const at::Tensor& a) {
   return a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cuda_op(
-    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
-    std::optional<double> tail_threshold, bool tail_normalize, int64_t max_tokens) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
+                    const std::optional<at::Tensor>& lengths,
+                    const std::optional<at::Tensor>& target_lengths, double threshold,
+                    double scale_eps, std::optional<double> tail_threshold, bool tail_normalize,
+                    int64_t max_tokens) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
   TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
   const c10::cuda::CUDAGuard guard(hidden.device());
@@ -43,22 +46,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cif_forward_cuda_op(
                                   maybe_ptr(tgt), cfg, ws.view(), token_lengths.data_ptr<int64_t>(),
                                   alpha_sum.data_ptr(), stream));
   int64_t n_out = max_tokens;
-  if (n_out < 0) n_out = check_scan_status(ws.row_info.cpu(), alphas, len, tgt);
+  if (n_out < 0) n_out = check_scan_status(ws.row_info().cpu(), alphas, len, tgt);
   at::Tensor embeds = at::empty({cfg.batch, n_out, cfg.dim}, h.options());
   at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
   CIFOPS_CUDA_CHECK(cif_forward_cuda(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out,
                                      ws.view(), embeds.data_ptr(),
                                      fire_frames.data_ptr<int64_t>(), stream));
-  return {embeds, token_lengths, fire_frames, alpha_sum.to(alphas.scalar_type())};
+  return {embeds, token_lengths, fire_frames, alpha_sum.to(alphas.scalar_type()), ws.real,
+          ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(
     const at::Tensor& grad_embeds, const std::optional<at::Tensor>& grad_alpha_sum,
-    const at::Tensor& hidden, const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& target_lengths, double threshold, double scale_eps,
+    const at::Tensor& hidden, const at::Tensor& alphas, const at::Tensor& scan_real,
+    const at::Tensor& scan_int, double threshold, double scale_eps,
     std::optional<double> tail_threshold, bool tail_normalize) {
-  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  check_cif_args(hidden, alphas, std::nullopt, std::nullopt, threshold, scale_eps,
+                 tail_threshold);
   check_cif_backward_args(grad_embeds, grad_alpha_sum, hidden);
+  const CifWorkspaceTensors ws(scan_real, scan_int, hidden);
   const c10::cuda::CUDAGuard guard(hidden.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t n_out = grad_embeds.size(1);
@@ -68,10 +74,6 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(
   const at::Tensor g = grad_embeds.to(h.scalar_type()).contiguous();
   std::optional<at::Tensor> gs;
   if (grad_alpha_sum.has_value()) gs = grad_alpha_sum->to(a.scalar_type()).contiguous();
-  const auto len = to_long(lengths), tgt = to_long(target_lengths);
-  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
-  CIFOPS_CUDA_CHECK(cif_scan_cuda(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len),
-                                  maybe_ptr(tgt), cfg, ws.view(), nullptr, nullptr, stream));
   at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
   at::Tensor grad_hidden = at::empty_like(h);
   at::Tensor grad_alphas = at::empty_like(a);

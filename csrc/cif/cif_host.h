@@ -108,21 +108,51 @@ inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, dou
   return cfg;
 }
 
-// The scratch tensors behind a CifWorkspace; they live as long as this struct.
+// The scan's workspace as two flat tensors. The forward op returns them as its last
+// two outputs and autograd saves them, so the backward runs no second scan:
+//   scan_real  float64 [B (T + 1) + B kRowReal]  prefix sums P [B][T+1], then row_real
+//   scan_int   int64   [B T + B kRowInfo]         token_after [B][T], then row_info
+inline int64_t cif_scan_real_size(int64_t B, int64_t T) { return B * (T + 1) + B * kRowReal; }
+inline int64_t cif_scan_int_size(int64_t B, int64_t T) { return B * T + B * kRowInfo; }
+
 struct CifWorkspaceTensors {
-  at::Tensor prefix, token_after, row_info, row_real;
+  int64_t batch, frames;
+  at::Tensor real, ints;
   CifWorkspaceTensors(int64_t B, int64_t T, const at::TensorOptions& opts)
-      : prefix(at::empty({B, T + 1}, opts.dtype(at::kDouble))),
-        token_after(at::empty({B, T}, opts.dtype(at::kLong))),
-        row_info(at::empty({B, kRowInfo}, opts.dtype(at::kLong))),
-        row_real(at::empty({B, kRowReal}, opts.dtype(at::kDouble))) {}
+      : batch(B),
+        frames(T),
+        real(at::empty({cif_scan_real_size(B, T)}, opts.dtype(at::kDouble))),
+        ints(at::empty({cif_scan_int_size(B, T)}, opts.dtype(at::kLong))) {}
+  // The saved workspace of a forward (cif_backward's scan_real / scan_int).
+  CifWorkspaceTensors(const at::Tensor& scan_real, const at::Tensor& scan_int,
+                      const at::Tensor& hidden)
+      : batch(hidden.size(0)), frames(hidden.size(1)), real(scan_real), ints(scan_int) {
+    const char* fn = "cifops.cif_backward: ";
+    TORCH_CHECK(real.scalar_type() == at::kDouble && real.dim() == 1 &&
+                    real.size(0) == cif_scan_real_size(batch, frames) && real.is_contiguous(),
+                fn, "scan_real must be the forward's contiguous float64 [",
+                cif_scan_real_size(batch, frames), "] workspace, got ", real.scalar_type(), " ",
+                real.sizes());
+    TORCH_CHECK(ints.scalar_type() == at::kLong && ints.dim() == 1 &&
+                    ints.size(0) == cif_scan_int_size(batch, frames) && ints.is_contiguous(),
+                fn, "scan_int must be the forward's contiguous int64 [",
+                cif_scan_int_size(batch, frames), "] workspace, got ", ints.scalar_type(), " ",
+                ints.sizes());
+    TORCH_CHECK(real.device() == hidden.device() && ints.device() == hidden.device(), fn,
+                "scan_real and scan_int must be on ", hidden.device(), " like hidden, got ",
+                real.device(), " and ", ints.device());
+  }
   CifWorkspace view() const {
     CifWorkspace ws;
-    ws.prefix = prefix.data_ptr<double>();
-    ws.token_after = token_after.data_ptr<int64_t>();
-    ws.row_info = row_info.data_ptr<int64_t>();
-    ws.row_real = row_real.data_ptr<double>();
+    ws.prefix = real.data_ptr<double>();
+    ws.row_real = ws.prefix + batch * (frames + 1);
+    ws.token_after = ints.data_ptr<int64_t>();
+    ws.row_info = ws.token_after + batch * frames;
     return ws;
+  }
+  // row_info [B][kRowInfo] as a tensor (for check_scan_status).
+  at::Tensor row_info() const {
+    return ints.narrow(0, batch * frames, batch * kRowInfo).view({batch, kRowInfo});
   }
 };
 

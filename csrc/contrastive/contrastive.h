@@ -189,34 +189,41 @@ void contrastive_grad_pass_cpu(ScalarKind kind, const ContrastivePass& pass, con
 // ----------------------------------------------------------------------------
 // CUDA entry points (csrc/contrastive/contrastive_cuda.cu): device pointers, the
 // stream passed through void*, a cudaError_t (as int) returned. The compute type
-// acc_t is float for float16/bfloat16/float32 inputs and double for float64.
-// "op" copies hold the unit rows in the input dtype (the tensor-core operand for
-// half inputs); for half inputs "val" copies hold them in float32 (the TF32
-// operand of the gradient products); for float32/float64 val may alias op.
-// Padding: rows to contrastive_cuda_padded_rows, the row stride to
-// contrastive_cuda_padded_dim; the padding is written by the prepare kernel.
-int64_t contrastive_cuda_padded_rows(ScalarKind kind, int64_t rows);
-int64_t contrastive_cuda_padded_dim(ScalarKind kind, int64_t dim);
-// Row stride of the grad pass's acc_t scratch [rows_padded][grad_stride].
-int64_t contrastive_cuda_grad_stride(ScalarKind kind, int64_t dim);
+// acc_t is float for float16/bfloat16/float32 inputs and double for float64. The
+// products themselves are cuBLAS calls made by the binding (contrastive_cuda_op.cpp):
+// per chunk of rows of A, logits = A_chunk . B^T in acc_t, then
+// contrastive_softmax_rows_cuda, then G . B and G^T . A_chunk.
 
+// unit [rows][dim] (input dtype) = x / max(||x||, eps) (x itself without normalize),
+// inv_norm [rows] = 1 / max(||x||, eps) (1 without normalize).
 int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
-                             bool normalize, void* op, void* val, double* inv_norm, void* stream);
+                             bool normalize, void* unit, double* inv_norm, void* stream);
 
-// The row pass (no fused gradient on CUDA). inv_temperature points to one acc_t
-// on the device. lse may be null when only argmax is wanted.
-int contrastive_row_pass_cuda(ScalarKind kind, const ContrastivePass& pass, const void* a_op,
-                              const void* b_op, const void* inv_temperature,
-                              const int64_t* target, void* lse, void* expect,
-                              void* target_logit, int64_t* argmax, void* stream);
+// One chunk of logit rows for the softmax kernel. All statistics and weights are
+// acc_t arrays indexed by the absolute row (row0 + r) or by the column.
+struct ContrastiveChunk {
+  const void* logits = nullptr;  // [rows][cols] acc_t, raw products (not divided by tau)
+  int64_t rows = 0, cols = 0, row0 = 0;
+  const void* inv_temperature = nullptr;  // one acc_t on the device
+  int64_t ignore_index = -100;
+  const int64_t* target = nullptr;  // the positives of the rows; null: the identity
+  void* lse = nullptr;              // statistics to write, each may be null
+  void* expect = nullptr;
+  void* target_logit = nullptr;     // 0 for ignored rows, NaN for a target outside [0, cols)
+  int64_t* argmax = nullptr;        // the first maximal column
+  void* grad = nullptr;             // G [rows][cols] in the input dtype; null: not wanted
+  const void* grad_scale = nullptr; // one acc_t multiplying G (keeps float16 in range); null: 1
+  SoftmaxTerm row;                  // a and lse by row (lse null: the one computed here)
+  SoftmaxTerm col;                  // b and clse by column; positives the identity
+};
+int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk, void* stream);
 
-// The grad pass: grad_unit [rows_padded][grad_stride] acc_t scratch, then the
-// normalisation backward into grad_x [R][D] (input dtype). a_val / b_val are the
-// val copies (the op copies for float32/float64).
-int contrastive_grad_pass_cuda(ScalarKind kind, const ContrastivePass& pass, const void* a_op,
-                               const void* a_val, const void* b_op, const void* b_val,
-                               const void* inv_temperature, const SoftmaxTerm& row_term,
-                               const SoftmaxTerm& col_term, const double* a_inv_norm,
-                               bool normalize, void* grad_unit, void* grad_x, void* stream);
+// grad_x [rows][dim] (the input dtype, or acc_t with out_acc) from grad_unit =
+// sum_c G_rc B_c [rows][dim] (acc_t): times *out_scale (1/tau over the G scale), then
+// the backward of the normalisation.
+int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const void* x,
+                                   const double* inv_norm, const void* out_scale, int64_t rows,
+                                   int64_t dim, bool normalize, bool out_acc, void* grad_x,
+                                   void* stream);
 
 }  // namespace cifops

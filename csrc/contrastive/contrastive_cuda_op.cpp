@@ -1,22 +1,43 @@
 // CUDA implementation of the cifops::contrastive_forward / contrastive_backward /
-// contrastive_accuracy ops: checks, allocation of the unit copies and launches of
-// the torch-free kernels in contrastive_cuda.cu on the current stream.
+// contrastive_accuracy ops: checks, the chunk loop, and launches on the current stream.
+//
+// Per chunk of rows of A (student rows, or teacher rows for the symmetric column
+// statistics), the logits A_chunk . B^T come from cuBLAS through ATen (float32 output
+// for float16/bfloat16 inputs via mm's out_dtype; float32 inputs follow torch's matmul
+// precision setting, full float32 by default), one kernel (contrastive_cuda.cu) turns
+// each logit row into its statistics and, when a gradient is wanted, the G row, and
+// cuBLAS forms G . B for this side and accumulates G^T . A_chunk for the other. The
+// chunk's rows are bounded by a fixed workspace (CIFOPS_CONTRASTIVE_CHUNK_MIB, default
+// 64 MiB of logits and G), so memory is O((N + M) D) plus that, whatever N is. Every
+// reduction runs in a fixed order: the results are identical run to run.
+//
+// For a scalar, non-symmetric loss the forward also finishes the student gradient
+// (fused_grad, as on the CPU): the backward of the frozen-teacher case only scales it,
+// so forward + backward is two products.
 //
 // No device-to-host copy happens (the op can be captured in a CUDA graph), so two
-// value checks the CPU makes are not made here: targets outside [0, M) give that
-// row a NaN loss, and a temperature tensor on the GPU is not checked for > 0 (a
-// CPU temperature, or a Python float, is). The forward never fuses the student
-// gradient on CUDA: fused_grad is always empty and the backward recomputes tiles.
+// value checks the CPU makes are not made here: targets outside [0, M) give that row
+// a NaN loss, and a temperature tensor on the GPU is not checked for > 0 (a CPU
+// temperature, or a Python float, is).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/reciprocal.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "contrastive_host.h"
 
@@ -28,40 +49,55 @@ namespace {
 constexpr const char* kLossFn = "cifops.contrastive_loss";
 constexpr const char* kAccuracyFn = "cifops.contrastive_accuracy";
 
-// One side as the kernels read it: unit rows in the input dtype (op), in float32
-// for half inputs (val; the op copy otherwise), and the inverse norms.
+// The chunk workspace bound in bytes: CIFOPS_CONTRASTIVE_CHUNK_MIB (a tuning knob for
+// benchmarks), default 64 MiB.
+int64_t chunk_workspace_bytes() {
+  int64_t mib = 64;
+  if (const char* env = std::getenv("CIFOPS_CONTRASTIVE_CHUNK_MIB")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && v >= 1 && v <= (1 << 20),
+                "cifops: CIFOPS_CONTRASTIVE_CHUNK_MIB must be an integer in [1, 1048576], got '",
+                env, "'");
+    mib = v;
+  }
+  return mib << 20;
+}
+
+// Rows per chunk for `cols` columns at `bytes` per logit element (logits plus G): a
+// multiple of 128 (the matmul tile) within the workspace bound, at least 128.
+int64_t chunk_rows(int64_t rows, int64_t cols, int64_t bytes) {
+  if (rows == 0) return 1;
+  int64_t r = cols > 0 ? chunk_workspace_bytes() / (cols * bytes) : rows;
+  r = r / 128 * 128;
+  if (r < 128) r = 128;
+  return r < rows ? r : rows;
+}
+
+// One side: the unit rows in the input dtype (the matmul operand) and 1 / max(||x||, eps).
 struct CudaSide {
-  at::Tensor op, val, inv_norm;
-  CudaSide(const at::Tensor& x, bool normalize, void* stream) {
-    const ScalarKind kind = scalar_kind(x.scalar_type());
-    const int64_t rows = x.size(0), dim = x.size(1);
-    const int64_t rows_padded = contrastive_cuda_padded_rows(kind, rows);
-    const int64_t dim_padded = contrastive_cuda_padded_dim(kind, dim);
-    op = at::empty({rows_padded, dim_padded}, x.options());
-    val = at::isReducedFloatingType(x.scalar_type())
-              ? at::empty({rows_padded, dim_padded}, x.options().dtype(at::kFloat))
-              : op;
-    inv_norm = at::empty({rows}, x.options().dtype(at::kDouble));
-    CIFOPS_CUDA_CHECK(contrastive_prepare_cuda(
-        x.data_ptr(), kind, rows, dim, normalize, op.data_ptr(),
-        at::isReducedFloatingType(x.scalar_type()) ? val.data_ptr() : nullptr, inv_norm.data_ptr<double>(),
-        stream));
+  at::Tensor x, unit, inv_norm;
+  CudaSide(const at::Tensor& x_, bool normalize, void* stream)
+      : x(x_),
+        unit(at::empty_like(x_)),
+        inv_norm(at::empty({x_.size(0)}, x_.options().dtype(at::kDouble))) {
+    CIFOPS_CUDA_CHECK(contrastive_prepare_cuda(x.data_ptr(), scalar_kind(x.scalar_type()),
+                                               x.size(0), x.size(1), normalize, unit.data_ptr(),
+                                               inv_norm.data_ptr<double>(), stream));
   }
 };
 
-ContrastivePass make_pass(int64_t rows, int64_t cols, const CudaSide& a, int64_t dim,
-                          int64_t ignore_index) {
-  ContrastivePass pass;
-  pass.rows = rows;
-  pass.cols = cols;
-  pass.dim = dim;
-  pass.dim_padded = a.op.size(1);
-  pass.ignore_index = ignore_index;  // inv_temperature: read from the device
-  return pass;
-}
-
-const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
-  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
+// out [rows][cols] (acc_t) = a . b^T, or += when accumulate; half operands give
+// float32 out through mm's out_dtype.
+void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_t, bool accumulate) {
+  const bool mixed = out.scalar_type() != a.scalar_type();
+  if (accumulate) {
+    if (mixed) at::addmm_out(out, out, a, b_t, out.scalar_type(), 1, 1);
+    else at::addmm_out(out, out, a, b_t, 1, 1);
+  } else {
+    if (mixed) at::mm_out(out, a, b_t, out.scalar_type());
+    else at::mm_out(out, a, b_t);
+  }
 }
 
 // 1 / temperature as a 0-dim compute-dtype tensor on the device (no sync).
@@ -89,13 +125,87 @@ struct CudaInputs {
     D = s.size(1);
     counted = counted_rows(targets, N, ignore_index, student.options());
   }
+  bool half() const { return compute != student.scalar_type() && compute == at::kFloat; }
 };
+
+// G's scale and the matching output scale. float16 cannot hold a G of small weights
+// (a 1/N mean times probabilities near 1/M underflows), so for half inputs G is
+// written divided by the largest weight (as a device value, no sync) and the products
+// are multiplied back in the unit backward: out_scale = (1/tau) * wmax. Without
+// rescaling, grad_scale is undefined and out_scale is 1/tau.
+struct GradScale {
+  at::Tensor grad_scale, out_scale;
+  GradScale(const CudaInputs& in, const at::Tensor& weights, const at::Tensor& inv_tau) {
+    if (!in.half()) {
+      out_scale = inv_tau;
+      return;
+    }
+    const at::Tensor wmax = at::amax(at::abs(weights)).reshape({});
+    const at::Tensor positive = wmax > 0;
+    grad_scale = at::where(positive, at::reciprocal(at::where(positive, wmax, 1.0)), 0.0)
+                     .to(in.compute).contiguous();
+    out_scale = (inv_tau * wmax).to(in.compute).contiguous();
+  }
+  const void* grad_ptr() const { return grad_scale.defined() ? grad_scale.data_ptr() : nullptr; }
+};
+
+// The chunk loop over the rows of `a` against all rows of `b`. Per chunk, logits, then
+// the softmax kernel with `proto` (its statistics pointers and terms; row0, rows, cols
+// and the buffers filled in here), then, with a G: grad_a rows += nothing, = G . b, and
+// grad_b += G^T . a_chunk (each may be undefined: not wanted).
+void chunk_loop(const CudaInputs& in, const at::Tensor& a_unit, const at::Tensor& b_unit,
+                ContrastiveChunk proto, bool with_grad, at::Tensor* grad_a, at::Tensor* grad_b,
+                void* stream) {
+  const int64_t R = a_unit.size(0), C = b_unit.size(0);
+  if (R == 0) return;
+  const int64_t acc_bytes = in.compute == at::kDouble ? 8 : 4;
+  const int64_t g_bytes = with_grad ? a_unit.element_size() : 0;
+  const int64_t rc = chunk_rows(R, C, acc_bytes + g_bytes);
+  at::Tensor logits_buf = at::empty({rc * C}, a_unit.options().dtype(in.compute));
+  at::Tensor g_buf = with_grad ? at::empty({rc * C}, a_unit.options()) : at::Tensor();
+  const at::Tensor b_t = b_unit.t();
+  for (int64_t r0 = 0; r0 < R; r0 += rc) {
+    const int64_t rows = R - r0 < rc ? R - r0 : rc;
+    const at::Tensor a_chunk = a_unit.narrow(0, r0, rows);
+    at::Tensor logits = logits_buf.narrow(0, 0, rows * C).view({rows, C});
+    matmul_into(logits, a_chunk, b_t, false);
+    ContrastiveChunk chunk = proto;
+    chunk.logits = logits.data_ptr();
+    chunk.rows = rows;
+    chunk.cols = C;
+    chunk.row0 = r0;
+    at::Tensor g;
+    if (with_grad) {
+      g = g_buf.narrow(0, 0, rows * C).view({rows, C});
+      chunk.grad = g.data_ptr();
+    }
+    CIFOPS_CUDA_CHECK(contrastive_softmax_rows_cuda(in.kind, chunk, stream));
+    if (!with_grad) continue;
+    if (grad_a != nullptr && grad_a->defined()) {
+      at::Tensor out = grad_a->narrow(0, r0, rows);
+      matmul_into(out, g, b_unit, false);
+    }
+    if (grad_b != nullptr && grad_b->defined()) matmul_into(*grad_b, g.t(), a_chunk, true);
+  }
+}
+
+// dL/dx of one side from its grad_unit (acc_t [R][D]).
+at::Tensor unit_backward(const CudaInputs& in, const CudaSide& side, const at::Tensor& grad_unit,
+                         const at::Tensor& out_scale, bool normalize, bool out_acc,
+                         void* stream) {
+  at::Tensor grad_x =
+      at::empty(side.x.sizes(), side.x.options().dtype(out_acc ? in.compute : side.x.scalar_type()));
+  CIFOPS_CUDA_CHECK(contrastive_unit_backward_cuda(
+      in.kind, grad_unit.data_ptr(), side.x.data_ptr(), side.inv_norm.data_ptr<double>(),
+      out_scale.data_ptr(), side.x.size(0), side.x.size(1), normalize, out_acc,
+      grad_x.data_ptr(), stream));
+  return grad_x;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cuda_op(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& targets, const at::Tensor& temperature, bool normalize,
-    bool symmetric, c10::string_view reduction, int64_t ignore_index,
-    bool /*fuse_student_grad: CPU only*/) {
+    bool symmetric, c10::string_view reduction, int64_t ignore_index, bool fuse_student_grad) {
   check_contrastive_args(student, teacher, targets, &temperature, symmetric, kLossFn);
   const ContrastiveReduction red = parse_reduction(reduction, kLossFn);
   const c10::cuda::CUDAGuard guard(student.device());
@@ -106,20 +216,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cuda_op(
   at::Tensor stats = at::zeros({kStatRows, in.N}, acc_opts);
   const CudaSide s_side(in.student, normalize, stream);
   const CudaSide t_side(in.teacher, normalize, stream);
-  const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, ignore_index);
-  CIFOPS_CUDA_CHECK(contrastive_row_pass_cuda(
-      in.kind, pass, s_side.op.data_ptr(), t_side.op.data_ptr(), inv_tau.data_ptr(),
-      maybe_ptr(in.targets), stats[kStatLse].data_ptr(), stats[kStatExpect].data_ptr(),
-      stats[kStatTarget].data_ptr(), nullptr, stream));
-  if (symmetric) {  // column statistics: the row pass of (teacher, student)
-    const ContrastivePass cpass = make_pass(in.M, in.N, t_side, in.D, ignore_index);
-    CIFOPS_CUDA_CHECK(contrastive_row_pass_cuda(
-        in.kind, cpass, t_side.op.data_ptr(), s_side.op.data_ptr(), inv_tau.data_ptr(), nullptr,
-        stats[kStatColLse].data_ptr(), stats[kStatColExpect].data_ptr(),
-        stats[kStatColTarget].data_ptr(), nullptr, stream));
+  const bool fuse = fuse_student_grad && red != ContrastiveReduction::kNone && !symmetric;
+
+  ContrastiveChunk proto;
+  proto.inv_temperature = inv_tau.data_ptr();
+  proto.ignore_index = ignore_index;
+  proto.target = maybe_ptr(in.targets);
+  proto.lse = stats[kStatLse].data_ptr();
+  proto.expect = stats[kStatExpect].data_ptr();
+  proto.target_logit = stats[kStatTarget].data_ptr();
+  at::Tensor fused_grad = at::empty({0, 0}, acc_opts);
+  if (fuse) {  // the student gradient of the loss for grad_loss = 1
+    const at::Tensor w =
+        row_weights(at::ones({}, acc_opts), in.counted, red, in.compute);
+    const GradScale scale(in, w, inv_tau);
+    proto.row = SoftmaxTerm{w.data_ptr(), nullptr, maybe_ptr(in.targets)};
+    proto.grad_scale = scale.grad_ptr();
+    at::Tensor grad_unit = at::empty({in.N, in.D}, acc_opts);
+    chunk_loop(in, s_side.unit, t_side.unit, proto, true, &grad_unit, nullptr, stream);
+    fused_grad = unit_backward(in, s_side, grad_unit, scale.out_scale, normalize, true, stream);
+  } else {
+    chunk_loop(in, s_side.unit, t_side.unit, proto, false, nullptr, nullptr, stream);
+  }
+  if (symmetric) {  // column statistics: the row statistics of (teacher, student)
+    ContrastiveChunk cproto;
+    cproto.inv_temperature = inv_tau.data_ptr();
+    cproto.ignore_index = ignore_index;
+    cproto.lse = stats[kStatColLse].data_ptr();
+    cproto.expect = stats[kStatColExpect].data_ptr();
+    cproto.target_logit = stats[kStatColTarget].data_ptr();
+    chunk_loop(in, t_side.unit, s_side.unit, cproto, false, nullptr, nullptr, stream);
   }
   const at::Tensor loss = loss_from_stats(stats, in.counted, symmetric, red);
-  return {loss.to(student.scalar_type()), stats, at::empty({0, 0}, acc_opts)};
+  return {loss.to(student.scalar_type()), stats, fused_grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
@@ -150,24 +279,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
     const at::Tensor inv_tau = inverse_temperature(temperature, in.student, ct, kLossFn);
     const CudaSide s_side(in.student, normalize, stream);
     const CudaSide t_side(in.teacher, normalize, stream);
-    const auto run = [&](const CudaSide& a_side, const CudaSide& b_side, int64_t rows,
-                         int64_t cols, const SoftmaxTerm& row_term, const SoftmaxTerm& col_term,
-                         const at::Tensor& like) {
-      const int64_t stride = contrastive_cuda_grad_stride(in.kind, in.D);
-      at::Tensor grad_unit = at::empty({a_side.op.size(0), stride}, like.options().dtype(ct));
-      at::Tensor grad_x = at::empty({rows, in.D}, like.options());
-      const ContrastivePass pass = make_pass(rows, cols, a_side, in.D, ignore_index);
-      CIFOPS_CUDA_CHECK(contrastive_grad_pass_cuda(
-          in.kind, pass, a_side.op.data_ptr(), a_side.val.data_ptr(), b_side.op.data_ptr(),
-          b_side.val.data_ptr(), inv_tau.data_ptr(), row_term, col_term,
-          a_side.inv_norm.data_ptr<double>(), normalize, grad_unit.data_ptr(),
-          grad_x.data_ptr(), stream));
-      return grad_x;
-    };
+    const GradScale scale(in, terms.a, inv_tau);
+    const auto acc_opts = in.student.options().dtype(ct);
+    ContrastiveChunk proto;
+    proto.inv_temperature = inv_tau.data_ptr();
+    proto.ignore_index = ignore_index;
+    proto.target = maybe_ptr(in.targets);
+    proto.grad_scale = scale.grad_ptr();
+    proto.row = terms.row;
+    proto.col = terms.col;
+    at::Tensor grad_unit_s = student_pass ? at::empty({in.N, in.D}, acc_opts) : at::Tensor();
+    at::Tensor grad_unit_t = need_teacher ? at::zeros({in.M, in.D}, acc_opts) : at::Tensor();
+    chunk_loop(in, s_side.unit, t_side.unit, proto, true, &grad_unit_s, &grad_unit_t, stream);
     if (student_pass)
-      grad_student = run(s_side, t_side, in.N, in.M, terms.row, terms.col, in.student);
-    if (need_teacher)  // roles swapped: the column term of the student pass is its row term
-      grad_teacher = run(t_side, s_side, in.M, in.N, terms.col, terms.row, in.teacher);
+      grad_student =
+          unit_backward(in, s_side, grad_unit_s, scale.out_scale, normalize, false, stream);
+    if (need_teacher)
+      grad_teacher =
+          unit_backward(in, t_side, grad_unit_t, scale.out_scale, normalize, false, stream);
   }
   if (need_temperature)
     grad_temperature = temperature_grad(terms.stats, terms.w, in.counted, symmetric, temperature);
@@ -185,11 +314,11 @@ at::Tensor contrastive_accuracy_cuda_op(const at::Tensor& student, const at::Ten
   const CudaSide s_side(in.student, normalize, stream);
   const CudaSide t_side(in.teacher, normalize, stream);
   at::Tensor argmax = at::empty({in.N}, student.options().dtype(at::kLong));
-  const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, ignore_index);
-  CIFOPS_CUDA_CHECK(contrastive_row_pass_cuda(in.kind, pass, s_side.op.data_ptr(),
-                                              t_side.op.data_ptr(), one.data_ptr(), nullptr,
-                                              nullptr, nullptr, nullptr,
-                                              argmax.data_ptr<int64_t>(), stream));
+  ContrastiveChunk proto;
+  proto.inv_temperature = one.data_ptr();
+  proto.ignore_index = ignore_index;
+  proto.argmax = argmax.data_ptr<int64_t>();
+  chunk_loop(in, s_side.unit, t_side.unit, proto, false, nullptr, nullptr, stream);
   return accuracy_from_argmax(argmax, in.targets, in.counted, in.compute);
 }
 

@@ -1,0 +1,45 @@
+#!/bin/bash
+# One command for a GPU machine: build cifops against that machine's torch, run the CUDA
+# tests, compute-sanitizer memcheck and racecheck on a small workload, and the GPU
+# benchmarks (benchmarks/gpu_bench.py); logs go to $OUT (default /tmp/gpu-check) and a
+# short table is printed last. About 4-5 minutes on an H100.
+#
+#   bash benchmarks/gpu_check.sh [--quick]     # --quick: small benchmark sizes only
+#
+# Peers (torch-cif, funasr, inf-cl) are installed from wheels in .whl/ when present (a
+# machine without a package index; see benchmarks/RESULTS.md for the download command),
+# else from whatever is installed.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+SITE=/tmp/cifops-peers
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+    > "$OUT/pip.log" 2>&1 || echo "peer wheels failed to install (see pip.log)"
+fi
+el build
+arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if ! ( time TORCH_CUDA_ARCH_LIST=$arch CIFOPS_CUDA=1 MAX_JOBS=16 timeout 300 \
+       python3 setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1; then
+  tail -30 "$OUT/build.log"; exit 1
+fi
+export PYTHONPATH=$PWD:$PWD/benchmarks:$SITE
+python3 -c "import cifops, torch; print(cifops.build_info(), torch.__version__)" || exit 1
+el "pytest (CUDA tests)"
+timeout 240 python3 -m pytest tests/test_cif.py tests/test_contrastive.py tests/test_compat.py \
+  -k "cuda or gpu" -q -p no:cacheprovider -rfE -x > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"; tail -6 "$OUT/pytest.log"
+el sanitize
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/gpu_sanitize.py \
+  > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -2 "$OUT/memcheck.log"
+timeout 120 compute-sanitizer --tool racecheck --kernel-name kns=cifops --error-exitcode 9 \
+  python3 benchmarks/gpu_sanitize.py > "$OUT/racecheck.log" 2>&1
+echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.log"
+el bench
+timeout 300 python3 benchmarks/gpu_bench.py "$@" 2>&1 | grep -v torch_complex | tee "$OUT/bench.log" | tail -40
+el done
