@@ -32,7 +32,7 @@ export PYTHONPATH=$PWD:$PWD/benchmarks:$SITE
 python3 -c "import cifops, torch; print(cifops.build_info(), torch.__version__)" || exit 1
 el "pytest (CUDA tests)"
 timeout 240 python3 -m pytest tests/test_cif.py tests/test_contrastive.py tests/test_compat.py \
-  -k "cuda or gpu" -q -p no:cacheprovider -rfE -x > "$OUT/pytest.log" 2>&1
+  -k "cuda or gpu" -q -p no:cacheprovider -rfE > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -6 "$OUT/pytest.log"
 el sanitize
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/gpu_sanitize.py \

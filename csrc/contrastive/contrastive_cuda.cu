@@ -99,8 +99,9 @@ __global__ void prepare_kernel(const scalar_t* __restrict__ x, int64_t rows, int
                                bool normalize, scalar_t* __restrict__ unit,
                                double* __restrict__ inv_norm) {
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
-  if (r >= rows) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerWarpBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
+       r < rows; r += stride) {
   const scalar_t* xr = x + r * dim;
   double inv = 1.0;
   if (normalize) {  // contrastive_row_norm, with the two sums spread over the lanes
@@ -124,6 +125,7 @@ __global__ void prepare_kernel(const scalar_t* __restrict__ x, int64_t rows, int
   scalar_t* o = unit + r * dim;
   for (int64_t d = lane; d < dim; d += kWarpSize)
     o[d] = from_double<scalar_t>(static_cast<double>(to_acc(xr[d])) * inv);
+  }
 }
 
 // --- softmax rows ------------------------------------------------------------------------
@@ -274,9 +276,10 @@ __global__ void unit_backward_kernel(const typename AccType<scalar_t>::type* __r
                                      out_t* __restrict__ grad_x) {
   using acc_t = typename AccType<scalar_t>::type;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
-  if (r >= rows) return;
   const acc_t scale = *out_scale;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerWarpBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
+       r < rows; r += stride) {
   const acc_t* g = grad_unit + r * dim;
   const scalar_t* xr = x + r * dim;
   out_t* out = grad_x + r * dim;
@@ -293,6 +296,7 @@ __global__ void unit_backward_kernel(const typename AccType<scalar_t>::type* __r
     const acc_t gd = g[d] * scale;
     const acc_t s = project ? to_acc(xr[d]) * inv_acc : acc_t(0);
     out[d] = from_acc<out_t>((gd - s * sg) * norm_scale);
+  }
   }
 }
 
