@@ -16,11 +16,12 @@ The loss of an update is the sum of the terms over the tokens of all its micro-b
 ACD takes the teacher rows of every rank as negatives (all_gather; only the local
 student carries gradients).
 
-EXP/ gets checkpoint-<step>.pt (atomically written; model, optimizer, scheduler, step,
-epoch, sampler position, every rank's RNG states), averaged.pt (the mean of the last
---average-last checkpoints' weights; decode.py reads it), tensorboard/ (when the
-tensorboard package is installed) and train_log.jsonl (the same scalars, one line per
---log-every-steps updates).
+EXP/ gets checkpoint-<step>.pt (atomically written and fsynced; model, optimizer,
+scheduler, step, epoch, sampler position, every rank's RNG states; other names in EXP,
+such as checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt
+(the mean of the last --average-last checkpoints' weights; decode.py reads it),
+tensorboard/ (when the tensorboard package is installed) and train_log.jsonl (the same
+scalars, one line per --log-every-steps updates).
 """
 import argparse
 import dataclasses
@@ -29,6 +30,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -199,20 +201,88 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+TEMP_SUFFIX = re.compile(r"\.tmp(\d+)$")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+def fsync_dir(directory: Path):
+    """fsync a folder, so that a rename in it survives a power cut (where the OS allows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                   # some file systems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves half a file."""
+    """torch.save to path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
+    folder: a crash leaves the old file or the new one, never half a file (a temporary
+    file left by a killed run is removed by remove_stale_temporaries)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False           # this process saves one file at a time: its own leftovers are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(exp_dir: Path) -> List[Path]:
+    """Remove the temporary files that atomic_save left in exp_dir when its process died
+    mid-save (``checkpoint-<step>.pt.tmp<pid>``, ``averaged.pt.tmp<pid>`` of a process no
+    longer running); nothing else is touched. Returns the removed paths."""
+    removed = []
+    for path in exp_dir.glob("*.pt.tmp*"):
+        match = TEMP_SUFFIX.search(path.name)
+        if match is None or not path.is_file():
+            continue
+        target = path.name[:match.start()]
+        if not (CHECKPOINT_NAME.fullmatch(target) or target == "averaged.pt"):
+            continue
+        if _pid_alive(int(match.group(1))):
+            continue           # another run is saving into this folder right now
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.stem.split("-")[1])
+    """The step of EXP/checkpoint-<step>.pt (ValueError for another name)."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint-<step>.pt name")
+    return int(match.group(1))
 
 
 def list_checkpoints(exp_dir: Path) -> List[Path]:
-    """EXP/checkpoint-<step>.pt, oldest first."""
-    return sorted(exp_dir.glob("checkpoint-*.pt"), key=checkpoint_step)
+    """EXP/checkpoint-<step>.pt, oldest first; other names (checkpoint-best.pt, a user's
+    copies) are not the trainer's: never resumed from, averaged or pruned."""
+    found = [p for p in exp_dir.glob("checkpoint-*.pt") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_step)
 
 
 def average_checkpoints(paths: List[Path], out: Path) -> dict:
@@ -405,6 +475,8 @@ def run(args) -> Optional[Path]:
     step, epoch, batches_done = 0, 0, 0
 
     resume = args.resume
+    if resume is not None and is_main:
+        remove_stale_temporaries(args.exp_dir)
     if resume == "latest":
         found = list_checkpoints(args.exp_dir)
         resume = found[-1] if found else None
@@ -443,6 +515,7 @@ def run(args) -> Optional[Path]:
         if not is_main:
             return None
         path = args.exp_dir / f"checkpoint-{path_step}.pt"
+        remove_stale_temporaries(args.exp_dir)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                      "sampler": {"epoch": epoch, "seed": sampler.seed,

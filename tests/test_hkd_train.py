@@ -123,6 +123,64 @@ def test_checkpoint_average(corpus, tmp_path):
     assert not list(exp.glob("*.tmp*")), "atomic saves leave no temporary files"
 
 
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
+def test_resume_skips_foreign_checkpoint_names_and_removes_dead_temporaries(corpus, tmp_path):
+    """--resume takes the latest checkpoint-<int>.pt only (a checkpoint-best.pt broke it with
+    ValueError), a killed save's checkpoint-N.pt.tmp<pid> is removed at the next resume and
+    save, and nothing else of the folder is touched (not pruned by --keep-last either)."""
+    exp = tmp_path / "exp"
+    extra = ["--valid-split", "", "--average-last", "0", "--save-every-steps", "1", "--keep-last", "1"]
+    train_hkd.main(common(corpus, exp, "--max-steps", "1", *extra))
+    shutil.copy(exp / "checkpoint-1.pt", exp / "checkpoint-best.pt")
+    mine = {"checkpoint-best.pt": (exp / "checkpoint-best.pt").read_bytes(), "checkpoint-x.pt": b"x",
+            "notes.tmp1": b"n", "checkpoint-2.pt.tmpabc": b"t"}
+    for name, content in mine.items():
+        (exp / name).write_bytes(content)
+    stale = [exp / f"checkpoint-2.pt.tmp{dead_pid()}", exp / f"averaged.pt.tmp{dead_pid()}"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    live = exp / f"checkpoint-5.pt.tmp{os.getppid()}"          # a running process's save: kept
+    live.write_bytes(b"being written")
+    assert [p.name for p in train_hkd.list_checkpoints(exp)] == ["checkpoint-1.pt"]
+    train_hkd.main(common(corpus, exp, "--max-steps", "2", "--resume", *extra))
+    state = torch.load(exp / "checkpoint-2.pt", weights_only=False)
+    assert state["step"] == 2
+    assert [p.name for p in train_hkd.list_checkpoints(exp)] == ["checkpoint-2.pt"]   # --keep-last 1
+    assert not any(p.exists() for p in stale) and live.exists()
+    for name, content in mine.items():
+        assert (exp / name).read_bytes() == content, name
+
+
+def test_atomic_save_fsyncs_the_file_then_the_folder(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        import stat
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_hkd.os, "fsync", fsync)
+    monkeypatch.setattr(train_hkd.os, "replace", replace)
+    path = tmp_path / "checkpoint-3.pt"
+    train_hkd.atomic_save({"step": 3}, path)
+    assert events == ["fsync file", "replace", "fsync dir"]
+    assert torch.load(path)["step"] == 3 and os.listdir(tmp_path) == ["checkpoint-3.pt"]
+    with pytest.raises(Exception):                                  # a failed save leaves no temporary
+        train_hkd.atomic_save({"f": lambda: 0}, tmp_path / "checkpoint-4.pt")
+    assert os.listdir(tmp_path) == ["checkpoint-3.pt"]
+
+
 def test_nan_loss_stops_naming_the_step(corpus, tmp_path):
     with pytest.raises(train_hkd.NonFiniteLossError, match="non-finite loss nan at step 2"):
         train_hkd.main(common(corpus, tmp_path / "exp", "--max-steps", "3", "--inject-nan-at-step", "2",
