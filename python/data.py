@@ -198,6 +198,22 @@ def read_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], SkipRe
     return read_jsonl_manifest(path, skip_bad)
 
 
+def split_name(path) -> str:
+    """A split's name: its folder's name (Kaldi dir) or its file's stem (JSONL manifest):
+    data/demo/train and data/demo/train.jsonl are both "train"."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
+
+
+def missing_manifest_file(path) -> Optional[Path]:
+    """The file whose absence keeps `path` from being a manifest (the path itself, or a
+    Kaldi dir's wav.scp or text), or None when it is one."""
+    path = Path(path)
+    if path.is_dir():
+        return next((path / f for f in ("wav.scp", "text") if not (path / f).is_file()), None)
+    return None if path.is_file() else path
+
+
 def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
                 report: Optional[SkipReport] = None, max_duration: Optional[float] = None
                 ) -> Tuple[List[Utterance], SkipReport]:

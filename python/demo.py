@@ -365,7 +365,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["cif", "acd", "lrd", "hkd"] if args.ablations else ["cif", "hkd"]
 
-    # 1. corpus and teacher cache (train_hkd.py would make them too, but once, not per system)
+    # 1. corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
         import prepare_demo_corpus
         prepare_demo_corpus.main(["--out", str(corpus)])

@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """Train the CIF-HKD recognizer (model.py) on a corpus with a cached teacher.
 
-    python python/train_hkd.py                       # the demo corpus, HKD (ACD + LRD)
+    python python/train_hkd.py --make-demo-corpus    # the demo corpus, HKD (ACD + LRD)
     python python/train_hkd.py --acd-weight 0 --lrd-weight 0 --exp-dir exp/cif   # baseline
+    python python/train_hkd.py --corpus data/mine --train-split train.jsonl --valid-split dev.jsonl
     python python/train_hkd.py --config conf.yaml    # keys are option names
     python python/train_hkd.py --resume              # continue from EXP/checkpoint-*.pt
     torchrun --nproc_per_node 2 python/train_hkd.py  # DistributedDataParallel
 
-With no corpus at --corpus (Kaldi dirs train/dev) it is synthesised with
-prepare_demo_corpus.py; with no teacher cache at --teacher-dir, extract_teacher.py builds
-the vocabulary and the cache. Command-line options override --config.
+The splits are --corpus/--train-split and --corpus/--valid-split: Kaldi data dirs
+(wav.scp, text) or JSONL manifests (data.py). The corpus is only read: a missing split is
+an error naming the file, unless --make-demo-corpus asks for the demo corpus, which is
+then synthesised at --corpus with prepare_demo_corpus.py (which writes only into a new or
+empty folder, or a demo corpus it made). With no teacher cache at --teacher-dir,
+extract_teacher.py builds the vocabulary and the cache. Command-line options override
+--config.
 
 The loss of an update is the sum of the terms over the tokens of all its micro-batches
 (--accum-grad) and all ranks, divided by that token count (the recipe's normalisation).
@@ -62,13 +67,19 @@ def get_parser() -> argparse.ArgumentParser:
                         "(keys: option names, '-' or '_')")
     g = parser.add_argument_group("data")
     g.add_argument("--corpus", type=Path, default=Path("data/demo"),
-                   help="folder with Kaldi dirs train/ and dev/ (made if missing)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--valid-split", default="dev", help="'' for no validation")
+                   help="folder of the splits (Kaldi data dirs or JSONL manifests); never written to, "
+                        "except by --make-demo-corpus")
+    g.add_argument("--train-split", default="train",
+                   help="--corpus/<this>: a Kaldi data dir, or a JSONL file (train.jsonl)")
+    g.add_argument("--valid-split", default="dev", help="as --train-split; '' for no validation")
+    g.add_argument("--make-demo-corpus", action="store_true",
+                   help="synthesise the demo corpus (prepare_demo_corpus.py) at --corpus when its splits "
+                        "are missing: into a new or empty folder, or an unfinished demo corpus only")
     g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
                    help="extract_teacher.py output: tokens.txt, <split>.pt (made if missing)")
     g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
-    g.add_argument("--demo-num-train", type=int, default=12000, help="demo corpus size if made")
+    g.add_argument("--demo-num-train", type=int, default=12000,
+                   help="demo corpus size, with --make-demo-corpus")
     g.add_argument("--demo-num-dev", type=int, default=200)
     g.add_argument("--demo-num-test", type=int, default=200,
                    help="demo test clauses (each spoken by every held-out voice)")
@@ -330,33 +341,62 @@ class TensorBoard:
             self.writer.close()
 
 
+def split_manifests(args) -> Dict[str, Path]:
+    """The training and validation splits' manifests: --corpus / <split> (a Kaldi data dir
+    or a JSONL file)."""
+    return {s: args.corpus / s for s in (args.train_split, args.valid_split) if s}
+
+
 def ensure_data(args, is_main: bool):
-    """Prepare the demo corpus and the teacher cache when missing (rank 0; others wait)."""
-    splits = [s for s in (args.train_split, args.valid_split) if s]
+    """Check the corpus; with --make-demo-corpus synthesise the demo corpus when its splits
+    are missing; extract the teacher cache when missing (rank 0; the others wait).
+
+    Nothing of the corpus is ever written without --make-demo-corpus: a missing split is a
+    FileNotFoundError naming the file; prepare_demo_corpus.py itself writes only into a new
+    or empty folder or a demo corpus it made."""
+    manifests = split_manifests(args)
     if is_main:
-        if not (args.corpus / args.train_split / "text").exists():
+        missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
+        missing = {s: m for s, m in missing.items() if m is not None}
+        if missing and args.make_demo_corpus:
             import prepare_demo_corpus
-            log.info("no corpus at %s: synthesising the demo corpus", args.corpus)
+            log.info("--make-demo-corpus: no corpus at %s: synthesising the demo corpus", args.corpus)
             prepare_demo_corpus.main(["--out", str(args.corpus), "--num-train", str(args.demo_num_train),
                                       "--num-dev", str(args.demo_num_dev),
                                       "--num-test", str(args.demo_num_test)])
-        missing = [s for s in splits if not (args.teacher_dir / f"{s}.pt").exists()]
+            missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
+            missing = {s: m for s, m in missing.items() if m is not None}
+        for split, path in missing.items():
+            option = "--train-split" if split == args.train_split else "--valid-split"
+            hint = ("" if args.corpus.exists() or args.make_demo_corpus else
+                    f"; --corpus {args.corpus} does not exist (--make-demo-corpus synthesises the demo "
+                    "corpus there)")
+            if split != args.train_split:
+                hint += "; --valid-split '' trains without validation"
+            raise FileNotFoundError(f"train_hkd: {option} {split}: {path} is missing (a split is a Kaldi "
+                                    f"data dir with wav.scp and text, or a JSONL manifest, in --corpus)" + hint)
+        missing = [m for m in manifests.values() if not (args.teacher_dir / f"{data.split_name(m)}.pt").exists()]
         if missing or not (args.teacher_dir / "tokens.txt").exists():
             import extract_teacher
-            log.info("extracting teacher states for %s into %s", missing or splits, args.teacher_dir)
-            extract_teacher.main(["--train", str(args.corpus / args.train_split), "--out",
-                                  str(args.teacher_dir), "--splits"]
-                                 + [str(args.corpus / s) for s in (missing or splits)]
+            missing = missing or list(manifests.values())
+            log.info("extracting teacher states for %s into %s", [str(m) for m in missing], args.teacher_dir)
+            extract_teacher.main(["--train", str(manifests[args.train_split]), "--out", str(args.teacher_dir),
+                                  "--splits"] + [str(m) for m in missing]
                                  + (["--teacher", args.teacher] if args.teacher else []))
     if dist.is_initialized():
         dist.barrier()
+
+
+def teacher_cache_path(args, split: str) -> Path:
+    """extract_teacher.py's states file of a split (named by data.split_name)."""
+    return args.teacher_dir / f"{data.split_name(args.corpus / split)}.pt"
 
 
 def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool):
     """One split's AsrDataset; SpecAugment and speed perturbation on the training split only."""
     utts, report = data.read_manifest(args.corpus / split)
     utts, report = data.check_audio(utts, report=report)
-    states = dataset_lib.load_teacher_cache(args.teacher_dir / f"{split}.pt") if need_teacher else None
+    states = dataset_lib.load_teacher_cache(teacher_cache_path(args, split)) if need_teacher else None
     spec_augment = None
     if train and not args.no_spec_augment:
         spec_augment = features.SpecAugment(features.SpecAugmentConfig(
@@ -446,10 +486,10 @@ def run(args) -> Optional[Path]:
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     if args.amp == "bf16" and device.type != "cuda":
         log.warning("--amp bf16 is for CUDA only; training in float32 on %s", device)
+    ensure_data(args, is_main)
     args.exp_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         (args.exp_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
-    ensure_data(args, is_main)
 
     seed_everything(args.seed + rank)
     vocab = teacher_lib.TokenVocab.load(args.teacher_dir / "tokens.txt")

@@ -287,6 +287,31 @@ def test_prepare_demo_corpus_without_espeak_says_which_package(monkeypatch, tmp_
     assert "Debian package 'espeak-ng'" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
+                    reason="needs the Debian packages espeak-ng and fortunes")
+def test_prepare_demo_corpus_never_writes_into_someone_elses_folder(tmp_path, capsys):
+    """Only a new or empty folder, or a corpus it made (demo-corpus.json), is written."""
+    theirs = tmp_path / "theirs"
+    (theirs / "train").mkdir(parents=True)
+    (theirs / "train" / "text").write_text("u1 my own transcript\n")
+    (theirs / "train.jsonl").write_text('{"audio": "u1.wav", "text": "my own transcript"}\n')
+    before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    tiny = ["--num-train", "2", "--num-dev", "1", "--num-test", "1", "--test-seen-voices", "0", "--no-flite"]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_demo_corpus.main(["--out", str(theirs)] + tiny)
+    assert exit_info.value.code == 2 and "not a demo corpus" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        prepare_demo_corpus.main(["--out", str(tmp_path / "file")] + tiny)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_demo_corpus.main(["--out", str(empty)] + tiny)
+    assert (empty / prepare_demo_corpus.MARKER).is_file() and (empty / "train" / "text").is_file()
+    prepare_demo_corpus.main(["--out", str(empty), "--seed", "6"] + tiny)      # its own corpus: remade
+    assert len(data.read_kaldi_dir(empty / "train")[0]) == 2
+
+
 def test_normalise_sentence():
     norm = prepare_demo_corpus.normalise_sentence
     assert norm("\"Don't panic,\" he said -- 'quietly'.") == "don't panic he said quietly"

@@ -2,6 +2,7 @@
 synthetic corpus: loss goes down, exact resume, averaging, DDP on CPU, decoding, NaN stop."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def corpus(tmp_path_factory):
     """A 6/1/1-utterance corpus and its teacher cache, made by the trainer itself."""
     root = tmp_path_factory.mktemp("hkd_train")
     args = train_hkd.parse_args(["--corpus", str(root / "corpus"), "--teacher-dir", str(root / "teacher"),
+                                 "--make-demo-corpus",
                                  "--demo-num-train", "6", "--demo-num-dev", "1", "--demo-num-test", "1"])
     train_hkd.ensure_data(args, is_main=True)
     assert (root / "teacher" / "train.pt").exists() and (root / "teacher" / "dev.pt").exists()
@@ -46,6 +48,62 @@ def common(corpus, exp, *extra):
              "--exp-dir", str(exp), "--threads", "1", "--no-progress", "--max-batch-seconds", "6",
              "--warmup-steps", "2", "--hold-steps", "100", "--peak-lr", "3e-3", "--seed", "7"]
             + TINY_MODEL + list(extra))
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its bytes and modification time."""
+    return {p.relative_to(root): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def users_corpus(corpus, root: Path) -> Path:
+    """A user's corpus: JSONL manifests of the demo audio, and a Kaldi train dir without text."""
+    user = root / "user"
+    (user / "train").mkdir(parents=True)
+    shutil.copy(corpus / "corpus" / "train" / "wav.scp", user / "train" / "wav.scp")
+    for split in ("train", "dev"):
+        shutil.copy(corpus / "corpus" / f"{split}.jsonl", user / f"{split}.jsonl")
+    return user
+
+
+# --demo-num-*: the old trainer synthesised the demo corpus over the user's; a small one
+DEMO_SIZE = ["--demo-num-train", "6", "--demo-num-dev", "1", "--demo-num-test", "1"]
+
+
+def test_a_split_missing_a_file_is_an_error_and_the_corpus_is_not_written(corpus, tmp_path):
+    user = users_corpus(corpus, tmp_path)
+    before = snapshot(user)
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(tmp_path / "teacher"),
+                  "--max-steps", "1", *DEMO_SIZE)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--train-split train: {user / 'train' / 'text'} is missing")):
+        train_hkd.main(argv)
+    # asking for the demo corpus does not make it over someone's data either
+    with pytest.raises(SystemExit):
+        train_hkd.main(argv + ["--make-demo-corpus"])
+    assert snapshot(user) == before
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "exp").exists()
+
+
+def test_a_missing_corpus_is_an_error_not_synthetic_speech(corpus, tmp_path):
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{nowhere / 'train'} is missing") + ".*--make-demo-corpus"):
+        train_hkd.main(common(corpus, tmp_path / "exp", "--corpus", str(nowhere), "--max-steps", "1", *DEMO_SIZE))
+    assert not nowhere.exists()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--valid-split devx: {corpus / 'corpus' / 'devx'} "
+                                                          "is missing") + ".*--valid-split '' trains without"):
+        train_hkd.main(common(corpus, tmp_path / "exp", "--valid-split", "devx", "--max-steps", "1"))
+
+
+def test_a_jsonl_corpus_trains_and_is_only_read(corpus, tmp_path):
+    user = users_corpus(corpus, tmp_path)
+    before = snapshot(user)
+    teacher = tmp_path / "teacher"
+    train_hkd.main(common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(teacher),
+                          "--train-split", "train.jsonl", "--valid-split", "dev.jsonl", "--max-steps", "1",
+                          "--average-last", "0", *DEMO_SIZE))
+    assert (tmp_path / "exp" / "checkpoint-1.pt").exists()
+    assert (teacher / "train.pt").exists() and (teacher / "dev.pt").exists()     # named by the files' stems
+    assert snapshot(user) == before
 
 
 def test_specaugment_options_reach_the_training_split(corpus, tmp_path):
