@@ -369,10 +369,8 @@ def main(argv=None):
     if not (corpus / "train" / "text").exists():
         import prepare_demo_corpus
         prepare_demo_corpus.main(["--out", str(corpus)])
-    if not all((teacher_dir / f).exists() for f in ("tokens.txt", "train.pt", "dev.pt")):
-        import extract_teacher
-        extract_teacher.main(["--train", str(corpus / "train"), "--out", str(teacher_dir), "--splits",
-                              str(corpus / "train"), str(corpus / "dev")])
+    import extract_teacher   # made, or checked against the corpus (rebuilt where stale)
+    extract_teacher.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
 
     # 2. training, jobs systems at a time
     cores = os.cpu_count() or 1

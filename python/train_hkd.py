@@ -12,8 +12,11 @@ The splits are --corpus/--train-split and --corpus/--valid-split: Kaldi data dir
 (wav.scp, text) or JSONL manifests (data.py). The corpus is only read: a missing split is
 an error naming the file, unless --make-demo-corpus asks for the demo corpus, which is
 then synthesised at --corpus with prepare_demo_corpus.py (which writes only into a new or
-empty folder, or a demo corpus it made). With no teacher cache at --teacher-dir,
-extract_teacher.py builds the vocabulary and the cache. Command-line options override
+empty folder, or a demo corpus it made). extract_teacher.build_cache makes the
+vocabulary and the teacher cache at --teacher-dir, or checks them against what they were
+built from (cache.json: the manifests' transcripts, the teacher): a stale split cache is
+extracted again, and a tokens.txt that is not the training split's vocabulary is an
+error (extract_teacher.StaleCacheError), never replaced. Command-line options override
 --config.
 
 The loss of an update is the sum of the terms over the tokens of all its micro-batches
@@ -76,7 +79,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="synthesise the demo corpus (prepare_demo_corpus.py) at --corpus when its splits "
                         "are missing: into a new or empty folder, or an unfinished demo corpus only")
     g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
-                   help="extract_teacher.py output: tokens.txt, <split>.pt (made if missing)")
+                   help="extract_teacher.py output: tokens.txt, <split>.pt, cache.json (made if missing, "
+                        "remade where built from other transcripts or another teacher; a tokens.txt that "
+                        "differs from the training split's vocabulary is an error, never replaced)")
     g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
     g.add_argument("--demo-num-train", type=int, default=12000,
                    help="demo corpus size, with --make-demo-corpus")
@@ -349,11 +354,14 @@ def split_manifests(args) -> Dict[str, Path]:
 
 def ensure_data(args, is_main: bool):
     """Check the corpus; with --make-demo-corpus synthesise the demo corpus when its splits
-    are missing; extract the teacher cache when missing (rank 0; the others wait).
+    are missing; build or check the teacher cache (rank 0; the others wait).
 
     Nothing of the corpus is ever written without --make-demo-corpus: a missing split is a
     FileNotFoundError naming the file; prepare_demo_corpus.py itself writes only into a new
-    or empty folder or a demo corpus it made."""
+    or empty folder or a demo corpus it made. The teacher cache is extracted again where it
+    was built from other transcripts or another teacher (extract_teacher.build_cache); a
+    tokens.txt that differs from the training split's vocabulary is never replaced:
+    extract_teacher.StaleCacheError says so."""
     manifests = split_manifests(args)
     if is_main:
         missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
@@ -375,14 +383,9 @@ def ensure_data(args, is_main: bool):
                 hint += "; --valid-split '' trains without validation"
             raise FileNotFoundError(f"train_hkd: {option} {split}: {path} is missing (a split is a Kaldi "
                                     f"data dir with wav.scp and text, or a JSONL manifest, in --corpus)" + hint)
-        missing = [m for m in manifests.values() if not (args.teacher_dir / f"{data.split_name(m)}.pt").exists()]
-        if missing or not (args.teacher_dir / "tokens.txt").exists():
-            import extract_teacher
-            missing = missing or list(manifests.values())
-            log.info("extracting teacher states for %s into %s", [str(m) for m in missing], args.teacher_dir)
-            extract_teacher.main(["--train", str(manifests[args.train_split]), "--out", str(args.teacher_dir),
-                                  "--splits"] + [str(m) for m in missing]
-                                 + (["--teacher", args.teacher] if args.teacher else []))
+        import extract_teacher
+        extract_teacher.build_cache(args.teacher_dir, manifests[args.train_split], list(manifests.values()),
+                                    args.teacher, log=log.info)
     if dist.is_initialized():
         dist.barrier()
 

@@ -106,6 +106,48 @@ def test_a_jsonl_corpus_trains_and_is_only_read(corpus, tmp_path):
     assert snapshot(user) == before
 
 
+def test_a_stale_teacher_cache_is_rebuilt_or_refused_never_reused(corpus, tmp_path):
+    """A run on an empty training manifest left a 3-token tokens.txt (and an empty train.pt)
+    that the next run, on the fixed corpus, reused: "vocabulary 3", or a KeyError with ACD/LRD."""
+    user, teacher = tmp_path / "user", tmp_path / "teacher"
+    shutil.copytree(corpus / "corpus" / "dev", user / "dev")
+    (user / "train").mkdir()
+    for name in ("wav.scp", "text"):
+        (user / "train" / name).write_text("")
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(teacher),
+                  "--max-steps", "1", "--average-last", "0")
+    with pytest.raises(ValueError, match=re.escape(f"{user / 'train'}: no utterances")):
+        train_hkd.main(argv)
+    assert not teacher.exists()
+    for name in ("wav.scp", "text", "utt2spk"):                                      # the corpus fixed
+        shutil.copy(corpus / "corpus" / "train" / name, user / "train" / name)
+    train_hkd.main(argv)                                                             # with ACD and LRD
+    vocab = train_hkd.teacher_lib.TokenVocab.load(teacher / "tokens.txt")
+    assert vocab.tokens == train_hkd.teacher_lib.TokenVocab.load(corpus / "teacher" / "tokens.txt").tokens
+    record = json.loads((teacher / "cache.json").read_text())
+    assert record["vocab"]["manifest"]["utterances"] == 6 and set(record["splits"]) == {"train", "dev"}
+    # a dev transcript changed (to words of the vocabulary): dev.pt is extracted again
+    dev_id, dev_text = (user / "dev" / "text").read_text().split(" ", 1)
+    new_text = (user / "train" / "text").read_text().splitlines()[0].split(" ", 1)[1]
+    (user / "dev" / "text").write_text(f"{dev_id} {new_text}\n")
+    train_before = (teacher / "train.pt").stat().st_mtime_ns
+    args = train_hkd.parse_args(argv)
+    train_hkd.ensure_data(args, is_main=True)
+    states = train_hkd.dataset_lib.load_teacher_cache(teacher / "dev.pt")
+    tokenizer = train_hkd.teacher_lib.load_tokenizer(None)
+    assert states[dev_id].shape[0] == len(vocab.encode(tokenizer, new_text)) + 1
+    assert (teacher / "train.pt").stat().st_mtime_ns == train_before                 # up to date: kept
+    # a training transcript with a new word: the vocabulary would change; refused, not replaced
+    lines = (user / "train" / "text").read_text().splitlines()
+    (user / "train" / "text").write_text("\n".join([lines[0] + " zygote"] + lines[1:]) + "\n")
+    tokens_before = (teacher / "tokens.txt").read_bytes()
+    import extract_teacher
+    with pytest.raises(extract_teacher.StaleCacheError, match=re.escape(f"{teacher / 'tokens.txt'} ({len(vocab)} tokens) was built "
+                                                     f"from {(user / 'train').resolve()} (6 utterances)")):
+        train_hkd.ensure_data(args, is_main=True)
+    assert (teacher / "tokens.txt").read_bytes() == tokens_before
+
+
 def test_specaugment_options_reach_the_training_split(corpus, tmp_path):
     args = train_hkd.parse_args(common(corpus, tmp_path, "--freq-mask-width", "5", "--time-masks", "1"))
     vocab = train_hkd.teacher_lib.TokenVocab.load(corpus / "teacher" / "tokens.txt")
