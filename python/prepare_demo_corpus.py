@@ -302,10 +302,9 @@ def _die(message: str):
 MARKER = "demo-corpus.json"    # written first into every corpus this script makes
 
 
-def claim_output(out: Path, argv) -> None:
-    """Write OUT/demo-corpus.json before anything else, or exit (status 2) when OUT is a
-    file, or a folder with files this script did not make: it rewrites its own corpus,
-    never someone's data."""
+def check_output(out: Path) -> None:
+    """Exit (status 2) when OUT is a file, or a folder with files this script did not make:
+    it rewrites its own corpus, never someone's data."""
     if out.exists() and not out.is_dir():
         _die(f"--out {out} is a file, not a folder")
     if out.is_dir() and not (out / MARKER).is_file():
@@ -315,6 +314,11 @@ def claim_output(out: Path, argv) -> None:
             _die(f"--out {out} already holds {shown}, and no {MARKER}: it is not a demo corpus made by "
                  "this script, and nothing in it is overwritten. Choose a new or empty folder (a demo "
                  "corpus made before the marker existed: delete it and make it again)")
+
+
+def claim_output(out: Path, argv) -> None:
+    """check_output, then OUT/demo-corpus.json written before anything else."""
+    check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"made_by": "prepare_demo_corpus.py", "argv": list(argv)}) + "\n")
 
@@ -341,6 +345,7 @@ def write_split(out: Path, split: str, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
+    check_output(args.out.resolve())
     use_flite = check_tools(args)
     rng = random.Random(args.seed)
 
