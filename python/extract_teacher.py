@@ -20,19 +20,19 @@ was built from the same --train content and teacher, or when it equals the vocab
 that --train gives (so dev/test can be extracted later with the same vocabulary); a
 tokens.txt that differs from it is never replaced (checkpoints name it): that is a
 StaleCacheError naming both sources, and another --out (or deleting OUT) is the way on.
-A file in OUT that is not this script's cache is never overwritten. An empty manifest
-is an error. Transcripts that the teacher cannot align raise teacher.AlignmentError
-naming them.
+A file in OUT that is not this script's cache is never overwritten. Files are written
+whole or not at all (data.write_atomically); what a killed run left (<file>.tmp<pid>) is
+removed by the next. An empty manifest is an error, before anything is written.
+Transcripts that the teacher cannot align raise teacher.AlignmentError naming them.
 """
 import argparse
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -134,21 +134,8 @@ def load_record(out: Path) -> dict:
     return record
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]):
-    """write(tmp) then rename onto path (fsynced): a crash leaves the old file or the new."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_record(out: Path, record: dict):
-    _write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    data.write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
 
 
 @contextlib.contextmanager
@@ -224,6 +211,7 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
         return tokenizer
 
     with _locked(out):
+        data.remove_stale_temporaries(out, lambda name: name in (VOCAB, RECORD) or name.endswith(".pt"))
         record = load_record(out)
         vocab = _ensure_vocab(out, Path(train), train_utterances, teacher_info, record, get_tokenizer, log)
         for name, (manifest, utts) in utterances.items():
@@ -248,7 +236,7 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             elapsed = time.perf_counter() - start
             cache = {"teacher": str(model.path), "dim": model.dim,
                      "states": {u.id: s.half() for u, s in zip(utts, states)}}
-            _write_atomically(path, lambda tmp: torch.save(cache, tmp))
+            data.write_atomically(path, lambda tmp: torch.save(cache, tmp))
             stat = path.stat()
             record["splits"][name] = {"file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                       "manifest": source, "teacher": teacher_info}
@@ -289,7 +277,7 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
                 f"--out), or delete {out} to build the cache again")
         log(f"extract_teacher: {vocab_path} equals the vocabulary of {train}: kept")
     else:
-        _write_atomically(vocab_path, built.save)
+        data.write_atomically(vocab_path, built.save)
         log(f"extract_teacher: vocabulary {len(built)} ASR tokens ({vocab_path})")
     record["vocab"] = {"file": VOCAB, "sha256": _sha256_file(vocab_path), "manifest": source,
                        "teacher": teacher_info}

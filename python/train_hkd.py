@@ -217,69 +217,22 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-TEMP_SUFFIX = re.compile(r"\.tmp(\d+)$")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
-
-
-def fsync_dir(directory: Path):
-    """fsync a folder, so that a rename in it survives a power cut (where the OS allows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass                   # some file systems cannot fsync a folder
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj, path: Path):
     """torch.save to path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
-    folder: a crash leaves the old file or the new one, never half a file (a temporary
-    file left by a killed run is removed by remove_stale_temporaries)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False           # this process saves one file at a time: its own leftovers are stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
+    folder (data.write_atomically): a crash leaves the old file or the new one, never half
+    a file; the temporary file of a killed run is removed by remove_stale_temporaries."""
+    data.write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def remove_stale_temporaries(exp_dir: Path) -> List[Path]:
     """Remove the temporary files that atomic_save left in exp_dir when its process died
     mid-save (``checkpoint-<step>.pt.tmp<pid>``, ``averaged.pt.tmp<pid>`` of a process no
     longer running); nothing else is touched. Returns the removed paths."""
-    removed = []
-    for path in exp_dir.glob("*.pt.tmp*"):
-        match = TEMP_SUFFIX.search(path.name)
-        if match is None or not path.is_file():
-            continue
-        target = path.name[:match.start()]
-        if not (CHECKPOINT_NAME.fullmatch(target) or target == "averaged.pt"):
-            continue
-        if _pid_alive(int(match.group(1))):
-            continue           # another run is saving into this folder right now
-        path.unlink(missing_ok=True)
-        removed.append(path)
+    removed = data.remove_stale_temporaries(
+        exp_dir, lambda name: CHECKPOINT_NAME.fullmatch(name) is not None or name == "averaged.pt")
     if removed:
         log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed),
                  ", ".join(p.name for p in removed))

@@ -507,7 +507,14 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
     assert record["splits"]["dev"]["manifest"] == extract_teacher.manifest_source(dev, data.read_manifest(dev)[0])
     assert "config.json" in record["splits"]["train"]["teacher"]["files"]
     made = files()
+    # what a killed extraction left (a process no longer running) is removed; other files are not
+    import subprocess
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    for name in (f"train.pt.tmp{dead}", f"tokens.txt.tmp{dead}", "notes.tmp1", f"notes.tmp{dead}"):
+        (out / name).write_text("x")
     assert build().tokens == vocab.tokens and files() == made                     # up to date: nothing written
+    assert sorted(p.name for p in out.glob("*.tmp*")) == sorted(["notes.tmp1", f"notes.tmp{dead}"])
     assert len(logged) == 3 and all("up to date" in line for line in logged)
     # another teacher (here: its configuration changed): the states again; the same vocabulary is kept
     real = extract_teacher.teacher_source
