@@ -13,16 +13,21 @@ transcript or the reverse, an unreadable audio file) raise :class:`ManifestError
 ``file:line`` in the message. With ``skip_bad=True`` they are skipped instead and counted
 in the returned :class:`SkipReport`, which the caller should print.
 
+write_atomically writes a file whole or not at all (a temporary file, fsynced and
+renamed; the folder fsynced); remove_stale_temporaries removes what a killed writer left.
+
 Audio is read with soundfile, mixed down to mono and resampled to 16 kHz with soxr
 (``soxr.resample``, the maintained libsoxr binding) when it has another rate.
 """
 import json
 import math
+import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -196,6 +201,91 @@ def read_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], SkipRe
     if Path(path).is_dir():
         return read_kaldi_dir(path, skip_bad)
     return read_jsonl_manifest(path, skip_bad)
+
+
+# --- files written whole or not at all -------------------------------------------------------
+
+_TEMPORARY = re.compile(r"\.tmp(\d+)$")
+
+
+def _fsync_dir(directory: Path):
+    """fsync a folder, so that a rename in it survives a power cut (where the OS allows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                   # some file systems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path, write: Callable[[Path], None]):
+    """write(tmp) to tmp = path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
+    folder: a crash or a kill leaves the old file or the new one, never half a file (but
+    may leave tmp: remove_stale_temporaries). A failed write removes tmp and raises."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False           # this process writes one file at a time: its own leftovers are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, is_ours: Callable[[str], bool]) -> List[Path]:
+    """Remove the files ``<name>.tmp<pid>`` in folder that write_atomically left when its
+    process died mid-write: those whose <name> is_ours and whose process is not running
+    (on this machine). Nothing else is touched. Returns the removed paths."""
+    removed = []
+    for path in sorted(Path(folder).glob("*.tmp*")):
+        match = _TEMPORARY.search(path.name)
+        if match is None or not path.is_file() or not is_ours(path.name[:match.start()]):
+            continue
+        if _pid_alive(int(match.group(1))):
+            continue           # another process is writing into this folder right now
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+# --- manifests -------------------------------------------------------------------------------
+
+def split_name(path) -> str:
+    """A split's name: its folder's name (Kaldi dir) or its file's stem (JSONL manifest):
+    data/demo/train and data/demo/train.jsonl are both "train"."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
+
+
+def missing_manifest_file(path) -> Optional[Path]:
+    """The file whose absence keeps `path` from being a manifest (the path itself, or a
+    Kaldi dir's wav.scp or text), or None when it is one."""
+    path = Path(path)
+    if path.is_dir():
+        return next((path / f for f in ("wav.scp", "text") if not (path / f).is_file()), None)
+    return None if path.is_file() else path
 
 
 def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,

@@ -365,14 +365,12 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["cif", "acd", "lrd", "hkd"] if args.ablations else ["cif", "hkd"]
 
-    # 1. corpus and teacher cache (train_hkd.py would make them too, but once, not per system)
+    # 1. corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
         import prepare_demo_corpus
         prepare_demo_corpus.main(["--out", str(corpus)])
-    if not all((teacher_dir / f).exists() for f in ("tokens.txt", "train.pt", "dev.pt")):
-        import extract_teacher
-        extract_teacher.main(["--train", str(corpus / "train"), "--out", str(teacher_dir), "--splits",
-                              str(corpus / "train"), str(corpus / "dev")])
+    import extract_teacher   # made, or checked against the corpus (rebuilt where stale)
+    extract_teacher.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
 
     # 2. training, jobs systems at a time
     cores = os.cpu_count() or 1

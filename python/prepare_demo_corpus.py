@@ -34,6 +34,7 @@ Pipeline:
      OUT/wav/<utt>-<crc32 of the synthesis parameters>.wav
      OUT/{train,dev,test,test-seen}/{wav.scp,text,utt2spk,spk2utt}
      OUT/{train,dev,test,test-seen}.jsonl   {"id", "audio", "text", "duration", "speaker"}
+     OUT/demo-corpus.json                   the mark of a corpus made by this script
 
 Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the project's
 2-core machine, so the default size (12000/200/200x12/200x12, 7.2 h of audio) takes about
@@ -42,8 +43,11 @@ Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
 
-Existing wavs of the same utterance and synthesis parameters are kept (re-running
-resumes); everything else is rewritten. The same --seed and inputs give the same
+OUT must be a new or empty folder, or a corpus this script made (it writes
+OUT/demo-corpus.json first): a folder holding anything else is refused (exit status 2),
+so that no one's data is overwritten. In its own corpus, existing wavs of the same
+utterance and synthesis parameters are kept (re-running resumes); everything else is
+rewritten. The same --seed and inputs give the same
 corpus. Nothing is installed: a missing synthesiser or fortunes package is reported
 with the Debian package to install, and the script exits with status 2.
 """
@@ -295,6 +299,30 @@ def _die(message: str):
     sys.exit(2)
 
 
+MARKER = "demo-corpus.json"    # written first into every corpus this script makes
+
+
+def check_output(out: Path) -> None:
+    """Exit (status 2) when OUT is a file, or a folder with files this script did not make:
+    it rewrites its own corpus, never someone's data."""
+    if out.exists() and not out.is_dir():
+        _die(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not (out / MARKER).is_file():
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+            _die(f"--out {out} already holds {shown}, and no {MARKER}: it is not a demo corpus made by "
+                 "this script, and nothing in it is overwritten. Choose a new or empty folder (a demo "
+                 "corpus made before the marker existed: delete it and make it again)")
+
+
+def claim_output(out: Path, argv) -> None:
+    """check_output, then OUT/demo-corpus.json written before anything else."""
+    check_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"made_by": "prepare_demo_corpus.py", "argv": list(argv)}) + "\n")
+
+
 def write_split(out: Path, split: str, rows):
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +343,9 @@ def write_split(out: Path, split: str, rows):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
+    check_output(args.out.resolve())
     use_flite = check_tools(args)
     rng = random.Random(args.seed)
 
@@ -350,6 +380,7 @@ def main(argv=None):
         seen_shares = [(seen, 1.0)]
 
     out = args.out.resolve()
+    claim_output(out, argv)
     (out / "wav").mkdir(parents=True, exist_ok=True)
     sentences["test-seen"] = sentences["test"] if args.test_seen_voices > 0 else []
     jobs = []

@@ -1,26 +1,35 @@
 #!/usr/bin/env python3
 """Train the CIF-HKD recognizer (model.py) on a corpus with a cached teacher.
 
-    python python/train_hkd.py                       # the demo corpus, HKD (ACD + LRD)
+    python python/train_hkd.py --make-demo-corpus    # the demo corpus, HKD (ACD + LRD)
     python python/train_hkd.py --acd-weight 0 --lrd-weight 0 --exp-dir exp/cif   # baseline
+    python python/train_hkd.py --corpus data/mine --train-split train.jsonl --valid-split dev.jsonl
     python python/train_hkd.py --config conf.yaml    # keys are option names
     python python/train_hkd.py --resume              # continue from EXP/checkpoint-*.pt
     torchrun --nproc_per_node 2 python/train_hkd.py  # DistributedDataParallel
 
-With no corpus at --corpus (Kaldi dirs train/dev) it is synthesised with
-prepare_demo_corpus.py; with no teacher cache at --teacher-dir, extract_teacher.py builds
-the vocabulary and the cache. Command-line options override --config.
+The splits are --corpus/--train-split and --corpus/--valid-split: Kaldi data dirs
+(wav.scp, text) or JSONL manifests (data.py). The corpus is only read: a missing split is
+an error naming the file, unless --make-demo-corpus asks for the demo corpus, which is
+then synthesised at --corpus with prepare_demo_corpus.py (which writes only into a new or
+empty folder, or a demo corpus it made). extract_teacher.build_cache makes the
+vocabulary and the teacher cache at --teacher-dir, or checks them against what they were
+built from (cache.json: the manifests' transcripts, the teacher): a stale split cache is
+extracted again, and a tokens.txt that is not the training split's vocabulary is an
+error (extract_teacher.StaleCacheError), never replaced. Command-line options override
+--config.
 
 The loss of an update is the sum of the terms over the tokens of all its micro-batches
 (--accum-grad) and all ranks, divided by that token count (the recipe's normalisation).
 ACD takes the teacher rows of every rank as negatives (all_gather; only the local
 student carries gradients).
 
-EXP/ gets checkpoint-<step>.pt (atomically written; model, optimizer, scheduler, step,
-epoch, sampler position, every rank's RNG states), averaged.pt (the mean of the last
---average-last checkpoints' weights; decode.py reads it), tensorboard/ (when the
-tensorboard package is installed) and train_log.jsonl (the same scalars, one line per
---log-every-steps updates).
+EXP/ gets checkpoint-<step>.pt (atomically written and fsynced; model, optimizer,
+scheduler, step, epoch, sampler position, every rank's RNG states; other names in EXP,
+such as checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt
+(the mean of the last --average-last checkpoints' weights; decode.py reads it),
+tensorboard/ (when the tensorboard package is installed) and train_log.jsonl (the same
+scalars, one line per --log-every-steps updates).
 """
 import argparse
 import dataclasses
@@ -29,6 +38,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,13 +70,21 @@ def get_parser() -> argparse.ArgumentParser:
                         "(keys: option names, '-' or '_')")
     g = parser.add_argument_group("data")
     g.add_argument("--corpus", type=Path, default=Path("data/demo"),
-                   help="folder with Kaldi dirs train/ and dev/ (made if missing)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--valid-split", default="dev", help="'' for no validation")
+                   help="folder of the splits (Kaldi data dirs or JSONL manifests); never written to, "
+                        "except by --make-demo-corpus")
+    g.add_argument("--train-split", default="train",
+                   help="--corpus/<this>: a Kaldi data dir, or a JSONL file (train.jsonl)")
+    g.add_argument("--valid-split", default="dev", help="as --train-split; '' for no validation")
+    g.add_argument("--make-demo-corpus", action="store_true",
+                   help="synthesise the demo corpus (prepare_demo_corpus.py) at --corpus when its splits "
+                        "are missing: into a new or empty folder, or an unfinished demo corpus only")
     g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
-                   help="extract_teacher.py output: tokens.txt, <split>.pt (made if missing)")
+                   help="extract_teacher.py output: tokens.txt, <split>.pt, cache.json (made if missing, "
+                        "remade where built from other transcripts or another teacher; a tokens.txt that "
+                        "differs from the training split's vocabulary is an error, never replaced)")
     g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
-    g.add_argument("--demo-num-train", type=int, default=12000, help="demo corpus size if made")
+    g.add_argument("--demo-num-train", type=int, default=12000,
+                   help="demo corpus size, with --make-demo-corpus")
     g.add_argument("--demo-num-dev", type=int, default=200)
     g.add_argument("--demo-num-test", type=int, default=200,
                    help="demo test clauses (each spoken by every held-out voice)")
@@ -199,20 +217,41 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
+
+
 def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
+    folder (data.write_atomically): a crash leaves the old file or the new one, never half
+    a file; the temporary file of a killed run is removed by remove_stale_temporaries."""
+    data.write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def remove_stale_temporaries(exp_dir: Path) -> List[Path]:
+    """Remove the temporary files that atomic_save left in exp_dir when its process died
+    mid-save (``checkpoint-<step>.pt.tmp<pid>``, ``averaged.pt.tmp<pid>`` of a process no
+    longer running); nothing else is touched. Returns the removed paths."""
+    removed = data.remove_stale_temporaries(
+        exp_dir, lambda name: CHECKPOINT_NAME.fullmatch(name) is not None or name == "averaged.pt")
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.stem.split("-")[1])
+    """The step of EXP/checkpoint-<step>.pt (ValueError for another name)."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint-<step>.pt name")
+    return int(match.group(1))
 
 
 def list_checkpoints(exp_dir: Path) -> List[Path]:
-    """EXP/checkpoint-<step>.pt, oldest first."""
-    return sorted(exp_dir.glob("checkpoint-*.pt"), key=checkpoint_step)
+    """EXP/checkpoint-<step>.pt, oldest first; other names (checkpoint-best.pt, a user's
+    copies) are not the trainer's: never resumed from, averaged or pruned."""
+    found = [p for p in exp_dir.glob("checkpoint-*.pt") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_step)
 
 
 def average_checkpoints(paths: List[Path], out: Path) -> dict:
@@ -260,33 +299,60 @@ class TensorBoard:
             self.writer.close()
 
 
+def split_manifests(args) -> Dict[str, Path]:
+    """The training and validation splits' manifests: --corpus / <split> (a Kaldi data dir
+    or a JSONL file)."""
+    return {s: args.corpus / s for s in (args.train_split, args.valid_split) if s}
+
+
 def ensure_data(args, is_main: bool):
-    """Prepare the demo corpus and the teacher cache when missing (rank 0; others wait)."""
-    splits = [s for s in (args.train_split, args.valid_split) if s]
+    """Check the corpus; with --make-demo-corpus synthesise the demo corpus when its splits
+    are missing; build or check the teacher cache (rank 0; the others wait).
+
+    Nothing of the corpus is ever written without --make-demo-corpus: a missing split is a
+    FileNotFoundError naming the file; prepare_demo_corpus.py itself writes only into a new
+    or empty folder or a demo corpus it made. The teacher cache is extracted again where it
+    was built from other transcripts or another teacher (extract_teacher.build_cache); a
+    tokens.txt that differs from the training split's vocabulary is never replaced:
+    extract_teacher.StaleCacheError says so."""
+    manifests = split_manifests(args)
     if is_main:
-        if not (args.corpus / args.train_split / "text").exists():
+        missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
+        missing = {s: m for s, m in missing.items() if m is not None}
+        if missing and args.make_demo_corpus:
             import prepare_demo_corpus
-            log.info("no corpus at %s: synthesising the demo corpus", args.corpus)
+            log.info("--make-demo-corpus: no corpus at %s: synthesising the demo corpus", args.corpus)
             prepare_demo_corpus.main(["--out", str(args.corpus), "--num-train", str(args.demo_num_train),
                                       "--num-dev", str(args.demo_num_dev),
                                       "--num-test", str(args.demo_num_test)])
-        missing = [s for s in splits if not (args.teacher_dir / f"{s}.pt").exists()]
-        if missing or not (args.teacher_dir / "tokens.txt").exists():
-            import extract_teacher
-            log.info("extracting teacher states for %s into %s", missing or splits, args.teacher_dir)
-            extract_teacher.main(["--train", str(args.corpus / args.train_split), "--out",
-                                  str(args.teacher_dir), "--splits"]
-                                 + [str(args.corpus / s) for s in (missing or splits)]
-                                 + (["--teacher", args.teacher] if args.teacher else []))
+            missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
+            missing = {s: m for s, m in missing.items() if m is not None}
+        for split, path in missing.items():
+            option = "--train-split" if split == args.train_split else "--valid-split"
+            hint = ("" if args.corpus.exists() or args.make_demo_corpus else
+                    f"; --corpus {args.corpus} does not exist (--make-demo-corpus synthesises the demo "
+                    "corpus there)")
+            if split != args.train_split:
+                hint += "; --valid-split '' trains without validation"
+            raise FileNotFoundError(f"train_hkd: {option} {split}: {path} is missing (a split is a Kaldi "
+                                    f"data dir with wav.scp and text, or a JSONL manifest, in --corpus)" + hint)
+        import extract_teacher
+        extract_teacher.build_cache(args.teacher_dir, manifests[args.train_split], list(manifests.values()),
+                                    args.teacher, log=log.info)
     if dist.is_initialized():
         dist.barrier()
+
+
+def teacher_cache_path(args, split: str) -> Path:
+    """extract_teacher.py's states file of a split (named by data.split_name)."""
+    return args.teacher_dir / f"{data.split_name(args.corpus / split)}.pt"
 
 
 def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool):
     """One split's AsrDataset; SpecAugment and speed perturbation on the training split only."""
     utts, report = data.read_manifest(args.corpus / split)
     utts, report = data.check_audio(utts, report=report)
-    states = dataset_lib.load_teacher_cache(args.teacher_dir / f"{split}.pt") if need_teacher else None
+    states = dataset_lib.load_teacher_cache(teacher_cache_path(args, split)) if need_teacher else None
     spec_augment = None
     if train and not args.no_spec_augment:
         spec_augment = features.SpecAugment(features.SpecAugmentConfig(
@@ -376,10 +442,10 @@ def run(args) -> Optional[Path]:
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     if args.amp == "bf16" and device.type != "cuda":
         log.warning("--amp bf16 is for CUDA only; training in float32 on %s", device)
+    ensure_data(args, is_main)
     args.exp_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         (args.exp_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
-    ensure_data(args, is_main)
 
     seed_everything(args.seed + rank)
     vocab = teacher_lib.TokenVocab.load(args.teacher_dir / "tokens.txt")
@@ -405,6 +471,8 @@ def run(args) -> Optional[Path]:
     step, epoch, batches_done = 0, 0, 0
 
     resume = args.resume
+    if resume is not None and is_main:
+        remove_stale_temporaries(args.exp_dir)
     if resume == "latest":
         found = list_checkpoints(args.exp_dir)
         resume = found[-1] if found else None
@@ -443,6 +511,7 @@ def run(args) -> Optional[Path]:
         if not is_main:
             return None
         path = args.exp_dir / f"checkpoint-{path_step}.pt"
+        remove_stale_temporaries(args.exp_dir)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                      "sampler": {"epoch": epoch, "seed": sampler.seed,

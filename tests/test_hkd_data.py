@@ -1,6 +1,7 @@
 """Data side of the CIF-HKD recipe: corpus preparation, manifests, audio, sampler,
 features, teacher alignment. The recipe's modules live in python/ (not a package)."""
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -287,6 +288,29 @@ def test_prepare_demo_corpus_without_espeak_says_which_package(monkeypatch, tmp_
     assert "Debian package 'espeak-ng'" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
+                    reason="needs the Debian packages espeak-ng and fortunes")
+def test_prepare_demo_corpus_never_writes_into_someone_elses_folder(tmp_path, capsys):
+    """Only a new or empty folder, or a corpus it made (demo-corpus.json), is written."""
+    theirs = tmp_path / "theirs"
+    (theirs / "train").mkdir(parents=True)
+    (theirs / "train" / "text").write_text("u1 my own transcript\n")
+    (theirs / "train.jsonl").write_text('{"audio": "u1.wav", "text": "my own transcript"}\n')
+    before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    tiny = ["--num-train", "2", "--num-dev", "1", "--num-test", "1", "--test-seen-voices", "0", "--no-flite"]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_demo_corpus.main(["--out", str(theirs)] + tiny)
+    assert exit_info.value.code == 2 and "not a demo corpus" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        prepare_demo_corpus.main(["--out", str(tmp_path / "file")] + tiny)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_demo_corpus.main(["--out", str(empty)] + tiny)     # (rerunning into its own: test above)
+    assert (empty / prepare_demo_corpus.MARKER).is_file() and len(data.read_kaldi_dir(empty / "train")[0]) == 2
+
+
 def test_normalise_sentence():
     norm = prepare_demo_corpus.normalise_sentence
     assert norm("\"Don't panic,\" he said -- 'quietly'.") == "don't panic he said quietly"
@@ -457,3 +481,73 @@ def test_extract_teacher_writes_vocab_and_one_cache_per_split(kaldi_dir, tmp_pat
     states = dataset.load_teacher_cache(out / "train.pt")
     assert set(states) == {"a", "b"} and states["a"].dtype == torch.float16
     assert states["b"].shape == (len(vocab.encode(TOKENIZER, "don't stop")) + 1, 384)
+
+
+@needs_teacher
+def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(kaldi_dir, tmp_path, monkeypatch,
+                                                                             teacher_model):
+    import dataset
+    import extract_teacher
+    monkeypatch.setattr(extract_teacher.teacher_lib, "Teacher", lambda path=None: teacher_model)  # loaded once
+    out = tmp_path / "teacher"
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"id": "a", "audio": str(tmp_path / "a.wav"), "text": "hello world"}) + "\n")
+    logged = []
+
+    def build():
+        logged.clear()
+        return extract_teacher.build_cache(out, kaldi_dir, [kaldi_dir, dev], log=logged.append)
+
+    def files():
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.suffix in (".pt", ".txt")}
+
+    vocab = build()
+    record = json.loads((out / "cache.json").read_text())
+    assert record["vocab"]["manifest"]["path"] == str(kaldi_dir.resolve())
+    assert record["splits"]["dev"]["manifest"] == extract_teacher.manifest_source(dev, data.read_manifest(dev)[0])
+    assert "config.json" in record["splits"]["train"]["teacher"]["files"]
+    made = files()
+    # what a killed extraction left (a process no longer running) is removed; other files are not
+    import subprocess
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    for name in (f"train.pt.tmp{dead}", f"tokens.txt.tmp{dead}", "notes.tmp1", f"notes.tmp{dead}"):
+        (out / name).write_text("x")
+    assert build().tokens == vocab.tokens and files() == made                     # up to date: nothing written
+    assert sorted(p.name for p in out.glob("*.tmp*")) == sorted(["notes.tmp1", f"notes.tmp{dead}"])
+    assert len(logged) == 3 and all("up to date" in line for line in logged)
+    # another teacher (here: its configuration changed): the states again; the same vocabulary is kept
+    real = extract_teacher.teacher_source
+    with monkeypatch.context() as patch:
+        patch.setattr(extract_teacher, "teacher_source",
+                      lambda path=None: {**real(path), "files": {"config.json": {"sha256": "0"}}})
+        build()
+    assert sum("with another teacher" in line for line in logged) == 2
+    assert files()["tokens.txt"] == made["tokens.txt"] and files()["dev.pt"] != made["dev.pt"]
+    # a cache of an older extract_teacher.py (no cache.json): an equal tokens.txt is kept, states made again
+    (out / "cache.json").unlink()
+    build()
+    assert any("equals the vocabulary" in line for line in logged)
+    assert sum("has no record" in line for line in logged) == 2
+    # a transcript with other words: its split is extracted again, the vocabulary refused
+    dev.write_text(json.dumps({"id": "a", "audio": str(tmp_path / "a.wav"), "text": "hello don't stop"}) + "\n")
+    build()
+    assert any("dev.pt was built from other transcripts" in line for line in logged)
+    assert dataset.load_teacher_cache(out / "dev.pt")["a"].shape[0] == 6      # hello don ' t stop [SEP]
+    (kaldi_dir / "text").write_text("a hello world\nb don't stop now\n")
+    tokens = (out / "tokens.txt").read_bytes()
+    with pytest.raises(extract_teacher.StaleCacheError, match=r"tokens\.txt \(\d+ tokens\) was built from "
+                       + re.escape(f"{kaldi_dir.resolve()} (2 utterances)")):
+        build()
+    assert (out / "tokens.txt").read_bytes() == tokens
+    (kaldi_dir / "text").write_text("a hello world\nb don't stop\n")
+    # a file that is not this cache is never overwritten; an empty manifest writes nothing
+    (out / "dev.pt").write_text("mine")
+    with pytest.raises(extract_teacher.StaleCacheError, match=r"dev\.pt is not a teacher cache"):
+        build()
+    assert (out / "dev.pt").read_text() == "mine"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(data.ManifestError, match=re.escape(f"{empty}: no utterances")):
+        extract_teacher.main(["--train", str(empty), "--splits", str(empty), "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()

@@ -2,6 +2,7 @@
 synthetic corpus: loss goes down, exact resume, averaging, DDP on CPU, decoding, NaN stop."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def corpus(tmp_path_factory):
     """A 6/1/1-utterance corpus and its teacher cache, made by the trainer itself."""
     root = tmp_path_factory.mktemp("hkd_train")
     args = train_hkd.parse_args(["--corpus", str(root / "corpus"), "--teacher-dir", str(root / "teacher"),
+                                 "--make-demo-corpus",
                                  "--demo-num-train", "6", "--demo-num-dev", "1", "--demo-num-test", "1"])
     train_hkd.ensure_data(args, is_main=True)
     assert (root / "teacher" / "train.pt").exists() and (root / "teacher" / "dev.pt").exists()
@@ -46,6 +48,104 @@ def common(corpus, exp, *extra):
              "--exp-dir", str(exp), "--threads", "1", "--no-progress", "--max-batch-seconds", "6",
              "--warmup-steps", "2", "--hold-steps", "100", "--peak-lr", "3e-3", "--seed", "7"]
             + TINY_MODEL + list(extra))
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its bytes and modification time."""
+    return {p.relative_to(root): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def users_corpus(corpus, root: Path) -> Path:
+    """A user's corpus: JSONL manifests of the demo audio, and a Kaldi train dir without text."""
+    user = root / "user"
+    (user / "train").mkdir(parents=True)
+    shutil.copy(corpus / "corpus" / "train" / "wav.scp", user / "train" / "wav.scp")
+    for split in ("train", "dev"):
+        shutil.copy(corpus / "corpus" / f"{split}.jsonl", user / f"{split}.jsonl")
+    return user
+
+
+# --demo-num-*: the old trainer synthesised the demo corpus over the user's; a small one
+DEMO_SIZE = ["--demo-num-train", "6", "--demo-num-dev", "1", "--demo-num-test", "1"]
+
+
+def test_a_split_missing_a_file_is_an_error_and_the_corpus_is_not_written(corpus, tmp_path):
+    user = users_corpus(corpus, tmp_path)
+    before = snapshot(user)
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(tmp_path / "teacher"),
+                  "--max-steps", "1", *DEMO_SIZE)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--train-split train: {user / 'train' / 'text'} is missing")):
+        train_hkd.main(argv)
+    # asking for the demo corpus does not make it over someone's data either
+    with pytest.raises(SystemExit):
+        train_hkd.main(argv + ["--make-demo-corpus"])
+    assert snapshot(user) == before
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "exp").exists()
+
+
+def test_a_missing_corpus_is_an_error_not_synthetic_speech(corpus, tmp_path):
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{nowhere / 'train'} is missing") + ".*--make-demo-corpus"):
+        train_hkd.main(common(corpus, tmp_path / "exp", "--corpus", str(nowhere), "--max-steps", "1", *DEMO_SIZE))
+    assert not nowhere.exists()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--valid-split devx: {corpus / 'corpus' / 'devx'} "
+                                                          "is missing") + ".*--valid-split '' trains without"):
+        train_hkd.main(common(corpus, tmp_path / "exp", "--valid-split", "devx", "--max-steps", "1"))
+
+
+def test_a_jsonl_corpus_trains_and_is_only_read(corpus, tmp_path):
+    user = users_corpus(corpus, tmp_path)
+    before = snapshot(user)
+    teacher = tmp_path / "teacher"
+    train_hkd.main(common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(teacher),
+                          "--train-split", "train.jsonl", "--valid-split", "dev.jsonl", "--max-steps", "1",
+                          "--average-last", "0", *DEMO_SIZE))
+    assert (tmp_path / "exp" / "checkpoint-1.pt").exists()
+    assert (teacher / "train.pt").exists() and (teacher / "dev.pt").exists()     # named by the files' stems
+    assert snapshot(user) == before
+
+
+def test_a_stale_teacher_cache_is_rebuilt_or_refused_never_reused(corpus, tmp_path):
+    """A run on an empty training manifest left a 3-token tokens.txt (and an empty train.pt)
+    that the next run, on the fixed corpus, reused: "vocabulary 3", or a KeyError with ACD/LRD."""
+    user, teacher = tmp_path / "user", tmp_path / "teacher"
+    shutil.copytree(corpus / "corpus" / "dev", user / "dev")
+    (user / "train").mkdir()
+    for name in ("wav.scp", "text"):
+        (user / "train" / name).write_text("")
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(teacher),
+                  "--max-steps", "1", "--average-last", "0")
+    with pytest.raises(ValueError, match=re.escape(f"{user / 'train'}: no utterances")):
+        train_hkd.main(argv)
+    assert not teacher.exists()
+    for name in ("wav.scp", "text", "utt2spk"):                                      # the corpus fixed
+        shutil.copy(corpus / "corpus" / "train" / name, user / "train" / name)
+    train_hkd.main(argv)                                                             # with ACD and LRD
+    vocab = train_hkd.teacher_lib.TokenVocab.load(teacher / "tokens.txt")
+    assert vocab.tokens == train_hkd.teacher_lib.TokenVocab.load(corpus / "teacher" / "tokens.txt").tokens
+    record = json.loads((teacher / "cache.json").read_text())
+    assert record["vocab"]["manifest"]["utterances"] == 6 and set(record["splits"]) == {"train", "dev"}
+    # a dev transcript changed (to words of the vocabulary): dev.pt is extracted again
+    dev_id, dev_text = (user / "dev" / "text").read_text().split(" ", 1)
+    new_text = (user / "train" / "text").read_text().splitlines()[0].split(" ", 1)[1]
+    (user / "dev" / "text").write_text(f"{dev_id} {new_text}\n")
+    train_before = (teacher / "train.pt").stat().st_mtime_ns
+    args = train_hkd.parse_args(argv)
+    train_hkd.ensure_data(args, is_main=True)
+    states = train_hkd.dataset_lib.load_teacher_cache(teacher / "dev.pt")
+    tokenizer = train_hkd.teacher_lib.load_tokenizer(None)
+    assert states[dev_id].shape[0] == len(vocab.encode(tokenizer, new_text)) + 1
+    assert (teacher / "train.pt").stat().st_mtime_ns == train_before                 # up to date: kept
+    # a training transcript with a new word: the vocabulary would change; refused, not replaced
+    lines = (user / "train" / "text").read_text().splitlines()
+    (user / "train" / "text").write_text("\n".join([lines[0] + " zygote"] + lines[1:]) + "\n")
+    tokens_before = (teacher / "tokens.txt").read_bytes()
+    import extract_teacher
+    with pytest.raises(extract_teacher.StaleCacheError, match=re.escape(f"{teacher / 'tokens.txt'} ({len(vocab)} tokens) was built "
+                                                     f"from {(user / 'train').resolve()} (6 utterances)")):
+        train_hkd.ensure_data(args, is_main=True)
+    assert (teacher / "tokens.txt").read_bytes() == tokens_before
 
 
 def test_specaugment_options_reach_the_training_split(corpus, tmp_path):
@@ -121,6 +221,64 @@ def test_checkpoint_average(corpus, tmp_path):
     for name, value in averaged["model"].items():
         torch.testing.assert_close(value, (two[0][name] + two[1][name]) / 2)
     assert not list(exp.glob("*.tmp*")), "atomic saves leave no temporary files"
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
+def test_resume_skips_foreign_checkpoint_names_and_removes_dead_temporaries(corpus, tmp_path):
+    """--resume takes the latest checkpoint-<int>.pt only (a checkpoint-best.pt broke it with
+    ValueError), a killed save's checkpoint-N.pt.tmp<pid> is removed at the next resume and
+    save, and nothing else of the folder is touched (not pruned by --keep-last either)."""
+    exp = tmp_path / "exp"
+    extra = ["--valid-split", "", "--average-last", "0", "--save-every-steps", "1", "--keep-last", "1"]
+    train_hkd.main(common(corpus, exp, "--max-steps", "1", *extra))
+    shutil.copy(exp / "checkpoint-1.pt", exp / "checkpoint-best.pt")
+    mine = {"checkpoint-best.pt": (exp / "checkpoint-best.pt").read_bytes(), "checkpoint-x.pt": b"x",
+            "notes.tmp1": b"n", "checkpoint-2.pt.tmpabc": b"t"}
+    for name, content in mine.items():
+        (exp / name).write_bytes(content)
+    stale = [exp / f"checkpoint-2.pt.tmp{dead_pid()}", exp / f"averaged.pt.tmp{dead_pid()}"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    live = exp / f"checkpoint-5.pt.tmp{os.getppid()}"          # a running process's save: kept
+    live.write_bytes(b"being written")
+    assert [p.name for p in train_hkd.list_checkpoints(exp)] == ["checkpoint-1.pt"]
+    train_hkd.main(common(corpus, exp, "--max-steps", "2", "--resume", *extra))
+    state = torch.load(exp / "checkpoint-2.pt", weights_only=False)
+    assert state["step"] == 2
+    assert [p.name for p in train_hkd.list_checkpoints(exp)] == ["checkpoint-2.pt"]   # --keep-last 1
+    assert not any(p.exists() for p in stale) and live.exists()
+    for name, content in mine.items():
+        assert (exp / name).read_bytes() == content, name
+
+
+def test_atomic_save_fsyncs_the_file_then_the_folder(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        import stat
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_hkd.os, "fsync", fsync)
+    monkeypatch.setattr(train_hkd.os, "replace", replace)
+    path = tmp_path / "checkpoint-3.pt"
+    train_hkd.atomic_save({"step": 3}, path)
+    assert events == ["fsync file", "replace", "fsync dir"]
+    assert torch.load(path)["step"] == 3 and os.listdir(tmp_path) == ["checkpoint-3.pt"]
+    with pytest.raises(Exception):                                  # a failed save leaves no temporary
+        train_hkd.atomic_save({"f": lambda: 0}, tmp_path / "checkpoint-4.pt")
+    assert os.listdir(tmp_path) == ["checkpoint-3.pt"]
 
 
 def test_nan_loss_stops_naming_the_step(corpus, tmp_path):
