@@ -139,7 +139,8 @@ class BuildExtension(cpp_extension.BuildExtension):
     """torch's build_ext, plus the C++ runtime checks before and after the link."""
 
     def build_extensions(self):
-        compiler = getattr(self.compiler, "compiler_cxx", None) or [cpp_extension.get_cxx_compiler()]
+        compiler = (getattr(self.compiler, "compiler_cxx", None)
+                    or [cpp_extension.get_cxx_compiler()])
         check_toolchain(compiler[0], torch_cxx_runtime())
         super().build_extensions()
         check = load_runtime_check()
