@@ -10,9 +10,17 @@ or /usr/local/cuda); CPU-only otherwise. Environment switches, parsed strictly:
 
 Install with `pip install --no-build-isolation -e .` so that the extension is
 compiled against the torch it will run with.
+
+The extension must use the C++ runtime torch runs with: it is linked against the
+libstdc++ this process loaded with torch, by path, and a built library that still
+carries a static copy of libstdc++, libgcc's unwinder or libgomp is refused (such a
+library turns every C++ error into a crash; cifops/_runtime_check.py).
 """
 import glob
+import importlib.util
 import os
+import re
+import subprocess
 import sys
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -23,6 +31,15 @@ from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_runtime_check():
+    # by path: importing the cifops package would load the library being built
+    spec = importlib.util.spec_from_file_location(
+        "cifops_runtime_check", os.path.join(ROOT, "cifops", "_runtime_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def env_flag(name):
@@ -71,6 +88,73 @@ def openmp_flags():
     return []
 
 
+def torch_cxx_runtime():
+    """The libstdc++ that torch runs with in this process (it is loaded by now), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split(None, 5)[-1].strip()
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+# libstdc++.so.6.0.N: the GCC release whose libstdc++ that is (N -> GCC major)
+_LIBSTDCXX_GCC = {28: 9, 29: 11, 30: 12, 31: 13, 32: 13, 33: 14, 34: 15}
+
+
+def check_toolchain(compiler, runtime):
+    """Warn on a compiler that this torch's C++ runtime cannot serve; say what is done."""
+    def ask(*args):
+        try:
+            return subprocess.run([compiler, *args], capture_output=True, text=True,
+                                  timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    version = ask("-dumpfullversion") or ask("-dumpversion")
+    print(f"cifops: C++ compiler {compiler} ({version or 'version unknown'}); C++ runtime "
+          f"{runtime or 'not found (not Linux, or torch without libstdc++)'}")
+    if runtime is None:
+        return
+    archive = ask("-print-file-name=libstdc++.a")
+    if os.path.isabs(archive) and not os.path.exists(
+            os.path.join(os.path.dirname(archive), "libstdc++.so")):
+        print(f"cifops: note: {compiler} finds {archive} with no libstdc++.so beside it: "
+              f"without the explicit {runtime} it would link the C++ runtime statically "
+              "(a library whose C++ errors crash Python)")
+    match = re.search(r"libstdc\+\+\.so\.6\.0\.(\d+)$", os.path.realpath(runtime))
+    runtime_gcc = _LIBSTDCXX_GCC.get(int(match.group(1))) if match else None
+    compiler_gcc = int(version.split(".")[0]) if re.match(r"\d+", version) else None
+    if "clang" not in ask("--version").lower() and runtime_gcc and compiler_gcc \
+            and compiler_gcc > runtime_gcc:
+        print(f"cifops: WARNING: {compiler} is GCC {compiler_gcc}, newer than the libstdc++ "
+              f"torch runs with ({os.path.realpath(runtime)}, GCC {runtime_gcc}): the library "
+              "may need symbols that runtime lacks (ImportError: version `GLIBCXX_...' not "
+              f"found). Use GCC {runtime_gcc} or older (CXX=g++-{runtime_gcc}).")
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext, plus the C++ runtime checks before and after the link."""
+
+    def build_extensions(self):
+        compiler = (getattr(self.compiler, "compiler_cxx", None)
+                    or [cpp_extension.get_cxx_compiler()])
+        check_toolchain(compiler[0], torch_cxx_runtime())
+        super().build_extensions()
+        check = load_runtime_check()
+        for ext in self.extensions:
+            path = self.get_ext_fullpath(ext.name)
+            private = check.private_runtime_symbols(path) if os.path.exists(path) else {}
+            if private:
+                os.remove(path)
+                sys.exit(f"setup.py: refused: {check.describe(path, private)} The compiler "
+                         f"{compiler[0]} links them statically: use one whose shared "
+                         "libstdc++.so, libgcc_s.so and libgomp.so it finds (CXX=g++ of the "
+                         "system), and no -static-libstdc++ / -static-libgcc in LDFLAGS.")
+
+
 def build_extension():
     with_cuda, why_not = want_cuda()
     debug = env_flag("CIFOPS_DEBUG") is True
@@ -105,17 +189,21 @@ def build_extension():
         print(f"cifops: building CPU kernels only ({why_not}) against torch {torch.__version__}, "
               f"MAX_JOBS={os.environ['MAX_JOBS']}")
     print(f"cifops: CPU kernels {'with OpenMP threads' if openmp else 'single-threaded (no OpenMP)'}")
+    # The C++ runtime torch runs with, by path and ahead of the driver's own -lstdc++: a
+    # compiler that finds only libstdc++.a (a relocated toolchain) would otherwise link a
+    # private, possibly different, copy of the runtime into the library.
+    runtime = torch_cxx_runtime()
     return ext_cls(
         name="cifops._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args=extra,
-        extra_link_args=openmp,
+        extra_link_args=([runtime] if runtime else []) + openmp,
     )
 
 
 setup(
     ext_modules=[build_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

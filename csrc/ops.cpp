@@ -23,6 +23,27 @@ static constexpr int kWithCuda = 1;
 static constexpr int kWithCuda = 0;
 #endif
 
+// How this translation unit was compiled, for cifops.build_info() and
+// benchmarks/abort_probe.py: a library whose exceptions cannot reach Python is
+// diagnosed by comparing these with torch's own build.
+#if defined(__clang__)
+static constexpr const char* kCompiler = "clang " __clang_version__;
+#elif defined(__GNUC__)
+static constexpr const char* kCompiler = "gcc " __VERSION__;
+#else
+static constexpr const char* kCompiler = "unknown";
+#endif
+#ifdef _GLIBCXX_USE_CXX11_ABI
+static constexpr int kCxx11Abi = _GLIBCXX_USE_CXX11_ABI;
+#else
+static constexpr int kCxx11Abi = -1;
+#endif
+#ifdef _OPENMP
+static constexpr long kOpenMP = _OPENMP;
+#else
+static constexpr long kOpenMP = 0;
+#endif
+
 TORCH_LIBRARY(cifops, m) {
   // CIF integration (docs/cif-semantics.md). max_tokens = -1: N is the largest
   // token count of the batch (one device-to-host copy on CUDA). scan_real and
@@ -67,7 +88,11 @@ extern "C" PyObject* PyInit__C(void) {
   if (PyModule_AddStringConstant(m, "torch_version", CIFOPS_TORCH_VERSION) < 0 ||
       PyModule_AddIntConstant(m, "with_cuda", kWithCuda) < 0 ||
       PyModule_AddStringConstant(m, "cuda_archs", CIFOPS_CUDA_ARCHS) < 0 ||
-      PyModule_AddStringConstant(m, "cuda_version", CIFOPS_CUDA_VERSION) < 0) {
+      PyModule_AddStringConstant(m, "cuda_version", CIFOPS_CUDA_VERSION) < 0 ||
+      PyModule_AddStringConstant(m, "compiler", kCompiler) < 0 ||
+      PyModule_AddIntConstant(m, "cplusplus", static_cast<long>(__cplusplus)) < 0 ||
+      PyModule_AddIntConstant(m, "cxx11_abi", kCxx11Abi) < 0 ||
+      PyModule_AddIntConstant(m, "openmp", kOpenMP) < 0) {
     Py_DECREF(m);
     return nullptr;
   }
