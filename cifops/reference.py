@@ -1,4 +1,4 @@
-"""A slow, literal float64 reference of the CIF contract (shared/docs/cif-semantics.md).
+"""A slow, literal float64 reference of the CIF contract (docs/cif-semantics.md).
 
 It follows the definition token by token, with no cleverness: prefix sums as a
 sequential float64 loop, every (frame, token) overlap computed from the formula,
@@ -6,6 +6,13 @@ fire decisions taken on Python floats. It is differentiable (torch autograd
 through the overlaps, the scaling and the tail normalisation, with the fire
 decisions held fixed), so tests compare both the values and the gradients of
 ``cifops.cif`` against it. Use it on small inputs only: it is O(B * T * N).
+
+At a tie (a prefix sum exactly on a token boundary) the gradient is the right-hand
+one, as the contract says: frame t belongs to the tokens from the number fired
+before it to the number fired by its end (``>=`` firing), and each overlap
+``min(P_{t+1}, (k+1) beta) - max(P_t, k beta)`` picks the prefix sum on the side
+where it moves when the prefix sums grow (``P_{t+1}`` while below ``(k+1) beta``,
+``P_t`` from ``k beta`` on), even where the overlap is zero.
 """
 from typing import Optional
 
@@ -48,15 +55,24 @@ def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = No
         n = 0
         while (n + 1) * beta <= p[-1]:
             n += 1
+        def fired(x):  # tokens fired once the prefix sum reaches x (>= firing)
+            count = 0
+            while (count + 1) * beta <= x:
+                count += 1
+            return count
+
+        def weight(t, k):  # overlap of frame t with token k, right-hand at ties
+            hi = prefix[t + 1] if p[t + 1] < (k + 1) * beta else prefix[0].new_tensor(
+                (k + 1) * beta)
+            lo = prefix[t] if p[t] >= k * beta else prefix[0].new_tensor(k * beta)
+            return hi - lo
+
         tokens, token_fires = [], []
         for k in range(n):
             c = h64.new_zeros(D)
             for t in range(L):
-                lo, hi = k * beta, (k + 1) * beta
-                if p[t] < hi and p[t + 1] > lo:  # frame t overlaps token k
-                    w = torch.minimum(prefix[t + 1], prefix[0].new_tensor(hi)) - \
-                        torch.maximum(prefix[t], prefix[0].new_tensor(lo))
-                    c = c + w * h64[b, t]
+                if fired(p[t]) <= k <= fired(p[t + 1]):  # frame t belongs to token k
+                    c = c + weight(t, k) * h64[b, t]
                 if p[t] < (k + 1) * beta <= p[t + 1]:
                     token_fires.append(t)
             tokens.append(c)
@@ -65,9 +81,8 @@ def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = No
         if tail_threshold is not None and L > 0 and r > 0 and r >= tail_threshold:
             c = h64.new_zeros(D)
             for t in range(L):
-                if p[t + 1] > n * beta:
-                    w = prefix[t + 1] - torch.maximum(prefix[t], prefix[0].new_tensor(n * beta))
-                    c = c + w * h64[b, t]
+                if fired(p[t + 1]) >= n:  # the frames from the last fire on
+                    c = c + weight(t, n) * h64[b, t]
             if tail_mode == "normalize":
                 c = c * (beta / residual)
             tokens.append(c)

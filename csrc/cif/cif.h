@@ -30,12 +30,16 @@
 //   token k is found from two fire frames, without a [T][N] alignment.
 //
 // Backward, with the fire decisions held fixed (g = dLoss/dc, E_b emitted tokens,
-// tscale(k) = beta / r_b for a normalised tail token, else 1):
+// tscale(k) = beta / r_b for a normalised tail token, else 1). At a tie (a prefix sum
+// exactly on a boundary, or a zero-weight frame there) the partial derivatives are the
+// right-hand ones, the side on which the >= fire decisions stay as taken: frame t
+// belongs to tokens k_in(t)..k_out(t), dw[t][k_out]/dP[t+1] = 1 and
+// dw[t][k_in]/dP[t] = -1 even where its overlap is zero (docs/cif-semantics.md):
 //
 //   dh[t]    = sum_{k = k_in(t)}^{k_out(t)} w[t][k] tscale(k) g[k]
 //              k_in(t) = token_after[t-1] (0 for t = 0), k_out(t) = token_after[t]
 //   D1[t]    = tscale(k_out) g[k_out] . h[t]            (dw[t][k_out]/dP[t+1] = 1)
-//   D0[t]    = tscale(k_in) g[k_in] . h[t] if P[t] > k_in beta, else 0
+//   D0[t]    = tscale(k_in) g[k_in] . h[t] for t > 0     (dw[t][k_in]/dP[t] = -1)
 //                                                       (dw[t][k_in]/dP[t] = -1)
 //   dP[t+1]  = D1[t] - D0[t+1]         (+ the tail term below at t + 1 = L_b)
 //   tail     dP[L_b] -= (1 / r_b) sum_{t in tail} w[t][n_b] D1[t]
@@ -196,6 +200,10 @@ CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
         info[kInfoStatus] = kCifTooManyTokens;
         info[kInfoWhere] = t;
         info[kInfoLength] = 0;
+        for (int64_t u = 0; u <= t; ++u) {  // an invalid utterance's workspace is all zero
+          prefix[u + 1] = 0.0;
+          token_after[u] = 0;
+        }
         return;
       }
       fired = cif_settle_fires(p, fired, beta);

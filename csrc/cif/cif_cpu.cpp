@@ -120,7 +120,7 @@ void backward_impl(const scalar_t* grad_embeds, const alpha_t* grad_alpha_sum,
         const double w = cif_overlap(P[t], P[t + 1], k, beta) * ts;
         if (w > 0.0) axpy(static_cast<scalar_t>(w), g, dh, D);
         const bool need_d1 = k == k_out;  // dw[t][k_out]/dP[t+1] = 1
-        const bool need_d0 = k == k_in && t > 0 && P[t] > cif_boundary(k_in - 1, beta);
+        const bool need_d0 = k == k_in && t > 0;  // right-hand: also at P[t] == k_in beta
         if (need_d1 || need_d0) {  // inside a token both are the same product
           const double gh = ts * static_cast<double>(dot(g, h, D));
           if (need_d1) dots[2 * row] = gh;

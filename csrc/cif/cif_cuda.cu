@@ -89,11 +89,12 @@ __device__ __forceinline__ int64_t warp_fire_frame(const int64_t* __restrict__ t
   int64_t lo = 0, hi = L - 1;  // the answer is in [lo, hi]
   while (true) {
     const int64_t n = hi - lo + 1;
-    const int64_t step = n <= kWarpSize ? 1 : (n + kWarpSize - 1) / kWarpSize;
+    // lane 31 probes at or beyond hi: step = ceil((n - 1) / 31)
+    const int64_t step = n <= kWarpSize ? 1 : (n - 1 + kWarpSize - 2) / (kWarpSize - 1);
     const int64_t probe = lo + lane * step;
     const bool pred = probe > hi || token_after[probe] > k;
     const unsigned ballot = __ballot_sync(kFullMask, pred);
-    const int j = __ffs(ballot) - 1;  // pred holds at probe = hi, so some lane is true
+    const int j = __ffs(ballot) - 1;  // lane 31 probes >= hi, where pred holds
     if (step == 1 || j == 0) return lo + j * step;
     const int64_t new_hi = lo + j * step;
     lo = lo + (j - 1) * step + 1;
@@ -395,11 +396,12 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
     const int64_t k_out = token_after[t];
     const int64_t k_last = k_out < emitted - 1 ? k_out : emitted - 1;
     const double p0 = P[t], p1 = P[t + 1];
-    const bool in_open = t > 0 && p0 > cif_boundary(k_in - 1, beta);  // dw/dP[t] = -1
+    const bool in_open = t > 0;  // dw[t][k_in]/dP[t] = -1, right-hand at P[t] == k_in beta
     const int64_t complete = info[kInfoComplete];
     const double tail_scale = ws.row_real[b * kRowReal + kRealTailScale];
     const pack_t* h = reinterpret_cast<const pack_t*>(hidden + row * D);
-    acc_t d1 = acc_t(0), d0 = acc_t(0);
+    // D1, D0 in double: beta / r of a normalised tail can exceed float's range
+    double d1 = 0.0, d0 = 0.0;
     for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacksPerLane) {
       pack_t hv[kPacksPerLane];
       acc_t acc[kPacksPerLane][V];
@@ -428,8 +430,8 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
             }
           }
         }
-        if (k == k_out) d1 += static_cast<acc_t>(ts) * dot;
-        if (k == k_in && in_open) d0 += static_cast<acc_t>(ts) * dot;
+        if (k == k_out) d1 += ts * static_cast<double>(dot);
+        if (k == k_in && in_open) d0 += ts * static_cast<double>(dot);
       }
 #pragma unroll
       for (int i = 0; i < kPacksPerLane; ++i) {
@@ -445,8 +447,8 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
     d1 = warp_sum(d1);
     d0 = warp_sum(d0);
     if (lane == 0) {
-      dots[2 * row] = static_cast<double>(d1);
-      dots[2 * row + 1] = static_cast<double>(d0);
+      dots[2 * row] = d1;
+      dots[2 * row + 1] = d0;
     }
   }
 }
