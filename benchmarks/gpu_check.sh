@@ -1,6 +1,7 @@
 #!/bin/bash
-# One command for a GPU machine: build cifops against that machine's torch, run the CUDA
-# tests, compute-sanitizer memcheck and racecheck on a small workload, and the GPU
+# One command for a GPU machine: build cifops against that machine's torch, check that C++
+# errors raise (benchmarks/abort_probe.py), run the CUDA tests, compute-sanitizer memcheck
+# and racecheck on a small workload, and the GPU
 # benchmarks (benchmarks/gpu_bench.py); logs go to $OUT (default /tmp/gpu-check) and a
 # short table is printed last. About 4-5 minutes on an H100.
 #
@@ -30,9 +31,13 @@ if ! ( time TORCH_CUDA_ARCH_LIST=$arch CIFOPS_CUDA=1 MAX_JOBS=16 timeout 300 \
 fi
 export PYTHONPATH=$PWD:$PWD/benchmarks:$SITE
 python3 -c "import cifops, torch; print(cifops.build_info(), torch.__version__)" || exit 1
+el "abort probe (C++ errors must raise, not kill the process)"
+timeout 60 python3 benchmarks/abort_probe.py > "$OUT/abort_probe.log" 2>&1
+echo "abort probe rc=$?"; tail -4 "$OUT/abort_probe.log"
 el "pytest (CUDA tests)"
-timeout 240 python3 -m pytest tests/test_cif.py tests/test_contrastive.py tests/test_compat.py \
-  -k "cuda or gpu" -q -p no:cacheprovider -rfE > "$OUT/pytest.log" 2>&1
+timeout 240 python3 -m pytest tests/test_cif.py tests/test_cif_ties.py tests/test_contrastive.py \
+  tests/test_compat.py tests/test_build.py -k "cuda or gpu or build" -q -p no:cacheprovider -rfE \
+  > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -6 "$OUT/pytest.log"
 el sanitize
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/gpu_sanitize.py \
