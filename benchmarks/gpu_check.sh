@@ -36,7 +36,7 @@ timeout 60 python3 benchmarks/abort_probe.py > "$OUT/abort_probe.log" 2>&1
 echo "abort probe rc=$?"; tail -4 "$OUT/abort_probe.log"
 el "pytest (CUDA tests)"
 timeout 240 python3 -m pytest tests/test_cif.py tests/test_cif_ties.py tests/test_contrastive.py \
-  tests/test_compat.py tests/test_build.py -k "cuda or gpu or build" -q -p no:cacheprovider -rfE \
+  tests/test_compat.py tests/test_build.py -k "(cuda or gpu or build) and not emulation" -q -p no:cacheprovider -rfE \
   > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -6 "$OUT/pytest.log"
 el sanitize
