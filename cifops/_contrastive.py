@@ -1,9 +1,9 @@
 """cifops.contrastive_loss: a fused InfoNCE loss as torch custom ops.
 
-The loss is computed by hand-written CPU and CUDA kernels (csrc/contrastive/)
-that never build the N x M similarity matrix: they stream tiles of it, keep an
-online log-sum-exp per row, and save per-row statistics from which the backward
-recomputes the tiles it needs. This module registers their autograd and fake
+The loss is computed by hand-written CPU kernels and, on CUDA, by chunked cuBLAS
+products around a hand-written softmax kernel (csrc/contrastive/); neither holds
+the whole N x M similarity matrix: they keep per-row statistics (log-sum-exps,
+expected and positive logits) from which the backward recomputes what it needs. This module registers their autograd and fake
 (meta) kernels with torch.library and wraps them in the public functions and an
 nn.Module.
 """
@@ -125,12 +125,14 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
     both directions: row ``i``'s loss is ``(l_i + l'_i) / 2`` where
     ``l'_i = logsumexp_k z_ki - z_ii`` is teacher ``i``'s loss over all students.
 
-    The ``N x M`` logit matrix is never stored: the kernels stream tiles of it with an
-    online log-sum-exp, in ``O((N + M) D)`` memory, and the backward recomputes the
-    tiles from per-row statistics. On the CPU, for a scalar loss that is not
-    symmetric, the student gradient is finished in the forward (one pass over the
-    tiles instead of two) when the student requires grad, and the backward only
-    scales it. A teacher that does not require grad costs no teacher-gradient work.
+    The ``N x M`` logit matrix is never stored whole: on the CPU the kernels stream
+    tiles of it with an online log-sum-exp; on CUDA it is formed in chunks of rows
+    (cuBLAS products into a fixed workspace, ``CIFOPS_CONTRASTIVE_CHUNK_MIB``, default
+    64 MiB), so memory is ``O((N + M) D)`` plus that workspace, and the backward
+    recomputes what it needs from per-row statistics. For a scalar loss that is not
+    symmetric, the student gradient is finished in the forward (the logits are formed
+    once) when the student requires grad, and the backward only scales it. A teacher
+    that does not require grad costs no teacher-gradient work.
 
     Args:
         student: [N, D] float16/bfloat16/float32/float64.
@@ -149,12 +151,15 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
         the loss in student's dtype: ``[]`` for "sum"/"mean", ``[N]`` for "none".
 
     Precision: float16/bfloat16/float32 compute in float32 and float64 in float64.
-    On CUDA, float16/bfloat16 logits use tensor-core MMA with float32 accumulation
-    and the gradient products TF32 MMA with float32 accumulation; float32 inputs use
-    plain float32 FMA (no TF32) and float64 plain float64 FMA. The student gradient is
-    deterministic on both devices (no atomics). On CUDA, targets are not checked
-    against ``[0, M)`` (that would need a sync): a row with an out-of-range target
-    gives a NaN loss.
+    On CUDA, float16/bfloat16 products run on the tensor cores with float32
+    accumulation and float32 logits (the gradient weights are stored in the input
+    dtype, rescaled so that float16 keeps small weights); float32 products follow
+    torch's matmul precision setting (``torch.backends.cuda.matmul.allow_tf32`` /
+    ``torch.set_float32_matmul_precision``): full float32, no TF32, by default;
+    float64 products run in float64. Gradients are deterministic on both devices
+    (no atomics; fixed-order reductions). On CUDA, targets are not checked against
+    ``[0, M)`` (that would need a sync): a row with an out-of-range target gives a
+    NaN loss.
     """
     _check_tensors("cifops.contrastive_loss", student, teacher, targets)
     if reduction not in _REDUCTIONS:

@@ -52,8 +52,12 @@
 //                                (wc, lsec, tc) = (b, clse, identity) when symmetric.
 //              Teacher gradient: A = t, B = s, (wr, lser, tr) = (b, clse, identity) when
 //                                symmetric, (wc, lsec, tc) = (a, lse, targets).
-//   Memory: the unit copies of both sides, O((N + M) D), plus one tile per thread
-//   (CPU) or per block (CUDA). Nothing is N x M.
+//   Memory: the unit copies of both sides, O((N + M) D), plus one tile per thread.
+//   Nothing is N x M.
+// That is the CPU's structure (contrastive_cpu.cpp). The CUDA binding computes the
+// same quantities by chunks of rows of A instead: the logit block of a chunk by cuBLAS,
+// its statistics and G rows by one kernel, then G . B and G^T . A_chunk by cuBLAS, in a
+// fixed workspace (the CUDA entry points at the end of this file).
 // ---------------------------------------------------------------------------
 #pragma once
 
