@@ -63,7 +63,10 @@ class AsrDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         utt = self.utterances[index]
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-        samples = data.load_audio(utt.audio)
+        try:
+            samples = data.load_audio(utt.audio)
+        except data.ManifestError as e:
+            raise data.ManifestError(f"{utt.source}: {utt.id}: {e}") from None
         if self.speed_perturb:
             factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), (1,), generator=generator))]
             samples = features.speed_perturb(samples, factor)

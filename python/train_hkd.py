@@ -349,9 +349,10 @@ def teacher_cache_path(args, split: str) -> Path:
 
 
 def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool):
-    """One split's AsrDataset; SpecAugment and speed perturbation on the training split only."""
-    utts, report = data.read_manifest(args.corpus / split)
-    utts, report = data.check_audio(utts, report=report)
+    """One split's AsrDataset; SpecAugment and speed perturbation on the training split only.
+    Problems of the manifest or its audio are errors naming its lines (data.load_manifest)."""
+    manifest = args.corpus / split
+    utts, _ = data.load_manifest(manifest)
     states = dataset_lib.load_teacher_cache(teacher_cache_path(args, split)) if need_teacher else None
     spec_augment = None
     if train and not args.no_spec_augment:
