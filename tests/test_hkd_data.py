@@ -512,6 +512,50 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
         dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"]})
 
 
+def test_encoder_length_is_the_encoders():
+    import model
+    config = model.ModelConfig(vocab_size=8, d_model=16, num_heads=2, ffn_dim=16, num_layers=3,
+                               pool_after=(1, 3), conv_kernel=3, subsampling_channels=2)
+    encoder = model.ConformerEncoder(config).eval()
+    lengths = torch.tensor([1, 2, 3, 7, 8, 9, 16, 17, 31])
+    with torch.no_grad():
+        _, out = encoder(torch.randn(len(lengths), 31, 80), lengths)
+    assert out.tolist() == [model.encoder_length(int(n), config) for n in lengths]
+    assert [features.num_fbank_frames(n) for n in (399, 400, 559, 560, 16000)] == [0, 1, 1, 2, 98]
+
+
+@needs_teacher
+def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
+    """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently, its CTC term 0
+    (zero_infinity). AsrDataset.too_short finds such utterances; train_hkd reports them."""
+    import dataset
+    import model
+    for name, seconds in (("long", 2.0), ("short", 0.03), ("tiny", 0.03), ("edge", 1.0), ("rep", 0.4)):
+        _write_wav(tmp_path / f"{name}.wav", seconds)
+    thirty_one = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
+                  "golden coins and the old king sleeps in his tower near the sea at night again")
+    thirteen = "one two three four five six seven eight nine ten eleven twelve thirteen"
+    rows = [("long", "hello world"), ("short", thirty_one), ("tiny", "hi"), ("edge", thirteen),
+            ("rep", "no no no no")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": i, "audio": f"{i}.wav", "text": t}) for i, t in rows) + "\n")
+    utts, _ = data.load_manifest(manifest)
+    vocab = teacher_lib.TokenVocab.build(TOKENIZER, [u.text for u in utts])
+    items = dataset.AsrDataset(utts, vocab, TOKENIZER)
+    assert [len(t) for t in items.tokens] == [2, 31, 1, 13, 4]
+    config = model.ModelConfig(vocab_size=len(vocab))            # 8x: 1 s -> 13 encoder frames
+    # short: 1 frame for 31 tokens; tiny: 1 frame, 1 token; edge: 13 frames, 13 tokens;
+    # rep: 5 frames, 4 equal tokens need 4 + 3 blanks between them
+    assert items.too_short(config) == [1, 4]
+    assert items.too_short(config, speed_perturb=[0.9, 1.0, 1.1]) == [1, 3, 4]   # 1.1: edge has 12
+    assert dataset.min_encoder_frames(items.tokens[4], ctc=True) == 7
+    no_ctc = model.ModelConfig(vocab_size=len(vocab), ctc_weight=0.0)
+    assert items.too_short(no_ctc) == []                 # CIF fires any count from one frame
+    items.drop([1, 4])
+    assert [u.id for u in items.utterances] == ["long", "tiny", "edge"] and len(items) == 3
+    assert [len(t) for t in items.tokens] == [2, 1, 13] and items[2]["id"] == "edge"
+
+
 @needs_teacher
 def test_a_dataset_item_whose_audio_turned_bad_names_its_manifest_line(tmp_path):
     import dataset

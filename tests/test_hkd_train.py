@@ -166,6 +166,33 @@ def write_clip(path: Path, seconds: float, nan_at=None) -> Path:
     return path
 
 
+THIRTY_ONE_TOKENS = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
+                     "golden coins and the old king sleeps in his tower near the sea at night again")
+
+
+def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or_refused(corpus, tmp_path,
+                                                                                        caplog):
+    """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently with a CTC term of 0."""
+    import data
+    user = tmp_path / "user"
+    user.mkdir()
+    write_clip(user / "short.wav", 0.03)
+    user = bad_data_corpus(corpus, tmp_path, {"id": "short-1", "audio": "short.wav", "text": THIRTY_ONE_TOKENS})
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(tmp_path / "teacher"),
+                  "--train-split", "train.jsonl", "--valid-split", "dev.jsonl", "--max-steps", "1",
+                  "--average-last", "0", "--acd-weight", "0", "--lrd-weight", "0")
+    with caplog.at_level("INFO", logger="train_hkd"):
+        train_hkd.main(argv)                                              # the default: --too-short skip
+    manifest = re.escape(str(user / "train.jsonl"))
+    assert re.search(rf"{manifest}: 1 of 7 utterance\(s\) too short for their transcripts .*: short-1 "
+                     rf"\({manifest}:7: 0\.03 s for 31 tokens, needs 31 encoder frames\); skipped", caplog.text)
+    assert "6 training utterances" in caplog.text
+    with pytest.raises(data.ManifestError, match=rf"{manifest}: 1 of 7 utterance\(s\) too short.*short-1 .*"
+                                                 "--too-short skip leaves them out"):
+        train_hkd.main(argv + ["--too-short", "error"])
+    assert train_hkd.parse_args([]).too_short == "skip"
+
+
 def test_bad_audio_and_unspellable_transcripts_name_their_manifest_line(corpus, tmp_path):
     """Issue 21 items 9 and 11: a NaN audio file failed at step 4 as 'mel energy is nan'; a
     character the teacher cannot spell named the word but not the line."""
