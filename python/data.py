@@ -9,9 +9,11 @@ Two manifest formats describe a split, both read into a list of :class:`Utteranc
   the manifest's folder.
 
 Problems in a manifest (a malformed line, a duplicate id, an utterance in wav.scp with no
-transcript or the reverse, an unreadable audio file) raise :class:`ManifestError` with
-``file:line`` in the message. With ``skip_bad=True`` they are skipped instead and counted
-in the returned :class:`SkipReport`, which the caller should print.
+transcript or the reverse, an unreadable audio file, audio holding NaN or infinite
+samples) raise :class:`ManifestError` with ``file:line`` in the message. With
+``skip_bad=True`` they are skipped instead and counted in the returned :class:`SkipReport`,
+which the caller should print. load_manifest reads and checks a split in one call and
+refuses one with no utterances, naming it.
 
 write_atomically writes a file whole or not at all (a temporary file, fsynced and
 renamed; the folder fsynced); remove_stale_temporaries removes what a killed writer left.
@@ -288,13 +290,31 @@ def missing_manifest_file(path) -> Optional[Path]:
     return None if path.is_file() else path
 
 
+# libsndfile subtypes that store floating-point samples, which can be NaN or infinite
+# (integer PCM, A-law, ADPCM, FLAC ... cannot; MP3/Vorbis/Opus decoders give finite values)
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
+
+def _non_finite(samples: np.ndarray, sample_rate: int) -> Optional[str]:
+    """None when every sample is finite, else what is wrong ("3 NaN/infinite samples,
+    the first at 0.006 s")."""
+    finite = np.isfinite(samples)
+    if finite.all():
+        return None
+    bad = np.flatnonzero(~finite.reshape(len(samples), -1).all(axis=1))
+    return (f"{len(bad)} NaN/infinite sample(s), the first at {bad[0] / sample_rate:.3f} s "
+            "(features and losses would be NaN)")
+
+
 def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
                 report: Optional[SkipReport] = None, max_duration: Optional[float] = None
                 ) -> Tuple[List[Utterance], SkipReport]:
-    """Open every file's header (no decoding): fill in missing durations, and reject
-    unreadable audio, empty audio, and a stated duration that disagrees with the file by
-    more than 0.1 s (the manifest does not describe this audio). max_duration (seconds)
-    drops longer utterances (counted in the report as "too long"; never an error).
+    """Open every file's header: fill in missing durations, and reject unreadable audio,
+    empty audio, and a stated duration that disagrees with the file by more than 0.1 s
+    (the manifest does not describe this audio). Files of floating-point samples
+    (FLOAT_SUBTYPES: float WAV, ...) are decoded too and rejected when a sample is NaN or
+    infinite; other encodings cannot hold such values and are not decoded. max_duration
+    (seconds) drops longer utterances (counted in the report as "too long"; never an error).
     """
     report = report if report is not None else SkipReport()
     fail_to = report if skip_bad else None
@@ -314,6 +334,15 @@ def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
                   f"{utt.source}: {utt.id}: manifest says {utt.duration:.3f} s, {utt.audio} "
                   f"holds {duration:.3f} s")
             continue
+        if info.subtype in FLOAT_SUBTYPES:
+            try:
+                problem = _non_finite(sf.read(utt.audio, dtype="float32", always_2d=True)[0],
+                                      info.samplerate)
+            except (RuntimeError, OSError, sf.LibsndfileError) as e:
+                problem = f"cannot decode it: {e}"
+            if problem is not None:
+                _fail(fail_to, "non-finite audio", f"{utt.source}: {utt.id}: {utt.audio}: {problem}")
+                continue
         if max_duration is not None and duration > max_duration:
             report.add("too long", f"{utt.source}: {utt.id}: {duration:.1f} s > {max_duration} s")
             continue
@@ -324,16 +353,32 @@ def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
 
 def load_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read a file as float32 mono at sample_rate ([num_samples], values in [-1, 1]).
-    Raises ManifestError naming the file when it cannot be read."""
+    Raises ManifestError naming the file when it cannot be read or holds a NaN or
+    infinite sample (check_audio finds those when the data is loaded)."""
     try:
         samples, file_rate = sf.read(path, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, sf.LibsndfileError) as e:
         raise ManifestError(f"{path}: cannot read audio: {e}") from e
+    problem = _non_finite(samples, file_rate)
+    if problem is not None:
+        raise ManifestError(f"{path}: {problem}")
     samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if file_rate != sample_rate:
         import soxr
         samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
     return np.ascontiguousarray(samples)
+
+
+def load_manifest(path, skip_bad: bool = False, max_duration: Optional[float] = None
+                  ) -> Tuple[List[Utterance], SkipReport]:
+    """read_manifest then check_audio; a manifest with no utterances (left) is a
+    ManifestError naming it."""
+    utterances, report = read_manifest(path, skip_bad)
+    utterances, report = check_audio(utterances, skip_bad, report, max_duration)
+    if not utterances:
+        left = f" left ({report})" if report.total else " (an empty manifest)"
+        raise ManifestError(f"{path}: no utterances{left}")
+    return utterances, report
 
 
 class BucketBatchSampler:

@@ -10,7 +10,10 @@
 Token ids are computed once, at construction (an AlignmentError names the utterance's
 manifest line). Teacher states come from extract_teacher.py's cache; an utterance missing
 from it, or whose state count differs from its tokens + [SEP], is an error.
+dataset.too_short(config) lists the utterances whose audio gives the model fewer encoder
+frames than their transcripts need (CTC's alignment); dataset.drop removes them.
 """
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -63,7 +66,10 @@ class AsrDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         utt = self.utterances[index]
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-        samples = data.load_audio(utt.audio)
+        try:
+            samples = data.load_audio(utt.audio)
+        except data.ManifestError as e:
+            raise data.ManifestError(f"{utt.source}: {utt.id}: {e}") from None
         if self.speed_perturb:
             factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), (1,), generator=generator))]
             samples = features.speed_perturb(samples, factor)
@@ -72,6 +78,37 @@ class AsrDataset(torch.utils.data.Dataset):
             feats = self.spec_augment(feats, generator=generator)
         teacher = None if self.teacher_states is None else self.teacher_states[utt.id].float()
         return {"id": utt.id, "feats": feats, "tokens": self.tokens[index], "teacher": teacher}
+
+    def too_short(self, config: model_lib.ModelConfig, speed_perturb: Sequence[float] = ()) -> List[int]:
+        """Indices of the utterances with fewer encoder frames than min_encoder_frames (the
+        frames counted for the fastest speed_perturb factor, which shortens the audio most;
+        samples at 16 kHz rounded as soxr rounds them)."""
+        fastest = max(speed_perturb, default=1.0)
+        short = []
+        for i, utt in enumerate(self.utterances):
+            samples = math.floor(math.floor(utt.duration * features.SAMPLE_RATE + 0.5) / fastest + 0.5)
+            frames = model_lib.encoder_length(features.num_fbank_frames(samples), config)
+            if frames < min_encoder_frames(self.tokens[i], config.ctc_weight > 0):
+                short.append(i)
+        return short
+
+    def drop(self, indices: Sequence[int]):
+        """Remove these utterances (indices into the current list)."""
+        gone = set(indices)
+        keep = [i for i in range(len(self.utterances)) if i not in gone]
+        self.utterances = [self.utterances[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+
+
+def min_encoder_frames(tokens: Tensor, ctc: bool) -> int:
+    """Encoder frames an utterance of these L tokens needs: with a CTC term, one per token
+    and a blank between equal neighbours (fewer make the CTC loss infinite, which
+    zero_infinity turns into a silent 0); CIF, whose target_lengths scaling fires any count
+    from any frames, needs one."""
+    if not ctc:
+        return 1
+    repeats = int((tokens[1:] == tokens[:-1]).sum()) if len(tokens) > 1 else 0
+    return max(1, len(tokens) + repeats)
 
 
 def collate(items: List[dict]) -> model_lib.Batch:

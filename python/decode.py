@@ -20,7 +20,9 @@ count, and the best score wins (--ctc-weight w, default 0.3 for models trained w
 Writes OUT/hyp.txt (``<utt> <hypothesis>``), OUT/hyp.jsonl (id, ref, hyp, tokens, token
 start times in seconds: the token's CIF fire frame x the encoder frame period, 80 ms with
 8x subsampling, and the utterance's chars and char_errors) and OUT/wer.json (WER, CER
-over characters without spaces; see score()).
+over characters without spaces; see score()). The split is checked when it is loaded
+(data.load_manifest): a malformed line, unreadable audio or audio holding NaN is an error
+naming its manifest line and file, and so is a split with no utterances.
 """
 import argparse
 import json
@@ -262,8 +264,7 @@ def decode(args) -> dict:
     ctc_weight = resolve_ctc_weight(model, args.ctc_weight, "--ctc-weight")
     vocab = teacher_lib.TokenVocab.load(args.vocab or state["vocab"])
     tokenizer = teacher_lib.load_tokenizer(args.teacher)
-    utts, report = data.read_manifest(args.split)
-    utts, report = data.check_audio(utts, report=report)
+    utts, _ = data.load_manifest(args.split)
     items = dataset_lib.AsrDataset(utts, vocab, tokenizer)
     sampler = data.BucketBatchSampler([u.duration for u in utts], args.max_batch_seconds, shuffle=False)
     period = frame_period_s(model.config)

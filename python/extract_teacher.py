@@ -23,7 +23,8 @@ StaleCacheError naming both sources, and another --out (or deleting OUT) is the 
 A file in OUT that is not this script's cache is never overwritten. Files are written
 whole or not at all (data.write_atomically); what a killed run left (<file>.tmp<pid>) is
 removed by the next. An empty manifest is an error, before anything is written.
-Transcripts that the teacher cannot align raise teacher.AlignmentError naming them.
+Transcripts that the teacher cannot align raise teacher.AlignmentError naming the word
+and the utterance's manifest line.
 """
 import argparse
 import contextlib
@@ -164,6 +165,23 @@ def _is_states_cache(path: Path) -> bool:
     return isinstance(cache, dict) and {"states", "dim", "teacher"} <= set(cache)
 
 
+@contextlib.contextmanager
+def _naming_transcripts(utterances: Sequence[data.Utterance], get_tokenizer):
+    """An AlignmentError raised inside (by TokenVocab.build or Teacher.hidden_states, which
+    know only the text) is raised again naming the first of utterances that does not align:
+    its manifest line and id. Costs nothing until an error."""
+    try:
+        yield
+    except teacher_lib.AlignmentError as error:
+        tokenizer = get_tokenizer()
+        for utt in utterances:
+            try:
+                teacher_lib.align(tokenizer, utt.text)
+            except teacher_lib.AlignmentError as e:
+                raise teacher_lib.AlignmentError(f"{utt.source}: {utt.id}: {e}") from None
+        raise error
+
+
 def _read_nonempty(manifest) -> List[data.Utterance]:
     utterances, _ = data.read_manifest(manifest)
     if not utterances:
@@ -232,7 +250,8 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             if model is None:
                 model = teacher_lib.Teacher(teacher_info["path"])
             start = time.perf_counter()
-            states = model.hidden_states([u.text for u in utts], batch_size)
+            with _naming_transcripts(utts, lambda: model.tokenizer):
+                states = model.hidden_states([u.text for u in utts], batch_size)
             elapsed = time.perf_counter() - start
             cache = {"teacher": str(model.path), "dim": model.dim,
                      "states": {u.id: s.half() for u, s in zip(utts, states)}}
@@ -257,7 +276,8 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
         return vocab
     if vocab_path.exists() and not vocab_path.is_file():
         raise StaleCacheError(f"{vocab_path} is not a file: pass another --teacher-dir/--out")
-    built = teacher_lib.TokenVocab.build(get_tokenizer(), [u.text for u in utterances])
+    with _naming_transcripts(utterances, get_tokenizer):
+        built = teacher_lib.TokenVocab.build(get_tokenizer(), [u.text for u in utterances])
     if vocab_path.is_file():
         try:
             existing = teacher_lib.TokenVocab.load(vocab_path)

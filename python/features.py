@@ -51,6 +51,13 @@ def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_b
     return torch.from_numpy(np.stack([fbank.get_frame(i) for i in range(num_frames)]))
 
 
+def num_fbank_frames(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
+    """compute_fbank's frame count for num_samples samples (25 ms windows, 10 ms shift,
+    snip_edges): 1 + (num_samples - 400) // 160 at 16 kHz, 0 below one window."""
+    window, shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
+    return 0 if num_samples < window else 1 + (num_samples - window) // shift
+
+
 def speed_perturb(samples: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Kaldi's speed perturbation (sox ``speed``): play the waveform factor times faster,
     which shortens it by 1/factor and raises every frequency, pitch and formants alike,

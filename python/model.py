@@ -299,6 +299,15 @@ class ConformerEncoder(nn.Module):
         return x, lengths
 
 
+def encoder_length(num_frames: int, config: ModelConfig) -> int:
+    """ConformerEncoder's output length for num_frames fbank frames: ceil(T/2), halved
+    (ceil) again after each pooling layer."""
+    length = (num_frames + 1) // 2
+    for _ in set(config.pool_after):          # as ConformerEncoder: a layer pools once
+        length = (length + 1) // 2
+    return length
+
+
 # --- CIF and decoder ---------------------------------------------------------------------
 
 class CifWeightPredictor(nn.Module):

@@ -16,8 +16,11 @@ empty folder, or a demo corpus it made). extract_teacher.build_cache makes the
 vocabulary and the teacher cache at --teacher-dir, or checks them against what they were
 built from (cache.json: the manifests' transcripts, the teacher): a stale split cache is
 extracted again, and a tokens.txt that is not the training split's vocabulary is an
-error (extract_teacher.StaleCacheError), never replaced. Command-line options override
---config.
+error (extract_teacher.StaleCacheError), never replaced. When the splits are loaded, a
+problem of a manifest or its audio (audio holding NaN, say) is an error naming its line,
+and utterances too short for their transcripts (fewer encoder frames than CTC needs) are
+reported, then left out (--too-short skip, the default) or refused (--too-short error).
+Command-line options override --config.
 
 The loss of an update is the sum of the terms over the tokens of all its micro-batches
 (--accum-grad) and all ranks, divided by that token count (the recipe's normalisation).
@@ -88,6 +91,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-num-dev", type=int, default=200)
     g.add_argument("--demo-num-test", type=int, default=200,
                    help="demo test clauses (each spoken by every held-out voice)")
+    g.add_argument("--too-short", choices=["skip", "error"], default="skip",
+                   help="utterances with fewer encoder frames than their transcripts need (CTC needs "
+                        "one per token; the fastest --speed-perturb factor counts): 'skip' leaves them "
+                        "out of the split, 'error' refuses the split; either way their count and the "
+                        "first ids are reported when the data is loaded")
     g.add_argument("--max-batch-seconds", type=float, default=60.0, help="padded audio per batch")
     g.add_argument("--max-batch-size", type=int, default=10 ** 9)
     g.add_argument("--num-buckets", type=int, default=10)
@@ -348,10 +356,14 @@ def teacher_cache_path(args, split: str) -> Path:
     return args.teacher_dir / f"{data.split_name(args.corpus / split)}.pt"
 
 
-def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool):
-    """One split's AsrDataset; SpecAugment and speed perturbation on the training split only."""
-    utts, report = data.read_manifest(args.corpus / split)
-    utts, report = data.check_audio(utts, report=report)
+def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool,
+               config: Optional[model_lib.ModelConfig] = None):
+    """One split's AsrDataset; SpecAugment and speed perturbation on the training split only.
+    Problems of the manifest or its audio are errors naming its lines (data.load_manifest);
+    with config, utterances too short for their transcripts are reported, then skipped or
+    refused (--too-short: skip_too_short)."""
+    manifest = args.corpus / split
+    utts, _ = data.load_manifest(manifest)
     states = dataset_lib.load_teacher_cache(teacher_cache_path(args, split)) if need_teacher else None
     spec_augment = None
     if train and not args.no_spec_augment:
@@ -359,8 +371,43 @@ def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bo
             num_freq_masks=args.freq_masks, freq_mask_width=args.freq_mask_width,
             num_time_masks=args.time_masks, time_mask_width=args.time_mask_width,
             max_time_ratio=args.max_time_ratio))
-    return dataset_lib.AsrDataset(utts, vocab, tokenizer, states, spec_augment, seed=args.seed,
-                                  speed_perturb=args.speed_perturb if train else ())
+    dataset = dataset_lib.AsrDataset(utts, vocab, tokenizer, states, spec_augment, seed=args.seed,
+                                     speed_perturb=args.speed_perturb if train else ())
+    if config is not None:
+        skip_too_short(dataset, manifest, config, args.too_short)
+    return dataset
+
+
+def skip_too_short(dataset: dataset_lib.AsrDataset, manifest: Path, config: model_lib.ModelConfig,
+                   policy: str = "skip", show: int = 5) -> List[str]:
+    """Report the utterances of dataset too short for their transcripts (AsrDataset.too_short:
+    a count and the first `show`, with their manifest lines), then drop them (policy
+    "skip") or raise data.ManifestError ("error"). Returns their ids."""
+    short = dataset.too_short(config, dataset.speed_perturb)
+    if not short:
+        return []
+    examples = []
+    for i in short[:show]:
+        utt, tokens = dataset.utterances[i], dataset.tokens[i]
+        examples.append(f"{utt.id} ({utt.source}: {utt.duration:.2f} s for {len(tokens)} tokens, "
+                        f"needs {dataset_lib.min_encoder_frames(tokens, config.ctc_weight > 0)} "
+                        "encoder frames)")
+    speed = (f" at speed {max(dataset.speed_perturb)}" if dataset.speed_perturb
+             and max(dataset.speed_perturb) != 1.0 else "")
+    need = "CTC needs: one per token, one more between repeated tokens" if config.ctc_weight > 0 else "one"
+    message = (f"{manifest}: {len(short)} of {len(dataset)} utterance(s) too short for their "
+               f"transcripts (fewer encoder frames{speed} than {need}): "
+               + "; ".join(examples) + ("; ..." if len(short) > show else ""))
+    if policy == "error":
+        raise data.ManifestError(message + "; --too-short skip leaves them out")
+    if policy != "skip":
+        raise ValueError(f"skip_too_short: policy must be 'skip' or 'error', got {policy!r}")
+    ids = [dataset.utterances[i].id for i in short]
+    dataset.drop(short)
+    if not len(dataset):
+        raise data.ManifestError(message + "; no utterance is left")
+    log.warning("%s; skipped (--too-short error refuses them)", message)
+    return ids
 
 
 def rank_batches(sampler: data.BucketBatchSampler, rank: int, world_size: int) -> List[List[int]]:
@@ -452,8 +499,8 @@ def run(args) -> Optional[Path]:
     tokenizer = teacher_lib.load_tokenizer(args.teacher)
     config = model_config(args, len(vocab))
     need_teacher = config.acd_weight > 0 or config.lrd_weight > 0
-    train_set = load_split(args, args.train_split, vocab, tokenizer, need_teacher, train=True)
-    valid_set = (load_split(args, args.valid_split, vocab, tokenizer, need_teacher, train=False)
+    train_set = load_split(args, args.train_split, vocab, tokenizer, need_teacher, train=True, config=config)
+    valid_set = (load_split(args, args.valid_split, vocab, tokenizer, need_teacher, train=False, config=config)
                  if args.valid_split else None)
     sampler = data.BucketBatchSampler([u.duration for u in train_set.utterances],
                                       args.max_batch_seconds, max_batch_size=args.max_batch_size,

@@ -112,6 +112,61 @@ def test_check_audio_unreadable_and_mismatched(tmp_path):
         data.load_audio(str(tmp_path / "broken.wav"))
 
 
+def _write_float_wav(path, bad_at=None, bad=np.nan, seconds=1.0, rate=16000):
+    samples = (0.1 * np.random.default_rng(1).standard_normal(int(seconds * rate))).astype(np.float32)
+    if bad_at is not None:
+        samples[bad_at] = bad
+    sf.write(str(path), samples, rate, subtype="FLOAT")
+    return path
+
+
+def test_audio_holding_nan_is_refused_when_loaded_naming_the_line_and_the_file(tmp_path):
+    """Issue 21 item 9: a float WAV with a NaN (or inf) sample failed only when its
+    features were computed, as 'mel energy is nan', naming no file."""
+    _write_wav(tmp_path / "a.wav", 1.0)
+    _write_float_wav(tmp_path / "f.wav")                   # float samples, all finite: kept
+    _write_float_wav(tmp_path / "nan.wav", bad_at=1000)
+    _write_float_wav(tmp_path / "inf.wav", bad_at=[3200, 3201], bad=np.inf)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"audio": name, "text": "some words"})
+                                  for name in ("a.wav", "f.wav", "nan.wav", "inf.wav")) + "\n")
+    utts, _ = data.read_jsonl_manifest(manifest)
+    nan_wav = re.escape(str(tmp_path / "nan.wav"))
+    with pytest.raises(data.ManifestError, match=rf"m\.jsonl:3: nan: {nan_wav}: 1 NaN/infinite sample\(s\), "
+                                                 r"the first at 0\.062 s"):
+        data.check_audio(utts)
+    with pytest.raises(data.ManifestError, match=r"m\.jsonl:4: inf: .*inf\.wav: 2 NaN/infinite sample\(s\), "
+                                                 r"the first at 0\.200 s"):
+        data.check_audio(utts[3:])
+    kept, report = data.check_audio(utts, skip_bad=True)
+    assert [u.id for u in kept] == ["a", "f"] and report.counts == {"non-finite audio": 2}
+    with pytest.raises(data.ManifestError, match=rf"m\.jsonl:3: nan: {nan_wav}: 1 NaN"):
+        data.load_manifest(manifest)
+    # a file that turns bad after the check: reading it names it (and AsrDataset its line)
+    with pytest.raises(data.ManifestError, match=rf"{nan_wav}: 1 NaN/infinite sample"):
+        data.load_audio(str(tmp_path / "nan.wav"))
+
+
+def test_an_empty_manifest_is_named(tmp_path):
+    """Issue 21 item 11: an empty split failed as 'BucketBatchSampler: durations is empty'."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(data.ManifestError, match=re.escape(f"{empty}: no utterances (an empty manifest)")):
+        data.load_manifest(empty)
+    kaldi = tmp_path / "dev"
+    kaldi.mkdir()
+    (kaldi / "wav.scp").write_text("")
+    (kaldi / "text").write_text("")
+    with pytest.raises(data.ManifestError, match=re.escape(f"{kaldi}: no utterances (an empty manifest)")):
+        data.load_manifest(kaldi)
+    (tmp_path / "broken.wav").write_bytes(b"not audio")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"audio": "broken.wav", "text": "x"}) + "\n")
+    with pytest.raises(data.ManifestError, match=re.escape(f"{bad}: no utterances left (skipped 1 "
+                                                           "(1 unreadable audio)")):
+        data.load_manifest(bad, skip_bad=True)
+
+
 # --- sampler ---------------------------------------------------------------------------
 
 def _durations(n=200, seed=0):
@@ -457,6 +512,63 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
         dataset.AsrDataset(utts, vocab, TOKENIZER, {"a": states["a"]})
 
 
+def test_encoder_length_is_the_encoders():
+    import model
+    config = model.ModelConfig(vocab_size=8, d_model=16, num_heads=2, ffn_dim=16, num_layers=3,
+                               pool_after=(1, 3), conv_kernel=3, subsampling_channels=2)
+    encoder = model.ConformerEncoder(config).eval()
+    lengths = torch.tensor([1, 2, 3, 7, 8, 9, 16, 17, 31])
+    with torch.no_grad():
+        _, out = encoder(torch.randn(len(lengths), 31, 80), lengths)
+    assert out.tolist() == [model.encoder_length(int(n), config) for n in lengths]
+    assert [features.num_fbank_frames(n) for n in (399, 400, 559, 560, 16000)] == [0, 1, 1, 2, 98]
+
+
+@needs_teacher
+def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
+    """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently, its CTC term 0
+    (zero_infinity). AsrDataset.too_short finds such utterances; train_hkd reports them."""
+    import dataset
+    import model
+    for name, seconds in (("long", 2.0), ("short", 0.03), ("tiny", 0.03), ("edge", 1.0), ("rep", 0.4)):
+        _write_wav(tmp_path / f"{name}.wav", seconds)
+    thirty_one = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
+                  "golden coins and the old king sleeps in his tower near the sea at night again")
+    thirteen = "one two three four five six seven eight nine ten eleven twelve thirteen"
+    rows = [("long", "hello world"), ("short", thirty_one), ("tiny", "hi"), ("edge", thirteen),
+            ("rep", "no no no no")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": i, "audio": f"{i}.wav", "text": t}) for i, t in rows) + "\n")
+    utts, _ = data.load_manifest(manifest)
+    vocab = teacher_lib.TokenVocab.build(TOKENIZER, [u.text for u in utts])
+    items = dataset.AsrDataset(utts, vocab, TOKENIZER)
+    assert [len(t) for t in items.tokens] == [2, 31, 1, 13, 4]
+    config = model.ModelConfig(vocab_size=len(vocab))            # 8x: 1 s -> 13 encoder frames
+    # short: 1 frame for 31 tokens; tiny: 1 frame, 1 token; edge: 13 frames, 13 tokens;
+    # rep: 5 frames, 4 equal tokens need 4 + 3 blanks between them
+    assert items.too_short(config) == [1, 4]
+    assert items.too_short(config, speed_perturb=[0.9, 1.0, 1.1]) == [1, 3, 4]   # 1.1: edge has 12
+    assert dataset.min_encoder_frames(items.tokens[4], ctc=True) == 7
+    no_ctc = model.ModelConfig(vocab_size=len(vocab), ctc_weight=0.0)
+    assert items.too_short(no_ctc) == []                 # CIF fires any count from one frame
+    items.drop([1, 4])
+    assert [u.id for u in items.utterances] == ["long", "tiny", "edge"] and len(items) == 3
+    assert [len(t) for t in items.tokens] == [2, 1, 13] and items[2]["id"] == "edge"
+
+
+@needs_teacher
+def test_a_dataset_item_whose_audio_turned_bad_names_its_manifest_line(tmp_path):
+    import dataset
+    _write_float_wav(tmp_path / "x.wav")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "x", "audio": "x.wav", "text": "hello"}) + "\n")
+    utts, _ = data.load_manifest(manifest)
+    items = dataset.AsrDataset(utts, teacher_lib.TokenVocab.build(TOKENIZER, ["hello"]), TOKENIZER)
+    _write_float_wav(tmp_path / "x.wav", bad_at=5)       # after the check: found when read
+    with pytest.raises(data.ManifestError, match=r"m\.jsonl:1: x: .*x\.wav: 1 NaN/infinite sample"):
+        items[0]
+
+
 def test_align_chinese_characters_with_a_bert_by_path(tmp_path):
     """A BERT loaded by path; Chinese transcripts (no spaces) align one piece per character."""
     from transformers import BertTokenizerFast
@@ -551,3 +663,27 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
     with pytest.raises(data.ManifestError, match=re.escape(f"{empty}: no utterances")):
         extract_teacher.main(["--train", str(empty), "--splits", str(empty), "--out", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()
+
+
+@needs_teacher
+def test_a_transcript_the_teacher_cannot_spell_is_named_by_its_manifest_line(tmp_path, monkeypatch,
+                                                                            teacher_model):
+    """Issue 21 item 11: a character the teacher maps to [UNK] named the word, not the line."""
+    import extract_teacher
+    monkeypatch.setattr(extract_teacher.teacher_lib, "Teacher", lambda path=None: teacher_model)
+    _write_wav(tmp_path / "a.wav", 1.0)
+
+    def manifest(name, texts):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps({"id": f"u{i}", "audio": "a.wav", "text": t})
+                                  for i, t in enumerate(texts)) + "\n")
+        return path
+
+    train = manifest("train.jsonl", ["hello world", "a snowman \u2603 here", "good night"])
+    with pytest.raises(teacher_lib.AlignmentError, match=re.escape(f"{train}:2: u1: word '\u2603' of")):
+        extract_teacher.build_cache(tmp_path / "t1", train, [train], log=lambda line: None)
+    train = manifest("train.jsonl", ["hello world", "good night"])
+    dev = manifest("dev.jsonl", ["good world", "hello \u2603"])       # the vocabulary is fine
+    with pytest.raises(teacher_lib.AlignmentError, match=re.escape(f"{dev}:2: u1: word '\u2603' of")):
+        extract_teacher.build_cache(tmp_path / "t2", train, [train, dev], log=lambda line: None)
+

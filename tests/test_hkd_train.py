@@ -148,6 +148,91 @@ def test_a_stale_teacher_cache_is_rebuilt_or_refused_never_reused(corpus, tmp_pa
     assert (teacher / "tokens.txt").read_bytes() == tokens_before
 
 
+def bad_data_corpus(corpus, root: Path, extra: dict, split: str = "train") -> Path:
+    """users_corpus with one more line in <split>.jsonl (audio paths relative to it)."""
+    user = users_corpus(corpus, root)
+    with open(user / f"{split}.jsonl", "a") as f:
+        f.write(json.dumps(extra) + "\n")
+    return user
+
+
+def write_clip(path: Path, seconds: float, nan_at=None) -> Path:
+    import numpy as np
+    import soundfile as sf
+    samples = (0.1 * np.random.default_rng(0).standard_normal(int(16000 * seconds))).astype(np.float32)
+    if nan_at is not None:
+        samples[nan_at] = np.nan
+    sf.write(str(path), samples, 16000, subtype="FLOAT")
+    return path
+
+
+THIRTY_ONE_TOKENS = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
+                     "golden coins and the old king sleeps in his tower near the sea at night again")
+
+
+def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or_refused(corpus, tmp_path,
+                                                                                        caplog):
+    """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently with a CTC term of 0."""
+    import data
+    user = tmp_path / "user"
+    user.mkdir()
+    write_clip(user / "short.wav", 0.03)
+    user = bad_data_corpus(corpus, tmp_path, {"id": "short-1", "audio": "short.wav", "text": THIRTY_ONE_TOKENS})
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(tmp_path / "teacher"),
+                  "--train-split", "train.jsonl", "--valid-split", "dev.jsonl", "--max-steps", "1",
+                  "--average-last", "0", "--acd-weight", "0", "--lrd-weight", "0")
+    with caplog.at_level("INFO", logger="train_hkd"):
+        train_hkd.main(argv)                                              # the default: --too-short skip
+    manifest = re.escape(str(user / "train.jsonl"))
+    assert re.search(rf"{manifest}: 1 of 7 utterance\(s\) too short for their transcripts .*: short-1 "
+                     rf"\({manifest}:7: 0\.03 s for 31 tokens, needs 31 encoder frames\); skipped", caplog.text)
+    assert "6 training utterances" in caplog.text
+    with pytest.raises(data.ManifestError, match=rf"{manifest}: 1 of 7 utterance\(s\) too short.*short-1 .*"
+                                                 "--too-short skip leaves them out"):
+        train_hkd.main(argv + ["--too-short", "error"])
+    assert train_hkd.parse_args([]).too_short == "skip"
+
+
+def test_bad_audio_and_unspellable_transcripts_name_their_manifest_line(corpus, tmp_path):
+    """Issue 21 items 9 and 11: a NaN audio file failed at step 4 as 'mel energy is nan'; a
+    character the teacher cannot spell named the word but not the line."""
+    import data
+    user = tmp_path / "user"
+    user.mkdir()
+    write_clip(user / "nan.wav", 1.0, nan_at=100)
+    user = bad_data_corpus(corpus, tmp_path, {"id": "nan-1", "audio": "nan.wav", "text": "hello there"})
+    argv = common(corpus, tmp_path / "exp", "--corpus", str(user), "--teacher-dir", str(tmp_path / "teacher"),
+                  "--train-split", "train.jsonl", "--valid-split", "", "--max-steps", "1", "--average-last", "0",
+                  "--acd-weight", "0", "--lrd-weight", "0")
+    manifest = user / "train.jsonl"
+    with pytest.raises(data.ManifestError, match=re.escape(f"{manifest}:7: nan-1: {user / 'nan.wav'}: 1 NaN/")):
+        train_hkd.main(argv)
+    assert not (tmp_path / "exp" / "checkpoint-1.pt").exists()
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:6] + [json.dumps({"id": "oov", "audio": "nan.wav",
+                                                            "text": "a snowman \u2603 here"})]) + "\n")
+    with pytest.raises(train_hkd.teacher_lib.AlignmentError,
+                       match=re.escape(f"{manifest}:7: oov: word '\u2603' of")):
+        train_hkd.main(argv + ["--teacher-dir", str(tmp_path / "teacher2")])
+
+
+def test_decode_names_bad_audio_and_an_empty_split(corpus, trained, tmp_path):
+    """Issue 21 items 9 and 11: decoding failed as 'mel energy is nan' and as
+    'BucketBatchSampler: durations is empty', naming neither file."""
+    import data
+    write_clip(tmp_path / "nan.wav", 1.0, nan_at=100)
+    split = tmp_path / "test.jsonl"
+    split.write_text(json.dumps({"id": "ok", "audio": str(write_clip(tmp_path / "ok.wav", 1.0)), "text": "hello"})
+                     + "\n" + json.dumps({"id": "bad", "audio": "nan.wav", "text": "hello"}) + "\n")
+    base = ["--checkpoint", str(trained / "averaged.pt"), "--out", str(tmp_path / "out")]
+    with pytest.raises(data.ManifestError, match=re.escape(f"{split}:2: bad: {tmp_path / 'nan.wav'}: 1 NaN/")):
+        decode.main(base + ["--split", str(split)])
+    split.write_text("")
+    with pytest.raises(data.ManifestError, match=re.escape(f"{split}: no utterances (an empty manifest)")):
+        decode.main(base + ["--split", str(split)])
+    assert not (tmp_path / "out").exists()
+
+
 def test_specaugment_options_reach_the_training_split(corpus, tmp_path):
     args = train_hkd.parse_args(common(corpus, tmp_path, "--freq-mask-width", "5", "--time-masks", "1"))
     vocab = train_hkd.teacher_lib.TokenVocab.load(corpus / "teacher" / "tokens.txt")
