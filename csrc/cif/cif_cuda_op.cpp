@@ -8,21 +8,19 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cif_host.h"
+#include "common/cuda_check.h"
 
 namespace cifops {
 namespace {
 
-#define CIFOPS_CUDA_CHECK(expr) C10_CUDA_CHECK(static_cast<cudaError_t>(expr))
-
-// Alphas are computed in float32 (float64 for float64); hidden in its own dtype.
+// Alphas are computed in the compute dtype; hidden in its own dtype.
 at::Tensor alphas_compute(const at::Tensor& a) {
-  return a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return a.to(compute_type(a.scalar_type())).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

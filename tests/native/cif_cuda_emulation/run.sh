@@ -16,12 +16,12 @@ if [[ $# -gt 0 && "$1" != "--" ]]; then build="$1"; shift; fi
 [[ "${1:-}" == "--" ]] && shift
 src="${CIF_CUDA_SOURCE:-$root/csrc/cif/cif_cuda.cu}"
 mkdir -p "$build"
-# The .cu as C++: CUDA headers replaced by the emulation, launches by emu_launch(), and
-# the row kernels' grid cap made adjustable per case.
+# The .cu as C++ (its CUDA headers, and those of common/cuda_common.cuh, are the
+# emulation's stand-ins in tests/native/cuda_emulation/include): launches by
+# emu_launch(), and the row kernels' grid cap made adjustable per case.
 "${PYTHON:-python3}" - "$src" "$build/cif_cuda_emu.cpp" <<'PY'
 import re, sys
 src = open(sys.argv[1]).read()
-src = re.sub(r"#include <(cuda_bf16|cuda_fp16|cuda_runtime)\.h>", "", src)  # lines kept
 src, n = re.subn(r"([\w:]+<[\w, ]+>)<<<(.*?)>>>\(",
                  lambda m: "emu_launch(EMU_CFG(" + m.group(2) + "), " + m.group(1) + ", ", src,
                  flags=re.S)
@@ -40,7 +40,8 @@ if [[ "${EMU_FMAD:-1}" != 0 ]]; then
     echo "note: this CPU has no FMA; the .cu is compiled without contraction (unlike nvcc)"
   fi
 fi
-flags=(-std=c++20 -pthread -I"$root/csrc" -I"$root/csrc/cif" -I"$here")
+flags=(-std=c++20 -pthread -I"$root/tests/native/cuda_emulation/include" -I"$root/csrc"
+       -I"$root/csrc/cif" -I"$here")
 # The three translation units in parallel. The .cu: -O1 (its speed hardly matters: the
 # emulation's cost is thread switches) plus -fexpensive-optimizations, which holds the
 # pass that contracts a * b + c into an FMA, and UBSan's checks of misaligned 16-byte
