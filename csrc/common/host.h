@@ -14,6 +14,11 @@ inline at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x in the compute dtype, contiguous.
+inline at::Tensor to_compute(const at::Tensor& x) {
+  return x.to(compute_type(x.scalar_type())).contiguous();
+}
+
 // The data of an optional int64 tensor, or null.
 inline const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
   return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
