@@ -546,10 +546,10 @@ def test_cuda_fire_frames_of_long_uniform_spans(T):
 
 def test_cuda_kernels_under_cpu_emulation(tmp_path):
     """The CUDA kernels (csrc/cif/cif_cuda.cu) compiled as C++ and run on the CPU under
-    tests/native/cif_cuda_emulation (one thread per CUDA thread, emulated barriers, shuffles
+    tests/native/cif_cuda_emulation (one fiber per CUDA thread, emulated barriers, shuffles
     and ballots), against the CPU kernels on fixed and seeded random cases: bit-identical
     scan workspace and fire frames, embeds and gradients within rounding, deterministic
-    backward. Needs g++ >= 12; about a minute on 2 cores."""
+    backward. Needs g++ >= 12; under a minute on 2 cores, most of it compiling."""
     import os
     import shutil
     import subprocess
@@ -560,7 +560,7 @@ def test_cuda_kernels_under_cpu_emulation(tmp_path):
         pytest.skip("needs g++ >= 12")
     version = subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True).stdout
     if int(version.split(".")[0] or 0) < 12:
-        pytest.skip(f"needs g++ >= 12 (C++20 <barrier>, <source_location>), found {version}")
+        pytest.skip(f"needs g++ >= 12 (C++20 <source_location>), found {version}")
     script = os.path.join(os.path.dirname(__file__), "native", "cif_cuda_emulation", "run.sh")
     out = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True,
                          timeout=900, env=dict(os.environ, PYTHON=sys.executable))

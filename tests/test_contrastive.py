@@ -528,7 +528,7 @@ def test_cuda_kernels_under_cpu_emulation(tmp_path):
     """The CUDA path runs on the CPU under tests/native/contrastive_cuda_emulation: the
     kernels of contrastive_cuda.cu (emulated blocks, warps and barriers) and the chunk loop
     of contrastive_cuda_op.cpp restated in C++, against the CPU kernels (float32, float64;
-    float16 / bfloat16 against float64). About 30 s: two compilations and the run."""
+    float16 / bfloat16 against float64). Under a minute: three compilations and the run."""
     import shutil
     if shutil.which("g++") is None:
         pytest.skip("needs g++ >= 12")

@@ -38,14 +38,6 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return at::empty(sizes, options);
 }
 
-at::ScalarType cpu_compute_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor to_compute(const at::Tensor& x) {
-  return x.to(cpu_compute_type(x.scalar_type())).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
                    const std::optional<at::Tensor>& lengths,

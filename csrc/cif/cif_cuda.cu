@@ -33,12 +33,11 @@
 #include <initializer_list>
 
 #include "cif.h"
+#include "common/cuda_common.cuh"
 
 namespace cifops {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kRowWarps = 8;             // warps per block of the row kernels
 constexpr int kPacksPerLane = 2;         // 16-byte packs per lane per pass over D
 constexpr int kScanThreads = 256;        // block of the scan and the alpha gradient
@@ -46,39 +45,11 @@ constexpr int kScanTile = 1024;          // frames staged in shared memory at a 
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
 static_assert(kScanTile % kScanThreads == 0, "the scan's reset relies on it");
 
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename AccType<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-
 // V elements of T moved as one aligned access (16 bytes when V = 16 / sizeof(T)).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-
-int64_t blocks_for(int64_t items, int64_t per_block) {
-  int64_t blocks = (items + per_block - 1) / per_block;
-  return blocks < kMaxBlocks ? blocks : kMaxBlocks;
-}
 
 // First t in [0, L) with token_after[t] > k, for a token k that fires (so
 // token_after[L - 1] > k). token_after is non-decreasing. All lanes of the warp
@@ -107,10 +78,7 @@ __device__ __forceinline__ int64_t warp_fire_frame(const int64_t* __restrict__ t
 
 // Block-wide minimum of an int64 (fixed order; every thread gets the result).
 __device__ int64_t block_min(int64_t v, int64_t* shared) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const int64_t o = __shfl_xor_sync(kFullMask, v, offset);
-    v = o < v ? o : v;
-  }
+  v = warp_min(v);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   __syncthreads();
   if (lane == 0) shared[warp] = v;
@@ -605,7 +573,7 @@ int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig
   return dispatch_hidden(hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int V = 16 / sizeof(scalar_t);
-    const unsigned blocks = static_cast<unsigned>(blocks_for(rows, kRowWarps));
+    const unsigned blocks = grid_for(rows, kRowWarps, kMaxBlocks);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const auto* h = static_cast<const scalar_t*>(hidden);
     auto* e = static_cast<scalar_t*>(embeds);
@@ -628,7 +596,7 @@ int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const
   const int err = dispatch_hidden(hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int V = 16 / sizeof(scalar_t);
-    const unsigned blocks = static_cast<unsigned>(blocks_for(cfg.batch * cfg.frames, kRowWarps));
+    const unsigned blocks = grid_for(cfg.batch * cfg.frames, kRowWarps, kMaxBlocks);
     const auto* g = static_cast<const scalar_t*>(grad_embeds);
     const auto* h = static_cast<const scalar_t*>(hidden);
     auto* gh = static_cast<scalar_t*>(grad_hidden);

@@ -8,22 +8,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cif_host.h"
+#include "common/cuda_check.h"
 
 namespace cifops {
 namespace {
-
-#define CIFOPS_CUDA_CHECK(expr) C10_CUDA_CHECK(static_cast<cudaError_t>(expr))
-
-// Alphas are computed in float32 (float64 for float64); hidden in its own dtype.
-at::Tensor alphas_compute(const at::Tensor& a) {
-  return a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
@@ -37,7 +30,7 @@ cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const CifConfig cfg =
       make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens);
-  const at::Tensor h = hidden.contiguous(), a = alphas_compute(alphas);
+  const at::Tensor h = hidden.contiguous(), a = to_compute(alphas);  // hidden in its own dtype
   const auto len = to_long(lengths), tgt = to_long(target_lengths);
   CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
   at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
@@ -70,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(
   const int64_t n_out = grad_embeds.size(1);
   const CifConfig cfg =
       make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, n_out);
-  const at::Tensor h = hidden.contiguous(), a = alphas_compute(alphas);
+  const at::Tensor h = hidden.contiguous(), a = to_compute(alphas);
   const at::Tensor g = grad_embeds.to(h.scalar_type()).contiguous();
   std::optional<at::Tensor> gs;
   if (grad_alpha_sum.has_value()) gs = grad_alpha_sum->to(a.scalar_type()).contiguous();

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cif.h"
+#include "common/host.h"
 
 namespace cifops {
 
@@ -82,14 +83,10 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
                 grad_alpha_sum->sizes());
 }
 
-// Integer lengths of any dtype as contiguous int64, and their raw pointer (or null).
+// Integer lengths of any dtype as contiguous int64 (maybe_ptr: their raw pointer).
 inline std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
   if (!x.has_value()) return std::nullopt;
   return x->to(at::kLong).contiguous();
-}
-
-inline const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
-  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
 }
 
 inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, double scale_eps,

@@ -49,10 +49,6 @@ ContrastivePass make_pass(int64_t rows, int64_t cols, const CpuSide& a, int64_t 
   return pass;
 }
 
-const int64_t* maybe_ptr(const std::optional<at::Tensor>& x) {
-  return x.has_value() ? x->data_ptr<int64_t>() : nullptr;
-}
-
 // The inputs in the compute dtype, targets as int64, checked.
 struct CpuInputs {
   at::Tensor student, teacher;
@@ -62,7 +58,7 @@ struct CpuInputs {
   int64_t N, M, D;
   CpuInputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& tg,
             int64_t ignore_index, const char* fn) {
-    const at::ScalarType ct = contrastive_compute_type(s.scalar_type());
+    const at::ScalarType ct = compute_type(s.scalar_type());
     student = s.to(ct).contiguous();
     teacher = t.to(ct).contiguous();
     kind = scalar_kind(ct);

@@ -28,24 +28,15 @@
 
 #include <cstdint>
 
+#include "common/cuda_common.cuh"
 #include "contrastive.h"
 
 namespace cifops {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kRowsPerWarpBlock = 8;  // prepare / unit backward: one warp per row
 constexpr int kSoftmaxThreads = 256;  // softmax rows: one block per row
 constexpr int64_t kMaxBlocks = 1 << 20;
-
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T> __device__ __forceinline__ T from_double(double x);
 template <> __device__ __forceinline__ float from_double<float>(double x) { return static_cast<float>(x); }
@@ -55,13 +46,6 @@ template <> __device__ __forceinline__ __half from_double<__half>(double x) {
 }
 template <> __device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double x) {
   return __float2bfloat16(static_cast<float>(x));
-}
-template <typename T> __device__ __forceinline__ T from_acc(typename AccType<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
 }
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -75,21 +59,6 @@ template <> __device__ __forceinline__ double neg_inf<double>() { return -CUDART
 template <typename T> __device__ __forceinline__ T quiet_nan();
 template <> __device__ __forceinline__ float quiet_nan<float>() { return CUDART_NAN_F; }
 template <> __device__ __forceinline__ double quiet_nan<double>() { return CUDART_NAN; }
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int o = kWarpSize / 2; o > 0; o /= 2) {
-    const T w = __shfl_xor_sync(kFullMask, v, o);
-    v = w > v ? w : v;
-  }
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
 
 // --- prepare ---------------------------------------------------------------------------
 
@@ -313,11 +282,6 @@ int dispatch(ScalarKind kind, F&& f) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-unsigned grid_for(int64_t items, int64_t per_block) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
-
 }  // namespace
 
 int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
@@ -325,8 +289,9 @@ int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64
   if (rows == 0) return cudaSuccess;
   return dispatch(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    prepare_kernel<scalar_t><<<grid_for(rows, kRowsPerWarpBlock), kRowsPerWarpBlock * kWarpSize,
-                               0, static_cast<cudaStream_t>(stream)>>>(
+    prepare_kernel<scalar_t><<<grid_for(rows, kRowsPerWarpBlock, kMaxBlocks),
+                               kRowsPerWarpBlock * kWarpSize, 0,
+                               static_cast<cudaStream_t>(stream)>>>(
         static_cast<const scalar_t*>(x), rows, dim, normalize, static_cast<scalar_t*>(unit),
         inv_norm);
     return static_cast<int>(cudaGetLastError());
@@ -356,7 +321,7 @@ int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk
     args.row_lse = static_cast<const acc_t*>(chunk.row.lse);
     args.col_weight = static_cast<const acc_t*>(chunk.col.weight);
     args.col_lse = static_cast<const acc_t*>(chunk.col.lse);
-    softmax_rows_kernel<acc_t, g_t><<<grid_for(chunk.rows, 1), kSoftmaxThreads, 0,
+    softmax_rows_kernel<acc_t, g_t><<<grid_for(chunk.rows, 1, kMaxBlocks), kSoftmaxThreads, 0,
                                       static_cast<cudaStream_t>(stream)>>>(args);
     return static_cast<int>(cudaGetLastError());
   });
@@ -370,7 +335,7 @@ int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const
   return dispatch(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = typename AccType<scalar_t>::type;
-    const unsigned grid = grid_for(rows, kRowsPerWarpBlock);
+    const unsigned grid = grid_for(rows, kRowsPerWarpBlock, kMaxBlocks);
     const auto* g = static_cast<const acc_t*>(grad_unit);
     const auto* xs = static_cast<const scalar_t*>(x);
     const auto* sc = static_cast<const acc_t*>(out_scale);

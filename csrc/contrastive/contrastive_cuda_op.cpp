@@ -31,7 +31,6 @@
 #include <ATen/ops/reciprocal.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -39,12 +38,11 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/cuda_check.h"
 #include "contrastive_host.h"
 
 namespace cifops {
 namespace {
-
-#define CIFOPS_CUDA_CHECK(expr) C10_CUDA_CHECK(static_cast<cudaError_t>(expr))
 
 constexpr const char* kLossFn = "cifops.contrastive_loss";
 constexpr const char* kAccuracyFn = "cifops.contrastive_accuracy";
@@ -119,7 +117,7 @@ struct CudaInputs {
              int64_t ignore_index)
       : student(s.contiguous()), teacher(t.contiguous()), targets(targets_long(tg)) {
     kind = scalar_kind(s.scalar_type());
-    compute = contrastive_compute_type(s.scalar_type());
+    compute = compute_type(s.scalar_type());
     N = s.size(0);
     M = t.size(0);
     D = s.size(1);

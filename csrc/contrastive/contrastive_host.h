@@ -18,6 +18,7 @@
 #include <string_view>
 
 #include "cif/cif_host.h"  // scalar_kind
+#include "common/host.h"
 #include "contrastive.h"
 
 namespace cifops {
@@ -29,11 +30,6 @@ inline ContrastiveReduction parse_reduction(std::string_view reduction, const ch
   if (reduction == "sum") return ContrastiveReduction::kSum;
   if (reduction == "mean") return ContrastiveReduction::kMean;
   TORCH_CHECK(false, fn, ": reduction must be 'none', 'sum' or 'mean', got '", reduction, "'");
-}
-
-// float32 for float16/bfloat16/float32 inputs, float64 for float64.
-inline at::ScalarType contrastive_compute_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Metadata checks shared by every contrastive op (values are checked elsewhere:

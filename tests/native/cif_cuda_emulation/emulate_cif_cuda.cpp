@@ -1,5 +1,6 @@
 // Runs the CUDA kernels of csrc/cif/cif_cuda.cu on the CPU, under the emulation of
-// emu_cuda.h (one std::thread per CUDA thread, one block at a time, barriers and warp
+// tests/native/cuda_emulation/emu_cuda.h (one fiber per CUDA thread, one block at a
+// time, its threads interleaved in a seeded random order, barriers and warp
 // shuffles/ballots through per-group barriers that check call sites and exits), and
 // compares every output with the CPU kernels of csrc/cif/cif_cpu.cpp, the reference
 // implementation of the same contract (cif.h):
@@ -34,6 +35,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 

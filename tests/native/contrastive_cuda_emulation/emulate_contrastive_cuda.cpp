@@ -2,10 +2,11 @@
 // CPU path. Built and run by run.sh (about 30 s on two cores, most of it compiling).
 //
 //   kernels   csrc/contrastive/contrastive_cuda.cu itself (prepare, softmax rows, unit
-//             backward), compiled as C++ under emu_cuda.h: one fiber per CUDA thread,
-//             barriers and warp shuffles checked for divergence and early exits, threads
-//             of a block interleaved in a random (seeded) order. run.sh rewrites the
-//             launches and makes the grid cap kMaxBlocks a variable.
+//             backward), compiled as C++ (its own translation unit, with FMA contraction
+//             as nvcc) under tests/native/cuda_emulation/emu_cuda.h: one fiber per CUDA
+//             thread, barriers and warp shuffles checked for divergence and early exits,
+//             threads of a block interleaved in a random (seeded) order. run.sh rewrites
+//             the launches and makes the grid cap kMaxBlocks adjustable (g_emu_grid_cap).
 //   host      a plain C++ re-statement of contrastive_cuda_op.cpp (CudaOp below) and of
 //             the helpers of contrastive_host.h it uses: the chunk loop (chunk_rows with
 //             a small workspace bound and multiple, so several chunks run), naive
@@ -32,9 +33,6 @@
 // and NaN for targets outside [0, M). Bug probes come last: known bugs, reported but not
 // counted unless --strict is given.
 #include "emu_cuda.h"
-// csrc/contrastive/contrastive_cuda.cu rewritten by run.sh (same translation unit, so
-// that the grid cap in its anonymous namespace can be set from here)
-#include "contrastive_cuda_emulated.inc"
 
 #include <cstddef>
 #include <cstdio>
@@ -875,7 +873,7 @@ void grad_scale_case() {
 }
 
 // The softmax kernel's grid-stride loop: the grid capped at 2 blocks (kMaxBlocks of the .cu,
-// a variable here) for 7 rows, so that blocks handle several rows.
+// through g_emu_grid_cap) for 7 rows, so that blocks handle several rows.
 void grid_stride_case() {
   Case c{7, 9, 5};
   c.targets = true;
@@ -888,8 +886,7 @@ void grid_stride_case() {
   // from an uncapped run
   auto s = cuda.side(cuda.xs, p.N), t = cuda.side(cuda.xt, p.M);
   auto rf = cpu.forward(false);
-  const int64_t saved = cifops::kMaxBlocks;
-  cifops::kMaxBlocks = 2;
+  g_emu_grid_cap = 2;
   Dev<float> stats(kStatRows * p.N, true), inv_tau(1);
   inv_tau[0] = float(1.0 / p.tau);
   ContrastiveChunk proto;
@@ -900,7 +897,7 @@ void grid_stride_case() {
   proto.expect = stats.data() + kStatExpect * p.N;
   proto.target_logit = stats.data() + kStatTarget * p.N;
   cuda.chunk_loop(s, t, proto, false, nullptr, nullptr);
-  cifops::kMaxBlocks = saved;
+  g_emu_grid_cap = 0;
   const Tol tol = tolerances<float>();
   check("lse", stats.doubles(kStatLse * p.N, p.N), doubles(rf.stats, kStatLse * p.N, p.N), tol.stat);
   check("expect", stats.doubles(kStatExpect * p.N, p.N), doubles(rf.stats, kStatExpect * p.N, p.N),
@@ -924,12 +921,11 @@ void probes() {
     Case c{20, 20, 6};
     const Problem p = make_problem<float>(c);
     CudaOp<float> cuda(p, 1 << 20, 128);
-    const int64_t saved = cifops::kMaxBlocks;
-    cifops::kMaxBlocks = 2;  // 16 rows; the .cu has 1 << 20, i.e. rows >= 8388608
+    g_emu_grid_cap = 2;  // 16 rows; the .cu has 1 << 20, i.e. rows >= 8388608
     auto capped = cuda.side(cuda.xs, p.N);
-    cifops::kMaxBlocks = saved;
+    g_emu_grid_cap = 0;
     auto s = cuda.side(cuda.xs, p.N);  // the input of unit_backward from an uncapped run
-    cifops::kMaxBlocks = 2;
+    g_emu_grid_cap = 2;
     Dev<float> gu(p.N * p.D), out(p.N * p.D), scale(1);
     for (int64_t i = 0; i < p.N * p.D; ++i) gu[i] = 1.0f;
     scale[0] = 1.0f;
@@ -937,7 +933,7 @@ void probes() {
                                                      s.inv_norm.data(), scale.data(), p.N, p.D,
                                                      true, false, out.data(), nullptr),
                       "contrastive_unit_backward_cuda");
-    cifops::kMaxBlocks = saved;
+    g_emu_grid_cap = 0;
     int64_t unwritten_prepare = 0, unwritten_backward = 0;
     for (int64_t r = 0; r < p.N; ++r) {
       unwritten_prepare += std::isnan(capped.inv_norm[r]) || std::isnan(capped.unit[r * p.D]);

@@ -1,21 +1,33 @@
-// CPU emulation of the CUDA features csrc/contrastive/contrastive_cuda.cu uses, so that
-// the real .cu source compiles as C++ and runs on the CPU:
+// CPU emulation of the CUDA features the kernels of cifops use (csrc/*/*_cuda.cu and
+// csrc/common/cuda_common.cuh), so that the real .cu sources compile as C++ and run on
+// the CPU. Used by every emulation test (tests/native/*_cuda_emulation; emulate_cu.sh
+// builds them):
 //   - every CUDA thread is a fiber (its own stack, switched by a few instructions of
 //     assembly on x86-64, by ucontext elsewhere), all on one OS thread; one block runs
 //     at a time, its static __shared__ variables shared by its fibers;
 //   - a fiber runs until it reaches a barrier (__syncthreads, or the exchange of a warp
-//     shuffle); the scheduler then runs the other ready fibers, in a random order that
-//     changes every round (seeded by CIFOPS_EMU_SEED, fixed by default: runs are
-//     reproducible), so the result may not depend on which thread of a block gets ahead;
+//     shuffle or ballot); the scheduler then runs the other ready fibers, in a random
+//     order that changes every round (seeded by CIFOPS_EMU_SEED, fixed by default: runs
+//     are reproducible), so the result may not depend on which thread gets ahead;
+//   - optionally one warp is held back (g_emu_slow_warp): its threads run only when
+//     every other thread of the block waits at a __syncthreads or has exited, so that a
+//     race between warps on shared memory (a missing barrier) shows up as a wrong or
+//     run-to-run different result instead of passing by luck;
 //   - every barrier checks that all threads of its group (the block, or the 32 lanes of
 //     a warp) arrive at the same call site (source line), that none has exited the
-//     kernel meanwhile, and that shuffles use the full mask of a complete warp; a block
-//     whose fibers all wait without a barrier opening is a deadlock. Each stops the
-//     program with a message instead of hanging;
-//   - __shfl_xor_sync on any trivially copyable type up to 8 bytes;
-//   - __half / __nv_bfloat16 as storage types with round-to-nearest-even conversions.
-// The whole emulation lives in this header; it must be included by one translation
-// unit only (it defines the context-switch routine).
+//     kernel meanwhile, and that warp collectives use the full mask of a complete warp;
+//     a block whose fibers all wait without a barrier opening is a deadlock. Each stops
+//     the program with a message instead of hanging or mixing values;
+//   - __shfl_xor_sync / __shfl_up_sync on any trivially copyable type up to 8 bytes,
+//     __ballot_sync, __ffs;
+//   - __half / __nv_bfloat16 as storage types with round-to-nearest-even conversions;
+//   - __dadd_rn / __dmul_rn / __ddiv_rn (and the float ones) round each operation on its
+//     own: never fused with a neighbouring multiply or add, even when the .cu is built
+//     with contraction on (emulate_cu.sh builds it so, like nvcc's default --fmad=true);
+//   - the grid cap of grid-stride kernels adjustable at run time (g_emu_grid_cap).
+// The header may be included by several translation units of one program (the kernels'
+// and the test driver's): the runtime is one set of inline variables, the context
+// switch routine a weak symbol.
 #pragma once
 #include <math.h>
 
@@ -83,6 +95,38 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, NaN 
   return __nv_bfloat16{uint16_t(u >> 16)};
 }
 
+// ---- correctly rounded arithmetic intrinsics ----------------------------------------------
+// The empty asm makes the result opaque, which keeps the compiler from fusing it into
+// an FMA with its neighbour (as the _rn intrinsics promise on the GPU, where nvcc
+// contracts plain a * b + c by default).
+#if defined(__x86_64__) || defined(__i386__)
+#define EMU_OPAQUE(r) asm volatile("" : "+x"(r))
+#elif defined(__aarch64__)
+#define EMU_OPAQUE(r) asm volatile("" : "+w"(r))
+#else
+#define EMU_OPAQUE(r)        \
+  do {                       \
+    volatile auto emu_v = r; \
+    r = emu_v;               \
+  } while (0)
+#endif
+#define EMU_ROUNDED(name, type, op)  \
+  inline type name(type a, type b) { \
+    type r = a op b;                 \
+    EMU_OPAQUE(r);                   \
+    return r;                        \
+  }
+EMU_ROUNDED(__dadd_rn, double, +)
+EMU_ROUNDED(__dsub_rn, double, -)
+EMU_ROUNDED(__dmul_rn, double, *)
+EMU_ROUNDED(__ddiv_rn, double, /)
+EMU_ROUNDED(__fadd_rn, float, +)
+EMU_ROUNDED(__fsub_rn, float, -)
+EMU_ROUNDED(__fmul_rn, float, *)
+EMU_ROUNDED(__fdiv_rn, float, /)
+#undef EMU_ROUNDED
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 [[noreturn]] inline void emu_fail(const char* fmt, ...) {
   std::va_list ap;
   va_start(ap, fmt);
@@ -94,6 +138,21 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, NaN 
   std::_Exit(3);
 }
 
+// ---- test knobs --------------------------------------------------------------------------
+// When >= 0, the threads of this warp run only while no other thread of the block is
+// ready: they start the kernel, and leave every __syncthreads, once all the others wait
+// at the next __syncthreads or have exited.
+inline int g_emu_slow_warp = -1;
+
+// The grid cap of a .cu (`constexpr int64_t kMaxBlocks = ...;`), rewritten by
+// emulate_cu.sh into an EmuGridCap that reads g_emu_grid_cap when it is > 0: a small cap
+// makes the kernels' grid-stride loops run, and a case cheaper.
+inline int64_t g_emu_grid_cap = 0;
+struct EmuGridCap {
+  int64_t on_gpu;
+  operator int64_t() const { return g_emu_grid_cap > 0 ? g_emu_grid_cap : on_gpu; }
+};
+
 // ---- fibers --------------------------------------------------------------------------
 namespace emu {
 
@@ -104,13 +163,14 @@ struct Barrier;
 // emu_switch(&save, load): push the callee-saved registers, store the stack pointer in
 // *save, load `load` as the stack pointer, pop and return into the other context. A new
 // fiber's stack is laid out as if it had switched out just before emu_trampoline, which
-// calls emu_fiber_main(fiber) with the fiber in r12.
+// calls emu_fiber_main(fiber) with the fiber in r12. Weak symbols: every translation
+// unit that includes this header defines them, the linker keeps one.
 extern "C" void emu_switch(void** save_sp, void* load_sp);
 extern "C" void emu_trampoline();
 asm(R"(
   .text
   .p2align 4
-  .globl emu_switch
+  .weak emu_switch
   .type emu_switch, @function
 emu_switch:
   pushq %rbp
@@ -130,7 +190,7 @@ emu_switch:
   ret
   .size emu_switch, .-emu_switch
   .p2align 4
-  .globl emu_trampoline
+  .weak emu_trampoline
   .type emu_trampoline, @function
 emu_trampoline:
   movq %r12, %rdi
@@ -143,6 +203,7 @@ emu_trampoline:
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr uint64_t kStackCanary = 0x5ca1ab1e0ddba11ull;
 constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxWarps = kMaxThreads / 32;
 
 struct Fiber {
   unsigned tid = 0;
@@ -157,9 +218,10 @@ struct Fiber {
 };
 
 // A barrier over a group of fibers (a block or a warp) that knows the call site of its
-// current phase and how many of its fibers have exited.
+// current phase, how many phases have completed, and how many of its fibers have exited.
 struct Barrier {
   unsigned expected = 0, arrived = 0, exited = 0;
+  uint64_t phase = 0;
   unsigned site_line = 0;
   const char* site_what = "";
   std::vector<unsigned> waiters;
@@ -176,8 +238,8 @@ struct Runtime {
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<unsigned> ready, next_ready;
   Barrier block;
-  Barrier warps[kMaxThreads / 32];
-  uint64_t slots[kMaxThreads / 32][32];
+  Barrier warps[kMaxWarps];
+  uint64_t slots[2][kMaxWarps][32];  // a warp exchange's values, by the phase's parity
   unsigned current = 0;
   std::function<void()> body;
   std::mt19937_64 rng{seed()};
@@ -202,8 +264,9 @@ inline void suspend() {  // back to the scheduler; it sets threadIdx when it res
   asm volatile("" ::: "memory");
 }
 
-// Arrive at `b` from call site `line` and wait for the whole group.
-inline void arrive_and_wait(Barrier& b, unsigned line, const char* what) {
+// Arrive at `b` from call site `line` and wait for the whole group. Returns the number
+// of the phase that this arrival completed.
+inline uint64_t arrive_and_wait(Barrier& b, unsigned line, const char* what) {
   if (b.exited > 0)
     emu_fail("%s at line %u while %u thread(s) of the group have exited the kernel", what, line,
              b.exited);
@@ -214,6 +277,7 @@ inline void arrive_and_wait(Barrier& b, unsigned line, const char* what) {
     emu_fail("divergent barrier: %s at line %u meets %s at line %u", what, line, b.site_what,
              b.site_line);
   }
+  const uint64_t phase = b.phase;
   Fiber& f = rt.fibers[rt.current];
   b.waiters.push_back(rt.current);
   f.waiting = &b;
@@ -225,10 +289,12 @@ inline void arrive_and_wait(Barrier& b, unsigned line, const char* what) {
     }
     b.waiters.clear();
     b.arrived = 0;
+    ++b.phase;
   } else {
     f.state = Fiber::kBlocked;
   }
   suspend();
+  return phase;
 }
 
 inline void fiber_exit(Fiber& f) {
@@ -314,10 +380,17 @@ inline void run_block(unsigned n) {
     start_fiber(f);
     rt.ready.push_back(t);
   }
+  const int slow = g_emu_slow_warp;
+  auto is_slow = [&](unsigned id) { return static_cast<int>(rt.fibers[id].tid / 32) == slow; };
   while (!rt.ready.empty()) {
     std::shuffle(rt.ready.begin(), rt.ready.end(), rt.rng);
     rt.next_ready.clear();
-    for (unsigned id : rt.ready) resume(id);
+    // the slow warp waits while any other thread can run
+    const bool hold = slow >= 0 && !std::all_of(rt.ready.begin(), rt.ready.end(), is_slow);
+    for (unsigned id : rt.ready) {
+      if (hold && is_slow(id)) rt.next_ready.push_back(id);
+      else resume(id);
+    }
     std::swap(rt.ready, rt.next_ready);
   }
   for (unsigned t = 0; t < n; ++t) {
@@ -333,6 +406,37 @@ inline void run_block(unsigned n) {
   }
 }
 
+// Every lane of the calling thread's warp deposits 8 bytes and waits for the others;
+// returns the 32 deposits. They stay valid until the warp's next exchange but one,
+// which no lane can reach before every lane has read these.
+inline const uint64_t* warp_exchange(unsigned mask, uint64_t bits, const char* what,
+                                     const std::source_location& loc) {
+  const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
+  Barrier& bar = rt.warps[w];
+  if (mask != 0xffffffffu)
+    emu_fail("%s at line %u with mask %08x: only full warps are emulated", what, loc.line(),
+             mask);
+  if (bar.expected != 32)
+    emu_fail("%s at line %u with a full mask in a partial warp", what, loc.line());
+  rt.slots[bar.phase & 1][w][l] = bits;
+  const uint64_t phase = arrive_and_wait(bar, loc.line(), what);
+  return rt.slots[phase & 1][w];
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffles move <= 8 bytes");
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+template <typename T>
+inline T from_bits(uint64_t u) {
+  T v;
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
+}
+
 }  // namespace emu
 
 // ---- CUDA intrinsics ---------------------------------------------------------------------
@@ -343,28 +447,31 @@ inline void __syncthreads(const std::source_location loc = std::source_location:
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask,
                   const std::source_location loc = std::source_location::current()) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffles move <= 8 bytes");
-  const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
-  emu::Barrier& bar = emu::rt.warps[w];
-  if (mask != 0xffffffffu)
-    emu_fail("__shfl_xor_sync at line %u with mask %08x: only full warps are emulated",
-             loc.line(), mask);
-  if (bar.expected != 32)
-    emu_fail("__shfl_xor_sync at line %u with a full mask in a partial warp", loc.line());
+  const unsigned l = threadIdx.x % 32;
   if (lane_mask < 0 || lane_mask > 31) emu_fail("__shfl_xor_sync lane mask %d", lane_mask);
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  emu::rt.slots[w][l] = bits;
-  emu::arrive_and_wait(bar, loc.line(), "__shfl_xor_sync");  // every lane has written
-  bits = emu::rt.slots[w][l ^ static_cast<unsigned>(lane_mask)];
-  emu::arrive_and_wait(bar, loc.line(), "__shfl_xor_sync (read)");  // every lane has read
-  T r;
-  std::memcpy(&r, &bits, sizeof(T));
+  const uint64_t* s = emu::warp_exchange(mask, emu::to_bits(v), "__shfl_xor_sync", loc);
+  return emu::from_bits<T>(s[l ^ static_cast<unsigned>(lane_mask)]);
+}
+
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta,
+                 const std::source_location loc = std::source_location::current()) {
+  const unsigned l = threadIdx.x % 32;
+  if (delta > 31) emu_fail("__shfl_up_sync delta %u", delta);
+  const uint64_t* s = emu::warp_exchange(mask, emu::to_bits(v), "__shfl_up_sync", loc);
+  return l >= delta ? emu::from_bits<T>(s[l - delta]) : v;  // the low lanes keep v
+}
+
+inline unsigned __ballot_sync(unsigned mask, int pred,
+                              const std::source_location loc = std::source_location::current()) {
+  const uint64_t* s = emu::warp_exchange(mask, pred != 0 ? 1 : 0, "__ballot_sync", loc);
+  unsigned r = 0;
+  for (unsigned i = 0; i < 32; ++i) r |= static_cast<unsigned>(s[i] & 1) << i;
   return r;
 }
 
 // ---- launches ------------------------------------------------------------------------------
-// `kernel<T><<<grid, block, shmem, stream>>>(args)` is rewritten by run.sh into
+// `kernel<T><<<grid, block, shmem, stream>>>(args)` is rewritten by emulate_cu.sh into
 // emu_launch(EMU_CFG(grid, block, shmem, stream), kernel<T>, args).
 #define EMU_CFG(g, b, ...) dim3(g), dim3(b)
 template <typename K, typename... Args>

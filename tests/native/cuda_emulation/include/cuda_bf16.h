@@ -1,0 +1,4 @@
+// Stand-in for the CUDA header <cuda_bf16.h> when a .cu file is compiled as C++ for the CPU
+// emulation of its kernels: the emulation provides what the kernels use.
+#pragma once
+#include "../emu_cuda.h"
