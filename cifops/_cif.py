@@ -109,7 +109,8 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
             Frames t >= lengths[b] count as weight 0 and get zero gradient.
         threshold: the firing threshold beta (> 0).
         target_lengths: [B] integer target token counts (training-time scaling).
-        scale_eps: the eps of the scaling, in [0, threshold).
+        scale_eps: the eps of the scaling, in [0, threshold); checked (and used) only
+            with target_lengths.
         tail_threshold: emit the incomplete last token when its weight reaches this; None
             drops it (the usual choice in training).
         tail_mode: "normalize" or "keep" (see above).

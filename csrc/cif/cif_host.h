@@ -58,8 +58,12 @@ inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
   check_lengths(target_lengths, "target_lengths");
   TORCH_CHECK(std::isfinite(threshold) && threshold > 0,
               "cifops.cif: threshold must be a finite number > 0, got ", threshold);
-  TORCH_CHECK(std::isfinite(scale_eps) && scale_eps >= 0 && scale_eps < threshold,
-              "cifops.cif: scale_eps must be in [0, threshold), got ", scale_eps);
+  // scale_eps is used only by the target-length scaling, so only checked with targets
+  // (cif_backward passes no targets: the forward checked it, and the saved scale is used)
+  if (target_lengths.has_value())
+    TORCH_CHECK(std::isfinite(scale_eps) && scale_eps >= 0 && scale_eps < threshold,
+                "cifops.cif: scale_eps must be in [0, threshold) = [0, ", threshold,
+                ") when target_lengths is given, got ", scale_eps);
   if (tail_threshold.has_value())
     TORCH_CHECK(std::isfinite(*tail_threshold) && *tail_threshold >= 0,
                 "cifops.cif: tail_threshold must be a finite number >= 0 or None, got ",
