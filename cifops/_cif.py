@@ -21,8 +21,9 @@ class CifOutput(NamedTuple):
     embeds:        [B, N, D], hidden's dtype; zero beyond each token_lengths[b].
     token_lengths: [B] int64, tokens emitted (complete + tail), at most N.
     fire_frames:   [B, N] int64, frame index at which each token fired, -1 in padding.
-    alpha_sum:     [B], alphas' dtype, unscaled sum of the valid alphas
-                   (differentiable; the quantity loss is |alpha_sum - target_lengths|).
+    alpha_sum:     [B], unscaled sum of the valid alphas, float32 (float64 for float64
+                   alphas: a float16 sum would overflow at 65504); differentiable, the
+                   quantity loss is |alpha_sum - target_lengths|.
     """
 
     embeds: Tensor
@@ -32,6 +33,11 @@ class CifOutput(NamedTuple):
 
 
 # --- fake kernels: shapes only, so torch.compile can trace the op ---------------
+
+def _alpha_sum_dtype(alphas_dtype):
+    # cif_alpha_sum_type in csrc/cif/cif_host.h
+    return torch.float64 if alphas_dtype == torch.float64 else torch.float32
+
 
 @torch.library.register_fake("cifops::cif_forward")
 def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
@@ -45,7 +51,7 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
     return (hidden.new_empty((B, n, D)),
             hidden.new_empty((B,), dtype=torch.int64),
             hidden.new_empty((B, n), dtype=torch.int64),
-            alphas.new_empty((B,)),
+            alphas.new_empty((B,), dtype=_alpha_sum_dtype(alphas.dtype)),
             hidden.new_empty((B * (T + 1) + B * _ROW_REAL,), dtype=torch.float64),
             hidden.new_empty((B * T + B * _ROW_INFO,), dtype=torch.int64))
 
@@ -121,7 +127,9 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
 
     Returns:
         :class:`CifOutput` ``(embeds [B, N, D], token_lengths [B] int64,
-        fire_frames [B, N] int64, alpha_sum [B])``.
+        fire_frames [B, N] int64, alpha_sum [B])``. ``embeds`` has hidden's dtype;
+        ``alpha_sum`` is float32 for float16/bfloat16/float32 alphas (a float16 sum
+        would overflow at 65504) and float64 for float64.
 
     Differentiable with respect to ``hidden`` and ``alphas`` (through the scaling, the
     tail normalisation and ``alpha_sum``), with the fire decisions held fixed.

@@ -32,6 +32,39 @@ def contrastive_inputs(requires_grad=False, device="cpu"):
     return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad)
 
 
+# --- item 7: float16 alphas do not overflow alpha_sum ------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_alpha_sum_is_float32_and_finite(dtype, device):
+    T = 70000  # 70000 * 1.0 > 65504, the float16 maximum
+    hidden = torch.randn(1, T, 2).to(device, dtype)
+    alphas = torch.ones(1, T, dtype=dtype, device=device, requires_grad=True)
+    out = cifops.cif(hidden, alphas, max_tokens=2)
+    assert out.alpha_sum.dtype == torch.float32
+    assert out.alpha_sum.tolist() == [70000.0]
+    assert out.embeds.dtype == dtype
+    out.alpha_sum.sum().backward()  # float32 gradient flows back into half alphas
+    assert alphas.grad.dtype == dtype and (alphas.grad == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_alpha_sum_dtype_of_fake_kernel_matches(dtype):
+    hidden, alphas = cif_inputs(dtype=dtype)
+    real = cifops.cif(hidden, alphas, max_tokens=3).alpha_sum
+    fake = cifops.cif(hidden.to(META), alphas.to(META), max_tokens=3).alpha_sum
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    assert real.dtype == fake.dtype == expected
+    torch.library.opcheck(torch.ops.cifops.cif_forward.default,
+                          (hidden, alphas, None, None, 1.0, 1e-4, 0.2, True, 3))
+
+
+def test_compat_torch_cif_alpha_sum_keeps_torch_cifs_dtype():
+    from cifops.compat.torch_cif import cif_function
+    hidden, alphas = cif_inputs(dtype=torch.float16)
+    assert cif_function(hidden, alphas * 0.5)["alpha_sum"][0].dtype == torch.float16
+
+
 # --- item 8: scale_eps is checked only when it is used -------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

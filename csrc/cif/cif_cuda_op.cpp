@@ -52,8 +52,8 @@ cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
   CIFOPS_CUDA_CHECK(cif_forward_cuda(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out,
                                      ws.view(), embeds.data_ptr(),
                                      fire_frames.data_ptr<int64_t>(), stream));
-  return {embeds, token_lengths, fire_frames, alpha_sum.to(alphas.scalar_type()), ws.real,
-          ws.ints};
+  return {embeds, token_lengths, fire_frames,
+          alpha_sum.to(cif_alpha_sum_type(alphas.scalar_type())), ws.real, ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(

@@ -86,6 +86,12 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
                 grad_alpha_sum->sizes());
 }
 
+// alpha_sum is returned in the accumulation dtype: float32 for float16, bfloat16 and
+// float32 alphas, float64 for float64 (a float16 sum would overflow at 65504).
+inline at::ScalarType cif_alpha_sum_type(at::ScalarType alphas) {
+  return alphas == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Integer lengths of any dtype as contiguous int64, and their raw pointer (or null).
 inline std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
   if (!x.has_value()) return std::nullopt;
