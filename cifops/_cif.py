@@ -10,6 +10,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from cifops._checks import check_same_device, check_tensor
+
 _TAIL_MODES = ("keep", "normalize")
 # Per-utterance fields of the scan workspace (kRowReal, kRowInfo in csrc/cif/cif.h).
 _ROW_REAL, _ROW_INFO = 4, 7
@@ -34,6 +36,10 @@ class CifOutput(NamedTuple):
 
 # --- fake kernels: shapes only, so torch.compile can trace the op ---------------
 
+# They also run for real meta tensors, and for any call with one meta argument among real
+# ones (the meta dispatch key wins): hence the device checks, the same as the kernels'
+# (check_cif_args in csrc/cif/cif_host.h).
+
 def _alpha_sum_dtype(alphas_dtype):
     # cif_alpha_sum_type in csrc/cif/cif_host.h
     return torch.float64 if alphas_dtype == torch.float64 else torch.float32
@@ -42,11 +48,20 @@ def _alpha_sum_dtype(alphas_dtype):
 @torch.library.register_fake("cifops::cif_forward")
 def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
                       tail_threshold, tail_normalize, max_tokens):
+    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas, lengths=lengths,
+                      target_lengths=target_lengths)
     B, _, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
     else:
-        n = torch.library.get_ctx().new_dynamic_size()
+        try:
+            ctx = torch.library.get_ctx()
+        except RuntimeError as exc:  # meta tensors, not FakeTensors
+            raise RuntimeError(
+                "cifops.cif: meta tensors need max_tokens: the number of tokens depends on "
+                "the alphas' values, which meta tensors do not have (give max_tokens, or "
+                "trace with FakeTensors as torch.compile does)") from exc
+        n = ctx.new_dynamic_size()
     T = hidden.shape[1]
     return (hidden.new_empty((B, n, D)),
             hidden.new_empty((B,), dtype=torch.int64),
@@ -59,6 +74,9 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
 @torch.library.register_fake("cifops::cif_backward")
 def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int,
                        threshold, scale_eps, tail_threshold, tail_normalize):
+    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas)
+    check_same_device("cifops.cif_backward", "hidden", hidden, grad_embeds=grad_embeds,
+                      grad_alpha_sum=grad_alpha_sum, scan_real=scan_real, scan_int=scan_int)
     return torch.empty_like(hidden), torch.empty_like(alphas)
 
 
@@ -123,7 +141,11 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
         max_tokens: the output width N. Tokens beyond it are dropped, and no
             device-to-host synchronisation happens, so the op can be captured in a CUDA
             graph and traced by ``torch.compile(fullgraph=True)``. None: N is the largest
-            token count in the batch (one small device-to-host copy on CUDA).
+            token count in the batch (one small device-to-host copy on CUDA); required for
+            meta tensors.
+
+    All tensors must be on one device (a meta tensor among real ones is an error that
+    names it).
 
     Returns:
         :class:`CifOutput` ``(embeds [B, N, D], token_lengths [B] int64,
@@ -141,10 +163,14 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     On CUDA with ``max_tokens`` given (no synchronisation), such an utterance emits no
     tokens instead.
     """
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"cifops.cif: hidden must be a Tensor, got {type(hidden).__name__}")
-    if not isinstance(alphas, Tensor):
-        raise TypeError(f"cifops.cif: alphas must be a Tensor, got {type(alphas).__name__}")
+    check_tensor("cifops.cif", "hidden", hidden)
+    check_tensor("cifops.cif", "alphas", alphas)
+    check_tensor("cifops.cif", "lengths", lengths, optional=True)
+    check_tensor("cifops.cif", "target_lengths", target_lengths, optional=True)
+    # checked here as well as in the op: a meta tensor among real ones would otherwise go
+    # to the fake kernel, whose error comes from inside torch.library
+    check_same_device("cifops.cif", "hidden", hidden, exc=ValueError, alphas=alphas,
+                      lengths=lengths, target_lengths=target_lengths)
     if tail_mode not in _TAIL_MODES:
         raise ValueError(f"cifops.cif: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
     if max_tokens is None:

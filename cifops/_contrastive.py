@@ -13,6 +13,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from cifops._checks import check_same_device, check_tensor
+
 _REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -27,10 +29,22 @@ def _fuses_student_grad(student, reduction, symmetric, fuse_student_grad):
 
 
 # --- fake kernels: shapes only, so torch.compile can trace the ops -------------------
+# They also run for real meta tensors, and for any call with one meta argument among real
+# ones (the meta dispatch key wins): hence the device checks, the same as the kernels'
+# (check_contrastive_args and check_backward_tensors in csrc/contrastive/contrastive_host.h).
+
+def _check_devices(fn, student, teacher, targets, temperature=None):
+    check_same_device(fn, "student", student, teacher=teacher, targets=targets)
+    if (temperature is not None and temperature.device.type != "cpu"
+            and temperature.device != student.device):
+        raise RuntimeError(f"{fn}: temperature is on {temperature.device} but student is on "
+                           f"{student.device} (a CPU scalar tensor is also accepted)")
+
 
 @torch.library.register_fake("cifops::contrastive_forward")
 def _contrastive_forward_fake(student, teacher, targets, temperature, normalize, symmetric,
                               reduction, ignore_index, fuse_student_grad):
+    _check_devices("cifops.contrastive_loss", student, teacher, targets, temperature)
     n, d = student.shape
     compute = _compute_dtype(student.dtype)
     loss = student.new_empty((n,) if reduction == "none" else ())
@@ -44,6 +58,9 @@ def _contrastive_forward_fake(student, teacher, targets, temperature, normalize,
 def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature, stats,
                                fused_grad, normalize, symmetric, reduction, ignore_index,
                                need_student, need_teacher, need_temperature):
+    _check_devices("cifops.contrastive_loss", student, teacher, targets, temperature)
+    check_same_device("cifops.contrastive_backward", "student", student, grad_loss=grad_loss,
+                      stats=stats, fused_grad=fused_grad)
     return (student.new_empty(student.shape if need_student else (0,)),
             teacher.new_empty(teacher.shape if need_teacher else (0,)),
             temperature.new_empty(temperature.shape if need_temperature else (0,)))
@@ -51,6 +68,7 @@ def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature
 
 @torch.library.register_fake("cifops::contrastive_accuracy")
 def _contrastive_accuracy_fake(student, teacher, targets, normalize, ignore_index):
+    _check_devices("cifops.contrastive_accuracy", student, teacher, targets)
     return student.new_empty((), dtype=_compute_dtype(student.dtype))
 
 
@@ -86,13 +104,10 @@ def _check_tensors(fn, student, teacher, targets):
     # Types and devices are checked here as well as in the ops: inputs on different
     # devices would otherwise be dispatched to one backend's kernel (or to the fake
     # kernel, for "meta") before any check could name them.
-    for name, x in (("student", student), ("teacher", teacher), ("targets", targets)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(x).__name__}")
-    for name, x in (("teacher", teacher), ("targets", targets)):
-        if x is not None and x.device != student.device:
-            raise ValueError(f"{fn}: {name} is on {x.device} but student is on "
-                             f"{student.device}")
+    check_tensor(fn, "student", student)
+    check_tensor(fn, "teacher", teacher)
+    check_tensor(fn, "targets", targets, optional=True)
+    check_same_device(fn, "student", student, exc=ValueError, teacher=teacher, targets=targets)
 
 
 def _temperature_tensor(temperature):
@@ -147,6 +162,9 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
 
     Returns:
         the loss in student's dtype: ``[]`` for "sum"/"mean", ``[N]`` for "none".
+
+    All tensors must be on one device (the temperature may also be a CPU scalar tensor);
+    a meta tensor among real ones is an error that names it.
 
     Precision: float16/bfloat16/float32 compute in float32 and float64 in float64.
     On CUDA, float16/bfloat16 logits use tensor-core MMA with float32 accumulation

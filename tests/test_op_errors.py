@@ -32,6 +32,112 @@ def contrastive_inputs(requires_grad=False, device="cpu"):
     return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad)
 
 
+# --- item 6: meta tensors mixed with real ones -----------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_tokens", [4, None])
+@pytest.mark.parametrize("meta_arg", ["hidden", "alphas", "lengths", "target_lengths"])
+def test_cif_meta_argument_mixed_with_a_real_device_is_named(meta_arg, max_tokens, device):
+    hidden, alphas = cif_inputs(device=device)
+    args = dict(hidden=hidden, alphas=alphas, lengths=torch.tensor([6, 5], device=device),
+                target_lengths=torch.tensor([2, 3], device=device))
+    args[meta_arg] = args[meta_arg].to(META)
+    other = "alphas" if meta_arg == "hidden" else meta_arg
+    where = (f"on {device}(:0)? but hidden is on meta" if meta_arg == "hidden"
+             else f"on meta but hidden is on {device}")
+    with pytest.raises((ValueError, RuntimeError), match=rf"cifops\.cif: {other} is {where}"):
+        cifops.cif(args["hidden"], args["alphas"], args["lengths"],
+                   target_lengths=args["target_lengths"], max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("meta_arg", ["hidden", "alphas", "lengths", "target_lengths"])
+def test_cif_forward_op_with_one_meta_argument_is_named(meta_arg):
+    # the op itself, not just the wrapper: any meta argument sends it to the fake kernel,
+    # which used to return uninitialised CPU tensors
+    hidden, alphas = cif_inputs()
+    args = dict(hidden=hidden, alphas=alphas, lengths=torch.tensor([6, 5]),
+                target_lengths=torch.tensor([2, 3]))
+    args[meta_arg] = args[meta_arg].to(META)
+    other = "alphas" if meta_arg == "hidden" else meta_arg
+    with pytest.raises(RuntimeError, match=rf"cifops\.cif: {other} is on (meta|cpu) but hidden"):
+        torch.ops.cifops.cif_forward(*args.values(), 1.0, 1e-4, None, True, 4)
+
+
+@pytest.mark.parametrize("meta_arg", ["grad_embeds", "grad_alpha_sum", "alphas", "scan_real",
+                                      "scan_int"])
+def test_cif_backward_op_with_one_meta_argument_is_named(meta_arg):
+    hidden, alphas = cif_inputs()
+    out = torch.ops.cifops.cif_forward(hidden, alphas, None, None, 1.0, 1e-4, None, True, 3)
+    args = dict(grad_embeds=torch.ones_like(out[0]), grad_alpha_sum=torch.ones(2,
+                dtype=torch.float64), hidden=hidden, alphas=alphas, scan_real=out[4],
+                scan_int=out[5])
+    args[meta_arg] = args[meta_arg].to(META)
+    # alphas is checked with the forward's arguments (check_cif_args), the rest as the
+    # backward's own
+    with pytest.raises(RuntimeError, match=rf"cifops\.cif(_backward)?: {meta_arg} is on meta "
+                                           r"but hidden is on cpu"):
+        torch.ops.cifops.cif_backward(*args.values(), 1.0, 1e-4, None, True)
+
+
+def test_cif_all_meta():
+    hidden, alphas = cif_inputs()
+    out = cifops.cif(hidden.to(META), alphas.to(META), torch.tensor([6, 5], device=META),
+                     max_tokens=4)
+    assert all(x.device == META for x in out)
+    assert out.embeds.shape == (2, 4, 3) and out.fire_frames.shape == (2, 4)
+    # the output width depends on the alphas' values, which meta tensors do not have
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: meta tensors need max_tokens"):
+        cifops.cif(hidden.to(META), alphas.to(META))
+
+
+@pytest.mark.parametrize("meta_arg", ["teacher", "targets", "temperature"])
+def test_contrastive_forward_op_with_one_meta_argument_is_named(meta_arg):
+    student, teacher = contrastive_inputs()
+    args = dict(student=student, teacher=teacher, targets=torch.arange(4),
+                temperature=torch.tensor(0.1))
+    args[meta_arg] = args[meta_arg].to(META)
+    with pytest.raises(RuntimeError, match=rf"cifops\.contrastive_loss: {meta_arg} is on meta "
+                                           r"but student is on cpu"):
+        torch.ops.cifops.contrastive_forward(*args.values(), True, False, "sum", -100, False)
+
+
+@pytest.mark.parametrize("meta_arg", ["grad_loss", "teacher", "targets", "temperature", "stats",
+                                      "fused_grad"])
+def test_contrastive_backward_op_with_one_meta_argument_is_named(meta_arg):
+    student, teacher = contrastive_inputs()
+    targets, tau = torch.arange(4), torch.tensor(0.1)
+    _, stats, fused = torch.ops.cifops.contrastive_forward(student, teacher, targets, tau, True,
+                                                           False, "sum", -100, True)
+    args = dict(grad_loss=torch.tensor(1.0, dtype=torch.float64), student=student,
+                teacher=teacher, targets=targets, temperature=tau, stats=stats, fused_grad=fused)
+    args[meta_arg] = args[meta_arg].to(META)
+    with pytest.raises(RuntimeError, match=rf"cifops\.contrastive_(loss|backward): {meta_arg} is "
+                                           r"on meta but student is on cpu"):
+        torch.ops.cifops.contrastive_backward(*args.values(), True, False, "sum", -100, True,
+                                              True, True)
+
+
+@pytest.mark.parametrize("meta_arg", ["teacher", "targets"])
+def test_contrastive_accuracy_op_with_one_meta_argument_is_named(meta_arg):
+    student, teacher = contrastive_inputs()
+    args = dict(student=student, teacher=teacher, targets=torch.arange(4))
+    args[meta_arg] = args[meta_arg].to(META)
+    with pytest.raises(RuntimeError, match=rf"cifops\.contrastive_accuracy: {meta_arg} is on "
+                                           r"meta but student is on cpu"):
+        torch.ops.cifops.contrastive_accuracy(*args.values(), True, -100)
+
+
+def test_contrastive_meta_student_with_cpu_temperature_is_meta():
+    # a CPU scalar temperature is accepted with any device, meta included
+    student, teacher = contrastive_inputs()
+    loss = cifops.contrastive_loss(student.to(META), teacher.to(META),
+                                   temperature=torch.tensor(0.1))
+    assert loss.device == META and loss.shape == ()
+    with pytest.raises(ValueError, match=r"student is on meta but teacher is on cpu|"
+                                         r"teacher is on cpu but student is on meta"):
+        cifops.contrastive_loss(student.to(META), teacher)
+
+
 # --- item 7: float16 alphas do not overflow alpha_sum ------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

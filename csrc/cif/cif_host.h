@@ -25,6 +25,15 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
+// "<fn>: <name> is on <device> but <ref_name> is on <device>" unless x is on ref's device.
+// Every tensor argument of every op is checked like this (meta tensors included: the
+// fake kernels in cifops/_cif.py and cifops/_contrastive.py check the same).
+inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                              const char* ref_name, const char* fn) {
+  TORCH_CHECK(x.device() == ref.device(), fn, ": ", name, " is on ", x.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
 // Checks shared by cif_forward and cif_backward. Only metadata is checked here;
 // values (negative alphas, lengths > T, ...) are checked by the scan.
 inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
@@ -43,16 +52,14 @@ inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
   TORCH_CHECK(alphas.size(0) == hidden.size(0) && alphas.size(1) == hidden.size(1),
               "cifops.cif: alphas must have shape [B, T] = [", hidden.size(0), ", ",
               hidden.size(1), "] to match hidden, got ", alphas.sizes());
-  TORCH_CHECK(alphas.device() == hidden.device(), "cifops.cif: alphas is on ", alphas.device(),
-              " but hidden is on ", hidden.device());
+  check_same_device(alphas, "alphas", hidden, "hidden", "cifops.cif");
   auto check_lengths = [&](const std::optional<at::Tensor>& x, const char* name) {
     if (!x.has_value()) return;
     TORCH_CHECK(x->dim() == 1 && x->size(0) == hidden.size(0), "cifops.cif: ", name,
                 " must be a 1-D tensor [B] = [", hidden.size(0), "], got shape ", x->sizes());
     TORCH_CHECK(at::isIntegralType(x->scalar_type(), /*includeBool=*/false), "cifops.cif: ",
                 name, " must be an integer tensor, got ", x->scalar_type());
-    TORCH_CHECK(x->device() == hidden.device(), "cifops.cif: ", name, " is on ", x->device(),
-                " but hidden is on ", hidden.device());
+    check_same_device(*x, name, hidden, "hidden", "cifops.cif");
   };
   check_lengths(lengths, "lengths");
   check_lengths(target_lengths, "target_lengths");
@@ -78,12 +85,14 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
                   grad_embeds.size(2) == hidden.size(2),
               "cifops.cif_backward: grad_embeds must have shape [B, N, D] with B = ",
               hidden.size(0), ", D = ", hidden.size(2), ", got ", grad_embeds.sizes());
-  TORCH_CHECK(grad_embeds.device() == hidden.device(), "cifops.cif_backward: grad_embeds is on ",
-              grad_embeds.device(), " but hidden is on ", hidden.device());
-  if (grad_alpha_sum.has_value())
+  check_same_device(grad_embeds, "grad_embeds", hidden, "hidden", "cifops.cif_backward");
+  if (grad_alpha_sum.has_value()) {
     TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
                 "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
                 grad_alpha_sum->sizes());
+    check_same_device(*grad_alpha_sum, "grad_alpha_sum", hidden, "hidden",
+                      "cifops.cif_backward");
+  }
 }
 
 // alpha_sum is returned in the accumulation dtype: float32 for float16, bfloat16 and
@@ -148,9 +157,8 @@ struct CifWorkspaceTensors {
                 fn, "scan_int must be the forward's contiguous int64 [",
                 cif_scan_int_size(batch, frames), "] workspace, got ", ints.scalar_type(), " ",
                 ints.sizes());
-    TORCH_CHECK(real.device() == hidden.device() && ints.device() == hidden.device(), fn,
-                "scan_real and scan_int must be on ", hidden.device(), " like hidden, got ",
-                real.device(), " and ", ints.device());
+    check_same_device(real, "scan_real", hidden, "hidden", "cifops.cif_backward");
+    check_same_device(ints, "scan_int", hidden, "hidden", "cifops.cif_backward");
   }
   CifWorkspace view() const {
     CifWorkspace ws;

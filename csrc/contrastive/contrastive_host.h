@@ -17,7 +17,7 @@
 #include <string>
 #include <string_view>
 
-#include "cif/cif_host.h"  // scalar_kind
+#include "cif/cif_host.h"  // scalar_kind, check_same_device
 #include "contrastive.h"
 
 namespace cifops {
@@ -52,8 +52,7 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), fn, ": teacher has dtype ",
               teacher.scalar_type(), " but student has dtype ", student.scalar_type(),
               "; they must match");
-  TORCH_CHECK(teacher.device() == student.device(), fn, ": teacher is on ", teacher.device(),
-              " but student is on ", student.device());
+  check_same_device(teacher, "teacher", student, "student", fn);
   const int64_t N = student.size(0), M = teacher.size(0), D = student.size(1);
   TORCH_CHECK(teacher.size(1) == D, fn, ": teacher must have D = ", D,
               " columns to match student [N, D] = ", student.sizes(), ", got shape ",
@@ -63,8 +62,7 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
                 ": targets must be a 1-D tensor [N] = [", N, "], got shape ", targets->sizes());
     TORCH_CHECK(at::isIntegralType(targets->scalar_type(), /*includeBool=*/false), fn,
                 ": targets must be an integer tensor, got ", targets->scalar_type());
-    TORCH_CHECK(targets->device() == student.device(), fn, ": targets is on ",
-                targets->device(), " but student is on ", student.device());
+    check_same_device(*targets, "targets", student, "student", fn);
   } else {
     TORCH_CHECK(M >= N, fn, ": teacher has M = ", M, " rows but targets is None, which pairs ",
                 "student row i with teacher row i, so M >= N = ", N, " is needed");
@@ -140,6 +138,10 @@ inline at::Tensor loss_from_stats(const at::Tensor& stats, const at::Tensor& cou
 inline bool check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& stats,
                                    const at::Tensor& fused_grad, const at::Tensor& student,
                                    int64_t N, ContrastiveReduction reduction) {
+  const char* fn = "cifops.contrastive_backward";
+  check_same_device(grad_loss, "grad_loss", student, "student", fn);
+  check_same_device(stats, "stats", student, "student", fn);
+  check_same_device(fused_grad, "fused_grad", student, "student", fn);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == N,
               "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", N,
               "], got ", stats.sizes());
