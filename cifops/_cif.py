@@ -5,6 +5,7 @@ implemented by hand-written CPU and CUDA kernels (csrc/cif/). This module
 registers their autograd and fake (meta) kernels with torch.library and wraps
 them in the public function and an nn.Module.
 """
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from cifops._checks import check_same_device, check_tensor
 
 _TAIL_MODES = ("keep", "normalize")
+_INT64_MAX = 2**63 - 1
 # Per-utterance fields of the scan workspace (kRowReal, kRowInfo in csrc/cif/cif.h).
 _ROW_REAL, _ROW_INFO = 4, 7
 
@@ -128,7 +130,8 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
 
     Args:
         hidden: [B, T, D] float16/bfloat16/float32/float64 frame features.
-        alphas: [B, T] floating, >= 0 and finite, the frame weights.
+        alphas: [B, T] float16/bfloat16/float32/float64, >= 0 and finite, the frame
+            weights (any of the four dtypes, whatever hidden's).
         lengths: [B] integer valid lengths in [0, T]; None: all T frames are valid.
             Frames t >= lengths[b] count as weight 0 and get zero gradient.
         threshold: the firing threshold beta (> 0).
@@ -141,7 +144,8 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
         max_tokens: the output width N. Tokens beyond it are dropped, and no
             device-to-host synchronisation happens, so the op can be captured in a CUDA
             graph and traced by ``torch.compile(fullgraph=True)``. None: N is the largest
-            token count in the batch (one small device-to-host copy on CUDA); required for
+            token count in the batch (one small device-to-host copy on CUDA). An int (or
+            numpy integer) in [0, 2**63 - 1] whose outputs fit in memory; required for
             meta tensors.
 
     All tensors must be on one device (a meta tensor among real ones is an error that
@@ -173,16 +177,29 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
                       lengths=lengths, target_lengths=target_lengths)
     if tail_mode not in _TAIL_MODES:
         raise ValueError(f"cifops.cif: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
-    if max_tokens is None:
-        max_tokens = -1
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ValueError(f"cifops.cif: max_tokens must be an int >= 0 or None, got {max_tokens!r}")
+    max_tokens = _max_tokens(max_tokens)
     if tail_threshold is not None:
         tail_threshold = float(tail_threshold)
     out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, float(threshold),
                                        float(scale_eps), tail_threshold, tail_mode == "normalize",
                                        max_tokens)
     return CifOutput(*out[:4])
+
+
+def _max_tokens(max_tokens) -> int:
+    """max_tokens as the op's int (-1 for None): an int or numpy integer in [0, 2**63 - 1]."""
+    if max_tokens is None:
+        return -1
+    value = None
+    if not isinstance(max_tokens, bool):
+        try:
+            value = operator.index(max_tokens)
+        except TypeError:
+            pass
+    if value is None or not 0 <= value <= _INT64_MAX:
+        raise ValueError("cifops.cif: max_tokens must be an int in [0, 2**63 - 1] or None, got "
+                         f"{max_tokens!r}")
+    return value
 
 
 class Cif(torch.nn.Module):

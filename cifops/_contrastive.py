@@ -8,6 +8,7 @@ recomputes the tiles it needs. This module registers their autograd and fake
 nn.Module.
 """
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -113,13 +114,18 @@ def _check_tensors(fn, student, teacher, targets):
 def _temperature_tensor(temperature):
     if isinstance(temperature, Tensor):
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    # numbers.Real: numpy's ints and floats too (numpy registers its scalars there)
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             or isinstance(temperature, numbers.Real)):
         raise TypeError("cifops.contrastive_loss: temperature must be a float or a 0-dim "
-                        f"tensor, got {type(temperature).__name__}")
+                        "tensor (a Python or numpy real number, or a float16, bfloat16, "
+                        "float32 or float64 tensor of one element), got "
+                        f"{type(temperature).__name__}")
+    temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError("cifops.contrastive_loss: temperature must be a finite number > 0, "
                          f"got {temperature}")
-    return torch.tensor(float(temperature), dtype=torch.float64)
+    return torch.tensor(temperature, dtype=torch.float64)
 
 
 def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None, *,
@@ -151,9 +157,10 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
         student: [N, D] float16/bfloat16/float32/float64.
         teacher: [M, D], same dtype and device as student.
         targets: [N] integer positives in [0, M), or ``ignore_index``; None: ``arange(N)``.
-        temperature: float or 1-element tensor ``> 0``. A tensor that requires grad gets
-            its gradient. On CUDA a CUDA temperature is not checked (that would need a
-            sync); a non-positive one gives NaN.
+        temperature: a float (Python or numpy real number) or a 1-element float16,
+            bfloat16, float32 or float64 tensor, ``> 0``, on the CPU or student's device.
+            A tensor that requires grad gets its gradient. On CUDA a CUDA temperature is
+            not checked (that would need a sync); a non-positive one gives NaN.
         normalize: L2-normalise the rows first (cosine similarities).
         symmetric: average the student-to-teacher and teacher-to-student losses.
         reduction: "sum" (default, as in the HKD recipe), "mean" over counted rows

@@ -5,6 +5,7 @@ alpha sums, thresholds below scale_eps, huge max_tokens, float8 inputs, torch.fu
 transforms and numpy scalars: each either works or raises an error that names the
 argument (or the op) and says what is accepted.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,72 @@ def test_threshold_below_scale_eps_without_target_lengths(device):
     out = cifops.cif(hidden, alphas, threshold=5e-5, scale_eps=1e-6,
                      target_lengths=torch.tensor([2, 3], device=device))
     assert out.token_lengths.tolist() == [2, 3]
+
+
+# --- item 12: what is accepted ---------------------------------------------------------------
+
+@pytest.mark.parametrize("max_tokens", [2**63, 2**70, -(2**63) - 1])
+def test_max_tokens_out_of_int64_range(max_tokens):
+    hidden, alphas = cif_inputs()
+    with pytest.raises(ValueError, match=r"cifops\.cif: max_tokens must be an int in "
+                                         r"\[0, 2\*\*63 - 1\] or None"):
+        cifops.cif(hidden, alphas, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_tokens", [2**62, 2**63 - 1])
+def test_max_tokens_too_large_to_allocate(max_tokens, device):
+    hidden, alphas = cif_inputs(device=device)
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: max_tokens = \d+ is too large"):
+        cifops.cif(hidden, alphas, max_tokens=max_tokens)
+
+
+def test_numpy_integer_max_tokens():
+    hidden, alphas = cif_inputs()
+    out = cifops.cif(hidden, alphas, max_tokens=np.int64(3))
+    assert out.embeds.shape == (2, 3, 3)
+    with pytest.raises(ValueError, match=r"max_tokens must be an int in"):
+        cifops.cif(hidden, alphas, max_tokens=3.0)
+    with pytest.raises(ValueError, match=r"max_tokens must be an int in"):
+        cifops.cif(hidden, alphas, max_tokens=True)
+
+
+FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2")
+          if hasattr(torch, name)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT8)
+def test_float8_inputs_are_refused(dtype, device):
+    hidden, alphas = cif_inputs(dtype=torch.float32, device=device)
+    student, teacher = contrastive_inputs(device=device)
+    four = r"float16, bfloat16, float32 or float64, got Float8"
+    with pytest.raises(RuntimeError, match=rf"cifops\.cif: hidden must be {four}"):
+        cifops.cif(hidden.to(dtype), alphas)
+    with pytest.raises(RuntimeError, match=rf"cifops\.cif: alphas must be {four}"):
+        cifops.cif(hidden, alphas.to(dtype))
+    with pytest.raises(RuntimeError, match=rf"cifops\.contrastive_loss: student must be {four}"):
+        cifops.contrastive_loss(student.to(dtype), teacher.to(dtype))
+    with pytest.raises(RuntimeError,
+                       match=rf"cifops\.contrastive_accuracy: student must be {four}"):
+        cifops.contrastive_accuracy(student.to(dtype), teacher.to(dtype))
+    with pytest.raises(RuntimeError,
+                       match=rf"cifops\.contrastive_loss: temperature must be {four}"):
+        cifops.contrastive_loss(student, teacher, temperature=torch.tensor(0.5).to(dtype))
+
+
+@pytest.mark.parametrize("temperature", [np.float32(0.25), np.float64(0.25), np.float16(0.25),
+                                         np.int64(1), 1])
+def test_numpy_temperature(temperature):
+    student, teacher = contrastive_inputs()
+    loss = cifops.contrastive_loss(student, teacher, temperature=temperature)
+    torch.testing.assert_close(loss, cifops.contrastive_loss(student, teacher,
+                                                             temperature=float(temperature)))
+
+
+@pytest.mark.parametrize("temperature", ["0.1", np.bool_(True), True, None, [0.1]])
+def test_temperature_of_another_type_says_what_is_accepted(temperature):
+    student, teacher = contrastive_inputs()
+    with pytest.raises(TypeError, match=r"cifops\.contrastive_loss: temperature must be a float "
+                                        r"or a 0-dim tensor \(a Python or numpy real number"):
+        cifops.contrastive_loss(student, teacher, temperature=temperature)

@@ -53,7 +53,7 @@ cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
                    double scale_eps, std::optional<double> tail_threshold, bool tail_normalize,
                    int64_t max_tokens) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
-  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  check_max_tokens(max_tokens, hidden);
   const CifConfig cfg =
       make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens);
   const at::Tensor h = to_compute(hidden), a = to_compute(alphas);

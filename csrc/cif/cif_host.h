@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cmath>
 #include <optional>
@@ -25,6 +26,13 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
+// The four floating dtypes the kernels support (not float8 and other floating types,
+// which at::isFloatingType also accepts).
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+#define CIFOPS_FLOAT_DTYPES "float16, bfloat16, float32 or float64"
+
 // "<fn>: <name> is on <device> but <ref_name> is on <device>" unless x is on ref's device.
 // Every tensor argument of every op is checked like this (meta tensors included: the
 // fake kernels in cifops/_cif.py and cifops/_contrastive.py check the same).
@@ -42,13 +50,12 @@ inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
                            double scale_eps, std::optional<double> tail_threshold) {
   TORCH_CHECK(hidden.dim() == 3, "cifops.cif: hidden must be a 3-D tensor [B, T, D], got shape ",
               hidden.sizes());
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()),
-              "cifops.cif: hidden must be float16, bfloat16, float32 or float64, got ",
-              hidden.scalar_type());
+  TORCH_CHECK(is_supported_float(hidden.scalar_type()),
+              "cifops.cif: hidden must be " CIFOPS_FLOAT_DTYPES ", got ", hidden.scalar_type());
   TORCH_CHECK(alphas.dim() == 2, "cifops.cif: alphas must be a 2-D tensor [B, T], got shape ",
               alphas.sizes());
-  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()),
-              "cifops.cif: alphas must be a floating tensor, got ", alphas.scalar_type());
+  TORCH_CHECK(is_supported_float(alphas.scalar_type()),
+              "cifops.cif: alphas must be " CIFOPS_FLOAT_DTYPES ", got ", alphas.scalar_type());
   TORCH_CHECK(alphas.size(0) == hidden.size(0) && alphas.size(1) == hidden.size(1),
               "cifops.cif: alphas must have shape [B, T] = [", hidden.size(0), ", ",
               hidden.size(1), "] to match hidden, got ", alphas.sizes());
@@ -93,6 +100,24 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
     check_same_device(*grad_alpha_sum, "grad_alpha_sum", hidden, "hidden",
                       "cifops.cif_backward");
   }
+}
+
+// max_tokens: -1 (the batch's largest token count) or an output width N whose outputs
+// embeds [B, N, D] and fire_frames [B, N] int64 have a size that fits in int64 bytes.
+inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden) {
+  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  if (max_tokens <= 0) return;
+  const int64_t B = hidden.size(0), D = hidden.size(2);
+  int64_t elements = 0, embeds_bytes = 0, fire_bytes = 0;
+  const bool overflow =
+      c10::mul_overflows(B, max_tokens, &elements) ||
+      c10::mul_overflows(elements, int64_t(sizeof(int64_t)), &fire_bytes) ||
+      c10::mul_overflows(elements, D, &elements) ||
+      c10::mul_overflows(elements, int64_t(hidden.element_size()), &embeds_bytes);
+  TORCH_CHECK(!overflow, "cifops.cif: max_tokens = ", max_tokens,
+              " is too large: the outputs embeds [B, N, D] = [", B, ", ", max_tokens, ", ", D,
+              "] and fire_frames [B, N] would exceed 2^63 bytes; use None (the batch's largest ",
+              "token count) or a width that fits in memory");
 }
 
 // alpha_sum is returned in the accumulation dtype: float32 for float16, bfloat16 and

@@ -17,7 +17,7 @@
 #include <string>
 #include <string_view>
 
-#include "cif/cif_host.h"  // scalar_kind, check_same_device
+#include "cif/cif_host.h"  // scalar_kind, is_supported_float, check_same_device
 #include "contrastive.h"
 
 namespace cifops {
@@ -46,9 +46,8 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
               student.sizes());
   TORCH_CHECK(teacher.dim() == 2, fn, ": teacher must be a 2-D tensor [M, D], got shape ",
               teacher.sizes());
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), fn,
-              ": student must be float16, bfloat16, float32 or float64, got ",
-              student.scalar_type());
+  TORCH_CHECK(is_supported_float(student.scalar_type()), fn,
+              ": student must be " CIFOPS_FLOAT_DTYPES ", got ", student.scalar_type());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), fn, ": teacher has dtype ",
               teacher.scalar_type(), " but student has dtype ", student.scalar_type(),
               "; they must match");
@@ -77,8 +76,9 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
     TORCH_CHECK(temperature->numel() == 1 && temperature->dim() <= 1, fn,
                 ": temperature must be a float or a 0-dim tensor, got shape ",
                 temperature->sizes());
-    TORCH_CHECK(at::isFloatingType(temperature->scalar_type()), fn,
-                ": temperature must be a floating tensor, got ", temperature->scalar_type());
+    TORCH_CHECK(is_supported_float(temperature->scalar_type()), fn,
+                ": temperature must be " CIFOPS_FLOAT_DTYPES ", got ",
+                temperature->scalar_type());
     TORCH_CHECK(temperature->device().is_cpu() || temperature->device() == student.device(), fn,
                 ": temperature is on ", temperature->device(), " but student is on ",
                 student.device(), " (a CPU scalar tensor is also accepted)");
