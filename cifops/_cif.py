@@ -11,7 +11,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from cifops._checks import check_same_device, check_tensor
+from cifops._checks import (call_op, check_same_device, check_tensor, no_double_backward,
+                            refuse_forward_mode)
 
 _TAIL_MODES = ("keep", "normalize")
 _INT64_MAX = 2**63 - 1
@@ -103,6 +104,9 @@ def _backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha
 
 
 torch.library.register_autograd("cifops::cif_forward", _backward, setup_context=_setup_context)
+# The backward is not differentiable: a second-order gradient raises, naming the op,
+# instead of silently being zero.
+torch.library.register_autograd("cifops::cif_backward", no_double_backward("cifops.cif"))
 
 
 # --- the public API ----------------------------------------------------------------
@@ -158,7 +162,12 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
         would overflow at 65504) and float64 for float64.
 
     Differentiable with respect to ``hidden`` and ``alphas`` (through the scaling, the
-    tail normalisation and ``alpha_sum``), with the fire decisions held fixed.
+    tail normalisation and ``alpha_sum``), with the fire decisions held fixed, in
+    reverse mode and to first order: ``backward()`` and ``torch.autograd.grad`` work;
+    a second-order gradient (differentiating a gradient taken with
+    ``create_graph=True``), forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``)
+    and the differentiating ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ...)
+    with respect to its inputs raise. ``torch.func.vmap`` works.
     Accumulation is in float32 for float16/bfloat16/float32 inputs and float64 for
     float64; fire decisions are identical on CPU and CUDA.
 
@@ -180,9 +189,10 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     max_tokens = _max_tokens(max_tokens)
     if tail_threshold is not None:
         tail_threshold = float(tail_threshold)
-    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, float(threshold),
-                                       float(scale_eps), tail_threshold, tail_mode == "normalize",
-                                       max_tokens)
+    refuse_forward_mode("cifops.cif", hidden, alphas)
+    out = call_op("cifops.cif", torch.ops.cifops.cif_forward, hidden, alphas, lengths,
+                  target_lengths, float(threshold), float(scale_eps), tail_threshold,
+                  tail_mode == "normalize", max_tokens)
     return CifOutput(*out[:4])
 
 

@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from cifops._checks import check_same_device, check_tensor
+from cifops._checks import (call_op, check_same_device, check_tensor, no_double_backward,
+                            refuse_forward_mode)
 
 _REDUCTIONS = ("none", "sum", "mean")
 
@@ -97,6 +98,10 @@ def _backward(ctx, grad_loss, grad_stats, grad_fused):
 
 torch.library.register_autograd("cifops::contrastive_forward", _backward,
                                 setup_context=_setup_context)
+# The backward is not differentiable: a second-order gradient raises, naming the op,
+# instead of silently being zero.
+torch.library.register_autograd("cifops::contrastive_backward",
+                                no_double_backward("cifops.contrastive_loss"))
 
 
 # --- the public API ----------------------------------------------------------------------
@@ -170,8 +175,12 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
     Returns:
         the loss in student's dtype: ``[]`` for "sum"/"mean", ``[N]`` for "none".
 
-    All tensors must be on one device (the temperature may also be a CPU scalar tensor);
-    a meta tensor among real ones is an error that names it.
+    Differentiable in reverse mode and to first order (``backward()``,
+    ``torch.autograd.grad``); a second-order gradient (differentiating a gradient taken
+    with ``create_graph=True``), forward mode (``torch.func.jvp``) and the differentiating
+    ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ...) raise;
+    ``torch.func.vmap`` works. All tensors must be on one device (the temperature may
+    also be a CPU scalar tensor); a meta tensor among real ones is an error that names it.
 
     Precision: float16/bfloat16/float32 compute in float32 and float64 in float64.
     On CUDA, float16/bfloat16 logits use tensor-core MMA with float32 accumulation
@@ -191,9 +200,10 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
                          f"student is on {student.device} (a CPU scalar tensor is also accepted)")
     fuse = (torch.is_grad_enabled() and student.requires_grad
             and _fuses_student_grad(student, reduction, symmetric, True))
-    loss, _, _ = torch.ops.cifops.contrastive_forward(
-        student, teacher, targets, temperature, bool(normalize), bool(symmetric), reduction,
-        int(ignore_index), fuse)
+    refuse_forward_mode("cifops.contrastive_loss", student, teacher, temperature)
+    loss, _, _ = call_op("cifops.contrastive_loss", torch.ops.cifops.contrastive_forward,
+                         student, teacher, targets, temperature, bool(normalize),
+                         bool(symmetric), reduction, int(ignore_index), fuse)
     return loss
 
 

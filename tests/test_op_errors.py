@@ -8,6 +8,7 @@ argument (or the op) and says what is accepted.
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import cifops
 from cifops.reference import cif_reference
@@ -31,6 +32,70 @@ def contrastive_inputs(requires_grad=False, device="cpu"):
     student = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
     teacher = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
     return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad)
+
+
+# --- item 5: second-order gradients raise, naming the op ---------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", [False, True])
+def test_cif_second_order_gradient_raises(target, device):
+    hidden, alphas = cif_inputs(requires_grad=True, device=device)
+    opts = (dict(target_lengths=torch.tensor([2, 3], device=device)) if target
+            else dict(tail_threshold=0.2))
+    out = cifops.cif(hidden, alphas, **opts)
+    loss = out.embeds.square().sum() + out.alpha_sum.square().sum()
+    # the first-order gradient with create_graph=True is still the gradient
+    g_hidden, g_alphas = torch.autograd.grad(loss, (hidden, alphas), create_graph=True)
+    e_hidden, e_alphas = torch.autograd.grad(
+        cifops.cif(hidden, alphas, **opts).embeds.square().sum()
+        + cifops.cif(hidden, alphas, **opts).alpha_sum.square().sum(), (hidden, alphas))
+    torch.testing.assert_close(g_hidden.detach(), e_hidden)
+    torch.testing.assert_close(g_alphas.detach(), e_alphas)
+    # a gradient of that gradient is refused (it used to be silently zero)
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: second-order gradients .*not supported"):
+        (g_hidden.square().sum() + g_alphas.square().sum()).backward()
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: second-order gradients"):
+        g_alphas = torch.autograd.grad(cifops.cif(hidden, alphas, **opts).embeds.sum(), alphas,
+                                       create_graph=True)[0]
+        torch.autograd.grad(g_alphas.sum(), hidden)
+
+
+def test_cif_double_backward_trick_raises():
+    # torch.autograd.functional.jvp differentiates a vector-Jacobian product: it used
+    # to return zeros
+    hidden, alphas = cif_inputs()
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: second-order gradients"):
+        torch.autograd.functional.jvp(lambda h: cifops.cif(h, alphas).embeds, (hidden,),
+                                      (torch.ones_like(hidden),))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wrt", ["student", "teacher", "temperature"])
+def test_contrastive_second_order_gradient_raises(wrt, device):
+    student, teacher = contrastive_inputs(requires_grad=True, device=device)
+    temperature = torch.tensor(0.5, dtype=torch.float64, device=device, requires_grad=True)
+    inputs = dict(student=student, teacher=teacher, temperature=temperature)
+    loss = cifops.contrastive_loss(student, teacher, temperature=temperature)
+    grad, = torch.autograd.grad(loss, inputs[wrt], create_graph=True)
+    with pytest.raises(RuntimeError,
+                       match=r"cifops\.contrastive_loss: second-order gradients .*not supported"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("op", ["cif", "contrastive_loss"])
+def test_forward_mode_gradients_raise(op):
+    # forward-mode AD has no formula: it used to give zero (torch.func.jvp) or no tangent
+    hidden, alphas = cif_inputs()
+    student, teacher = contrastive_inputs()
+    if op == "cif":
+        fn, primal = (lambda h: cifops.cif(h, alphas).embeds), hidden
+    else:
+        fn, primal = (lambda s: cifops.contrastive_loss(s, teacher)), student
+    with pytest.raises(RuntimeError, match=rf"cifops\.{op}: forward-mode .*not supported"):
+        torch.func.jvp(fn, (primal,), (torch.ones_like(primal),))
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match=rf"cifops\.{op}: forward-mode"):
+            fn(fwAD.make_dual(primal, torch.ones_like(primal)))
 
 
 # --- item 6: meta tensors mixed with real ones -----------------------------------------
@@ -243,6 +308,24 @@ def test_float8_inputs_are_refused(dtype, device):
     with pytest.raises(RuntimeError,
                        match=rf"cifops\.contrastive_loss: temperature must be {four}"):
         cifops.contrastive_loss(student, teacher, temperature=torch.tensor(0.5).to(dtype))
+
+
+def test_torch_func_grad_says_what_is_accepted():
+    hidden, alphas = cif_inputs()
+    student, teacher = contrastive_inputs()
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: torch\.func transforms .*"
+                                           r"torch\.autograd\.grad"):
+        torch.func.grad(lambda a: cifops.cif(hidden, a).embeds.sum())(alphas)
+    with pytest.raises(RuntimeError, match=r"cifops\.contrastive_loss: torch\.func transforms "
+                                           r".*torch\.autograd\.grad"):
+        torch.func.grad(lambda s: cifops.contrastive_loss(s, teacher))(student)
+    # what does work: vmap, and grad of something else with the ops' inputs held constant
+    x = torch.tensor(2.0, dtype=torch.float64)
+    g = torch.func.grad(lambda x: x * cifops.cif(hidden, alphas).embeds.sum())(x)
+    torch.testing.assert_close(g, cifops.cif(hidden, alphas).embeds.sum())
+    batched = torch.func.vmap(lambda s: cifops.contrastive_loss(s, teacher))(
+        torch.stack([student, 2 * student]))
+    torch.testing.assert_close(batched[1], cifops.contrastive_loss(2 * student, teacher))
 
 
 @pytest.mark.parametrize("temperature", [np.float32(0.25), np.float64(0.25), np.float16(0.25),
