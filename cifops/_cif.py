@@ -5,12 +5,17 @@ implemented by hand-written CPU and CUDA kernels (csrc/cif/). This module
 registers their autograd and fake (meta) kernels with torch.library and wraps
 them in the public function and an nn.Module.
 """
+import operator
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from cifops._checks import (call_op, check_same_device, check_tensor, no_double_backward,
+                            refuse_forward_mode)
+
 _TAIL_MODES = ("keep", "normalize")
+_INT64_MAX = 2**63 - 1
 # Per-utterance fields of the scan workspace (kRowReal, kRowInfo in csrc/cif/cif.h).
 _ROW_REAL, _ROW_INFO = 4, 7
 
@@ -21,8 +26,9 @@ class CifOutput(NamedTuple):
     embeds:        [B, N, D], hidden's dtype; zero beyond each token_lengths[b].
     token_lengths: [B] int64, tokens emitted (complete + tail), at most N.
     fire_frames:   [B, N] int64, frame index at which each token fired, -1 in padding.
-    alpha_sum:     [B], alphas' dtype, unscaled sum of the valid alphas
-                   (differentiable; the quantity loss is |alpha_sum - target_lengths|).
+    alpha_sum:     [B], unscaled sum of the valid alphas, float32 (float64 for float64
+                   alphas: a float16 sum would overflow at 65504); differentiable, the
+                   quantity loss is |alpha_sum - target_lengths|.
     """
 
     embeds: Tensor
@@ -33,19 +39,37 @@ class CifOutput(NamedTuple):
 
 # --- fake kernels: shapes only, so torch.compile can trace the op ---------------
 
+# They also run for real meta tensors, and for any call with one meta argument among real
+# ones (the meta dispatch key wins): hence the device checks, the same as the kernels'
+# (check_cif_args in csrc/cif/cif_host.h).
+
+def _alpha_sum_dtype(alphas_dtype):
+    # cif_alpha_sum_type in csrc/cif/cif_host.h
+    return torch.float64 if alphas_dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("cifops::cif_forward")
 def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
                       tail_threshold, tail_normalize, max_tokens):
+    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas, lengths=lengths,
+                      target_lengths=target_lengths)
     B, _, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
     else:
-        n = torch.library.get_ctx().new_dynamic_size()
+        try:
+            ctx = torch.library.get_ctx()
+        except RuntimeError as exc:  # meta tensors, not FakeTensors
+            raise RuntimeError(
+                "cifops.cif: meta tensors need max_tokens: the number of tokens depends on "
+                "the alphas' values, which meta tensors do not have (give max_tokens, or "
+                "trace with FakeTensors as torch.compile does)") from exc
+        n = ctx.new_dynamic_size()
     T = hidden.shape[1]
     return (hidden.new_empty((B, n, D)),
             hidden.new_empty((B,), dtype=torch.int64),
             hidden.new_empty((B, n), dtype=torch.int64),
-            alphas.new_empty((B,)),
+            alphas.new_empty((B,), dtype=_alpha_sum_dtype(alphas.dtype)),
             hidden.new_empty((B * (T + 1) + B * _ROW_REAL,), dtype=torch.float64),
             hidden.new_empty((B * T + B * _ROW_INFO,), dtype=torch.int64))
 
@@ -53,6 +77,9 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
 @torch.library.register_fake("cifops::cif_backward")
 def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int,
                        threshold, scale_eps, tail_threshold, tail_normalize):
+    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas)
+    check_same_device("cifops.cif_backward", "hidden", hidden, grad_embeds=grad_embeds,
+                      grad_alpha_sum=grad_alpha_sum, scan_real=scan_real, scan_int=scan_int)
     return torch.empty_like(hidden), torch.empty_like(alphas)
 
 
@@ -77,6 +104,9 @@ def _backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha
 
 
 torch.library.register_autograd("cifops::cif_forward", _backward, setup_context=_setup_context)
+# The backward is not differentiable: a second-order gradient raises, naming the op,
+# instead of silently being zero.
+torch.library.register_autograd("cifops::cif_backward", no_double_backward("cifops.cif"))
 
 
 # --- the public API ----------------------------------------------------------------
@@ -104,26 +134,40 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
 
     Args:
         hidden: [B, T, D] float16/bfloat16/float32/float64 frame features.
-        alphas: [B, T] floating, >= 0 and finite, the frame weights.
+        alphas: [B, T] float16/bfloat16/float32/float64, >= 0 and finite, the frame
+            weights (any of the four dtypes, whatever hidden's).
         lengths: [B] integer valid lengths in [0, T]; None: all T frames are valid.
             Frames t >= lengths[b] count as weight 0 and get zero gradient.
         threshold: the firing threshold beta (> 0).
         target_lengths: [B] integer target token counts (training-time scaling).
-        scale_eps: the eps of the scaling, in [0, threshold).
+        scale_eps: the eps of the scaling, in [0, threshold); checked (and used) only
+            with target_lengths.
         tail_threshold: emit the incomplete last token when its weight reaches this; None
             drops it (the usual choice in training).
         tail_mode: "normalize" or "keep" (see above).
         max_tokens: the output width N. Tokens beyond it are dropped, and no
             device-to-host synchronisation happens, so the op can be captured in a CUDA
             graph and traced by ``torch.compile(fullgraph=True)``. None: N is the largest
-            token count in the batch (one small device-to-host copy on CUDA).
+            token count in the batch (one small device-to-host copy on CUDA). An int (or
+            numpy integer) in [0, 2**63 - 1] whose outputs fit in memory; required for
+            meta tensors.
+
+    All tensors must be on one device (a meta tensor among real ones is an error that
+    names it).
 
     Returns:
         :class:`CifOutput` ``(embeds [B, N, D], token_lengths [B] int64,
-        fire_frames [B, N] int64, alpha_sum [B])``.
+        fire_frames [B, N] int64, alpha_sum [B])``. ``embeds`` has hidden's dtype;
+        ``alpha_sum`` is float32 for float16/bfloat16/float32 alphas (a float16 sum
+        would overflow at 65504) and float64 for float64.
 
     Differentiable with respect to ``hidden`` and ``alphas`` (through the scaling, the
-    tail normalisation and ``alpha_sum``), with the fire decisions held fixed.
+    tail normalisation and ``alpha_sum``), with the fire decisions held fixed, in
+    reverse mode and to first order: ``backward()`` and ``torch.autograd.grad`` work;
+    a second-order gradient (differentiating a gradient taken with
+    ``create_graph=True``), forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``)
+    and the differentiating ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ...)
+    with respect to its inputs raise. ``torch.func.vmap`` works.
     Accumulation is in float32 for float16/bfloat16/float32 inputs and float64 for
     float64; fire decisions are identical on CPU and CUDA.
 
@@ -132,22 +176,40 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     On CUDA with ``max_tokens`` given (no synchronisation), such an utterance emits no
     tokens instead.
     """
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"cifops.cif: hidden must be a Tensor, got {type(hidden).__name__}")
-    if not isinstance(alphas, Tensor):
-        raise TypeError(f"cifops.cif: alphas must be a Tensor, got {type(alphas).__name__}")
+    check_tensor("cifops.cif", "hidden", hidden)
+    check_tensor("cifops.cif", "alphas", alphas)
+    check_tensor("cifops.cif", "lengths", lengths, optional=True)
+    check_tensor("cifops.cif", "target_lengths", target_lengths, optional=True)
+    # checked here as well as in the op: a meta tensor among real ones would otherwise go
+    # to the fake kernel, whose error comes from inside torch.library
+    check_same_device("cifops.cif", "hidden", hidden, exc=ValueError, alphas=alphas,
+                      lengths=lengths, target_lengths=target_lengths)
     if tail_mode not in _TAIL_MODES:
         raise ValueError(f"cifops.cif: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
-    if max_tokens is None:
-        max_tokens = -1
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ValueError(f"cifops.cif: max_tokens must be an int >= 0 or None, got {max_tokens!r}")
+    max_tokens = _max_tokens(max_tokens)
     if tail_threshold is not None:
         tail_threshold = float(tail_threshold)
-    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, float(threshold),
-                                       float(scale_eps), tail_threshold, tail_mode == "normalize",
-                                       max_tokens)
+    refuse_forward_mode("cifops.cif", hidden, alphas)
+    out = call_op("cifops.cif", torch.ops.cifops.cif_forward, hidden, alphas, lengths,
+                  target_lengths, float(threshold), float(scale_eps), tail_threshold,
+                  tail_mode == "normalize", max_tokens)
     return CifOutput(*out[:4])
+
+
+def _max_tokens(max_tokens) -> int:
+    """max_tokens as the op's int (-1 for None): an int or numpy integer in [0, 2**63 - 1]."""
+    if max_tokens is None:
+        return -1
+    value = None
+    if not isinstance(max_tokens, bool):
+        try:
+            value = operator.index(max_tokens)
+        except TypeError:
+            pass
+    if value is None or not 0 <= value <= _INT64_MAX:
+        raise ValueError("cifops.cif: max_tokens must be an int in [0, 2**63 - 1] or None, got "
+                         f"{max_tokens!r}")
+    return value
 
 
 class Cif(torch.nn.Module):

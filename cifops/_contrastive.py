@@ -8,10 +8,14 @@ expected and positive logits) from which the backward recomputes what it needs. 
 nn.Module.
 """
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from cifops._checks import (call_op, check_same_device, check_tensor, no_double_backward,
+                            refuse_forward_mode)
 
 _REDUCTIONS = ("none", "sum", "mean")
 
@@ -27,10 +31,22 @@ def _fuses_student_grad(student, reduction, symmetric, fuse_student_grad):
 
 
 # --- fake kernels: shapes only, so torch.compile can trace the ops -------------------
+# They also run for real meta tensors, and for any call with one meta argument among real
+# ones (the meta dispatch key wins): hence the device checks, the same as the kernels'
+# (check_contrastive_args and check_backward_tensors in csrc/contrastive/contrastive_host.h).
+
+def _check_devices(fn, student, teacher, targets, temperature=None):
+    check_same_device(fn, "student", student, teacher=teacher, targets=targets)
+    if (temperature is not None and temperature.device.type != "cpu"
+            and temperature.device != student.device):
+        raise RuntimeError(f"{fn}: temperature is on {temperature.device} but student is on "
+                           f"{student.device} (a CPU scalar tensor is also accepted)")
+
 
 @torch.library.register_fake("cifops::contrastive_forward")
 def _contrastive_forward_fake(student, teacher, targets, temperature, normalize, symmetric,
                               reduction, ignore_index, fuse_student_grad):
+    _check_devices("cifops.contrastive_loss", student, teacher, targets, temperature)
     n, d = student.shape
     compute = _compute_dtype(student.dtype)
     loss = student.new_empty((n,) if reduction == "none" else ())
@@ -44,6 +60,9 @@ def _contrastive_forward_fake(student, teacher, targets, temperature, normalize,
 def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature, stats,
                                fused_grad, normalize, symmetric, reduction, ignore_index,
                                need_student, need_teacher, need_temperature):
+    _check_devices("cifops.contrastive_loss", student, teacher, targets, temperature)
+    check_same_device("cifops.contrastive_backward", "student", student, grad_loss=grad_loss,
+                      stats=stats, fused_grad=fused_grad)
     return (student.new_empty(student.shape if need_student else (0,)),
             teacher.new_empty(teacher.shape if need_teacher else (0,)),
             temperature.new_empty(temperature.shape if need_temperature else (0,)))
@@ -51,6 +70,7 @@ def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature
 
 @torch.library.register_fake("cifops::contrastive_accuracy")
 def _contrastive_accuracy_fake(student, teacher, targets, normalize, ignore_index):
+    _check_devices("cifops.contrastive_accuracy", student, teacher, targets)
     return student.new_empty((), dtype=_compute_dtype(student.dtype))
 
 
@@ -78,6 +98,10 @@ def _backward(ctx, grad_loss, grad_stats, grad_fused):
 
 torch.library.register_autograd("cifops::contrastive_forward", _backward,
                                 setup_context=_setup_context)
+# The backward is not differentiable: a second-order gradient raises, naming the op,
+# instead of silently being zero.
+torch.library.register_autograd("cifops::contrastive_backward",
+                                no_double_backward("cifops.contrastive_loss"))
 
 
 # --- the public API ----------------------------------------------------------------------
@@ -86,25 +110,27 @@ def _check_tensors(fn, student, teacher, targets):
     # Types and devices are checked here as well as in the ops: inputs on different
     # devices would otherwise be dispatched to one backend's kernel (or to the fake
     # kernel, for "meta") before any check could name them.
-    for name, x in (("student", student), ("teacher", teacher), ("targets", targets)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(x).__name__}")
-    for name, x in (("teacher", teacher), ("targets", targets)):
-        if x is not None and x.device != student.device:
-            raise ValueError(f"{fn}: {name} is on {x.device} but student is on "
-                             f"{student.device}")
+    check_tensor(fn, "student", student)
+    check_tensor(fn, "teacher", teacher)
+    check_tensor(fn, "targets", targets, optional=True)
+    check_same_device(fn, "student", student, exc=ValueError, teacher=teacher, targets=targets)
 
 
 def _temperature_tensor(temperature):
     if isinstance(temperature, Tensor):
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    # numbers.Real: numpy's ints and floats too (numpy registers its scalars there)
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             or isinstance(temperature, numbers.Real)):
         raise TypeError("cifops.contrastive_loss: temperature must be a float or a 0-dim "
-                        f"tensor, got {type(temperature).__name__}")
+                        "tensor (a Python or numpy real number, or a float16, bfloat16, "
+                        "float32 or float64 tensor of one element), got "
+                        f"{type(temperature).__name__}")
+    temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError("cifops.contrastive_loss: temperature must be a finite number > 0, "
                          f"got {temperature}")
-    return torch.tensor(float(temperature), dtype=torch.float64)
+    return torch.tensor(temperature, dtype=torch.float64)
 
 
 def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None, *,
@@ -138,9 +164,10 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
         student: [N, D] float16/bfloat16/float32/float64.
         teacher: [M, D], same dtype and device as student.
         targets: [N] integer positives in [0, M), or ``ignore_index``; None: ``arange(N)``.
-        temperature: float or 1-element tensor ``> 0``. A tensor that requires grad gets
-            its gradient. On CUDA a CUDA temperature is not checked (that would need a
-            sync); a non-positive one gives NaN.
+        temperature: a float (Python or numpy real number) or a 1-element float16,
+            bfloat16, float32 or float64 tensor, ``> 0``, on the CPU or student's device.
+            A tensor that requires grad gets its gradient. On CUDA a CUDA temperature is
+            not checked (that would need a sync); a non-positive one gives NaN.
         normalize: L2-normalise the rows first (cosine similarities).
         symmetric: average the student-to-teacher and teacher-to-student losses.
         reduction: "sum" (default, as in the HKD recipe), "mean" over counted rows
@@ -149,6 +176,13 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
 
     Returns:
         the loss in student's dtype: ``[]`` for "sum"/"mean", ``[N]`` for "none".
+
+    Differentiable in reverse mode and to first order (``backward()``,
+    ``torch.autograd.grad``); a second-order gradient (differentiating a gradient taken
+    with ``create_graph=True``), forward mode (``torch.func.jvp``) and the differentiating
+    ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ...) raise;
+    ``torch.func.vmap`` works. All tensors must be on one device (the temperature may
+    also be a CPU scalar tensor); a meta tensor among real ones is an error that names it.
 
     Precision: float16/bfloat16/float32 compute in float32 and float64 in float64.
     On CUDA, float16/bfloat16 products run on the tensor cores with float32
@@ -171,9 +205,10 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
                          f"student is on {student.device} (a CPU scalar tensor is also accepted)")
     fuse = (torch.is_grad_enabled() and student.requires_grad
             and _fuses_student_grad(student, reduction, symmetric, True))
-    loss, _, _ = torch.ops.cifops.contrastive_forward(
-        student, teacher, targets, temperature, bool(normalize), bool(symmetric), reduction,
-        int(ignore_index), fuse)
+    refuse_forward_mode("cifops.contrastive_loss", student, teacher, temperature)
+    loss, _, _ = call_op("cifops.contrastive_loss", torch.ops.cifops.contrastive_forward,
+                         student, teacher, targets, temperature, bool(normalize),
+                         bool(symmetric), reduction, int(ignore_index), fuse)
     return loss
 
 

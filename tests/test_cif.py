@@ -209,7 +209,7 @@ def test_half_inputs(dtype):
     hidden = torch.randn(3, 40, 16, generator=g).to(dtype).requires_grad_()
     alphas = torch.rand(3, 40, generator=g).to(dtype).requires_grad_()
     out = cifops.cif(hidden, alphas, tail_threshold=0.3)
-    assert out.embeds.dtype == dtype and out.alpha_sum.dtype == dtype
+    assert out.embeds.dtype == dtype and out.alpha_sum.dtype == torch.float32
     ref = cif_reference(hidden.detach().double(), alphas.detach().double(), tail_threshold=0.3)
     assert torch.equal(out.token_lengths, ref.token_lengths)
     torch.testing.assert_close(out.embeds.double(), ref.embeds, rtol=2e-2, atol=5e-2)
@@ -269,7 +269,7 @@ def test_build_info():
     (lambda: (torch.randn(2, 5, 3), torch.rand(2, 5, 1)), "alphas must be a 2-D tensor"),
     (lambda: (torch.randn(2, 5, 3), torch.rand(2, 4)), r"alphas must have shape \[B, T\]"),
     (lambda: (torch.ones(2, 5, 3, dtype=torch.int64), torch.rand(2, 5)), "hidden must be float16"),
-    (lambda: (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.int64)), "alphas must be a floating"),
+    (lambda: (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.int64)), "alphas must be float16"),
     (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, -0.1, 0.2, 0.3, 0.1]] * 2)),
      r"alphas must be finite and >= 0, got alphas\[0, 1\] = -0.1"),
     (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, 0.1, 0.2, 0.3, 0.1],
@@ -292,8 +292,9 @@ def test_bad_tensors(make_args, match):
     (dict(threshold=float("nan")), "threshold must be a finite number > 0"),
     (dict(tail_mode="drop"), "tail_mode must be 'keep' or 'normalize'"),
     (dict(tail_threshold=-0.5), "tail_threshold must be"),
-    (dict(max_tokens=-2), "max_tokens must be an int >= 0 or None"),
-    (dict(scale_eps=1.5), r"scale_eps must be in \[0, threshold\)"),
+    (dict(max_tokens=-2), r"max_tokens must be an int in \[0, 2\*\*63 - 1\] or None"),
+    (dict(scale_eps=1.5, target_lengths=torch.tensor([3, 2])),
+     r"scale_eps must be in \[0, threshold\) = \[0, 1\) when target_lengths is given"),
     (dict(target_lengths=torch.tensor([3, -1])), r"target_lengths must be >= 0, got target_lengths\[1\] = -1"),
     (dict(target_lengths=torch.tensor([3, 2]), lengths=torch.tensor([5, 0])),
      r"target_lengths\[1\] = 2 but the valid alphas of utterance 1 sum to zero"),

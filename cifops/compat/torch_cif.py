@@ -138,7 +138,7 @@ def cif_function(
     return {
         "cif_out": [embeds],
         "cif_lengths": [cif_lengths],
-        "alpha_sum": [out.alpha_sum],
+        "alpha_sum": [out.alpha_sum.to(alpha.dtype)],  # cifops.cif's is float32 for half
         "delays": [delays],
         "tail_weights": tail_weights,
         "scaled_alpha": [scaled.to(alpha_dtype)],

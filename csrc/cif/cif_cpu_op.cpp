@@ -45,7 +45,7 @@ cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
                    double scale_eps, std::optional<double> tail_threshold, bool tail_normalize,
                    int64_t max_tokens) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
-  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  check_max_tokens(max_tokens, hidden);
   const CifConfig cfg =
       make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens);
   const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
@@ -64,7 +64,7 @@ cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
                   fire_frames.data_ptr<int64_t>(), alpha_sum.data_ptr(),
                   scalar_kind(a.scalar_type()), kAtenParallelFor);
   return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
-          alpha_sum.to(alphas.scalar_type()), ws.real, ws.ints};
+          alpha_sum.to(cif_alpha_sum_type(alphas.scalar_type())), ws.real, ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cpu_op(

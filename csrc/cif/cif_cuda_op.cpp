@@ -25,7 +25,7 @@ cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
                     double scale_eps, std::optional<double> tail_threshold, bool tail_normalize,
                     int64_t max_tokens) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
-  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  check_max_tokens(max_tokens, hidden);
   const c10::cuda::CUDAGuard guard(hidden.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const CifConfig cfg =
@@ -45,8 +45,8 @@ cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
   CIFOPS_CUDA_CHECK(cif_forward_cuda(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out,
                                      ws.view(), embeds.data_ptr(),
                                      fire_frames.data_ptr<int64_t>(), stream));
-  return {embeds, token_lengths, fire_frames, alpha_sum.to(alphas.scalar_type()), ws.real,
-          ws.ints};
+  return {embeds, token_lengths, fire_frames,
+          alpha_sum.to(cif_alpha_sum_type(alphas.scalar_type())), ws.real, ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(

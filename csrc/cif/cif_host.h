@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cmath>
 #include <optional>
@@ -26,6 +27,22 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
+// The four floating dtypes the kernels support (not float8 and other floating types,
+// which at::isFloatingType also accepts).
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+#define CIFOPS_FLOAT_DTYPES "float16, bfloat16, float32 or float64"
+
+// "<fn>: <name> is on <device> but <ref_name> is on <device>" unless x is on ref's device.
+// Every tensor argument of every op is checked like this (meta tensors included: the
+// fake kernels in cifops/_cif.py and cifops/_contrastive.py check the same).
+inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                              const char* ref_name, const char* fn) {
+  TORCH_CHECK(x.device() == ref.device(), fn, ": ", name, " is on ", x.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
 // Checks shared by cif_forward and cif_backward. Only metadata is checked here;
 // values (negative alphas, lengths > T, ...) are checked by the scan.
 inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
@@ -34,33 +51,34 @@ inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
                            double scale_eps, std::optional<double> tail_threshold) {
   TORCH_CHECK(hidden.dim() == 3, "cifops.cif: hidden must be a 3-D tensor [B, T, D], got shape ",
               hidden.sizes());
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()),
-              "cifops.cif: hidden must be float16, bfloat16, float32 or float64, got ",
-              hidden.scalar_type());
+  TORCH_CHECK(is_supported_float(hidden.scalar_type()),
+              "cifops.cif: hidden must be " CIFOPS_FLOAT_DTYPES ", got ", hidden.scalar_type());
   TORCH_CHECK(alphas.dim() == 2, "cifops.cif: alphas must be a 2-D tensor [B, T], got shape ",
               alphas.sizes());
-  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()),
-              "cifops.cif: alphas must be a floating tensor, got ", alphas.scalar_type());
+  TORCH_CHECK(is_supported_float(alphas.scalar_type()),
+              "cifops.cif: alphas must be " CIFOPS_FLOAT_DTYPES ", got ", alphas.scalar_type());
   TORCH_CHECK(alphas.size(0) == hidden.size(0) && alphas.size(1) == hidden.size(1),
               "cifops.cif: alphas must have shape [B, T] = [", hidden.size(0), ", ",
               hidden.size(1), "] to match hidden, got ", alphas.sizes());
-  TORCH_CHECK(alphas.device() == hidden.device(), "cifops.cif: alphas is on ", alphas.device(),
-              " but hidden is on ", hidden.device());
+  check_same_device(alphas, "alphas", hidden, "hidden", "cifops.cif");
   auto check_lengths = [&](const std::optional<at::Tensor>& x, const char* name) {
     if (!x.has_value()) return;
     TORCH_CHECK(x->dim() == 1 && x->size(0) == hidden.size(0), "cifops.cif: ", name,
                 " must be a 1-D tensor [B] = [", hidden.size(0), "], got shape ", x->sizes());
     TORCH_CHECK(at::isIntegralType(x->scalar_type(), /*includeBool=*/false), "cifops.cif: ",
                 name, " must be an integer tensor, got ", x->scalar_type());
-    TORCH_CHECK(x->device() == hidden.device(), "cifops.cif: ", name, " is on ", x->device(),
-                " but hidden is on ", hidden.device());
+    check_same_device(*x, name, hidden, "hidden", "cifops.cif");
   };
   check_lengths(lengths, "lengths");
   check_lengths(target_lengths, "target_lengths");
   TORCH_CHECK(std::isfinite(threshold) && threshold > 0,
               "cifops.cif: threshold must be a finite number > 0, got ", threshold);
-  TORCH_CHECK(std::isfinite(scale_eps) && scale_eps >= 0 && scale_eps < threshold,
-              "cifops.cif: scale_eps must be in [0, threshold), got ", scale_eps);
+  // scale_eps is used only by the target-length scaling, so only checked with targets
+  // (cif_backward passes no targets: the forward checked it, and the saved scale is used)
+  if (target_lengths.has_value())
+    TORCH_CHECK(std::isfinite(scale_eps) && scale_eps >= 0 && scale_eps < threshold,
+                "cifops.cif: scale_eps must be in [0, threshold) = [0, ", threshold,
+                ") when target_lengths is given, got ", scale_eps);
   if (tail_threshold.has_value())
     TORCH_CHECK(std::isfinite(*tail_threshold) && *tail_threshold >= 0,
                 "cifops.cif: tail_threshold must be a finite number >= 0 or None, got ",
@@ -75,12 +93,38 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
                   grad_embeds.size(2) == hidden.size(2),
               "cifops.cif_backward: grad_embeds must have shape [B, N, D] with B = ",
               hidden.size(0), ", D = ", hidden.size(2), ", got ", grad_embeds.sizes());
-  TORCH_CHECK(grad_embeds.device() == hidden.device(), "cifops.cif_backward: grad_embeds is on ",
-              grad_embeds.device(), " but hidden is on ", hidden.device());
-  if (grad_alpha_sum.has_value())
+  check_same_device(grad_embeds, "grad_embeds", hidden, "hidden", "cifops.cif_backward");
+  if (grad_alpha_sum.has_value()) {
     TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
                 "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
                 grad_alpha_sum->sizes());
+    check_same_device(*grad_alpha_sum, "grad_alpha_sum", hidden, "hidden",
+                      "cifops.cif_backward");
+  }
+}
+
+// max_tokens: -1 (the batch's largest token count) or an output width N whose outputs
+// embeds [B, N, D] and fire_frames [B, N] int64 have a size that fits in int64 bytes.
+inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden) {
+  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+  if (max_tokens <= 0) return;
+  const int64_t B = hidden.size(0), D = hidden.size(2);
+  int64_t elements = 0, embeds_bytes = 0, fire_bytes = 0;
+  const bool overflow =
+      c10::mul_overflows(B, max_tokens, &elements) ||
+      c10::mul_overflows(elements, int64_t(sizeof(int64_t)), &fire_bytes) ||
+      c10::mul_overflows(elements, D, &elements) ||
+      c10::mul_overflows(elements, int64_t(hidden.element_size()), &embeds_bytes);
+  TORCH_CHECK(!overflow, "cifops.cif: max_tokens = ", max_tokens,
+              " is too large: the outputs embeds [B, N, D] = [", B, ", ", max_tokens, ", ", D,
+              "] and fire_frames [B, N] would exceed 2^63 bytes; use None (the batch's largest ",
+              "token count) or a width that fits in memory");
+}
+
+// alpha_sum is returned in the accumulation dtype: float32 for float16, bfloat16 and
+// float32 alphas, float64 for float64 (a float16 sum would overflow at 65504).
+inline at::ScalarType cif_alpha_sum_type(at::ScalarType alphas) {
+  return alphas == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Integer lengths of any dtype as contiguous int64 (maybe_ptr: their raw pointer).
@@ -135,9 +179,8 @@ struct CifWorkspaceTensors {
                 fn, "scan_int must be the forward's contiguous int64 [",
                 cif_scan_int_size(batch, frames), "] workspace, got ", ints.scalar_type(), " ",
                 ints.sizes());
-    TORCH_CHECK(real.device() == hidden.device() && ints.device() == hidden.device(), fn,
-                "scan_real and scan_int must be on ", hidden.device(), " like hidden, got ",
-                real.device(), " and ", ints.device());
+    check_same_device(real, "scan_real", hidden, "hidden", "cifops.cif_backward");
+    check_same_device(ints, "scan_int", hidden, "hidden", "cifops.cif_backward");
   }
   CifWorkspace view() const {
     CifWorkspace ws;

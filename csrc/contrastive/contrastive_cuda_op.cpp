@@ -260,8 +260,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
   const c10::cuda::CUDAGuard guard(student.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const CudaInputs in(student, teacher, targets, ignore_index);
-  TORCH_CHECK(grad_loss.device() == student.device() && stats.device() == student.device(),
-              "cifops.contrastive_backward: grad_loss and stats must be on ", student.device());
   const bool has_fused =
       check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, red);
   const at::ScalarType ct = in.compute;

@@ -17,7 +17,7 @@
 #include <string>
 #include <string_view>
 
-#include "cif/cif_host.h"  // scalar_kind
+#include "cif/cif_host.h"  // scalar_kind, is_supported_float, check_same_device
 #include "common/host.h"
 #include "contrastive.h"
 
@@ -42,14 +42,12 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
               student.sizes());
   TORCH_CHECK(teacher.dim() == 2, fn, ": teacher must be a 2-D tensor [M, D], got shape ",
               teacher.sizes());
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), fn,
-              ": student must be float16, bfloat16, float32 or float64, got ",
-              student.scalar_type());
+  TORCH_CHECK(is_supported_float(student.scalar_type()), fn,
+              ": student must be " CIFOPS_FLOAT_DTYPES ", got ", student.scalar_type());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), fn, ": teacher has dtype ",
               teacher.scalar_type(), " but student has dtype ", student.scalar_type(),
               "; they must match");
-  TORCH_CHECK(teacher.device() == student.device(), fn, ": teacher is on ", teacher.device(),
-              " but student is on ", student.device());
+  check_same_device(teacher, "teacher", student, "student", fn);
   const int64_t N = student.size(0), M = teacher.size(0), D = student.size(1);
   TORCH_CHECK(teacher.size(1) == D, fn, ": teacher must have D = ", D,
               " columns to match student [N, D] = ", student.sizes(), ", got shape ",
@@ -59,8 +57,7 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
                 ": targets must be a 1-D tensor [N] = [", N, "], got shape ", targets->sizes());
     TORCH_CHECK(at::isIntegralType(targets->scalar_type(), /*includeBool=*/false), fn,
                 ": targets must be an integer tensor, got ", targets->scalar_type());
-    TORCH_CHECK(targets->device() == student.device(), fn, ": targets is on ",
-                targets->device(), " but student is on ", student.device());
+    check_same_device(*targets, "targets", student, "student", fn);
   } else {
     TORCH_CHECK(M >= N, fn, ": teacher has M = ", M, " rows but targets is None, which pairs ",
                 "student row i with teacher row i, so M >= N = ", N, " is needed");
@@ -75,8 +72,9 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
     TORCH_CHECK(temperature->numel() == 1 && temperature->dim() <= 1, fn,
                 ": temperature must be a float or a 0-dim tensor, got shape ",
                 temperature->sizes());
-    TORCH_CHECK(at::isFloatingType(temperature->scalar_type()), fn,
-                ": temperature must be a floating tensor, got ", temperature->scalar_type());
+    TORCH_CHECK(is_supported_float(temperature->scalar_type()), fn,
+                ": temperature must be " CIFOPS_FLOAT_DTYPES ", got ",
+                temperature->scalar_type());
     TORCH_CHECK(temperature->device().is_cpu() || temperature->device() == student.device(), fn,
                 ": temperature is on ", temperature->device(), " but student is on ",
                 student.device(), " (a CPU scalar tensor is also accepted)");
@@ -136,6 +134,10 @@ inline at::Tensor loss_from_stats(const at::Tensor& stats, const at::Tensor& cou
 inline bool check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& stats,
                                    const at::Tensor& fused_grad, const at::Tensor& student,
                                    int64_t N, ContrastiveReduction reduction) {
+  const char* fn = "cifops.contrastive_backward";
+  check_same_device(grad_loss, "grad_loss", student, "student", fn);
+  check_same_device(stats, "stats", student, "student", fn);
+  check_same_device(fused_grad, "fused_grad", student, "student", fn);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == N,
               "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", N,
               "], got ", stats.sizes());
