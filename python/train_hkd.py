@@ -433,8 +433,7 @@ def make_gather_teacher(world_size: int, rank: int):
 
 
 def move(batch: model_lib.Batch, device) -> model_lib.Batch:
-    return model_lib.Batch(*(None if t is None else t.to(device, non_blocking=True)
-                             for t in dataclasses.astuple(batch)))
+    return batch.to(device, non_blocking=True)
 
 
 def autocast(args, device):
