@@ -111,8 +111,11 @@ def min_encoder_frames(tokens: Tensor, ctc: bool) -> int:
     return max(1, len(tokens) + repeats)
 
 
-def collate(items: List[dict]) -> model_lib.Batch:
-    """Pad a list of AsrDataset items into a model.Batch (zeros as padding)."""
+def collate(items: List[dict], token_multiple: int = 1) -> model_lib.Batch:
+    """Pad a list of AsrDataset items into a model.Batch (zeros as padding), prepared on
+    the host (model.prepare_batch: the CIF width, CTC targets, token rows and teacher rows;
+    a teacher state count that is not the tokens + [SEP] is a ValueError here).
+    token_multiple: see prepare_batch."""
     pad = torch.nn.utils.rnn.pad_sequence
     feats = pad([it["feats"] for it in items], batch_first=True)
     feat_lens = torch.tensor([it["feats"].shape[0] for it in items])
@@ -121,7 +124,8 @@ def collate(items: List[dict]) -> model_lib.Batch:
     teacher = teacher_lens = None
     if all(it["teacher"] is not None for it in items):
         teacher, teacher_lens = teacher_lib.pad_teacher_states([it["teacher"] for it in items])
-    return model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens)
+    return model_lib.prepare_batch(model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens),
+                                   token_multiple)
 
 
 def load_teacher_cache(path) -> Dict[str, Tensor]:

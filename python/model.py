@@ -29,11 +29,16 @@ compute_loss returns the weighted sum of
 all summed over tokens (the trainer divides by the token count). A weight of 0 removes
 its term and its computation (no CTC head, no projection, no teacher needed).
 
+What depends on the token counts (the CIF width, the CTC targets, the token and teacher
+rows) is decided on the host by prepare_batch, which dataset.collate calls: compute_loss
+then reads nothing back from the device and torch.compile traces it whole.
+
 ModelConfig() is a small configuration for the CPU demo; aishell1_config() is the
 paper's released AISHELL-1 configuration (about 47 M parameters with a 4k vocabulary).
 """
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -114,7 +119,8 @@ class Dropout(nn.Module):
     dropped with probability round(65536 p) / 65536 (p to within 1e-5) and kept ones are
     scaled by the exact inverse of the keep probability, so the expectation is unchanged.
     Draws come from torch's default CPU generator, so torch.manual_seed and the
-    trainer's saved RNG state reproduce the masks.
+    trainer's saved RNG state reproduce the masks. Under torch.compile it is F.dropout
+    (the compiled graph draws its own masks).
     """
 
     def __init__(self, p: float):
@@ -126,8 +132,8 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.dropout(x, self.p, training=True)     # torch.compile draws its own masks
         return x * dropout_mask(x.shape, self.p).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -281,6 +287,13 @@ class ConformerEncoder(nn.Module):
         self.dropout = Dropout(c.dropout)
         self.d_model = c.d_model
 
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """The lengths forward returns for input lengths (on any device: the CTC loss
+        takes them from the host's copy)."""
+        for _ in range(1 + len(self.pool_after)):
+            lengths = (lengths + 1) // 2
+        return lengths
+
     def forward(self, feats: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         x, lengths = self.subsampling(feats, lengths)
         x = self.dropout(x)
@@ -405,13 +418,139 @@ GatherTeacher = Callable[[Tensor], Tuple[Tensor, int]]
 class Batch:
     """A training batch. feats [B, T, F] float; feat_lens [B]; tokens [B, L] ASR ids
     (without [SEP]; padding anything); token_lens [B]; teacher [B, L+1, Dt] and
-    teacher_lens [B] (= token_lens + 1) only when ACD or LRD is on."""
+    teacher_lens [B] (= token_lens + 1) only when ACD or LRD is on.
+
+    The other fields are what depends on the token counts, decided on the host by
+    prepare_batch (dataset.collate calls it), so that compute_loss reads nothing back
+    from the device (each would be a synchronisation on CUDA):
+
+        max_tokens    N >= max(token_lens) + 1: the CIF width, a static shape
+        ctc_targets   [sum L] every utterance's tokens, concatenated (CTC's targets)
+        token_index   [sum(L+1)] the flat positions b * N + i (i <= L_b) of the tokens
+                      and [SEP]s in a [B, N] grid: the rows of ACD and LRD
+        teacher_rows  [sum(L+1), Dt] the teacher states of those positions (with teacher)
+        host_lens     [2, B] int64 on the CPU: feat_lens and token_lens for the CTC loss,
+                      which reads its lengths on the host; never moved to a device
+    """
     feats: Tensor
     feat_lens: Tensor
     tokens: Tensor
     token_lens: Tensor
     teacher: Optional[Tensor] = None
     teacher_lens: Optional[Tensor] = None
+    max_tokens: Optional[int] = None
+    ctc_targets: Optional[Tensor] = None
+    token_index: Optional[Tensor] = None
+    teacher_rows: Optional[Tensor] = None
+    host_lens: Optional[Tensor] = None
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
+        """fn applied to every tensor but host_lens."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: fn(v) if isinstance(v, Tensor) and k != "host_lens" else v
+                        for k, v in values.items()})
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The batch on `device` (host_lens stays on the CPU)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, for non-blocking copies to CUDA (DataLoader's pin_memory
+        calls this)."""
+        return self._map(Tensor.pin_memory)
+
+
+def prepare_batch(batch: Batch, token_multiple: int = 1) -> Batch:
+    """The batch with max_tokens, ctc_targets, token_index, teacher_rows and host_lens
+    filled in from its lengths (see Batch). On the CPU (as dataset.collate calls it) this
+    costs no synchronisation; on a device, the lengths are read back once.
+
+    token_multiple: round max_tokens up to a multiple of this (fewer distinct shapes for
+    torch.compile; the extra positions are padding, masked everywhere). Raises
+    ValueError when teacher_lens is not token_lens + 1."""
+    token_lens, feat_lens = batch.token_lens.cpu(), batch.feat_lens.cpu()
+    device = batch.tokens.device
+    n = int(token_lens.max()) + 1 if len(token_lens) else 1
+    n = -(-n // token_multiple) * token_multiple
+    b = batch.tokens.shape[0]
+    rows = lengths_to_mask(token_lens + 1, n)                    # [B, N] on the host
+    token_index = rows.flatten().nonzero().squeeze(1)
+    tokens = batch.tokens[:, :n - 1]
+    ctc_targets = tokens[lengths_to_mask(token_lens, tokens.shape[1]).to(device)]
+    teacher_rows = None
+    if batch.teacher is not None:
+        if batch.teacher_lens is None:
+            raise ValueError("prepare_batch: the batch has teacher states but no teacher_lens")
+        teacher_lens = batch.teacher_lens.cpu()
+        if not torch.equal(teacher_lens, token_lens + 1):
+            bad = int(torch.nonzero(teacher_lens != token_lens + 1)[0])
+            raise ValueError(f"prepare_batch: utterance {bad} has {int(teacher_lens[bad])} "
+                             f"teacher states for {int(token_lens[bad])} tokens + [SEP]; "
+                             "the teacher cache does not match the vocabulary/transcripts")
+        teacher = batch.teacher[:, :n]
+        if teacher.shape[1] < n:
+            teacher = F.pad(teacher, (0, 0, 0, n - teacher.shape[1]))
+        teacher_rows = teacher.reshape(b * n, -1).index_select(0, token_index.to(teacher.device))
+    return dataclasses.replace(batch, max_tokens=n, ctc_targets=ctc_targets,
+                               token_index=token_index.to(device), teacher_rows=teacher_rows,
+                               host_lens=torch.stack([feat_lens, token_lens]).long())
+
+
+def _ctc_forward(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+                 blank: int) -> Tuple[Tensor, Tensor]:
+    """aten's CTC as F.ctc_loss(zero_infinity=True) calls it -> (loss [B], log-alpha)."""
+    nll, log_alpha = torch.ops.aten._ctc_loss(log_probs, targets, input_lengths.tolist(),
+                                              target_lengths.tolist(), blank, True)
+    return nll, log_alpha
+
+
+@torch.library.custom_op("cifhkd::ctc_loss", mutates_args=())
+def _ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+              blank: int) -> Tensor:
+    nll, _ = _ctc_forward(log_probs, targets, input_lengths, target_lengths, blank)
+    return torch.where(nll == float("inf"), torch.zeros((), dtype=nll.dtype, device=nll.device), nll)
+
+
+@torch.library.custom_op("cifhkd::ctc_loss_backward", mutates_args=())
+def _ctc_loss_backward(grad: Tensor, log_probs: Tensor, targets: Tensor, input_lengths: Tensor,
+                       target_lengths: Tensor, blank: int) -> Tensor:
+    # the forward again, for log-alpha (whose width is data-dependent, so it is no output)
+    nll, log_alpha = _ctc_forward(log_probs, targets, input_lengths, target_lengths, blank)
+    grad = torch.where(nll == float("inf"), torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+    return torch.ops.aten._ctc_loss_backward(grad, log_probs, targets, input_lengths.tolist(),
+                                             target_lengths.tolist(), nll, log_alpha, blank,
+                                             True).contiguous()
+
+
+@_ctc_loss.register_fake
+def _(log_probs, targets, input_lengths, target_lengths, blank):
+    return log_probs.new_empty(log_probs.shape[1:2])
+
+
+@_ctc_loss_backward.register_fake
+def _(grad, log_probs, targets, input_lengths, target_lengths, blank):
+    return log_probs.new_empty(log_probs.shape)        # contiguous, as aten's
+
+
+def _ctc_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.blank = inputs[4]
+
+
+def _ctc_backward(ctx, grad):
+    return torch.ops.cifhkd.ctc_loss_backward(grad, *ctx.saved_tensors, ctx.blank), None, None, None, None
+
+
+_ctc_loss.register_autograd(_ctc_backward, setup_context=_ctc_setup_context)
+
+
+def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+             blank: int = BLANK_ID) -> Tensor:
+    """F.ctc_loss(..., reduction="none", zero_infinity=True) -> [B], as an opaque op that
+    torch.compile can trace (aten's CTC has no shape function: its log-alpha's width is
+    data-dependent). Same kernels, same numbers; the backward recomputes the forward.
+    Lengths are read on the host: give them as CPU tensors, or CUDA synchronises."""
+    return torch.ops.cifhkd.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank)
 
 
 class CifHkdModel(nn.Module):
@@ -446,20 +585,28 @@ class CifHkdModel(nn.Module):
     def compute_loss(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
                      ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """-> (weighted sum of the enabled terms, {name: detached term}, number of tokens
-        the CE/ACD/LRD terms are summed over). Terms are sums, not means.
+        the CE/ACD/LRD terms are summed over: sum(L+1)). Terms are sums, not means.
+
+        Nothing is read back from the device when the batch was prepared on the host
+        (prepare_batch; dataset.collate does it): the shapes that depend on the data come
+        from there, masked rows are ignored through targets rather than selected, and
+        torch.compile(fullgraph=True) can trace it. An unprepared batch is prepared here.
 
         gather_teacher: for data parallel training, maps this rank's teacher rows
         [n, Dt] to (the teacher rows of all ranks [M, Dt], the offset of this rank's rows
         in them); ACD then takes every rank's tokens as negatives. The gathered rows carry
         no gradient (the teacher is frozen); the student's stay local."""
         c = self.config
-        b = batch.feats.shape[0]
+        if batch.max_tokens is None:
+            batch = prepare_batch(batch)
+        n, rows = batch.max_tokens, batch.token_index
         enc, enc_lens, alphas = self.encode(batch.feats, batch.feat_lens)
         num_targets = batch.token_lens + 1                      # L + 1 with [SEP]
         out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
-                         target_lengths=num_targets)
-        n = min(out.embeds.shape[1], int(num_targets.max()))
-        cif = out.embeds[:, :n]
+                         target_lengths=num_targets, max_tokens=n)
+        cif = out.embeds                                        # [B, N, D]
+        # CIF fires exactly L + 1 tokens with target_lengths, so this mask equals the host's
+        # rows (token_index); should a token not fire, its rows are ignored below
         token_mask = lengths_to_mask(torch.minimum(out.token_lengths, num_targets), n)
 
         # targets p_1..p_L, [SEP], IGNORE beyond
@@ -475,10 +622,9 @@ class CifHkdModel(nn.Module):
         if c.quantity_weight > 0:
             terms["quantity"] = (out.alpha_sum - num_targets.to(out.alpha_sum.dtype)).abs().sum()
         if c.ctc_weight > 0:
-            log_probs = self.ctc_log_probs(enc)
-            flat_tokens = torch.cat([batch.tokens[i, :batch.token_lens[i]] for i in range(b)])
-            terms["ctc"] = F.ctc_loss(log_probs, flat_tokens, enc_lens, batch.token_lens,
-                                      blank=BLANK_ID, reduction="sum", zero_infinity=True)
+            feat_lens, token_lens = batch.host_lens
+            terms["ctc"] = ctc_loss(self.ctc_log_probs(enc), batch.ctc_targets,
+                                    self.encoder.output_lengths(feat_lens), token_lens).sum()
         h = None
         if c.ce_weight > 0 or c.lrd_weight > 0:
             prev = torch.cat([torch.full_like(targets[:, :1], EOS_ID), targets[:, :-1]], dim=1)
@@ -489,40 +635,30 @@ class CifHkdModel(nn.Module):
                                               targets.reshape(-1), ignore_index=IGNORE,
                                               label_smoothing=c.label_smoothing, reduction="sum")
         if c.acd_weight > 0 or c.lrd_weight > 0:
-            teacher = self._teacher_tokens(batch, n, token_mask)   # [num_tokens, Dt]
+            teacher = batch.teacher_rows                         # [num_tokens, Dt]
+            if teacher is None:
+                raise ValueError("compute_loss: ACD/LRD are on but the batch has no teacher states")
+            fired = token_mask.flatten().index_select(0, rows)  # all True (see token_mask)
             if c.acd_weight > 0:
-                student = self.acd_proj(cif[token_mask])
-                negatives, targets = teacher, None
+                student = self.acd_proj(cif.flatten(0, 1).index_select(0, rows))
+                negatives, offset = teacher, 0
                 if gather_teacher is not None:
                     negatives, offset = gather_teacher(teacher)
-                    targets = offset + torch.arange(teacher.shape[0], device=teacher.device)
+                positives = offset + torch.arange(teacher.shape[0], device=teacher.device)
                 terms["acd"] = cifops.contrastive_loss(
-                    student, negatives.to(student.dtype), targets, temperature=c.acd_temperature,
-                    normalize=True, reduction="sum")
+                    student, negatives.to(student.dtype), positives.masked_fill(~fired, IGNORE),
+                    temperature=c.acd_temperature, normalize=True, reduction="sum", ignore_index=IGNORE)
             if c.lrd_weight > 0:
-                student = self.lrd_proj(h[token_mask])
-                terms["lrd"] = F.mse_loss(student.float(), teacher.float(), reduction="sum")
+                student = self.lrd_proj(h.flatten(0, 1).index_select(0, rows)).float()
+                student = torch.where(fired[:, None], student, teacher.float())
+                terms["lrd"] = F.mse_loss(student, teacher.float(), reduction="sum")
 
         weights = {"ce": c.ce_weight, "quantity": c.quantity_weight, "ctc": c.ctc_weight,
                    "acd": c.acd_weight, "lrd": c.lrd_weight}
         if not terms:
             raise ValueError("compute_loss: every loss weight is 0")
         loss = sum(weights[name] * value for name, value in terms.items())
-        return loss, {name: value.detach() for name, value in terms.items()}, int(token_mask.sum())
-
-    @staticmethod
-    def _teacher_tokens(batch: Batch, n: int, token_mask: Tensor) -> Tensor:
-        if batch.teacher is None or batch.teacher_lens is None:
-            raise ValueError("compute_loss: ACD/LRD are on but the batch has no teacher states")
-        if not torch.equal(batch.teacher_lens.cpu(), (batch.token_lens + 1).cpu()):
-            bad = int(torch.nonzero(batch.teacher_lens.cpu() != batch.token_lens.cpu() + 1)[0])
-            raise ValueError(f"compute_loss: utterance {bad} has {int(batch.teacher_lens[bad])} "
-                             f"teacher states for {int(batch.token_lens[bad])} tokens + [SEP]; "
-                             "the teacher cache does not match the vocabulary/transcripts")
-        teacher = batch.teacher[:, :n]
-        if teacher.shape[1] < n:
-            teacher = F.pad(teacher, (0, 0, 0, n - teacher.shape[1]))
-        return teacher[token_mask]
+        return loss, {name: value.detach() for name, value in terms.items()}, rows.shape[0]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -27,6 +27,12 @@ The loss of an update is the sum of the terms over the tokens of all its micro-b
 ACD takes the teacher rows of every rank as negatives (all_gather; only the local
 student carries gradients).
 
+An update reads nothing back from the device: batches are prepared on the host
+(dataset.collate), and the loss terms, gradient norm and finite checks stay on the device
+until a check (every --log-every-steps, validation, each save, the end), which stops
+training with NonFiniteLossError at the first non-finite update, before anything after it
+is saved. On CUDA: bf16 autocast, fused AdamW, DataLoader workers, pinned memory.
+
 EXP/ gets checkpoint-<step>.pt (atomically written and fsynced; model, optimizer,
 scheduler, step, epoch, sampler position, every rank's RNG states; other names in EXP,
 such as checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt
@@ -35,7 +41,9 @@ tensorboard/ (when the tensorboard package is installed) and train_log.jsonl (th
 scalars, one line per --log-every-steps updates).
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -99,7 +107,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch-seconds", type=float, default=60.0, help="padded audio per batch")
     g.add_argument("--max-batch-size", type=int, default=10 ** 9)
     g.add_argument("--num-buckets", type=int, default=10)
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument("--num-workers", type=int, default=-1,
+                   help="DataLoader workers (-1: 4 on CUDA, 0 on the CPU, where they would take the "
+                        "training's cores)")
     g.add_argument("--no-spec-augment", action="store_true")
     sa = features.SpecAugmentConfig()
     g.add_argument("--freq-masks", type=int, default=sa.num_freq_masks, help="SpecAugment")
@@ -127,8 +137,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad-norm", type=float, default=1.0, help="0: no clipping")
     g.add_argument("--accum-grad", type=int, default=1, help="micro-batches per update")
-    g.add_argument("--amp", choices=["none", "bf16"], default="none",
-                   help="bf16 autocast (CUDA only; ignored with a warning on CPU)")
+    g.add_argument("--amp", choices=["auto", "none", "bf16"], default="auto",
+                   help="bf16 autocast (CUDA only; ignored with a warning on CPU); auto: bf16 on CUDA")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model's loss (backend: inductor unless named); the CIF "
+                        "width is then rounded up to a multiple of 8 (fewer shapes to compile). Off by "
+                        "default: on the demo's 2-core CPU it does not pay (benchmarks/RESULTS.md)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -432,38 +446,130 @@ def make_gather_teacher(world_size: int, rank: int):
     return gather
 
 
-def move(batch: model_lib.Batch, device) -> model_lib.Batch:
-    return model_lib.Batch(*(None if t is None else t.to(device, non_blocking=True)
-                             for t in dataclasses.astuple(batch)))
-
-
 def autocast(args, device):
-    if args.amp == "bf16" and device.type == "cuda":
+    if args.amp in ("bf16", "auto") and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
+def term_values(loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[loss, *terms] as one float64 tensor on their device (no synchronisation)."""
+    return torch.stack([loss.detach().double(), *(v.double() for v in terms.values())])
+
+
 @torch.no_grad()
 def validate(model, valid_set, args, device) -> Dict[str, float]:
-    """Per-token dev losses (no dropout, no SpecAugment), on every rank's full dev set."""
+    """Per-token dev losses (no dropout, no SpecAugment), on every rank's full dev set;
+    read back from the device once."""
     model.eval()
     sampler = data.BucketBatchSampler([u.duration for u in valid_set.utterances],
                                       args.max_batch_seconds, shuffle=False)
-    totals, tokens = {}, 0
+    totals, names, tokens = None, [], 0
     for indices in sampler:
-        batch = move(dataset_lib.collate([valid_set[i] for i in indices]), device)
+        batch = dataset_lib.collate([valid_set[i] for i in indices]).to(device, non_blocking=True)
         with autocast(args, device):
-            loss, terms, _ = model.compute_loss(batch)
-        tokens += int((batch.token_lens + 1).sum())
-        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            loss, terms, num_tokens = model.compute_loss(batch)
+        tokens += num_tokens
+        names = ["loss", *terms]
+        values = term_values(loss, terms)
+        totals = values if totals is None else totals + values
     model.train()
-    return {k: v / max(tokens, 1) for k, v in totals.items()}
+    return {} if totals is None else {k: v / max(tokens, 1) for k, v in zip(names, totals.tolist())}
+
+
+def make_optimizer(model, args, device) -> torch.optim.Optimizer:
+    """AdamW: decoupled weight decay, as fairseq's "adam" that the authors' recipe uses;
+    fused on CUDA (one kernel for every parameter, the step count kept on the device)."""
+    return torch.optim.AdamW(model.parameters(), lr=args.peak_lr, betas=tuple(args.adam_betas),
+                             eps=args.adam_eps, weight_decay=args.weight_decay,
+                             fused=True if device.type == "cuda" else None)
+
+
+def train_update(net, forward, model, optimizer, update: List[model_lib.Batch], args, device, *,
+                 scale, gather_teacher=None, inject_nan: bool = False):
+    """One update: forward and backward of its micro-batches (`forward`: net, or net
+    compiled; DDP synchronises the gradients on the last), clipping, the optimizer step.
+    Reads nothing back from the device. scale: the loss factor (a float, or a tensor on
+    the device). -> (term names, their sums [loss, *terms] on the device, the gradient
+    norm)."""
+    optimizer.zero_grad(set_to_none=True)
+    sums = None
+    for i, batch in enumerate(update):
+        batch = batch.to(device, non_blocking=True)
+        last = i == len(update) - 1
+        with net.no_sync() if isinstance(net, DistributedDataParallel) and not last else contextlib.nullcontext():
+            with autocast(args, device):
+                loss, terms, _ = forward(batch, gather_teacher)
+            if inject_nan:
+                loss = loss * float("nan")
+            (loss * scale).backward()
+        values = term_values(loss, terms)
+        sums = values if sums is None else sums + values
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    return ["loss", *terms], sums, grad_norm
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class LossMonitor:
+    """The loss terms and gradient norm of the last update, and the values of the first
+    update with a non-finite one, kept on the device: record() every update costs no
+    synchronisation; check() reads them back (on every rank together: it reduces over
+    ranks) and raises NonFiniteLossError when an update since the start was not finite."""
+
+    NONE = 2 ** 62          # first_step before anything was non-finite
+
+    def __init__(self, world_size: int, rank: int):
+        self.world_size, self.rank = world_size, rank
+        self.names: List[str] = []
+        self.last = self.first_step = self.first_values = None
+        self.checked_step = 0
+
+    def record(self, step: int, names: List[str], sums: torch.Tensor, grad_norm: torch.Tensor):
+        """sums: term_values summed over the update's micro-batches (this rank's)."""
+        values = torch.cat([sums, grad_norm.detach().double().reshape(1)])
+        if self.last is None:
+            self.names = [*names, "grad_norm"]
+            self.first_step = torch.full((), self.NONE, dtype=torch.int64, device=values.device)
+            self.first_values = torch.zeros_like(values)
+        new = (~torch.isfinite(values)).any() & (self.first_step == self.NONE)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_values = torch.where(new, values, self.first_values)
+        self.last = values
+
+    def check(self, step: int, epoch: int, last_saved: Optional[int], reduce: bool = True,
+              cause: Optional[BaseException] = None) -> Dict[str, float]:
+        """The last update's values ({name: sum over ranks}, grad_norm as is); raises
+        NonFiniteLossError naming the first non-finite update's step and terms (from
+        `cause`, when an error of a later step led here). reduce=False: this rank's values,
+        no collective (for a rank that failed on its own)."""
+        if self.last is None:
+            return {}
+        last, first_step, first_values = self.last.clone(), self.first_step.clone(), self.first_values
+        if self.world_size > 1 and reduce:
+            dist.all_reduce(last[:-1])                   # the gradient norm is every rank's
+            local = first_step.clone()
+            dist.all_reduce(first_step, op=dist.ReduceOp.MIN)
+            first_values = torch.where(local == first_step, first_values, torch.zeros_like(first_values))
+            dist.all_reduce(first_values[:-1])
+        checked, self.checked_step = self.checked_step, step
+        bad_step = int(first_step)
+        if bad_step != self.NONE:
+            values = dict(zip(self.names, first_values.tolist()))
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            raise NonFiniteLossError(
+                f"train_hkd: non-finite {bad[0]} {values[bad[0]]} at step {bad_step} (of steps "
+                f"{checked + 1}-{step}, read back together; epoch {epoch}, rank {self.rank}"
+                + (", values summed over ranks" if self.world_size > 1 and reduce else "")
+                + f"); non-finite: {', '.join(bad)}; that step's values "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + ("; no checkpoint was written" if last_saved is None else
+                   f"; the last checkpoint, written before it, is checkpoint-{last_saved}.pt")) from cause
+        return dict(zip(self.names, last.tolist()))
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -512,8 +618,7 @@ def run(args) -> Optional[Path]:
     model = model_lib.CifHkdModel(config).to(device)
     torch.manual_seed(args.seed + rank)
     # decoupled weight decay, as fairseq's "adam" that the authors' recipe uses
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, betas=tuple(args.adam_betas),
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tri_stage_lambda(args))
     step, epoch, batches_done = 0, 0, 0
 
@@ -547,6 +652,9 @@ def run(args) -> Optional[Path]:
     net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=unused) if world_size > 1 else model)
     gather_teacher = make_gather_teacher(world_size, rank) if world_size > 1 else None
+    forward = net if args.compile is None else torch.compile(net, backend=args.compile)
+    collate = functools.partial(dataset_lib.collate, token_multiple=1 if args.compile is None else 8)
+    num_workers = args.num_workers if args.num_workers >= 0 else (4 if device.type == "cuda" else 0)
     board = TensorBoard(args.exp_dir / "tensorboard", is_main)
 
     def save(path_step: int) -> Optional[Path]:
@@ -579,8 +687,8 @@ def run(args) -> Optional[Path]:
             train_set.epoch = epoch
             mine = rank_batches(sampler, rank, world_size)
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine[batches_done:],
-                                                 collate_fn=dataset_lib.collate,
-                                                 num_workers=args.num_workers,
+                                                 collate_fn=collate, num_workers=num_workers,
+                                                 pin_memory=device.type == "cuda",
                                                  # its own seed source: a loader drawing from the
                                                  # global RNG would shift dropout after --resume
                                                  generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -597,6 +705,12 @@ def run(args) -> Optional[Path]:
     stream = micro_batches()
     last_path, utterances_seen, start_time = None, 0, time.perf_counter()
     step_times: List[float] = []
+    # nothing is read back from the device between checks (logging, validation, saving, the end)
+    monitor = LossMonitor(world_size, rank)
+
+    def check(**kwargs) -> Dict[str, float]:
+        return monitor.check(step, epoch, None if last_path is None else checkpoint_step(last_path), **kwargs)
+
     finished = False
     while not finished:
         if args.max_steps and step >= args.max_steps:
@@ -609,65 +723,55 @@ def run(args) -> Optional[Path]:
         if len(update) < args.accum_grad:      # the data ran out: the last partial update is dropped
             break
         step_start = time.perf_counter()
-        # the token count of the whole update, over all ranks: the loss normaliser
-        num_tokens = torch.tensor(float(sum(int((b.token_lens + 1).sum()) for b in update)), device=device)
+        # the token count of the whole update, over all ranks: the loss normaliser (the
+        # batches' lengths are on the host)
+        num_tokens = sum(int((b.token_lens + 1).sum()) for b in update)
         if world_size > 1:
-            dist.all_reduce(num_tokens)
-        # DDP averages gradients over ranks; scale back so the update is sum / tokens
-        scale = world_size / float(num_tokens)
-        totals: Dict[str, float] = {}
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(update):
-            batch = move(batch, device)
-            sync = world_size == 1 or i == len(update) - 1
-            context = net.no_sync() if not sync else torch.enable_grad()
-            with context:
-                with autocast(args, device):
-                    loss, terms, _ = net(batch, gather_teacher)
-                if args.inject_nan_at_step and step + 1 == args.inject_nan_at_step:
-                    loss = loss * float("nan")
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"train_hkd: non-finite loss {float(loss.detach())} at step {step + 1} (epoch {epoch}, "
-                        f"micro-batch {i}, rank {rank}); terms "
-                        + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
-                (loss * scale).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            utterances_seen += batch.feats.shape[0] * world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"train_hkd: non-finite gradient norm at step {step + 1} "
-                                     f"(epoch {epoch}, rank {rank})")
-        optimizer.step()
+            count = torch.tensor(float(num_tokens), dtype=torch.float64, device=device)
+            dist.all_reduce(count)
+            # DDP averages gradients over ranks; scale back so the update is sum / tokens
+            scale = (world_size / count).float()                 # stays on the device
+        else:
+            count, scale = num_tokens, world_size / float(num_tokens)
+        try:
+            names, sums, grad_norm = train_update(
+                net, forward, model, optimizer, update, args, device, scale=scale, gather_teacher=gather_teacher,
+                inject_nan=args.inject_nan_at_step == step + 1)
+        except Exception as e:
+            # on the CPU, weights made NaN by an update not yet checked fail in cifops.cif
+            check(reduce=False, cause=e)
+            raise
         scheduler.step()
         step += 1
+        utterances_seen += sum(b.feats.shape[0] for b in update) * world_size
+        monitor.record(step, names, sums, grad_norm)
         step_times.append(time.perf_counter() - step_start)
-
-        if world_size > 1:
-            packed = torch.tensor([totals[k] for k in sorted(totals)], device=device)
-            dist.all_reduce(packed)
-            totals = dict(zip(sorted(totals), packed.tolist()))
-        per_token = {k: v / float(num_tokens) for k, v in totals.items()}
-        rate = utterances_seen / (time.perf_counter() - start_time)
         progress.update(1)
-        progress.set_postfix({**{k: f"{v:.3f}" for k, v in per_token.items()}, "utt/s": f"{rate:.1f}"})
-        if step % args.log_every_steps == 0 or step == 1:
-            board.scalars({f"train/{k}": v for k, v in per_token.items()}, step)
-            board.scalars({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                           "train/utterances_per_s": rate, "train/step_s": step_times[-1]}, step)
-            if is_main:
-                with open(args.exp_dir / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, **per_token,
-                                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                                        "step_s": round(step_times[-1], 4)}) + "\n")
-        if valid_set is not None and args.valid_every_steps and step % args.valid_every_steps == 0 and is_main:
+
+        log_now = step % args.log_every_steps == 0 or step == 1
+        valid_now = valid_set is not None and args.valid_every_steps and step % args.valid_every_steps == 0
+        save_now = args.save_every_steps and step % args.save_every_steps == 0
+        if log_now or valid_now or save_now:
+            values = check()                  # raises before anything is saved after a non-finite update
+            grad = values.pop("grad_norm")
+            per_token = {k: v / float(count) for k, v in values.items()}
+            if log_now:
+                rate = utterances_seen / (time.perf_counter() - start_time)
+                progress.set_postfix({**{k: f"{v:.3f}" for k, v in per_token.items()}, "utt/s": f"{rate:.1f}"})
+                board.scalars({f"train/{k}": v for k, v in per_token.items()}, step)
+                board.scalars({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad,
+                               "train/utterances_per_s": rate, "train/step_s": step_times[-1]}, step)
+                if is_main:
+                    with open(args.exp_dir / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, **per_token,
+                                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad,
+                                            "step_s": round(step_times[-1], 4)}) + "\n")
+        if valid_now and is_main:
             board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, device).items()}, step)
-        if args.save_every_steps and step % args.save_every_steps == 0:
+        if save_now:
             last_path = save(step)
     progress.close()
+    check()
     if last_path is None or checkpoint_step(last_path) != step:
         last_path = save(step)
     if is_main:

@@ -372,6 +372,55 @@ def test_nan_loss_stops_naming_the_step(corpus, tmp_path):
                               "--valid-split", ""))
 
 
+def test_a_non_finite_update_found_later_leaves_the_last_checkpoint_intact(corpus, tmp_path):
+    """Losses are read back at checks only (logging, validation, saving, the end): the NaN
+    of step 3 is found at step 4 (the weights it made NaN fail in cifops.cif on the CPU),
+    named with its step, and no checkpoint is written after it."""
+    extra = ["--save-every-steps", "2", "--log-every-steps", "100", "--valid-split", "", "--average-last", "0"]
+    with pytest.raises(train_hkd.NonFiniteLossError,
+                       match=r"non-finite loss nan at step 3 .*checkpoint-2\.pt") as error:
+        train_hkd.main(common(corpus, tmp_path / "exp", "--max-steps", "6", "--inject-nan-at-step", "3", *extra))
+    assert "non-finite: loss, " in str(error.value)
+    assert [p.name for p in train_hkd.list_checkpoints(tmp_path / "exp")] == ["checkpoint-2.pt"]
+    train_hkd.main(common(corpus, tmp_path / "clean", "--max-steps", "2", *extra))
+    kept = torch.load(tmp_path / "exp" / "checkpoint-2.pt", weights_only=False)
+    clean = torch.load(tmp_path / "clean" / "checkpoint-2.pt", weights_only=False)
+    for name, value in clean["model"].items():
+        assert torch.equal(kept["model"][name], value), name
+
+
+def test_losses_are_read_back_only_at_checks(corpus, tmp_path, monkeypatch):
+    checked = []
+    real_check = train_hkd.LossMonitor.check
+
+    def check(self, step, *args, **kwargs):
+        checked.append(step)
+        return real_check(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_hkd.LossMonitor, "check", check)
+    exp = tmp_path / "exp"
+    train_hkd.main(common(corpus, exp, "--max-steps", "7", "--log-every-steps", "3", "--save-every-steps", "5",
+                          "--valid-split", "", "--average-last", "0"))
+    assert checked == [1, 3, 5, 6, 7]                  # logs 1, 3, 6; save 5; the end
+    assert [h["step"] for h in read_log(exp)] == [1, 3, 6]
+
+
+def test_compile_trains_like_eager(corpus, tmp_path):
+    """--compile (aot_eager here: inductor's code generation takes minutes on this CPU) with
+    dropout off: the first update's loss equals eager's; the CIF width rounded up to 8."""
+    extra = ["--max-steps", "2", "--max-batch-seconds", "1000", "--num-buckets", "1", "--no-spec-augment",
+             "--dropout", "0", "--cif-dropout", "0", "--log-every-steps", "1", "--valid-split", "",
+             "--average-last", "0"]
+    train_hkd.main(common(corpus, tmp_path / "eager", *extra))
+    torch._dynamo.reset()
+    train_hkd.main(common(corpus, tmp_path / "compiled", "--compile", "aot_eager", *extra))
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [h["step"] for h in compiled] == [1, 2]
+    for name in ("loss", "ce", "ctc", "quantity", "acd", "lrd"):
+        assert compiled[0][name] == pytest.approx(eager[0][name], rel=1e-5), name
+        assert compiled[1][name] == pytest.approx(eager[1][name], rel=1e-3), name
+
+
 def test_config_file_and_command_line_precedence(tmp_path):
     conf = tmp_path / "conf.yaml"
     conf.write_text("max-steps: 5\npeak_lr: 0.002\npool-after: [1, 3]\nexp_dir: /x\n")
