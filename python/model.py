@@ -546,11 +546,15 @@ _ctc_loss.register_autograd(_ctc_backward, setup_context=_ctc_setup_context)
 
 def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
              blank: int = BLANK_ID) -> Tensor:
-    """F.ctc_loss(..., reduction="none", zero_infinity=True) -> [B], as an opaque op that
-    torch.compile can trace (aten's CTC has no shape function: its log-alpha's width is
-    data-dependent). Same kernels, same numbers; the backward recomputes the forward.
-    Lengths are read on the host: give them as CPU tensors, or CUDA synchronises."""
-    return torch.ops.cifhkd.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank)
+    """F.ctc_loss(..., reduction="none", zero_infinity=True) -> [B]. Lengths are read on
+    the host: give them as CPU tensors, or CUDA synchronises. Under torch.compile it is
+    the op cifhkd::ctc_loss, which the compiler takes as a whole (aten's CTC has no shape
+    function: the width of its log-alpha depends on the data): the same kernels and
+    numbers, its backward recomputing the forward."""
+    if torch.compiler.is_compiling():
+        return torch.ops.cifhkd.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank)
+    return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=blank, reduction="none",
+                      zero_infinity=True)
 
 
 class CifHkdModel(nn.Module):

@@ -230,6 +230,27 @@ def test_compute_loss_reads_nothing_back():
     assert reads.seen == []
 
 
+def test_the_ctc_op_is_f_ctc_loss():
+    """cifhkd::ctc_loss (what torch.compile sees) against F.ctc_loss: values and gradients,
+    an impossible alignment (zero_infinity) included; its fake kernels pass opcheck."""
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(12, 4, 7, generator=g).log_softmax(-1).transpose(0, 1).contiguous().transpose(0, 1)
+    input_lengths, target_lengths = torch.tensor([12, 9, 5, 3]), torch.tensor([4, 3, 2, 5])  # the last: too long
+    targets = torch.randint(1, 7, (int(target_lengths.sum()),), generator=g)
+    weights = torch.rand(4, generator=g)
+    results = []
+    for fn in (lambda x: torch.ops.cifhkd.ctc_loss(x, targets, input_lengths, target_lengths, 0),
+               lambda x: F.ctc_loss(x, targets, input_lengths, target_lengths, reduction="none", zero_infinity=True)):
+        x = log_probs.detach().requires_grad_()
+        loss = fn(x)
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), x.grad))
+    assert results[0][0][3] == 0 and torch.isfinite(results[0][1]).all()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    torch.library.opcheck(torch.ops.cifhkd.ctc_loss.default,
+                          (log_probs.detach().requires_grad_(), targets, input_lengths, target_lengths, 0))
+
+
 def test_torch_compile_traces_a_training_batch_whole():
     """fullgraph=True: no graph break; the loss, terms and gradients equal eager (dropout
     off: a compiled graph draws its own masks). aot_eager traces forward and backward as
