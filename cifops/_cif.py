@@ -1,6 +1,6 @@
 """cifops.cif: continuous integrate-and-fire as a torch custom op.
 
-The contract (shared/docs/cif-semantics.md, repeated in cif's docstring) is
+The contract (docs/cif-semantics.md, repeated in cif's docstring) is
 implemented by hand-written CPU and CUDA kernels (csrc/cif/). This module
 registers their autograd and fake (meta) kernels with torch.library and wraps
 them in the public function and an nn.Module.

@@ -4,6 +4,6 @@
 - :mod:`cifops.compat.torch_cif`: torch_cif's ``cif_function``.
 
 Each reproduces its peer's signature, shapes, dtypes and conventions wherever the peer is
-self-consistent, and follows the contract (shared/docs/cif-semantics.md) where it is not;
+self-consistent, and follows the contract (docs/cif-semantics.md) where it is not;
 the module docstrings list the differences. Neither module imports its peer package.
 """

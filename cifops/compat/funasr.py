@@ -21,7 +21,7 @@ Matched exactly, for weights ``0 <= alpha <= 1`` and ``threshold == 1`` (where F
   predictor, before ``cif``, and stays the caller's job.
 - Gradients with respect to ``hidden`` and ``alphas`` (fire decisions held fixed).
 
-Deliberate differences (the contract, shared/docs/cif-semantics.md, and why):
+Deliberate differences (the contract, docs/cif-semantics.md, and why):
 
 - Fire decisions use float64 prefix sums of the alphas, like :func:`cifops.cif`. FunASR's
   ``cif`` integrates in float32 by repeated subtraction and ``cif_v1`` rounds its float64

@@ -8,7 +8,7 @@ A drop-in replacement for ``torch_cif.cif_function`` (torch-cif 0.2.0)::
 
 Same signature, defaults and output dictionary (every value a one-element list; the same
 keys, shapes and dtypes), and the same semantics, which torch_cif shares with the contract
-(shared/docs/cif-semantics.md): multi-fire for ``alpha > beta`` (allowed with
+(docs/cif-semantics.md): multi-fire for ``alpha > beta`` (allowed with
 ``unbound_alpha=True``), any ``beta``, the target-length scaling
 ``alpha * (beta * target + eps) / sum(alpha)`` with gradients through it, and the tail.
 In particular it matches torch_cif in:

@@ -3,7 +3,7 @@
 // sanitizer test (tests/native) as well as into the torch extension.
 //
 // ---------------------------------------------------------------------------
-// The recursion (shared/docs/cif-semantics.md; frames 0-based here)
+// The recursion (docs/cif-semantics.md; frames 0-based here)
 //
 //   inputs   hidden h      [B][T][D]
 //            alphas a      [B][T]          a[b][t] >= 0, finite
