@@ -10,9 +10,12 @@ from cifops._loader import build_info, load_library
 load_library()
 
 from cifops._cif import Cif, CifOutput, cif  # noqa: E402
+from cifops._stream import (  # noqa: E402
+    CifStream, CifStreamState, cif_stream_flush, cif_stream_state, cif_stream_step)
 from cifops._contrastive import (  # noqa: E402
     ContrastiveLoss, contrastive_accuracy, contrastive_loss)
 
-__all__ = ["cif", "Cif", "CifOutput", "contrastive_loss", "contrastive_accuracy",
+__all__ = ["cif", "Cif", "CifOutput", "cif_stream_step", "cif_stream_flush", "cif_stream_state",
+           "CifStream", "CifStreamState", "contrastive_loss", "contrastive_accuracy",
            "ContrastiveLoss", "build_info"]
 __version__ = "0.1.0"

@@ -59,6 +59,15 @@ TORCH_LIBRARY(cifops, m) {
       "Tensor scan_real, Tensor scan_int, float threshold, float scale_eps, "
       "float? tail_threshold, bool tail_normalize) -> (Tensor grad_hidden, Tensor grad_alphas)");
 
+  // One chunk of streaming CIF (cifops.cif_stream_step): the state (prefix float64 [B],
+  // tokens int64 [B], frames int64 [B], partial [B, D] in the compute dtype) goes in,
+  // the tokens completed in the chunk and the new state come out. Inference only.
+  m.def(
+      "cif_stream_step(Tensor hidden, Tensor alphas, Tensor? lengths, Tensor prefix, "
+      "Tensor tokens, Tensor frames, Tensor partial, float threshold, int max_tokens) -> "
+      "(Tensor embeds, Tensor token_lengths, Tensor fire_frames, Tensor new_prefix, "
+      "Tensor new_tokens, Tensor new_frames, Tensor new_partial)");
+
   // Fused contrastive (InfoNCE) loss (csrc/contrastive/contrastive.h). temperature
   // is a 1-element tensor (CPU, or on the inputs' device). stats [6, N] are the
   // per-row log-sum-exps, expected and positive logits the backward needs;

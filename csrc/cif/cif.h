@@ -288,6 +288,161 @@ CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alp
 }
 
 // ----------------------------------------------------------------------------
+// Streaming (cifops.cif_stream_step): the same recursion continued chunk by chunk.
+//
+// The state of an utterance after the frames seen so far is what the whole-input
+// scan carries from one frame to the next: the float64 prefix sum P, the number of
+// tokens fired, the number of frames consumed, and `partial`, the weighted sum of
+// the open token's frames (accumulated in acc_t: float32, or float64 for float64).
+// A chunk continues P with the same additions in the same order, so the fire
+// decisions are those of cif_scan_row on the concatenated input, bit for bit, and
+// each embedding is summed over the same frames in the same order as the CPU
+// forward's. Tokens completed in the chunk are emitted; the tail is the flush's.
+
+// Per-utterance results of a chunk's scan (stream_info fields).
+constexpr int kStreamLength = 0;  // valid frames of the chunk (0 when rejected)
+constexpr int kStreamStatus = 1;  // CifStatus
+constexpr int kStreamWhere = 2;   // offending frame of the chunk (or -1)
+constexpr int kStreamCount = 3;   // tokens completed in the chunk (before max_tokens)
+constexpr int kStreamInfo = 4;
+
+struct CifStreamConfig {
+  int64_t batch = 0;       // B
+  int64_t frames = 0;      // Tc, frames of the chunk
+  int64_t dim = 0;         // D
+  int64_t n_out = 0;       // N, tokens emitted per utterance at most
+  double threshold = 1.0;  // beta
+};
+
+// The chunk's part of the state update, O(Tc), one thread per utterance: validation,
+// the prefix sums P[0..Tc] continuing from prefix0 (prefix[0] = prefix0), the absolute
+// fire counts token_after[t], the new prefix, tokens and frames, and the emitted count.
+// A chunk with a bad length or alpha leaves the state as it was and emits nothing;
+// its status says why.
+template <typename alpha_t>
+CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
+                                   const CifStreamConfig& cfg, double prefix0, int64_t tokens0,
+                                   int64_t frames0, double* prefix, int64_t* token_after,
+                                   int64_t* info, double* new_prefix, int64_t* new_tokens,
+                                   int64_t* new_frames, int64_t* token_lengths) {
+  const int64_t T = cfg.frames;
+  const double beta = cfg.threshold;
+  *new_prefix = prefix0;
+  *new_tokens = tokens0;
+  *new_frames = frames0;
+  *token_lengths = 0;
+  info[kStreamLength] = 0;
+  info[kStreamStatus] = kCifOk;
+  info[kStreamWhere] = -1;
+  info[kStreamCount] = 0;
+  for (int64_t t = 0; t <= T; ++t) prefix[t] = prefix0;
+  for (int64_t t = 0; t < T; ++t) token_after[t] = tokens0;
+  const int64_t length = length_ptr ? *length_ptr : T;
+  if (length < 0 || length > T) {
+    info[kStreamStatus] = kCifBadLength;
+    return;
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    const double a = static_cast<double>(alphas[t]);
+    if (!(a >= 0.0) || a - a != 0.0) {  // NaN, negative or +inf (as cif_scan_row)
+      info[kStreamStatus] = kCifBadAlpha;
+      info[kStreamWhere] = t;
+      return;
+    }
+  }
+  double p = prefix0;
+  int64_t fired = tokens0;
+  for (int64_t t = 0; t < length; ++t) {
+    p += static_cast<double>(alphas[t]);  // cif_scan_row's p += a * 1.0, exactly
+    if (cif_boundary(fired, beta) <= p) {
+      if (p / beta >= 9007199254740992.0) {  // 2^53 (as cif_scan_row)
+        for (int64_t u = 0; u <= T; ++u) prefix[u] = prefix0;
+        for (int64_t u = 0; u < T; ++u) token_after[u] = tokens0;
+        info[kStreamStatus] = kCifTooManyTokens;
+        info[kStreamWhere] = t;
+        return;
+      }
+      fired = cif_settle_fires(p, fired, beta);
+    }
+    prefix[t + 1] = p;
+    token_after[t] = fired;
+  }
+  for (int64_t t = length; t < T; ++t) {
+    prefix[t + 1] = p;
+    token_after[t] = fired;
+  }
+  info[kStreamLength] = length;
+  info[kStreamCount] = fired - tokens0;
+  *new_prefix = p;
+  *new_tokens = fired;
+  *new_frames = frames0 + length;
+  *token_lengths = fired - tokens0 < cfg.n_out ? fired - tokens0 : cfg.n_out;
+}
+
+// The chunk's embeddings for one utterance after its scan, over the dimensions
+// d = d_begin, d_begin + d_step, ... < D (the CPU passes 0, 1; a CUDA block its
+// threads). partial [D] holds the open token's sum on entry and on exit; embeds
+// [N][D] and fire_frames [N] (written where d_begin == 0) receive the completed
+// tokens, padding zero / -1. hidden [Tc][D] is in acc_t.
+template <typename acc_t>
+CIFOPS_HD void cif_stream_embed_row(const acc_t* hidden, const CifStreamConfig& cfg,
+                                    int64_t tokens0, int64_t frames0, const double* prefix,
+                                    const int64_t* token_after, const int64_t* info,
+                                    acc_t* partial, acc_t* embeds, int64_t* fire_frames,
+                                    int64_t d_begin, int64_t d_step) {
+  const int64_t D = cfg.dim, N = cfg.n_out;
+  const double beta = cfg.threshold;
+  int64_t emitted = 0;
+  for (int64_t t = 0; t < info[kStreamLength]; ++t) {
+    const acc_t* h = hidden + t * D;
+    const int64_t k_out = token_after[t];
+    for (int64_t k = t == 0 ? tokens0 : token_after[t - 1]; k <= k_out; ++k) {
+      if (k < k_out && k - tokens0 >= N) {  // complete but beyond N: dropped, up to k_out
+        for (int64_t d = d_begin; d < D; d += d_step) partial[d] = acc_t(0);
+        k = k_out;
+      }
+      const double w = cif_overlap(prefix[t], prefix[t + 1], k, beta);
+      if (w > 0.0) {
+        const acc_t wa = static_cast<acc_t>(w);
+        for (int64_t d = d_begin; d < D; d += d_step) partial[d] += wa * h[d];
+      }
+      if (k < k_out) {  // token k fired at frame t
+        const int64_t j = k - tokens0;
+        acc_t* out = embeds + j * D;
+        for (int64_t d = d_begin; d < D; d += d_step) {
+          out[d] = partial[d];
+          partial[d] = acc_t(0);
+        }
+        if (d_begin == 0) fire_frames[j] = frames0 + t;
+        emitted = j + 1;
+      }
+    }
+  }
+  for (int64_t j = emitted; j < N; ++j) {
+    for (int64_t d = d_begin; d < D; d += d_step) embeds[j * D + d] = acc_t(0);
+    if (d_begin == 0) fire_frames[j] = -1;
+  }
+}
+
+// Scratch of a chunk: prefix [B][Tc+1], token_after [B][Tc], info [B][kStreamInfo].
+struct CifStreamWorkspace {
+  double* prefix = nullptr;
+  int64_t* token_after = nullptr;
+  int64_t* info = nullptr;
+};
+
+// The state in and out (new_partial holds the old partial on entry, in acc_t).
+struct CifStreamState {
+  const double* prefix = nullptr;    // [B]
+  const int64_t* tokens = nullptr;   // [B]
+  const int64_t* frames = nullptr;   // [B]
+  double* new_prefix = nullptr;      // [B]
+  int64_t* new_tokens = nullptr;     // [B]
+  int64_t* new_frames = nullptr;     // [B]
+  void* new_partial = nullptr;       // [B][D], acc_t
+};
+
+// ----------------------------------------------------------------------------
 // CPU entry points (csrc/cif/cif_cpu.cpp). `parallel_for(n, grain, body)` runs
 // body(begin, end) over [0, n) in chunks; the torch binding passes
 // at::parallel_for, the native test a serial loop.
@@ -330,5 +485,23 @@ int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const
                       ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
                       const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
                       void* grad_hidden, void* grad_alphas, void* stream);
+
+// Streaming entry points (csrc/cif/cif_stream_cpu.cpp, csrc/cif/cif_stream_cuda.cu).
+// hidden [B][Tc][D] and embeds [B][N][D] are in the compute dtype (float32/float64:
+// `hidden_kind`); alphas [B][Tc] float32/float64; lengths [B] may be null.
+// The scan writes the new prefix/tokens/frames and token_lengths; the embedding pass
+// updates new_partial in place and writes embeds and fire_frames [B][N].
+void cif_stream_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
+                         const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
+                         int64_t* token_lengths, const ParallelFor& parallel_for);
+void cif_stream_embed_cpu(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
+                          CifStreamState st, CifStreamWorkspace ws, void* embeds,
+                          int64_t* fire_frames, const ParallelFor& parallel_for);
+int cif_stream_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
+                         const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
+                         int64_t* token_lengths, void* stream);
+int cif_stream_embed_cuda(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
+                          CifStreamState st, CifStreamWorkspace ws, void* embeds,
+                          int64_t* fire_frames, void* stream);
 
 }  // namespace cifops

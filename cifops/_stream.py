@@ -1,0 +1,228 @@
+"""Streaming CIF: cifops.cif_stream_step / cif_stream_flush and the CifStream module.
+
+A chunk at a time, with the state of each utterance held in tensors (so that the step
+exports with torch.export and ONNX like any function of tensors):
+
+    state = None
+    for hidden, alphas, lengths in chunks:            # [B, Tc, D], [B, Tc], [B]
+        out, state = cifops.cif_stream_step(hidden, alphas, lengths, state, max_tokens=16)
+        emit(out.embeds, out.token_lengths, out.fire_frames)
+    emit(*cifops.cif_stream_flush(state, tail_threshold=0.5)[:3])
+
+For every chunking, the tokens of the steps followed by the flush are those of
+``cifops.cif`` on the whole input with the same threshold and tail options: the same
+count and fire frames (the float64 prefix sum continues across chunks in the same
+order), embeddings equal up to float rounding (docs/cif-semantics.md, "Streaming").
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from cifops._checks import check_same_device, check_tensor
+from cifops._cif import _TAIL_MODES, CifOutput, _max_tokens
+
+
+class CifStreamState(NamedTuple):
+    """Per-utterance state of a CIF stream (returned by :func:`cif_stream_step`).
+
+    prefix:  [B] float64, the prefix sum of the alphas seen so far.
+    tokens:  [B] int64, the complete tokens fired so far.
+    frames:  [B] int64, the frames consumed so far.
+    partial: [B, D], the weighted sum of the still-open token's frames, in the compute
+             dtype (float32 for float16/bfloat16/float32 hidden, float64 for float64).
+    """
+
+    prefix: Tensor
+    tokens: Tensor
+    frames: Tensor
+    partial: Tensor
+
+
+# The fake (meta) kernel: shapes only, so torch.compile and torch.export can trace a step.
+@torch.library.register_fake("cifops::cif_stream_step")
+def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
+                          max_tokens):
+    check_same_device("cifops.cif_stream_step", "hidden", hidden, alphas=alphas, lengths=lengths,
+                      prefix=prefix, tokens=tokens, frames=frames, partial=partial)
+    B, _, D = hidden.shape
+    if max_tokens >= 0:
+        n = max_tokens
+    else:
+        try:
+            n = torch.library.get_ctx().new_dynamic_size()
+        except RuntimeError as exc:  # meta tensors, not FakeTensors
+            raise RuntimeError("cifops.cif_stream_step: meta tensors need max_tokens") from exc
+    return (hidden.new_empty((B, n, D)), hidden.new_empty((B,), dtype=torch.int64),
+            hidden.new_empty((B, n), dtype=torch.int64), torch.empty_like(prefix),
+            torch.empty_like(tokens), torch.empty_like(frames), torch.empty_like(partial))
+
+
+def cif_stream_state(batch: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                     device=None) -> CifStreamState:
+    """The state of ``batch`` fresh utterances with ``dim``-dimensional frames in ``dtype``
+    (what ``cif_stream_step(..., state=None)`` starts from)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError("cifops.cif_stream_state: dtype must be float16, bfloat16, float32 or "
+                         f"float64, got {dtype}")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return CifStreamState(torch.zeros(batch, dtype=torch.float64, device=device),
+                          torch.zeros(batch, dtype=torch.int64, device=device),
+                          torch.zeros(batch, dtype=torch.int64, device=device),
+                          torch.zeros(batch, dim, dtype=acc, device=device))
+
+
+def _check_state(fn, state):
+    if not isinstance(state, tuple) or len(state) != 4:
+        raise TypeError(f"{fn}: state must be the CifStreamState a previous step returned "
+                        f"(or None to start), got {type(state).__name__}")
+    for name, x in zip(CifStreamState._fields, state):
+        check_tensor(fn, f"state.{name}", x)
+    return CifStreamState(*state)
+
+
+def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
+                    state: Optional[CifStreamState] = None, *, threshold: float = 1.0,
+                    max_tokens: Optional[int] = None):
+    r"""Integrate the next chunk of a batch of streams; returns ``(CifOutput, new state)``.
+
+    Args:
+        hidden: [B, Tc, D] float16/bfloat16/float32/float64, the chunk's frames.
+        alphas: [B, Tc], their weights (>= 0 and finite).
+        lengths: [B] integers in [0, Tc], the chunk's valid frames per utterance (0 for an
+            utterance that has ended or has nothing new); None: all Tc.
+        state: the state the previous step returned for the same batch, or None at the
+            start (:func:`cif_stream_state`).
+        threshold: the firing threshold beta (> 0); the same for every step of a stream.
+        max_tokens: the output width N, the most tokens one utterance can complete in
+            this chunk (more are dropped from the output; the state stays exact). Given,
+            no device-to-host synchronisation happens (CUDA); None: N is the largest
+            count of the batch.
+
+    Returns:
+        ``(out, state)``: ``out`` is a :class:`CifOutput` of the tokens completed in this
+        chunk: ``embeds`` [B, N, D] (hidden's dtype), ``token_lengths`` [B],
+        ``fire_frames`` [B, N] counted from the utterance's first frame (-1 in padding),
+        ``alpha_sum`` [B] the sum of the utterance's alphas so far (float32, or float64
+        for float64 hidden). ``state`` is the new :class:`CifStreamState`.
+
+    The tail (the incomplete last token) is emitted by :func:`cif_stream_flush`. Inference
+    only: no gradients. Value errors (negative/NaN/inf alphas, lengths outside [0, Tc])
+    raise on CPU, and on CUDA when max_tokens is None; on CUDA with max_tokens given such
+    an utterance emits nothing in this chunk and keeps its state.
+    """
+    fn = "cifops.cif_stream_step"
+    check_tensor(fn, "hidden", hidden)
+    check_tensor(fn, "alphas", alphas)
+    check_tensor(fn, "lengths", lengths, optional=True)
+    if hidden.dim() != 3:
+        raise ValueError(f"{fn}: hidden must be a 3-D tensor [B, Tc, D], got shape "
+                         f"{tuple(hidden.shape)}")
+    if state is None:
+        state = cif_stream_state(hidden.shape[0], hidden.shape[2], dtype=hidden.dtype,
+                                 device=hidden.device)
+    state = _check_state(fn, state)
+    check_same_device(fn, "hidden", hidden, exc=ValueError, alphas=alphas, lengths=lengths,
+                      **{f"state.{k}": v for k, v in state._asdict().items()})
+    n = _max_tokens(max_tokens)
+    out = torch.ops.cifops.cif_stream_step(hidden, alphas, lengths, *state, float(threshold), n)
+    new_state = CifStreamState(*out[3:])
+    return CifOutput(out[0], out[1], out[2], _alpha_sum(new_state)), new_state
+
+
+def _alpha_sum(state):
+    return state.prefix.to(state.partial.dtype)
+
+
+def cif_stream_flush(state: CifStreamState, *, threshold: float = 1.0,
+                     tail_threshold: Optional[float] = None,
+                     tail_mode: str = "normalize") -> CifOutput:
+    """The tail token of each stream, under the contract's tail rule (cifops.cif).
+
+    The residual ``r = prefix - tokens * threshold`` is emitted as one more token when
+    ``tail_threshold`` is set, ``r >= tail_threshold`` and ``r > 0`` (and the stream saw a
+    frame): raw (``tail_mode="keep"``) or scaled by ``threshold / r`` ("normalize"); its
+    fire frame is the stream's last frame. Returns a :class:`CifOutput` with N = 1:
+    ``embeds`` [B, 1, D] in the state's compute dtype, ``token_lengths`` [B] (0 or 1),
+    ``fire_frames`` [B, 1], ``alpha_sum`` [B]. The state is not changed (start the next
+    utterances from None).
+    """
+    fn = "cifops.cif_stream_flush"
+    state = _check_state(fn, state)
+    if tail_mode not in _TAIL_MODES:
+        raise ValueError(f"{fn}: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
+    threshold = float(threshold)
+    if not threshold > 0 or threshold == float("inf"):
+        raise ValueError(f"{fn}: threshold must be a finite number > 0, got {threshold}")
+    if tail_threshold is not None:
+        tail_threshold = float(tail_threshold)
+        if not 0 <= tail_threshold < float("inf"):
+            raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got "
+                             f"{tail_threshold}")
+    embed, has_tail, frame = _tail(state, threshold, tail_threshold, tail_mode == "normalize")
+    return CifOutput(embed.unsqueeze(1), has_tail.to(torch.int64), frame.unsqueeze(1),
+                     _alpha_sum(state))
+
+
+def _tail(state, threshold, tail_threshold, normalize):
+    """(embed [B, D], has_tail [B] bool, fire frame [B] or -1) from a state: the
+    residual is computed as cif_scan_row does, the normalising scale in float64."""
+    prefix, tokens, frames, partial = state
+    residual = prefix - tokens.to(torch.float64) * threshold
+    has_tail = (frames > 0) & (residual > 0)
+    if tail_threshold is None:
+        has_tail = torch.zeros_like(has_tail)
+    else:
+        has_tail = has_tail & (residual >= tail_threshold)
+    scale = torch.ones_like(residual)
+    if normalize:
+        scale = torch.where(has_tail, threshold / torch.where(has_tail, residual, 1.0), 1.0)
+    embed = torch.where(has_tail[:, None], partial.to(torch.float64) * scale[:, None], 0.0)
+    frame = torch.where(has_tail, frames - 1, -1)
+    return embed.to(partial.dtype), has_tail, frame
+
+
+class CifStream(torch.nn.Module):
+    """A CIF stream that holds its state: ``out = stream(hidden, alphas, lengths)`` per
+    chunk, ``stream.flush()`` at the end (the tail tokens), ``stream.reset()`` before the
+    next batch of utterances. The settings are those of :func:`cif_stream_step` and
+    :func:`cif_stream_flush`."""
+
+    def __init__(self, threshold: float = 1.0, tail_threshold: Optional[float] = None,
+                 tail_mode: str = "normalize", max_tokens: Optional[int] = None):
+        super().__init__()
+        if tail_mode not in _TAIL_MODES:
+            raise ValueError("cifops.CifStream: tail_mode must be 'keep' or 'normalize', got "
+                             f"{tail_mode!r}")
+        self.threshold = threshold
+        self.tail_threshold = tail_threshold
+        self.tail_mode = tail_mode
+        self.max_tokens = max_tokens
+        self.state: Optional[CifStreamState] = None
+        self._dtype: Optional[torch.dtype] = None
+
+    def forward(self, hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None
+                ) -> CifOutput:
+        out, self.state = cif_stream_step(hidden, alphas, lengths, self.state,
+                                          threshold=self.threshold, max_tokens=self.max_tokens)
+        self._dtype = hidden.dtype
+        return out
+
+    def flush(self) -> CifOutput:
+        """The tail tokens of the current utterances (see :func:`cif_stream_flush`), in the
+        chunks' dtype."""
+        if self.state is None:
+            raise RuntimeError("cifops.CifStream.flush: no chunk has been integrated since the "
+                               "last reset")
+        out = cif_stream_flush(self.state, threshold=self.threshold,
+                               tail_threshold=self.tail_threshold, tail_mode=self.tail_mode)
+        return out._replace(embeds=out.embeds.to(self._dtype))  # hidden's dtype, as cif's
+
+    def reset(self) -> None:
+        """Forget the state: the next chunk starts new utterances."""
+        self.state = None
+        self._dtype = None
+
+    def extra_repr(self) -> str:
+        return (f"threshold={self.threshold}, tail_threshold={self.tail_threshold}, "
+                f"tail_mode={self.tail_mode!r}, max_tokens={self.max_tokens}")

@@ -1,0 +1,69 @@
+// CPU kernels of the streaming CIF step (the math is in cif.h): the chunk's scan and
+// its embeddings, one utterance per task.
+#include "cif.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace cifops {
+namespace {
+
+template <typename alpha_t>
+void stream_scan_impl(const alpha_t* alphas, const int64_t* lengths, const CifStreamConfig& cfg,
+                      CifStreamState st, CifStreamWorkspace ws, int64_t* token_lengths,
+                      const ParallelFor& parallel_for) {
+  const int64_t T = cfg.frames;
+  parallel_for(cfg.batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      cif_stream_scan_row(alphas + b * T, lengths ? lengths + b : nullptr, cfg, st.prefix[b],
+                          st.tokens[b], st.frames[b], ws.prefix + b * (T + 1),
+                          ws.token_after + b * T, ws.info + b * kStreamInfo, st.new_prefix + b,
+                          st.new_tokens + b, st.new_frames + b, token_lengths + b);
+  });
+}
+
+template <typename acc_t>
+void stream_embed_impl(const acc_t* hidden, const CifStreamConfig& cfg, CifStreamState st,
+                       CifStreamWorkspace ws, acc_t* embeds, int64_t* fire_frames,
+                       const ParallelFor& parallel_for) {
+  const int64_t T = cfg.frames, D = cfg.dim, N = cfg.n_out;
+  acc_t* partial = static_cast<acc_t*>(st.new_partial);
+  parallel_for(cfg.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      cif_stream_embed_row(hidden + b * T * D, cfg, st.tokens[b], st.frames[b],
+                           ws.prefix + b * (T + 1), ws.token_after + b * T,
+                           ws.info + b * kStreamInfo, partial + b * D, embeds + b * N * D,
+                           fire_frames + b * N, /*d_begin=*/0, /*d_step=*/1);
+  });
+}
+
+template <typename F>
+void dispatch_float(ScalarKind kind, const char* what, F&& body) {
+  if (kind == ScalarKind::kFloat32) body(float{});
+  else if (kind == ScalarKind::kFloat64) body(double{});
+  else throw std::invalid_argument(std::string("cifops CPU kernels take float32/float64 ") + what);
+}
+
+}  // namespace
+
+void cif_stream_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
+                         const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
+                         int64_t* token_lengths, const ParallelFor& parallel_for) {
+  dispatch_float(alpha_kind, "alphas", [&](auto tag) {
+    using alpha_t = decltype(tag);
+    stream_scan_impl(static_cast<const alpha_t*>(alphas), lengths, cfg, st, ws, token_lengths,
+                     parallel_for);
+  });
+}
+
+void cif_stream_embed_cpu(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
+                          CifStreamState st, CifStreamWorkspace ws, void* embeds,
+                          int64_t* fire_frames, const ParallelFor& parallel_for) {
+  dispatch_float(hidden_kind, "hidden", [&](auto tag) {
+    using acc_t = decltype(tag);
+    stream_embed_impl(static_cast<const acc_t*>(hidden), cfg, st, ws,
+                      static_cast<acc_t*>(embeds), fire_frames, parallel_for);
+  });
+}
+
+}  // namespace cifops

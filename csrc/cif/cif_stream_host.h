@@ -1,0 +1,155 @@
+// Host side of cifops::cif_stream_step, shared by its CPU and CUDA bindings: argument
+// checks that name the argument, allocation of the outputs and the chunk's workspace,
+// and the step itself around the two backend kernels (scan, then embeddings).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <optional>
+#include <tuple>
+
+#include "cif_host.h"
+
+namespace cifops {
+
+using CifStreamOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& alphas,
+                                  const std::optional<at::Tensor>& lengths,
+                                  const at::Tensor& prefix, const at::Tensor& tokens,
+                                  const at::Tensor& frames, const at::Tensor& partial,
+                                  double threshold, int64_t max_tokens) {
+  const char* fn = "cifops.cif_stream_step";
+  TORCH_CHECK(hidden.dim() == 3, fn, ": hidden must be a 3-D tensor [B, Tc, D], got shape ",
+              hidden.sizes());
+  TORCH_CHECK(is_supported_float(hidden.scalar_type()),
+              fn, ": hidden must be " CIFOPS_FLOAT_DTYPES ", got ", hidden.scalar_type());
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
+  TORCH_CHECK(alphas.dim() == 2 && alphas.size(0) == B && alphas.size(1) == T, fn,
+              ": alphas must have shape [B, Tc] = [", B, ", ", T, "] to match hidden, got ",
+              alphas.sizes());
+  TORCH_CHECK(is_supported_float(alphas.scalar_type()),
+              fn, ": alphas must be " CIFOPS_FLOAT_DTYPES ", got ", alphas.scalar_type());
+  check_same_device(alphas, "alphas", hidden, "hidden", fn);
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, fn,
+                ": lengths must be a 1-D tensor [B] = [", B, "], got shape ", lengths->sizes());
+    TORCH_CHECK(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), fn,
+                ": lengths must be an integer tensor, got ", lengths->scalar_type());
+    check_same_device(*lengths, "lengths", hidden, "hidden", fn);
+  }
+  // The state: what a previous step (or cifops.cif_stream_state) returned for this batch.
+  auto check_state = [&](const at::Tensor& x, const char* name, at::ScalarType dtype,
+                         bool per_dim) {
+    const bool shape_ok = per_dim ? (x.dim() == 2 && x.size(0) == B && x.size(1) == D)
+                                  : (x.dim() == 1 && x.size(0) == B);
+    TORCH_CHECK(shape_ok, fn, ": ", name, " must have shape ",
+                per_dim ? "[B, D] = [" : "[B] = [", B, per_dim ? ", " : "",
+                per_dim ? std::to_string(D) : std::string(), "] to match hidden, got ", x.sizes(),
+                " (a state from another batch or model?)");
+    TORCH_CHECK(x.scalar_type() == dtype, fn, ": ", name, " must be ", dtype, " for ",
+                hidden.scalar_type(), " hidden, got ", x.scalar_type());
+    check_same_device(x, name, hidden, "hidden", fn);
+  };
+  check_state(prefix, "state.prefix", at::kDouble, false);
+  check_state(tokens, "state.tokens", at::kLong, false);
+  check_state(frames, "state.frames", at::kLong, false);
+  check_state(partial, "state.partial", compute_type(hidden.scalar_type()), true);
+  TORCH_CHECK(std::isfinite(threshold) && threshold > 0, fn,
+              ": threshold must be a finite number > 0, got ", threshold);
+  TORCH_CHECK(max_tokens >= -1, fn, ": max_tokens must be >= 0 or None, got ", max_tokens);
+}
+
+// Raise the first per-utterance error of a chunk's scan (info on the CPU); returns the
+// largest number of tokens completed in the chunk.
+inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor& alphas,
+                                   const std::optional<at::Tensor>& lengths) {
+  const int64_t* info = info_cpu.data_ptr<int64_t>();
+  int64_t max_count = 0;
+  for (int64_t b = 0; b < info_cpu.size(0); ++b) {
+    const int64_t* row = info + b * kStreamInfo;
+    const int64_t where = row[kStreamWhere];
+    switch (row[kStreamStatus]) {
+      case kCifOk: break;
+      case kCifBadAlpha:
+        TORCH_CHECK(false, "cifops.cif_stream_step: alphas must be finite and >= 0, got alphas[",
+                    b, ", ", where, "] = ", alphas.select(0, b).select(0, where).item<double>());
+      case kCifBadLength:
+        TORCH_CHECK(false, "cifops.cif_stream_step: lengths must be in [0, Tc] = [0, ",
+                    alphas.size(1), "], got lengths[", b,
+                    "] = ", lengths->select(0, b).item<int64_t>());
+      case kCifTooManyTokens:
+        TORCH_CHECK(false, "cifops.cif_stream_step: the alphas of utterance ", b,
+                    " integrate to more than 2^53 thresholds by frame ", where,
+                    " of the chunk; token counts would not be exact");
+      default: TORCH_CHECK(false, "cifops.cif_stream_step: internal error, unknown status");
+    }
+    if (row[kStreamCount] > max_count) max_count = row[kStreamCount];
+  }
+  return max_count;
+}
+
+// One streaming step on either backend. scan(a, len, cfg, st, ws, token_lengths) and
+// embed(h, cfg, st, ws, embeds, fire_frames) launch the backend's kernels; n_out_of(info)
+// turns the scan's info into the output width when max_tokens is not given (a
+// device-to-host copy on CUDA).
+template <typename Scan, typename Embed>
+CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor& alphas,
+                                      const std::optional<at::Tensor>& lengths,
+                                      const at::Tensor& prefix, const at::Tensor& tokens,
+                                      const at::Tensor& frames, const at::Tensor& partial,
+                                      double threshold, int64_t max_tokens, Scan&& scan,
+                                      Embed&& embed) {
+  check_cif_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
+                        max_tokens);
+  const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
+  const auto len = to_long(lengths);
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
+  CifStreamConfig cfg;
+  cfg.batch = B;
+  cfg.frames = T;
+  cfg.dim = D;
+  // not given: every token (token_lengths = the count), then N = the largest count
+  cfg.n_out = max_tokens >= 0 ? max_tokens : std::numeric_limits<int64_t>::max();
+  cfg.threshold = threshold;
+  const auto opts = hidden.options();
+  at::Tensor ws_prefix = at::empty({B, T + 1}, opts.dtype(at::kDouble));
+  at::Tensor ws_after = at::empty({B, T}, opts.dtype(at::kLong));
+  at::Tensor ws_info = at::empty({B, kStreamInfo}, opts.dtype(at::kLong));
+  at::Tensor new_prefix = at::empty({B}, opts.dtype(at::kDouble));
+  at::Tensor new_tokens = at::empty({B}, opts.dtype(at::kLong));
+  at::Tensor new_frames = at::empty({B}, opts.dtype(at::kLong));
+  at::Tensor token_lengths = at::empty({B}, opts.dtype(at::kLong));
+  at::Tensor new_partial = partial.contiguous().clone();
+  const at::Tensor p0 = prefix.contiguous(), k0 = tokens.contiguous(), f0 = frames.contiguous();
+  CifStreamState st;
+  st.prefix = p0.data_ptr<double>();
+  st.tokens = k0.data_ptr<int64_t>();
+  st.frames = f0.data_ptr<int64_t>();
+  st.new_prefix = new_prefix.data_ptr<double>();
+  st.new_tokens = new_tokens.data_ptr<int64_t>();
+  st.new_frames = new_frames.data_ptr<int64_t>();
+  st.new_partial = new_partial.data_ptr();
+  CifStreamWorkspace ws;
+  ws.prefix = ws_prefix.data_ptr<double>();
+  ws.token_after = ws_after.data_ptr<int64_t>();
+  ws.info = ws_info.data_ptr<int64_t>();
+  scan(a, len, cfg, st, ws, token_lengths);
+  if (max_tokens < 0 || !hidden.is_cuda()) {  // the CPU always reports errors
+    const int64_t max_count = check_stream_status(ws_info.cpu(), alphas, len);
+    if (max_tokens < 0) cfg.n_out = max_count;
+  }
+  at::Tensor embeds = at::empty({B, cfg.n_out, D}, h.options());
+  at::Tensor fire_frames = at::empty({B, cfg.n_out}, opts.dtype(at::kLong));
+  embed(h, cfg, st, ws, embeds, fire_frames);
+  return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames, new_prefix, new_tokens,
+          new_frames, new_partial};
+}
+
+}  // namespace cifops

@@ -1,0 +1,251 @@
+"""cifops.cif_stream_step / cif_stream_flush / CifStream: a stream cut into any chunks
+gives the tokens of cifops.cif on the whole input (and of the float64 reference)."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import cifops
+from cifops.reference import cif_reference
+
+from conftest import requires_cuda
+
+DYADIC = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.5]
+
+
+@st.composite
+def stream_cases(draw):
+    """A batch, whole-input options and a chunking of its frames: chunk boundaries
+    (repeats make empty chunks) and per-utterance lengths that end in different chunks."""
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(0, 12))
+    D = draw(st.integers(1, 4))
+    values = st.one_of(st.sampled_from(DYADIC), st.floats(0.0, 2.5))  # multi-fire above 1
+    alphas = torch.tensor(draw(st.lists(st.lists(values, min_size=T, max_size=T), min_size=B,
+                                        max_size=B)), dtype=torch.float64).reshape(B, T)
+    lengths = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
+    cuts = sorted(draw(st.lists(st.integers(0, T), max_size=6)))
+    bounds = [0] + cuts + [T]
+    opts = dict(threshold=draw(st.sampled_from([1.0, 0.5, 0.75, 2.0, 0.3])))
+    if draw(st.booleans()):
+        opts["tail_threshold"] = draw(st.sampled_from([0.0, 0.1, 0.5]))
+        opts["tail_mode"] = draw(st.sampled_from(["keep", "normalize"]))
+    hidden = torch.randn(B, T, D, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    return hidden, alphas, lengths, bounds, opts
+
+
+def run_stream(hidden, alphas, lengths, bounds, threshold=1.0, tail_threshold=None,
+               tail_mode="normalize", max_tokens=None):
+    """Feed the chunks [bounds[i], bounds[i+1]); return per utterance the list of
+    (embedding, fire frame) of every step and the flush, and the final state."""
+    B = hidden.shape[0]
+    tokens = [[] for _ in range(B)]
+    state = None
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        chunk_len = (lengths - s).clamp(0, e - s)
+        out, state = cifops.cif_stream_step(hidden[:, s:e], alphas[:, s:e], chunk_len, state,
+                                            threshold=threshold, max_tokens=max_tokens)
+        collect(tokens, out)
+    if state is None:  # no chunk at all: a state of nothing
+        state = cifops.cif_stream_state(B, hidden.shape[2], dtype=hidden.dtype)
+    collect(tokens, cifops.cif_stream_flush(state, threshold=threshold,
+                                            tail_threshold=tail_threshold, tail_mode=tail_mode))
+    return tokens, state
+
+
+def collect(tokens, out):
+    assert out.embeds.shape[1] == out.fire_frames.shape[1]
+    for b, n in enumerate(out.token_lengths.tolist()):
+        assert (out.fire_frames[b, n:] == -1).all() and (out.embeds[b, n:] == 0).all()
+        tokens[b] += [(out.embeds[b, j], int(out.fire_frames[b, j])) for j in range(n)]
+
+
+def assert_tokens_equal(tokens, whole, rtol, atol, exact=False):
+    for b, toks in enumerate(tokens):
+        n = int(whole.token_lengths[b])
+        assert len(toks) == n, (b, len(toks), n)
+        assert [f for _, f in toks] == whole.fire_frames[b, :n].tolist()
+        for j, (e, _) in enumerate(toks):
+            ref = whole.embeds[b, j]
+            if exact:
+                assert torch.equal(e, ref), (b, j)
+            else:
+                torch.testing.assert_close(e.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+@given(stream_cases())
+def test_any_chunking_equals_whole_input(case):
+    hidden, alphas, lengths, bounds, opts = case
+    tokens, state = run_stream(hidden, alphas, lengths, bounds, **opts)
+    ref = cif_reference(hidden, alphas, lengths, **opts)  # the literal float64 definition
+    assert_tokens_equal(tokens, ref, rtol=1e-9, atol=1e-9)
+    whole = cifops.cif(hidden, alphas, lengths, **opts)
+    assert_tokens_equal(tokens, whole, rtol=1e-12, atol=1e-12)
+    # the state is the whole input's scan result: prefix sum, tokens, frames
+    torch.testing.assert_close(state.prefix, whole.alpha_sum, rtol=0, atol=0)
+    assert torch.equal(state.frames, lengths)
+
+
+@given(stream_cases(), st.integers(0, 3))
+def test_max_tokens_drops_only_that_chunks_overflow(case, max_tokens):
+    """Tokens beyond max_tokens in one chunk are dropped from the output; the state and
+    the later chunks stay exact."""
+    hidden, alphas, lengths, bounds, opts = case
+    opts.pop("tail_threshold", None), opts.pop("tail_mode", None)
+    tokens, _ = run_stream(hidden, alphas, lengths, bounds, max_tokens=max_tokens, **opts)
+    whole = cifops.cif(hidden, alphas, lengths, **opts)
+    for b in range(hidden.shape[0]):
+        fires = whole.fire_frames[b, :int(whole.token_lengths[b])].tolist()
+        expected = []  # chunk by chunk: the first max_tokens tokens fired in the chunk
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            expected += [j for j, f in enumerate(fires) if s <= f < e][:max_tokens]
+        assert [f for _, f in tokens[b]] == [fires[j] for j in expected]
+        for (emb, _), j in zip(tokens[b], expected):
+            torch.testing.assert_close(emb, whole.embeds[b, j], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_complete_tokens_bitwise_equal_to_cif(dtype):
+    """Complete tokens are summed over the same frames in the same order as the CPU
+    forward of cifops.cif, so their embeddings are the same bits."""
+    g = torch.Generator().manual_seed(0)
+    B, T, D = 4, 97, 33
+    hidden = torch.randn(B, T, D, generator=g).to(dtype)
+    alphas = (torch.rand(B, T, generator=g) * 0.9).to(dtype)
+    alphas[1, 10] = 3.7  # a multi-fire frame
+    lengths = torch.tensor([97, 50, 1, 0])
+    whole = cifops.cif(hidden, alphas, lengths)
+    tokens, _ = run_stream(hidden, alphas, lengths, [0, 1, 16, 16, 17, 40, 90, 97])
+    assert_tokens_equal(tokens, whole, 0, 0, exact=True)
+
+
+def test_tail_matches_cif_keep_and_normalize():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 20, 8, generator=g)
+    alphas = torch.rand(3, 20, generator=g) * 0.6
+    lengths = torch.tensor([20, 13, 7])
+    for mode in ("keep", "normalize"):
+        whole = cifops.cif(hidden, alphas, lengths, tail_threshold=0.0, tail_mode=mode)
+        tokens, _ = run_stream(hidden, alphas, lengths, [0, 5, 9, 20], tail_threshold=0.0,
+                               tail_mode=mode)
+        assert_tokens_equal(tokens, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_cif_stream_module_and_reset():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 30, 6, generator=g, dtype=torch.float16)
+    alphas = torch.rand(2, 30, generator=g)
+    stream = cifops.CifStream(tail_threshold=0.3, max_tokens=8)
+    whole = cifops.cif(hidden, alphas, tail_threshold=0.3)
+    for _ in range(2):  # reset makes the second pass start new utterances
+        outs = [stream(hidden[:, s:s + 8], alphas[:, s:s + 8]) for s in range(0, 30, 8)]
+        outs.append(stream.flush())
+        assert outs[-1].embeds.dtype == torch.float16
+        for b in range(2):
+            fires = sum((o.fire_frames[b, :int(o.token_lengths[b])].tolist() for o in outs), [])
+            assert fires == whole.fire_frames[b, :int(whole.token_lengths[b])].tolist()
+        stream.reset()
+    with pytest.raises(RuntimeError, match="CifStream.flush: no chunk"):
+        stream.flush()
+
+
+def test_empty_batch_and_empty_chunk():
+    out, state = cifops.cif_stream_step(torch.zeros(0, 5, 3), torch.zeros(0, 5))
+    assert out.embeds.shape == (0, 0, 3) and state.partial.shape == (0, 3)
+    out, state = cifops.cif_stream_step(torch.zeros(2, 0, 3), torch.zeros(2, 0), max_tokens=2)
+    assert out.embeds.shape == (2, 2, 3) and (out.fire_frames == -1).all()
+    assert state.frames.tolist() == [0, 0]
+
+
+def _state(B=2, D=3, **over):
+    s = cifops.cif_stream_state(B, D)
+    return s._replace(**over)
+
+
+@pytest.mark.parametrize("state, match", [
+    (_state(B=3), r"state.prefix must have shape \[B\] = \[2\]"),
+    (_state(D=4), r"state.partial must have shape \[B, D\] = \[2, 3\]"),
+    (_state(partial=torch.zeros(2, 3, dtype=torch.float64)), "state.partial must be Float"),
+    (_state(tokens=torch.zeros(2, dtype=torch.int32)), "state.tokens must be Long"),
+    (_state(prefix=torch.zeros(2, dtype=torch.float32)), "state.prefix must be Double"),
+    (_state(frames=torch.zeros(2, dtype=torch.int64, device="meta")), "state.frames is on meta"),
+    ((1, 2), "state must be the CifStreamState"),
+    (_state(prefix=[0.0, 0.0]), "state.prefix must be a Tensor"),
+])
+def test_bad_state_names_the_field(state, match):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+        cifops.cif_stream_step(torch.zeros(2, 4, 3), torch.zeros(2, 4), None, state)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alphas=torch.tensor([[0.5, -1.0], [0.0, 0.0]])), r"alphas\[0, 1\] = -1"),
+    (dict(lengths=torch.tensor([3, 0])), r"lengths must be in \[0, Tc\] = \[0, 2\]"),
+    (dict(alphas=torch.zeros(2, 3)), r"alphas must have shape \[B, Tc\] = \[2, 2\]"),
+    (dict(threshold=0.0), "threshold must be a finite number > 0"),
+    (dict(max_tokens=-2), "max_tokens must be an int"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    args = dict(hidden=torch.zeros(2, 2, 3), alphas=torch.zeros(2, 2), lengths=None)
+    args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        cifops.cif_stream_step(args["hidden"], args["alphas"], args["lengths"], None, **kwargs)
+
+
+def test_no_gradients_and_flush_errors():
+    state = cifops.cif_stream_state(1, 2)
+    with pytest.raises(ValueError, match="tail_mode must be"):
+        cifops.cif_stream_flush(state, tail_mode="pad")
+    with pytest.raises(ValueError, match="tail_threshold must be"):
+        cifops.cif_stream_flush(state, tail_threshold=-1.0)
+
+
+def test_compile_and_export_with_max_tokens():
+    def step(hidden, alphas, lengths, prefix, tokens, frames, partial):
+        out, state = cifops.cif_stream_step(hidden, alphas, lengths,
+                                            (prefix, tokens, frames, partial), max_tokens=4)
+        return out.embeds, out.token_lengths, out.fire_frames, *state
+
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(2, 6, 3, generator=g), torch.rand(2, 6, generator=g) * 1.5,
+            torch.tensor([6, 4]), *cifops.cif_stream_state(2, 3))
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    for x, y in zip(eager, compiled):
+        assert torch.equal(x, y)
+
+    class Step(torch.nn.Module):
+        def forward(self, *a):
+            return step(*a)
+
+    exported = torch.export.export(Step(), args)
+    for x, y in zip(eager, exported.module()(*args)):
+        assert torch.equal(x, y)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_stream_equals_cpu_stream_and_no_sync(dtype):
+    g = torch.Generator().manual_seed(4)
+    B, T, D = 8, 120, 64
+    hidden = torch.randn(B, T, D, generator=g).to(dtype)
+    alphas = torch.rand(B, T, generator=g) * 1.2
+    alphas[2, 7] = 5.5
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    bounds = list(range(0, T, 16)) + [T]
+    cpu, cpu_state = run_stream(hidden, alphas, lengths, bounds, tail_threshold=0.25)
+    state = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            chunk_len = (lengths - s).clamp(0, e - s).cuda()
+            _, state = cifops.cif_stream_step(hidden[:, s:e].cuda(), alphas[:, s:e].cuda(),
+                                              chunk_len, state, max_tokens=16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(state.prefix.cpu(), cpu_state.prefix)
+    assert torch.equal(state.tokens.cpu(), cpu_state.tokens)
+    gpu, _ = run_stream(hidden.cuda(), alphas.cuda(), lengths.cuda(), bounds, tail_threshold=0.25)
+    for b in range(B):
+        assert [f for _, f in gpu[b]] == [f for _, f in cpu[b]]
+        for (x, _), (y, _) in zip(gpu[b], cpu[b]):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-5)
