@@ -13,7 +13,7 @@ void stream_scan_impl(const alpha_t* alphas, const int64_t* lengths, const CifSt
                       CifStreamState st, CifStreamWorkspace ws, int64_t* token_lengths,
                       const ParallelFor& parallel_for) {
   const int64_t T = cfg.frames;
-  parallel_for(cfg.batch, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(cfg.batch, 256, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       cif_stream_scan_row(alphas + b * T, lengths ? lengths + b : nullptr, cfg, st.prefix[b],
                           st.tokens[b], st.frames[b], ws.prefix + b * (T + 1),
@@ -28,7 +28,11 @@ void stream_embed_impl(const acc_t* hidden, const CifStreamConfig& cfg, CifStrea
                        const ParallelFor& parallel_for) {
   const int64_t T = cfg.frames, D = cfg.dim, N = cfg.n_out;
   acc_t* partial = static_cast<acc_t*>(st.new_partial);
-  parallel_for(cfg.batch, 1, [&](int64_t begin, int64_t end) {
+  // Chunks are short: about 256 Ki hidden elements per task (a batch of 32 chunks of
+  // 16 x 512 is one task), so that a step pays the thread pool's wake-up (milliseconds
+  // on a loaded machine) only where the work is larger than that.
+  const int64_t grain = T * D > 0 ? ((int64_t(1) << 18) + T * D - 1) / (T * D) : cfg.batch + 1;
+  parallel_for(cfg.batch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       cif_stream_embed_row(hidden + b * T * D, cfg, st.tokens[b], st.frames[b],
                            ws.prefix + b * (T + 1), ws.token_after + b * T,
