@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import cifops
-import data
-import dataset as dataset_lib
-import model as model_lib
-import teacher as teacher_lib
+from . import data
+from . import dataset as dataset_lib
+from . import model as model_lib
+from . import teacher as teacher_lib
 
 FBANK_SHIFT_S = 0.010
 COUNT_SEARCH = 2

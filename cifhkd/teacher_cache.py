@@ -37,8 +37,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-import data
-import teacher as teacher_lib
+from . import data
+from . import teacher as teacher_lib
 
 RECORD = "cache.json"
 VOCAB = "tokens.txt"

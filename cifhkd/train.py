@@ -61,11 +61,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-import data
-import dataset as dataset_lib
-import features
-import model as model_lib
-import teacher as teacher_lib
+from . import corpus as corpus_lib
+from . import data
+from . import dataset as dataset_lib
+from . import features
+from . import model as model_lib
+from . import teacher as teacher_lib
+from . import teacher_cache
 
 log = logging.getLogger("train_hkd")
 
@@ -342,9 +344,8 @@ def ensure_data(args, is_main: bool):
         missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
         missing = {s: m for s, m in missing.items() if m is not None}
         if missing and args.make_demo_corpus:
-            import prepare_demo_corpus
             log.info("--make-demo-corpus: no corpus at %s: synthesising the demo corpus", args.corpus)
-            prepare_demo_corpus.main(["--out", str(args.corpus), "--num-train", str(args.demo_num_train),
+            corpus_lib.main(["--out", str(args.corpus), "--num-train", str(args.demo_num_train),
                                       "--num-dev", str(args.demo_num_dev),
                                       "--num-test", str(args.demo_num_test)])
             missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
@@ -358,8 +359,7 @@ def ensure_data(args, is_main: bool):
                 hint += "; --valid-split '' trains without validation"
             raise FileNotFoundError(f"train_hkd: {option} {split}: {path} is missing (a split is a Kaldi "
                                     f"data dir with wav.scp and text, or a JSONL manifest, in --corpus)" + hint)
-        import extract_teacher
-        extract_teacher.build_cache(args.teacher_dir, manifests[args.train_split], list(manifests.values()),
+        teacher_cache.build_cache(args.teacher_dir, manifests[args.train_split], list(manifests.values()),
                                     args.teacher, log=log.info)
     if dist.is_initialized():
         dist.barrier()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-import data
-import decode as decode_lib
-import features
-import teacher as teacher_lib
+from . import data
+from . import decode as decode_lib
+from . import features
+from . import teacher as teacher_lib
 
 
 def get_parser():

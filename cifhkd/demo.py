@@ -46,10 +46,15 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-import decode as decode_lib
+from . import corpus as corpus_lib
+from . import data
+from . import decode as decode_lib
+from . import plot_alignment
+from . import teacher_cache
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+# the folder holding this package: the repository, where conf/ and python/ are
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "python" / "train_hkd.py"
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 DECODER_ALONE_DIR = "decode-test-decoder"   # the test split decoded with --ctc-weight 0
@@ -81,8 +86,10 @@ def load_config(path: Path) -> dict:
 
 
 def python_env() -> dict:
+    """This environment, with the folder of this cifhkd package first on PYTHONPATH: the
+    training processes run the same code as the demo."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 
@@ -103,7 +110,7 @@ def train_command(args, name: str) -> List[str]:
     """train_hkd.py's command for one system (without --threads, which does not change
     what is trained)."""
     _, acd, lrd = SYSTEMS[name]
-    cmd = [sys.executable, str(HERE / "train_hkd.py"), "--config", str(args.config),
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(args.config),
            "--exp-dir", str(args.out / name)]
     if not acd:
         cmd += ["--acd-weight", "0"]
@@ -179,7 +186,6 @@ def librivox_manifest(out: Path):
 def constant_baseline(corpus: Path) -> dict:
     """The best constant hypothesis: the training transcript with the fewest character
     errors on dev, scored on test (what a recognizer that ignores the audio can reach)."""
-    import data
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
     train = [u.text for u in data.read_manifest(corpus / "train")[0]]
@@ -367,10 +373,9 @@ def main(argv=None):
 
     # 1. corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
-        import prepare_demo_corpus
-        prepare_demo_corpus.main(["--out", str(corpus)])
-    import extract_teacher   # made, or checked against the corpus (rebuilt where stale)
-    extract_teacher.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
+        corpus_lib.main(["--out", str(corpus)])
+    # made, or checked against the corpus (rebuilt where stale)
+    teacher_cache.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
 
     # 2. training, jobs systems at a time
     cores = os.cpu_count() or 1
@@ -411,7 +416,6 @@ def main(argv=None):
 
     # 4. pictures and the table
     plot_curves(args.out, names)
-    import plot_alignment
     plot_alignment.main(["--checkpoint", str(args.out / names[-1] / "averaged.pt"),
                          "--split", str(corpus / "test"), "--out", str(args.out / "alignment.png"),
                          "--beam", str(args.beam)])
