@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""Decode a split with a trained CIF-HKD model: the command line of cifhkd.decode (--help lists the options)."""
+import sys
+
+from cifhkd.decode import main
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)   # main returns the scores

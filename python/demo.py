@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""The CPU demo (make demo): the command line of cifhkd.demo (--help lists the options)."""
+import sys
+
+from cifhkd.demo import main
+
+if __name__ == "__main__":
+    sys.exit(main())
