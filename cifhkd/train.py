@@ -50,10 +50,9 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -345,9 +344,8 @@ def ensure_data(args, is_main: bool):
         missing = {s: m for s, m in missing.items() if m is not None}
         if missing and args.make_demo_corpus:
             log.info("--make-demo-corpus: no corpus at %s: synthesising the demo corpus", args.corpus)
-            corpus_lib.main(["--out", str(args.corpus), "--num-train", str(args.demo_num_train),
-                                      "--num-dev", str(args.demo_num_dev),
-                                      "--num-test", str(args.demo_num_test)])
+            corpus_lib.make_corpus(args.corpus, num_train=args.demo_num_train, num_dev=args.demo_num_dev,
+                                   num_test=args.demo_num_test)
             missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
             missing = {s: m for s, m in missing.items() if m is not None}
         for split, path in missing.items():
@@ -572,10 +570,49 @@ class LossMonitor:
         return dict(zip(self.names, last.tolist()))
 
 
-# --- training ----------------------------------------------------------------------------------
+# --- training: the steps of run() ----------------------------------------------------------
 
-def run(args) -> Optional[Path]:
-    """Train; returns the last checkpoint's path (rank 0) or None."""
+@dataclasses.dataclass
+class Process:
+    """This process's place in the run: rank and world size (torchrun's RANK, WORLD_SIZE,
+    LOCAL_RANK; one process without them) and its device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training is: updates done, the epoch, this rank's batches done in the epoch
+    (what a checkpoint saves and --resume restores), and the last checkpoint written."""
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    last_path: Optional[Path] = None
+
+    @property
+    def last_saved(self) -> Optional[int]:
+        return None if self.last_path is None else checkpoint_step(self.last_path)
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Wall time of the updates and utterances trained (all ranks), for the logs."""
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    utterances: int = 0
+    step_seconds: List[float] = dataclasses.field(default_factory=list)
+
+    def utterances_per_s(self) -> float:
+        return self.utterances / (time.perf_counter() - self.start)
+
+
+def setup_process(args) -> Process:
+    """The device (--device; on CUDA the LOCAL_RANK-th GPU), the process group of a
+    distributed run (nccl on CUDA, gloo on the CPU), --threads and the logging."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -588,19 +625,23 @@ def run(args) -> Optional[Path]:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     if args.amp == "bf16" and device.type != "cuda":
         log.warning("--amp bf16 is for CUDA only; training in float32 on %s", device)
-    ensure_data(args, is_main)
-    args.exp_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (args.exp_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    return Process(rank, world_size, device)
 
-    seed_everything(args.seed + rank)
+
+def load_data(args, proc: Process):
+    """ensure_data, EXP/args.json, the seeds, then the vocabulary, the model config and the
+    splits. -> (config, training set, validation set or None, the training batch sampler)"""
+    ensure_data(args, proc.is_main)
+    args.exp_dir.mkdir(parents=True, exist_ok=True)
+    if proc.is_main:
+        (args.exp_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    seed_everything(args.seed + proc.rank)
     vocab = teacher_lib.TokenVocab.load(args.teacher_dir / "tokens.txt")
     tokenizer = teacher_lib.load_tokenizer(args.teacher)
     config = model_config(args, len(vocab))
@@ -611,186 +652,244 @@ def run(args) -> Optional[Path]:
     sampler = data.BucketBatchSampler([u.duration for u in train_set.utterances],
                                       args.max_batch_seconds, max_batch_size=args.max_batch_size,
                                       num_buckets=args.num_buckets, seed=args.seed)
-    if len(sampler) < world_size:
-        raise ValueError(f"train_hkd: {len(sampler)} batches per epoch for {world_size} ranks")
+    if len(sampler) < proc.world_size:
+        raise ValueError(f"train_hkd: {len(sampler)} batches per epoch for {proc.world_size} ranks")
+    return config, train_set, valid_set, sampler
 
-    torch.manual_seed(args.seed)                      # identical initial weights on every rank
-    model = model_lib.CifHkdModel(config).to(device)
-    torch.manual_seed(args.seed + rank)
-    # decoupled weight decay, as fairseq's "adam" that the authors' recipe uses
-    optimizer = make_optimizer(model, args, device)
+
+def build_model(args, config: model_lib.ModelConfig, proc: Process):
+    """The model (the same initial weights on every rank), AdamW and the tri-stage
+    schedule. -> (model, optimizer, scheduler)"""
+    torch.manual_seed(args.seed)
+    model = model_lib.CifHkdModel(config).to(proc.device)
+    torch.manual_seed(args.seed + proc.rank)
+    optimizer = make_optimizer(model, args, proc.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tri_stage_lambda(args))
-    step, epoch, batches_done = 0, 0, 0
+    return model, optimizer, scheduler
 
+
+def wrap_model(args, model, proc: Process):
+    """-> (net: DistributedDataParallel over model on several ranks, else model; forward:
+    net, or net compiled (--compile); the ACD negatives' all_gather on several ranks, else None)"""
+    config = model.config
+    # ACD/LRD heads (and the CTC head) may be unused when their weights are 0
+    unused = any(getattr(config, w) == 0 for w in ("ctc_weight", "acd_weight", "lrd_weight", "ce_weight"))
+    net = (DistributedDataParallel(model, device_ids=[proc.device] if proc.device.type == "cuda" else None,
+                                   find_unused_parameters=unused) if proc.world_size > 1 else model)
+    gather_teacher = make_gather_teacher(proc.world_size, proc.rank) if proc.world_size > 1 else None
+    forward = net if args.compile is None else torch.compile(net, backend=args.compile)
+    return net, forward, gather_teacher
+
+
+def load_checkpoint(args, proc: Process, model, optimizer, scheduler, sampler) -> Position:
+    """With --resume, restore the checkpoint (the latest EXP/checkpoint-<step>.pt without a
+    value; none there: start afresh) into model, optimizer, scheduler, sampler and this
+    rank's RNGs, after removing what killed saves left; -> its Position (0 afresh)."""
     resume = args.resume
-    if resume is not None and is_main:
+    if resume is not None and proc.is_main:
         remove_stale_temporaries(args.exp_dir)
     if resume == "latest":
         found = list_checkpoints(args.exp_dir)
         resume = found[-1] if found else None
         if resume is None:
             log.info("--resume: no checkpoint in %s, starting afresh", args.exp_dir)
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        if state["world_size"] != world_size:
-            raise ValueError(f"--resume {resume}: saved with {state['world_size']} ranks, "
-                             f"running with {world_size}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch = state["step"], state["epoch"]
-        sampler.load_state_dict(state["sampler"])
-        batches_done = state["sampler"]["batches_done"] // world_size
-        set_rng_state(state["rng"][rank])
-        log.info("resumed from %s at step %d, epoch %d, batch %d", resume, step, epoch, batches_done)
+    if resume is None:
+        return Position()
+    state = torch.load(resume, map_location="cpu", weights_only=False)
+    if state["world_size"] != proc.world_size:
+        raise ValueError(f"--resume {resume}: saved with {state['world_size']} ranks, "
+                         f"running with {proc.world_size}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    pos = Position(state["step"], state["epoch"], state["sampler"]["batches_done"] // proc.world_size)
+    set_rng_state(state["rng"][proc.rank])
+    log.info("resumed from %s at step %d, epoch %d, batch %d", resume, pos.step, pos.epoch, pos.batches_done)
+    return pos
 
-    log.info("model: %.2f M parameters, vocabulary %d, %d training utterances, %d batches/epoch, "
-             "%d rank(s) on %s", model_lib.count_parameters(model) / 1e6, len(vocab),
-             len(train_set), len(sampler), world_size, device)
-    # ACD/LRD heads (and the CTC head) may be unused when their weights are 0
-    unused = any(getattr(config, w) == 0 for w in ("ctc_weight", "acd_weight", "lrd_weight", "ce_weight"))
-    net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=unused) if world_size > 1 else model)
-    gather_teacher = make_gather_teacher(world_size, rank) if world_size > 1 else None
-    forward = net if args.compile is None else torch.compile(net, backend=args.compile)
+
+def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, scheduler, sampler) -> Optional[Path]:
+    """EXP/checkpoint-<step>.pt (atomic_save; every rank's RNG states, gathered: every rank
+    calls this), then the oldest beyond --keep-last removed. -> its path (rank 0), or None."""
+    rngs = [None] * proc.world_size
+    if proc.world_size > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if not proc.is_main:
+        return None
+    path = args.exp_dir / f"checkpoint-{pos.step}.pt"
+    remove_stale_temporaries(args.exp_dir)
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": pos.step, "epoch": pos.epoch,
+                 "sampler": {"epoch": pos.epoch, "seed": sampler.seed,
+                             "batches_done": pos.batches_done * proc.world_size},
+                 "rng": rngs, "world_size": proc.world_size, "args": vars(args),
+                 "model_config": dataclasses.asdict(model.config),
+                 "vocab": str(args.teacher_dir / "tokens.txt")}, path)
+    if args.keep_last > 0:
+        for old in list_checkpoints(args.exp_dir)[:-args.keep_last]:
+            old.unlink()
+    return path
+
+
+def micro_batches(args, proc: Process, pos: Position, train_set, sampler) -> Iterator[model_lib.Batch]:
+    """This rank's batches from pos (epoch, batches_done) to the end of --num-epochs,
+    advancing pos as they are taken."""
     collate = functools.partial(dataset_lib.collate, token_multiple=1 if args.compile is None else 8)
-    num_workers = args.num_workers if args.num_workers >= 0 else (4 if device.type == "cuda" else 0)
-    board = TensorBoard(args.exp_dir / "tensorboard", is_main)
+    num_workers = args.num_workers if args.num_workers >= 0 else (4 if proc.device.type == "cuda" else 0)
+    while pos.epoch < args.num_epochs:
+        sampler.set_epoch(pos.epoch)
+        train_set.epoch = pos.epoch
+        mine = rank_batches(sampler, proc.rank, proc.world_size)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine[pos.batches_done:],
+                                             collate_fn=collate, num_workers=num_workers,
+                                             pin_memory=proc.device.type == "cuda",
+                                             # its own seed source: a loader drawing from the
+                                             # global RNG would shift dropout after --resume
+                                             generator=torch.Generator().manual_seed(args.seed + pos.epoch))
+        for batch in loader:
+            pos.batches_done += 1
+            yield batch
+        pos.epoch, pos.batches_done = pos.epoch + 1, 0
 
-    def save(path_step: int) -> Optional[Path]:
-        rngs = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if not is_main:
-            return None
-        path = args.exp_dir / f"checkpoint-{path_step}.pt"
-        remove_stale_temporaries(args.exp_dir)
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                     "sampler": {"epoch": epoch, "seed": sampler.seed,
-                                 "batches_done": batches_done * world_size},
-                     "rng": rngs, "world_size": world_size, "args": vars(args),
-                     "model_config": dataclasses.asdict(config),
-                     "vocab": str(args.teacher_dir / "tokens.txt")}, path)
-        if args.keep_last > 0:
-            for old in list_checkpoints(args.exp_dir)[:-args.keep_last]:
-                old.unlink()
-        return path
 
-    def micro_batches():
-        """Yields (batch, epoch position after it); advances epochs."""
-        nonlocal epoch, batches_done
-        while epoch < args.num_epochs:
-            sampler.set_epoch(epoch)
-            train_set.epoch = epoch
-            mine = rank_batches(sampler, rank, world_size)
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine[batches_done:],
-                                                 collate_fn=collate, num_workers=num_workers,
-                                                 pin_memory=device.type == "cuda",
-                                                 # its own seed source: a loader drawing from the
-                                                 # global RNG would shift dropout after --resume
-                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
-            for batch in loader:
-                batches_done += 1
-                yield batch
-            epoch, batches_done = epoch + 1, 0
+def next_update(stream: Iterator[model_lib.Batch], accum_grad: int) -> Optional[List[model_lib.Batch]]:
+    """The next accum_grad micro-batches, or None when the data runs out (a last partial
+    update is dropped)."""
+    update = []
+    for batch in stream:
+        update.append(batch)
+        if len(update) == accum_grad:
+            return update
+    return None
 
-    from tqdm import tqdm
-    total = args.max_steps or None
-    progress = tqdm(total=total, initial=step, disable=not is_main or args.no_progress,
-                    dynamic_ncols=True, desc="train")
-    model.train()
-    stream = micro_batches()
-    last_path, utterances_seen, start_time = None, 0, time.perf_counter()
-    step_times: List[float] = []
-    # nothing is read back from the device between checks (logging, validation, saving, the end)
-    monitor = LossMonitor(world_size, rank)
 
-    def check(**kwargs) -> Dict[str, float]:
-        return monitor.check(step, epoch, None if last_path is None else checkpoint_step(last_path), **kwargs)
+def loss_scale(update: List[model_lib.Batch], proc: Process):
+    """The loss normaliser of an update: its tokens (+ [SEP]) over all ranks, counted from
+    the batches' lengths on the host. -> (the count, the loss factor world_size / count:
+    DDP averages gradients over ranks; a tensor on the device on several ranks)"""
+    num_tokens = sum(int((b.token_lens + 1).sum()) for b in update)
+    if proc.world_size == 1:
+        return num_tokens, 1 / float(num_tokens)
+    count = torch.tensor(float(num_tokens), dtype=torch.float64, device=proc.device)
+    dist.all_reduce(count)
+    return count, (proc.world_size / count).float()
 
-    finished = False
-    while not finished:
-        if args.max_steps and step >= args.max_steps:
-            break
-        update = []
-        for batch in stream:
-            update.append(batch)
-            if len(update) == args.accum_grad:
-                break
-        if len(update) < args.accum_grad:      # the data ran out: the last partial update is dropped
-            break
-        step_start = time.perf_counter()
-        # the token count of the whole update, over all ranks: the loss normaliser (the
-        # batches' lengths are on the host)
-        num_tokens = sum(int((b.token_lens + 1).sum()) for b in update)
-        if world_size > 1:
-            count = torch.tensor(float(num_tokens), dtype=torch.float64, device=device)
-            dist.all_reduce(count)
-            # DDP averages gradients over ranks; scale back so the update is sum / tokens
-            scale = (world_size / count).float()                 # stays on the device
-        else:
-            count, scale = num_tokens, world_size / float(num_tokens)
-        try:
-            names, sums, grad_norm = train_update(
-                net, forward, model, optimizer, update, args, device, scale=scale, gather_teacher=gather_teacher,
-                inject_nan=args.inject_nan_at_step == step + 1)
-        except Exception as e:
-            # on the CPU, weights made NaN by an update not yet checked fail in cifops.cif
-            check(reduce=False, cause=e)
-            raise
-        scheduler.step()
-        step += 1
-        utterances_seen += sum(b.feats.shape[0] for b in update) * world_size
-        monitor.record(step, names, sums, grad_norm)
-        step_times.append(time.perf_counter() - step_start)
-        progress.update(1)
 
-        log_now = step % args.log_every_steps == 0 or step == 1
-        valid_now = valid_set is not None and args.valid_every_steps and step % args.valid_every_steps == 0
-        save_now = args.save_every_steps and step % args.save_every_steps == 0
-        if log_now or valid_now or save_now:
-            values = check()                  # raises before anything is saved after a non-finite update
-            grad = values.pop("grad_norm")
-            per_token = {k: v / float(count) for k, v in values.items()}
-            if log_now:
-                rate = utterances_seen / (time.perf_counter() - start_time)
-                progress.set_postfix({**{k: f"{v:.3f}" for k, v in per_token.items()}, "utt/s": f"{rate:.1f}"})
-                board.scalars({f"train/{k}": v for k, v in per_token.items()}, step)
-                board.scalars({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad,
-                               "train/utterances_per_s": rate, "train/step_s": step_times[-1]}, step)
-                if is_main:
-                    with open(args.exp_dir / "train_log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, **per_token,
-                                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad,
-                                            "step_s": round(step_times[-1], 4)}) + "\n")
-        if valid_now and is_main:
-            board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, device).items()}, step)
-        if save_now:
-            last_path = save(step)
-    progress.close()
-    check()
-    if last_path is None or checkpoint_step(last_path) != step:
-        last_path = save(step)
-    if is_main:
+def train_step(args, proc: Process, pos: Position, update: List[model_lib.Batch], net, forward, model,
+               optimizer, scheduler, gather_teacher, monitor: "LossMonitor"):
+    """One update (train_update), the schedule's step, pos.step + 1, its values recorded in
+    monitor (on the device). An error in the update first reports an earlier non-finite
+    update (on the CPU, weights made NaN by an update not yet checked fail in cifops.cif).
+    -> the update's token count over all ranks (the loss normaliser)"""
+    count, scale = loss_scale(update, proc)
+    try:
+        names, sums, grad_norm = train_update(
+            net, forward, model, optimizer, update, args, proc.device, scale=scale,
+            gather_teacher=gather_teacher, inject_nan=args.inject_nan_at_step == pos.step + 1)
+    except Exception as e:
+        monitor.check(pos.step, pos.epoch, pos.last_saved, reduce=False, cause=e)
+        raise
+    scheduler.step()
+    pos.step += 1
+    monitor.record(pos.step, names, sums, grad_norm)
+    return count
+
+
+def log_train(args, proc: Process, pos: Position, values: Dict[str, float], count, lr: float,
+              speed: Throughput, board: "TensorBoard", progress):
+    """The checked values of the last update, per token: the progress bar, TensorBoard and
+    EXP/train_log.jsonl."""
+    values = dict(values)
+    grad = values.pop("grad_norm")
+    per_token = {k: v / float(count) for k, v in values.items()}
+    rate = speed.utterances_per_s()
+    progress.set_postfix({**{k: f"{v:.3f}" for k, v in per_token.items()}, "utt/s": f"{rate:.1f}"})
+    board.scalars({f"train/{k}": v for k, v in per_token.items()}, pos.step)
+    board.scalars({"train/lr": lr, "train/grad_norm": grad, "train/utterances_per_s": rate,
+                   "train/step_s": speed.step_seconds[-1]}, pos.step)
+    if proc.is_main:
+        with open(args.exp_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, **per_token, "lr": lr,
+                                "grad_norm": grad, "step_s": round(speed.step_seconds[-1], 4)}) + "\n")
+
+
+def finish(args, proc: Process, pos: Position, model, valid_set, speed: Throughput, board: "TensorBoard"):
+    """The end, after the last checkpoint: the final validation, averaged.pt (the last
+    --average-last checkpoints), the timing summary (rank 0); every rank waits for it."""
+    if proc.is_main:
         if valid_set is not None:
-            valid = validate(model, valid_set, args, device)
-            board.scalars({f"valid/{k}": v for k, v in valid.items()}, step)
-            log.info("valid at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
+            valid = validate(model, valid_set, args, proc.device)
+            board.scalars({f"valid/{k}": v for k, v in valid.items()}, pos.step)
+            log.info("valid at step %d: %s", pos.step, ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
         if args.average_last > 0:
             paths = list_checkpoints(args.exp_dir)[-args.average_last:]
             average_checkpoints(paths, args.exp_dir / "averaged.pt")
             log.info("averaged %d checkpoint(s) -> %s", len(paths), args.exp_dir / "averaged.pt")
-        if step_times:
-            timed = step_times[1:] or step_times
-            log.info("%d steps; median step %.3f s; %.1f utterances/s", len(step_times),
-                     float(np.median(timed)), utterances_seen / (time.perf_counter() - start_time))
+        if speed.step_seconds:
+            timed = speed.step_seconds[1:] or speed.step_seconds
+            log.info("%d steps; median step %.3f s; %.1f utterances/s", len(speed.step_seconds),
+                     float(np.median(timed)), speed.utterances_per_s())
     board.close()
-    if world_size > 1:
+    if proc.world_size > 1:
         dist.barrier()
-    return last_path if is_main else None
+
+
+def run(args) -> Optional[Path]:
+    """Train; returns the last checkpoint's path (rank 0) or None.
+
+    Nothing is read back from the device between checks: logging, validation, saving
+    and the end (LossMonitor)."""
+    proc = setup_process(args)
+    config, train_set, valid_set, sampler = load_data(args, proc)
+    model, optimizer, scheduler = build_model(args, config, proc)
+    pos = load_checkpoint(args, proc, model, optimizer, scheduler, sampler)
+    log.info("model: %.2f M parameters, vocabulary %d, %d training utterances, %d batches/epoch, "
+             "%d rank(s) on %s", model_lib.count_parameters(model) / 1e6, config.vocab_size,
+             len(train_set), len(sampler), proc.world_size, proc.device)
+    net, forward, gather_teacher = wrap_model(args, model, proc)
+    board = TensorBoard(args.exp_dir / "tensorboard", proc.is_main)
+    from tqdm import tqdm
+    progress = tqdm(total=args.max_steps or None, initial=pos.step, disable=not proc.is_main or args.no_progress,
+                    dynamic_ncols=True, desc="train")
+    model.train()
+    stream = micro_batches(args, proc, pos, train_set, sampler)
+    speed, monitor = Throughput(), LossMonitor(proc.world_size, proc.rank)
+
+    def save() -> Optional[Path]:
+        return save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
+
+    while not (args.max_steps and pos.step >= args.max_steps):
+        update = next_update(stream, args.accum_grad)
+        if update is None:
+            break
+        step_start = time.perf_counter()
+        count = train_step(args, proc, pos, update, net, forward, model, optimizer, scheduler,
+                           gather_teacher, monitor)
+        speed.utterances += sum(b.feats.shape[0] for b in update) * proc.world_size
+        speed.step_seconds.append(time.perf_counter() - step_start)
+        progress.update(1)
+        log_now = pos.step % args.log_every_steps == 0 or pos.step == 1
+        valid_now = valid_set is not None and args.valid_every_steps and pos.step % args.valid_every_steps == 0
+        save_now = args.save_every_steps and pos.step % args.save_every_steps == 0
+        if log_now or valid_now or save_now:
+            # raises before anything is saved after a non-finite update
+            values = monitor.check(pos.step, pos.epoch, pos.last_saved)
+            if log_now:
+                log_train(args, proc, pos, values, count, scheduler.get_last_lr()[0], speed, board, progress)
+        if valid_now and proc.is_main:
+            board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, proc.device).items()},
+                          pos.step)
+        if save_now:
+            pos.last_path = save()
+    progress.close()
+    monitor.check(pos.step, pos.epoch, pos.last_saved)
+    if pos.last_saved != pos.step:
+        pos.last_path = save()
+    finish(args, proc, pos, model, valid_set, speed, board)
+    return pos.last_path if proc.is_main else None
 
 
 def main(argv=None):
