@@ -316,11 +316,12 @@ def check_output(out: Path) -> None:
                  "corpus made before the marker existed: delete it and make it again)")
 
 
-def claim_output(out: Path, argv) -> None:
-    """check_output, then OUT/demo-corpus.json written before anything else."""
+def claim_output(out: Path, options: dict) -> None:
+    """check_output, then OUT/demo-corpus.json (with the options) written before anything else."""
     check_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"made_by": "prepare_demo_corpus.py", "argv": list(argv)}) + "\n")
+    (out / MARKER).write_text(json.dumps({"made_by": "cifhkd.corpus.make_corpus", "options": options},
+                                         default=str) + "\n")
 
 
 def write_split(out: Path, split: str, rows):
@@ -342,9 +343,18 @@ def write_split(out: Path, split: str, rows):
             f.write(f"{spk} {' '.join(spk2utt[spk])}\n")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_parser().parse_args(argv)
+def make_corpus(out, **options) -> Path:
+    """Synthesise the demo corpus into the folder `out` (the module docstring says how, and
+    that only a new or empty folder, or a demo corpus made before, is written); options:
+    the other command-line options by name (num_train=100, seed=7: get_parser's dests),
+    their defaults otherwise. The one maker of the demo corpus: prepare_demo_corpus.py,
+    demo.py and train_hkd.py --make-demo-corpus call it. -> out, resolved"""
+    args = get_parser().parse_args(["--out", str(out)])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"make_corpus: unknown option(s) {', '.join(unknown)} (prepare_demo_corpus.py --help "
+                        "lists them)")
+    vars(args).update(options)
     check_output(args.out.resolve())
     use_flite = check_tools(args)
     rng = random.Random(args.seed)
@@ -380,7 +390,7 @@ def main(argv=None):
         seen_shares = [(seen, 1.0)]
 
     out = args.out.resolve()
-    claim_output(out, argv)
+    claim_output(out, vars(args))
     (out / "wav").mkdir(parents=True, exist_ok=True)
     sentences["test-seen"] = sentences["test"] if args.test_seen_voices > 0 else []
     jobs = []
@@ -446,6 +456,11 @@ def main(argv=None):
           f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)})")
     names = ",".join(split for split, split_rows in rows.items() if split_rows)
     print(f"prepare_demo_corpus: wrote {out}/{{{names}}} and {out}/{{{names}}}.jsonl")
+    return out
+
+
+def main(argv=None):
+    make_corpus(**vars(get_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ from . import teacher as teacher_lib
 FBANK_SHIFT_S = 0.010
 COUNT_SEARCH = 2
 CTC_WEIGHT = 0.3
+BEAM = 10
+MAX_BATCH_SECONDS = 120.0
 
 
 def get_parser():
@@ -57,7 +59,7 @@ def get_parser():
     parser.add_argument("--teacher", default=None, help="tokenizer folder (default MiniLM)")
     parser.add_argument("--method", choices=["greedy", "beam"], default="beam",
                         help="greedy: a beam of one")
-    parser.add_argument("--beam", type=int, default=10)
+    parser.add_argument("--beam", type=int, default=BEAM)
     parser.add_argument("--count-search", type=int, default=COUNT_SEARCH,
                         help="also try this many token counts either side of the one CIF fires "
                              "and keep the hypothesis with the best score per token (0: CIF's "
@@ -70,7 +72,7 @@ def get_parser():
                         help="a diagnostic: centre the count search on each transcript's token "
                              "count + [SEP] instead of CIF's (--count-search 0: decode with the "
                              "reference count; shows what CIF's count errors cost)")
-    parser.add_argument("--max-batch-seconds", type=float, default=120.0)
+    parser.add_argument("--max-batch-seconds", type=float, default=MAX_BATCH_SECONDS)
     parser.add_argument("--device", default="cpu")
     return parser
 
@@ -254,28 +256,35 @@ def score(refs: List[str], hyps: List[str]) -> dict:
             "utterances": len(refs)}
 
 
-def decode(args) -> dict:
-    if args.beam < 1:
-        raise ValueError(f"decode: --beam must be >= 1, got {args.beam}")
-    if args.count_search < 0:
-        raise ValueError(f"decode: --count-search must be >= 0, got {args.count_search}")
-    device = torch.device(args.device)
-    model, state = load_model(args.checkpoint, device)
-    ctc_weight = resolve_ctc_weight(model, args.ctc_weight, "--ctc-weight")
-    vocab = teacher_lib.TokenVocab.load(args.vocab or state["vocab"])
-    tokenizer = teacher_lib.load_tokenizer(args.teacher)
-    utts, _ = data.load_manifest(args.split)
+def decode(checkpoint: Path, split: Path, out: Path, *, vocab: Optional[Path] = None,
+           teacher: Optional[str] = None, method: str = "beam", beam: int = BEAM,
+           count_search: int = COUNT_SEARCH, ctc_weight: Optional[float] = None,
+           reference_counts: bool = False, max_batch_seconds: float = MAX_BATCH_SECONDS,
+           device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+    """Decode the split with the checkpoint into OUT (the module docstring; the arguments
+    are the command line's options) and return the scores of wer.json; `log` gets the
+    one-line summary."""
+    if beam < 1:
+        raise ValueError(f"decode: --beam must be >= 1, got {beam}")
+    if count_search < 0:
+        raise ValueError(f"decode: --count-search must be >= 0, got {count_search}")
+    device = torch.device(device)
+    model, state = load_model(checkpoint, device)
+    ctc_weight = resolve_ctc_weight(model, ctc_weight, "--ctc-weight")
+    vocab = teacher_lib.TokenVocab.load(vocab or state["vocab"])
+    tokenizer = teacher_lib.load_tokenizer(teacher)
+    utts, _ = data.load_manifest(split)
     items = dataset_lib.AsrDataset(utts, vocab, tokenizer)
-    sampler = data.BucketBatchSampler([u.duration for u in utts], args.max_batch_seconds, shuffle=False)
+    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds, shuffle=False)
     period = frame_period_s(model.config)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     rows, start, audio_s = {}, time.perf_counter(), 0.0
     for indices in sampler:
         batch = dataset_lib.collate([items[i] for i in indices])
         feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
-        reference = batch.token_lens.to(device) + 1 if args.reference_counts else None
-        results = beam_search(model, feats, feat_lens, 1 if args.method == "greedy" else args.beam,
-                              args.count_search, ctc_weight, reference)
+        reference = batch.token_lens.to(device) + 1 if reference_counts else None
+        results = beam_search(model, feats, feat_lens, 1 if method == "greedy" else beam,
+                              count_search, ctc_weight, reference)
         for i, (tokens, frames) in zip(indices, results):
             utt = utts[i]
             audio_s += utt.duration
@@ -298,29 +307,29 @@ def decode(args) -> dict:
         result["per_speaker"] = {spk: {k: v for k, v in score(*by_speaker[spk]).items()
                                        if k in ("cer", "wer", "chars", "utterances")}
                                  for spk in sorted(by_speaker)}
-    result.update({"method": args.method, "beam": args.beam if args.method == "beam" else 1,
-                   "count_search": args.count_search, "ctc_weight": ctc_weight,
-                   "reference_counts": args.reference_counts,
-                   "checkpoint": str(args.checkpoint), "split": str(args.split),
+    result.update({"method": method, "beam": beam if method == "beam" else 1,
+                   "count_search": count_search, "ctc_weight": ctc_weight,
+                   "reference_counts": reference_counts,
+                   "checkpoint": str(checkpoint), "split": str(split),
                    "real_time_factor": elapsed / max(audio_s, 1e-9)})
-    with open(args.out / "hyp.txt", "w") as f:
+    with open(out / "hyp.txt", "w") as f:
         for r in ordered:
             f.write(f"{r['id']} {r['hyp']}\n")
-    with open(args.out / "hyp.jsonl", "w") as f:
+    with open(out / "hyp.jsonl", "w") as f:
         for r, ref in zip(ordered, refs):   # per-utterance counts: for confidence intervals
             counts = score([ref], [r["hyp"]])
             f.write(json.dumps({**r, "ref": ref, "chars": counts["chars"],
                                 "char_errors": counts["char_errors"]}) + "\n")
-    (args.out / "wer.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"decode: {args.split} ({len(utts)} utterances, {args.method}"
-          f"{'' if args.method == 'greedy' else f', beam {args.beam}'}): "
+    (out / "wer.json").write_text(json.dumps(result, indent=1) + "\n")
+    log(f"decode: {split} ({len(utts)} utterances, {method}"
+          f"{'' if method == 'greedy' else f', beam {beam}'}): "
           f"CER {100 * result['cer']:.2f}%  WER {100 * result['wer']:.2f}%  "
-          f"RTF {result['real_time_factor']:.3f} -> {args.out}")
+          f"RTF {result['real_time_factor']:.3f} -> {out}")
     return result
 
 
 def main(argv=None):
-    return decode(get_parser().parse_args(argv))
+    return decode(**vars(get_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@
     python python/demo.py --ablations       # also CIF+ACD and CIF+LRD
     python python/demo.py --seed 43 --out exp/s43   # another seed (conf/demo.yaml has the rest)
 
-Steps: synthesise the corpus (prepare_demo_corpus.py) and cache the teacher
-(extract_teacher.py) when missing; train every system with train_hkd.py and the same
-config, seed and step budget (conf/demo.yaml), --jobs systems at a time with
-cores/jobs threads each; decode the held-out-voice test split and the dev split (training
-voices) with decode.py's beam search, the same way, jobs systems at a time, and the test
-split again with the decoder alone (--ctc-weight 0: the paper's decoding), and test-seen
-(the test clauses spoken by training voices, when the corpus has it) that way too; write
+Steps: synthesise the corpus (cifhkd.corpus.make_corpus, what prepare_demo_corpus.py
+runs) and cache the teacher (cifhkd.teacher_cache) when missing; train every system in
+its own process (python/train_hkd.py) with the same config, seed and step budget
+(conf/demo.yaml), --jobs systems at a time with cores/jobs threads each; decode, in this
+process (cifhkd.decode, what decode.py runs), the held-out-voice test split and the dev
+split (training voices) with beam search, the same way, jobs systems at a time, and the
+test split again with the decoder alone (--ctc-weight 0: the paper's decoding), and
+test-seen (the test clauses spoken by training voices, when the corpus has it) that way
+too; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
                                        against the baseline, 95% bootstrap intervals of
@@ -32,6 +34,11 @@ config is moved aside to OUT/<system>.replaced-<time> and trained afresh. When D
 pocketsphinx-testdata is installed, its five LibriVox recordings (real speech, out of
 domain for voices trained on synthetic speech) are decoded too and reported on their own
 line.
+
+While the systems train, one status line shows them side by side: updates done of the
+budget, the last logged loss per token, the time elapsed and left (cifhkd.progress reads
+each system's train_log.jsonl every few seconds); while they decode, the splits decoded
+of each. On a terminal the line is rewritten in place; in a log, it is a line every 30 s.
 """
 import argparse
 import json
@@ -50,6 +57,7 @@ from . import corpus as corpus_lib
 from . import data
 from . import decode as decode_lib
 from . import plot_alignment
+from . import progress
 from . import teacher_cache
 
 # the folder holding this package: the repository, where conf/ and python/ are
@@ -132,9 +140,9 @@ def same_training(stamp: str, cmd: List[str], config_text: str) -> bool:
     return old[:-1] == cmd and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
 
 
-def train(args, name: str, threads: int) -> float:
+def train(args, name: str, threads: int, training: progress.Training, status: progress.StatusLine) -> float:
     """Train one system (or skip it, or resume it); returns the wall seconds its last
-    training run took."""
+    training run took. Its state goes to `training`, its messages to status.say."""
     exp = args.out / name
     cmd = train_command(args, name)
     config_text = Path(args.config).read_text()
@@ -143,24 +151,31 @@ def train(args, name: str, threads: int) -> float:
         # kept, not deleted: a trained system is hours of CPU time
         kept = exp.with_name(f"{exp.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         exp.rename(kept)
-        print(f"demo: {name}: the command or config changed; training again (the previous "
-              f"experiment is now {kept}: delete it when it is no longer needed)", flush=True)
+        status.say(f"demo: {name}: the command or config changed; training again (the previous "
+                   f"experiment is now {kept}: delete it when it is no longer needed)")
     seconds_file = exp / "demo-train-seconds.txt"
     if (exp / "averaged.pt").exists() and seconds_file.exists():
-        print(f"demo: {name}: already trained ({exp}); delete it to train again", flush=True)
+        training.state = "done"
+        status.say(f"demo: {name}: already trained ({exp}); delete it to train again")
         return float(seconds_file.read_text())
     exp.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(cmd + [config_text]))
     cmd += ["--threads", str(threads)]
     if any(exp.glob("checkpoint-*.pt")):
         cmd.append("--resume")
-        print(f"demo: {name}: resuming from its last checkpoint", flush=True)
+        status.say(f"demo: {name}: resuming from its last checkpoint")
     start = time.perf_counter()
-    print(f"demo: training {SYSTEMS[name][0]} ({threads} thread(s); log {exp / 'train.out'})", flush=True)
-    run_logged(cmd, exp / "train.out", threads)
+    status.say(f"demo: training {SYSTEMS[name][0]} ({threads} thread(s); log {exp / 'train.out'})")
+    training.begin()
+    try:
+        run_logged(cmd, exp / "train.out", threads)
+    except BaseException:
+        training.state = "failed"
+        raise
+    training.state = "done"
     elapsed = time.perf_counter() - start
     seconds_file.write_text(f"{elapsed:.1f}\n")
-    print(f"demo: {name} trained in {elapsed / 60:.1f} min", flush=True)
+    status.say(f"demo: {name} trained in {elapsed / 60:.1f} min")
     return elapsed
 
 
@@ -373,7 +388,7 @@ def main(argv=None):
 
     # 1. corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
-        corpus_lib.main(["--out", str(corpus)])
+        corpus_lib.make_corpus(corpus)
     # made, or checked against the corpus (rebuilt where stale)
     teacher_cache.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
 
@@ -381,8 +396,10 @@ def main(argv=None):
     cores = os.cpu_count() or 1
     jobs = args.jobs or min(cores, len(names))
     threads = max(1, cores // jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        seconds = dict(zip(names, pool.map(lambda n: train(args, n, threads), names)))
+    budget = args.max_steps if args.max_steps is not None else int(config.get("max_steps", 0))
+    phase = progress.Phase("training", {n: progress.Training(SYSTEMS[n][0], args.out / n, budget) for n in names})
+    with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
+        seconds = dict(zip(names, pool.map(lambda n: train(args, n, threads, phase.items[n], status), names)))
 
     # 3. decoding and scoring, jobs systems at a time as in training
     librivox = librivox_manifest(args.out)
@@ -390,22 +407,28 @@ def main(argv=None):
     if librivox is not None:
         splits["librivox"] = librivox
 
+    has_seen = (corpus / "test-seen" / "text").exists()   # corpora made before test-seen existed lack it
+    phase = progress.Phase("decoding", {n: progress.Decoding(SYSTEMS[n][0], len(splits) + 1 + has_seen)
+                                        for n in names})
+
     def decode_system(name: str) -> Dict[str, dict]:
-        def run_decode(split: Path, out: str, *options: str) -> dict:
-            return decode_lib.main(["--checkpoint", str(args.out / name / "averaged.pt"), "--split", str(split),
-                                    "--out", str(args.out / name / out), "--beam", str(args.beam), *options])
+        def run_decode(split: Path, out: str, ctc_weight=None) -> dict:
+            result = decode_lib.decode(args.out / name / "averaged.pt", split, args.out / name / out,
+                                       beam=args.beam, ctc_weight=ctc_weight, log=status.say)
+            phase.items[name].done += 1
+            return result
         done = {split: run_decode(path, f"decode-{split}") for split, path in splits.items()}
         # the decoder alone, as the paper decodes: what distillation does to the decoder,
         # without the CTC branch's score (which the systems share)
-        done["test_decoder"] = run_decode(splits["test"], DECODER_ALONE_DIR, "--ctc-weight", "0")
-        if (corpus / "test-seen" / "text").exists():   # corpora made before test-seen existed lack it
-            done["test_seen_decoder"] = run_decode(corpus / "test-seen", SEEN_DECODER_DIR, "--ctc-weight", "0")
+        done["test_decoder"] = run_decode(splits["test"], DECODER_ALONE_DIR, ctc_weight=0.0)
+        if has_seen:
+            done["test_seen_decoder"] = run_decode(corpus / "test-seen", SEEN_DECODER_DIR, ctc_weight=0.0)
         return done
 
     torch.set_num_threads(threads)
     # transformers resolves its names lazily, and two threads importing it at once can fail
     from transformers import AutoTokenizer  # noqa: F401
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
         decoded = dict(zip(names, pool.map(decode_system, names)))
     results = {name: d["test"] for name, d in decoded.items()}
     decoder_alone = {name: d["test_decoder"] for name, d in decoded.items()}
@@ -416,9 +439,8 @@ def main(argv=None):
 
     # 4. pictures and the table
     plot_curves(args.out, names)
-    plot_alignment.main(["--checkpoint", str(args.out / names[-1] / "averaged.pt"),
-                         "--split", str(corpus / "test"), "--out", str(args.out / "alignment.png"),
-                         "--beam", str(args.beam)])
+    plot_alignment.plot_alignment(args.out / names[-1] / "averaged.pt", corpus / "test",
+                                  args.out / "alignment.png", beam=args.beam)
     trained = {name: json.loads((args.out / name / "args.json").read_text()) for name in names}
     first = trained[names[0]]
     meta = {"seed": first["seed"], "max_steps": first["max_steps"], "beam": args.beam,

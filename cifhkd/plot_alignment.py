@@ -13,6 +13,7 @@ the token the decoder emitted for it. Without --utt the split's first utterance 
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,7 +32,7 @@ def get_parser():
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--utt", default=None, help="utterance id (default: the first)")
     parser.add_argument("--method", choices=["greedy", "beam"], default="beam")
-    parser.add_argument("--beam", type=int, default=10)
+    parser.add_argument("--beam", type=int, default=decode_lib.BEAM)
     return parser
 
 
@@ -65,33 +66,41 @@ def plot(path: Path, title: str, feats, alphas, fire_frames, tokens, frame_perio
     plt.close(fig)
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    model, state = decode_lib.load_model(args.checkpoint)
+def plot_alignment(checkpoint: Path, split: Path, out: Path, utt: Optional[str] = None,
+                   method: str = "beam", beam: int = decode_lib.BEAM) -> Path:
+    """Draw utterance `utt` of the split (default: its first) as decoded by the checkpoint
+    into the PNG file `out` (the module docstring; the arguments are the command line's
+    options). -> out"""
+    model, state = decode_lib.load_model(checkpoint)
     vocab = teacher_lib.TokenVocab.load(state["vocab"])
-    utts, _ = data.read_manifest(args.split)
-    if args.utt is None:
-        utt = utts[0]
+    utts, _ = data.read_manifest(split)
+    if utt is None:
+        chosen = utts[0]
     else:
-        found = [u for u in utts if u.id == args.utt]
+        found = [u for u in utts if u.id == utt]
         if not found:
-            sys.exit(f"plot_alignment: --utt {args.utt!r} is not in {args.split}")
-        utt = found[0]
-    feats = features.utterance_cmvn(features.compute_fbank(data.load_audio(utt.audio)))
+            sys.exit(f"plot_alignment: --utt {utt!r} is not in {split}")
+        chosen = found[0]
+    feats = features.utterance_cmvn(features.compute_fbank(data.load_audio(chosen.audio)))
     x, lens = feats[None], torch.tensor([feats.shape[0]])
     with torch.no_grad():
         c = model.config
         enc, enc_lens, alphas = model.encode(x, lens)
-        if args.method == "greedy":
+        if method == "greedy":
             (tokens, frames), = decode_lib.greedy_search(model, x, lens)
         else:
-            (tokens, frames), = decode_lib.beam_search(model, x, lens, args.beam)
+            (tokens, frames), = decode_lib.beam_search(model, x, lens, beam)
     words = [vocab.tokens[t] for t in tokens]
     hyp = vocab.decode(tokens)
-    title = f"{utt.id}\nREF: {utt.text}\nHYP: {hyp}"
-    plot(args.out, title, feats, alphas[0, :int(enc_lens[0])], frames, words,
+    title = f"{chosen.id}\nREF: {chosen.text}\nHYP: {hyp}"
+    plot(out, title, feats, alphas[0, :int(enc_lens[0])], frames, words,
          decode_lib.frame_period_s(c))
-    print(f"plot_alignment: {utt.id}: {len(frames)} tokens -> {args.out}")
+    print(f"plot_alignment: {chosen.id}: {len(frames)} tokens -> {out}")
+    return out
+
+
+def main(argv=None):
+    plot_alignment(**vars(get_parser().parse_args(argv)))
     return 0
 
 
