@@ -127,7 +127,7 @@ def test_train_step_cuda_aishell1(benchmark):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="time train_hkd.train_update (median of --steps)")
+    parser = argparse.ArgumentParser(description="time cifhkd.train.train_update (median of --steps)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="default: demo on the CPU, aishell1 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the CIF-HKD recognizer (model.py) on a corpus with a cached teacher.
+"""Train the CIF-HKD recognizer (cifhkd.model) on a corpus with a cached teacher.
 
     python python/train_hkd.py --make-demo-corpus    # the demo corpus, HKD (ACD + LRD)
     python python/train_hkd.py --acd-weight 0 --lrd-weight 0 --exp-dir exp/cif   # baseline
@@ -9,14 +9,14 @@
     torchrun --nproc_per_node 2 python/train_hkd.py  # DistributedDataParallel
 
 The splits are --corpus/--train-split and --corpus/--valid-split: Kaldi data dirs
-(wav.scp, text) or JSONL manifests (data.py). The corpus is only read: a missing split is
+(wav.scp, text) or JSONL manifests (cifhkd.data). The corpus is only read: a missing split is
 an error naming the file, unless --make-demo-corpus asks for the demo corpus, which is
-then synthesised at --corpus with prepare_demo_corpus.py (which writes only into a new or
-empty folder, or a demo corpus it made). extract_teacher.build_cache makes the
+then synthesised at --corpus by cifhkd.corpus.make_corpus (which writes only into a new or
+empty folder, or a demo corpus it made). cifhkd.teacher_cache.build_cache makes the
 vocabulary and the teacher cache at --teacher-dir, or checks them against what they were
 built from (cache.json: the manifests' transcripts, the teacher): a stale split cache is
 extracted again, and a tokens.txt that is not the training split's vocabulary is an
-error (extract_teacher.StaleCacheError), never replaced. When the splits are loaded, a
+error (teacher_cache.StaleCacheError), never replaced. When the splits are loaded, a
 problem of a manifest or its audio (audio holding NaN, say) is an error naming its line,
 and utterances too short for their transcripts (fewer encoder frames than CTC needs) are
 reported, then left out (--too-short skip, the default) or refused (--too-short error).
@@ -88,7 +88,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="--corpus/<this>: a Kaldi data dir, or a JSONL file (train.jsonl)")
     g.add_argument("--valid-split", default="dev", help="as --train-split; '' for no validation")
     g.add_argument("--make-demo-corpus", action="store_true",
-                   help="synthesise the demo corpus (prepare_demo_corpus.py) at --corpus when its splits "
+                   help="synthesise the demo corpus (as prepare_demo_corpus.py) at --corpus when its splits "
                         "are missing: into a new or empty folder, or an unfinished demo corpus only")
     g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
                    help="extract_teacher.py output: tokens.txt, <split>.pt, cache.json (made if missing, "
@@ -333,11 +333,11 @@ def ensure_data(args, is_main: bool):
     are missing; build or check the teacher cache (rank 0; the others wait).
 
     Nothing of the corpus is ever written without --make-demo-corpus: a missing split is a
-    FileNotFoundError naming the file; prepare_demo_corpus.py itself writes only into a new
+    FileNotFoundError naming the file; corpus.make_corpus itself writes only into a new
     or empty folder or a demo corpus it made. The teacher cache is extracted again where it
-    was built from other transcripts or another teacher (extract_teacher.build_cache); a
+    was built from other transcripts or another teacher (teacher_cache.build_cache); a
     tokens.txt that differs from the training split's vocabulary is never replaced:
-    extract_teacher.StaleCacheError says so."""
+    teacher_cache.StaleCacheError says so."""
     manifests = split_manifests(args)
     if is_main:
         missing = {s: data.missing_manifest_file(m) for s, m in manifests.items()}
@@ -358,7 +358,7 @@ def ensure_data(args, is_main: bool):
             raise FileNotFoundError(f"train_hkd: {option} {split}: {path} is missing (a split is a Kaldi "
                                     f"data dir with wav.scp and text, or a JSONL manifest, in --corpus)" + hint)
         teacher_cache.build_cache(args.teacher_dir, manifests[args.train_split], list(manifests.values()),
-                                    args.teacher, log=log.info)
+                                  args.teacher, log=log.info)
     if dist.is_initialized():
         dist.barrier()
 
@@ -857,10 +857,6 @@ def run(args) -> Optional[Path]:
     model.train()
     stream = micro_batches(args, proc, pos, train_set, sampler)
     speed, monitor = Throughput(), LossMonitor(proc.world_size, proc.rank)
-
-    def save() -> Optional[Path]:
-        return save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
-
     while not (args.max_steps and pos.step >= args.max_steps):
         update = next_update(stream, args.accum_grad)
         if update is None:
@@ -883,11 +879,11 @@ def run(args) -> Optional[Path]:
             board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, proc.device).items()},
                           pos.step)
         if save_now:
-            pos.last_path = save()
+            pos.last_path = save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
     progress.close()
     monitor.check(pos.step, pos.epoch, pos.last_saved)
     if pos.last_saved != pos.step:
-        pos.last_path = save()
+        pos.last_path = save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
     finish(args, proc, pos, model, valid_set, speed, board)
     return pos.last_path if proc.is_main else None
 
