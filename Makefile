@@ -22,7 +22,7 @@ test: system-deps build native-test pytest bench-smoke
 
 DEMO_ARGS ?=
 demo: system-deps build
-	PYTHONPATH=python $(PY) python/demo.py $(DEMO_ARGS)
+	$(PY) python/demo.py $(DEMO_ARGS)
 
 # Debian packages of the speech-data tests and the demo corpus (pocketsphinx-testdata:
 # five real LibriVox recordings to decode): installed with apt-get when run as root,

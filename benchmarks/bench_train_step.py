@@ -1,4 +1,4 @@
-"""One optimizer step of the CIF-HKD recipe: train_hkd.train_update (copy of the batch
+"""One optimizer step of the CIF-HKD recipe: cifhkd.train.train_update (copy of the batch
 to the device, forward, backward, clipping, AdamW), as the trainer runs it.
 
     pytest benchmarks/bench_train_step.py --benchmark-json=step.json
@@ -19,18 +19,16 @@ The timed step ends with torch.cuda.synchronize() on CUDA.
 """
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+from cifhkd import model as model_lib
+from cifhkd import train as train_hkd
 
-import model as model_lib  # noqa: E402
-import train_hkd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_VOCAB = 298        # WordPieces of the demo corpus (docs/hkd-recipe.md)
 PRESETS = {
@@ -129,7 +127,7 @@ def test_train_step_cuda_aishell1(benchmark):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="time train_hkd.train_update (median of --steps)")
+    parser = argparse.ArgumentParser(description="time cifhkd.train.train_update (median of --steps)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="default: demo on the CPU, aishell1 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

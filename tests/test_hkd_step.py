@@ -2,18 +2,14 @@
 prepared on the host (model.prepare_batch, dataset.collate) gives the numbers of the former
 formulation (kept below as the reference), reads nothing back from the device, and
 torch.compile(fullgraph=True) traces it whole."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-import cifops  # noqa: E402
-import model as M  # noqa: E402
+import cifops
+from cifhkd import model as M
 
 VOCAB, TEACHER_DIM = 23, 16
 TERMS = ("ce", "quantity", "ctc", "acd", "lrd")

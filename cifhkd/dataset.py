@@ -19,10 +19,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-import data
-import features
-import model as model_lib
-import teacher as teacher_lib
+from . import data
+from . import features
+from . import model as model_lib
+from . import teacher as teacher_lib
 
 
 class AsrDataset(torch.utils.data.Dataset):
