@@ -162,14 +162,20 @@ class BuildExtension(cpp_extension.BuildExtension):
             out_dir = os.path.join(os.path.abspath(self.build_temp), "cpu_capability", capability)
             os.makedirs(out_dir, exist_ok=True)
             obj = os.path.join(out_dir, os.path.basename(source)[:-len(".cpp")] + ".o")
-            inputs = [source] + headers
-            if not os.path.exists(obj) or os.path.getmtime(obj) < max(map(os.path.getmtime, inputs)):
-                cmd = [cxx, *flags, *capability_flags, "-c", source, "-o", obj]
+            cmd = [cxx, *flags, *capability_flags, "-c", source, "-o", obj]
+            # rebuilt when a source or header is newer, or the command changed
+            stamp = obj + ".cmd"
+            old = open(stamp).read() if os.path.exists(stamp) else None
+            newest = max(map(os.path.getmtime, [source] + headers))
+            if old != " ".join(cmd) or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
                 print("cifops: " + " ".join(cmd))
                 subprocess.run(cmd, check=True)
+                with open(stamp, "w") as f:
+                    f.write(" ".join(cmd))
             # after the extension's own objects: the linker keeps the first copy of an
             # inline function, the portable one (csrc/contrastive/contrastive_cpu_kernels.cpp)
             ext.extra_objects.append(obj)
+            ext.depends.append(obj)  # relink when only this object changed
 
     def build_extensions(self):
         compiler = (getattr(self.compiler, "compiler_cxx", None)
@@ -238,7 +244,9 @@ def build_extension():
         extra_compile_args=extra,
         extra_link_args=([runtime] if runtime else []) + openmp,
     )
-    ext.cifops_cxx_flags = opt + ["-Wall", "-ffp-contract=off"]  # CPU_CAPABILITY_BUILDS
+    # the flags of CPU_CAPABILITY_BUILDS: the extension's own that matter to torch-free code
+    ext.cifops_cxx_flags = opt + ["-Wall", "-ffp-contract=off",
+                                  f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     return ext
 
 
