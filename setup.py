@@ -135,13 +135,55 @@ def check_toolchain(compiler, runtime):
               f"found). Use GCC {runtime_gcc} or older (CXX=g++-{runtime_gcc}).")
 
 
+# Torch-free CPU kernel sources compiled a second time, as their own translation unit,
+# for a CPU capability the extension is not compiled for (as ATen's CPU_CAPABILITY): the
+# source picks its namespace from the macro, and its includer chooses at run time.
+CPU_CAPABILITY_BUILDS = [
+    ("csrc/contrastive/contrastive_cpu_kernels.cpp", "avx2",
+     ["-mavx2", "-mfma", "-DCIFOPS_CPU_AVX2"]),
+]
+
+
+def is_x86():
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's build_ext, plus the C++ runtime checks before and after the link."""
+    """torch's build_ext, plus the C++ runtime checks before and after the link, and the
+    per-capability objects of CPU_CAPABILITY_BUILDS."""
+
+    def build_capability_objects(self, ext, cxx):
+        flags = (["-std=c++17", "-fPIC", "-DNDEBUG", "-fwrapv", "-I" + os.path.join(ROOT, "csrc")]
+                 + ext.cifops_cxx_flags)
+        headers = glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
+        for source, capability, capability_flags in CPU_CAPABILITY_BUILDS:
+            source = os.path.join(ROOT, source)
+            out_dir = os.path.join(os.path.abspath(self.build_temp), "cpu_capability", capability)
+            os.makedirs(out_dir, exist_ok=True)
+            obj = os.path.join(out_dir, os.path.basename(source)[:-len(".cpp")] + ".o")
+            cmd = [cxx, *flags, *capability_flags, "-c", source, "-o", obj]
+            # rebuilt when a source or header is newer, or the command changed
+            stamp = obj + ".cmd"
+            old = open(stamp).read() if os.path.exists(stamp) else None
+            newest = max(map(os.path.getmtime, [source] + headers))
+            if old != " ".join(cmd) or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
+                print("cifops: " + " ".join(cmd))
+                subprocess.run(cmd, check=True)
+                with open(stamp, "w") as f:
+                    f.write(" ".join(cmd))
+            # after the extension's own objects: the linker keeps the first copy of an
+            # inline function, the portable one (csrc/contrastive/contrastive_cpu_kernels.cpp)
+            ext.extra_objects.append(obj)
+            ext.depends.append(obj)  # relink when only this object changed
 
     def build_extensions(self):
         compiler = (getattr(self.compiler, "compiler_cxx", None)
                     or [cpp_extension.get_cxx_compiler()])
         check_toolchain(compiler[0], torch_cxx_runtime())
+        if is_x86():
+            for ext in self.extensions:
+                self.build_capability_objects(ext, compiler[0])
         super().build_extensions()
         check = load_runtime_check()
         for ext in self.extensions:
@@ -166,7 +208,8 @@ def build_extension():
     cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"] + openmp
     macros = [("CIFOPS_TORCH_VERSION", f'"{torch.__version__}"')]
     sources = ["csrc/ops.cpp"]
-    sources += sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_cpu_op.cpp"))
+    sources += sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_cpu_kernels.cpp"))
+    sources += sorted(glob.glob("csrc/*/*_cpu_op.cpp")) + sorted(glob.glob("csrc/*/*_autocast.cpp"))
     os.environ.setdefault("MAX_JOBS", str(default_jobs()))
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -193,7 +236,7 @@ def build_extension():
     # compiler that finds only libstdc++.a (a relocated toolchain) would otherwise link a
     # private, possibly different, copy of the runtime into the library.
     runtime = torch_cxx_runtime()
-    return ext_cls(
+    ext = ext_cls(
         name="cifops._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -201,6 +244,10 @@ def build_extension():
         extra_compile_args=extra,
         extra_link_args=([runtime] if runtime else []) + openmp,
     )
+    # the flags of CPU_CAPABILITY_BUILDS: the extension's own that matter to torch-free code
+    ext.cifops_cxx_flags = opt + ["-Wall", "-ffp-contract=off",
+                                  f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    return ext
 
 
 setup(

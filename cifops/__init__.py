@@ -6,6 +6,7 @@
     loss = cifops.contrastive_loss(student, teacher, temperature=0.02)
 """
 from cifops._loader import build_info, load_library
+from cifops._version import __version__
 
 load_library()
 
@@ -18,4 +19,3 @@ from cifops._contrastive import (  # noqa: E402
 __all__ = ["cif", "Cif", "CifOutput", "cif_stream_step", "cif_stream_flush", "cif_stream_state",
            "CifStream", "CifStreamState", "contrastive_loss", "contrastive_accuracy",
            "ContrastiveLoss", "build_info"]
-__version__ = "0.1.0"

@@ -1,13 +1,56 @@
 """Argument checks and autograd guards shared by cifops.cif and cifops.contrastive_loss.
 
-The kernels check their arguments in C++ (csrc/cif/cif_host.h, csrc/contrastive/
-contrastive_host.h); what is here runs where they cannot: in the fake (meta) kernels,
-which a single meta argument among real ones also reaches, and around the autograd
-registrations, for the kinds of differentiation the ops do not support.
+The kernels check their arguments in C++ (csrc/common/host.h, csrc/cif/cif_host.h,
+csrc/contrastive/contrastive_host.h); what is here runs where they cannot: in the fake
+(meta) kernels, which a single meta argument among real ones also reaches, and around the
+autograd registrations, for the kinds of differentiation the ops do not support.
 """
 import torch
 from torch import Tensor
 import torch.autograd.forward_ad as fwAD
+
+from cifops import _C
+
+# The four floating dtypes the kernels take (is_supported_float in csrc/common/host.h), and
+# the dtype each computes in (compute_type there, exported by csrc/ops.cpp).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+_COMPUTE_DTYPES = {getattr(torch, k): getattr(torch, v) for k, v in _C.compute_dtypes.items()}
+
+
+def compute_dtype(dtype):
+    """The dtype an op computes in for inputs of ``dtype`` (float32 for the half types)."""
+    return _COMPUTE_DTYPES[dtype]
+
+
+def _shape(x):
+    return list(x.shape)
+
+
+def check_float(fn, name, x):
+    """The meta-kernel twin of the kernels' dtype check of a floating argument."""
+    torch._check(x.dtype in FLOAT_DTYPES,
+                 lambda: f"{fn}: {name} must be {_FLOAT_NAMES}, got {x.dtype}")
+
+
+def check_index_vector(fn, name, x, dims, size, ref_name, ref):
+    """x (lengths, targets: None skipped) is a 1-D integer tensor of `size` elements on
+    ref's device, else the kernels' messages."""
+    if x is None:
+        return
+    torch._check(x.dim() == 1 and x.shape[0] == size,
+                 lambda: f"{fn}: {name} must be a 1-D tensor {dims} = [{size}], got shape "
+                         f"{_shape(x)}")
+    torch._check(not x.dtype.is_floating_point and not x.dtype.is_complex
+                 and x.dtype != torch.bool,
+                 lambda: f"{fn}: {name} must be an integer tensor, got {x.dtype}")
+    check_same_device(fn, ref_name, ref, **{name: x})
+
+
+def check_rank(fn, name, x, rank, dims):
+    """x.dim() == rank, else "<fn>: <name> must be a <rank>-D tensor <dims>, got shape [..]"."""
+    torch._check(x.dim() == rank,
+                 lambda: f"{fn}: {name} must be a {rank}-D tensor {dims}, got shape {_shape(x)}")
 
 
 def check_tensor(fn, name, x, optional=False):
@@ -21,7 +64,7 @@ def check_tensor(fn, name, x, optional=False):
 def check_same_device(fn, ref_name, ref, exc=RuntimeError, **tensors):
     """Raise exc(f"{fn}: {name} is on X but {ref_name} is on Y") for the first tensor of
     ``tensors`` (None skipped) not on ref's device: the message of check_same_device in
-    csrc/cif/cif_host.h."""
+    csrc/common/host.h."""
     for name, x in tensors.items():
         if x is not None and x.device != ref.device:
             raise exc(f"{fn}: {name} is on {x.device} but {ref_name} is on {ref.device}")

@@ -11,13 +11,15 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from cifops._checks import (call_op, check_same_device, check_tensor, no_double_backward,
+from cifops import _C
+from cifops._checks import (call_op, check_float, check_index_vector, check_rank, check_same_device,
+                            check_tensor, compute_dtype, no_double_backward,
                             refuse_forward_mode)
 
 _TAIL_MODES = ("keep", "normalize")
 _INT64_MAX = 2**63 - 1
 # Per-utterance fields of the scan workspace (kRowReal, kRowInfo in csrc/cif/cif.h).
-_ROW_REAL, _ROW_INFO = 4, 7
+_ROW_REAL, _ROW_INFO = _C.cif_row_real, _C.cif_row_info
 
 
 class CifOutput(NamedTuple):
@@ -40,19 +42,29 @@ class CifOutput(NamedTuple):
 # --- fake kernels: shapes only, so torch.compile can trace the op ---------------
 
 # They also run for real meta tensors, and for any call with one meta argument among real
-# ones (the meta dispatch key wins): hence the device checks, the same as the kernels'
-# (check_cif_args in csrc/cif/cif_host.h).
+# ones (the meta dispatch key wins): hence the checks of shapes, dtypes and devices, the
+# same as the kernels' metadata checks (check_cif_args and check_cif_backward_args in
+# csrc/cif/cif_host.h), with the same messages.
 
-def _alpha_sum_dtype(alphas_dtype):
-    # cif_alpha_sum_type in csrc/cif/cif_host.h
-    return torch.float64 if alphas_dtype == torch.float64 else torch.float32
+def _check_cif_args(hidden, alphas, lengths, target_lengths):
+    fn = "cifops.cif"
+    check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
+    check_float(fn, "hidden", hidden)
+    check_rank(fn, "alphas", alphas, 2, "[B, T]")
+    check_float(fn, "alphas", alphas)
+    B, T = hidden.shape[0], hidden.shape[1]
+    torch._check(alphas.shape[0] == B and alphas.shape[1] == T,
+                 lambda: f"{fn}: alphas must have shape [B, T] = [{B}, {T}] to match hidden, "
+                         f"got {list(alphas.shape)}")
+    check_same_device(fn, "hidden", hidden, alphas=alphas)
+    check_index_vector(fn, "lengths", lengths, "[B]", B, "hidden", hidden)
+    check_index_vector(fn, "target_lengths", target_lengths, "[B]", B, "hidden", hidden)
 
 
 @torch.library.register_fake("cifops::cif_forward")
 def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
                       tail_threshold, tail_normalize, max_tokens):
-    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas, lengths=lengths,
-                      target_lengths=target_lengths)
+    _check_cif_args(hidden, alphas, lengths, target_lengths)
     B, _, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
@@ -69,7 +81,7 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
     return (hidden.new_empty((B, n, D)),
             hidden.new_empty((B,), dtype=torch.int64),
             hidden.new_empty((B, n), dtype=torch.int64),
-            alphas.new_empty((B,), dtype=_alpha_sum_dtype(alphas.dtype)),
+            alphas.new_empty((B,), dtype=compute_dtype(alphas.dtype)),
             hidden.new_empty((B * (T + 1) + B * _ROW_REAL,), dtype=torch.float64),
             hidden.new_empty((B * T + B * _ROW_INFO,), dtype=torch.int64))
 
@@ -77,8 +89,27 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
 @torch.library.register_fake("cifops::cif_backward")
 def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int,
                        threshold, scale_eps, tail_threshold, tail_normalize):
-    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas)
-    check_same_device("cifops.cif_backward", "hidden", hidden, grad_embeds=grad_embeds,
+    _check_cif_args(hidden, alphas, None, None)
+    fn = "cifops.cif_backward"
+    B, T, D = hidden.shape
+    torch._check(grad_embeds.dim() == 3 and grad_embeds.shape[0] == B
+                 and grad_embeds.shape[2] == D,
+                 lambda: f"{fn}: grad_embeds must have shape [B, N, D] with B = {B}, D = {D}, "
+                         f"got {list(grad_embeds.shape)}")
+    if grad_alpha_sum is not None:
+        torch._check(grad_alpha_sum.dim() == 1 and grad_alpha_sum.shape[0] == B,
+                     lambda: f"{fn}: grad_alpha_sum must have shape [B], got "
+                             f"{list(grad_alpha_sum.shape)}")
+    real, ints = B * (T + 1) + B * _ROW_REAL, B * T + B * _ROW_INFO
+    torch._check(scan_real.dtype == torch.float64 and scan_real.dim() == 1
+                 and scan_real.shape[0] == real,
+                 lambda: f"{fn}: scan_real must be the forward's contiguous float64 [{real}] "
+                         f"workspace, got {scan_real.dtype} {list(scan_real.shape)}")
+    torch._check(scan_int.dtype == torch.int64 and scan_int.dim() == 1
+                 and scan_int.shape[0] == ints,
+                 lambda: f"{fn}: scan_int must be the forward's contiguous int64 [{ints}] "
+                         f"workspace, got {scan_int.dtype} {list(scan_int.shape)}")
+    check_same_device(fn, "hidden", hidden, grad_embeds=grad_embeds,
                       grad_alpha_sum=grad_alpha_sum, scan_real=scan_real, scan_int=scan_int)
     return torch.empty_like(hidden), torch.empty_like(alphas)
 

@@ -8,6 +8,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cif/cif.h"                     // kRowReal, kRowInfo
+#include "common/host.h"                 // compute_type
+#include "contrastive/contrastive_host.h"  // kStatRows, contrastive_fuses_student_grad
+
 #ifndef CIFOPS_TORCH_VERSION
 #error "CIFOPS_TORCH_VERSION must be defined by the build (setup.py)"
 #endif
@@ -89,9 +93,60 @@ TORCH_LIBRARY(cifops, m) {
       "int ignore_index) -> Tensor");
 }
 
+// Op metadata for the fake kernels and autograd (cifops/_cif.py, cifops/_contrastive.py),
+// so that Python restates none of it:
+//   cif_row_real, cif_row_info   per-utterance slots of scan_real / scan_int (cif_host.h)
+//   contrastive_stat_rows        rows of contrastive_forward's stats output
+//   compute_dtypes               {input dtype name: compute dtype name} (compute_type)
+//   contrastive_fuses_student_grad(fuse_student_grad, reduction, symmetric) -> bool:
+//                                whether fused_grad is [N, D] (contrastive_host.h)
+static PyObject* py_contrastive_fuses_student_grad(PyObject*, PyObject* args) {
+  int fuse = 0, symmetric = 0;
+  const char* reduction = nullptr;
+  if (!PyArg_ParseTuple(args, "psp", &fuse, &reduction, &symmetric)) return nullptr;
+  const char* fn = "cifops.contrastive_loss";
+  bool fused = false;
+  try {
+    fused = cifops::contrastive_fuses_student_grad(
+        fuse != 0, cifops::parse_reduction(reduction, fn), symmetric != 0);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return PyBool_FromLong(fused);
+}
+
+static PyObject* compute_dtypes() {
+  const std::pair<at::ScalarType, const char*> names[] = {
+      {at::kHalf, "float16"}, {at::kBFloat16, "bfloat16"}, {at::kFloat, "float32"},
+      {at::kDouble, "float64"}};
+  auto name = [&](at::ScalarType t) {
+    for (const auto& [type, type_name] : names)
+      if (type == t) return type_name;
+    return "unknown";
+  };
+  PyObject* dict = PyDict_New();
+  if (dict == nullptr) return nullptr;
+  for (const auto& [type, type_name] : names) {
+    PyObject* value = PyUnicode_FromString(name(cifops::compute_type(type)));
+    if (value == nullptr || PyDict_SetItemString(dict, type_name, value) < 0) {
+      Py_XDECREF(value);
+      Py_DECREF(dict);
+      return nullptr;
+    }
+    Py_DECREF(value);
+  }
+  return dict;
+}
+
+static PyMethodDef kMethods[] = {
+    {"contrastive_fuses_student_grad", py_contrastive_fuses_student_grad, METH_VARARGS,
+     "contrastive_fuses_student_grad(fuse_student_grad, reduction, symmetric) -> bool"},
+    {nullptr, nullptr, 0, nullptr}};
+
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                          "cifops compiled operator library", -1, nullptr};
+                                          "cifops compiled operator library", -1, kMethods};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   if (PyModule_AddStringConstant(m, "torch_version", CIFOPS_TORCH_VERSION) < 0 ||
@@ -101,7 +156,17 @@ extern "C" PyObject* PyInit__C(void) {
       PyModule_AddStringConstant(m, "compiler", kCompiler) < 0 ||
       PyModule_AddIntConstant(m, "cplusplus", static_cast<long>(__cplusplus)) < 0 ||
       PyModule_AddIntConstant(m, "cxx11_abi", kCxx11Abi) < 0 ||
-      PyModule_AddIntConstant(m, "openmp", kOpenMP) < 0) {
+      PyModule_AddIntConstant(m, "openmp", kOpenMP) < 0 ||
+      PyModule_AddIntConstant(m, "cif_row_real", cifops::kRowReal) < 0 ||
+      PyModule_AddIntConstant(m, "cif_row_info", cifops::kRowInfo) < 0 ||
+      PyModule_AddIntConstant(m, "contrastive_stat_rows", cifops::kStatRows) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  PyObject* dtypes = compute_dtypes();
+  const bool added = dtypes != nullptr && PyModule_AddObjectRef(m, "compute_dtypes", dtypes) == 0;
+  Py_XDECREF(dtypes);
+  if (!added) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -150,3 +150,30 @@ def test_build_info_records_the_compiler():
     assert info["compiler"] and info["compiler"] != "unknown"
     assert info["cplusplus"] >= 201703
     assert info["cxx11_abi"] == int(torch._C._GLIBCXX_USE_CXX11_ABI)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_avx2_instructions_stay_in_the_avx2_build():
+    """The contrastive tile kernels are compiled twice, the second time with -mavx2 -mfma
+    (csrc/contrastive/contrastive_cpu_kernels.cpp). Inline functions of shared headers
+    (std::vector, contrastive.h) are compiled in both units, and the linker keeps one copy:
+    it must be the portable one, or a CPU without AVX runs AVX instructions outside the
+    kernels it chose not to use. So no function outside the avx2 namespace has a VEX
+    (v-prefixed) instruction."""
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the avx2 build exists on x86-64 only")
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", cifops._C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    function, with_avx, outside = None, set(), set()
+    for line in out.splitlines():
+        if line.endswith(">:"):
+            function = line
+            continue
+        fields = line.split()
+        if function and len(fields) >= 2 and fields[1].startswith("v") and fields[1].isalnum():
+            with_avx.add(function)
+            if "avx2::" not in function:
+                outside.add(function)
+    assert with_avx, "the avx2 build of the contrastive kernels is missing from the library"
+    assert not outside, f"AVX instructions outside the avx2 build: {sorted(outside)[:5]}"

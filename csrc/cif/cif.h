@@ -52,17 +52,10 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 
-#if defined(__CUDACC__)
-#define CIFOPS_HD __host__ __device__ __forceinline__
-#else
-#define CIFOPS_HD inline
-#endif
+#include "common/types.h"  // ScalarKind, ParallelFor, CIFOPS_HD
 
 namespace cifops {
-
-enum class ScalarKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
 // Per-utterance status written by the scan; the host turns it into an error
 // message naming the argument and the offending index.
@@ -443,11 +436,7 @@ struct CifStreamState {
 };
 
 // ----------------------------------------------------------------------------
-// CPU entry points (csrc/cif/cif_cpu.cpp). `parallel_for(n, grain, body)` runs
-// body(begin, end) over [0, n) in chunks; the torch binding passes
-// at::parallel_for, the native test a serial loop.
-using ParallelFor =
-    std::function<void(int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
+// CPU entry points (csrc/cif/cif_cpu.cpp); ParallelFor: common/types.h.
 
 // Scan every utterance. alphas is [B][T] of `alpha_kind` (float32/float64);
 // lengths and target may be null.

@@ -7,6 +7,7 @@
 // float32 input accumulates in float32, float64 in float64 (half inputs are
 // converted to float32 by the binding).
 #include "cif.h"
+#include "common/dispatch.h"
 
 #include <cstring>
 #include <stdexcept>
@@ -140,58 +141,50 @@ void backward_impl(const scalar_t* grad_embeds, const alpha_t* grad_alpha_sum,
   });
 }
 
+const ThrowUnsupported kUnsupportedAlphas{"cifops CPU kernels take float32/float64 alphas"};
+const ThrowUnsupported kUnsupportedHidden{"cifops CPU kernels take float32/float64 hidden"};
+
 }  // namespace
-}  // namespace cifops
-
-namespace cifops {
-
-#define CIFOPS_CPU_DISPATCH_ALPHA(kind, ...)                                  \
-  [&] {                                                                       \
-    if ((kind) == ScalarKind::kFloat32) { using alpha_t = float; __VA_ARGS__(); } \
-    else if ((kind) == ScalarKind::kFloat64) { using alpha_t = double; __VA_ARGS__(); } \
-    else throw std::invalid_argument("cifops CPU kernels take float32/float64 alphas"); \
-  }()
-#define CIFOPS_CPU_DISPATCH_HIDDEN(kind, ...)                                 \
-  [&] {                                                                       \
-    if ((kind) == ScalarKind::kFloat32) { using scalar_t = float; __VA_ARGS__(); } \
-    else if ((kind) == ScalarKind::kFloat64) { using scalar_t = double; __VA_ARGS__(); } \
-    else throw std::invalid_argument("cifops CPU kernels take float32/float64 hidden"); \
-  }()
 
 void cif_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
                   const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
                   const ParallelFor& parallel_for) {
-  CIFOPS_CPU_DISPATCH_ALPHA(alpha_kind, [&] {
+  dispatch(CpuTypes{}, alpha_kind, [&](auto alpha_tag) {
+    using alpha_t = decltype(alpha_tag);
     scan_impl(static_cast<const alpha_t*>(alphas), lengths, target, cfg, ws, parallel_for);
-  });
+  }, kUnsupportedAlphas);
 }
 
 void cif_forward_cpu(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
                      int64_t n_out, CifWorkspace ws, void* embeds, int64_t* token_lengths,
                      int64_t* fire_frames, void* alpha_sum, ScalarKind alpha_kind,
                      const ParallelFor& parallel_for) {
-  CIFOPS_CPU_DISPATCH_HIDDEN(hidden_kind, [&] {
-    CIFOPS_CPU_DISPATCH_ALPHA(alpha_kind, [&] {
+  dispatch(CpuTypes{}, hidden_kind, [&](auto hidden_tag) {
+    using scalar_t = decltype(hidden_tag);
+    dispatch(CpuTypes{}, alpha_kind, [&](auto alpha_tag) {
+      using alpha_t = decltype(alpha_tag);
       forward_impl(static_cast<const scalar_t*>(hidden), cfg, n_out, ws,
                    static_cast<scalar_t*>(embeds), token_lengths, fire_frames,
                    static_cast<alpha_t*>(alpha_sum), parallel_for);
-    });
-  });
+    }, kUnsupportedAlphas);
+  }, kUnsupportedHidden);
 }
 
 void cif_backward_cpu(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
                       ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
                       const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
                       void* grad_hidden, void* grad_alphas, const ParallelFor& parallel_for) {
-  CIFOPS_CPU_DISPATCH_HIDDEN(hidden_kind, [&] {
-    CIFOPS_CPU_DISPATCH_ALPHA(alpha_kind, [&] {
+  dispatch(CpuTypes{}, hidden_kind, [&](auto hidden_tag) {
+    using scalar_t = decltype(hidden_tag);
+    dispatch(CpuTypes{}, alpha_kind, [&](auto alpha_tag) {
+      using alpha_t = decltype(alpha_tag);
       backward_impl(static_cast<const scalar_t*>(grad_embeds),
                     static_cast<const alpha_t*>(grad_alpha_sum),
                     static_cast<const scalar_t*>(hidden), static_cast<const alpha_t*>(alphas),
                     cfg, n_out, ws, dots, static_cast<scalar_t*>(grad_hidden),
                     static_cast<alpha_t*>(grad_alphas), parallel_for);
-    });
-  });
+    }, kUnsupportedAlphas);
+  }, kUnsupportedHidden);
 }
 
 }  // namespace cifops

@@ -14,7 +14,7 @@
 #endif
 
 #include "cif_host.h"
-#include "cpu_parallel.h"
+#include "common/cpu_parallel.h"
 
 namespace cifops {
 namespace {
@@ -64,7 +64,7 @@ cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
                   fire_frames.data_ptr<int64_t>(), alpha_sum.data_ptr(),
                   scalar_kind(a.scalar_type()), kAtenParallelFor);
   return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
-          alpha_sum.to(cif_alpha_sum_type(alphas.scalar_type())), ws.real, ws.ints};
+          alpha_sum.to(compute_type(alphas.scalar_type())), ws.real, ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cpu_op(

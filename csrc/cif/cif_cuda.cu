@@ -519,27 +519,6 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
   for (int64_t t = L + tid; t < T; t += kScanThreads) ga[t] = static_cast<alpha_t>(0.0);
 }
 
-// ---------------------------------------------------------------------------
-// Dispatch
-
-template <typename F>
-int dispatch_alpha(ScalarKind kind, F&& f) {
-  if (kind == ScalarKind::kFloat32) return f(float{});
-  if (kind == ScalarKind::kFloat64) return f(double{});
-  return static_cast<int>(cudaErrorInvalidValue);
-}
-
-template <typename F>
-int dispatch_hidden(ScalarKind kind, F&& f) {
-  switch (kind) {
-    case ScalarKind::kFloat16: return f(__half{});
-    case ScalarKind::kBFloat16: return f(__nv_bfloat16{});
-    case ScalarKind::kFloat32: return f(float{});
-    case ScalarKind::kFloat64: return f(double{});
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
-}
-
 // Whether rows of D elements of `bytes` each, at these base pointers, can move as
 // 16-byte packs.
 bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
@@ -555,14 +534,15 @@ int cif_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* leng
                   const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
                   int64_t* token_lengths, void* alpha_sum, void* stream) {
   if (cfg.batch == 0) return cudaSuccess;
-  return dispatch_alpha(alpha_kind, [&](auto tag) {
+  return dispatch(CudaAccTypes{}, alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
-    scan_kernel<alpha_t><<<static_cast<unsigned>(cfg.batch), kScanThreads, 0,
-                           static_cast<cudaStream_t>(stream)>>>(
+    const unsigned blocks = static_cast<unsigned>(cfg.batch);
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, scan_kernel<alpha_t>)(
         static_cast<const alpha_t*>(alphas), lengths, target, cfg, ws, token_lengths,
         static_cast<alpha_t*>(alpha_sum));
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
 }
 
 int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
@@ -570,7 +550,7 @@ int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig
                      void* stream) {
   const int64_t rows = cfg.batch * n_out;
   if (rows == 0) return cudaSuccess;
-  return dispatch_hidden(hidden_kind, [&](auto tag) {
+  return dispatch(CudaTypes{}, hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int V = 16 / sizeof(scalar_t);
     const unsigned blocks = grid_for(rows, kRowWarps, kMaxBlocks);
@@ -578,13 +558,13 @@ int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig
     const auto* h = static_cast<const scalar_t*>(hidden);
     auto* e = static_cast<scalar_t*>(embeds);
     if (packable(cfg.dim, sizeof(scalar_t), {hidden, embeds}))
-      forward_kernel<scalar_t, V><<<blocks, kRowWarps * kWarpSize, 0, s>>>(h, cfg, n_out, ws, e,
-                                                                          fire_frames);
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, V>)(
+          h, cfg, n_out, ws, e, fire_frames);
     else
-      forward_kernel<scalar_t, 1><<<blocks, kRowWarps * kWarpSize, 0, s>>>(h, cfg, n_out, ws, e,
-                                                                          fire_frames);
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, 1>)(
+          h, cfg, n_out, ws, e, fire_frames);
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
 }
 
 int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
@@ -593,7 +573,7 @@ int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const
                       void* grad_hidden, void* grad_alphas, void* stream) {
   if (cfg.batch == 0 || cfg.frames == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int err = dispatch_hidden(hidden_kind, [&](auto tag) {
+  const int err = dispatch(CudaTypes{}, hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int V = 16 / sizeof(scalar_t);
     const unsigned blocks = grid_for(cfg.batch * cfg.frames, kRowWarps, kMaxBlocks);
@@ -601,21 +581,22 @@ int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const
     const auto* h = static_cast<const scalar_t*>(hidden);
     auto* gh = static_cast<scalar_t*>(grad_hidden);
     if (packable(cfg.dim, sizeof(scalar_t), {grad_embeds, hidden, grad_hidden}))
-      backward_frame_kernel<scalar_t, V><<<blocks, kRowWarps * kWarpSize, 0, s>>>(
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V>)(
           g, h, cfg, n_out, ws, dots, gh);
     else
-      backward_frame_kernel<scalar_t, 1><<<blocks, kRowWarps * kWarpSize, 0, s>>>(
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1>)(
           g, h, cfg, n_out, ws, dots, gh);
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
   if (err != cudaSuccess) return err;
-  return dispatch_alpha(alpha_kind, [&](auto tag) {
+  return dispatch(CudaAccTypes{}, alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
-    backward_alpha_kernel<alpha_t><<<static_cast<unsigned>(cfg.batch), kScanThreads, 0, s>>>(
+    const unsigned blocks = static_cast<unsigned>(cfg.batch);
+    CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, backward_alpha_kernel<alpha_t>)(
         static_cast<const alpha_t*>(alphas), static_cast<const alpha_t*>(grad_alpha_sum), cfg,
         n_out, ws, dots, static_cast<alpha_t*>(grad_alphas));
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
 }
 
 }  // namespace cifops

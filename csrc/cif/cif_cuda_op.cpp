@@ -46,7 +46,7 @@ cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
                                      ws.view(), embeds.data_ptr(),
                                      fire_frames.data_ptr<int64_t>(), stream));
   return {embeds, token_lengths, fire_frames,
-          alpha_sum.to(cif_alpha_sum_type(alphas.scalar_type())), ws.real, ws.ints};
+          alpha_sum.to(compute_type(alphas.scalar_type())), ws.real, ws.ints};
 }
 
 std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(

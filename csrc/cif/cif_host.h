@@ -17,32 +17,6 @@
 
 namespace cifops {
 
-inline ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kFloat: return ScalarKind::kFloat32;
-    case at::kDouble: return ScalarKind::kFloat64;
-    default: TORCH_CHECK(false, "cifops: unsupported dtype ", t);
-  }
-}
-
-// The four floating dtypes the kernels support (not float8 and other floating types,
-// which at::isFloatingType also accepts).
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-#define CIFOPS_FLOAT_DTYPES "float16, bfloat16, float32 or float64"
-
-// "<fn>: <name> is on <device> but <ref_name> is on <device>" unless x is on ref's device.
-// Every tensor argument of every op is checked like this (meta tensors included: the
-// fake kernels in cifops/_cif.py and cifops/_contrastive.py check the same).
-inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
-                              const char* ref_name, const char* fn) {
-  TORCH_CHECK(x.device() == ref.device(), fn, ": ", name, " is on ", x.device(), " but ",
-              ref_name, " is on ", ref.device());
-}
-
 // Checks shared by cif_forward and cif_backward. Only metadata is checked here;
 // values (negative alphas, lengths > T, ...) are checked by the scan.
 inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
@@ -119,18 +93,6 @@ inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden) {
               " is too large: the outputs embeds [B, N, D] = [", B, ", ", max_tokens, ", ", D,
               "] and fire_frames [B, N] would exceed 2^63 bytes; use None (the batch's largest ",
               "token count) or a width that fits in memory");
-}
-
-// alpha_sum is returned in the accumulation dtype: float32 for float16, bfloat16 and
-// float32 alphas, float64 for float64 (a float16 sum would overflow at 65504).
-inline at::ScalarType cif_alpha_sum_type(at::ScalarType alphas) {
-  return alphas == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Integer lengths of any dtype as contiguous int64 (maybe_ptr: their raw pointer).
-inline std::optional<at::Tensor> to_long(const std::optional<at::Tensor>& x) {
-  if (!x.has_value()) return std::nullopt;
-  return x->to(at::kLong).contiguous();
 }
 
 inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, double scale_eps,

@@ -1,9 +1,7 @@
 // CPU kernels of the streaming CIF step (the math is in cif.h): the chunk's scan and
 // its embeddings, one utterance per task.
 #include "cif.h"
-
-#include <stdexcept>
-#include <string>
+#include "common/dispatch.h"
 
 namespace cifops {
 namespace {
@@ -41,33 +39,29 @@ void stream_embed_impl(const acc_t* hidden, const CifStreamConfig& cfg, CifStrea
   });
 }
 
-template <typename F>
-void dispatch_float(ScalarKind kind, const char* what, F&& body) {
-  if (kind == ScalarKind::kFloat32) body(float{});
-  else if (kind == ScalarKind::kFloat64) body(double{});
-  else throw std::invalid_argument(std::string("cifops CPU kernels take float32/float64 ") + what);
-}
+const ThrowUnsupported kUnsupportedAlphas{"cifops CPU kernels take float32/float64 alphas"};
+const ThrowUnsupported kUnsupportedHidden{"cifops CPU kernels take float32/float64 hidden"};
 
 }  // namespace
 
 void cif_stream_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
                          const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
                          int64_t* token_lengths, const ParallelFor& parallel_for) {
-  dispatch_float(alpha_kind, "alphas", [&](auto tag) {
+  dispatch(CpuTypes{}, alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
     stream_scan_impl(static_cast<const alpha_t*>(alphas), lengths, cfg, st, ws, token_lengths,
                      parallel_for);
-  });
+  }, kUnsupportedAlphas);
 }
 
 void cif_stream_embed_cpu(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
                           CifStreamState st, CifStreamWorkspace ws, void* embeds,
                           int64_t* fire_frames, const ParallelFor& parallel_for) {
-  dispatch_float(hidden_kind, "hidden", [&](auto tag) {
+  dispatch(CpuTypes{}, hidden_kind, [&](auto tag) {
     using acc_t = decltype(tag);
     stream_embed_impl(static_cast<const acc_t*>(hidden), cfg, st, ws,
                       static_cast<acc_t*>(embeds), fire_frames, parallel_for);
-  });
+  }, kUnsupportedHidden);
 }
 
 }  // namespace cifops

@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 #include "cif_stream_host.h"
-#include "cpu_parallel.h"
+#include "common/cpu_parallel.h"
 
 namespace cifops {
 namespace {

@@ -17,6 +17,7 @@ namespace {
 
 constexpr int kScanBlock = 128;
 constexpr int kEmbedThreads = 128;
+constexpr int64_t kMaxBlocks = 65535;  // grid-stride beyond this
 
 template <typename alpha_t>
 __global__ void __launch_bounds__(kScanBlock)
@@ -52,30 +53,28 @@ int cif_stream_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_
                          const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
                          int64_t* token_lengths, void* stream) {
   if (cfg.batch == 0) return cudaSuccess;
-  auto s = static_cast<cudaStream_t>(stream);
-  if (alpha_kind == ScalarKind::kFloat64)
-    stream_scan_kernel<double><<<grid_for(cfg.batch, kScanBlock, 65535), kScanBlock, 0, s>>>(
-        static_cast<const double*>(alphas), lengths, cfg, st, ws, token_lengths);
-  else
-    stream_scan_kernel<float><<<grid_for(cfg.batch, kScanBlock, 65535), kScanBlock, 0, s>>>(
-        static_cast<const float*>(alphas), lengths, cfg, st, ws, token_lengths);
-  return static_cast<int>(cudaGetLastError());
+  return dispatch(CudaAccTypes{}, alpha_kind, [&](auto tag) {
+    using alpha_t = decltype(tag);
+    CIFOPS_LAUNCH(grid_for(cfg.batch, kScanBlock, kMaxBlocks), kScanBlock, 0,
+                  static_cast<cudaStream_t>(stream), stream_scan_kernel<alpha_t>)(
+        static_cast<const alpha_t*>(alphas), lengths, cfg, st, ws, token_lengths);
+    return static_cast<int>(cudaGetLastError());
+  }, cuda_unsupported);
 }
 
+// hidden is in the compute dtype (the binding converts float16/bfloat16 to float32).
 int cif_stream_embed_cuda(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
                           CifStreamState st, CifStreamWorkspace ws, void* embeds,
                           int64_t* fire_frames, void* stream) {
   if (cfg.batch == 0) return cudaSuccess;
-  auto s = static_cast<cudaStream_t>(stream);
-  if (hidden_kind == ScalarKind::kFloat64)
-    stream_embed_kernel<double><<<grid_for(cfg.batch, 1, 65535), kEmbedThreads, 0, s>>>(
-        static_cast<const double*>(hidden), cfg, st, ws, static_cast<double*>(embeds),
+  return dispatch(CudaAccTypes{}, hidden_kind, [&](auto tag) {
+    using acc_t = decltype(tag);
+    CIFOPS_LAUNCH(grid_for(cfg.batch, 1, kMaxBlocks), kEmbedThreads, 0,
+                  static_cast<cudaStream_t>(stream), stream_embed_kernel<acc_t>)(
+        static_cast<const acc_t*>(hidden), cfg, st, ws, static_cast<acc_t*>(embeds),
         fire_frames);
-  else
-    stream_embed_kernel<float><<<grid_for(cfg.batch, 1, 65535), kEmbedThreads, 0, s>>>(
-        static_cast<const float*>(hidden), cfg, st, ws, static_cast<float*>(embeds),
-        fire_frames);
-  return static_cast<int>(cudaGetLastError());
+    return static_cast<int>(cudaGetLastError());
+  }, cuda_unsupported);
 }
 
 }  // namespace cifops

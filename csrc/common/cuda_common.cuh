@@ -11,7 +11,20 @@
 
 #include <cstdint>
 
+#include "common/dispatch.h"
+#include "common/types.h"
+
 namespace cifops {
+
+// The storage types of the CUDA kernels (all four: they convert to AccType themselves),
+// for dispatch (common/dispatch.h); an unsupported kind is cudaErrorInvalidValue.
+template <> struct KindOf<__half> { static constexpr ScalarKind value = ScalarKind::kFloat16; };
+template <> struct KindOf<__nv_bfloat16> {
+  static constexpr ScalarKind value = ScalarKind::kBFloat16;
+};
+using CudaTypes = TypeList<__half, __nv_bfloat16, float, double>;
+using CudaAccTypes = TypeList<float, double>;  // the types of alphas in the CIF kernels
+inline int cuda_unsupported() { return static_cast<int>(cudaErrorInvalidValue); }
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -1,5 +1,5 @@
 // cifops fused contrastive (InfoNCE) loss: the contract, the shapes and the
-// entry points. Free of torch headers, like csrc/cif/cif.h, so that the kernels
+// entry points. Free of torch headers, like every kernel header, so that the kernels
 // can be built and tested outside the extension.
 //
 // ---------------------------------------------------------------------------
@@ -65,7 +65,7 @@
 #include <cstdint>
 #include <functional>
 
-#include "cif/cif.h"  // ScalarKind, ParallelFor, CIFOPS_HD
+#include "common/types.h"  // ScalarKind, ParallelFor, CIFOPS_HD
 
 namespace cifops {
 
@@ -172,22 +172,42 @@ void contrastive_prepare_cpu(const void* x, ScalarKind kind, int64_t rows, int64
                              bool normalize, void* unit, void* packed, double* inv_norm,
                              const ParallelFor& parallel_for);
 
-// The row pass of A against B (see the header comment). a_unit, b_packed, b_unit
-// come from contrastive_prepare_cpu. With fused_weight non-null (and b_unit
-// non-null), also writes fused_grad [R][D] = sum_r fused_weight_r dl_r/dx_r
-// (through the normalisation of A, using a_inv_norm; normalize says whether it
-// applies). Every row's argmax is the first maximal column.
-void contrastive_row_pass_cpu(ScalarKind kind, const ContrastivePass& pass, const void* a_unit,
-                              const void* b_packed, const void* b_unit, const int64_t* target,
-                              void* lse, void* expect, void* target_logit, int64_t* argmax,
-                              const void* fused_weight, const double* a_inv_norm, bool normalize,
-                              void* fused_grad, const ParallelFor& parallel_for);
+// The arguments of a CPU row or grad pass, filled by name (as FlashAttention's
+// Flash_fwd_params); what a pass does not read stays null. The A side (rows) and the B
+// side (columns) are as contrastive_prepare_cpu wrote them.
+struct ContrastiveCpuParams {
+  ScalarKind kind = ScalarKind::kFloat32;  // float32 or float64
+  ContrastivePass pass;                    // sizes and scalars
+  const void* a_unit = nullptr;            // [Rp][Dp]
+  const double* a_inv_norm = nullptr;      // [R]; read with fused_weight and by the grad pass
+  bool normalize = true;                   // whether a_unit is x * a_inv_norm
+  const void* b_packed = nullptr;          // [Cp / panel][Dp][panel]
+  const void* b_unit = nullptr;            // [Cp][Dp]; read with fused_weight and by the grad pass
 
-// The grad pass: grad_x [R][D] = dLoss/dx for the A side, through its normalisation.
-void contrastive_grad_pass_cpu(ScalarKind kind, const ContrastivePass& pass, const void* a_unit,
-                               const void* b_packed, const void* b_unit,
-                               const SoftmaxTerm& row_term, const SoftmaxTerm& col_term,
-                               const double* a_inv_norm, bool normalize, void* grad_x,
+  // Row pass. The positives (null: the identity) and the statistics to write [R], each
+  // null when not wanted; lse may be null only when argmax alone is wanted. Every row's
+  // argmax is the first maximal column. With fused_weight [R] non-null it also writes
+  // fused_grad [R][D] = sum_r fused_weight_r dl_r/dx_r, through the normalisation of A.
+  const int64_t* target = nullptr;
+  void* lse = nullptr;
+  void* expect = nullptr;
+  void* target_logit = nullptr;
+  int64_t* argmax = nullptr;
+  const void* fused_weight = nullptr;
+  void* fused_grad = nullptr;
+
+  // Grad pass: the two softmax terms of G and grad_x [R][D] = dLoss/dx for the A side,
+  // through its normalisation.
+  SoftmaxTerm row_term;
+  SoftmaxTerm col_term;
+  void* grad_x = nullptr;
+};
+
+// The row pass of A against B (see the header comment).
+void contrastive_row_pass_cpu(const ContrastiveCpuParams& params, const ParallelFor& parallel_for);
+
+// The grad pass.
+void contrastive_grad_pass_cpu(const ContrastiveCpuParams& params,
                                const ParallelFor& parallel_for);
 
 // ----------------------------------------------------------------------------

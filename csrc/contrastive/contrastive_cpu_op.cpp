@@ -10,7 +10,7 @@
 #include <torch/library.h>
 
 #include "contrastive_host.h"
-#include "cpu_parallel.h"
+#include "common/cpu_parallel.h"
 
 namespace cifops {
 namespace {
@@ -37,16 +37,25 @@ struct CpuSide {
   const double* inv_norm_ptr() const { return inv_norm.data_ptr<double>(); }
 };
 
-ContrastivePass make_pass(int64_t rows, int64_t cols, const CpuSide& a, int64_t dim,
-                          double inv_temperature, int64_t ignore_index) {
-  ContrastivePass pass;
-  pass.rows = rows;
-  pass.cols = cols;
-  pass.dim = dim;
-  pass.dim_padded = a.unit.size(1);
-  pass.inv_temperature = inv_temperature;
-  pass.ignore_index = ignore_index;
-  return pass;
+// The parameters of a pass of side `a` (rows) against side `b` (columns): sizes and
+// scalars, and the sides' unit copies; the caller names its inputs and outputs.
+ContrastiveCpuParams pass_params(ScalarKind kind, const CpuSide& a, const CpuSide& b,
+                                 int64_t dim, double inv_temperature, int64_t ignore_index,
+                                 bool normalize) {
+  ContrastiveCpuParams p;
+  p.kind = kind;
+  p.pass.rows = a.inv_norm.size(0);
+  p.pass.cols = b.inv_norm.size(0);
+  p.pass.dim = dim;
+  p.pass.dim_padded = a.unit.size(1);
+  p.pass.inv_temperature = inv_temperature;
+  p.pass.ignore_index = ignore_index;
+  p.a_unit = a.unit.data_ptr();
+  p.a_inv_norm = a.inv_norm_ptr();
+  p.normalize = normalize;
+  p.b_packed = b.packed.defined() ? b.packed.data_ptr() : nullptr;
+  p.b_unit = b.unit.data_ptr();
+  return p;
 }
 
 // The inputs in the compute dtype, targets as int64, checked.
@@ -65,11 +74,25 @@ struct CpuInputs {
     N = s.size(0);
     M = t.size(0);
     D = s.size(1);
-    targets = targets_long(tg);
+    targets = to_long(tg);
     if (targets.has_value()) check_target_values(*targets, M, ignore_index, fn);
     counted = counted_rows(targets, N, ignore_index, student.options());
   }
 };
+
+// dLoss/dx [R, D] of side a (rows) against side b (columns), in the compute dtype.
+at::Tensor grad_pass(const CpuInputs& in, const CpuSide& a, const CpuSide& b,
+                     const SoftmaxTerm& row_term, const SoftmaxTerm& col_term,
+                     double inv_temperature, int64_t ignore_index, bool normalize) {
+  at::Tensor grad = at::empty({a.inv_norm.size(0), in.D}, in.student.options());
+  ContrastiveCpuParams p =
+      pass_params(in.kind, a, b, in.D, inv_temperature, ignore_index, normalize);
+  p.row_term = row_term;
+  p.col_term = col_term;
+  p.grad_x = grad.data_ptr();
+  contrastive_grad_pass_cpu(p, kAtenParallelFor);
+  return grad;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cpu_op(
     const at::Tensor& student, const at::Tensor& teacher,
@@ -81,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cpu_op(
   const CpuInputs in(student, teacher, targets, ignore_index, kLossFn);
   // The gradient can only be finished inside the row pass when every term of G is
   // a row-softmax term (not symmetric) and the upstream gradient is one scalar.
-  const bool fused = fuse_student_grad && red != ContrastiveReduction::kNone && !symmetric;
+  const bool fused = contrastive_fuses_student_grad(fuse_student_grad, red, symmetric);
   const CpuSide s_side(in.student, normalize, /*with_packed=*/symmetric);
   const CpuSide t_side(in.teacher, normalize, /*with_packed=*/true);
   at::Tensor stats = at::zeros({kStatRows, in.N}, in.student.options());
@@ -90,20 +113,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cpu_op(
   if (fused)
     weights = row_weights(at::ones({}, in.student.options()), in.counted, red,
                           in.student.scalar_type());
-  const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0 / tau, ignore_index);
-  contrastive_row_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
-                           t_side.unit.data_ptr(), maybe_ptr(in.targets),
-                           stats[kStatLse].data_ptr(), stats[kStatExpect].data_ptr(),
-                           stats[kStatTarget].data_ptr(), nullptr,
-                           fused ? weights.data_ptr() : nullptr, s_side.inv_norm_ptr(), normalize,
-                           fused ? fused_grad.data_ptr() : nullptr, kAtenParallelFor);
+  ContrastiveCpuParams rows = pass_params(in.kind, s_side, t_side, in.D, 1.0 / tau,
+                                          ignore_index, normalize);
+  rows.target = maybe_ptr(in.targets);
+  rows.lse = stats[kStatLse].data_ptr();
+  rows.expect = stats[kStatExpect].data_ptr();
+  rows.target_logit = stats[kStatTarget].data_ptr();
+  if (fused) {
+    rows.fused_weight = weights.data_ptr();
+    rows.fused_grad = fused_grad.data_ptr();
+  }
+  contrastive_row_pass_cpu(rows, kAtenParallelFor);
   if (symmetric) {  // column statistics: the row pass of (teacher, student)
-    const ContrastivePass cpass = make_pass(in.M, in.N, t_side, in.D, 1.0 / tau, ignore_index);
-    contrastive_row_pass_cpu(in.kind, cpass, t_side.unit.data_ptr(), s_side.packed.data_ptr(),
-                             s_side.unit.data_ptr(), nullptr, stats[kStatColLse].data_ptr(),
-                             stats[kStatColExpect].data_ptr(), stats[kStatColTarget].data_ptr(),
-                             nullptr, nullptr, t_side.inv_norm_ptr(), normalize, nullptr,
-                             kAtenParallelFor);
+    ContrastiveCpuParams cols = pass_params(in.kind, t_side, s_side, in.D, 1.0 / tau,
+                                            ignore_index, normalize);
+    cols.lse = stats[kStatColLse].data_ptr();
+    cols.expect = stats[kStatColExpect].data_ptr();
+    cols.target_logit = stats[kStatColTarget].data_ptr();
+    contrastive_row_pass_cpu(cols, kAtenParallelFor);
   }
   const at::Tensor loss = loss_from_stats(stats, in.counted, symmetric, red);
   return {loss.to(student.scalar_type()), stats, fused_grad};
@@ -132,24 +159,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu_op(
   } else if (need_student) {
     const CpuSide s_side(in.student, normalize, false);
     const CpuSide t_side(in.teacher, normalize, true);
-    at::Tensor g = at::empty({in.N, in.D}, in.student.options());
-    const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0 / tau, ignore_index);
-    contrastive_grad_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
-                              t_side.unit.data_ptr(), terms.row, terms.col,
-                              s_side.inv_norm_ptr(), normalize, g.data_ptr(), kAtenParallelFor);
-    grad_student = g.to(student.scalar_type());
+    grad_student = grad_pass(in, s_side, t_side, terms.row, terms.col, 1.0 / tau, ignore_index,
+                             normalize)
+                       .to(student.scalar_type());
   }
   if (need_teacher) {
     const CpuSide t_side(in.teacher, normalize, false);
     const CpuSide s_side(in.student, normalize, true);
     // roles swapped: the teacher is the A side, so the column term of the student
     // pass is its row term and vice versa
-    at::Tensor g = at::empty({in.M, in.D}, in.teacher.options());
-    const ContrastivePass pass = make_pass(in.M, in.N, t_side, in.D, 1.0 / tau, ignore_index);
-    contrastive_grad_pass_cpu(in.kind, pass, t_side.unit.data_ptr(), s_side.packed.data_ptr(),
-                              s_side.unit.data_ptr(), terms.col, terms.row,
-                              t_side.inv_norm_ptr(), normalize, g.data_ptr(), kAtenParallelFor);
-    grad_teacher = g.to(teacher.scalar_type());
+    grad_teacher = grad_pass(in, t_side, s_side, terms.col, terms.row, 1.0 / tau, ignore_index,
+                             normalize)
+                       .to(teacher.scalar_type());
   }
   if (need_temperature)
     grad_temperature = temperature_grad(terms.stats, terms.w, in.counted, symmetric, temperature);
@@ -164,11 +185,10 @@ at::Tensor contrastive_accuracy_cpu_op(const at::Tensor& student, const at::Tens
   const CpuSide s_side(in.student, normalize, false);
   const CpuSide t_side(in.teacher, normalize, true);
   at::Tensor argmax = at::empty({in.N}, student.options().dtype(at::kLong));
-  const ContrastivePass pass = make_pass(in.N, in.M, s_side, in.D, 1.0, ignore_index);
-  contrastive_row_pass_cpu(in.kind, pass, s_side.unit.data_ptr(), t_side.packed.data_ptr(),
-                           nullptr, nullptr, nullptr, nullptr, nullptr,
-                           argmax.data_ptr<int64_t>(), nullptr, nullptr, normalize, nullptr,
-                           kAtenParallelFor);
+  ContrastiveCpuParams p =
+      pass_params(in.kind, s_side, t_side, in.D, 1.0, ignore_index, normalize);
+  p.argmax = argmax.data_ptr<int64_t>();
+  contrastive_row_pass_cpu(p, kAtenParallelFor);
   return accuracy_from_argmax(argmax, in.targets, in.counted, in.student.scalar_type());
 }
 

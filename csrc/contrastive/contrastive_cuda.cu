@@ -269,38 +269,25 @@ __global__ void unit_backward_kernel(const typename AccType<scalar_t>::type* __r
   }
 }
 
-// --- dispatch ------------------------------------------------------------------------------
-
-template <typename F>
-int dispatch(ScalarKind kind, F&& f) {
-  switch (kind) {
-    case ScalarKind::kFloat16: return f(__half{});
-    case ScalarKind::kBFloat16: return f(__nv_bfloat16{});
-    case ScalarKind::kFloat32: return f(float{});
-    case ScalarKind::kFloat64: return f(double{});
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
-}
-
 }  // namespace
 
 int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
                              bool normalize, void* unit, double* inv_norm, void* stream) {
   if (rows == 0) return cudaSuccess;
-  return dispatch(kind, [&](auto tag) {
+  return dispatch(CudaTypes{}, kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    prepare_kernel<scalar_t><<<grid_for(rows, kRowsPerWarpBlock, kMaxBlocks),
-                               kRowsPerWarpBlock * kWarpSize, 0,
-                               static_cast<cudaStream_t>(stream)>>>(
+    const unsigned grid = grid_for(rows, kRowsPerWarpBlock, kMaxBlocks);
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st, prepare_kernel<scalar_t>)(
         static_cast<const scalar_t*>(x), rows, dim, normalize, static_cast<scalar_t*>(unit),
         inv_norm);
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
 }
 
 int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk, void* stream) {
   if (chunk.rows == 0) return cudaSuccess;
-  return dispatch(kind, [&](auto tag) {
+  return dispatch(CudaTypes{}, kind, [&](auto tag) {
     using g_t = decltype(tag);
     using acc_t = typename AccType<g_t>::type;
     SoftmaxRowsArgs<acc_t, g_t> args;
@@ -321,10 +308,11 @@ int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk
     args.row_lse = static_cast<const acc_t*>(chunk.row.lse);
     args.col_weight = static_cast<const acc_t*>(chunk.col.weight);
     args.col_lse = static_cast<const acc_t*>(chunk.col.lse);
-    softmax_rows_kernel<acc_t, g_t><<<grid_for(chunk.rows, 1, kMaxBlocks), kSoftmaxThreads, 0,
-                                      static_cast<cudaStream_t>(stream)>>>(args);
+    const unsigned grid = grid_for(chunk.rows, 1, kMaxBlocks);
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    CIFOPS_LAUNCH(grid, kSoftmaxThreads, 0, st, softmax_rows_kernel<acc_t, g_t>)(args);
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
 }
 
 int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const void* x,
@@ -332,7 +320,7 @@ int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const
                                    int64_t dim, bool normalize, bool out_acc, void* grad_x,
                                    void* stream) {
   if (rows == 0 || dim == 0) return cudaSuccess;
-  return dispatch(kind, [&](auto tag) {
+  return dispatch(CudaTypes{}, kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = typename AccType<scalar_t>::type;
     const unsigned grid = grid_for(rows, kRowsPerWarpBlock, kMaxBlocks);
@@ -341,13 +329,15 @@ int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const
     const auto* sc = static_cast<const acc_t*>(out_scale);
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     if (out_acc)
-      unit_backward_kernel<scalar_t, acc_t><<<grid, kRowsPerWarpBlock * kWarpSize, 0, st>>>(
+      CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
+                    unit_backward_kernel<scalar_t, acc_t>)(
           g, xs, inv_norm, sc, rows, dim, normalize, static_cast<acc_t*>(grad_x));
     else
-      unit_backward_kernel<scalar_t, scalar_t><<<grid, kRowsPerWarpBlock * kWarpSize, 0, st>>>(
+      CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
+                    unit_backward_kernel<scalar_t, scalar_t>)(
           g, xs, inv_norm, sc, rows, dim, normalize, static_cast<scalar_t*>(grad_x));
     return static_cast<int>(cudaGetLastError());
-  });
+  }, cuda_unsupported);
 }
 
 }  // namespace cifops

@@ -115,7 +115,7 @@ struct CudaInputs {
   int64_t N, M, D;
   CudaInputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& tg,
              int64_t ignore_index)
-      : student(s.contiguous()), teacher(t.contiguous()), targets(targets_long(tg)) {
+      : student(s.contiguous()), teacher(t.contiguous()), targets(to_long(tg)) {
     kind = scalar_kind(s.scalar_type());
     compute = compute_type(s.scalar_type());
     N = s.size(0);
@@ -156,7 +156,7 @@ void chunk_loop(const CudaInputs& in, const at::Tensor& a_unit, const at::Tensor
                 void* stream) {
   const int64_t R = a_unit.size(0), C = b_unit.size(0);
   if (R == 0) return;
-  const int64_t acc_bytes = in.compute == at::kDouble ? 8 : 4;
+  const int64_t acc_bytes = static_cast<int64_t>(c10::elementSize(in.compute));
   const int64_t g_bytes = with_grad ? a_unit.element_size() : 0;
   const int64_t rc = chunk_rows(R, C, acc_bytes + g_bytes);
   at::Tensor logits_buf = at::empty({rc * C}, a_unit.options().dtype(in.compute));
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cuda_op(
   at::Tensor stats = at::zeros({kStatRows, in.N}, acc_opts);
   const CudaSide s_side(in.student, normalize, stream);
   const CudaSide t_side(in.teacher, normalize, stream);
-  const bool fuse = fuse_student_grad && red != ContrastiveReduction::kNone && !symmetric;
+  const bool fuse = contrastive_fuses_student_grad(fuse_student_grad, red, symmetric);
 
   ContrastiveChunk proto;
   proto.inv_temperature = inv_tau.data_ptr();

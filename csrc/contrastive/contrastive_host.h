@@ -17,7 +17,6 @@
 #include <string>
 #include <string_view>
 
-#include "cif/cif_host.h"  // scalar_kind, is_supported_float, check_same_device
 #include "common/host.h"
 #include "contrastive.h"
 
@@ -91,12 +90,6 @@ inline double checked_temperature(const at::Tensor& temperature, const char* fn)
   return tau;
 }
 
-// targets as int64 (contiguous) or nullopt.
-inline std::optional<at::Tensor> targets_long(const std::optional<at::Tensor>& targets) {
-  if (!targets.has_value()) return std::nullopt;
-  return targets->to(at::kLong).contiguous();
-}
-
 // Raise for the first target that is neither ignore_index nor in [0, M). Reads
 // the values, so the CUDA binding does not call it (see contrastive_cuda_op.cpp).
 inline void check_target_values(const at::Tensor& targets, int64_t M, int64_t ignore_index,
@@ -127,6 +120,15 @@ inline at::Tensor loss_from_stats(const at::Tensor& stats, const at::Tensor& cou
     case ContrastiveReduction::kMean: return row.sum() / counted.sum().to(row.scalar_type());
   }
   return row;
+}
+
+// Whether contrastive_forward finishes the student gradient inside the forward (its
+// fused_grad output is then [N, D], else empty): on both backends for a scalar loss that
+// is not symmetric, when the caller allows it. cifops._C.contrastive_fuses_student_grad
+// is this function (csrc/ops.cpp), for the fake kernel.
+inline bool contrastive_fuses_student_grad(bool fuse_student_grad, ContrastiveReduction reduction,
+                                           bool symmetric) {
+  return fuse_student_grad && reduction != ContrastiveReduction::kNone && !symmetric;
 }
 
 // Checks of contrastive_backward's saved tensors and upstream gradient, shared by both

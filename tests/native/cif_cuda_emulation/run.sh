@@ -19,7 +19,7 @@ if [[ $# -gt 0 && "$1" != "--" ]]; then build="$1"; shift; fi
 src="${CIF_CUDA_SOURCE:-$root/csrc/cif/cif_cuda.cu}"
 mkdir -p "$build"
 source "$root/tests/native/cuda_emulation/emulate_cu.sh"
-emu_rewrite_cu "$src" "$build/cif_cuda_emu.cpp" 6
+emu_rewrite_cu "$src" "$build/cif_cuda_emu.cpp"
 flags=(-std=c++20 "${EMU_INCLUDES[@]}" -I"$root/csrc" -I"$root/csrc/cif")
 # The three translation units in parallel. The CPU reference without contraction, as in
 # the extension (x86-64 without -march has no FMA; setup.py passes -ffp-contract=off).

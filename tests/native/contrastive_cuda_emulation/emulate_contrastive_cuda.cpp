@@ -533,14 +533,22 @@ struct CpuOp {
                             with_packed ? s.packed.data() : nullptr, s.inv_norm.data(), g_serial);
     return s;
   }
-  ContrastivePass pass(int64_t rows, int64_t cols, const Side& a, double inv_tau) const {
-    ContrastivePass ps;
-    ps.rows = rows;
-    ps.cols = cols;
-    ps.dim = p.D;
-    ps.dim_padded = a.dim_padded;
-    ps.inv_temperature = inv_tau;
-    ps.ignore_index = p.ignore_index;
+  // A pass of side a (rows) against side b (columns), as pass_params in contrastive_cpu_op.cpp.
+  ContrastiveCpuParams params(int64_t rows, int64_t cols, const Side& a, const Side& b,
+                              double inv_tau) const {
+    ContrastiveCpuParams ps;
+    ps.kind = kKind;
+    ps.pass.rows = rows;
+    ps.pass.cols = cols;
+    ps.pass.dim = p.D;
+    ps.pass.dim_padded = a.dim_padded;
+    ps.pass.inv_temperature = inv_tau;
+    ps.pass.ignore_index = p.ignore_index;
+    ps.a_unit = a.unit.data();
+    ps.a_inv_norm = a.inv_norm.data();
+    ps.normalize = p.normalize;
+    ps.b_packed = b.packed.empty() ? nullptr : b.packed.data();
+    ps.b_unit = b.unit.data();
     return ps;
   }
 
@@ -557,16 +565,23 @@ struct CpuOp {
     std::vector<V> weights;
     if (fused) weights = row_weights<V>({V(1)}, counted, p.red);
     V* st = f.stats.data();
-    contrastive_row_pass_cpu(kKind, pass(p.N, p.M, s, 1.0 / p.tau), s.unit.data(),
-                             t.packed.data(), t.unit.data(), p.target_ptr(), st + kStatLse * p.N,
-                             st + kStatExpect * p.N, st + kStatTarget * p.N, nullptr,
-                             fused ? weights.data() : nullptr, s.inv_norm.data(), p.normalize,
-                             fused ? f.fused.data() : nullptr, g_serial);
-    if (p.symmetric)
-      contrastive_row_pass_cpu(kKind, pass(p.M, p.N, t, 1.0 / p.tau), t.unit.data(),
-                               s.packed.data(), s.unit.data(), nullptr, st + kStatColLse * p.N,
-                               st + kStatColExpect * p.N, st + kStatColTarget * p.N, nullptr,
-                               nullptr, t.inv_norm.data(), p.normalize, nullptr, g_serial);
+    ContrastiveCpuParams rows = params(p.N, p.M, s, t, 1.0 / p.tau);
+    rows.target = p.target_ptr();
+    rows.lse = st + kStatLse * p.N;
+    rows.expect = st + kStatExpect * p.N;
+    rows.target_logit = st + kStatTarget * p.N;
+    if (fused) {
+      rows.fused_weight = weights.data();
+      rows.fused_grad = f.fused.data();
+    }
+    contrastive_row_pass_cpu(rows, g_serial);
+    if (p.symmetric) {
+      ContrastiveCpuParams cols = params(p.M, p.N, t, s, 1.0 / p.tau);
+      cols.lse = st + kStatColLse * p.N;
+      cols.expect = st + kStatColExpect * p.N;
+      cols.target_logit = st + kStatColTarget * p.N;
+      contrastive_row_pass_cpu(cols, g_serial);
+    }
     f.loss = loss_from_stats(st, counted, p.symmetric, p.red);
     return f;
   }
@@ -592,16 +607,20 @@ struct CpuOp {
     } else {
       const Side s = side(xs, p.N, false), t = side(xt, p.M, true);
       out.student.resize(p.N * p.D);
-      contrastive_grad_pass_cpu(kKind, pass(p.N, p.M, s, 1.0 / p.tau), s.unit.data(),
-                                t.packed.data(), t.unit.data(), row, col, s.inv_norm.data(),
-                                p.normalize, out.student.data(), g_serial);
+      ContrastiveCpuParams ps = params(p.N, p.M, s, t, 1.0 / p.tau);
+      ps.row_term = row;
+      ps.col_term = col;
+      ps.grad_x = out.student.data();
+      contrastive_grad_pass_cpu(ps, g_serial);
     }
     {
       const Side t = side(xt, p.M, false), s = side(xs, p.N, true);
       out.teacher.resize(p.M * p.D);
-      contrastive_grad_pass_cpu(kKind, pass(p.M, p.N, t, 1.0 / p.tau), t.unit.data(),
-                                s.packed.data(), s.unit.data(), col, row, t.inv_norm.data(),
-                                p.normalize, out.teacher.data(), g_serial);
+      ContrastiveCpuParams ps = params(p.M, p.N, t, s, 1.0 / p.tau);
+      ps.row_term = col;
+      ps.col_term = row;
+      ps.grad_x = out.teacher.data();
+      contrastive_grad_pass_cpu(ps, g_serial);
     }
     out.dtau = temperature_grad(f.stats.data(), w, counted, p.symmetric, p.tau);
     return out;
@@ -610,9 +629,9 @@ struct CpuOp {
   std::vector<int64_t> accuracy_argmax() const {
     const Side s = side(xs, p.N, false), t = side(xt, p.M, true);
     std::vector<int64_t> argmax(p.N);
-    contrastive_row_pass_cpu(kKind, pass(p.N, p.M, s, 1.0), s.unit.data(), t.packed.data(),
-                             nullptr, nullptr, nullptr, nullptr, nullptr, argmax.data(), nullptr,
-                             nullptr, p.normalize, nullptr, g_serial);
+    ContrastiveCpuParams ps = params(p.N, p.M, s, t, 1.0);
+    ps.argmax = argmax.data();
+    contrastive_row_pass_cpu(ps, g_serial);
     return argmax;
   }
 };

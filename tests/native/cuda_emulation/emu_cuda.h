@@ -471,9 +471,9 @@ inline unsigned __ballot_sync(unsigned mask, int pred,
 }
 
 // ---- launches ------------------------------------------------------------------------------
-// `kernel<T><<<grid, block, shmem, stream>>>(args)` is rewritten by emulate_cu.sh into
-// emu_launch(EMU_CFG(grid, block, shmem, stream), kernel<T>, args).
-#define EMU_CFG(g, b, ...) dim3(g), dim3(b)
+// The kernels launch with CIFOPS_LAUNCH(grid, block, shmem, stream, kernel<T>)(args)
+// (csrc/common/types.h), defined here as emu_launcher(grid, block, kernel<T>)(args), which
+// calls emu_launch(grid, block, kernel<T>, args...).
 template <typename K, typename... Args>
 void emu_launch(dim3 grid, dim3 block, K kernel, Args... args) {
   const unsigned n = block.x * block.y * block.z;
@@ -493,3 +493,20 @@ void emu_launch(dim3 grid, dim3 block, K kernel, Args... args) {
       }
   emu::rt.body = nullptr;
 }
+
+template <typename K>
+struct EmuLauncher {
+  dim3 grid, block;
+  K kernel;
+  template <typename... Args>
+  void operator()(Args... args) const {
+    emu_launch(grid, block, kernel, args...);
+  }
+};
+template <typename K>
+EmuLauncher<K> emu_launcher(dim3 grid, dim3 block, K kernel) {
+  return {grid, block, kernel};
+}
+#undef CIFOPS_LAUNCH
+#define CIFOPS_LAUNCH(grid, block, shmem, stream, ...) \
+  emu_launcher(dim3(grid), dim3(block), __VA_ARGS__)

@@ -1,11 +1,13 @@
 # Sourced by the CUDA emulation tests (tests/native/*_cuda_emulation/run.sh): how a .cu
 # file becomes C++ that runs on the CPU under emu_cuda.h. Defines
-#   emu_rewrite_cu SRC OUT LAUNCHES
-#       write SRC (a .cu) to OUT as C++: its `kernel<T><<<grid, block, shmem, stream>>>(`
-#       launches (exactly LAUNCHES of them) become emu_launch(...), its grid cap
-#       `constexpr int64_t kMaxBlocks = X;` an EmuGridCap (g_emu_grid_cap), and a #line
-#       directive keeps messages and warnings pointing into SRC. The CUDA headers it and
-#       csrc/common/cuda_common.cuh include resolve to the stand-ins in include/.
+#   emu_rewrite_cu SRC OUT
+#       write SRC (a .cu) to OUT as C++ that includes emu_cuda.h first: its launches,
+#       CIFOPS_LAUNCH(grid, block, shmem, stream, kernel<T>)(args) (csrc/common/types.h),
+#       then run on the CPU (emu_cuda.h defines the macro; a launch written as <<<...>>>
+#       is refused); its grid cap `constexpr int64_t kMaxBlocks = X;` becomes an
+#       EmuGridCap (g_emu_grid_cap), and a #line directive keeps messages and warnings
+#       pointing into SRC. The CUDA headers it and csrc/common/cuda_common.cuh include
+#       resolve to the stand-ins in include/.
 #   EMU_INCLUDES    the include flags of every translation unit that uses the emulation
 #   EMU_CU_FLAGS    the compile flags of the .cu's translation unit: -O2 with FMA
 #                   contraction on, as nvcc compiles (--fmad=true) where the host CPU
@@ -18,14 +20,12 @@
 emu_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 emu_rewrite_cu() {
-  "${PYTHON:-python3}" - "$1" "$2" "$3" <<'PY'
+  "${PYTHON:-python3}" - "$1" "$2" <<'PY'
 import re, sys
-path, out, launches = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, out = sys.argv[1], sys.argv[2]
 src = open(path).read()
-src, n = re.subn(r"([\w:]+<[\w\s,]+>)<<<(.*?)>>>\(",
-                 lambda m: "emu_launch(EMU_CFG(" + m.group(2) + "), " + m.group(1) + ", ",
-                 src, flags=re.S)
-assert n == launches, f"{path}: expected {launches} kernel launches, found {n}"
+assert "<<<" not in src, f"{path}: launch kernels with CIFOPS_LAUNCH, not <<<...>>>"
+assert "CIFOPS_LAUNCH(" in src, f"{path}: no CIFOPS_LAUNCH kernel launch found"
 src, n = re.subn(r"constexpr int64_t kMaxBlocks = ([^;]+);",
                  r"constexpr EmuGridCap kMaxBlocks{\1};", src)
 assert n == 1, f"{path}: expected the grid cap 'constexpr int64_t kMaxBlocks = ...;'"

@@ -6,7 +6,7 @@
 
 #include <functional>
 
-#include "cif/cif.h"  // ParallelFor
+#include "common/types.h"  // ParallelFor
 
 namespace cifops {
 
