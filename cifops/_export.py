@@ -29,6 +29,7 @@ Work is O(B T D + B N T). Frames with zero weight are masked, so padding may hol
 anything finite or not; a non-finite ``hidden`` at a frame with positive weight makes
 this token and the utterance's later ones NaN (the kernel: this token only).
 """
+import struct
 from typing import Optional
 
 import torch
@@ -50,12 +51,36 @@ def _acc_dtype(dtype):
     return _F64 if dtype == _F64 else torch.float32
 
 
-def _boundary(k: Tensor, beta: float) -> Tensor:
+def _f64(value, like: Tensor) -> Tensor:
+    """``value`` as an exact float64 0-d tensor in an exported graph. The ONNX exporter
+    passes Python floats as float32 (an op's scalar operand, or scalar_tensor's value: a
+    scale_eps of 1e-4 became 9.99999974738e-05 and moved every prefix sum), so the value
+    is written as the sum of three float32 numbers, each exact, added in float64 (exact:
+    together they hold its 53 bits). A value outside float32's range, where the split is
+    not exact, is passed as is (and may be rounded to float32 in ONNX)."""
+    value = float(value)
+    parts, rest = [], value
+    try:
+        for _ in range(3):
+            part = struct.unpack("f", struct.pack("f", rest))[0]  # rounded to float32
+            parts.append(part)
+            rest -= part
+    except OverflowError:
+        rest = value
+    if rest != 0.0:
+        parts = [value]
+    out = torch.scalar_tensor(parts[0], dtype=_F64, device=like.device)
+    for part in parts[1:]:
+        out = out + torch.scalar_tensor(part, dtype=_F64, device=like.device)
+    return out
+
+
+def _boundary(k: Tensor, beta: Tensor) -> Tensor:
     """cif_boundary: double(k + 1) * beta."""
     return (k + 1).to(_F64) * beta
 
 
-def _fired(p: Tensor, beta: float) -> Tensor:
+def _fired(p: Tensor, beta: Tensor) -> Tensor:
     """Tokens fired once the prefix sum reaches p >= 0, #{k >= 0 : double(k+1)*beta <= p}
     (cif_settle_fires from 0): floor(p / beta), then settled on the boundary comparisons.
     p / beta is within an ulp of the quotient and the boundaries within half an ulp of
@@ -75,7 +100,7 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     """_cif_chunk, plus the chunk's prefix sums P [B, T+1] (P[:, 0] = prefix) and fire
     counts F [B, T] (tokens fired by the end of each frame, from the utterance's start)."""
     B, T, D = hidden.shape
-    beta = float(threshold)
+    beta = _f64(threshold, hidden)
     acc = _acc_dtype(hidden.dtype)
     N = int(max_tokens)
     a = alphas.to(_F64)
@@ -151,14 +176,15 @@ def _cif_chunk(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor], prefix
 def _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize,
           out_dtype):
     """_cif_tail, plus the residual r and the tail scale (beta / r or 1) of the workspace."""
-    beta = float(threshold)
+    beta = _f64(threshold, prefix)
     residual = prefix - tokens.to(_F64) * beta  # as cif_scan_row
     if tail_threshold is None:
         has = torch.zeros_like(frames, dtype=torch.bool)
     else:
-        has = (frames > 0) & (residual > 0) & (residual >= float(tail_threshold))
+        has = (frames > 0) & (residual > 0) & (residual >= _f64(tail_threshold, prefix))
     scale = torch.ones_like(residual)
     if tail_normalize:
+        # a tensor numerator: python_scalar / tensor is reciprocal(tensor) * scalar in torch
         scale = torch.where(has, beta / torch.where(has, residual, 1.0), 1.0)
     embed = (partial.to(_F64) * scale[:, None]).to(partial.dtype).to(out_dtype)
     embed = torch.where(has[:, None], embed, 0.0)
@@ -194,7 +220,7 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
             "the output width, depends on the alphas' values; pass max_tokens=N (an upper "
             "bound on the tokens per utterance) to cifops.cif or cifops.Cif")
     B, T, D = hidden.shape
-    beta = float(threshold)
+    beta = _f64(threshold, hidden)
     dev = hidden.device
     t_idx = torch.arange(T, device=dev)
     a = alphas.to(_F64)
@@ -209,7 +235,7 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
     if target_lengths is not None:
         tgt = target_lengths.to(_I64)
         positive = S > 0
-        scale = torch.where(positive, (beta * tgt.to(_F64) + float(scale_eps))
+        scale = torch.where(positive, (beta * tgt.to(_F64) + _f64(scale_eps, hidden))
                             / torch.where(positive, S, 1.0), 0.0)
         status = torch.where(tgt < 0, _BAD_TARGET,
                              torch.where((status == 0) & ~positive & (tgt > 0),
@@ -219,7 +245,7 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
     (embeds, _, fire_frames, P_end, n, consumed, partial, P,
      F) = _chunk(hidden, torch.where(run[:, None], a, 0.0), torch.where(run, L, 0),
                  torch.zeros_like(S), zero, zero, hidden.new_zeros((B, D), dtype=_acc_dtype(hidden.dtype)),
-                 beta, scale, max_tokens)
+                 threshold, scale, max_tokens)
     big = valid & (P[:, 1:] / beta >= _TOO_MANY)
     status = torch.where(run & big.any(1), _TOO_MANY_TOKENS, status)
     ok = status == 0
@@ -227,7 +253,7 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
                         torch.where(status == _TOO_MANY_TOKENS,
                                     torch.where(big, t_idx, T).amin(1), -1))
     tail, has, tail_frame, residual, tail_scale = _tail(
-        P_end, n, consumed, partial, beta, tail_threshold, tail_normalize, hidden.dtype)
+        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, hidden.dtype)
     n = torch.where(ok, n, 0)
     has = has & ok
     total = n + has.to(_I64)
