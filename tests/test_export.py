@@ -219,17 +219,31 @@ def test_chunk_drops_tokens_past_max_tokens_but_keeps_the_state():
 
 # --- torch.export and ONNX ------------------------------------------------------------
 
+RAW_OPTIONS = (0.75, 1e-4, 0.25, True, 12)
+
+
 class RawOp(torch.nn.Module):
-    """All six outputs of the op (the scan workspace included), with every option."""
+    """All six outputs of the op (the scan workspace included), without and with
+    target_lengths: one export covers both paths."""
 
     def forward(self, hidden, alphas, lengths, target_lengths):
-        return OP(hidden, alphas, lengths, target_lengths, 0.75, 1e-4, 0.25, True, 12)
+        return (OP(hidden, alphas, lengths, None, *RAW_OPTIONS)
+                + OP(hidden, alphas, lengths, target_lengths, *RAW_OPTIONS))
+
+
+def raw_reference(hidden, alphas, lengths, target_lengths):
+    return (OP(hidden, alphas, lengths, None, *RAW_OPTIONS)
+            + OP(hidden, alphas, lengths, target_lengths, *RAW_OPTIONS))
 
 
 def raw_inputs(B, T, D=5, seed=0):
+    """Random weights with zero frames; every other utterance dyadic, with prefix sums
+    landing exactly on the boundaries k * 0.75 (ties)."""
     g = torch.Generator().manual_seed(seed)
     alphas = torch.rand(B, T, generator=g) * 0.9
-    alphas[:, ::3] = torch.tensor([0.25, 0.5, 0.0])[torch.arange(0, T, 3) % 3]  # dyadic, zeros
+    alphas[:, ::3] = torch.tensor([0.25, 0.5, 0.0])[torch.arange(0, T, 3) % 3]
+    dyadic = torch.tensor([0.0, 0.375, 0.75, 1.5, 1.125])
+    alphas[1::2] = dyadic[torch.randint(5, (B // 2, T), generator=g)]
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     sums = [float(alphas[b, :lengths[b]].double().sum()) for b in range(B)]
     target = torch.tensor([int(s / 0.75) if s > 0 else 0 for s in sums])
@@ -253,7 +267,9 @@ def test_exported_program_has_no_custom_op_and_equals_eager(raw_program):
     module = raw_program.module()
     for B, T in SHAPES[:2]:
         inputs = raw_inputs(B, T, seed=B * T)
-        assert_same(module(*inputs), OP(*inputs[:4], 0.75, 1e-4, 0.25, True, 12), F32)
+        got, ref = module(*inputs), raw_reference(*inputs)
+        assert_same(got[:6], ref[:6], F32)
+        assert_same(got[6:], ref[6:], F32)
 
 
 def test_onnx_round_trip_bitwise_workspace(raw_program, tmp_path):
@@ -268,8 +284,9 @@ def test_onnx_round_trip_bitwise_workspace(raw_program, tmp_path):
     for B, T in SHAPES:
         inputs = raw_inputs(B, T, seed=B + T)
         got = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
-        ref = OP(*inputs, 0.75, 1e-4, 0.25, True, 12)
-        assert_same([torch.from_numpy(x) for x in got], ref, F32)
+        got, ref = [torch.from_numpy(x) for x in got], raw_reference(*inputs)
+        assert_same(got[:6], ref[:6], F32)
+        assert_same(got[6:], ref[6:], F32)
 
 
 def test_onnx_export_public_api(tmp_path):
