@@ -15,7 +15,8 @@ The algorithm (per utterance; state carried between chunks, zero for a whole inp
 * fire counts ``F_t = #{k : double(k+1) * beta <= P_t}``, elementwise: ``floor(P / beta)``
   corrected by comparisons with the boundaries computed as cif_boundary does, so the
   ``>=`` decisions are the kernel's (cif_settle_fires);
-* fire frame of token k: the number of frames t with ``F_t <= k`` (O(N T) comparisons);
+* fire frame of token k: the number of frames t with ``F_t <= k``, as a cumsum over k of
+  the number of frames with each count (a scatter-add over t);
 * embeddings from the float64 running integral ``H_t = partial + sum_{s<t} dP_s h_s``:
   the integral up to the boundary ``B_k = (k+1) beta`` of token k, which lies in frame
   ``f_k``, is ``G_k = H_{f_k} + (B_k - P_{f_k}) h_{f_k}``, and ``c_k = G_k - G_{k-1}``
@@ -25,7 +26,7 @@ The algorithm (per utterance; state carried between chunks, zero for a whole inp
   directly with the kernel's overlap weights, not as a difference, so a normalised tail
   ``beta / r`` with a tiny residual ``r`` is as accurate as the kernel's.
 
-Work is O(B T D + B N T). Frames with zero weight are masked, so padding may hold
+Work is O(B (T + N) D), float64 for the [B, T, D] integral. Frames with zero weight are masked, so padding may hold
 anything finite or not; a non-finite ``hidden`` at a frame with positive weight makes
 this token and the utterance's later ones NaN (the kernel: this token only).
 """
@@ -119,13 +120,16 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
         return (hidden.new_zeros((B, N, D)), torch.zeros_like(tokens),
                 torch.full((B, N), -1, dtype=_I64, device=hidden.device), P[:, 0], n_end,
                 frames.clone(), partial.clone(), P, F)
-    h = hidden.to(_F64)
     dP = P[:, 1:] - P[:, :-1]
-    h = torch.where((dP > 0)[..., None], h, 0.0)  # weightless frames take no part
+    # weightless frames take no part (masked before the cast: half the bytes)
+    h = torch.where((dP > 0)[..., None], hidden, 0.0).to(_F64)
     H = torch.cumsum(torch.cat([partial64[:, None], dP[..., None] * h], 1), 1)  # [B,T+1,D]
-    # tokens tokens[b] + k, k < N: fire frame f (T: not completed in this chunk)
+    # tokens tokens[b] + k, k < N: fire frame f = #{t : F_t <= tokens + k} (T: not
+    # completed in this chunk), from the number of frames with each count (a scatter-add)
     g = tokens[:, None] + torch.arange(N, device=hidden.device)
-    f = (F[:, None, :] <= g[..., None]).sum(-1)
+    j = (F - tokens[:, None]).clamp(max=N)
+    f = torch.cumsum(torch.zeros_like(j[:, :1]).expand(B, N + 1).scatter_add(
+        1, j, torch.ones_like(j)), 1)[:, :N]
     done = g < n_end[:, None]
     Hf = torch.gather(H, 1, f[..., None].expand(B, N, D))
     hf = torch.gather(h, 1, f.clamp(max=T - 1)[..., None].expand(B, N, D))
@@ -137,7 +141,7 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     # the open token: the overlap of each frame with [B_{n-1}, P_T), as cif_overlap
     w = P[:, 1:] - torch.maximum(P[:, :-1], _boundary(n_end - 1, beta)[:, None])
     w = torch.where(w > 0, w, 0.0)
-    new_partial = (w[..., None] * h).sum(1) + torch.where(
+    new_partial = torch.bmm(w[:, None, :], h)[:, 0] + torch.where(
         (n_end > tokens)[:, None], 0.0, partial64)
     return (embeds, token_lengths, fire_frames, P[:, -1], n_end, frames + consumed,
             new_partial.to(acc), P, F)
