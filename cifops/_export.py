@@ -295,7 +295,8 @@ def export_decompositions():
                                  dynamic_shapes=...)
         ep = ep.run_decompositions(cifops.export_decompositions())
     """
-    table = torch.export.default_decompositions()
+    default = getattr(torch.export, "default_decompositions", None)  # torch >= 2.6
+    table = default() if default is not None else torch._decomp.core_aten_decompositions()
     table[torch.ops.cifops.cif_forward.default] = _cif_forward_decomposition
     return table
 
