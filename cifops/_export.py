@@ -316,6 +316,9 @@ def onnx_export(model, args, f=None, *, dynamic_shapes=None, **kwargs):
         B, T = torch.export.Dim("B"), torch.export.Dim("T")
         cifops.onnx_export(model, (hidden, alphas, lengths), "model.onnx",
                            dynamic_shapes=({0: B, 1: T}, {0: B, 1: T}, {0: B}))
+
+    torch.export specialises a dimension whose example size is 0 or 1: give example inputs
+    with B, T >= 2 for the dynamic dimensions (the graph then runs with B = 1 or T = 1 too).
     """
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
