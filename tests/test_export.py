@@ -365,3 +365,40 @@ def test_torch_jit_script_errors_name_the_argument():
         scripted(hidden, alphas, max_tokens=-2)
     with pytest.raises(RuntimeError, match="alphas must be finite and >= 0"):
         scripted(hidden, -alphas)
+
+
+class ChunkStep(torch.nn.Module):
+    """_cif_chunk with its state as graph inputs, as the streaming op's export uses it."""
+
+    def forward(self, hidden, alphas, prefix, tokens, frames, partial):
+        return _cif_chunk(hidden, alphas, None, prefix, tokens, frames, partial, 0.3, None, 8)
+
+
+def test_cif_chunk_exports_to_onnx_with_its_state(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need onnxruntime")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+
+    def inputs(B, T):  # a consistent state: 2 tokens fired, P in [0.6, 0.9)
+        g = torch.Generator().manual_seed(B * T)
+        return (torch.randn(B, T, 4, generator=g), torch.rand(B, T, generator=g),
+                0.6 + 0.29 * torch.rand(B, generator=g, dtype=F64),
+                torch.full((B,), 2), torch.full((B,), 5), torch.randn(B, 4, generator=g))
+
+    b, t = torch.export.Dim("B"), torch.export.Dim("T")
+    path = str(tmp_path / "chunk.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cifops.onnx_export(ChunkStep(), inputs(3, 7), path, verbose=False, dynamic_shapes=(
+            {0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for B, T in [(3, 7), (2, 16), (1, 1)]:
+        x = inputs(B, T)
+        got = session.run(None, {n: v.numpy() for n, v in zip(names, x)})
+        ref = ChunkStep()(*x)
+        for name, a, r in zip(["embeds", "counts", "fires", "prefix", "tokens", "frames",
+                               "partial"], got, ref):
+            if r.dtype in (F64, torch.int64):
+                assert torch.equal(torch.from_numpy(a), r), name
+            else:
+                torch.testing.assert_close(torch.from_numpy(a), r, rtol=1e-5, atol=1e-5)
