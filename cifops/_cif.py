@@ -250,6 +250,13 @@ class Cif(torch.nn.Module):
     returns a :class:`CifOutput`.
     """
 
+    # the settings' types, for torch.jit.script (which would otherwise type threshold=1 as int)
+    threshold: float
+    scale_eps: float
+    tail_threshold: Optional[float]
+    tail_mode: str
+    max_tokens: Optional[int]
+
     def __init__(self, threshold: float = 1.0, scale_eps: float = 1e-4,
                  tail_threshold: Optional[float] = None, tail_mode: str = "normalize",
                  max_tokens: Optional[int] = None):
