@@ -283,11 +283,26 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
             alpha_sum.to(_acc_dtype(alphas.dtype)), scan_real, scan_int)
 
 
+def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, frames, partial,
+                                   threshold, max_tokens):
+    """``cifops::cif_stream_step`` in standard tensor operations (:func:`_cif_chunk`). A
+    chunk with invalid values emits no tokens in the kernels only where they cannot raise
+    (CUDA with max_tokens); here the alphas are not checked."""
+    if max_tokens < 0:
+        raise ValueError(
+            "cifops.cif_stream_step: max_tokens=None cannot be exported: the output width "
+            "depends on the alphas' values; pass max_tokens=N (the most tokens one chunk can "
+            "complete) to cifops.cif_stream_step or cifops.CifStream")
+    return _cif_chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
+                      None, max_tokens)
+
+
 def export_decompositions():
     """The decomposition table for ``ExportedProgram.run_decompositions``: torch.export's
-    default table plus ``cifops::cif_forward`` written in standard tensor operations, so
-    that the exported program no longer contains the custom op (ONNX, or any runtime
-    without cifops). The op must be called with ``max_tokens`` (a fixed output width).
+    default table plus ``cifops::cif_forward`` and ``cifops::cif_stream_step`` written in
+    standard tensor operations, so that the exported program no longer contains the custom
+    ops (ONNX, or any runtime without cifops). The ops must be called with ``max_tokens``
+    (a fixed output width).
 
     Example::
 
@@ -298,6 +313,7 @@ def export_decompositions():
     default = getattr(torch.export, "default_decompositions", None)  # torch >= 2.6
     table = default() if default is not None else torch._decomp.core_aten_decompositions()
     table[torch.ops.cifops.cif_forward.default] = _cif_forward_decomposition
+    table[torch.ops.cifops.cif_stream_step.default] = _cif_stream_step_decomposition
     return table
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from cifops._checks import check_same_device, check_tensor
 from cifops._cif import _TAIL_MODES, CifOutput, _max_tokens
+from cifops._export import _cif_tail
 
 
 class CifStreamState(NamedTuple):
@@ -159,27 +160,10 @@ def cif_stream_flush(state: CifStreamState, *, threshold: float = 1.0,
         if not 0 <= tail_threshold < float("inf"):
             raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got "
                              f"{tail_threshold}")
-    embed, has_tail, frame = _tail(state, threshold, tail_threshold, tail_mode == "normalize")
+    embed, has_tail, frame = _cif_tail(*state, threshold, tail_threshold,
+                                       tail_mode == "normalize", state.partial.dtype)
     return CifOutput(embed.unsqueeze(1), has_tail.to(torch.int64), frame.unsqueeze(1),
                      _alpha_sum(state))
-
-
-def _tail(state, threshold, tail_threshold, normalize):
-    """(embed [B, D], has_tail [B] bool, fire frame [B] or -1) from a state: the
-    residual is computed as cif_scan_row does, the normalising scale in float64."""
-    prefix, tokens, frames, partial = state
-    residual = prefix - tokens.to(torch.float64) * threshold
-    has_tail = (frames > 0) & (residual > 0)
-    if tail_threshold is None:
-        has_tail = torch.zeros_like(has_tail)
-    else:
-        has_tail = has_tail & (residual >= tail_threshold)
-    scale = torch.ones_like(residual)
-    if normalize:
-        scale = torch.where(has_tail, threshold / torch.where(has_tail, residual, 1.0), 1.0)
-    embed = torch.where(has_tail[:, None], partial.to(torch.float64) * scale[:, None], 0.0)
-    frame = torch.where(has_tail, frames - 1, -1)
-    return embed.to(partial.dtype), has_tail, frame
 
 
 class CifStream(torch.nn.Module):

@@ -273,3 +273,93 @@ def test_cuda_stream_kernels_under_cpu_emulation(tmp_path):
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and lines and lines[-1].endswith("-> PASS"), (
         "\n".join(line for line in lines if "FAIL" in line)[:4000] or out.stderr[-3000:])
+
+
+class StreamStep(torch.nn.Module):
+    """One step of a stream with its state as graph inputs and outputs, and the flush of
+    the new state (what an exported streaming recognizer runs per chunk)."""
+
+    def forward(self, hidden, alphas, lengths, prefix, tokens, frames, partial):
+        out, state = cifops.cif_stream_step(hidden, alphas, lengths,
+                                            (prefix, tokens, frames, partial), threshold=0.7,
+                                            max_tokens=6)
+        tail = cifops.cif_stream_flush(state, threshold=0.7, tail_threshold=0.2)
+        return (out.embeds, out.token_lengths, out.fire_frames, *state, tail.embeds,
+                tail.token_lengths, tail.fire_frames)
+
+
+def _stream_inputs(B, T, seed, state=None):
+    g = torch.Generator().manual_seed(seed)
+    alphas = torch.rand(B, T, generator=g) * 0.9
+    alphas[0, T // 2] = 2.3  # a multi-fire frame
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    state = state if state is not None else cifops.cif_stream_state(B, 4)
+    return (torch.randn(B, T, 4, generator=g), alphas, lengths, *state)
+
+
+def _feed(run, B, chunks):
+    """Run `run(*inputs)` over chunks of the given sizes, the state fed back; returns
+    every step's outputs."""
+    outs, state = [], None
+    for i, T in enumerate(chunks):
+        out = run(*_stream_inputs(B, T, seed=10 * B + i, state=state))
+        outs.append(out)
+        state = [torch.as_tensor(x) for x in out[3:7]]
+    return outs
+
+
+def _assert_steps_equal(got, ref):
+    names = ["embeds", "token_lengths", "fire_frames", "prefix", "tokens", "frames", "partial",
+             "tail_embeds", "tail_lengths", "tail_frames"]
+    for step_got, step_ref in zip(got, ref):
+        for name, a, r in zip(names, step_got, step_ref):
+            a = torch.as_tensor(a)
+            if r.dtype in (torch.float64, torch.int64):
+                assert torch.equal(a, r), name  # prefix sums, counts, frames: exact
+            else:
+                torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_stream_step_exports_without_the_custom_op():
+    args = _stream_inputs(3, 8, seed=0)
+    b, t = torch.export.Dim("B"), torch.export.Dim("T")
+    program = torch.export.export(StreamStep(), args, dynamic_shapes=(
+        {0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}, {0: b}))
+    program = program.run_decompositions(cifops.export_decompositions())
+    assert "cifops" not in str(program.graph)
+    for B in (2, 5):
+        _assert_steps_equal(_feed(program.module(), B, [8, 3, 16, 2]),
+                            _feed(StreamStep(), B, [8, 3, 16, 2]))
+
+
+def test_stream_step_onnx_round_trip(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need onnxruntime")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+    import warnings
+
+    b, t = torch.export.Dim("B"), torch.export.Dim("T")
+    path = str(tmp_path / "stream.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cifops.onnx_export(StreamStep(), _stream_inputs(3, 8, seed=0), path, verbose=False,
+                           dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b},
+                                           {0: b}, {0: b}))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*x):
+        return [torch.from_numpy(a) for a in
+                session.run(None, {n: v.numpy() for n, v in zip(names, x)})]
+
+    for B in (1, 4):
+        _assert_steps_equal(_feed(run, B, [8, 1, 16, 5]), _feed(StreamStep(), B, [8, 1, 16, 5]))
+
+
+def test_stream_step_export_needs_max_tokens():
+    class NoWidth(torch.nn.Module):
+        def forward(self, hidden, alphas):
+            return cifops.cif_stream_step(hidden, alphas)[0].embeds
+
+    program = torch.export.export(NoWidth(), (torch.randn(2, 5, 3), torch.rand(2, 5)))
+    with pytest.raises(ValueError, match="cif_stream_step: max_tokens=None cannot be exported"):
+        program.run_decompositions(cifops.export_decompositions())
