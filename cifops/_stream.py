@@ -19,7 +19,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from cifops._checks import check_same_device, check_tensor
+from cifops._checks import (check_float, check_index_vector, check_rank, check_same_device,
+                            check_tensor, compute_dtype)
 from cifops._cif import _TAIL_MODES, CifOutput, _max_tokens
 from cifops._export import _cif_tail
 
@@ -41,11 +42,36 @@ class CifStreamState(NamedTuple):
 
 
 # The fake (meta) kernel: shapes only, so torch.compile and torch.export can trace a step.
+# It also runs for real meta tensors and for a meta argument among real ones, so it makes
+# the metadata checks of check_cif_stream_args (csrc/cif/cif_stream_host.h).
+def _check_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial):
+    fn = "cifops.cif_stream_step"
+    check_rank(fn, "hidden", hidden, 3, "[B, Tc, D]")
+    check_float(fn, "hidden", hidden)
+    B, T, D = hidden.shape
+    torch._check(alphas.dim() == 2 and alphas.shape[0] == B and alphas.shape[1] == T,
+                 lambda: f"{fn}: alphas must have shape [B, Tc] = [{B}, {T}] to match hidden, "
+                         f"got {list(alphas.shape)}")
+    check_float(fn, "alphas", alphas)
+    check_same_device(fn, "hidden", hidden, alphas=alphas)
+    check_index_vector(fn, "lengths", lengths, "[B]", B, "hidden", hidden)
+    acc = compute_dtype(hidden.dtype)
+    for name, x, dtype, dims in (("state.prefix", prefix, torch.float64, [B]),
+                                 ("state.tokens", tokens, torch.int64, [B]),
+                                 ("state.frames", frames, torch.int64, [B]),
+                                 ("state.partial", partial, acc, [B, D])):
+        torch._check(list(x.shape) == dims,
+                     lambda: f"{fn}: {name} must have shape {dims} to match hidden, got "
+                             f"{list(x.shape)} (a state from another batch or model?)")
+        torch._check(x.dtype == dtype, lambda: f"{fn}: {name} must be {dtype} for "
+                                               f"{hidden.dtype} hidden, got {x.dtype}")
+        check_same_device(fn, "hidden", hidden, **{name: x})
+
+
 @torch.library.register_fake("cifops::cif_stream_step")
 def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
                           max_tokens):
-    check_same_device("cifops.cif_stream_step", "hidden", hidden, alphas=alphas, lengths=lengths,
-                      prefix=prefix, tokens=tokens, frames=frames, partial=partial)
+    _check_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial)
     B, _, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
@@ -122,9 +148,7 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
     if state is None:
         state = cif_stream_state(hidden.shape[0], hidden.shape[2], dtype=hidden.dtype,
                                  device=hidden.device)
-    state = _check_state(fn, state)
-    check_same_device(fn, "hidden", hidden, exc=ValueError, alphas=alphas, lengths=lengths,
-                      **{f"state.{k}": v for k, v in state._asdict().items()})
+    state = _check_state(fn, state)  # devices, shapes and dtypes: checked by the op
     n = _max_tokens(max_tokens)
     out = torch.ops.cifops.cif_stream_step(hidden, alphas, lengths, *state, float(threshold), n)
     new_state = CifStreamState(*out[3:])
