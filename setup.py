@@ -162,7 +162,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             out_dir = os.path.join(os.path.abspath(self.build_temp), "cpu_capability", capability)
             os.makedirs(out_dir, exist_ok=True)
             obj = os.path.join(out_dir, os.path.basename(source)[:-len(".cpp")] + ".o")
-            cmd = [cxx, *flags, *capability_flags, "-c", source, "-o", obj]
+            cmd = [*cxx, *flags, *capability_flags, "-c", source, "-o", obj]
             # rebuilt when a source or header is newer, or the command changed
             stamp = obj + ".cmd"
             old = open(stamp).read() if os.path.exists(stamp) else None
@@ -183,7 +183,7 @@ class BuildExtension(cpp_extension.BuildExtension):
         check_toolchain(compiler[0], torch_cxx_runtime())
         if is_x86():
             for ext in self.extensions:
-                self.build_capability_objects(ext, compiler[0])
+                self.build_capability_objects(ext, compiler)
         super().build_extensions()
         check = load_runtime_check()
         for ext in self.extensions:

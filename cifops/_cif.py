@@ -227,7 +227,7 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     return CifOutput(*out[:4])
 
 
-def _max_tokens(max_tokens) -> int:
+def _max_tokens(max_tokens, fn="cifops.cif") -> int:
     """max_tokens as the op's int (-1 for None): an int or numpy integer in [0, 2**63 - 1]."""
     if max_tokens is None:
         return -1
@@ -238,7 +238,7 @@ def _max_tokens(max_tokens) -> int:
         except TypeError:
             pass
     if value is None or not 0 <= value <= _INT64_MAX:
-        raise ValueError("cifops.cif: max_tokens must be an int in [0, 2**63 - 1] or None, got "
+        raise ValueError(f"{fn}: max_tokens must be an int in [0, 2**63 - 1] or None, got "
                          f"{max_tokens!r}")
     return value
 

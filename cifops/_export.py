@@ -116,10 +116,6 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     F_all = torch.maximum(_fired(P, beta), tokens[:, None])
     F, n_end = F_all[:, 1:], F_all[:, -1]
     partial64 = partial.to(_F64)
-    if T == 0:  # nothing to gather from (never taken in a graph: exported T >= 2)
-        return (hidden.new_zeros((B, N, D)), torch.zeros_like(tokens),
-                torch.full((B, N), -1, dtype=_I64, device=hidden.device), P[:, 0], n_end,
-                frames.clone(), partial.clone(), P, F)
     dP = P[:, 1:] - P[:, :-1]
     # weightless frames take no part (masked before the cast: half the bytes)
     h = torch.where((dP > 0)[..., None], hidden, 0.0).to(_F64)
@@ -128,11 +124,11 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     # completed in this chunk), from the number of frames with each count (a scatter-add)
     g = tokens[:, None] + torch.arange(N, device=hidden.device)
     j = (F - tokens[:, None]).clamp(max=N)
-    f = torch.cumsum(torch.zeros_like(j[:, :1]).expand(B, N + 1).scatter_add(
-        1, j, torch.ones_like(j)), 1)[:, :N]
+    f = torch.cumsum(j.new_zeros((B, N + 1)).scatter_add(1, j, torch.ones_like(j)), 1)[:, :N]
     done = g < n_end[:, None]
     Hf = torch.gather(H, 1, f[..., None].expand(B, N, D))
-    hf = torch.gather(h, 1, f.clamp(max=T - 1)[..., None].expand(B, N, D))
+    # f = T (a token not completed here) reads a zero row: also defined for an empty chunk
+    hf = torch.gather(torch.cat([h, h.new_zeros((B, 1, D))], 1), 1, f[..., None].expand(B, N, D))
     G = Hf + (_boundary(g, beta) - torch.gather(P, 1, f))[..., None] * hf
     c = G - torch.cat([G.new_zeros((B, 1, D)), G[:, :-1]], 1)
     embeds = torch.where(done[..., None], c, 0.0).to(acc).to(hidden.dtype)
@@ -285,16 +281,29 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
 
 def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, frames, partial,
                                    threshold, max_tokens):
-    """``cifops::cif_stream_step`` in standard tensor operations (:func:`_cif_chunk`). A
-    chunk with invalid values emits no tokens in the kernels only where they cannot raise
-    (CUDA with max_tokens); here the alphas are not checked."""
+    """``cifops::cif_stream_step`` in standard tensor operations (:func:`_cif_chunk`).
+    Value errors cannot raise in a graph: an utterance whose chunk has a length outside
+    [0, Tc] or a negative/NaN/inf valid alpha (or integrates past 2^53 thresholds) emits
+    no tokens and keeps its state, as the CUDA kernel does with max_tokens."""
     if max_tokens < 0:
         raise ValueError(
             "cifops.cif_stream_step: max_tokens=None cannot be exported: the output width "
             "depends on the alphas' values; pass max_tokens=N (the most tokens one chunk can "
             "complete) to cifops.cif_stream_step or cifops.CifStream")
-    return _cif_chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
-                      None, max_tokens)
+    B, T, _ = hidden.shape
+    L = torch.full_like(frames, T) if lengths is None else lengths.to(_I64)
+    valid = torch.arange(T, device=hidden.device) < L[:, None]
+    a = alphas.to(_F64)
+    bad = (L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
+    clean = torch.where(bad[:, None], 0.0, alphas)  # no NaN/inf inside the graph's sums
+    out = _cif_chunk(hidden, clean, torch.where(bad, 0, L), prefix, tokens, frames, partial,
+                     threshold, None, max_tokens)
+    bad = bad | (out[3] / _f64(threshold, prefix) >= _TOO_MANY)
+    embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out
+    return (torch.where(bad[:, None, None], 0.0, embeds).to(embeds.dtype),
+            torch.where(bad, 0, counts), torch.where(bad[:, None], -1, fires),
+            torch.where(bad, prefix, new_prefix), torch.where(bad, tokens, new_tokens),
+            torch.where(bad, frames, new_frames), torch.where(bad[:, None], partial, new_partial))
 
 
 def export_decompositions():

@@ -19,8 +19,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from cifops._checks import (check_float, check_index_vector, check_rank, check_same_device,
-                            check_tensor, compute_dtype)
+from cifops._checks import (FLOAT_DTYPES, check_float, check_index_vector, check_rank,
+                            check_same_device, check_tensor, compute_dtype)
 from cifops._cif import _TAIL_MODES, CifOutput, _max_tokens
 from cifops._export import _cif_tail
 
@@ -85,14 +85,28 @@ def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, parti
             torch.empty_like(tokens), torch.empty_like(frames), torch.empty_like(partial))
 
 
+def _no_gradients(ctx, *grads):
+    raise RuntimeError("cifops.cif_stream_step: streaming CIF is for inference and has no "
+                       "gradients; train with cifops.cif on whole utterances (its results "
+                       "are the same), or call the step under torch.no_grad()")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("cifops::cif_stream_step", _no_gradients,
+                                setup_context=_setup_nothing)
+
+
 def cif_stream_state(batch: int, dim: int, *, dtype: torch.dtype = torch.float32,
                      device=None) -> CifStreamState:
     """The state of ``batch`` fresh utterances with ``dim``-dimensional frames in ``dtype``
     (what ``cif_stream_step(..., state=None)`` starts from)."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if dtype not in FLOAT_DTYPES:
         raise ValueError("cifops.cif_stream_state: dtype must be float16, bfloat16, float32 or "
                          f"float64, got {dtype}")
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = compute_dtype(dtype)
     return CifStreamState(torch.zeros(batch, dtype=torch.float64, device=device),
                           torch.zeros(batch, dtype=torch.int64, device=device),
                           torch.zeros(batch, dtype=torch.int64, device=device),
@@ -130,8 +144,10 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
         ``(out, state)``: ``out`` is a :class:`CifOutput` of the tokens completed in this
         chunk: ``embeds`` [B, N, D] (hidden's dtype), ``token_lengths`` [B],
         ``fire_frames`` [B, N] counted from the utterance's first frame (-1 in padding),
-        ``alpha_sum`` [B] the sum of the utterance's alphas so far (float32, or float64
-        for float64 hidden). ``state`` is the new :class:`CifStreamState`.
+        ``alpha_sum`` [B] the sum of the utterance's alphas so far (the state's float64
+        prefix sum in the compute dtype of ``hidden``: float32, or float64 for float64
+        hidden; ``cifops.cif`` follows the alphas' dtype). ``state`` is the new
+        :class:`CifStreamState`.
 
     The tail (the incomplete last token) is emitted by :func:`cif_stream_flush`. Inference
     only: no gradients. Value errors (negative/NaN/inf alphas, lengths outside [0, Tc])
@@ -146,10 +162,13 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
         raise ValueError(f"{fn}: hidden must be a 3-D tensor [B, Tc, D], got shape "
                          f"{tuple(hidden.shape)}")
     if state is None:
+        if hidden.dtype not in FLOAT_DTYPES:  # else the op says it; here the default state would
+            raise ValueError(f"{fn}: hidden must be float16, bfloat16, float32 or float64, got "
+                             f"{hidden.dtype}")
         state = cif_stream_state(hidden.shape[0], hidden.shape[2], dtype=hidden.dtype,
                                  device=hidden.device)
     state = _check_state(fn, state)  # devices, shapes and dtypes: checked by the op
-    n = _max_tokens(max_tokens)
+    n = _max_tokens(max_tokens, fn)
     out = torch.ops.cifops.cif_stream_step(hidden, alphas, lengths, *state, float(threshold), n)
     new_state = CifStreamState(*out[3:])
     return CifOutput(out[0], out[1], out[2], _alpha_sum(new_state)), new_state

@@ -81,8 +81,10 @@ def test_any_chunking_equals_whole_input(case):
     assert_tokens_equal(tokens, ref, rtol=1e-9, atol=1e-9)
     whole = cifops.cif(hidden, alphas, lengths, **opts)
     assert_tokens_equal(tokens, whole, rtol=1e-12, atol=1e-12)
-    # the state is the whole input's scan result: prefix sum, tokens, frames
+    # the state is the whole input's scan result: prefix sum, complete tokens, frames
     torch.testing.assert_close(state.prefix, whole.alpha_sum, rtol=0, atol=0)
+    complete = cifops.cif(hidden, alphas, lengths, threshold=opts["threshold"]).token_lengths
+    assert torch.equal(state.tokens, complete)
     assert torch.equal(state.frames, lengths)
 
 
@@ -177,6 +179,17 @@ def test_bad_state_names_the_field(state, match):
         cifops.cif_stream_step(torch.zeros(2, 4, 3), torch.zeros(2, 4), None, state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_fake_kernel_matches_the_kernel(dtype):
+    """The fake (meta) kernel gives the real outputs' shapes and dtypes (half hidden: half
+    embeddings, float32 state)."""
+    args = (torch.randn(3, 5, 4).to(dtype), torch.rand(3, 5), torch.tensor([5, 2, 0]))
+    real = cifops.cif_stream_step(*args, max_tokens=3)
+    fake = cifops.cif_stream_step(*(x.to("meta") for x in args), max_tokens=3)
+    for r, f in zip([*real[0][:3], *real[1]], [*fake[0][:3], *fake[1]]):
+        assert (f.shape, f.dtype, f.device.type) == (r.shape, r.dtype, "meta")
+
+
 @pytest.mark.parametrize("field, bad, match", [
     ("prefix", torch.zeros(3, dtype=torch.float64), r"state.prefix must have shape \[2\]"),
     ("partial", torch.zeros(2, 4), r"state.partial must have shape \[2, 3\]"),
@@ -206,6 +219,10 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 def test_no_gradients_and_flush_errors():
+    hidden = torch.randn(1, 4, 2, requires_grad=True)
+    out, _ = cifops.cif_stream_step(hidden, torch.full((1, 4), 0.6))
+    with pytest.raises(RuntimeError, match="cif_stream_step: streaming CIF is for inference"):
+        out.embeds.sum().backward()
     state = cifops.cif_stream_state(1, 2)
     with pytest.raises(ValueError, match="tail_mode must be"):
         cifops.cif_stream_flush(state, tail_mode="pad")
@@ -247,15 +264,18 @@ def test_cuda_stream_equals_cpu_stream_and_no_sync(dtype):
     lengths = torch.randint(0, T + 1, (B,), generator=g)
     bounds = list(range(0, T, 16)) + [T]
     cpu, cpu_state = run_stream(hidden, alphas, lengths, bounds, tail_threshold=0.25)
+    # every chunk on the device first (a host-to-device copy synchronises), one warm-up step
+    chunks = [(hidden[:, s:e].cuda(), alphas[:, s:e].cuda(), (lengths - s).clamp(0, e - s).cuda())
+              for s, e in zip(bounds[:-1], bounds[1:])]
+    cifops.cif_stream_step(*chunks[0], None, max_tokens=16)
+    torch.cuda.synchronize()
     state = None
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            chunk_len = (lengths - s).clamp(0, e - s).cuda()
-            _, state = cifops.cif_stream_step(hidden[:, s:e].cuda(), alphas[:, s:e].cuda(),
-                                              chunk_len, state, max_tokens=16)
+        for chunk in chunks:
+            _, state = cifops.cif_stream_step(*chunk, state, max_tokens=16)
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(state.prefix.cpu(), cpu_state.prefix)
     assert torch.equal(state.tokens.cpu(), cpu_state.tokens)
     gpu, _ = run_stream(hidden.cuda(), alphas.cuda(), lengths.cuda(), bounds, tail_threshold=0.25)
@@ -305,7 +325,8 @@ class StreamStep(torch.nn.Module):
 def _stream_inputs(B, T, seed, state=None):
     g = torch.Generator().manual_seed(seed)
     alphas = torch.rand(B, T, generator=g) * 0.9
-    alphas[0, T // 2] = 2.3  # a multi-fire frame
+    if T > 0:
+        alphas[0, T // 2] = 2.3  # a multi-fire frame
     lengths = torch.randint(0, T + 1, (B,), generator=g)
     state = state if state is not None else cifops.cif_stream_state(B, 4)
     return (torch.randn(B, T, 4, generator=g), alphas, lengths, *state)
@@ -342,8 +363,8 @@ def test_stream_step_exports_without_the_custom_op():
     program = program.run_decompositions(cifops.export_decompositions())
     assert "cifops" not in str(program.graph)
     for B in (2, 5):
-        _assert_steps_equal(_feed(program.module(), B, [8, 3, 16, 2]),
-                            _feed(StreamStep(), B, [8, 3, 16, 2]))
+        _assert_steps_equal(_feed(program.module(), B, [8, 3, 0, 16, 2]),
+                            _feed(StreamStep(), B, [8, 3, 0, 16, 2]))
 
 
 def test_stream_step_onnx_round_trip(tmp_path):
@@ -366,7 +387,27 @@ def test_stream_step_onnx_round_trip(tmp_path):
                 session.run(None, {n: v.numpy() for n, v in zip(names, x)})]
 
     for B in (1, 4):
-        _assert_steps_equal(_feed(run, B, [8, 1, 16, 5]), _feed(StreamStep(), B, [8, 1, 16, 5]))
+        _assert_steps_equal(_feed(run, B, [8, 1, 0, 16, 5]), _feed(StreamStep(), B, [8, 1, 0, 16, 5]))
+
+
+def test_exported_step_rejects_an_invalid_chunk_and_keeps_its_state():
+    """In a graph nothing can raise: an utterance with a NaN or negative alpha or a length
+    outside [0, Tc] emits no tokens and keeps its state (the CUDA kernels' behaviour with
+    max_tokens); the other utterances are unaffected."""
+    program = torch.export.export(StreamStep(), _stream_inputs(4, 8, seed=0)).run_decompositions(
+        cifops.export_decompositions())
+    args = list(_stream_inputs(4, 8, seed=5, state=_feed(StreamStep(), 4, [8])[0][3:7]))
+    args[1] = args[1].clone()
+    args[1][1, 2] = float("nan")
+    args[1][2, 0] = -0.5
+    args[2] = torch.tensor([8, 8, 8, 9])
+    got = program.module()(*args)
+    ref = StreamStep()(*[x[:1] for x in args])  # utterance 0 alone, through the kernel
+    _assert_steps_equal([[x[:1] for x in got]], [ref])
+    for b in (1, 2, 3):
+        assert got[1][b] == 0 and (got[2][b] == -1).all() and (got[0][b] == 0).all()
+        for new, old in zip(got[3:7], args[3:7]):
+            assert torch.equal(new[b], old[b])
 
 
 def test_stream_step_export_needs_max_tokens():

@@ -79,8 +79,9 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
 
 // max_tokens: -1 (the batch's largest token count) or an output width N whose outputs
 // embeds [B, N, D] and fire_frames [B, N] int64 have a size that fits in int64 bytes.
-inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden) {
-  TORCH_CHECK(max_tokens >= -1, "cifops.cif: max_tokens must be >= 0 or None, got ", max_tokens);
+inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden,
+                             const char* fn = "cifops.cif") {
+  TORCH_CHECK(max_tokens >= -1, fn, ": max_tokens must be >= 0 or None, got ", max_tokens);
   if (max_tokens <= 0) return;
   const int64_t B = hidden.size(0), D = hidden.size(2);
   int64_t elements = 0, embeds_bytes = 0, fire_bytes = 0;
@@ -89,7 +90,7 @@ inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden) {
       c10::mul_overflows(elements, int64_t(sizeof(int64_t)), &fire_bytes) ||
       c10::mul_overflows(elements, D, &elements) ||
       c10::mul_overflows(elements, int64_t(hidden.element_size()), &embeds_bytes);
-  TORCH_CHECK(!overflow, "cifops.cif: max_tokens = ", max_tokens,
+  TORCH_CHECK(!overflow, fn, ": max_tokens = ", max_tokens,
               " is too large: the outputs embeds [B, N, D] = [", B, ", ", max_tokens, ", ", D,
               "] and fire_frames [B, N] would exceed 2^63 bytes; use None (the batch's largest ",
               "token count) or a width that fits in memory");

@@ -17,6 +17,10 @@ CifStreamOutputs cif_stream_step_cuda_op(const at::Tensor& hidden, const at::Ten
                                          const at::Tensor& prefix, const at::Tensor& tokens,
                                          const at::Tensor& frames, const at::Tensor& partial,
                                          double threshold, int64_t max_tokens) {
+  // checked before the guard: a CPU hidden with a CUDA state must get the message that
+  // names the argument, not the guard's
+  check_cif_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
+                        max_tokens);
   const c10::cuda::CUDAGuard guard(hidden.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   return cif_stream_step_impl(

@@ -63,7 +63,7 @@ inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& al
   check_state(partial, "state.partial", compute_type(hidden.scalar_type()), true);
   TORCH_CHECK(std::isfinite(threshold) && threshold > 0, fn,
               ": threshold must be a finite number > 0, got ", threshold);
-  TORCH_CHECK(max_tokens >= -1, fn, ": max_tokens must be >= 0 or None, got ", max_tokens);
+  check_max_tokens(max_tokens, hidden, fn);
 }
 
 // Raise the first per-utterance error of a chunk's scan (info on the CPU); returns the

@@ -9,6 +9,9 @@
 // grid cap is lowered in some cases so that the grid-stride loops run. States are random
 // but consistent (tokens = the fires of prefix), chunks mix dyadic, continuous, zero and
 // multi-fire weights, and N is sometimes below the tokens a chunk completes (dropped).
+// Some cases give some utterances an invalid chunk (a negative, NaN, infinite or huge
+// alpha, a length outside [0, Tc]): both kernels must reject it alike, with no tokens and
+// the state as it was.
 // Built and run by run.sh; usage: emulate_cif_stream_cuda [case-id ...]
 #include "cif/cif.h"
 #include "emu_cuda.h"
@@ -32,6 +35,7 @@ struct Spec {
   bool f64, use_len;
   int64_t grid_cap;
   unsigned seed;
+  int bad_every = 0;  // > 0: about one utterance in bad_every gets an invalid chunk
 };
 
 std::vector<Spec> make_cases() {
@@ -40,13 +44,14 @@ std::vector<Spec> make_cases() {
       {2, 3, 1, 7, 4, 0.5, true, true, 0, 3},        {3, 2, 0, 5, 2, 1.0, false, false, 0, 4},
       {4, 5, 20, 33, 1, 0.3, false, true, 2, 5},     {5, 4, 9, 130, 0, 1.0, true, false, 3, 6},
       {6, 0, 4, 3, 2, 1.0, false, true, 0, 7},       {7, 6, 12, 1, 40, 2.0, true, true, 1, 8},
+      {8, 16, 10, 9, 4, 1.0, false, true, 0, 9, 1},  {9, 16, 10, 9, 4, 0.5, true, true, 2, 10, 1},
   };
   std::mt19937 rng(1234);
   for (int i = 0; i < 24; ++i) {
     std::uniform_int_distribution<int> b(1, 9), t(0, 24), d(1, 300), n(0, 12), bit(0, 1);
     const double betas[] = {1.0, 0.5, 0.75, 2.0, 0.3};
-    cases.push_back({8 + i, b(rng), t(rng), d(rng), n(rng), betas[rng() % 5], bit(rng) == 1,
-                     bit(rng) == 1, int64_t(rng() % 4), unsigned(rng())});
+    cases.push_back({10 + i, b(rng), t(rng), d(rng), n(rng), betas[rng() % 5], bit(rng) == 1,
+                     bit(rng) == 1, int64_t(rng() % 4), unsigned(rng()), 4});
   }
   return cases;
 }
@@ -90,6 +95,17 @@ bool run_case(const Spec& s) {
     tokens0[b] = cif_settle_fires(prefix0[b], 0, s.beta);
     frames0[b] = int64_t(u(rng) * 1000);
     lengths[b] = int64_t(u(rng) * (T + 1));
+    // an invalid chunk now and then: the kernels must reject it alike and keep the state
+    if (s.bad_every > 0 && rng() % s.bad_every == 0) {
+      const int64_t t = T > 0 ? int64_t(rng() % T) : 0;
+      switch (rng() % 5) {
+        case 0: if (T > 0) alphas[b * T + t] = acc_t(-0.25); break;
+        case 1: if (T > 0) alphas[b * T + t] = acc_t(std::nan("")); break;
+        case 2: if (T > 0) alphas[b * T + t] = acc_t(INFINITY); break;
+        case 3: lengths[b] = rng() % 2 ? T + 1 : -1; break;
+        default: if (T > 0) alphas[b * T + t] = acc_t(1e30); break;  // past 2^53 thresholds
+      }
+    }
   }
   CifStreamConfig cfg;
   cfg.batch = B; cfg.frames = T; cfg.dim = D; cfg.n_out = N; cfg.threshold = s.beta;
@@ -141,9 +157,20 @@ bool run_case(const Spec& s) {
   };
   close(cpu.embeds, gpu.embeds, "embeds");
   close(cpu.partial, gpu.partial, "partial");
-  std::printf("case %d: B=%lld Tc=%lld D=%lld N=%lld beta=%g %s%s grid_cap=%lld: %s\n", s.id,
-              (long long)B, (long long)T, (long long)D, (long long)N, s.beta, s.f64 ? "f64" : "f32",
-              s.use_len ? " lengths" : "", (long long)s.grid_cap, fails.empty() ? "ok" : "FAIL");
+  int rejected = 0;  // a rejected chunk: no tokens, the state as it was
+  for (int64_t b = 0; b < B; ++b) {
+    if (gpu.info[b * kStreamInfo + kStreamStatus] == kCifOk) continue;
+    ++rejected;
+    bool kept = gpu.new_prefix[b] == prefix0[b] && gpu.new_tokens[b] == tokens0[b] &&
+                gpu.new_frames[b] == frames0[b] && gpu.lengths_out[b] == 0;
+    for (int64_t d = 0; d < D; ++d) kept &= gpu.partial[b * D + d] == partial0[b * D + d];
+    for (int64_t j = 0; j < N; ++j) kept &= gpu.fire[b * N + j] == -1;
+    if (!kept) fails.push_back("utterance " + std::to_string(b) + ": rejected but its state changed");
+  }
+  std::printf("case %d: B=%lld Tc=%lld D=%lld N=%lld beta=%g %s%s grid_cap=%lld rejected=%d: %s\n",
+              s.id, (long long)B, (long long)T, (long long)D, (long long)N, s.beta,
+              s.f64 ? "f64" : "f32", s.use_len ? " lengths" : "", (long long)s.grid_cap, rejected,
+              fails.empty() ? "ok" : "FAIL");
   for (const auto& f : fails) std::printf("    FAIL %s\n", f.c_str());
   return fails.empty();
 }
