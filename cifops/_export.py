@@ -167,7 +167,8 @@ def _cif_chunk(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor], prefix
         this chunk (the first includes ``partial``), fire frames counted from the
         utterance's first frame, zeros and -1 in padding; then the state after the chunk.
         Prefix sums and fire decisions are bit for bit those of ``cifops.cif`` on the
-        whole input, whatever the chunking.
+        whole input, whatever the chunking, where cumsum adds sequentially (the CPU, ONNX
+        Runtime's CPU provider; a GPU's parallel cumsum may differ in the last bit).
     """
     return _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
                   max_tokens)[:7]
@@ -333,7 +334,8 @@ def onnx_export(model, args, f=None, *, dynamic_shapes=None, **kwargs):
     ``run_decompositions(cifops.export_decompositions())``, then
     ``torch.onnx.export(program, args, f, dynamo=True, **kwargs)``; returns its
     ``ONNXProgram``. The graph holds only standard ONNX operators (float64 prefix sums
-    included, so fire decisions are those of eager PyTorch) and runs in ONNX Runtime.
+    included, so fire decisions are those of eager PyTorch where the cumsum adds
+    sequentially, as on the CPU) and runs in ONNX Runtime.
 
     Example::
 
