@@ -36,7 +36,7 @@ timeout 60 python3 benchmarks/abort_probe.py > "$OUT/abort_probe.log" 2>&1
 echo "abort probe rc=$?"; tail -4 "$OUT/abort_probe.log"
 el "pytest (CUDA tests)"
 timeout 240 python3 -m pytest tests/test_cif.py tests/test_cif_ties.py tests/test_contrastive.py \
-  tests/test_compat.py tests/test_build.py -k "(cuda or gpu or build) and not emulation" -q -p no:cacheprovider -rfE \
+  tests/test_compat.py tests/test_build.py tests/test_cif_stream.py -k "(cuda or gpu or build) and not emulation" -q -p no:cacheprovider -rfE \
   > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -6 "$OUT/pytest.log"
 el sanitize
@@ -47,4 +47,7 @@ timeout 120 compute-sanitizer --tool racecheck --kernel-name kns=cifops --error-
 echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.log"
 el bench
 timeout 300 python3 benchmarks/gpu_bench.py "$@" 2>&1 | grep -v torch_complex | tee "$OUT/bench.log" | tail -40
+el "bench: streaming step per chunk"
+timeout 90 python3 -m pytest benchmarks/bench_stream.py -k cuda --benchmark-only -q -p no:cacheprovider \
+  --benchmark-columns=median,min,rounds 2>&1 | grep -E "^test_|Name" | tee "$OUT/bench_stream.log"
 el done

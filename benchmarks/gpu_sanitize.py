@@ -33,5 +33,14 @@ for n, m, d, dt in [(37, 50, 9, torch.float32), (130, 257, 100, torch.bfloat16),
     if n == m:
         cifops.contrastive_loss(s, t, symmetric=True, reduction="mean").backward()
     cifops.contrastive_accuracy(s, t, y)
+for B, Tc, D, dt, n in [(1, 16, 512, torch.float32, 16), (32, 16, 512, torch.bfloat16, None),
+                        (5, 3, 130, torch.float64, 2), (3, 0, 7, torch.float32, 4)]:
+    state = None
+    for chunk in range(3):  # the streaming step, its state carried across chunks
+        a = torch.rand(B, Tc, device=DEV) * 1.4
+        L = torch.randint(0, Tc + 1, (B,), device=DEV)
+        out, state = cifops.cif_stream_step(torch.randn(B, Tc, D, device=DEV, dtype=dt), a, L,
+                                            state, max_tokens=n)
+    cifops.cif_stream_flush(state, tail_threshold=0.2)
 torch.cuda.synchronize()
 print("sanitize workload done")
