@@ -441,19 +441,44 @@ def test_tri_stage_schedule():
     assert f(20) == pytest.approx(0.1) and f(25) == f(1000) == pytest.approx(0.01)
 
 
-def test_torchrun_two_cpu_ranks(corpus, tmp_path):
+def run_with_timeout(command, env, timeout, log: Path):
+    """Run command, its output into log; on a timeout, SIGTERM (torchrun stops its ranks,
+    which run in sessions of their own), then SIGKILL to its session: a hung run leaves no
+    process behind. -> (returncode, or None on a timeout; the output)"""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+            returncode = None
+    return returncode, log.read_text()
+
+
+# save_every 1: the last step is also a periodic save, which rank 0 once knew and the
+# other ranks did not (only rank 0 had the path): they saved again alone, and hung
+@pytest.mark.parametrize("save_every", ["500", "1"])
+def test_torchrun_two_cpu_ranks(corpus, tmp_path, save_every):
     exp = tmp_path / "exp"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--standalone", str(ROOT / "python" / "train_hkd.py"),
                *common(corpus, exp, "--max-steps", "2", "--device", "cpu", "--log-every-steps", "1",
-                       "--valid-split", "")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+                       "--valid-split", "", "--save-every-steps", save_every)]
+    returncode, output = run_with_timeout(command, env, timeout=120, log=tmp_path / "torchrun.out")
+    assert returncode == 0, ("timed out: " if returncode is None else "") + output[-6000:]
     state = torch.load(exp / "checkpoint-2.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 2
     assert [h["step"] for h in read_log(exp)] == [1, 2]
+    assert sorted(p.name for p in exp.glob("checkpoint-*.pt")) == (
+        ["checkpoint-1.pt", "checkpoint-2.pt"] if save_every == "1" else ["checkpoint-2.pt"])
 
 
 def test_gather_teacher_offsets(tmp_path):
