@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Train the CIF-HKD recognizer (cifhkd.model) on a corpus with a cached teacher.
 
     python python/train_hkd.py --make-demo-corpus    # the demo corpus, HKD (ACD + LRD)
@@ -899,5 +898,5 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":      # python -m cifhkd.train: how demo.py runs each system
     main()
