@@ -43,12 +43,12 @@ Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
 
 OUT must be a new or empty folder, or a corpus this script made (it writes
-OUT/demo-corpus.json first): a folder holding anything else is refused (exit status 2),
-so that no one's data is overwritten. In its own corpus, existing wavs of the same
+OUT/demo-corpus.json first): a folder holding anything else is refused (CorpusError;
+the script exits with status 2), so that no one's data is overwritten. In its own corpus, existing wavs of the same
 utterance and synthesis parameters are kept (re-running resumes); everything else is
 rewritten. The same --seed and inputs give the same
 corpus. Nothing is installed: a missing synthesiser or fortunes package is reported
-with the Debian package to install, and the script exits with status 2.
+with the Debian package to install (CorpusError), and the script exits with status 2.
 """
 import argparse
 import json
@@ -278,7 +278,7 @@ def get_parser():
 
 
 def check_tools(args) -> bool:
-    """Exit (status 2) with the Debian package to install when something is missing.
+    """CorpusError naming the Debian package to install when something is missing.
     Returns whether flite is used."""
     if shutil.which("espeak-ng") is None:
         raise CorpusError("espeak-ng not found on PATH; install the Debian package 'espeak-ng' "

@@ -6,14 +6,14 @@
 
 Steps: synthesise the corpus (cifhkd.corpus.make_corpus, what prepare_demo_corpus.py
 runs) and cache the teacher (cifhkd.teacher_cache) when missing; train every system in
-its own process (`python -m cifhkd.train`, what train_hkd.py runs, in this directory:
-relative paths in the config are relative to it) with the same config, seed and step
-budget (--config; in a repository checkout conf/demo.yaml), --jobs systems at a time with cores/jobs threads each; decode, in this
-process (cifhkd.decode, what decode.py runs), the held-out-voice test split and the dev
-split (training voices) with beam search, the same way, jobs systems at a time, and the
-test split again with the decoder alone (--ctc-weight 0: the paper's decoding), and
-test-seen (the test clauses spoken by training voices, when the corpus has it) that way
-too; write
+its own process (`python -m cifhkd.train`, what train_hkd.py runs, in the current
+directory: relative paths in the config are relative to it) with the same config, seed
+and step budget (--config; by default the checkout's conf/demo.yaml), --jobs systems at
+a time with cores/jobs threads each; decode, in this process (cifhkd.decode, what
+decode.py runs), the held-out-voice test split and the dev split (training voices) with
+beam search, the same way, jobs systems at a time, and the test split again with the
+decoder alone (--ctc-weight 0: the paper's decoding), and test-seen (the test clauses
+spoken by training voices, when the corpus has it) that way too; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
                                        against the baseline, 95% bootstrap intervals of
@@ -94,7 +94,7 @@ def get_parser():
 def absolute_paths(args) -> argparse.Namespace:
     """args with --config (the checkout's conf/demo.yaml by default) and --out absolute,
     resolved against the current directory: the training processes get them as absolute
-    paths. SystemExit (status 2) when --config is not given and cifhkd is not in a
+    paths. SystemExit with a message when --config is not given and cifhkd is not in a
     repository checkout."""
     if args.config is None:
         if not DEFAULT_CONFIG.is_file():
