@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build a small, reproducible English speech corpus for the CIF-HKD CPU demo.
 
 No speech corpus can be downloaded on this project's machines, so the demo corpus is
@@ -44,12 +43,12 @@ Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
 
 OUT must be a new or empty folder, or a corpus this script made (it writes
-OUT/demo-corpus.json first): a folder holding anything else is refused (exit status 2),
-so that no one's data is overwritten. In its own corpus, existing wavs of the same
+OUT/demo-corpus.json first): a folder holding anything else is refused (CorpusError;
+the script exits with status 2), so that no one's data is overwritten. In its own corpus, existing wavs of the same
 utterance and synthesis parameters are kept (re-running resumes); everything else is
 rewritten. The same --seed and inputs give the same
 corpus. Nothing is installed: a missing synthesiser or fortunes package is reported
-with the Debian package to install, and the script exits with status 2.
+with the Debian package to install (CorpusError), and the script exits with status 2.
 """
 import argparse
 import json
@@ -279,14 +278,14 @@ def get_parser():
 
 
 def check_tools(args) -> bool:
-    """Exit (status 2) with the Debian package to install when something is missing.
+    """CorpusError naming the Debian package to install when something is missing.
     Returns whether flite is used."""
     if shutil.which("espeak-ng") is None:
-        _die("espeak-ng not found on PATH; install the Debian package 'espeak-ng' "
-             "(apt-get install -y espeak-ng)")
+        raise CorpusError("espeak-ng not found on PATH; install the Debian package 'espeak-ng' "
+                          "(apt-get install -y espeak-ng)")
     if not args.fortunes_dir.is_dir() or not any(args.fortunes_dir.iterdir()):
-        _die(f"no fortune files in {args.fortunes_dir}; install the Debian package 'fortunes' "
-             "(apt-get install -y fortunes) or pass --fortunes-dir")
+        raise CorpusError(f"no fortune files in {args.fortunes_dir}; install the Debian package 'fortunes' "
+                          "(apt-get install -y fortunes) or pass --fortunes-dir")
     use_flite = not args.no_flite and shutil.which("flite") is not None
     if not use_flite and not args.no_flite:
         print("prepare_demo_corpus: flite not found (Debian package 'flite'); espeak-ng voices only",
@@ -294,26 +293,30 @@ def check_tools(args) -> bool:
     return use_flite
 
 
-def _die(message: str):
-    print(f"prepare_demo_corpus: {message}", file=sys.stderr)
-    sys.exit(2)
+class CorpusError(RuntimeError):
+    """What stops make_corpus before it writes: a missing tool, a folder that is not a
+    demo corpus, options that leave no training data (main: exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"prepare_demo_corpus: {message}")
 
 
 MARKER = "demo-corpus.json"    # written first into every corpus this script makes
 
 
 def check_output(out: Path) -> None:
-    """Exit (status 2) when OUT is a file, or a folder with files this script did not make:
+    """CorpusError when OUT is a file, or a folder with files this script did not make:
     it rewrites its own corpus, never someone's data."""
     if out.exists() and not out.is_dir():
-        _die(f"--out {out} is a file, not a folder")
+        raise CorpusError(f"--out {out} is a file, not a folder")
     if out.is_dir() and not (out / MARKER).is_file():
         found = sorted(p.name for p in out.iterdir())
         if found:
             shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
-            _die(f"--out {out} already holds {shown}, and no {MARKER}: it is not a demo corpus made by "
-                 "this script, and nothing in it is overwritten. Choose a new or empty folder (a demo "
-                 "corpus made before the marker existed: delete it and make it again)")
+            raise CorpusError(f"--out {out} already holds {shown}, and no {MARKER}: it is not a demo corpus "
+                              "made by this script, and nothing in it is overwritten. Choose a new or empty "
+                              "folder (a demo corpus made before the marker existed: delete it and make it "
+                              "again)")
 
 
 def claim_output(out: Path, options: dict) -> None:
@@ -343,18 +346,51 @@ def write_split(out: Path, split: str, rows):
             f.write(f"{spk} {' '.join(spk2utt[spk])}\n")
 
 
+def parse_options(out, options: dict) -> argparse.Namespace:
+    """make_corpus's options as the command line would give them: each value written as
+    its option's arguments (a flag for a true store_true, one argument per item for
+    nargs) and parsed by get_parser."""
+    parser = get_parser()
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = sorted(set(options) - set(actions) | ({"out"} & set(options)))
+    if unknown:
+        raise TypeError(f"make_corpus: unknown option(s) {', '.join(unknown)} (prepare_demo_corpus.py --help "
+                        "lists them)")
+    argv = ["--out", str(out)]
+    for name, value in options.items():
+        action, flag = actions[name], actions[name].option_strings[0]
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif action.nargs is None:
+            argv += [flag, str(value)]
+        else:
+            values = [value] if isinstance(value, (str, Path)) else list(value)
+            argv += [flag, *map(str, values)]
+
+    def error(message):
+        raise ValueError(f"make_corpus: {message}")
+
+    parser.error = error
+    return parser.parse_args(argv)
+
+
 def make_corpus(out, **options) -> Path:
     """Synthesise the demo corpus into the folder `out` (the module docstring says how, and
     that only a new or empty folder, or a demo corpus made before, is written); options:
     the other command-line options by name (num_train=100, seed=7: get_parser's dests),
     their defaults otherwise. The one maker of the demo corpus: prepare_demo_corpus.py,
-    demo.py and train_hkd.py --make-demo-corpus call it. -> out, resolved"""
-    args = get_parser().parse_args(["--out", str(out)])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"make_corpus: unknown option(s) {', '.join(unknown)} (prepare_demo_corpus.py --help "
-                        "lists them)")
-    vars(args).update(options)
+    demo.py and train_hkd.py --make-demo-corpus call it. The options go through the
+    command line's parser (types, choices, counts; None: the default). -> out, resolved
+
+    TypeError for an unknown option name, ValueError for a value the command line refuses,
+    CorpusError (the module's checks) before anything is written."""
+    return make_corpus_from_args(parse_options(out, options))
+
+
+def make_corpus_from_args(args: argparse.Namespace) -> Path:
+    """make_corpus with get_parser's parsed options."""
     check_output(args.out.resolve())
     use_flite = check_tools(args)
     rng = random.Random(args.seed)
@@ -366,8 +402,8 @@ def make_corpus(out, **options) -> Path:
           + (f", {args.top_words} most frequent words only)" if args.top_words > 0 else ")"))
     held = args.num_dev + args.num_test
     if len(pool) <= held:
-        _die(f"{len(pool)} sentences leave none for training after {held} dev+test: lower "
-             "--num-dev/--num-test, widen --min/max-words or raise --top-words")
+        raise CorpusError(f"{len(pool)} sentences leave none for training after {held} dev+test: lower "
+                          "--num-dev/--num-test, widen --min/max-words or raise --top-words")
     rng.shuffle(pool)
     # split by sentence; training sentences are spoken again (by other random voices)
     # when --num-train exceeds them
@@ -377,12 +413,12 @@ def make_corpus(out, **options) -> Path:
 
     seen, held_out = split_voices(use_flite, args.test_voices)
     if not held_out or not seen:
-        _die(f"--test-voices {args.test_voices} must hold out some but not all voices")
+        raise CorpusError(f"--test-voices {args.test_voices} must hold out some but not all voices")
     if not 0 <= args.test_seen_voices <= len(seen):
-        _die(f"--test-seen-voices must be in [0, {len(seen)}] (the training voices), "
-             f"got {args.test_seen_voices}")
+        raise CorpusError(f"--test-seen-voices must be in [0, {len(seen)}] (the training voices), "
+                          f"got {args.test_seen_voices}")
     if args.flite_share is not None and not 0.0 <= args.flite_share <= 1.0:
-        _die(f"--flite-share must be in [0, 1], got {args.flite_share}")
+        raise CorpusError(f"--flite-share must be in [0, 1], got {args.flite_share}")
     by_engine = {engine: [v for v in seen if v.engine == engine] for engine in ("espeak", "flite")}
     if args.flite_share is not None and by_engine["flite"] and by_engine["espeak"]:
         seen_shares = [(by_engine["flite"], args.flite_share), (by_engine["espeak"], 1.0 - args.flite_share)]
@@ -460,8 +496,8 @@ def make_corpus(out, **options) -> Path:
 
 
 def main(argv=None):
-    make_corpus(**vars(get_parser().parse_args(argv)))
-
-
-if __name__ == "__main__":
-    main()
+    try:
+        make_corpus_from_args(get_parser().parse_args(argv))
+    except CorpusError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Decode a split with a trained CIF-HKD model: greedy or beam search, CER and WER.
 
     python python/decode.py --checkpoint exp/hkd/averaged.pt --split data/demo/test \
@@ -26,10 +25,9 @@ naming its manifest line and file, and so is a split with no utterances.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -256,14 +254,15 @@ def score(refs: List[str], hyps: List[str]) -> dict:
             "utterances": len(refs)}
 
 
-def decode(checkpoint: Path, split: Path, out: Path, *, vocab: Optional[Path] = None,
+def decode(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str, Path], *, vocab: Optional[Path] = None,
            teacher: Optional[str] = None, method: str = "beam", beam: int = BEAM,
            count_search: int = COUNT_SEARCH, ctc_weight: Optional[float] = None,
            reference_counts: bool = False, max_batch_seconds: float = MAX_BATCH_SECONDS,
            device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Decode the split with the checkpoint into OUT (the module docstring; the arguments
-    are the command line's options) and return the scores of wer.json; `log` gets the
-    one-line summary."""
+    are the command line's options; paths as str or Path) and return the scores of
+    wer.json; `log` gets the one-line summary."""
+    checkpoint, split, out = Path(checkpoint), Path(split), Path(out)
     if beam < 1:
         raise ValueError(f"decode: --beam must be >= 1, got {beam}")
     if count_search < 0:
@@ -330,7 +329,3 @@ def decode(checkpoint: Path, split: Path, out: Path, *, vocab: Optional[Path] = 
 
 def main(argv=None):
     return decode(**vars(get_parser().parse_args(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main() and 0)

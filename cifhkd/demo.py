@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The CPU demo (`make demo`): the paper's comparison on the synthetic English corpus.
 
     python python/demo.py                   # CIF baseline and CIF+HKD
@@ -7,13 +6,14 @@
 
 Steps: synthesise the corpus (cifhkd.corpus.make_corpus, what prepare_demo_corpus.py
 runs) and cache the teacher (cifhkd.teacher_cache) when missing; train every system in
-its own process (python/train_hkd.py) with the same config, seed and step budget
-(conf/demo.yaml), --jobs systems at a time with cores/jobs threads each; decode, in this
-process (cifhkd.decode, what decode.py runs), the held-out-voice test split and the dev
-split (training voices) with beam search, the same way, jobs systems at a time, and the
-test split again with the decoder alone (--ctc-weight 0: the paper's decoding), and
-test-seen (the test clauses spoken by training voices, when the corpus has it) that way
-too; write
+its own process (`python -m cifhkd.train`, what train_hkd.py runs, in the current
+directory: relative paths in the config are relative to it) with the same config, seed
+and step budget (--config; by default the checkout's conf/demo.yaml), --jobs systems at
+a time with cores/jobs threads each; decode, in this process (cifhkd.decode, what
+decode.py runs), the held-out-voice test split and the dev split (training voices) with
+beam search, the same way, jobs systems at a time, and the test split again with the
+decoder alone (--ctc-weight 0: the paper's decoding), and test-seen (the test clauses
+spoken by training voices, when the corpus has it) that way too; write
 
     OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
                                        against the baseline, 95% bootstrap intervals of
@@ -60,9 +60,11 @@ from . import plot_alignment
 from . import progress
 from . import teacher_cache
 
-# the folder holding this package: the repository, where conf/ and python/ are
+# the folder holding this package: in a repository checkout the repository, where conf/ is
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = ROOT / "python" / "train_hkd.py"
+DEFAULT_CONFIG = ROOT / "conf" / "demo.yaml"
+TRAIN_MODULE = ["-m", "cifhkd.train"]
+OLD_TRAIN_SCRIPT = "python/train_hkd.py"    # what the demo ran before: in old stamps
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 DECODER_ALONE_DIR = "decode-test-decoder"   # the test split decoded with --ctc-weight 0
@@ -77,8 +79,9 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("exp/demo"))
-    parser.add_argument("--config", type=Path, default=ROOT / "conf" / "demo.yaml",
-                        help="train_hkd.py options shared by every system")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="train_hkd.py options shared by every system (default: conf/demo.yaml "
+                             "of the repository checkout holding cifhkd)")
     parser.add_argument("--ablations", action="store_true", help="also train CIF+ACD and CIF+LRD")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's budget")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
@@ -86,6 +89,22 @@ def get_parser():
                         help="systems trained at once (0: one per core, at most all of them)")
     parser.add_argument("--beam", type=int, default=10)
     return parser
+
+
+def absolute_paths(args) -> argparse.Namespace:
+    """args with --config (the checkout's conf/demo.yaml by default) and --out absolute,
+    resolved against the current directory: the training processes get them as absolute
+    paths. SystemExit with a message when --config is not given and cifhkd is not in a
+    repository checkout."""
+    if args.config is None:
+        if not DEFAULT_CONFIG.is_file():
+            sys.exit(f"demo: no --config given, and {DEFAULT_CONFIG} does not exist (cifhkd is not "
+                     "in a repository checkout): pass --config FILE (the repository's conf/demo.yaml "
+                     "is the demo's)")
+        args.config = DEFAULT_CONFIG
+    args.config = args.config if args.config.is_absolute() else Path.cwd() / args.config
+    args.out = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    return args
 
 
 def load_config(path: Path) -> dict:
@@ -107,7 +126,7 @@ def run_logged(cmd: List[str], log_path: Path, threads: int):
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"demo: `{' '.join(cmd)}` failed (exit {result.returncode}); "
@@ -116,9 +135,9 @@ def run_logged(cmd: List[str], log_path: Path, threads: int):
 
 def train_command(args, name: str) -> List[str]:
     """train_hkd.py's command for one system (without --threads, which does not change
-    what is trained)."""
+    what is trained); args: absolute_paths'."""
     _, acd, lrd = SYSTEMS[name]
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(args.config),
+    cmd = [sys.executable, *TRAIN_MODULE, "--config", str(args.config),
            "--exp-dir", str(args.out / name)]
     if not acd:
         cmd += ["--acd-weight", "0"]
@@ -134,10 +153,15 @@ def train_command(args, name: str) -> List[str]:
 def same_training(stamp: str, cmd: List[str], config_text: str) -> bool:
     """Whether a system's stamp (its training command + the config's text, as JSON) names
     this training: the same command and the same settings; comments and layout of the
-    config do not count."""
+    config do not count. A stamp of the command's previous form (the script
+    python/train_hkd.py of the checkout, run from it) names the same training as
+    `python -m cifhkd.train`."""
     import yaml
     old = json.loads(stamp)
-    return old[:-1] == cmd and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
+    command = old[:-1]
+    if len(command) > 1 and command[1].replace(os.sep, "/").endswith(OLD_TRAIN_SCRIPT):
+        command[1:2] = TRAIN_MODULE
+    return command == cmd and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
 
 
 def train(args, name: str, threads: int, training: progress.Training, status: progress.StatusLine) -> float:
@@ -373,16 +397,12 @@ def decoder_table(results: Dict[str, dict], ci: Dict[str, dict], seen: Dict[str,
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = absolute_paths(get_parser().parse_args(argv))
     start = time.perf_counter()
     config = load_config(args.config)
-    corpus = Path(config.get("corpus", "data/demo"))
-    teacher_dir = Path(config.get("teacher_dir", "exp/teacher"))
-    if not corpus.is_absolute():
-        corpus = ROOT / corpus
-    if not teacher_dir.is_absolute():
-        teacher_dir = ROOT / teacher_dir
-    args.out = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    # relative to this directory, as for the training processes, which run in it
+    corpus = Path.cwd() / config.get("corpus", "data/demo")
+    teacher_dir = Path.cwd() / config.get("teacher_dir", "exp/teacher")
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["cif", "acd", "lrd", "hkd"] if args.ablations else ["cif", "hkd"]
 
@@ -460,7 +480,3 @@ def main(argv=None):
     print("\n" + text)
     print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

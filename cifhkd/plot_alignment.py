@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Draw one utterance's CIF alignment (PNG): the fbank, the CIF weights with the fire
 positions, and the decoded tokens at the frames where they fire.
 
@@ -13,7 +12,7 @@ the token the decoder emitted for it. Without --utt the split's first utterance 
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -66,11 +65,17 @@ def plot(path: Path, title: str, feats, alphas, fire_frames, tokens, frame_perio
     plt.close(fig)
 
 
-def plot_alignment(checkpoint: Path, split: Path, out: Path, utt: Optional[str] = None,
-                   method: str = "beam", beam: int = decode_lib.BEAM) -> Path:
+class UnknownUtterance(LookupError):
+    """--utt names no utterance of the split (main: exit status 2)."""
+
+
+def plot_alignment(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str, Path],
+                   utt: Optional[str] = None, method: str = "beam", beam: int = decode_lib.BEAM) -> Path:
     """Draw utterance `utt` of the split (default: its first) as decoded by the checkpoint
     into the PNG file `out` (the module docstring; the arguments are the command line's
-    options). -> out"""
+    options; paths as str or Path). -> out, a Path. UnknownUtterance when utt is not in
+    the split."""
+    checkpoint, split, out = Path(checkpoint), Path(split), Path(out)
     model, state = decode_lib.load_model(checkpoint)
     vocab = teacher_lib.TokenVocab.load(state["vocab"])
     utts, _ = data.read_manifest(split)
@@ -79,7 +84,7 @@ def plot_alignment(checkpoint: Path, split: Path, out: Path, utt: Optional[str] 
     else:
         found = [u for u in utts if u.id == utt]
         if not found:
-            sys.exit(f"plot_alignment: --utt {utt!r} is not in {split}")
+            raise UnknownUtterance(f"plot_alignment: --utt {utt!r} is not in {split}")
         chosen = found[0]
     feats = features.utterance_cmvn(features.compute_fbank(data.load_audio(chosen.audio)))
     x, lens = feats[None], torch.tensor([feats.shape[0]])
@@ -100,9 +105,9 @@ def plot_alignment(checkpoint: Path, split: Path, out: Path, utt: Optional[str] 
 
 
 def main(argv=None):
-    plot_alignment(**vars(get_parser().parse_args(argv)))
+    try:
+        plot_alignment(**vars(get_parser().parse_args(argv)))
+    except UnknownUtterance as e:
+        print(e.args[0], file=sys.stderr)
+        sys.exit(2)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

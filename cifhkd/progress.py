@@ -7,29 +7,50 @@ render function: in place on a terminal, or as a plain line every half minute wh
 output is a file or a pipe (a log of `make demo`, CI).
 """
 import json
+import logging
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, TextIO, Union
+from typing import Callable, Dict, List, Optional, TextIO, Union
+
+log = logging.getLogger(__name__)
 
 
-def last_logged(exp: Path) -> Optional[dict]:
-    """The last complete line of EXP/train_log.jsonl (a line being written is skipped), or
-    None when there is none yet."""
+def log_size(exp: Path) -> int:
+    """The size in bytes of EXP/train_log.jsonl (0 when there is none)."""
     try:
-        lines = (Path(exp) / "train_log.jsonl").read_text().splitlines()
+        return (Path(exp) / "train_log.jsonl").stat().st_size
     except OSError:
-        return None
-    for line in reversed(lines):
+        return 0
+
+
+def logged_since(exp: Path, offset: int) -> List[dict]:
+    """The complete lines of EXP/train_log.jsonl after its first `offset` bytes (a line
+    being written is skipped)."""
+    try:
+        with open(Path(exp) / "train_log.jsonl", "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
         if isinstance(row, dict) and "step" in row:
-            return row
-    return None
+            rows.append(row)
+    return rows
+
+
+def last_logged(exp: Path) -> Optional[dict]:
+    """The last complete line of EXP/train_log.jsonl (a line being written is skipped), or
+    None when there is none yet."""
+    rows = logged_since(exp, 0)
+    return rows[-1] if rows else None
 
 
 def duration(seconds: float) -> str:
@@ -45,37 +66,43 @@ def duration(seconds: float) -> str:
 @dataclass
 class Training:
     """One system's training as the demo sees it. state: waiting (for a free job),
-    running, done; start_step: the step its run started from (a resumed run's
-    checkpoint), start: when it started (time.monotonic)."""
+    running, done; start: when its run started (time.monotonic); log_offset: the size of
+    EXP/train_log.jsonl then (a resumed run's old lines, which may go past the checkpoint
+    it resumes from, are not its own); base: the step and time (time.monotonic) of the
+    run's first logged line, as first seen: the rate of the time left counts from it."""
     label: str
     exp: Path
     budget: int = 0                  # --max-steps (0: none)
     state: str = "waiting"
     start: float = 0.0
-    start_step: int = 0
+    log_offset: int = 0
+    base: Optional[tuple] = None
 
     def begin(self):
-        row = last_logged(self.exp)
-        self.start_step = row["step"] if row else 0
+        self.log_offset = log_size(self.exp)
+        self.base = None
         self.start = time.monotonic()
         self.state = "running"
 
-    def status(self, now: float, row: Optional[dict] = None) -> str:
-        """`LABEL step/budget loss L, elapsed E, left T`; row: the last train_log.jsonl
-        line (read from EXP when not given)."""
+    def status(self, now: float) -> str:
+        """`LABEL step/budget loss L, elapsed E, left T` from the lines this run logged (read
+        from EXP); the time left once it has logged twice."""
         if self.state != "running":
             return f"{self.label} {self.state}"
-        row = last_logged(self.exp) if row is None else row
+        rows = logged_since(self.exp, self.log_offset)
         elapsed = now - self.start
-        if row is None or row["step"] <= self.start_step:
+        if not rows:
             return f"{self.label} starting, {duration(elapsed)}"
-        step = row["step"]
+        if self.base is None:
+            self.base = (rows[0]["step"], now)
+        row, step = rows[-1], rows[-1]["step"]
         text = f"{self.label} {step}/{self.budget}" if self.budget else f"{self.label} step {step}"
         if "loss" in row:
             text += f" loss {row['loss']:.3f}"
         text += f", {duration(elapsed)}"
-        if self.budget:
-            per_step = elapsed / (step - self.start_step)
+        base_step, base_time = self.base
+        if self.budget and step > base_step:
+            per_step = (now - base_time) / (step - base_step)
             text += f", {duration(per_step * max(self.budget - step, 0))} left"
         return text
 
@@ -108,15 +135,18 @@ class StatusLine:
     """A status line redrawn from render() every `interval` seconds on a thread while the
     context is open. On a terminal it is rewritten in place; elsewhere (a file, a pipe) it
     is printed as a line every `plain_interval` seconds. say() prints a message above it.
-    The last status is printed as a line when the context closes."""
+    The last status is printed as a line when the context closes. render() is called with
+    the lock held; an error in it (or in writing) is logged once and ends the redrawing,
+    never the program, nor does it replace an exception leaving the context."""
 
     def __init__(self, render: Callable[[], str], stream: Optional[TextIO] = None, interval: float = 2.0,
                  plain_interval: float = 30.0):
         self.render, self.stream = render, stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if self.tty else plain_interval
-        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.lock, self.stop = threading.RLock(), threading.Event()
         self.shown = False          # a status is on the terminal's last line
+        self.failed = False         # render() or a write failed: no more drawing
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _clear(self):
@@ -126,15 +156,21 @@ class StatusLine:
 
     def draw(self):
         """Show the current status (in place on a terminal, else as a line)."""
-        text = self.render()
         with self.lock:
-            if self.tty:
-                self._clear()
-                self.stream.write(text)
-                self.shown = True
-            else:
-                self.stream.write(text + "\n")
-            self.stream.flush()
+            if self.failed:
+                return
+            try:
+                text = self.render()
+                if self.tty:
+                    self._clear()
+                    self.stream.write(text)
+                    self.shown = True
+                else:
+                    self.stream.write(text + "\n")
+                self.stream.flush()
+            except Exception:
+                self.failed = True
+                log.exception("the status line failed; it is no longer shown")
 
     def say(self, message: str):
         """Print message as a line, the status below it again on a terminal."""
@@ -156,11 +192,14 @@ class StatusLine:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
-        with self.lock:
-            self._clear()
         self.draw()
         with self.lock:
-            if self.shown:
-                self.stream.write("\n")
-                self.shown = False
-            self.stream.flush()
+            try:
+                if self.shown:
+                    self.stream.write("\n")
+                    self.shown = False
+                self.stream.flush()
+            except Exception:
+                if not self.failed:
+                    self.failed = True
+                    log.exception("the status line failed")

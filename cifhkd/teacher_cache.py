@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build the ASR vocabulary and cache the teacher's token states, once, before training.
 
     python python/extract_teacher.py --train data/demo/train --splits data/demo/train \
@@ -30,7 +29,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -309,6 +307,3 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     build_cache(args.out, args.train, args.splits, args.teacher, args.batch_size)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

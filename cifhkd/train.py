@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Train the CIF-HKD recognizer (cifhkd.model) on a corpus with a cached teacher.
 
     python python/train_hkd.py --make-demo-corpus    # the demo corpus, HKD (ACD + LRD)
@@ -588,15 +587,14 @@ class Process:
 @dataclasses.dataclass
 class Position:
     """Where training is: updates done, the epoch, this rank's batches done in the epoch
-    (what a checkpoint saves and --resume restores), and the last checkpoint written."""
+    (what a checkpoint saves and --resume restores), and the last checkpoint written: its
+    step on every rank (save_checkpoint is collective: every rank must agree on whether to
+    save), its path on rank 0 only."""
     step: int = 0
     epoch: int = 0
     batches_done: int = 0
+    last_saved: Optional[int] = None
     last_path: Optional[Path] = None
-
-    @property
-    def last_saved(self) -> Optional[int]:
-        return None if self.last_path is None else checkpoint_step(self.last_path)
 
 
 @dataclasses.dataclass
@@ -711,7 +709,9 @@ def load_checkpoint(args, proc: Process, model, optimizer, scheduler, sampler) -
 
 def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, scheduler, sampler) -> Optional[Path]:
     """EXP/checkpoint-<step>.pt (atomic_save; every rank's RNG states, gathered: every rank
-    calls this), then the oldest beyond --keep-last removed. -> its path (rank 0), or None."""
+    calls this), then the oldest beyond --keep-last removed. Sets pos.last_saved on every
+    rank, pos.last_path on rank 0. -> its path (rank 0), or None."""
+    pos.last_saved = pos.step
     rngs = [None] * proc.world_size
     if proc.world_size > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -728,6 +728,7 @@ def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, schedu
                  "rng": rngs, "world_size": proc.world_size, "args": vars(args),
                  "model_config": dataclasses.asdict(model.config),
                  "vocab": str(args.teacher_dir / "tokens.txt")}, path)
+    pos.last_path = path
     if args.keep_last > 0:
         for old in list_checkpoints(args.exp_dir)[:-args.keep_last]:
             old.unlink()
@@ -879,11 +880,11 @@ def run(args) -> Optional[Path]:
             board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, proc.device).items()},
                           pos.step)
         if save_now:
-            pos.last_path = save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
+            save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
     progress.close()
     monitor.check(pos.step, pos.epoch, pos.last_saved)
-    if pos.last_saved != pos.step:
-        pos.last_path = save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
+    if pos.last_saved != pos.step:      # the same on every rank: save_checkpoint is collective
+        save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
     finish(args, proc, pos, model, valid_set, speed, board)
     return pos.last_path if proc.is_main else None
 
@@ -897,5 +898,5 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":      # python -m cifhkd.train: how demo.py runs each system
     main()

@@ -3,6 +3,7 @@ features, teacher alignment (the cifhkd package)."""
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -363,6 +364,60 @@ def test_prepare_demo_corpus_never_writes_into_someone_elses_folder(tmp_path, ca
     empty.mkdir()
     prepare_demo_corpus.main(["--out", str(empty)] + tiny)     # (rerunning into its own: test above)
     assert (empty / prepare_demo_corpus.MARKER).is_file() and len(data.read_kaldi_dir(empty / "train")[0]) == 2
+
+
+def test_make_corpus_raises_and_its_command_line_exits_2(monkeypatch, tmp_path, capsys):
+    """The library raises CorpusError (nothing written); main turns it into status 2 and
+    the message on stderr."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(prepare_demo_corpus.CorpusError, match="prepare_demo_corpus: --out .* is a file"):
+        prepare_demo_corpus.make_corpus(tmp_path / "file")
+    monkeypatch.setattr(prepare_demo_corpus.shutil, "which", lambda name: None)
+    with pytest.raises(prepare_demo_corpus.CorpusError, match="Debian package 'espeak-ng'"):
+        prepare_demo_corpus.make_corpus(tmp_path / "new", num_train=2)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_demo_corpus.main(["--out", str(tmp_path / "file")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"prepare_demo_corpus: --out {tmp_path / 'file'} is a file, not a folder\n"
+
+
+def test_make_corpus_options_go_through_the_command_line_parser(tmp_path):
+    parse = prepare_demo_corpus.parse_options
+    args = parse(tmp_path / "c", {"num_train": "7", "speed_range": ["0.9", 1], "no_flite": True,
+                                  "test_voices": "espeak:en-us+m1", "fortunes_dir": str(tmp_path),
+                                  "flite_share": None, "no_clauses": False})
+    assert args.num_train == 7 and args.speed_range == [0.9, 1.0] and args.no_flite is True
+    assert args.test_voices == ["espeak:en-us+m1"] and args.fortunes_dir == tmp_path
+    assert args.flite_share is None and args.no_clauses is False and args.out == tmp_path / "c"
+    with pytest.raises(ValueError, match="make_corpus: argument --num-train: invalid int value: '2.5'"):
+        parse(tmp_path, {"num_train": 2.5})
+    with pytest.raises(ValueError, match="make_corpus: argument --speed-range: expected 2 arguments"):
+        parse(tmp_path, {"speed_range": [1.0]})
+    with pytest.raises(TypeError, match="make_corpus: unknown option.s. num_trian"):
+        prepare_demo_corpus.make_corpus(tmp_path, num_trian=3)
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "python"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
+def test_scripts_say_how_to_install_cifhkd_when_it_is_missing(script):
+    """An install older than cifhkd (pip install -e . mapped only cifops): the scripts say
+    what to run, not a bare ModuleNotFoundError."""
+    path = SCRIPTS / script
+    hide = ("import runpy, sys\n"
+            "class Hide:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'cifhkd':\n"
+            "            raise ModuleNotFoundError(\"No module named 'cifhkd'\", name='cifhkd')\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            f"sys.argv = [{str(path)!r}, '--help']\n"
+            f"runpy.run_path({str(path)!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr == ("cifhkd is not installed: run `pip install --no-build-isolation -e '.[train]'` "
+                           "in the repository (or `make build`)\n")
 
 
 def test_normalise_sentence():

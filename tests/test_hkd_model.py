@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-
-import cifops  # noqa: E402
-from cifhkd import model as M  # noqa: E402
+import cifops
+from cifhkd import model as M
 
 
 VOCAB, TEACHER_DIM = 23, 16

@@ -77,7 +77,8 @@ def test_a_split_missing_a_file_is_an_error_and_the_corpus_is_not_written(corpus
     with pytest.raises(FileNotFoundError, match=re.escape(f"--train-split train: {user / 'train' / 'text'} is missing")):
         train_hkd.main(argv)
     # asking for the demo corpus does not make it over someone's data either
-    with pytest.raises(SystemExit):
+    from cifhkd import corpus as corpus_lib
+    with pytest.raises(corpus_lib.CorpusError, match="not a demo corpus"):
         train_hkd.main(argv + ["--make-demo-corpus"])
     assert snapshot(user) == before
     assert not (tmp_path / "teacher").exists() and not (tmp_path / "exp").exists()
@@ -441,19 +442,44 @@ def test_tri_stage_schedule():
     assert f(20) == pytest.approx(0.1) and f(25) == f(1000) == pytest.approx(0.01)
 
 
-def test_torchrun_two_cpu_ranks(corpus, tmp_path):
+def run_with_timeout(command, env, timeout, log: Path):
+    """Run command, its output into log; on a timeout, SIGTERM (torchrun stops its ranks,
+    which run in sessions of their own), then SIGKILL to its session: a hung run leaves no
+    process behind. -> (returncode, or None on a timeout; the output)"""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+            returncode = None
+    return returncode, log.read_text()
+
+
+# save_every 1: the last step is also a periodic save, which rank 0 once knew and the
+# other ranks did not (only rank 0 had the path): they saved again alone, and hung
+@pytest.mark.parametrize("save_every", ["500", "1"])
+def test_torchrun_two_cpu_ranks(corpus, tmp_path, save_every):
     exp = tmp_path / "exp"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--standalone", str(ROOT / "python" / "train_hkd.py"),
                *common(corpus, exp, "--max-steps", "2", "--device", "cpu", "--log-every-steps", "1",
-                       "--valid-split", "")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+                       "--valid-split", "", "--save-every-steps", save_every)]
+    returncode, output = run_with_timeout(command, env, timeout=120, log=tmp_path / "torchrun.out")
+    assert returncode == 0, ("timed out: " if returncode is None else "") + output[-6000:]
     state = torch.load(exp / "checkpoint-2.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 2
     assert [h["step"] for h in read_log(exp)] == [1, 2]
+    assert sorted(p.name for p in exp.glob("checkpoint-*.pt")) == (
+        ["checkpoint-1.pt", "checkpoint-2.pt"] if save_every == "1" else ["checkpoint-2.pt"])
 
 
 def test_gather_teacher_offsets(tmp_path):
@@ -495,6 +521,11 @@ def test_decode_writes_hypotheses_and_scores(corpus, trained, tmp_path, method):
     assert saved["method"] == method
     speaker = (corpus / "corpus" / "dev" / "utt2spk").read_text().split()[1]
     assert saved["per_speaker"] == {speaker: {k: result[k] for k in ("cer", "wer", "chars", "utterances")}}
+    if method == "greedy":      # the library takes str paths too
+        again = decode.decode(str(trained / "averaged.pt"), str(corpus / "corpus" / "dev"),
+                              str(tmp_path / "str"), method="greedy", log=lambda line: None)
+        assert again["cer"] == result["cer"]
+        assert (tmp_path / "str" / "hyp.txt").read_text() == "\n".join(lines) + "\n"
 
 
 def _tiny_decoder_model(vocab_size=6):
@@ -717,15 +748,24 @@ def test_decode_real_librivox_speech_end_to_end(trained, tmp_path):
     assert 0 < result["real_time_factor"] < 10
 
 
-def test_plot_alignment_writes_a_png(corpus, trained, tmp_path):
+def test_plot_alignment_writes_a_png(corpus, trained, tmp_path, capsys):
     from cifhkd import plot_alignment
     out = tmp_path / "alignment.png"
     plot_alignment.main(["--checkpoint", str(trained / "averaged.pt"), "--split",
                          str(corpus / "corpus" / "dev"), "--out", str(out), "--method", "greedy"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="not in"):
+    # the library takes str paths too, and raises where the command line exits (status 2)
+    assert plot_alignment.plot_alignment(str(trained / "averaged.pt"), str(corpus / "corpus" / "dev"),
+                                         str(tmp_path / "str.png"), method="greedy") == tmp_path / "str.png"
+    assert (tmp_path / "str.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(plot_alignment.UnknownUtterance, match="--utt 'nope' is not in"):
+        plot_alignment.plot_alignment(trained / "averaged.pt", corpus / "corpus" / "dev", out, utt="nope")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         plot_alignment.main(["--checkpoint", str(trained / "averaged.pt"), "--split",
                              str(corpus / "corpus" / "dev"), "--out", str(out), "--utt", "nope"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"plot_alignment: --utt 'nope' is not in {corpus / 'corpus' / 'dev'}\n"
 
 
 def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
@@ -796,6 +836,43 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
     kept = list(out.glob("cif.replaced-*"))                             # the old one moved aside
     assert len(kept) == 1 and [h["step"] for h in read_log(kept[0])] == [1, 2]
+
+
+def test_demo_trains_with_the_module_and_absolute_paths(tmp_path, monkeypatch):
+    """The training command runs the installed package (python -m cifhkd.train, from any
+    folder), with --config and --out absolute (resolved against this folder)."""
+    monkeypatch.chdir(tmp_path)
+    args = demo.absolute_paths(demo.get_parser().parse_args(["--config", "my.yaml", "--out", "runs"]))
+    assert args.config == tmp_path / "my.yaml" and args.out == tmp_path / "runs"
+    cmd = demo.train_command(args, "cif")
+    assert cmd[:5] == [sys.executable, "-m", "cifhkd.train", "--config", str(tmp_path / "my.yaml")]
+    assert cmd[5:] == ["--exp-dir", str(tmp_path / "runs" / "cif"), "--acd-weight", "0", "--lrd-weight", "0"]
+    # the default: the checkout's conf/demo.yaml, as make demo (run in the checkout) always had it
+    default = demo.absolute_paths(demo.get_parser().parse_args([]))
+    assert default.config == ROOT / "conf" / "demo.yaml" and default.out == tmp_path / "exp" / "demo"
+    # not a checkout: no default config, and a message saying what to pass
+    monkeypatch.setattr(demo, "DEFAULT_CONFIG", tmp_path / "nowhere" / "demo.yaml")
+    with pytest.raises(SystemExit, match="no --config given.*pass --config FILE"):
+        demo.absolute_paths(demo.get_parser().parse_args([]))
+    # the module runs as demo.py runs it, from a folder outside the checkout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "cifhkd.train", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--exp-dir" in done.stdout, done.stderr
+
+
+def test_demo_recognises_systems_trained_with_the_script_command(tmp_path):
+    """A stamp written when the demo ran ROOT/python/train_hkd.py names the same training as
+    python -m cifhkd.train: make demo does not train those systems again."""
+    args = demo.absolute_paths(demo.get_parser().parse_args(["--out", str(tmp_path / "demo")]))
+    cmd = demo.train_command(args, "hkd")
+    config_text = args.config.read_text()
+    old = [sys.executable, str(ROOT / "python" / "train_hkd.py")] + cmd[3:]
+    assert demo.same_training(json.dumps(old + [config_text]), cmd, config_text)
+    assert demo.same_training(json.dumps(cmd + [config_text]), cmd, config_text)
+    other = [sys.executable, str(ROOT / "python" / "decode.py")] + cmd[3:]
+    assert not demo.same_training(json.dumps(other + [config_text]), cmd, config_text)
+    assert not demo.same_training(json.dumps(old + [config_text]), cmd + ["--seed", "1"], config_text)
 
 
 def write_hyps(root, name, errors_of):
