@@ -401,7 +401,7 @@ def test_make_corpus_options_go_through_the_command_line_parser(tmp_path):
 SCRIPTS = Path(__file__).resolve().parents[1] / "python"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("[!_]*.py")))
 def test_scripts_say_how_to_install_cifhkd_when_it_is_missing(script):
     """An install older than cifhkd (pip install -e . mapped only cifops): the scripts say
     what to run, not a bare ModuleNotFoundError."""
@@ -412,6 +412,7 @@ def test_scripts_say_how_to_install_cifhkd_when_it_is_missing(script):
             "        if name == 'cifhkd':\n"
             "            raise ModuleNotFoundError(\"No module named 'cifhkd'\", name='cifhkd')\n"
             "sys.meta_path.insert(0, Hide())\n"
+            f"sys.path.insert(0, {str(path.parent)!r})\n"  # as `python SCRIPT` puts its folder
             f"sys.argv = [{str(path)!r}, '--help']\n"
             f"runpy.run_path({str(path)!r}, run_name='__main__')\n")
     done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
