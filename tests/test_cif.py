@@ -7,7 +7,7 @@ from hypothesis import assume, given, strategies as st
 import cifops
 from cifops.reference import cif_reference
 
-from conftest import requires_cuda
+from conftest import assert_cuda_emulation_passes, requires_cuda
 
 DYADIC = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.5]
 THRESHOLDS = [1.0, 0.5, 0.75, 2.0, 0.3]
@@ -551,22 +551,4 @@ def test_cuda_kernels_under_cpu_emulation(tmp_path):
     and ballots), against the CPU kernels on fixed and seeded random cases: bit-identical
     scan workspace and fire frames, embeds and gradients within rounding, deterministic
     backward. Needs g++ >= 12; under a minute on 2 cores, most of it compiling."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("needs g++ >= 12")
-    version = subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True).stdout
-    if int(version.split(".")[0] or 0) < 12:
-        pytest.skip(f"needs g++ >= 12 (C++20 <source_location>), found {version}")
-    script = os.path.join(os.path.dirname(__file__), "native", "cif_cuda_emulation", "run.sh")
-    out = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True,
-                         timeout=900, env=dict(os.environ, PYTHON=sys.executable))
-    lines = out.stdout.splitlines()
-    report = [line for line in lines if "FAIL" in line] + [
-        line for line in out.stderr.splitlines() if "ERROR" in line or "error" in line]
-    assert out.returncode == 0 and lines and lines[-1].endswith("-> PASS"), (
-        "\n".join(report[:80]) or out.stdout[-3000:] + out.stderr[-3000:])
+    assert_cuda_emulation_passes("cif_cuda_emulation", tmp_path)

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 import cifops
 from cifops.reference import cif_reference
 
-from conftest import requires_cuda
+from conftest import assert_cuda_emulation_passes, requires_cuda
 
 DYADIC = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.5]
 
@@ -289,24 +289,7 @@ def test_cuda_stream_kernels_under_cpu_emulation(tmp_path):
     """csrc/cif/cif_stream_cuda.cu compiled as C++ and run on the CPU under
     tests/native/cif_stream_cuda_emulation (one fiber per CUDA thread), against the CPU
     kernels: bit-identical scan and state, embeddings within rounding. Needs g++ >= 12."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("needs g++ >= 12")
-    version = subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True).stdout
-    if int(version.split(".")[0] or 0) < 12:
-        pytest.skip(f"needs g++ >= 12 (C++20 <source_location>), found {version}")
-    script = os.path.join(os.path.dirname(__file__), "native", "cif_stream_cuda_emulation",
-                          "run.sh")
-    out = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, PYTHON=sys.executable))
-    lines = out.stdout.splitlines()
-    assert out.returncode == 0 and lines and lines[-1].endswith("-> PASS"), (
-        "\n".join(line for line in lines if "FAIL" in line)[:4000] or out.stderr[-3000:])
+    assert_cuda_emulation_passes("cif_stream_cuda_emulation", tmp_path, timeout=600)
 
 
 class StreamStep(torch.nn.Module):

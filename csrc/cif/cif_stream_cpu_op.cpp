@@ -13,6 +13,8 @@ CifStreamOutputs cif_stream_step_cpu_op(const at::Tensor& hidden, const at::Tens
                                         const at::Tensor& prefix, const at::Tensor& tokens,
                                         const at::Tensor& frames, const at::Tensor& partial,
                                         double threshold, int64_t max_tokens) {
+  check_cif_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
+                        max_tokens);
   return cif_stream_step_impl(
       hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, max_tokens,
       [](const at::Tensor& a, const std::optional<at::Tensor>& len, const CifStreamConfig& cfg,

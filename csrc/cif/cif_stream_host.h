@@ -95,10 +95,11 @@ inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor&
   return max_count;
 }
 
-// One streaming step on either backend. scan(a, len, cfg, st, ws, token_lengths) and
-// embed(h, cfg, st, ws, embeds, fire_frames) launch the backend's kernels; n_out_of(info)
-// turns the scan's info into the output width when max_tokens is not given (a
-// device-to-host copy on CUDA).
+// One streaming step on either backend, on arguments the caller has checked
+// (check_cif_stream_args; the CUDA op checks before its device guard). scan(a, len, cfg,
+// st, ws, token_lengths) and embed(h, cfg, st, ws, embeds, fire_frames) launch the
+// backend's kernels; without max_tokens the scan's statuses and counts are read back
+// (a device-to-host copy on CUDA) to raise errors and size the outputs.
 template <typename Scan, typename Embed>
 CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor& alphas,
                                       const std::optional<at::Tensor>& lengths,
@@ -106,8 +107,6 @@ CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor
                                       const at::Tensor& frames, const at::Tensor& partial,
                                       double threshold, int64_t max_tokens, Scan&& scan,
                                       Embed&& embed) {
-  check_cif_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
-                        max_tokens);
   const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
   const auto len = to_long(lengths);
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
