@@ -268,6 +268,7 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
     alpha_sum = torch.where(reached_sum, S, 0.0)
     if scale is None:
         scale = torch.ones_like(S)
+    # the fields of CifRowReal and CifRowInfo (csrc/cif/cif.h), in their order
     row_real = torch.stack([
         torch.where((status == 0) | (status == _TOO_MANY_TOKENS), scale, 1.0),
         torch.where(has, tail_scale, 1.0), alpha_sum, torch.where(ok, residual, 0.0)], 1)

@@ -95,7 +95,8 @@ TORCH_LIBRARY(cifops, m) {
 
 // Op metadata for the fake kernels and autograd (cifops/_cif.py, cifops/_contrastive.py),
 // so that Python restates none of it:
-//   cif_row_real, cif_row_info   per-utterance slots of scan_real / scan_int (cif_host.h)
+//   cif_row_real, cif_row_info   per-utterance fields of scan_real / scan_int (CifRowReal,
+//                                CifRowInfo in cif.h; layout: cif_host.h)
 //   contrastive_stat_rows        rows of contrastive_forward's stats output
 //   compute_dtypes               {input dtype name: compute dtype name} (compute_type)
 //   contrastive_fuses_student_grad(fuse_student_grad, reduction, symmetric) -> bool:

@@ -80,29 +80,83 @@ struct CifConfig {
   bool tail_normalize = true;
 };
 
+// The scan's result for one utterance, read by the forward and the backward. The
+// records live after the prefix sums and fire counts in the workspace tensors that the
+// forward op returns and autograd saves (scan_int, scan_real: cif_host.h), so every
+// field is one int64 or one double, in this order (cifops/_export.py writes the same
+// layout). The defaults are what an invalid utterance keeps.
+struct CifRowInfo {
+  int64_t total = 0;        // complete + tail tokens (before max_tokens)
+  int64_t complete = 0;     // n_b
+  int64_t has_tail = 0;     // 1 when the tail token is emitted
+  int64_t length = 0;       // L_b (0 for an invalid utterance)
+  int64_t status = kCifOk;  // CifStatus
+  int64_t where = -1;       // the offending frame, or -1
+  int64_t scaled = 0;       // 1 when target_lengths scaling is applied
+};
+struct CifRowReal {
+  double scale = 1.0;       // s_b
+  double tail_scale = 1.0;  // beta / r_b (normalised tail) or 1
+  double alpha_sum = 0.0;   // S_b
+  double residual = 0.0;    // r_b
+};
+constexpr int kRowInfo = static_cast<int>(sizeof(CifRowInfo) / sizeof(int64_t));
+constexpr int kRowReal = static_cast<int>(sizeof(CifRowReal) / sizeof(double));
+static_assert(sizeof(CifRowInfo) == kRowInfo * sizeof(int64_t), "CifRowInfo: int64 fields only");
+static_assert(sizeof(CifRowReal) == kRowReal * sizeof(double), "CifRowReal: double fields only");
+
 // Scratch state shared by the forward and the backward; all arrays are dense.
 struct CifWorkspace {
-  double* prefix = nullptr;       // [B][T+1]  P
-  int64_t* token_after = nullptr; // [B][T]    tokens fired by the end of frame t
-  int64_t* row_info = nullptr;    // [B][kRowInfo]
-  double* row_real = nullptr;     // [B][kRowReal]
+  double* prefix = nullptr;          // [B][T+1]  P
+  int64_t* token_after = nullptr;    // [B][T]    tokens fired by the end of frame t
+  CifRowInfo* row_info = nullptr;    // [B]
+  CifRowReal* row_real = nullptr;    // [B]
 };
 
-// row_info fields
-constexpr int kInfoTotal = 0;     // complete + tail tokens (before max_tokens)
-constexpr int kInfoComplete = 1;  // n_b
-constexpr int kInfoHasTail = 2;   // 1 when the tail token is emitted
-constexpr int kInfoLength = 3;    // L_b
-constexpr int kInfoStatus = 4;    // CifStatus
-constexpr int kInfoWhere = 5;     // offending frame (or -1)
-constexpr int kInfoScaled = 6;    // 1 when target_lengths scaling is applied
-constexpr int kRowInfo = 7;
-// row_real fields
-constexpr int kRealScale = 0;      // s_b
-constexpr int kRealTailScale = 1;  // beta / r_b (normalised tail) or 1
-constexpr int kRealAlphaSum = 2;   // S_b
-constexpr int kRealResidual = 3;   // r_b
-constexpr int kRowReal = 4;
+// The workspace over dense int64 / float64 storage laid out as the scan_real and
+// scan_int tensors: prefix [B][T+1] then B CifRowReal in `real`, token_after [B][T]
+// then B CifRowInfo in `ints`.
+inline CifWorkspace cif_workspace(double* real, int64_t* ints, int64_t batch, int64_t frames) {
+  CifWorkspace ws;
+  ws.prefix = real;
+  ws.row_real = reinterpret_cast<CifRowReal*>(real + batch * (frames + 1));
+  ws.token_after = ints;
+  ws.row_info = reinterpret_cast<CifRowInfo*>(ints + batch * frames);
+  return ws;
+}
+
+// The arguments of the CIF entry points, filled by name (as FlashAttention's
+// Flash_fwd_params); what a call does not read or write stays null. Host pointers for
+// the CPU entry points, device pointers for the CUDA ones; every array is dense.
+struct CifParams {
+  CifConfig cfg;
+  int64_t n_out = 0;  // N, the width of embeds (forward and backward)
+  CifWorkspace ws;    // written by the scan, read by the forward and the backward
+  ScalarKind hidden_kind = ScalarKind::kFloat32;  // hidden, embeds, grad_embeds, grad_hidden
+  ScalarKind alpha_kind = ScalarKind::kFloat32;   // alphas, alpha_sum, grad_alpha_sum, grad_alphas
+
+  // Scan: reads alphas, lengths and target_lengths (each of the two may be null: not
+  // given); writes ws, and token_lengths (min(total, cfg.max_tokens), or total when
+  // max_tokens is -1) and alpha_sum where they are not null.
+  const void* alphas = nullptr;             // [B][T]
+  const int64_t* lengths = nullptr;         // [B]
+  const int64_t* target_lengths = nullptr;  // [B]
+  int64_t* token_lengths = nullptr;         // [B]
+  void* alpha_sum = nullptr;                // [B]
+
+  // Forward, after the scan: embeds and fire_frames from hidden.
+  const void* hidden = nullptr;             // [B][T][D]
+  void* embeds = nullptr;                   // [B][N][D]
+  int64_t* fire_frames = nullptr;           // [B][N]
+
+  // Backward, after the scan: reads grad_embeds, grad_alpha_sum (may be null), hidden
+  // and alphas; writes grad_hidden and grad_alphas, with dots [B][T][2] as scratch.
+  const void* grad_embeds = nullptr;        // [B][N][D]
+  const void* grad_alpha_sum = nullptr;     // [B]
+  double* dots = nullptr;                   // [B][T][2]
+  void* grad_hidden = nullptr;              // [B][T][D]
+  void* grad_alphas = nullptr;              // [B][T]
+};
 
 // Boundary of token k: (k+1) * beta, computed the same way everywhere so that
 // every backend makes the same fire decisions.
@@ -126,36 +180,52 @@ CIFOPS_HD double cif_overlap(double p0, double p1, int64_t k, double beta) {
   return hi > lo ? hi - lo : 0.0;
 }
 
+// The end of a valid utterance's scan: L frames integrated with `fired` complete
+// tokens under the scale s_b, and the residual r_b = P[L] - fired beta (computed by the
+// caller, with the product and the difference rounded separately: the CUDA scan uses
+// intrinsics so that the device does not fuse them); the tail decision.
+CIFOPS_HD void cif_row_finish(const CifConfig& cfg, int64_t L, int64_t fired, double scale,
+                              double residual, CifRowInfo& info, CifRowReal& real) {
+  info.length = L;
+  real.scale = scale;
+  real.residual = residual;
+  info.complete = fired;
+  info.total = fired;
+  if (cfg.has_tail_threshold && L > 0 && residual > 0.0 && residual >= cfg.tail_threshold) {
+    info.has_tail = 1;
+    real.tail_scale = cfg.tail_normalize ? cfg.threshold / residual : 1.0;
+    info.total += 1;
+  }
+}
+
+// Tokens emitted for an utterance, given the output width N.
+CIFOPS_HD int64_t cif_emitted(const CifRowInfo& info, int64_t n_out) {
+  return info.total < n_out ? info.total : n_out;
+}
+
 // The sequential part of CIF for one utterance: validation, alpha sum, scaling,
-// float64 prefix sums, fire counts and the tail decision. O(T), run by one
-// thread per utterance on both backends so that the decisions are identical.
-// alpha_t is float or double; a null `length` or `target` means "not given".
+// float64 prefix sums, fire counts and the tail decision. O(T); the CPU runs it one
+// utterance per task, and the CUDA scan makes the same operations in the same order,
+// so that the decisions are identical. alpha_t is float or double; a null `length` or
+// `target` means "not given".
 template <typename alpha_t>
 CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
                             const int64_t* target_ptr, const CifConfig& cfg, double* prefix,
-                            int64_t* token_after, int64_t* info, double* real) {
+                            int64_t* token_after, CifRowInfo& info, CifRowReal& real) {
   const int64_t T = cfg.frames;
   const double beta = cfg.threshold;
-  info[kInfoStatus] = kCifOk;
-  info[kInfoWhere] = -1;
-  info[kInfoTotal] = 0;
-  info[kInfoComplete] = 0;
-  info[kInfoHasTail] = 0;
-  info[kInfoScaled] = target_ptr ? 1 : 0;
-  real[kRealScale] = 1.0;
-  real[kRealTailScale] = 1.0;
-  real[kRealAlphaSum] = 0.0;
-  real[kRealResidual] = 0.0;
+  info = CifRowInfo{};
+  info.scaled = target_ptr ? 1 : 0;
+  real = CifRowReal{};
   int64_t length = length_ptr ? *length_ptr : T;  // not given: all frames valid
-  info[kInfoLength] = 0;
   for (int64_t t = 0; t <= T; ++t) prefix[t] = 0.0;
   for (int64_t t = 0; t < T; ++t) token_after[t] = 0;
   if (length < 0 || length > T) {
-    info[kInfoStatus] = kCifBadLength;
+    info.status = kCifBadLength;
     return;
   }
   if (target_ptr && *target_ptr < 0) {
-    info[kInfoStatus] = kCifBadTarget;
+    info.status = kCifBadTarget;
     return;
   }
   double sum = 0.0;
@@ -163,13 +233,13 @@ CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
     const double a = static_cast<double>(alphas[t]);
     // !(a >= 0) catches NaN; a - a != 0 catches +inf.
     if (!(a >= 0.0) || a - a != 0.0) {
-      info[kInfoStatus] = kCifBadAlpha;
-      info[kInfoWhere] = t;
+      info.status = kCifBadAlpha;
+      info.where = t;
       return;
     }
     sum += a;
   }
-  real[kRealAlphaSum] = sum;
+  real.alpha_sum = sum;
   double scale = 1.0;
   if (target_ptr) {
     if (sum > 0.0) {
@@ -177,12 +247,11 @@ CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
     } else if (*target_ptr == 0) {
       scale = 0.0;  // nothing to integrate and nothing asked for
     } else {
-      info[kInfoStatus] = kCifZeroSumTarget;
+      info.status = kCifZeroSumTarget;
       return;
     }
   }
-  info[kInfoLength] = length;
-  real[kRealScale] = scale;
+  real.scale = scale;
   double p = 0.0;
   int64_t fired = 0;
   for (int64_t t = 0; t < length; ++t) {
@@ -190,9 +259,8 @@ CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
     prefix[t + 1] = p;
     if (cif_boundary(fired, beta) <= p) {
       if (p / beta >= 9007199254740992.0) {  // 2^53: token counts stop being exact
-        info[kInfoStatus] = kCifTooManyTokens;
-        info[kInfoWhere] = t;
-        info[kInfoLength] = 0;
+        info.status = kCifTooManyTokens;
+        info.where = t;
         for (int64_t u = 0; u <= t; ++u) {  // an invalid utterance's workspace is all zero
           prefix[u + 1] = 0.0;
           token_after[u] = 0;
@@ -207,33 +275,19 @@ CIFOPS_HD void cif_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
     prefix[t + 1] = p;
     token_after[t] = fired;
   }
-  const double residual = p - static_cast<double>(fired) * beta;
-  real[kRealResidual] = residual;
-  info[kInfoComplete] = fired;
-  int64_t total = fired;
-  if (cfg.has_tail_threshold && length > 0 && residual > 0.0 && residual >= cfg.tail_threshold) {
-    info[kInfoHasTail] = 1;
-    real[kRealTailScale] = cfg.tail_normalize ? beta / residual : 1.0;
-    total += 1;
-  }
-  info[kInfoTotal] = total;
+  cif_row_finish(cfg, length, fired, scale, p - static_cast<double>(fired) * beta, info, real);
 }
 
 // Fire frame of token k (k < total), by binary search on token_after.
-CIFOPS_HD int64_t cif_fire_frame(const int64_t* token_after, const int64_t* info, int64_t k) {
-  if (k >= info[kInfoComplete]) return info[kInfoLength] - 1;  // the tail token
+CIFOPS_HD int64_t cif_fire_frame(const int64_t* token_after, const CifRowInfo& info, int64_t k) {
+  if (k >= info.complete) return info.length - 1;  // the tail token
   // first t with token_after[t] > k
-  int64_t lo = 0, hi = info[kInfoLength] - 1;
+  int64_t lo = 0, hi = info.length - 1;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (token_after[mid] > k) hi = mid; else lo = mid + 1;
   }
   return lo;
-}
-
-// Tokens emitted for an utterance, given the output width N.
-CIFOPS_HD int64_t cif_emitted(const int64_t* info, int64_t n_out) {
-  return info[kInfoTotal] < n_out ? info[kInfoTotal] : n_out;
 }
 
 // The sequential half of the backward for one utterance: from the per-frame dot
@@ -242,19 +296,19 @@ CIFOPS_HD int64_t cif_emitted(const int64_t* info, int64_t n_out) {
 template <typename alpha_t>
 CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alpha_sum,
                                   const CifConfig& cfg, int64_t n_out, const double* prefix,
-                                  const int64_t* token_after, const int64_t* info,
-                                  const double* real, double* dots, alpha_t* grad_alphas) {
+                                  const int64_t* token_after, const CifRowInfo& info,
+                                  const CifRowReal& real, double* dots, alpha_t* grad_alphas) {
   const double beta = cfg.threshold;
-  const int64_t L = info[kInfoLength];
-  const int64_t n = info[kInfoComplete];
+  const int64_t L = info.length;
+  const int64_t n = info.complete;
   // Tail normalisation: c_tail = (beta / r) u, so dLoss/dr = -(1/r) g . c_tail,
   // and r = P[L] - n beta moves with P[L].
   double tail_term = 0.0;
-  if (info[kInfoHasTail] && cfg.tail_normalize && n < n_out) {
+  if (info.has_tail && cfg.tail_normalize && n < n_out) {
     const int64_t first = n == 0 ? 0 : cif_fire_frame(token_after, info, n - 1);
     for (int64_t t = first; t < L; ++t)
       tail_term += cif_overlap(prefix[t], prefix[t + 1], n, beta) * dots[2 * t];
-    tail_term = -tail_term / real[kRealResidual];
+    tail_term = -tail_term / real.residual;
   }
   // G[j] = sum_{t >= j} dP[t+1], and sum_j a[j] G[j] for the scaling.
   double running = 0.0, weighted = 0.0;
@@ -265,14 +319,14 @@ CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alp
     dots[2 * t] = running;  // D1[t] is not read again
     weighted += static_cast<double>(alphas[t]) * running;
   }
-  const double scale = real[kRealScale];
-  const double sum = real[kRealAlphaSum];
+  const double scale = real.scale;
+  const double sum = real.alpha_sum;
   const double extra = grad_alpha_sum ? static_cast<double>(*grad_alpha_sum) : 0.0;
   for (int64_t t = 0; t < cfg.frames; ++t) {
     double g = 0.0;
     if (t < L) {
       const double G = dots[2 * t];
-      if (!info[kInfoScaled]) g = G;
+      if (!info.scaled) g = G;
       else if (sum > 0.0) g = scale * (G - weighted / sum);  // s_b = (beta tgt + eps) / S_b
       g += extra;                                            // the alpha_sum output
     }
@@ -292,12 +346,16 @@ CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alp
 // each embedding is summed over the same frames in the same order as the CPU
 // forward's. Tokens completed in the chunk are emitted; the tail is the flush's.
 
-// Per-utterance results of a chunk's scan (stream_info fields).
-constexpr int kStreamLength = 0;  // valid frames of the chunk (0 when rejected)
-constexpr int kStreamStatus = 1;  // CifStatus
-constexpr int kStreamWhere = 2;   // offending frame of the chunk (or -1)
-constexpr int kStreamCount = 3;   // tokens completed in the chunk (before max_tokens)
-constexpr int kStreamInfo = 4;
+// Per-utterance results of a chunk's scan (an int64 [B][4] workspace tensor).
+struct CifStreamRowInfo {
+  int64_t length = 0;       // valid frames of the chunk (0 when rejected)
+  int64_t status = kCifOk;  // CifStatus
+  int64_t where = -1;       // offending frame of the chunk, or -1
+  int64_t count = 0;        // tokens completed in the chunk (before max_tokens)
+};
+constexpr int kStreamInfo = static_cast<int>(sizeof(CifStreamRowInfo) / sizeof(int64_t));
+static_assert(sizeof(CifStreamRowInfo) == kStreamInfo * sizeof(int64_t),
+              "CifStreamRowInfo: int64 fields only");
 
 struct CifStreamConfig {
   int64_t batch = 0;       // B
@@ -316,7 +374,7 @@ template <typename alpha_t>
 CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
                                    const CifStreamConfig& cfg, double prefix0, int64_t tokens0,
                                    int64_t frames0, double* prefix, int64_t* token_after,
-                                   int64_t* info, double* new_prefix, int64_t* new_tokens,
+                                   CifStreamRowInfo& info, double* new_prefix, int64_t* new_tokens,
                                    int64_t* new_frames, int64_t* token_lengths) {
   const int64_t T = cfg.frames;
   const double beta = cfg.threshold;
@@ -324,22 +382,19 @@ CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_
   *new_tokens = tokens0;
   *new_frames = frames0;
   *token_lengths = 0;
-  info[kStreamLength] = 0;
-  info[kStreamStatus] = kCifOk;
-  info[kStreamWhere] = -1;
-  info[kStreamCount] = 0;
+  info = CifStreamRowInfo{};
   for (int64_t t = 0; t <= T; ++t) prefix[t] = prefix0;
   for (int64_t t = 0; t < T; ++t) token_after[t] = tokens0;
   const int64_t length = length_ptr ? *length_ptr : T;
   if (length < 0 || length > T) {
-    info[kStreamStatus] = kCifBadLength;
+    info.status = kCifBadLength;
     return;
   }
   for (int64_t t = 0; t < length; ++t) {
     const double a = static_cast<double>(alphas[t]);
     if (!(a >= 0.0) || a - a != 0.0) {  // NaN, negative or +inf (as cif_scan_row)
-      info[kStreamStatus] = kCifBadAlpha;
-      info[kStreamWhere] = t;
+      info.status = kCifBadAlpha;
+      info.where = t;
       return;
     }
   }
@@ -351,8 +406,8 @@ CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_
       if (p / beta >= 9007199254740992.0) {  // 2^53 (as cif_scan_row)
         for (int64_t u = 0; u <= T; ++u) prefix[u] = prefix0;
         for (int64_t u = 0; u < T; ++u) token_after[u] = tokens0;
-        info[kStreamStatus] = kCifTooManyTokens;
-        info[kStreamWhere] = t;
+        info.status = kCifTooManyTokens;
+        info.where = t;
         return;
       }
       fired = cif_settle_fires(p, fired, beta);
@@ -364,8 +419,8 @@ CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_
     prefix[t + 1] = p;
     token_after[t] = fired;
   }
-  info[kStreamLength] = length;
-  info[kStreamCount] = fired - tokens0;
+  info.length = length;
+  info.count = fired - tokens0;
   *new_prefix = p;
   *new_tokens = fired;
   *new_frames = frames0 + length;
@@ -380,13 +435,13 @@ CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_
 template <typename acc_t>
 CIFOPS_HD void cif_stream_embed_row(const acc_t* hidden, const CifStreamConfig& cfg,
                                     int64_t tokens0, int64_t frames0, const double* prefix,
-                                    const int64_t* token_after, const int64_t* info,
+                                    const int64_t* token_after, const CifStreamRowInfo& info,
                                     acc_t* partial, acc_t* embeds, int64_t* fire_frames,
                                     int64_t d_begin, int64_t d_step) {
   const int64_t D = cfg.dim, N = cfg.n_out;
   const double beta = cfg.threshold;
   int64_t emitted = 0;
-  for (int64_t t = 0; t < info[kStreamLength]; ++t) {
+  for (int64_t t = 0; t < info.length; ++t) {
     const acc_t* h = hidden + t * D;
     const int64_t k_out = token_after[t];
     for (int64_t k = t == 0 ? tokens0 : token_after[t - 1]; k <= k_out; ++k) {
@@ -417,11 +472,11 @@ CIFOPS_HD void cif_stream_embed_row(const acc_t* hidden, const CifStreamConfig& 
   }
 }
 
-// Scratch of a chunk: prefix [B][Tc+1], token_after [B][Tc], info [B][kStreamInfo].
+// Scratch of a chunk: prefix [B][Tc+1], token_after [B][Tc], info [B].
 struct CifStreamWorkspace {
   double* prefix = nullptr;
   int64_t* token_after = nullptr;
-  int64_t* info = nullptr;
+  CifStreamRowInfo* info = nullptr;
 };
 
 // The state in and out (new_partial holds the old partial on entry, in acc_t).
@@ -436,44 +491,19 @@ struct CifStreamState {
 };
 
 // ----------------------------------------------------------------------------
-// CPU entry points (csrc/cif/cif_cpu.cpp); ParallelFor: common/types.h.
-
-// Scan every utterance. alphas is [B][T] of `alpha_kind` (float32/float64);
-// lengths and target may be null.
-void cif_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
-                  const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
-                  const ParallelFor& parallel_for);
-
-// Forward after the scan: embeds [B][N][D], token_lengths [B], fire_frames [B][N],
-// alpha_sum [B] (alpha_kind). n_out is N.
-void cif_forward_cpu(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
-                     int64_t n_out, CifWorkspace ws, void* embeds, int64_t* token_lengths,
-                     int64_t* fire_frames, void* alpha_sum, ScalarKind alpha_kind,
-                     const ParallelFor& parallel_for);
-
-// Backward after the scan: grad_embeds [B][N][D] -> grad_hidden [B][T][D],
-// grad_alphas [B][T]; grad_alpha_sum [B] may be null. dots is scratch [B][T][2].
-void cif_backward_cpu(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
-                      ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
-                      const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
-                      void* grad_hidden, void* grad_alphas, const ParallelFor& parallel_for);
+// CPU entry points (csrc/cif/cif_cpu.cpp), on CifParams (which fields each reads and
+// writes is said there); ParallelFor: common/types.h.
+void cif_scan_cpu(const CifParams& params, const ParallelFor& parallel_for);
+void cif_forward_cpu(const CifParams& params, const ParallelFor& parallel_for);
+void cif_backward_cpu(const CifParams& params, const ParallelFor& parallel_for);
 
 // ----------------------------------------------------------------------------
-// CUDA entry points (csrc/cif/cif_cuda.cu): same arguments, device pointers, the
-// stream as a cudaStream_t passed through void*. They return a cudaError_t
-// (as int) of the launches.
-// The scan also writes token_lengths (min(total, cfg.max_tokens), or total when
-// max_tokens is -1) and alpha_sum when they are not null.
-int cif_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
-                  const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
-                  int64_t* token_lengths, void* alpha_sum, void* stream);
-int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
-                     int64_t n_out, CifWorkspace ws, void* embeds, int64_t* fire_frames,
-                     void* stream);
-int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
-                      ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
-                      const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
-                      void* grad_hidden, void* grad_alphas, void* stream);
+// CUDA entry points (csrc/cif/cif_cuda.cu): the same, with device pointers and the
+// stream as a cudaStream_t passed through void*. They return a cudaError_t (as int)
+// of the launches.
+int cif_scan_cuda(const CifParams& params, void* stream);
+int cif_forward_cuda(const CifParams& params, void* stream);
+int cif_backward_cuda(const CifParams& params, void* stream);
 
 // Streaming entry points (csrc/cif/cif_stream_cpu.cpp, csrc/cif/cif_stream_cuda.cu).
 // hidden [B][Tc][D] and embeds [B][N][D] are in the compute dtype (float32/float64:

@@ -51,18 +51,16 @@ cif_forward_cpu_op(const at::Tensor& hidden, const at::Tensor& alphas,
   const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
   const auto len = to_long(lengths), tgt = to_long(target_lengths);
   CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
-  cif_scan_cpu(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len), maybe_ptr(tgt), cfg,
-               ws.view(), kAtenParallelFor);
+  at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
+  at::Tensor alpha_sum = at::empty({cfg.batch}, a.options());
+  CifParams params = cif_scan_params(cfg, ws, a, len, tgt, token_lengths, alpha_sum);
+  cif_scan_cpu(params, kAtenParallelFor);
   const int64_t max_total = check_scan_status(ws.row_info(), alphas, len, tgt);
   const int64_t n_out = max_tokens >= 0 ? max_tokens : max_total;
   at::Tensor embeds = empty_large({cfg.batch, n_out, cfg.dim}, h.options());
-  at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
   at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
-  at::Tensor alpha_sum = at::empty({cfg.batch}, a.options());
-  cif_forward_cpu(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out, ws.view(),
-                  embeds.data_ptr(), token_lengths.data_ptr<int64_t>(),
-                  fire_frames.data_ptr<int64_t>(), alpha_sum.data_ptr(),
-                  scalar_kind(a.scalar_type()), kAtenParallelFor);
+  cif_set_forward_params(params, n_out, h, embeds, fire_frames);
+  cif_forward_cpu(params, kAtenParallelFor);
   return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
           alpha_sum.to(compute_type(alphas.scalar_type())), ws.real, ws.ints};
 }
@@ -86,10 +84,9 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_cpu_op(
   at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
   at::Tensor grad_hidden = empty_large(h.sizes(), h.options());
   at::Tensor grad_alphas = at::empty_like(a);
-  cif_backward_cpu(g.data_ptr(), gs.has_value() ? gs->data_ptr() : nullptr, h.data_ptr(),
-                   scalar_kind(h.scalar_type()), a.data_ptr(), scalar_kind(a.scalar_type()), cfg,
-                   n_out, ws.view(), dots.data_ptr<double>(), grad_hidden.data_ptr(),
-                   grad_alphas.data_ptr(), kAtenParallelFor);
+  const CifParams params =
+      cif_backward_params(cfg, ws, g, gs, h, a, dots, grad_hidden, grad_alphas);
+  cif_backward_cpu(params, kAtenParallelFor);
   return {grad_hidden.to(hidden.scalar_type()), grad_alphas.to(alphas.scalar_type())};
 }
 

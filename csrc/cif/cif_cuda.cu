@@ -111,8 +111,8 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
   const alpha_t* a = alphas + b * T;
   double* P = ws.prefix + b * (T + 1);
   int64_t* after = ws.token_after + b * T;
-  int64_t* info = ws.row_info + b * kRowInfo;
-  double* real = ws.row_real + b * kRowReal;
+  CifRowInfo& info = ws.row_info[b];
+  CifRowReal& real = ws.row_real[b];
 
   const int64_t length = lengths ? lengths[b] : T;
   const bool bad_length = length < 0 || length > T;
@@ -212,48 +212,30 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
   if (tid != 0) return;
 
   // Per-utterance results, as cif_scan_row writes them.
-  info[kInfoStatus] = kCifOk;
-  info[kInfoWhere] = -1;
-  info[kInfoTotal] = 0;
-  info[kInfoComplete] = 0;
-  info[kInfoHasTail] = 0;
-  info[kInfoScaled] = target ? 1 : 0;
-  info[kInfoLength] = 0;
-  real[kRealScale] = 1.0;
-  real[kRealTailScale] = 1.0;
-  real[kRealAlphaSum] = 0.0;
-  real[kRealResidual] = 0.0;
-  if (bad_length) info[kInfoStatus] = kCifBadLength;
-  else if (bad_target) info[kInfoStatus] = kCifBadTarget;
+  info = CifRowInfo{};
+  info.scaled = target ? 1 : 0;
+  real = CifRowReal{};
+  if (bad_length) info.status = kCifBadLength;
+  else if (bad_target) info.status = kCifBadTarget;
   else if (first_bad < T) {
-    info[kInfoStatus] = kCifBadAlpha;
-    info[kInfoWhere] = first_bad;
+    info.status = kCifBadAlpha;
+    info.where = first_bad;
   } else {
-    real[kRealAlphaSum] = target ? sum : p;  // unscaled: without target_lengths P[L] is the sum
+    real.alpha_sum = target ? sum : p;  // unscaled: without target_lengths P[L] is the sum
     if (zero_sum_target) {
-      info[kInfoStatus] = kCifZeroSumTarget;
+      info.status = kCifZeroSumTarget;
     } else if (too_many) {
-      info[kInfoStatus] = kCifTooManyTokens;
-      info[kInfoWhere] = too_many_at;
-      real[kRealScale] = scale;
+      info.status = kCifTooManyTokens;
+      info.where = too_many_at;
+      real.scale = scale;
     } else {
-      info[kInfoLength] = L;
-      real[kRealScale] = scale;
-      const double residual = __dadd_rn(p, -__dmul_rn(static_cast<double>(fired), beta));
-      real[kRealResidual] = residual;
-      info[kInfoComplete] = fired;
-      int64_t total = fired;
-      if (cfg.has_tail_threshold && L > 0 && residual > 0.0 && residual >= cfg.tail_threshold) {
-        info[kInfoHasTail] = 1;
-        real[kRealTailScale] = cfg.tail_normalize ? beta / residual : 1.0;
-        total += 1;
-      }
-      info[kInfoTotal] = total;
+      cif_row_finish(cfg, L, fired, scale,
+                     __dadd_rn(p, -__dmul_rn(static_cast<double>(fired), beta)), info, real);
     }
   }
   if (token_lengths)
-    token_lengths[b] = cfg.max_tokens >= 0 ? cif_emitted(info, cfg.max_tokens) : info[kInfoTotal];
-  if (alpha_sum) alpha_sum[b] = static_cast<alpha_t>(real[kRealAlphaSum]);
+    token_lengths[b] = cfg.max_tokens >= 0 ? cif_emitted(info, cfg.max_tokens) : info.total;
+  if (alpha_sum) alpha_sum[b] = static_cast<alpha_t>(real.alpha_sum);
 }
 
 // A row of packs set to zero by the warp.
@@ -284,11 +266,11 @@ forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out
   const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kRowWarps;
   for (int64_t row = warp; row < rows; row += warp_stride) {
     const int64_t b = row / n_out, k = row % n_out;
-    const int64_t* __restrict__ info = ws.row_info + b * kRowInfo;
+    const CifRowInfo& info = ws.row_info[b];
     const int64_t* __restrict__ token_after = ws.token_after + b * T;
     const double* __restrict__ P = ws.prefix + b * (T + 1);
     pack_t* out = reinterpret_cast<pack_t*>(embeds + row * D);
-    const int64_t L = info[kInfoLength], complete = info[kInfoComplete];
+    const int64_t L = info.length, complete = info.complete;
     if (k >= cif_emitted(info, n_out)) {
       warp_zero_row(out, packs, lane);
       if (lane == 0) fire_frames[row] = -1;
@@ -299,7 +281,7 @@ forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out
     const int64_t last = k >= complete ? L - 1 : warp_fire_frame(token_after, L, k, lane);
     if (lane == 0) fire_frames[row] = last;
     // The tail's beta / r scale multiplies the float64 weights (no 0 * inf in float32).
-    const double tail_scale = k == complete ? ws.row_real[b * kRowReal + kRealTailScale] : 1.0;
+    const double tail_scale = k == complete ? ws.row_real[b].tail_scale : 1.0;
     const pack_t* h = reinterpret_cast<const pack_t*>(hidden + b * T * D);
     for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacksPerLane) {
       acc_t acc[kPacksPerLane][V];
@@ -350,12 +332,12 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
   const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kRowWarps;
   for (int64_t row = warp; row < rows; row += warp_stride) {
     const int64_t b = row / T, t = row % T;
-    const int64_t* __restrict__ info = ws.row_info + b * kRowInfo;
+    const CifRowInfo& info = ws.row_info[b];
     const int64_t* __restrict__ token_after = ws.token_after + b * T;
     const double* __restrict__ P = ws.prefix + b * (T + 1);
     pack_t* dh = reinterpret_cast<pack_t*>(grad_hidden + row * D);
     const int64_t emitted = cif_emitted(info, n_out);
-    if (t >= info[kInfoLength] || emitted == 0) {
+    if (t >= info.length || emitted == 0) {
       warp_zero_row(dh, packs, lane);
       if (lane == 0) { dots[2 * row] = 0.0; dots[2 * row + 1] = 0.0; }
       continue;
@@ -365,8 +347,8 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
     const int64_t k_last = k_out < emitted - 1 ? k_out : emitted - 1;
     const double p0 = P[t], p1 = P[t + 1];
     const bool in_open = t > 0;  // dw[t][k_in]/dP[t] = -1, right-hand at P[t] == k_in beta
-    const int64_t complete = info[kInfoComplete];
-    const double tail_scale = ws.row_real[b * kRowReal + kRealTailScale];
+    const int64_t complete = info.complete;
+    const double tail_scale = ws.row_real[b].tail_scale;
     const pack_t* h = reinterpret_cast<const pack_t*>(hidden + row * D);
     // D1, D0 in double: beta / r of a normalised tail can exceed float's range
     double d1 = 0.0, d0 = 0.0;
@@ -463,22 +445,22 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
   const int tid = threadIdx.x;
   const int64_t T = cfg.frames;
   const double beta = cfg.threshold;
-  const int64_t* info = ws.row_info + b * kRowInfo;
-  const double* real = ws.row_real + b * kRowReal;
+  const CifRowInfo& info = ws.row_info[b];
+  const CifRowReal& real = ws.row_real[b];
   const double* P = ws.prefix + b * (T + 1);
   const double* dt = dots + 2 * b * T;
   const alpha_t* a = alphas + b * T;
   alpha_t* ga = grad_alphas + b * T;
-  const int64_t L = info[kInfoLength];
-  const int64_t n = info[kInfoComplete];
+  const int64_t L = info.length;
+  const int64_t n = info.complete;
   // Tail normalisation: dLoss/dr = -(1/r) sum_t w[t][n] D1[t] over the tail's frames
   // (the overlap with token n is zero on every other frame).
   double tail_term = 0.0;
-  if (info[kInfoHasTail] && cfg.tail_normalize && n < n_out) {
+  if (info.has_tail && cfg.tail_normalize && n < n_out) {
     double part = 0.0;
     for (int64_t t = tid; t < L; t += kScanThreads)
       part += cif_overlap(P[t], P[t + 1], n, beta) * dt[2 * t];
-    tail_term = -block_sum(part, s_red) / real[kRealResidual];
+    tail_term = -block_sum(part, s_red) / real.residual;
   }
   // dp[t] = D1[t] - D0[t + 1] (+ the tail term at t = L - 1); G[j] = sum_{t >= j} dp[t].
   // Thread c owns the contiguous frames [c * chunk, (c + 1) * chunk), in reverse:
@@ -504,10 +486,10 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
     weighted += static_cast<double>(a[t]) * running;
   }
   weighted = block_sum(weighted, s_red);
-  const double scale = real[kRealScale];
-  const double sum = real[kRealAlphaSum];
+  const double scale = real.scale;
+  const double sum = real.alpha_sum;
   const double extra = grad_alpha_sum ? static_cast<double>(grad_alpha_sum[b]) : 0.0;
-  const bool scaled = info[kInfoScaled] != 0;
+  const bool scaled = info.scaled != 0;
   running = incl - (hi > lo ? local : 0.0);
   for (int64_t t = hi - 1; t >= lo; --t) {
     running += dp(t);
@@ -530,71 +512,64 @@ bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
 
 }  // namespace
 
-int cif_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
-                  const int64_t* target, const CifConfig& cfg, CifWorkspace ws,
-                  int64_t* token_lengths, void* alpha_sum, void* stream) {
-  if (cfg.batch == 0) return cudaSuccess;
-  return dispatch(CudaAccTypes{}, alpha_kind, [&](auto tag) {
+int cif_scan_cuda(const CifParams& p, void* stream) {
+  if (p.cfg.batch == 0) return cudaSuccess;
+  return dispatch(CudaAccTypes{}, p.alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
-    const unsigned blocks = static_cast<unsigned>(cfg.batch);
+    const unsigned blocks = static_cast<unsigned>(p.cfg.batch);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, scan_kernel<alpha_t>)(
-        static_cast<const alpha_t*>(alphas), lengths, target, cfg, ws, token_lengths,
-        static_cast<alpha_t*>(alpha_sum));
+        static_cast<const alpha_t*>(p.alphas), p.lengths, p.target_lengths, p.cfg, p.ws,
+        p.token_lengths, static_cast<alpha_t*>(p.alpha_sum));
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
 }
 
-int cif_forward_cuda(const void* hidden, ScalarKind hidden_kind, const CifConfig& cfg,
-                     int64_t n_out, CifWorkspace ws, void* embeds, int64_t* fire_frames,
-                     void* stream) {
-  const int64_t rows = cfg.batch * n_out;
+int cif_forward_cuda(const CifParams& p, void* stream) {
+  const int64_t rows = p.cfg.batch * p.n_out;
   if (rows == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, hidden_kind, [&](auto tag) {
+  return dispatch(CudaTypes{}, p.hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int V = 16 / sizeof(scalar_t);
     const unsigned blocks = grid_for(rows, kRowWarps, kMaxBlocks);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const auto* h = static_cast<const scalar_t*>(hidden);
-    auto* e = static_cast<scalar_t*>(embeds);
-    if (packable(cfg.dim, sizeof(scalar_t), {hidden, embeds}))
+    const auto* h = static_cast<const scalar_t*>(p.hidden);
+    auto* e = static_cast<scalar_t*>(p.embeds);
+    if (packable(p.cfg.dim, sizeof(scalar_t), {p.hidden, p.embeds}))
       CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, V>)(
-          h, cfg, n_out, ws, e, fire_frames);
+          h, p.cfg, p.n_out, p.ws, e, p.fire_frames);
     else
       CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, 1>)(
-          h, cfg, n_out, ws, e, fire_frames);
+          h, p.cfg, p.n_out, p.ws, e, p.fire_frames);
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
 }
 
-int cif_backward_cuda(const void* grad_embeds, const void* grad_alpha_sum, const void* hidden,
-                      ScalarKind hidden_kind, const void* alphas, ScalarKind alpha_kind,
-                      const CifConfig& cfg, int64_t n_out, CifWorkspace ws, double* dots,
-                      void* grad_hidden, void* grad_alphas, void* stream) {
-  if (cfg.batch == 0 || cfg.frames == 0) return cudaSuccess;
+int cif_backward_cuda(const CifParams& p, void* stream) {
+  if (p.cfg.batch == 0 || p.cfg.frames == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int err = dispatch(CudaTypes{}, hidden_kind, [&](auto tag) {
+  const int err = dispatch(CudaTypes{}, p.hidden_kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int V = 16 / sizeof(scalar_t);
-    const unsigned blocks = grid_for(cfg.batch * cfg.frames, kRowWarps, kMaxBlocks);
-    const auto* g = static_cast<const scalar_t*>(grad_embeds);
-    const auto* h = static_cast<const scalar_t*>(hidden);
-    auto* gh = static_cast<scalar_t*>(grad_hidden);
-    if (packable(cfg.dim, sizeof(scalar_t), {grad_embeds, hidden, grad_hidden}))
+    const unsigned blocks = grid_for(p.cfg.batch * p.cfg.frames, kRowWarps, kMaxBlocks);
+    const auto* g = static_cast<const scalar_t*>(p.grad_embeds);
+    const auto* h = static_cast<const scalar_t*>(p.hidden);
+    auto* gh = static_cast<scalar_t*>(p.grad_hidden);
+    if (packable(p.cfg.dim, sizeof(scalar_t), {p.grad_embeds, p.hidden, p.grad_hidden}))
       CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V>)(
-          g, h, cfg, n_out, ws, dots, gh);
+          g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
     else
       CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1>)(
-          g, h, cfg, n_out, ws, dots, gh);
+          g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
   if (err != cudaSuccess) return err;
-  return dispatch(CudaAccTypes{}, alpha_kind, [&](auto tag) {
+  return dispatch(CudaAccTypes{}, p.alpha_kind, [&](auto tag) {
     using alpha_t = decltype(tag);
-    const unsigned blocks = static_cast<unsigned>(cfg.batch);
+    const unsigned blocks = static_cast<unsigned>(p.cfg.batch);
     CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, backward_alpha_kernel<alpha_t>)(
-        static_cast<const alpha_t*>(alphas), static_cast<const alpha_t*>(grad_alpha_sum), cfg,
-        n_out, ws, dots, static_cast<alpha_t*>(grad_alphas));
+        static_cast<const alpha_t*>(p.alphas), static_cast<const alpha_t*>(p.grad_alpha_sum),
+        p.cfg, p.n_out, p.ws, p.dots, static_cast<alpha_t*>(p.grad_alphas));
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
 }

@@ -35,16 +35,14 @@ cif_forward_cuda_op(const at::Tensor& hidden, const at::Tensor& alphas,
   CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
   at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
   at::Tensor alpha_sum = at::empty({cfg.batch}, a.options());
-  CIFOPS_CUDA_CHECK(cif_scan_cuda(a.data_ptr(), scalar_kind(a.scalar_type()), maybe_ptr(len),
-                                  maybe_ptr(tgt), cfg, ws.view(), token_lengths.data_ptr<int64_t>(),
-                                  alpha_sum.data_ptr(), stream));
-  int64_t n_out = max_tokens;
-  if (n_out < 0) n_out = check_scan_status(ws.row_info().cpu(), alphas, len, tgt);
+  CifParams params = cif_scan_params(cfg, ws, a, len, tgt, token_lengths, alpha_sum);
+  CIFOPS_CUDA_CHECK(cif_scan_cuda(params, stream));
+  const int64_t n_out =
+      max_tokens >= 0 ? max_tokens : check_scan_status(ws.row_info().cpu(), alphas, len, tgt);
   at::Tensor embeds = at::empty({cfg.batch, n_out, cfg.dim}, h.options());
   at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
-  CIFOPS_CUDA_CHECK(cif_forward_cuda(h.data_ptr(), scalar_kind(h.scalar_type()), cfg, n_out,
-                                     ws.view(), embeds.data_ptr(),
-                                     fire_frames.data_ptr<int64_t>(), stream));
+  cif_set_forward_params(params, n_out, h, embeds, fire_frames);
+  CIFOPS_CUDA_CHECK(cif_forward_cuda(params, stream));
   return {embeds, token_lengths, fire_frames,
           alpha_sum.to(compute_type(alphas.scalar_type())), ws.real, ws.ints};
 }
@@ -70,10 +68,9 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_cuda_op(
   at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
   at::Tensor grad_hidden = at::empty_like(h);
   at::Tensor grad_alphas = at::empty_like(a);
-  CIFOPS_CUDA_CHECK(cif_backward_cuda(
-      g.data_ptr(), gs.has_value() ? gs->data_ptr() : nullptr, h.data_ptr(),
-      scalar_kind(h.scalar_type()), a.data_ptr(), scalar_kind(a.scalar_type()), cfg, n_out,
-      ws.view(), dots.data_ptr<double>(), grad_hidden.data_ptr(), grad_alphas.data_ptr(), stream));
+  const CifParams params =
+      cif_backward_params(cfg, ws, g, gs, h, a, dots, grad_hidden, grad_alphas);
+  CIFOPS_CUDA_CHECK(cif_backward_cuda(params, stream));
   return {grad_hidden, grad_alphas.to(alphas.scalar_type())};
 }
 

@@ -114,8 +114,8 @@ inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, dou
 
 // The scan's workspace as two flat tensors. The forward op returns them as its last
 // two outputs and autograd saves them, so the backward runs no second scan:
-//   scan_real  float64 [B (T + 1) + B kRowReal]  prefix sums P [B][T+1], then row_real
-//   scan_int   int64   [B T + B kRowInfo]         token_after [B][T], then row_info
+//   scan_real  float64 [B (T + 1) + B kRowReal]  prefix sums P [B][T+1], then B CifRowReal
+//   scan_int   int64   [B T + B kRowInfo]         token_after [B][T], then B CifRowInfo
 inline int64_t cif_scan_real_size(int64_t B, int64_t T) { return B * (T + 1) + B * kRowReal; }
 inline int64_t cif_scan_int_size(int64_t B, int64_t T) { return B * T + B * kRowInfo; }
 
@@ -146,30 +146,78 @@ struct CifWorkspaceTensors {
     check_same_device(ints, "scan_int", hidden, "hidden", "cifops.cif_backward");
   }
   CifWorkspace view() const {
-    CifWorkspace ws;
-    ws.prefix = real.data_ptr<double>();
-    ws.row_real = ws.prefix + batch * (frames + 1);
-    ws.token_after = ints.data_ptr<int64_t>();
-    ws.row_info = ws.token_after + batch * frames;
-    return ws;
+    return cif_workspace(real.data_ptr<double>(), ints.data_ptr<int64_t>(), batch, frames);
   }
-  // row_info [B][kRowInfo] as a tensor (for check_scan_status).
+  // The B CifRowInfo records as an int64 [B][kRowInfo] tensor (for check_scan_status).
   at::Tensor row_info() const {
     return ints.narrow(0, batch * frames, batch * kRowInfo).view({batch, kRowInfo});
   }
 };
+
+// The CifParams of a forward's scan (both backends): alphas in the compute dtype, the
+// optional lengths as int64, and the token_lengths / alpha_sum outputs it writes.
+inline CifParams cif_scan_params(const CifConfig& cfg, const CifWorkspaceTensors& ws,
+                                 const at::Tensor& alphas,
+                                 const std::optional<at::Tensor>& lengths,
+                                 const std::optional<at::Tensor>& target_lengths,
+                                 at::Tensor& token_lengths, at::Tensor& alpha_sum) {
+  CifParams p;
+  p.cfg = cfg;
+  p.ws = ws.view();
+  p.alpha_kind = scalar_kind(alphas.scalar_type());
+  p.alphas = alphas.data_ptr();
+  p.lengths = maybe_ptr(lengths);
+  p.target_lengths = maybe_ptr(target_lengths);
+  p.token_lengths = token_lengths.data_ptr<int64_t>();
+  p.alpha_sum = alpha_sum.data_ptr();
+  return p;
+}
+
+// Adds the forward's fields to the scan's params, once the width N is known.
+inline void cif_set_forward_params(CifParams& p, int64_t n_out, const at::Tensor& hidden,
+                                   at::Tensor& embeds, at::Tensor& fire_frames) {
+  p.n_out = n_out;
+  p.hidden_kind = scalar_kind(hidden.scalar_type());
+  p.hidden = hidden.data_ptr();
+  p.embeds = embeds.data_ptr();
+  p.fire_frames = fire_frames.data_ptr<int64_t>();
+}
+
+// The CifParams of a backward (both backends), every tensor dense and in the compute
+// dtype the binding chose.
+inline CifParams cif_backward_params(const CifConfig& cfg, const CifWorkspaceTensors& ws,
+                                     const at::Tensor& grad_embeds,
+                                     const std::optional<at::Tensor>& grad_alpha_sum,
+                                     const at::Tensor& hidden, const at::Tensor& alphas,
+                                     at::Tensor& dots, at::Tensor& grad_hidden,
+                                     at::Tensor& grad_alphas) {
+  CifParams p;
+  p.cfg = cfg;
+  p.n_out = grad_embeds.size(1);
+  p.ws = ws.view();
+  p.hidden_kind = scalar_kind(hidden.scalar_type());
+  p.alpha_kind = scalar_kind(alphas.scalar_type());
+  p.grad_embeds = grad_embeds.data_ptr();
+  p.grad_alpha_sum = grad_alpha_sum.has_value() ? grad_alpha_sum->data_ptr() : nullptr;
+  p.hidden = hidden.data_ptr();
+  p.alphas = alphas.data_ptr();
+  p.dots = dots.data_ptr<double>();
+  p.grad_hidden = grad_hidden.data_ptr();
+  p.grad_alphas = grad_alphas.data_ptr();
+  return p;
+}
 
 // Raise the first per-utterance error found by the scan. row_info is on the CPU.
 // Returns the largest token count (complete + tail) over the batch.
 inline int64_t check_scan_status(const at::Tensor& row_info_cpu, const at::Tensor& alphas,
                                  const std::optional<at::Tensor>& lengths,
                                  const std::optional<at::Tensor>& target_lengths) {
-  const int64_t* info = row_info_cpu.data_ptr<int64_t>();
+  const auto* info = reinterpret_cast<const CifRowInfo*>(row_info_cpu.data_ptr<int64_t>());
   int64_t max_total = 0;
   for (int64_t b = 0; b < row_info_cpu.size(0); ++b) {
-    const int64_t* row = info + b * kRowInfo;
-    const int64_t where = row[kInfoWhere];
-    switch (row[kInfoStatus]) {
+    const CifRowInfo& row = info[b];
+    const int64_t where = row.where;
+    switch (row.status) {
       case kCifOk: break;
       case kCifBadAlpha:
         TORCH_CHECK(false, "cifops.cif: alphas must be finite and >= 0, got alphas[", b, ", ",
@@ -190,7 +238,7 @@ inline int64_t check_scan_status(const at::Tensor& row_info_cpu, const at::Tenso
                     "2^53 thresholds by frame ", where, "; token counts would not be exact");
       default: TORCH_CHECK(false, "cifops.cif: internal error, unknown scan status");
     }
-    if (row[kInfoTotal] > max_total) max_total = row[kInfoTotal];
+    if (row.total > max_total) max_total = row.total;
   }
   return max_total;
 }

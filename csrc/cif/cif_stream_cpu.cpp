@@ -15,7 +15,7 @@ void stream_scan_impl(const alpha_t* alphas, const int64_t* lengths, const CifSt
     for (int64_t b = begin; b < end; ++b)
       cif_stream_scan_row(alphas + b * T, lengths ? lengths + b : nullptr, cfg, st.prefix[b],
                           st.tokens[b], st.frames[b], ws.prefix + b * (T + 1),
-                          ws.token_after + b * T, ws.info + b * kStreamInfo, st.new_prefix + b,
+                          ws.token_after + b * T, ws.info[b], st.new_prefix + b,
                           st.new_tokens + b, st.new_frames + b, token_lengths + b);
   });
 }
@@ -34,7 +34,7 @@ void stream_embed_impl(const acc_t* hidden, const CifStreamConfig& cfg, CifStrea
     for (int64_t b = begin; b < end; ++b)
       cif_stream_embed_row(hidden + b * T * D, cfg, st.tokens[b], st.frames[b],
                            ws.prefix + b * (T + 1), ws.token_after + b * T,
-                           ws.info + b * kStreamInfo, partial + b * D, embeds + b * N * D,
+                           ws.info[b], partial + b * D, embeds + b * N * D,
                            fire_frames + b * N, /*d_begin=*/0, /*d_step=*/1);
   });
 }

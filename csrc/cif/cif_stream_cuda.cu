@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kScanBlock)
        b += int64_t(gridDim.x) * blockDim.x)
     cif_stream_scan_row(alphas + b * T, lengths ? lengths + b : nullptr, cfg, st.prefix[b],
                         st.tokens[b], st.frames[b], ws.prefix + b * (T + 1),
-                        ws.token_after + b * T, ws.info + b * kStreamInfo, st.new_prefix + b,
+                        ws.token_after + b * T, ws.info[b], st.new_prefix + b,
                         st.new_tokens + b, st.new_frames + b, token_lengths + b);
 }
 
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kEmbedThreads)
   for (int64_t b = blockIdx.x; b < cfg.batch; b += gridDim.x)
     cif_stream_embed_row(hidden + b * T * D, cfg, st.tokens[b], st.frames[b],
                          ws.prefix + b * (T + 1), ws.token_after + b * T,
-                         ws.info + b * kStreamInfo, partial + b * D, embeds + b * N * D,
+                         ws.info[b], partial + b * D, embeds + b * N * D,
                          fire_frames + b * N, threadIdx.x, blockDim.x);
 }
 

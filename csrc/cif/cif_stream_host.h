@@ -70,12 +70,12 @@ inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& al
 // largest number of tokens completed in the chunk.
 inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor& alphas,
                                    const std::optional<at::Tensor>& lengths) {
-  const int64_t* info = info_cpu.data_ptr<int64_t>();
+  const auto* info = reinterpret_cast<const CifStreamRowInfo*>(info_cpu.data_ptr<int64_t>());
   int64_t max_count = 0;
   for (int64_t b = 0; b < info_cpu.size(0); ++b) {
-    const int64_t* row = info + b * kStreamInfo;
-    const int64_t where = row[kStreamWhere];
-    switch (row[kStreamStatus]) {
+    const CifStreamRowInfo& row = info[b];
+    const int64_t where = row.where;
+    switch (row.status) {
       case kCifOk: break;
       case kCifBadAlpha:
         TORCH_CHECK(false, "cifops.cif_stream_step: alphas must be finite and >= 0, got alphas[",
@@ -90,7 +90,7 @@ inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor&
                     " of the chunk; token counts would not be exact");
       default: TORCH_CHECK(false, "cifops.cif_stream_step: internal error, unknown status");
     }
-    if (row[kStreamCount] > max_count) max_count = row[kStreamCount];
+    if (row.count > max_count) max_count = row.count;
   }
   return max_count;
 }
@@ -138,7 +138,7 @@ CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor
   CifStreamWorkspace ws;
   ws.prefix = ws_prefix.data_ptr<double>();
   ws.token_after = ws_after.data_ptr<int64_t>();
-  ws.info = ws_info.data_ptr<int64_t>();
+  ws.info = reinterpret_cast<CifStreamRowInfo*>(ws_info.data_ptr<int64_t>());
   scan(a, len, cfg, st, ws, token_lengths);
   if (max_tokens < 0 || !hidden.is_cuda()) {  // the CPU always reports errors
     const int64_t max_count = check_stream_status(ws_info.cpu(), alphas, len);

@@ -46,29 +46,49 @@ struct Result {
   std::vector<int64_t> token_lengths, fire_frames;
 };
 
+// The workspace as the extension lays it out (cif_workspace over scan_real / scan_int).
 struct Workspace {
-  std::vector<double> prefix, real;
-  std::vector<int64_t> token_after, info;
+  int64_t B, T;
+  std::vector<double> real;
+  std::vector<int64_t> ints;
   Workspace(int64_t B, int64_t T)
-      : prefix(B * (T + 1)), real(B * kRowReal), token_after(B * T), info(B * kRowInfo) {}
-  CifWorkspace view() { return {prefix.data(), token_after.data(), info.data(), real.data()}; }
+      : B(B), T(T), real(B * (T + 1) + B * kRowReal), ints(B * T + B * kRowInfo) {}
+  CifWorkspace view() { return cif_workspace(real.data(), ints.data(), B, T); }
+  const CifRowInfo& info(int64_t b) { return view().row_info[b]; }
 };
+
+// The params of a float64 scan of case c (forward and backward fields left null).
+CifParams scan_params(const Case& c, const CifConfig& cfg, Workspace& ws) {
+  CifParams p;
+  p.cfg = cfg;
+  p.ws = ws.view();
+  p.alpha_kind = ScalarKind::kFloat64;
+  p.hidden_kind = ScalarKind::kFloat64;
+  p.alphas = c.alphas.data();
+  p.lengths = c.use_lengths ? c.lengths.data() : nullptr;
+  p.target_lengths = c.use_target ? c.target.data() : nullptr;
+  return p;
+}
 
 Result run_forward(const Case& c) {
   Workspace ws(c.B, c.T);
-  cif_scan_cpu(c.alphas.data(), ScalarKind::kFloat64, c.use_lengths ? c.lengths.data() : nullptr,
-               c.use_target ? c.target.data() : nullptr, c.cfg, ws.view(), kSerial);
   Result r;
-  int64_t max_total = 0;
-  for (int64_t b = 0; b < c.B; ++b) max_total = std::max(max_total, ws.info[b * kRowInfo + kInfoTotal]);
-  r.n_out = c.cfg.max_tokens >= 0 ? c.cfg.max_tokens : max_total;
-  r.embeds.assign(c.B * r.n_out * c.D, -7.0);  // poison: every element must be written
-  r.fire_frames.assign(c.B * r.n_out, -7);
-  r.token_lengths.assign(c.B, -7);
+  r.token_lengths.assign(c.B, -7);  // poison: every element must be written
   r.alpha_sum.assign(c.B, -7.0);
-  cif_forward_cpu(c.hidden.data(), ScalarKind::kFloat64, c.cfg, r.n_out, ws.view(), r.embeds.data(),
-                  r.token_lengths.data(), r.fire_frames.data(), r.alpha_sum.data(),
-                  ScalarKind::kFloat64, kSerial);
+  CifParams p = scan_params(c, c.cfg, ws);
+  p.token_lengths = r.token_lengths.data();
+  p.alpha_sum = r.alpha_sum.data();
+  cif_scan_cpu(p, kSerial);
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < c.B; ++b) max_total = std::max(max_total, ws.info(b).total);
+  r.n_out = c.cfg.max_tokens >= 0 ? c.cfg.max_tokens : max_total;
+  r.embeds.assign(c.B * r.n_out * c.D, -7.0);
+  r.fire_frames.assign(c.B * r.n_out, -7);
+  p.n_out = r.n_out;
+  p.hidden = c.hidden.data();
+  p.embeds = r.embeds.data();
+  p.fire_frames = r.fire_frames.data();
+  cif_forward_cpu(p, kSerial);
   return r;
 }
 
@@ -190,12 +210,17 @@ void check_backward(const Case& c, std::mt19937_64& rng, int iter) {
   Workspace ws(c.B, c.T);
   CifConfig cfg = c.cfg;
   cfg.max_tokens = n_out;
-  cif_scan_cpu(c.alphas.data(), ScalarKind::kFloat64, c.use_lengths ? c.lengths.data() : nullptr,
-               c.use_target ? c.target.data() : nullptr, cfg, ws.view(), kSerial);
+  CifParams p = scan_params(c, cfg, ws);
+  cif_scan_cpu(p, kSerial);
   std::vector<double> dots(2 * c.B * c.T), grad_h(c.hidden.size(), -7.0), grad_a(c.alphas.size(), -7.0);
-  cif_backward_cpu(u.data(), v.data(), c.hidden.data(), ScalarKind::kFloat64, c.alphas.data(),
-                   ScalarKind::kFloat64, cfg, n_out, ws.view(), dots.data(), grad_h.data(),
-                   grad_a.data(), kSerial);
+  p.n_out = n_out;
+  p.grad_embeds = u.data();
+  p.grad_alpha_sum = v.data();
+  p.hidden = c.hidden.data();
+  p.dots = dots.data();
+  p.grad_hidden = grad_h.data();
+  p.grad_alphas = grad_a.data();
+  cif_backward_cpu(p, kSerial);
   const double eps = 1e-6;
   for (size_t i = 0; i < c.hidden.size(); ++i) {
     Case p = c, m = c;
@@ -222,20 +247,23 @@ void check_statuses() {
   c.alphas = {0.5, -1.0, 0.5, 0.5, 0.5, NAN};
   c.cfg.batch = 2; c.cfg.frames = 3; c.cfg.dim = 1;
   Workspace ws(2, 3);
-  cif_scan_cpu(c.alphas.data(), ScalarKind::kFloat64, nullptr, nullptr, c.cfg, ws.view(), kSerial);
-  EXPECT(ws.info[kInfoStatus] == kCifBadAlpha && ws.info[kInfoWhere] == 1, "negative alpha status");
-  EXPECT(ws.info[kRowInfo + kInfoStatus] == kCifBadAlpha && ws.info[kRowInfo + kInfoWhere] == 2,
-         "NaN alpha status");
-  std::vector<int64_t> lengths = {4, 1};
-  cif_scan_cpu(c.alphas.data(), ScalarKind::kFloat64, lengths.data(), nullptr, c.cfg, ws.view(), kSerial);
-  EXPECT(ws.info[kInfoStatus] == kCifBadLength, "length > T status");
-  EXPECT(ws.info[kRowInfo + kInfoStatus] == kCifOk, "length 1 hides the NaN");
+  cif_scan_cpu(scan_params(c, c.cfg, ws), kSerial);
+  EXPECT(ws.info(0).status == kCifBadAlpha && ws.info(0).where == 1, "negative alpha status");
+  EXPECT(ws.info(1).status == kCifBadAlpha && ws.info(1).where == 2, "NaN alpha status");
+  c.use_lengths = true;
+  c.lengths = {4, 1};
+  cif_scan_cpu(scan_params(c, c.cfg, ws), kSerial);
+  EXPECT(ws.info(0).status == kCifBadLength, "length > T status");
+  EXPECT(ws.info(1).status == kCifOk, "length 1 hides the NaN");
+  c.use_lengths = false;
   c.alphas = {0.0, 0.0, 0.0, 1e300, 1e300, 1.0};
-  std::vector<int64_t> target = {2, 1};
-  cif_scan_cpu(c.alphas.data(), ScalarKind::kFloat64, nullptr, target.data(), c.cfg, ws.view(), kSerial);
-  EXPECT(ws.info[kInfoStatus] == kCifZeroSumTarget, "zero-sum target status");
-  cif_scan_cpu(c.alphas.data(), ScalarKind::kFloat64, nullptr, nullptr, c.cfg, ws.view(), kSerial);
-  EXPECT(ws.info[kRowInfo + kInfoStatus] == kCifTooManyTokens, "too many tokens status");
+  c.use_target = true;
+  c.target = {2, 1};
+  cif_scan_cpu(scan_params(c, c.cfg, ws), kSerial);
+  EXPECT(ws.info(0).status == kCifZeroSumTarget, "zero-sum target status");
+  c.use_target = false;
+  cif_scan_cpu(scan_params(c, c.cfg, ws), kSerial);
+  EXPECT(ws.info(1).status == kCifTooManyTokens, "too many tokens status");
 }
 
 }  // namespace

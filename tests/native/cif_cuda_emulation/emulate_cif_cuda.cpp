@@ -337,10 +337,30 @@ Result run_case(const Spec& s) {
   auto c_after = poisoned<int64_t>(B * T);
   auto c_info = poisoned<int64_t>(B * kRowInfo);
   auto c_real = poisoned<double>(B * kRowReal);
-  CifWorkspace cws{c_prefix.data(), c_after.data(), c_info.data(), c_real.data()};
-  cif_scan_cpu(alphas.data(), ak, len_p, tgt_p, cfg, cws, kSerial);
+  auto c_tok = poisoned<int64_t>(B);
+  auto c_asum = poisoned<A>(B);
+  // the params of a scan over separately allocated workspace arrays (CPU or device)
+  auto scan_params = [&](double* prefix, int64_t* after, int64_t* info, double* real,
+                         ScalarKind hidden_kind, const void* a, const int64_t* l,
+                         const int64_t* t) {
+    CifParams p;
+    p.cfg = cfg;
+    p.ws.prefix = prefix;
+    p.ws.token_after = after;
+    p.ws.row_info = reinterpret_cast<CifRowInfo*>(info);
+    p.ws.row_real = reinterpret_cast<CifRowReal*>(real);
+    p.alpha_kind = ak;
+    p.hidden_kind = hidden_kind;
+    p.alphas = a;
+    p.lengths = l;
+    p.target_lengths = t;
+    return p;
+  };
+  CifParams cp = scan_params(c_prefix.data(), c_after.data(), c_info.data(), c_real.data(), ck,
+                             alphas.data(), len_p, tgt_p);
+  cif_scan_cpu(cp, kSerial);
   int64_t max_total = 0;
-  for (int64_t b = 0; b < B; ++b) max_total = std::max(max_total, c_info[b * kRowInfo + kInfoTotal]);
+  for (int64_t b = 0; b < B; ++b) max_total = std::max(max_total, cp.ws.row_info[b].total);
   switch (s.max_tok) {
     case 1: cfg.max_tokens = max_total / 2; break;
     case 2: cfg.max_tokens = max_total + randint(1, 3); break;
@@ -348,6 +368,12 @@ Result run_case(const Spec& s) {
     default: cfg.max_tokens = -1; break;
   }
   const int64_t N = cfg.max_tokens >= 0 ? cfg.max_tokens : max_total;
+  // again with the width known: token_lengths and alpha_sum as the binding gets them
+  cp.cfg = cfg;
+  cp.n_out = N;
+  cp.token_lengths = c_tok.data();
+  cp.alpha_sum = c_asum.data();
+  cif_scan_cpu(cp, kSerial);
 
   // ---- CUDA scan
   DevBuf<A> d_alphas(B * T);
@@ -358,7 +384,12 @@ Result run_case(const Spec& s) {
   DevBuf<double> d_prefix(B * (T + 1)), d_real(B * kRowReal);
   DevBuf<int64_t> d_after(B * T), d_info(B * kRowInfo), d_tok(B);
   DevBuf<A> d_asum(B);
-  CifWorkspace gws{d_prefix.ptr(), d_after.ptr(), d_info.ptr(), d_real.ptr()};
+  CifParams gp = scan_params(d_prefix.ptr(), d_after.ptr(), d_info.ptr(), d_real.ptr(), hk,
+                             d_alphas.ptr(), use_len ? d_len.ptr() : nullptr,
+                             use_tgt ? d_tgt.ptr() : nullptr);
+  gp.n_out = N;
+  gp.token_lengths = d_tok.ptr();
+  gp.alpha_sum = d_asum.ptr();
   g_emu_grid_cap = s.grid_cap;
   // three scans: as they come, then with warp 0 (the scan's sequential thread), then the
   // last warp held back at every barrier; all three must agree bit for bit
@@ -367,9 +398,7 @@ Result run_case(const Spec& s) {
   for (int run = 0; run < 3; ++run) {
     d_prefix.poison(); d_real.poison(); d_after.poison(); d_info.poison(); d_tok.poison(); d_asum.poison();
     g_emu_slow_warp = run == 0 ? -1 : run == 1 ? 0 : 7;
-    if (int e = cif_scan_cuda(d_alphas.ptr(), ak, use_len ? d_len.ptr() : nullptr,
-                              use_tgt ? d_tgt.ptr() : nullptr, cfg, gws, d_tok.ptr(), d_asum.ptr(),
-                              nullptr))
+    if (int e = cif_scan_cuda(gp, nullptr))
       res.fail("cif_scan_cuda returned %d", e);
     g_emu_slow_warp = -1;
     std::vector<double> sr = d_prefix.download(), rr = d_real.download();
@@ -396,27 +425,32 @@ Result run_case(const Spec& s) {
 
   // ---- forward
   auto c_emb = poisoned<C>(B * N * D);
-  auto c_tok = poisoned<int64_t>(B);
   auto c_fire = poisoned<int64_t>(B * N);
-  auto c_asum = poisoned<A>(B);
-  cif_forward_cpu(hidden_c.data(), ck, cfg, N, cws, c_emb.data(), c_tok.data(), c_fire.data(),
-                  c_asum.data(), ak, kSerial);
+  cp.hidden = hidden_c.data();
+  cp.embeds = c_emb.data();
+  cp.fire_frames = c_fire.data();
+  cif_forward_cpu(cp, kSerial);
   // error scale of the embeds: the same sums over |hidden|
   std::vector<C> hidden_abs(B * T * D);
   for (int64_t i = 0; i < B * T * D; ++i) hidden_abs[i] = std::fabs(hidden_c[i]);
   auto c_emb_abs = poisoned<C>(B * N * D);
   {
-    auto tok = poisoned<int64_t>(B), fire = poisoned<int64_t>(B * N);
-    auto asum = poisoned<A>(B);
-    cif_forward_cpu(hidden_abs.data(), ck, cfg, N, cws, c_emb_abs.data(), tok.data(), fire.data(),
-                    asum.data(), ak, kSerial);
+    auto fire = poisoned<int64_t>(B * N);
+    CifParams q = cp;
+    q.hidden = hidden_abs.data();
+    q.embeds = c_emb_abs.data();
+    q.fire_frames = fire.data();
+    cif_forward_cpu(q, kSerial);
   }
   DevBuf<H> d_hidden(B * T * D, s.offsets & 1), d_emb(B * N * D, (s.offsets >> 1) & 1);
   DevBuf<int64_t> d_fire(B * N);
   d_hidden.upload(hidden);
   d_emb.poison();
   d_fire.poison();
-  if (int e = cif_forward_cuda(d_hidden.ptr(), hk, cfg, N, gws, d_emb.ptr(), d_fire.ptr(), nullptr))
+  gp.hidden = d_hidden.ptr();
+  gp.embeds = d_emb.ptr();
+  gp.fire_frames = d_fire.ptr();
+  if (int e = cif_forward_cuda(gp, nullptr))
     res.fail("cif_forward_cuda returned %d", e);
   same_bits(res, "token_lengths", d_tok.ptr(), c_tok.data(), B, B);
   same_bits(res, "alpha_sum", d_asum.ptr(), c_asum.data(), B, B);
@@ -437,8 +471,12 @@ Result run_case(const Spec& s) {
   auto c_dots = poisoned<double>(B * T * 2);
   auto c_gh = poisoned<C>(B * T * D);
   auto c_ga = poisoned<A>(B * T);
-  cif_backward_cpu(gemb_c.data(), s.grad_sum ? gsum.data() : nullptr, hidden_c.data(), ck,
-                   alphas.data(), ak, cfg, N, cws, c_dots.data(), c_gh.data(), c_ga.data(), kSerial);
+  cp.grad_embeds = gemb_c.data();
+  cp.grad_alpha_sum = s.grad_sum ? gsum.data() : nullptr;
+  cp.dots = c_dots.data();
+  cp.grad_hidden = c_gh.data();
+  cp.grad_alphas = c_ga.data();
+  cif_backward_cpu(cp, kSerial);
   // error scales: grad_hidden, the same sums over |grad_embeds|; grad_alphas, per
   // utterance s_b max_t max_k tscale(k) |g_k| . |h_t| over the products it sums
   std::vector<C> gemb_abs(B * N * D);
@@ -447,14 +485,20 @@ Result run_case(const Spec& s) {
   {
     auto dots = poisoned<double>(B * T * 2);
     auto ga = poisoned<A>(B * T);
-    cif_backward_cpu(gemb_abs.data(), nullptr, hidden_abs.data(), ck, alphas.data(), ak, cfg, N,
-                     cws, dots.data(), c_gh_abs.data(), ga.data(), kSerial);
+    CifParams q = cp;
+    q.grad_embeds = gemb_abs.data();
+    q.grad_alpha_sum = nullptr;
+    q.hidden = hidden_abs.data();
+    q.dots = dots.data();
+    q.grad_hidden = c_gh_abs.data();
+    q.grad_alphas = ga.data();
+    cif_backward_cpu(q, kSerial);
   }
   std::vector<double> ga_mag(B * T, 0.0);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t* info = c_info.data() + b * kRowInfo;
-    const double* real = c_real.data() + b * kRowReal;
-    const int64_t L = info[kInfoStatus] == kCifOk ? info[kInfoLength] : 0;
+    const CifRowInfo& info = cp.ws.row_info[b];
+    const CifRowReal& real = cp.ws.row_real[b];
+    const int64_t L = info.status == kCifOk ? info.length : 0;
     const int64_t emitted = cif_emitted(info, N);
     double m = 0;
     for (int64_t t = 0; t < L; ++t) {
@@ -464,10 +508,10 @@ Result run_case(const Spec& s) {
         double d = 0;
         for (int64_t j = 0; j < D; ++j)
           d += std::fabs(double(gemb_c[(b * N + k) * D + j]) * double(hidden_c[(b * T + t) * D + j]));
-        m = std::max(m, d * (k == info[kInfoComplete] ? real[kRealTailScale] : 1.0));
+        m = std::max(m, d * (k == info.complete ? real.tail_scale : 1.0));
       }
     }
-    m *= info[kInfoScaled] ? real[kRealScale] : 1.0;
+    m *= info.scaled ? real.scale : 1.0;
     if (s.grad_sum) m = std::max(m, std::fabs(double(gsum[b])));
     for (int64_t t = 0; t < T; ++t) ga_mag[b * T + t] = m;
   }
@@ -486,9 +530,12 @@ Result run_case(const Spec& s) {
     d_ga.poison();
     d_dots.poison();
     g_emu_slow_warp = run == 0 ? -1 : 7;
-    if (int e = cif_backward_cuda(d_gemb.ptr(), s.grad_sum ? d_gsum.ptr() : nullptr,
-                                  d_hidden.ptr(), hk, d_alphas.ptr(), ak, cfg, N, gws,
-                                  d_dots.ptr(), d_gh.ptr(), d_ga.ptr(), nullptr))
+    gp.grad_embeds = d_gemb.ptr();
+    gp.grad_alpha_sum = s.grad_sum ? d_gsum.ptr() : nullptr;
+    gp.dots = d_dots.ptr();
+    gp.grad_hidden = d_gh.ptr();
+    gp.grad_alphas = d_ga.ptr();
+    if (int e = cif_backward_cuda(gp, nullptr))
       res.fail("cif_backward_cuda returned %d", e);
     g_emu_slow_warp = -1;
     if (run == 0) {

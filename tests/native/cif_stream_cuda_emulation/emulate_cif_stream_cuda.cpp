@@ -119,7 +119,8 @@ bool run_case(const Spec& s) {
     r.partial = partial0;
     CifStreamState st{prefix0.data(), tokens0.data(), frames0.data(), r.new_prefix.data(),
                       r.new_tokens.data(), r.new_frames.data(), r.partial.data()};
-    CifStreamWorkspace ws{r.prefix.data(), r.after.data(), r.info.data()};
+    CifStreamWorkspace ws{r.prefix.data(), r.after.data(),
+                          reinterpret_cast<CifStreamRowInfo*>(r.info.data())};
     const int64_t* len = s.use_len ? lengths.data() : nullptr;
     if (gpu) {
       g_emu_grid_cap = s.grid_cap;
@@ -159,7 +160,7 @@ bool run_case(const Spec& s) {
   close(cpu.partial, gpu.partial, "partial");
   int rejected = 0;  // a rejected chunk: no tokens, the state as it was
   for (int64_t b = 0; b < B; ++b) {
-    if (gpu.info[b * kStreamInfo + kStreamStatus] == kCifOk) continue;
+    if (reinterpret_cast<const CifStreamRowInfo*>(gpu.info.data())[b].status == kCifOk) continue;
     ++rejected;
     bool kept = gpu.new_prefix[b] == prefix0[b] && gpu.new_tokens[b] == tokens0[b] &&
                 gpu.new_frames[b] == frames0[b] && gpu.lengths_out[b] == 0;
