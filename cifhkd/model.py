@@ -649,6 +649,10 @@ class CifHkdModel(nn.Module):
                 if gather_teacher is not None:
                     negatives, offset = gather_teacher(teacher)
                 positives = offset + torch.arange(teacher.shape[0], device=teacher.device)
+                # The op needs no cast (its autocast kernel promotes the two sides to their
+                # common dtype); the teacher rows go down to the student's dtype on purpose,
+                # so that a bfloat16 student under autocast runs the bfloat16 path: with the
+                # cache's float16 rows, promotion would compute in float32.
                 terms["acd"] = cifops.contrastive_loss(
                     student, negatives.to(student.dtype), positives.masked_fill(~fired, IGNORE),
                     temperature=c.acd_temperature, normalize=True, reduction="sum", ignore_index=IGNORE)

@@ -1,4 +1,4 @@
-"""The CIF gradient at ties (issue 21, item 4): where a prefix sum lands exactly on a token
+"""The CIF gradient at ties: where a prefix sum lands exactly on a token
 boundary, or a zero-weight frame sits on one, the op returns the right-hand derivative (the
 side on which the ``>=`` fire decisions stay as taken; docs/cif-semantics.md, "Gradients").
 

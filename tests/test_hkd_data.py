@@ -121,7 +121,7 @@ def _write_float_wav(path, bad_at=None, bad=np.nan, seconds=1.0, rate=16000):
 
 
 def test_audio_holding_nan_is_refused_when_loaded_naming_the_line_and_the_file(tmp_path):
-    """Issue 21 item 9: a float WAV with a NaN (or inf) sample failed only when its
+    """A float WAV with a NaN (or inf) sample failed only when its
     features were computed, as 'mel energy is nan', naming no file."""
     _write_wav(tmp_path / "a.wav", 1.0)
     _write_float_wav(tmp_path / "f.wav")                   # float samples, all finite: kept
@@ -148,7 +148,7 @@ def test_audio_holding_nan_is_refused_when_loaded_naming_the_line_and_the_file(t
 
 
 def test_an_empty_manifest_is_named(tmp_path):
-    """Issue 21 item 11: an empty split failed as 'BucketBatchSampler: durations is empty'."""
+    """An empty split failed as 'BucketBatchSampler: durations is empty'."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(data.ManifestError, match=re.escape(f"{empty}: no utterances (an empty manifest)")):
@@ -581,7 +581,7 @@ def test_encoder_length_is_the_encoders():
 
 @needs_teacher
 def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
-    """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently, its CTC term 0
+    """0.03 s of audio for 31 tokens trained silently, its CTC term 0
     (zero_infinity). AsrDataset.too_short finds such utterances; train_hkd reports them."""
     from cifhkd import dataset
     from cifhkd import model
@@ -723,7 +723,7 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
 @needs_teacher
 def test_a_transcript_the_teacher_cannot_spell_is_named_by_its_manifest_line(tmp_path, monkeypatch,
                                                                             teacher_model):
-    """Issue 21 item 11: a character the teacher maps to [UNK] named the word, not the line."""
+    """A character the teacher maps to [UNK] named the word, not the line."""
     from cifhkd import teacher_cache as extract_teacher
     monkeypatch.setattr(extract_teacher.teacher_lib, "Teacher", lambda path=None: teacher_model)
     _write_wav(tmp_path / "a.wav", 1.0)

@@ -1,4 +1,4 @@
-"""The HKD training step without host synchronisation (issue 20): compute_loss on a batch
+"""The HKD training step without host synchronisation: compute_loss on a batch
 prepared on the host (model.prepare_batch, dataset.collate) gives the numbers of the former
 formulation (kept below as the reference), reads nothing back from the device, and
 torch.compile(fullgraph=True) traces it whole."""
@@ -36,7 +36,7 @@ def random_batch(seed: int, size: int = 5, teacher: bool = True) -> M.Batch:
     return M.Batch(feats, feat_lens, tokens, token_lens, states, token_lens + 1 if teacher else None)
 
 
-# --- the former formulation: what compute_loss computed before issue 20 ------------------
+# --- the former formulation: what compute_loss computed before the sync-free step --------
 
 def former_compute_loss(model: M.CifHkdModel, batch: M.Batch, gather_teacher=None):
     """compute_loss as it was: the CIF width, CTC targets and token rows read back from the

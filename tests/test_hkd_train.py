@@ -172,7 +172,7 @@ THIRTY_ONE_TOKENS = ("the quick brown fox jumps over the lazy dog while seven wi
 
 def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or_refused(corpus, tmp_path,
                                                                                         caplog):
-    """Issue 21 item 10: 0.03 s of audio for 31 tokens trained silently with a CTC term of 0."""
+    """0.03 s of audio for 31 tokens trained silently with a CTC term of 0."""
     from cifhkd import data
     user = tmp_path / "user"
     user.mkdir()
@@ -194,7 +194,7 @@ def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or
 
 
 def test_bad_audio_and_unspellable_transcripts_name_their_manifest_line(corpus, tmp_path):
-    """Issue 21 items 9 and 11: a NaN audio file failed at step 4 as 'mel energy is nan'; a
+    """A NaN audio file failed at step 4 as 'mel energy is nan'; a
     character the teacher cannot spell named the word but not the line."""
     from cifhkd import data
     user = tmp_path / "user"
@@ -217,7 +217,7 @@ def test_bad_audio_and_unspellable_transcripts_name_their_manifest_line(corpus, 
 
 
 def test_decode_names_bad_audio_and_an_empty_split(corpus, trained, tmp_path):
-    """Issue 21 items 9 and 11: decoding failed as 'mel energy is nan' and as
+    """Decoding failed as 'mel energy is nan' and as
     'BucketBatchSampler: durations is empty', naming neither file."""
     from cifhkd import data
     write_clip(tmp_path / "nan.wav", 1.0, nan_at=100)

@@ -1,4 +1,4 @@
-"""Issue 21, items 5-8 and 12: the ops as a careless or hostile user calls them.
+"""The ops as a careless or hostile user calls them.
 
 Second-order and forward-mode gradients, meta tensors mixed with real ones, float16
 alpha sums, thresholds below scale_eps, huge max_tokens, float8 inputs, torch.func

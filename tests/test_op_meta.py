@@ -1,4 +1,4 @@
-"""The ops' metadata has one source, the C++ (issue 22): the fake (meta) kernels read the
+"""The ops' metadata has one source, the C++: the fake (meta) kernels read the
 constants and rules that cifops._C exports, make the kernels' metadata checks with the same
 messages, and the Autocast kernels let a model under torch.autocast call the ops without
 casts of its own."""
