@@ -247,6 +247,24 @@ __device__ __forceinline__ void warp_zero_row(Pack<scalar_t, V>* row, int64_t pa
   for (int64_t i = lane; i < packs; i += kWarpSize) row[i] = zero;
 }
 
+// The lane's kPacksPerLane packs of a row, accumulated in acc_t from pack i0 on, stored
+// in scalar_t (packs past the row's end are not written).
+template <typename scalar_t, int V, typename acc_t>
+__device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row,
+                                                 const acc_t (&acc)[kPacksPerLane][V],
+                                                 int64_t i0, int64_t packs, int lane) {
+#pragma unroll
+  for (int i = 0; i < kPacksPerLane; ++i) {
+    const int64_t idx = i0 + i * kWarpSize + lane;
+    if (idx < packs) {
+      Pack<scalar_t, V> o;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[i][j]);
+      row[idx] = o;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The embedding kernels. V elements per pack; V = 1 when the rows are not 16-byte
 // aligned (odd D, offset views).
@@ -302,16 +320,7 @@ forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out
 #pragma unroll
           for (int j = 0; j < V; ++j) acc[i][j] += w * to_acc(hv[i].v[j]);
       }
-#pragma unroll
-      for (int i = 0; i < kPacksPerLane; ++i) {
-        const int64_t idx = i0 + i * kWarpSize + lane;
-        if (idx < packs) {
-          pack_t o;
-#pragma unroll
-          for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[i][j]);
-          out[idx] = o;
-        }
-      }
+      warp_store_packs(out, acc, i0, packs, lane);
     }
   }
 }
@@ -383,16 +392,7 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
         if (k == k_out) d1 += ts * static_cast<double>(dot);
         if (k == k_in && in_open) d0 += ts * static_cast<double>(dot);
       }
-#pragma unroll
-      for (int i = 0; i < kPacksPerLane; ++i) {
-        const int64_t idx = i0 + i * kWarpSize + lane;
-        if (idx < packs) {
-          pack_t o;
-#pragma unroll
-          for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[i][j]);
-          dh[idx] = o;
-        }
-      }
+      warp_store_packs(dh, acc, i0, packs, lane);
     }
     d1 = warp_sum(d1);
     d0 = warp_sum(d0);
