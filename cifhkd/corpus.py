@@ -43,8 +43,10 @@ Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
 
 OUT must be a new or empty folder, or a corpus this script made (it writes
-OUT/demo-corpus.json first): a folder holding anything else is refused (CorpusError;
-the script exits with status 2), so that no one's data is overwritten. In its own corpus, existing wavs of the same
+OUT/demo-corpus.json first) holding no symbolic link: a folder holding anything else, or
+a corpus in which a split, a file or the wav folder is a link (writing through it would
+rewrite its target), is refused (CorpusError; the script exits with status 2), so that no
+one's data is overwritten. In its own corpus, existing wavs of the same
 utterance and synthesis parameters are kept (re-running resumes); everything else is
 rewritten. The same --seed and inputs give the same
 corpus. Nothing is installed: a missing synthesiser or fortunes package is reported
@@ -305,8 +307,9 @@ MARKER = "demo-corpus.json"    # written first into every corpus this script mak
 
 
 def check_output(out: Path) -> None:
-    """CorpusError when OUT is a file, or a folder with files this script did not make:
-    it rewrites its own corpus, never someone's data."""
+    """CorpusError when OUT is a file, a folder with files this script did not make, or a
+    corpus holding a symbolic link (the script makes none; writing through one could
+    rewrite files out of the corpus): it rewrites its own corpus, never someone's data."""
     if out.exists() and not out.is_dir():
         raise CorpusError(f"--out {out} is a file, not a folder")
     if out.is_dir() and not (out / MARKER).is_file():
@@ -317,6 +320,24 @@ def check_output(out: Path) -> None:
                               "made by this script, and nothing in it is overwritten. Choose a new or empty "
                               "folder (a demo corpus made before the marker existed: delete it and make it "
                               "again)")
+    link = _first_link(out) if out.is_dir() else None
+    if link is not None:
+        raise CorpusError(f"{link} is a link to {os.path.realpath(link)}: a demo corpus holds no links, and "
+                          "nothing is written through one (its target is not the corpus's). Remove the link, "
+                          "or choose another --out (--out itself may be a link)")
+
+
+def _first_link(folder: Path):
+    """A symbolic link under folder (links to folders are not followed), or None."""
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return None
 
 
 def claim_output(out: Path, options: dict) -> None:

@@ -8,9 +8,10 @@ Two manifest formats describe a split, both read into a list of :class:`Utteranc
   ``"id"``, ``"duration"`` (seconds) and ``"speaker"``. Relative paths are relative to
   the manifest's folder.
 
-Problems in a manifest (a malformed line, a duplicate id, an utterance in wav.scp with no
-transcript or the reverse, an unreadable audio file, audio holding NaN or infinite
-samples) raise :class:`ManifestError` with ``file:line`` in the message. With
+Manifests are UTF-8 text. Problems in a manifest (a line that is not UTF-8, a malformed
+line, a duplicate id, an utterance in wav.scp with no transcript or the reverse, an
+unreadable audio file, audio holding NaN or infinite samples) raise
+:class:`ManifestError` with ``file:line`` in the message. With
 ``skip_bad=True`` they are skipped instead and counted in the returned :class:`SkipReport`,
 which the caller should print. load_manifest reads and checks a split in one call and
 refuses one with no utterances, naming it.
@@ -81,24 +82,39 @@ def _fail(report: Optional[SkipReport], reason: str, message: str):
     report.add(reason, message)
 
 
+def text_lines(path, report: Optional[SkipReport] = None) -> Iterator[Tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file. A line that is not UTF-8 (a Latin-1
+    transcript, an audio file passed as a manifest) is a ManifestError naming the file and
+    line; with a report, it is counted there and skipped."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(report, "not UTF-8", f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                           f"column {e.start + 1}): manifests, transcripts and vocabularies "
+                                           "are read as UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8; "
+                                           "or is it not a manifest?)")
+
+
 def _read_table(path: Path, report: Optional[SkipReport], what: str) -> Dict[str, Tuple[str, int]]:
     """``<key> <value...>`` lines -> {key: (value, line number)}."""
     table = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            key, _, value = line.strip().partition(" ")
-            value = value.strip()
-            if what == "path" and not value:
-                _fail(report, "malformed line", f"{path}:{lineno}: expected '<utt-id> <{what}>', got {line!r}")
-                continue
-            if key in table:
-                _fail(report, "duplicate id", f"{path}:{lineno}: duplicate utterance id {key!r} "
-                                              f"(first on line {table[key][1]})")
-                continue
-            table[key] = (value, lineno)
+    for lineno, line in text_lines(path, report):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        key, _, value = line.strip().partition(" ")
+        value = value.strip()
+        if what == "path" and not value:
+            _fail(report, "malformed line", f"{path}:{lineno}: expected '<utt-id> <{what}>', got {line!r}")
+            continue
+        if key in table:
+            _fail(report, "duplicate id", f"{path}:{lineno}: duplicate utterance id {key!r} "
+                                          f"(first on line {table[key][1]})")
+            continue
+        table[key] = (value, lineno)
     return table
 
 
@@ -159,42 +175,41 @@ def read_jsonl_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], 
     report = SkipReport()
     fail_to = report if skip_bad else None
     utterances, first_line = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(fail_to, "malformed line", f"{source}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                _fail(fail_to, "malformed line", f"{source}: expected a JSON object")
-                continue
-            audio = row.get("audio")
-            text = row.get("text")
-            if not isinstance(audio, str) or not audio:
-                _fail(fail_to, "malformed line", f"{source}: missing or non-string 'audio'")
-                continue
-            if not isinstance(text, str) or not text.strip():
-                _fail(fail_to, "empty transcript", f"{source}: missing or empty 'text'")
-                continue
-            duration = row.get("duration")
-            if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
-                _fail(fail_to, "malformed line", f"{source}: 'duration' must be a positive number, "
-                                                 f"got {duration!r}")
-                continue
-            utt = str(row.get("id", Path(audio).stem))
-            if utt in first_line:
-                _fail(fail_to, "duplicate id", f"{source}: duplicate utterance id {utt!r} "
-                                               f"(first on line {first_line[utt]})")
-                continue
-            first_line[utt] = lineno
-            audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
-            utterances.append(Utterance(utt, str(audio_path), text.strip(),
-                                        float(duration) if duration is not None else None,
-                                        row.get("speaker"), source))
+    for lineno, line in text_lines(path, fail_to):
+        if not line.strip():
+            continue
+        source = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail(fail_to, "malformed line", f"{source}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            _fail(fail_to, "malformed line", f"{source}: expected a JSON object")
+            continue
+        audio = row.get("audio")
+        text = row.get("text")
+        if not isinstance(audio, str) or not audio:
+            _fail(fail_to, "malformed line", f"{source}: missing or non-string 'audio'")
+            continue
+        if not isinstance(text, str) or not text.strip():
+            _fail(fail_to, "empty transcript", f"{source}: missing or empty 'text'")
+            continue
+        duration = row.get("duration")
+        if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
+            _fail(fail_to, "malformed line", f"{source}: 'duration' must be a positive number, "
+                                             f"got {duration!r}")
+            continue
+        utt = str(row.get("id", Path(audio).stem))
+        if utt in first_line:
+            _fail(fail_to, "duplicate id", f"{source}: duplicate utterance id {utt!r} "
+                                           f"(first on line {first_line[utt]})")
+            continue
+        first_line[utt] = lineno
+        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+        utterances.append(Utterance(utt, str(audio_path), text.strip(),
+                                    float(duration) if duration is not None else None,
+                                    row.get("speaker"), source))
     return utterances, report
 
 

@@ -164,14 +164,16 @@ class TokenVocab:
 
     @classmethod
     def load(cls, path) -> "TokenVocab":
+        """A saved vocabulary; a line that is not '<piece> <teacher_id>' or not UTF-8 is a
+        ValueError naming the file and line."""
+        from .data import text_lines
         tokens, teacher_ids = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.split()
-                if len(parts) != 2 or not parts[1].isdigit():
-                    raise ValueError(f"{path}:{lineno}: expected '<piece> <teacher_id>', got {line!r}")
-                tokens.append(parts[0])
-                teacher_ids.append(int(parts[1]))
+        for lineno, line in text_lines(path):
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(f"{path}:{lineno}: expected '<piece> <teacher_id>', got {line!r}")
+            tokens.append(parts[0])
+            teacher_ids.append(int(parts[1]))
         return cls(tokens, teacher_ids)
 
 
