@@ -2,14 +2,16 @@
 
     utts, report = data.read_manifest("data/demo/train")
     utts, report = data.check_audio(utts, report=report)
-    dataset = AsrDataset(utts, vocab, tokenizer, teacher_states=cache["states"],
+    states = teacher_cache.load_states("exp/teacher", "data/demo/train")
+    dataset = AsrDataset(utts, vocab, tokenizer, teacher_states=states,
                          spec_augment=features.SpecAugment())
     sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=120)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 Token ids are computed once, at construction (an AlignmentError names the utterance's
-manifest line). Teacher states come from extract_teacher.py's cache; an utterance missing
-from it, or whose state count differs from its tokens + [SEP], is an error.
+manifest line). Teacher states come from extract_teacher.py's cache
+(teacher_cache.load_states); an utterance missing from them, or whose state count differs
+from its tokens + [SEP], is an error.
 dataset.too_short(config) lists the utterances whose audio gives the model fewer encoder
 frames than their transcripts need (CTC's alignment); dataset.drop removes them.
 """
@@ -127,8 +129,3 @@ def collate(items: List[dict], token_multiple: int = 1) -> model_lib.Batch:
     return model_lib.prepare_batch(model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens),
                                    token_multiple)
 
-
-def load_teacher_cache(path) -> Dict[str, Tensor]:
-    """extract_teacher.py's file -> {utt_id: [L+1, Dt] float16}."""
-    cache = torch.load(path, map_location="cpu", weights_only=True)
-    return cache["states"]

@@ -90,7 +90,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="synthesise the demo corpus (as prepare_demo_corpus.py) at --corpus when its splits "
                         "are missing: into a new or empty folder, or an unfinished demo corpus only")
     g.add_argument("--teacher-dir", type=Path, default=Path("exp/teacher"),
-                   help="extract_teacher.py output: tokens.txt, <split>.pt, cache.json (made if missing, "
+                   help="extract_teacher.py output: tokens.txt, <split>-<key>.pt, cache.json (made if missing, "
                         "remade where built from other transcripts or another teacher; a tokens.txt that "
                         "differs from the training split's vocabulary is an error, never replaced)")
     g.add_argument("--teacher", default=None, help="BERT-like model folder (default MiniLM)")
@@ -362,11 +362,6 @@ def ensure_data(args, is_main: bool):
         dist.barrier()
 
 
-def teacher_cache_path(args, split: str) -> Path:
-    """extract_teacher.py's states file of a split (named by data.split_name)."""
-    return args.teacher_dir / f"{data.split_name(args.corpus / split)}.pt"
-
-
 def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bool,
                config: Optional[model_lib.ModelConfig] = None):
     """One split's AsrDataset; SpecAugment and speed perturbation on the training split only.
@@ -375,7 +370,7 @@ def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bo
     refused (--too-short: skip_too_short)."""
     manifest = args.corpus / split
     utts, _ = data.load_manifest(manifest)
-    states = dataset_lib.load_teacher_cache(teacher_cache_path(args, split)) if need_teacher else None
+    states = teacher_cache.load_states(args.teacher_dir, manifest, args.teacher) if need_teacher else None
     spec_augment = None
     if train and not args.no_spec_augment:
         spec_augment = features.SpecAugment(features.SpecAugmentConfig(

@@ -1,6 +1,7 @@
 """Data side of the CIF-HKD recipe: corpus preparation, manifests, audio, sampler,
 features, teacher alignment (the cifhkd package)."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -645,7 +646,8 @@ def test_extract_teacher_writes_vocab_and_one_cache_per_split(kaldi_dir, tmp_pat
     out = tmp_path / "teacher"
     extract_teacher.main(["--train", str(kaldi_dir), "--splits", str(kaldi_dir), "--out", str(out)])
     vocab = teacher_lib.TokenVocab.load(out / "tokens.txt")
-    states = dataset.load_teacher_cache(out / "train.pt")
+    states = extract_teacher.load_states(out, kaldi_dir)
+    assert [p.name for p in out.glob("*.pt")] == [extract_teacher.states_path(out, kaldi_dir).name]
     assert set(states) == {"a", "b"} and states["a"].dtype == torch.float16
     assert states["b"].shape == (len(vocab.encode(TOKENIZER, "don't stop")) + 1, 384)
 
@@ -671,36 +673,48 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
     vocab = build()
     record = json.loads((out / "cache.json").read_text())
     assert record["vocab"]["manifest"]["path"] == str(kaldi_dir.resolve())
-    assert record["splits"]["dev"]["manifest"] == extract_teacher.manifest_source(dev, data.read_manifest(dev)[0])
-    assert "config.json" in record["splits"]["train"]["teacher"]["files"]
+    dev_file = extract_teacher.states_path(out, dev).name
+    assert dev_file.startswith("dev-") and record["states"][dev_file]["split"] == "dev"
+    assert record["states"][dev_file]["manifest"] == extract_teacher.manifest_source(dev, data.read_manifest(dev)[0])
+    train_file = extract_teacher.states_path(out, kaldi_dir).name
+    assert "config.json" in record["states"][train_file]["teacher"]["files"]
     made = files()
     # what a killed extraction left (a process no longer running) is removed; other files are not
     import subprocess
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout)
-    for name in (f"train.pt.tmp{dead}", f"tokens.txt.tmp{dead}", "notes.tmp1", f"notes.tmp{dead}"):
+    for name in (f"{train_file}.tmp{dead}", f"tokens.txt.tmp{dead}", "notes.tmp1", f"notes.tmp{dead}"):
         (out / name).write_text("x")
     assert build().tokens == vocab.tokens and files() == made                     # up to date: nothing written
-    assert sorted(p.name for p in out.glob("*.tmp*")) == sorted(["notes.tmp1", f"notes.tmp{dead}"])
     assert len(logged) == 3 and all("up to date" in line for line in logged)
-    # another teacher (here: its configuration changed): the states again; the same vocabulary is kept
+    os.utime(out / train_file)                       # no longer up to date: the lock is taken, leftovers removed
+    build()
+    assert sorted(p.name for p in out.glob("*.tmp*")) == sorted(["notes.tmp1", f"notes.tmp{dead}"])
+    made = files()
+    # another teacher (here: its files' hash changed): the states again, replacing the old
+    # ones; the same vocabulary is kept
     real = extract_teacher.teacher_source
     with monkeypatch.context() as patch:
-        patch.setattr(extract_teacher, "teacher_source",
-                      lambda path=None: {**real(path), "files": {"config.json": {"sha256": "0"}}})
+        patch.setattr(extract_teacher, "teacher_source", lambda path=None: {**real(path), "sha256": "0" * 64})
         build()
-    assert sum("with another teacher" in line for line in logged) == 2
-    assert files()["tokens.txt"] == made["tokens.txt"] and files()["dev.pt"] != made["dev.pt"]
-    # a cache of an older extract_teacher.py (no cache.json): an equal tokens.txt is kept, states made again
-    (out / "cache.json").unlink()
+    assert sum("built with another teacher" in line for line in logged) == 2
+    assert files()["tokens.txt"] == made["tokens.txt"] and dev_file not in files()
+    # a cache of an older extract_teacher.py (a version-1 cache.json and <split>.pt files): its
+    # states are made again and its files removed; an equal tokens.txt is kept
+    build()
+    shutil.copy(extract_teacher.states_path(out, dev), out / "dev.pt")
+    (out / "cache.json").write_text(json.dumps({"version": 1, "splits": {"dev": {
+        "file": "dev.pt", "manifest": record["states"][dev_file]["manifest"],
+        "teacher": {"path": record["states"][dev_file]["teacher"]["path"], "files": {}}}}}))
     build()
     assert any("equals the vocabulary" in line for line in logged)
-    assert sum("has no record" in line for line in logged) == 2
+    assert any("replaces dev.pt, built by an older extract_teacher.py" in line for line in logged), logged
+    assert not (out / "dev.pt").exists()
     # a transcript with other words: its split is extracted again, the vocabulary refused
     dev.write_text(json.dumps({"id": "a", "audio": str(tmp_path / "a.wav"), "text": "hello don't stop"}) + "\n")
     build()
-    assert any("dev.pt was built from other transcripts" in line for line in logged)
-    assert dataset.load_teacher_cache(out / "dev.pt")["a"].shape[0] == 6      # hello don ' t stop [SEP]
+    assert any(f"replaces {dev_file}, built from other transcripts" in line for line in logged), logged
+    assert extract_teacher.load_states(out, dev)["a"].shape[0] == 6      # hello don ' t stop [SEP]
     (kaldi_dir / "text").write_text("a hello world\nb don't stop now\n")
     tokens = (out / "tokens.txt").read_bytes()
     with pytest.raises(extract_teacher.StaleCacheError, match=r"tokens\.txt \(\d+ tokens\) was built from "
@@ -709,10 +723,11 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
     assert (out / "tokens.txt").read_bytes() == tokens
     (kaldi_dir / "text").write_text("a hello world\nb don't stop\n")
     # a file that is not this cache is never overwritten; an empty manifest writes nothing
-    (out / "dev.pt").write_text("mine")
-    with pytest.raises(extract_teacher.StaleCacheError, match=r"dev\.pt is not a teacher cache"):
+    dev_path = extract_teacher.states_path(out, dev)
+    dev_path.write_text("mine")
+    with pytest.raises(extract_teacher.StaleCacheError, match=re.escape(f"{dev_path} is not a teacher cache")):
         build()
-    assert (out / "dev.pt").read_text() == "mine"
+    assert dev_path.read_text() == "mine"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(data.ManifestError, match=re.escape(f"{empty}: no utterances")):

@@ -229,7 +229,7 @@ def test_pipeline_corpus_teacher_dataset_step(tmp_path):
     utts, _ = data.check_audio(data.read_manifest(corpus / "train.jsonl")[0])
     vocab = teacher_lib.TokenVocab.load(exp / "tokens.txt")
     items = dataset.AsrDataset(utts, vocab, teacher_lib.load_tokenizer(),
-                               dataset.load_teacher_cache(exp / "train.pt"))
+                               extract_teacher.load_states(exp, corpus / "train"))
     sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=60.0)
     batch = dataset.collate([items[i] for i in next(iter(sampler))])
     torch.manual_seed(0)

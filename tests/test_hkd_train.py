@@ -38,7 +38,7 @@ def corpus(tmp_path_factory):
                                  "--make-demo-corpus",
                                  "--demo-num-train", "6", "--demo-num-dev", "1", "--demo-num-test", "1"])
     train_hkd.ensure_data(args, is_main=True)
-    assert (root / "teacher" / "train.pt").exists() and (root / "teacher" / "dev.pt").exists()
+    assert [p.name.split("-")[0] for p in sorted((root / "teacher").glob("*.pt"))] == ["dev", "train"]
     return root
 
 
@@ -102,7 +102,7 @@ def test_a_jsonl_corpus_trains_and_is_only_read(corpus, tmp_path):
                           "--train-split", "train.jsonl", "--valid-split", "dev.jsonl", "--max-steps", "1",
                           "--average-last", "0", *DEMO_SIZE))
     assert (tmp_path / "exp" / "checkpoint-1.pt").exists()
-    assert (teacher / "train.pt").exists() and (teacher / "dev.pt").exists()     # named by the files' stems
+    assert [p.name.split("-")[0] for p in sorted(teacher.glob("*.pt"))] == ["dev", "train"]  # the files' stems
     assert snapshot(user) == before
 
 
@@ -125,18 +125,20 @@ def test_a_stale_teacher_cache_is_rebuilt_or_refused_never_reused(corpus, tmp_pa
     vocab = train_hkd.teacher_lib.TokenVocab.load(teacher / "tokens.txt")
     assert vocab.tokens == train_hkd.teacher_lib.TokenVocab.load(corpus / "teacher" / "tokens.txt").tokens
     record = json.loads((teacher / "cache.json").read_text())
-    assert record["vocab"]["manifest"]["utterances"] == 6 and set(record["splits"]) == {"train", "dev"}
+    assert record["vocab"]["manifest"]["utterances"] == 6
+    assert sorted(entry["split"] for entry in record["states"].values()) == ["dev", "train"]
     # a dev transcript changed (to words of the vocabulary): dev.pt is extracted again
     dev_id, dev_text = (user / "dev" / "text").read_text().split(" ", 1)
     new_text = (user / "train" / "text").read_text().splitlines()[0].split(" ", 1)[1]
     (user / "dev" / "text").write_text(f"{dev_id} {new_text}\n")
-    train_before = (teacher / "train.pt").stat().st_mtime_ns
+    train_states = train_hkd.teacher_cache.states_path(teacher, user / "train")
+    train_before = train_states.stat().st_mtime_ns
     args = train_hkd.parse_args(argv)
     train_hkd.ensure_data(args, is_main=True)
-    states = train_hkd.dataset_lib.load_teacher_cache(teacher / "dev.pt")
+    states = train_hkd.teacher_cache.load_states(teacher, user / "dev")
     tokenizer = train_hkd.teacher_lib.load_tokenizer(None)
     assert states[dev_id].shape[0] == len(vocab.encode(tokenizer, new_text)) + 1
-    assert (teacher / "train.pt").stat().st_mtime_ns == train_before                 # up to date: kept
+    assert train_states.stat().st_mtime_ns == train_before                           # up to date: kept
     # a training transcript with a new word: the vocabulary would change; refused, not replaced
     lines = (user / "train" / "text").read_text().splitlines()
     (user / "train" / "text").write_text("\n".join([lines[0] + " zygote"] + lines[1:]) + "\n")
