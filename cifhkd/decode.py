@@ -161,7 +161,7 @@ def load_checkpoint(path, device="cpu", vocab=None) -> Trained:
     return Trained(model.to(device).eval(), own, state, path)
 
 
-def load_tokenizer(trained: Trained, teacher=None):
+def checkpoint_tokenizer(trained: Trained, teacher=None):
     """The tokenizer to read a split's transcripts with: `teacher`'s (a model folder), by
     default the one the checkpoint was trained with; ValueError when its identity differs
     from the checkpoint's record (older checkpoints have none: MiniLM by default)."""
@@ -367,7 +367,7 @@ def decode(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str
     trained = load_checkpoint(checkpoint, device, vocab)
     model, vocab = trained.model, trained.vocab
     ctc_weight = resolve_ctc_weight(model, ctc_weight, "--ctc-weight")
-    tokenizer = load_tokenizer(trained, teacher)
+    tokenizer = checkpoint_tokenizer(trained, teacher)
     utts, _ = data.load_manifest(split)
     items = dataset_lib.AsrDataset(utts, vocab, tokenizer)
     sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds, shuffle=False)

@@ -70,8 +70,10 @@ def list_checkpoints(exp_dir: Path) -> List[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def _is_trainer_name(name: str) -> bool:
-    return name in (ARGS, LOG, AVERAGED, BOARD) or CHECKPOINT_NAME.fullmatch(name) is not None
+def is_trainer_file(name: str) -> bool:
+    """Whether the trainer writes files of this name into EXP (its atomic writes' temporary
+    files are <name>.tmp<pid>)."""
+    return name in (RECORD, ARGS, LOG, AVERAGED) or CHECKPOINT_NAME.fullmatch(name) is not None
 
 
 def _now() -> str:
@@ -116,7 +118,8 @@ class RunDir:
     def owned(self) -> List[str]:
         """The names the record holds that a trainer writes (a hand-edited record cannot
         make the trainer remove anything else)."""
-        return [] if self.record is None else [n for n in self.record["files"] if _is_trainer_name(n)]
+        return [] if self.record is None else [n for n in self.record["files"]
+                                               if n != RECORD and (n == BOARD or is_trainer_file(n))]
 
     def checkpoints(self) -> List[Path]:
         """The run's checkpoint-<step>.pt, oldest first."""
@@ -171,7 +174,7 @@ class RunDir:
                 continue
             new, old = _plain(given[key]), _plain(recorded.get(key, defaults.get(key)))
             if key in PATH_OPTIONS:
-                same = (new is None) == (old is None) and (new is None or Path(new).resolve() == Path(old).resolve())
+                same = new == old or (None not in (new, old) and Path(new).resolve() == Path(old).resolve())
             else:
                 same = new == old
             if not same:

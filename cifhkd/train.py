@@ -33,11 +33,17 @@ training with NonFiniteLossError at the first non-finite update, before anything
 is saved. On CUDA: bf16 autocast, fused AdamW, DataLoader workers, pinned memory.
 
 EXP/ gets checkpoint-<step>.pt (atomically written and fsynced; model, optimizer,
-scheduler, step, epoch, sampler position, every rank's RNG states; other names in EXP,
-such as checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt
-(the mean of the last --average-last checkpoints' weights; decode.py reads it),
-tensorboard/ (when the tensorboard package is installed) and train_log.jsonl (the same
-scalars, one line per --log-every-steps updates).
+scheduler, step, epoch, sampler position, every rank's RNG states, and what decoding
+needs: model_config, the vocabulary, the tokenizer's identity; other names in EXP, such as
+checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt (the mean of
+the last --average-last checkpoints' weights; decode.py reads it), tensorboard/ (when the
+tensorboard package is installed), train_log.jsonl (the same scalars, one line per
+--log-every-steps updates; on --resume it continues from the checkpoint's step),
+args.json (the options) and run.json, the run's record of the files it wrote
+(cifhkd.rundir): no other file of EXP is ever written over or removed. A fresh run into a
+folder holding a run, a file of the trainer's names that the run did not write, and
+--resume with an option that changes what is trained are refused before anything is
+written (rundir's docstring); the record is written once the run has started.
 """
 import argparse
 import contextlib
@@ -257,11 +263,11 @@ def atomic_save(obj, path: Path):
 
 
 def remove_stale_temporaries(exp_dir: Path) -> List[Path]:
-    """Remove the temporary files that atomic_save left in exp_dir when its process died
-    mid-save (``checkpoint-<step>.pt.tmp<pid>``, ``averaged.pt.tmp<pid>`` of a process no
-    longer running); nothing else is touched. Returns the removed paths."""
-    removed = data.remove_stale_temporaries(
-        exp_dir, lambda name: CHECKPOINT_NAME.fullmatch(name) is not None or name == "averaged.pt")
+    """Remove the temporary files that atomic writes left in exp_dir when their process
+    died mid-write (``<name>.tmp<pid>`` of a process no longer running, <name> a file the
+    trainer writes: checkpoint-<step>.pt, averaged.pt, args.json, run.json,
+    train_log.jsonl); nothing else is touched. Returns the removed paths."""
+    removed = data.remove_stale_temporaries(exp_dir, rundir.is_trainer_file)
     if removed:
         log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed),
                  ", ".join(p.name for p in removed))
@@ -673,9 +679,8 @@ def wrap_model(args, model, proc: Process):
 
 def load_checkpoint(args, proc: Process, run_dir: rundir.RunDir, model, optimizer, scheduler,
                     sampler) -> Position:
-    """With --resume, restore the checkpoint (without a value the latest of the run's
-    checkpoints, or in a folder without a run's record the latest checkpoint-<step>.pt;
-    none: start afresh) into model, optimizer, scheduler, sampler and this rank's RNGs,
+    """With --resume, restore the checkpoint (without a value the latest
+    EXP/checkpoint-<step>.pt; none: start afresh) into model, optimizer, scheduler, sampler and this rank's RNGs,
     after removing what killed saves left; -> its Position (0 afresh). Options that change
     what is trained must be those the checkpoint (afresh: the run's args.json) records
     (rundir.RunDir.check_options)."""
@@ -683,7 +688,7 @@ def load_checkpoint(args, proc: Process, run_dir: rundir.RunDir, model, optimize
     if resume is not None and proc.is_main:
         remove_stale_temporaries(args.exp_dir)
     if resume == "latest":
-        found = run_dir.checkpoints() if run_dir.record is not None else list_checkpoints(args.exp_dir)
+        found = list_checkpoints(args.exp_dir)
         resume = found[-1] if found else None
         if resume is None:
             log.info("--resume: no checkpoint in %s, starting afresh", args.exp_dir)
