@@ -4,7 +4,8 @@ what the trainer refuses.
 A run keeps its record in EXP/run.json: the names of the files it wrote (args.json,
 train_log.jsonl, checkpoint-<step>.pt, averaged.pt, tensorboard/ when it made that
 folder) and one entry per session (its start, the checkpoint it resumed from and that
-checkpoint's step). A file is the run's only when the record names it: the trainer
+checkpoint's step, and the options changed since the previous session, as [before, now]:
+only those of RUN_CONTROL can change). A file is the run's only when the record names it: the trainer
 writes, replaces or removes no other file of the folder (a user's notes, the demo's
 train.out, a checkpoint-best.pt, a user's args.json or averaged.pt, the files of a run of
 an older cifhkd, which kept no record).
@@ -146,7 +147,7 @@ class RunDir:
     def check(self, args) -> "RunDir":
         """Refuse, on every rank before anything is loaded, what the module docstring says.
         -> self"""
-        if getattr(args, "overwrite_exp_dir", False) and args.resume is not None:
+        if args.overwrite_exp_dir and args.resume is not None:
             raise RunDirError(f"train_hkd: {OVERWRITE} starts afresh and --resume continues: pass one of them")
         if self.record is not None and args.resume is None and not args.overwrite_exp_dir:
             owned = [n for n in self.owned() if (self.path / n).exists()]
@@ -191,7 +192,12 @@ class RunDir:
         """The run's args.json (the options of its latest session), or None."""
         if not (self.owns(ARGS) and (self.path / ARGS).is_file()):
             return None
-        return json.loads((self.path / ARGS).read_text(encoding="utf-8"))
+        try:
+            options = json.loads((self.path / ARGS).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunDirError(f"train_hkd: {self.path / ARGS}, the run's record of its options, does not "
+                              f"read as JSON ({e})") from e
+        return options if isinstance(options, dict) else None
 
     # --- writing
 
@@ -253,8 +259,12 @@ class RunDir:
         if self.record is None:
             self.record = {"format": FORMAT, "version": 1, "id": uuid.uuid4().hex, "created": _now(),
                            "files": [], "sessions": []}
+        previous, given = self.recorded_options(), _plain(vars(args))
+        changed = {k: [previous.get(k), v] for k, v in given.items()
+                   if previous is not None and previous.get(k) != v and k not in ("resume", "overwrite_exp_dir")}
         self.record["sessions"].append({"started": _now(), "step": step,
-                                        "resumed_from": None if resumed_from is None else str(resumed_from)})
+                                        "resumed_from": None if resumed_from is None else str(resumed_from),
+                                        "changed": changed})
         names = [ARGS, LOG] + ([BOARD] if not (self.path / BOARD).exists() or self.owns(BOARD) else [])
         self.claim(*names)           # saves the record
         text = json.dumps(vars(args), default=str, indent=1)

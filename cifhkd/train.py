@@ -159,11 +159,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=10, help="checkpoints kept (0: all)")
     g.add_argument("--average-last", type=int, default=10, help="K of averaged.pt (0: none)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="checkpoint to resume from; without a value the latest of the run in --exp-dir "
-                        "(none yet: start afresh). Options that change what is trained must be as recorded "
-                        "(refused otherwise, naming each); --max-steps, --num-epochs, --save-every-steps, "
-                        "--keep-last, --average-last, --log-every-steps, --valid-every-steps, --threads, "
-                        "--num-workers, --device, --compile may change")
+                   help="checkpoint to resume from; without a value the latest --exp-dir/checkpoint-<step>.pt "
+                        "(none yet: start afresh). Options that change what is trained must be as the checkpoint "
+                        "records them (refused otherwise, naming each); those that say how far or how to run "
+                        "(--max-steps, --num-epochs, --save-every-steps, --keep-last, --average-last, "
+                        "--log-every-steps, --valid-every-steps, --threads, --num-workers, --device, --compile, "
+                        "...) may change")
     g.add_argument("--overwrite-exp-dir", action="store_true",
                    help="start afresh in an --exp-dir that holds a run: first remove the files that run "
                         "recorded as its own in EXP/run.json (its checkpoint-<step>.pt, averaged.pt, args.json, "

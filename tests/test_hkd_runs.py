@@ -112,6 +112,7 @@ def test_resume_with_changed_hyperparameters_is_refused_naming_each(corpus, tmp_
     assert record["max_steps"] == 2 and record["peak_lr"] == 0.003 and record["resume"] == "latest"
     sessions = json.loads((exp / "run.json").read_text())["sessions"]
     assert [(s["resumed_from"], s["step"]) for s in sessions] == [(None, 0), (str(exp / "checkpoint-1.pt"), 1)]
+    assert sessions[1]["changed"] == {"max_steps": [1, 2], "keep_last": [10, 1], "log_every_steps": [10, 1]}
 
 
 def test_the_log_continues_from_the_checkpoints_step_after_a_kill(corpus, tmp_path):
@@ -210,3 +211,28 @@ def test_the_demo_continues_a_system_interrupted_before_its_first_checkpoint(cor
     train()
     assert [h["step"] for h in read_log(exp)] == [1]
     assert (exp / "checkpoint-1.pt").exists() and (exp / "averaged.pt").exists()
+
+
+def test_decoding_refuses_a_tokenizer_other_than_the_checkpoints(corpus, trained_here, tmp_path):
+    from cifhkd import teacher as teacher_lib
+    default = teacher_lib.default_teacher_path()
+    same = tmp_path / "same"
+    same.mkdir()
+    for name in (*decode.TOKENIZER_FILES, "config.json"):
+        shutil.copy(default / name, same / name)
+    split = corpus / "corpus" / "dev"
+    decode.decode(trained_here, split, tmp_path / "a", method="greedy", count_search=0)
+    decode.decode(trained_here, split, tmp_path / "b", method="greedy", count_search=0, teacher=str(same))
+    assert (tmp_path / "a" / "hyp.jsonl").read_text() == (tmp_path / "b" / "hyp.jsonl").read_text()
+    with open(same / "vocab.txt", "a") as f:
+        f.write("zzzznewpiece\n")
+    with pytest.raises(ValueError, match=re.escape(f"the tokenizer of {same} is not the one {trained_here} was "
+                                                   "trained with")):
+        decode.decode(trained_here, split, tmp_path / "c", teacher=str(same))
+
+
+@pytest.fixture(scope="module")
+def trained_here(corpus, tmp_path_factory):
+    exp = tmp_path_factory.mktemp("hkd_runs_trained")
+    train_hkd.main(common(corpus, exp, "--max-steps", "1", *QUICK))
+    return exp / "checkpoint-1.pt"
