@@ -22,11 +22,17 @@ start times in seconds: the token's CIF fire frame x the encoder frame period, 8
 over characters without spaces; see score()). The split is checked when it is loaded
 (data.load_manifest): a malformed line, unreadable audio or audio holding NaN is an error
 naming its manifest line and file, and so is a split with no utterances.
+
+The model and its vocabulary come from the checkpoint alone (load_checkpoint: it carries
+model_config, the vocabulary and the tokenizer's identity), never from a tokens.txt found
+elsewhere; the transcripts are tokenised with the tokenizer it was trained with, checked
+by the SHA-256 of its files (checkpoint_tokenizer).
 """
 import argparse
 import dataclasses
 import hashlib
 import json
+import pickle
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
@@ -125,7 +131,7 @@ def load_checkpoint(path, device="cpu", vocab=None) -> Trained:
         raise FileNotFoundError(f"decode: --checkpoint {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a cifhkd checkpoint (torch.load failed: {e})") from e
     if not (isinstance(state, dict) and "model" in state and "model_config" in state and "vocab" in state):
         raise ValueError(f"{path}: not a cifhkd checkpoint (no model, model_config and vocab)")
@@ -176,8 +182,9 @@ def checkpoint_tokenizer(trained: Trained, teacher=None):
     found = tokenizer_record(teacher)
     if found["sha256"] != record.get("sha256"):
         raise ValueError(f"decode: the tokenizer of {teacher or 'the default teacher'} is not the one "
-                         f"{trained.path} was trained with ({record.get('teacher') or 'the default teacher'}; "
-                         f"{', '.join(record.get('files', []))} differ): pass --teacher with that tokenizer's folder")
+                         f"{trained.path} was trained with ({record.get('teacher') or 'the default teacher'}: "
+                         f"the SHA-256 of its {', '.join(record.get('files', []))} differs): pass --teacher with "
+                         "that tokenizer's folder")
     return teacher_lib.load_tokenizer(teacher)
 
 
