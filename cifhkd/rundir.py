@@ -23,16 +23,20 @@ The trainer refuses (RunDirError, before it writes anything):
   is the options of the latest session, and those options are the same in every session.
 
 The record is written only once the run has started as what it says (after the
-checkpoint it resumes from has loaded); on --resume, train_log.jsonl keeps the lines up to
+checkpoint it resumes from has loaded). From then on the trainer holds an exclusive lock
+(flock) on the folder: a second trainer into it is refused, and so is one that finds the
+record changed since it began. On --resume, train_log.jsonl keeps the lines up to
 the checkpoint's step, so a killed run's lines after its last checkpoint are not repeated.
 """
 import datetime
+import fcntl
 import json
+import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from . import data
 
@@ -54,6 +58,15 @@ PATH_OPTIONS = frozenset({"corpus", "teacher_dir", "teacher"})
 
 class RunDirError(RuntimeError):
     """--exp-dir holds what the run may not write over, or --resume changes the run."""
+
+
+_LOCKS: Dict[Path, int] = {}        # the folders this process trains into: their locked descriptors
+
+
+def release_locks():
+    """Release the folder locks this process holds (RunDir.lock)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
 
 
 def checkpoint_step(path: Path) -> int:
@@ -253,6 +266,7 @@ class RunDir:
         if not is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
         if args.overwrite_exp_dir and self.record is not None:
             removed = self.remove_run()
             log(f"{OVERWRITE}: removed the previous run's {', '.join(removed + [RECORD])} from {self.path}")
@@ -270,6 +284,30 @@ class RunDir:
         text = json.dumps(vars(args), default=str, indent=1)
         data.write_atomically(self.path / ARGS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.cut_log(step)
+
+    def lock(self):
+        """Hold an exclusive lock (flock) on the folder until release_locks() or the process
+        ends, so that a second trainer into it is refused; then check that the record is
+        still the one this run read when it began (no other trainer started in between)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirError(f"train_hkd: another trainer is running in --exp-dir {self.path} (it holds the "
+                              "folder's lock): wait for it to end, or train into another --exp-dir") from None
+        except OSError:
+            os.close(fd)            # a file system without flock (some network ones): no guard
+            return
+        _LOCKS[self.path] = fd
+        now = RunDir.read(self.path).record
+
+        def identity(record):
+            return None if record is None else (record["id"], len(record["sessions"]))
+        if identity(now) != identity(self.record):
+            release_locks()
+            raise RunDirError(f"train_hkd: --exp-dir {self.path} changed while this run was loading (another "
+                              "trainer started in it): nothing was written; look at it, then start again")
 
     def cut_log(self, step: int):
         """Keep the lines of train_log.jsonl up to `step` (those of a killed session after its

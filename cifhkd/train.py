@@ -906,6 +906,7 @@ def run(args) -> Optional[Path]:
     if pos.last_saved != pos.step:      # the same on every rank: save_checkpoint is collective
         save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler, run_dir, decoding)
     finish(args, proc, pos, model, valid_set, speed, board, run_dir)
+    rundir.release_locks()
     return pos.last_path if proc.is_main else None
 
 
@@ -914,6 +915,7 @@ def main(argv=None):
     try:
         return run(args)
     finally:
+        rundir.release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
 

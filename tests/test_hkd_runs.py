@@ -236,3 +236,25 @@ def trained_here(corpus, tmp_path_factory):
     exp = tmp_path_factory.mktemp("hkd_runs_trained")
     train_hkd.main(common(corpus, exp, "--max-steps", "1", *QUICK))
     return exp / "checkpoint-1.pt"
+
+
+def test_a_second_trainer_into_a_folder_in_use_is_refused(corpus, tmp_path):
+    """Two trainers started together into one folder both found it empty and mixed their
+    files; a running trainer holds the folder's lock (flock), as the process here does."""
+    import subprocess
+    import sys
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(exp)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(rundir.RunDirError, match=re.escape(f"another trainer is running in --exp-dir {exp}")):
+            train_hkd.main(common(corpus, exp, "--max-steps", "1", *QUICK))
+        assert list(exp.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    train_hkd.main(common(corpus, exp, "--max-steps", "1", *QUICK))      # free again
+    train_hkd.main(common(corpus, exp, "--max-steps", "2", "--resume", *QUICK))   # released after each run
