@@ -49,7 +49,7 @@ def test_a_fresh_run_into_another_runs_folder_is_refused(corpus, tmp_path):
     assert (exp / "notes.txt").read_text() == "my notes"
 
 
-@pytest.mark.parametrize("name", ["args.json", "averaged.pt", "train_log.jsonl", "checkpoint-1.pt"])
+@pytest.mark.parametrize("name", ["args.json", "averaged.pt", "train_log.jsonl", "checkpoint-1.pt", "run.json"])
 def test_files_the_trainer_did_not_write_are_never_replaced(corpus, tmp_path, name):
     """A user's args.json, averaged.pt, train_log.jsonl or checkpoint-1.pt in --exp-dir was
     replaced (or appended to); now the run is refused naming it, --overwrite-exp-dir too."""
