@@ -3,8 +3,9 @@
 The modules: ``data`` (manifests, audio, atomic writes, the bucketing sampler),
 ``features`` (fbank, SpecAugment), ``teacher`` (the BERT-like teacher and the ASR
 vocabulary), ``teacher_cache`` (the cached teacher states), ``dataset`` (items and
-batches), ``model`` (the CIF-HKD model), ``train`` (the training loop), ``decode`` (beam
-search, scoring), ``corpus`` (the synthetic demo corpus), ``plot_alignment``, ``demo``
+batches), ``model`` (the CIF-HKD model), ``train`` (the training loop), ``rundir`` (what
+``train`` writes into an experiment folder, and refuses), ``decode`` (beam search, scoring,
+loading a checkpoint), ``corpus`` (the synthetic demo corpus), ``plot_alignment``, ``demo``
 (the CPU demo) and ``progress`` (its live status line). The scripts in python/ are their
 command lines.
 

@@ -22,9 +22,17 @@ start times in seconds: the token's CIF fire frame x the encoder frame period, 8
 over characters without spaces; see score()). The split is checked when it is loaded
 (data.load_manifest): a malformed line, unreadable audio or audio holding NaN is an error
 naming its manifest line and file, and so is a split with no utterances.
+
+The model and its vocabulary come from the checkpoint alone (load_checkpoint: it carries
+model_config, the vocabulary and the tokenizer's identity), never from a tokens.txt found
+elsewhere; the transcripts are tokenised with the tokenizer it was trained with, checked
+by the SHA-256 of its files (checkpoint_tokenizer).
 """
 import argparse
+import dataclasses
+import hashlib
 import json
+import pickle
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
@@ -53,8 +61,13 @@ def get_parser():
                         help="train_hkd.py's averaged.pt or checkpoint-<step>.pt")
     parser.add_argument("--split", type=Path, required=True, help="Kaldi dir or JSONL manifest")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--vocab", type=Path, default=None, help="tokens.txt (default: the checkpoint's)")
-    parser.add_argument("--teacher", default=None, help="tokenizer folder (default MiniLM)")
+    parser.add_argument("--vocab", type=Path, default=None,
+                        help="tokens.txt, for a checkpoint of an older cifhkd that kept only the path of its "
+                             "vocabulary (default: that path); a checkpoint that carries its vocabulary "
+                             "decodes with it and refuses a different one")
+    parser.add_argument("--teacher", default=None,
+                        help="tokenizer folder (default: the one the checkpoint was trained with, checked "
+                             "against the identity it records; older checkpoints: MiniLM)")
     parser.add_argument("--method", choices=["greedy", "beam"], default="beam",
                         help="greedy: a beam of one")
     parser.add_argument("--beam", type=int, default=BEAM)
@@ -75,14 +88,104 @@ def get_parser():
     return parser
 
 
-def load_model(path: Path, device="cpu") -> Tuple[model_lib.CifHkdModel, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def tokenizer_record(teacher=None) -> dict:
+    """The identity of a teacher's tokenizer: its folder (None: the default teacher) and
+    the SHA-256 over its tokenizer files (TOKENIZER_FILES, those present)."""
+    path = Path(teacher).resolve() if teacher is not None else teacher_lib.default_teacher_path()
+    digest, names = hashlib.sha256(), []
+    for name in TOKENIZER_FILES:
+        if (path / name).is_file():
+            names.append(name)
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    return {"teacher": None if teacher is None else str(path), "files": names, "sha256": digest.hexdigest()}
+
+
+def decoding_record(vocab: teacher_lib.TokenVocab, teacher=None) -> dict:
+    """What a checkpoint carries for decoding besides its model_config: the vocabulary
+    itself and the tokenizer's identity (tokenizer_record)."""
+    return {"vocab": {"tokens": list(vocab.tokens), "teacher_ids": list(vocab.teacher_ids)},
+            "tokenizer": tokenizer_record(teacher)}
+
+
+@dataclasses.dataclass
+class Trained:
+    """A checkpoint loaded for decoding: the model (eval mode), its vocabulary, and the
+    checkpoint's dict (state["tokenizer"]: the tokenizer's identity, absent in older ones)."""
+    model: model_lib.CifHkdModel
+    vocab: teacher_lib.TokenVocab
+    state: dict
+    path: Path
+
+
+def load_checkpoint(path, device="cpu", vocab=None) -> Trained:
+    """The model and vocabulary of a trainer's checkpoint-<step>.pt or averaged.pt (the one
+    way to load a trained model). The vocabulary is the one the checkpoint carries; `vocab`
+    (a tokens.txt) must then be the same, else ValueError. A checkpoint of an older cifhkd
+    keeps only the path of its vocabulary: `vocab`, or that path, is loaded (and must have
+    the model's size); FileNotFoundError saying to pass --vocab when it is gone."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decode: --checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a cifhkd checkpoint (torch.load failed: {e})") from e
+    if not (isinstance(state, dict) and "model" in state and "model_config" in state and "vocab" in state):
+        raise ValueError(f"{path}: not a cifhkd checkpoint (no model, model_config and vocab)")
     config = dict(state["model_config"])
     config["pool_after"] = tuple(config["pool_after"])
     config.setdefault("block_final_norm", True)   # checkpoints from before the switch had it
     model = model_lib.CifHkdModel(model_lib.ModelConfig(**config))
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+    carried = state["vocab"]
+    if isinstance(carried, dict):
+        own = teacher_lib.TokenVocab(carried["tokens"], carried["teacher_ids"])
+        if vocab is not None:
+            other = teacher_lib.TokenVocab.load(vocab)
+            pairs = list(zip(own.tokens, own.teacher_ids))
+            other_pairs = list(zip(other.tokens, other.teacher_ids))
+            if pairs != other_pairs:
+                first = next((i for i, (a, b) in enumerate(zip(pairs, other_pairs)) if a != b),
+                             min(len(pairs), len(other_pairs)))
+                raise ValueError(
+                    f"decode: --vocab {vocab} differs from the vocabulary of {path}, which it was trained "
+                    f"with ({len(other)} against {len(own)} tokens; first difference at id {first}): the "
+                    "checkpoint decodes with its own; leave --vocab out")
+    else:
+        source = Path(vocab if vocab is not None else carried)
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"{path}: a checkpoint of an older cifhkd, which keeps only the path of its vocabulary, "
+                f"{source}, and that file is missing: pass --vocab with the tokens.txt it was trained with")
+        own = teacher_lib.TokenVocab.load(source)
+    if len(own) != model.config.vocab_size:
+        raise ValueError(f"decode: the vocabulary of {path} has {len(own)} tokens, its model "
+                         f"{model.config.vocab_size}")
+    return Trained(model.to(device).eval(), own, state, path)
+
+
+def checkpoint_tokenizer(trained: Trained, teacher=None):
+    """The tokenizer to read a split's transcripts with: `teacher`'s (a model folder), by
+    default the one the checkpoint was trained with; ValueError when its identity differs
+    from the checkpoint's record (older checkpoints have none: MiniLM by default)."""
+    record = trained.state.get("tokenizer")
+    if not isinstance(record, dict):
+        return teacher_lib.load_tokenizer(teacher)
+    if teacher is None and record.get("teacher") is not None:
+        teacher = record["teacher"]
+        if not Path(teacher).is_dir():
+            raise FileNotFoundError(f"decode: {trained.path} was trained with the tokenizer of {teacher}, which "
+                                    "is missing: pass --teacher with a folder holding the same tokenizer files")
+    found = tokenizer_record(teacher)
+    if found["sha256"] != record.get("sha256"):
+        raise ValueError(f"decode: the tokenizer of {teacher or 'the default teacher'} is not the one "
+                         f"{trained.path} was trained with ({record.get('teacher') or 'the default teacher'}: "
+                         f"the SHA-256 of its {', '.join(record.get('files', []))} differs): pass --teacher with "
+                         "that tokenizer's folder")
+    return teacher_lib.load_tokenizer(teacher)
 
 
 def frame_period_s(config: model_lib.ModelConfig) -> float:
@@ -268,10 +371,10 @@ def decode(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str
     if count_search < 0:
         raise ValueError(f"decode: --count-search must be >= 0, got {count_search}")
     device = torch.device(device)
-    model, state = load_model(checkpoint, device)
+    trained = load_checkpoint(checkpoint, device, vocab)
+    model, vocab = trained.model, trained.vocab
     ctc_weight = resolve_ctc_weight(model, ctc_weight, "--ctc-weight")
-    vocab = teacher_lib.TokenVocab.load(vocab or state["vocab"])
-    tokenizer = teacher_lib.load_tokenizer(teacher)
+    tokenizer = checkpoint_tokenizer(trained, teacher)
     utts, _ = data.load_manifest(split)
     items = dataset_lib.AsrDataset(utts, vocab, tokenizer)
     sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds, shuffle=False)

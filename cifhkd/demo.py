@@ -29,7 +29,8 @@ spoken by training voices, when the corpus has it) that way too; write
                                        (the decoder alone)
 
 A system whose experiment finished with the same command is not trained again; one that
-was interrupted resumes from its last checkpoint; one trained with another command or
+was interrupted resumes from its last checkpoint (`--resume`; with no checkpoint yet, the
+trainer starts it again from step 0); one trained with another command or
 config is moved aside to OUT/<system>.replaced-<time> and trained afresh. When Debian's
 pocketsphinx-testdata is installed, its five LibriVox recordings (real speech, out of
 domain for voices trained on synthetic speech) are decoded too and reported on their own
@@ -58,6 +59,7 @@ from . import data
 from . import decode as decode_lib
 from . import plot_alignment
 from . import progress
+from . import rundir
 from . import teacher_cache
 
 # the folder holding this package: in a repository checkout the repository, where conf/ is
@@ -185,9 +187,11 @@ def train(args, name: str, threads: int, training: progress.Training, status: pr
     exp.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(cmd + [config_text]))
     cmd += ["--threads", str(threads)]
-    if any(exp.glob("checkpoint-*.pt")):
+    if (exp / rundir.RECORD).exists() or any(exp.glob("checkpoint-*.pt")):
+        # an interrupted run (the trainer refuses a fresh run into it): continue it
         cmd.append("--resume")
-        status.say(f"demo: {name}: resuming from its last checkpoint")
+        status.say(f"demo: {name}: resuming from its last checkpoint" if any(exp.glob("checkpoint-*.pt"))
+                   else f"demo: {name}: an interrupted run with no checkpoint yet: starting it again")
     start = time.perf_counter()
     status.say(f"demo: training {SYSTEMS[name][0]} ({threads} thread(s); log {exp / 'train.out'})")
     training.begin()

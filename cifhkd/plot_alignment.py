@@ -19,7 +19,6 @@ import torch
 from . import data
 from . import decode as decode_lib
 from . import features
-from . import teacher as teacher_lib
 
 
 def get_parser():
@@ -76,8 +75,8 @@ def plot_alignment(checkpoint: Union[str, Path], split: Union[str, Path], out: U
     options; paths as str or Path). -> out, a Path. UnknownUtterance when utt is not in
     the split."""
     checkpoint, split, out = Path(checkpoint), Path(split), Path(out)
-    model, state = decode_lib.load_model(checkpoint)
-    vocab = teacher_lib.TokenVocab.load(state["vocab"])
+    trained = decode_lib.load_checkpoint(checkpoint)
+    model, vocab = trained.model, trained.vocab
     utts, _ = data.read_manifest(split)
     if utt is None:
         chosen = utts[0]

@@ -33,11 +33,17 @@ training with NonFiniteLossError at the first non-finite update, before anything
 is saved. On CUDA: bf16 autocast, fused AdamW, DataLoader workers, pinned memory.
 
 EXP/ gets checkpoint-<step>.pt (atomically written and fsynced; model, optimizer,
-scheduler, step, epoch, sampler position, every rank's RNG states; other names in EXP,
-such as checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt
-(the mean of the last --average-last checkpoints' weights; decode.py reads it),
-tensorboard/ (when the tensorboard package is installed) and train_log.jsonl (the same
-scalars, one line per --log-every-steps updates).
+scheduler, step, epoch, sampler position, every rank's RNG states, and what decoding
+needs: model_config, the vocabulary, the tokenizer's identity; other names in EXP, such as
+checkpoint-best.pt, are never resumed from, pruned or averaged), averaged.pt (the mean of
+the last --average-last checkpoints' weights; decode.py reads it), tensorboard/ (when the
+tensorboard package is installed), train_log.jsonl (the same scalars, one line per
+--log-every-steps updates; on --resume it continues from the checkpoint's step),
+args.json (the options) and run.json, the run's record of the files it wrote
+(cifhkd.rundir): no other file of EXP is ever written over or removed. A fresh run into a
+folder holding a run, a file of the trainer's names that the run did not write, and
+--resume with an option that changes what is trained are refused before anything is
+written (rundir's docstring); the record is written once the run has started.
 """
 import argparse
 import contextlib
@@ -48,7 +54,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -62,10 +67,13 @@ from torch.nn.parallel import DistributedDataParallel
 from . import corpus as corpus_lib
 from . import data
 from . import dataset as dataset_lib
+from . import decode as decode_lib
 from . import features
 from . import model as model_lib
+from . import rundir
 from . import teacher as teacher_lib
 from . import teacher_cache
+from .rundir import CHECKPOINT_NAME, checkpoint_step, list_checkpoints  # noqa: F401 (train's names too)
 
 log = logging.getLogger("train_hkd")
 
@@ -151,7 +159,16 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=10, help="checkpoints kept (0: all)")
     g.add_argument("--average-last", type=int, default=10, help="K of averaged.pt (0: none)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="checkpoint to resume from; without a value the latest in --exp-dir")
+                   help="checkpoint to resume from; without a value the latest --exp-dir/checkpoint-<step>.pt "
+                        "(none yet: start afresh). Options that change what is trained must be as the checkpoint "
+                        "records them (refused otherwise, naming each); those that say how far or how to run "
+                        "(--max-steps, --num-epochs, --save-every-steps, --keep-last, --average-last, "
+                        "--log-every-steps, --valid-every-steps, --threads, --num-workers, --device, --compile, "
+                        "...) may change")
+    g.add_argument("--overwrite-exp-dir", action="store_true",
+                   help="start afresh in an --exp-dir that holds a run: first remove the files that run "
+                        "recorded as its own in EXP/run.json (its checkpoint-<step>.pt, averaged.pt, args.json, "
+                        "train_log.jsonl, tensorboard/ when it made it, and run.json); no other file")
     g.add_argument("--log-every-steps", type=int, default=10)
     g.add_argument("--valid-every-steps", type=int, default=1000, help="and at the end; 0: end only")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -239,9 +256,6 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
-
-
 def atomic_save(obj, path: Path):
     """torch.save to path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
     folder (data.write_atomically): a crash leaves the old file or the new one, never half
@@ -250,35 +264,21 @@ def atomic_save(obj, path: Path):
 
 
 def remove_stale_temporaries(exp_dir: Path) -> List[Path]:
-    """Remove the temporary files that atomic_save left in exp_dir when its process died
-    mid-save (``checkpoint-<step>.pt.tmp<pid>``, ``averaged.pt.tmp<pid>`` of a process no
-    longer running); nothing else is touched. Returns the removed paths."""
-    removed = data.remove_stale_temporaries(
-        exp_dir, lambda name: CHECKPOINT_NAME.fullmatch(name) is not None or name == "averaged.pt")
+    """Remove the temporary files that atomic writes left in exp_dir when their process
+    died mid-write (``<name>.tmp<pid>`` of a process no longer running, <name> a file the
+    trainer writes: checkpoint-<step>.pt, averaged.pt, args.json, run.json,
+    train_log.jsonl); nothing else is touched. Returns the removed paths."""
+    removed = data.remove_stale_temporaries(exp_dir, rundir.is_trainer_file)
     if removed:
         log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed),
                  ", ".join(p.name for p in removed))
     return removed
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step of EXP/checkpoint-<step>.pt (ValueError for another name)."""
-    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path}: not a checkpoint-<step>.pt name")
-    return int(match.group(1))
-
-
-def list_checkpoints(exp_dir: Path) -> List[Path]:
-    """EXP/checkpoint-<step>.pt, oldest first; other names (checkpoint-best.pt, a user's
-    copies) are not the trainer's: never resumed from, averaged or pruned."""
-    found = [p for p in exp_dir.glob("checkpoint-*.pt") if CHECKPOINT_NAME.fullmatch(p.name)]
-    return sorted(found, key=checkpoint_step)
-
-
 def average_checkpoints(paths: List[Path], out: Path) -> dict:
     """Mean of the checkpoints' model weights (integer buffers from the last one) ->
-    out as {"model", "model_config", "vocab", "averaged": [paths]}; returns it."""
+    out as {"model", "model_config", "vocab", "tokenizer", "step", "averaged": [paths]} (what
+    decoding needs, from the last one); returns it."""
     if not paths:
         raise ValueError("average_checkpoints: no checkpoints given")
     total = None
@@ -292,7 +292,7 @@ def average_checkpoints(paths: List[Path], out: Path) -> dict:
                 total[k] = total[k] + v.double() if v.is_floating_point() else v.clone()
     averaged = {k: (v / len(paths)).to(weights[k].dtype) if v.is_floating_point() else v
                 for k, v in total.items()}
-    result = {"model": averaged, "model_config": state["model_config"], "vocab": state["vocab"],
+    result = {"model": averaged, **{k: state[k] for k in ("model_config", "vocab", "tokenizer") if k in state},
               "step": state["step"], "averaged": [str(p) for p in paths]}
     atomic_save(result, out)
     return result
@@ -300,14 +300,15 @@ def average_checkpoints(paths: List[Path], out: Path) -> dict:
 
 class TensorBoard:
     """torch.utils.tensorboard's SummaryWriter on rank 0; a no-op elsewhere or without the
-    tensorboard package (said once)."""
+    tensorboard package (said once). purge_step: a resumed run's first step (the events of
+    the killed session from it on are hidden)."""
 
-    def __init__(self, log_dir: Path, enabled: bool):
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: Optional[int] = None):
         self.writer = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(log_dir))
+                self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
             except ImportError:
                 log.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs")
 
@@ -590,6 +591,7 @@ class Position:
     batches_done: int = 0
     last_saved: Optional[int] = None
     last_path: Optional[Path] = None
+    resumed_from: Optional[Path] = None
 
 
 @dataclasses.dataclass
@@ -628,12 +630,9 @@ def setup_process(args) -> Process:
 
 
 def load_data(args, proc: Process):
-    """ensure_data, EXP/args.json, the seeds, then the vocabulary, the model config and the
-    splits. -> (config, training set, validation set or None, the training batch sampler)"""
+    """ensure_data, the seeds, then the vocabulary, the model config and the splits.
+    -> (config, vocabulary, training set, validation set or None, the training batch sampler)"""
     ensure_data(args, proc.is_main)
-    args.exp_dir.mkdir(parents=True, exist_ok=True)
-    if proc.is_main:
-        (args.exp_dir / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
     seed_everything(args.seed + proc.rank)
     vocab = teacher_lib.TokenVocab.load(args.teacher_dir / "tokens.txt")
     tokenizer = teacher_lib.load_tokenizer(args.teacher)
@@ -647,7 +646,7 @@ def load_data(args, proc: Process):
                                       num_buckets=args.num_buckets, seed=args.seed)
     if len(sampler) < proc.world_size:
         raise ValueError(f"train_hkd: {len(sampler)} batches per epoch for {proc.world_size} ranks")
-    return config, train_set, valid_set, sampler
+    return config, vocab, train_set, valid_set, sampler
 
 
 def build_model(args, config: model_lib.ModelConfig, proc: Process):
@@ -674,10 +673,13 @@ def wrap_model(args, model, proc: Process):
     return net, forward, gather_teacher
 
 
-def load_checkpoint(args, proc: Process, model, optimizer, scheduler, sampler) -> Position:
-    """With --resume, restore the checkpoint (the latest EXP/checkpoint-<step>.pt without a
-    value; none there: start afresh) into model, optimizer, scheduler, sampler and this
-    rank's RNGs, after removing what killed saves left; -> its Position (0 afresh)."""
+def load_checkpoint(args, proc: Process, run_dir: rundir.RunDir, model, optimizer, scheduler,
+                    sampler) -> Position:
+    """With --resume, restore the checkpoint (without a value the latest
+    EXP/checkpoint-<step>.pt; none: start afresh) into model, optimizer, scheduler, sampler and this rank's RNGs,
+    after removing what killed saves left; -> its Position (0 afresh). Options that change
+    what is trained must be those the checkpoint (afresh: the run's args.json) records
+    (rundir.RunDir.check_options)."""
     resume = args.resume
     if resume is not None and proc.is_main:
         remove_stale_temporaries(args.exp_dir)
@@ -686,9 +688,18 @@ def load_checkpoint(args, proc: Process, model, optimizer, scheduler, sampler) -
         resume = found[-1] if found else None
         if resume is None:
             log.info("--resume: no checkpoint in %s, starting afresh", args.exp_dir)
+    defaults = vars(get_parser().parse_args([]))
     if resume is None:
+        if args.resume is not None:
+            run_dir.check_options(vars(args), run_dir.recorded_options(), defaults,
+                                  f"{args.exp_dir / rundir.ARGS}")
         return Position()
+    resume = Path(resume)
+    if not resume.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     state = torch.load(resume, map_location="cpu", weights_only=False)
+    recorded = state.get("args") if isinstance(state, dict) else None
+    run_dir.check_options(vars(args), recorded if isinstance(recorded, dict) else None, defaults, str(resume))
     if state["world_size"] != proc.world_size:
         raise ValueError(f"--resume {resume}: saved with {state['world_size']} ranks, "
                          f"running with {proc.world_size}")
@@ -696,16 +707,19 @@ def load_checkpoint(args, proc: Process, model, optimizer, scheduler, sampler) -
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
-    pos = Position(state["step"], state["epoch"], state["sampler"]["batches_done"] // proc.world_size)
+    pos = Position(state["step"], state["epoch"], state["sampler"]["batches_done"] // proc.world_size,
+                   resumed_from=resume)
     set_rng_state(state["rng"][proc.rank])
     log.info("resumed from %s at step %d, epoch %d, batch %d", resume, pos.step, pos.epoch, pos.batches_done)
     return pos
 
 
-def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, scheduler, sampler) -> Optional[Path]:
-    """EXP/checkpoint-<step>.pt (atomic_save; every rank's RNG states, gathered: every rank
-    calls this), then the oldest beyond --keep-last removed. Sets pos.last_saved on every
-    rank, pos.last_path on rank 0. -> its path (rank 0), or None."""
+def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, scheduler, sampler,
+                    run_dir: rundir.RunDir, decoding: dict) -> Optional[Path]:
+    """EXP/checkpoint-<step>.pt (atomic_save, recorded as the run's first; every rank's RNG
+    states, gathered: every rank calls this; `decoding`: decode.decoding_record's vocabulary
+    and tokenizer), then the run's oldest beyond --keep-last removed. Sets pos.last_saved
+    on every rank, pos.last_path on rank 0. -> its path (rank 0), or None."""
     pos.last_saved = pos.step
     rngs = [None] * proc.world_size
     if proc.world_size > 1:
@@ -716,17 +730,17 @@ def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, schedu
         return None
     path = args.exp_dir / f"checkpoint-{pos.step}.pt"
     remove_stale_temporaries(args.exp_dir)
+    run_dir.claim(path.name)
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": pos.step, "epoch": pos.epoch,
                  "sampler": {"epoch": pos.epoch, "seed": sampler.seed,
                              "batches_done": pos.batches_done * proc.world_size},
                  "rng": rngs, "world_size": proc.world_size, "args": vars(args),
-                 "model_config": dataclasses.asdict(model.config),
-                 "vocab": str(args.teacher_dir / "tokens.txt")}, path)
+                 "model_config": dataclasses.asdict(model.config), **decoding}, path)
     pos.last_path = path
     if args.keep_last > 0:
-        for old in list_checkpoints(args.exp_dir)[:-args.keep_last]:
-            old.unlink()
+        for old in run_dir.checkpoints()[:-args.keep_last]:
+            run_dir.release(old)
     return path
 
 
@@ -807,21 +821,24 @@ def log_train(args, proc: Process, pos: Position, values: Dict[str, float], coun
     board.scalars({"train/lr": lr, "train/grad_norm": grad, "train/utterances_per_s": rate,
                    "train/step_s": speed.step_seconds[-1]}, pos.step)
     if proc.is_main:
-        with open(args.exp_dir / "train_log.jsonl", "a") as f:
+        with open(args.exp_dir / rundir.LOG, "a") as f:
             f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, **per_token, "lr": lr,
                                 "grad_norm": grad, "step_s": round(speed.step_seconds[-1], 4)}) + "\n")
 
 
-def finish(args, proc: Process, pos: Position, model, valid_set, speed: Throughput, board: "TensorBoard"):
+def finish(args, proc: Process, pos: Position, model, valid_set, speed: Throughput, board: "TensorBoard",
+           run_dir: rundir.RunDir):
     """The end, after the last checkpoint: the final validation, averaged.pt (the last
-    --average-last checkpoints), the timing summary (rank 0); every rank waits for it."""
+    --average-last of the run's checkpoints), the timing summary (rank 0); every rank waits
+    for it."""
     if proc.is_main:
         if valid_set is not None:
             valid = validate(model, valid_set, args, proc.device)
             board.scalars({f"valid/{k}": v for k, v in valid.items()}, pos.step)
             log.info("valid at step %d: %s", pos.step, ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
         if args.average_last > 0:
-            paths = list_checkpoints(args.exp_dir)[-args.average_last:]
+            paths = run_dir.checkpoints()[-args.average_last:]
+            run_dir.claim(rundir.AVERAGED)
             average_checkpoints(paths, args.exp_dir / "averaged.pt")
             log.info("averaged %d checkpoint(s) -> %s", len(paths), args.exp_dir / "averaged.pt")
         if speed.step_seconds:
@@ -839,14 +856,17 @@ def run(args) -> Optional[Path]:
     Nothing is read back from the device between checks: logging, validation, saving
     and the end (LossMonitor)."""
     proc = setup_process(args)
-    config, train_set, valid_set, sampler = load_data(args, proc)
+    run_dir = rundir.RunDir.read(args.exp_dir).check(args)      # refuses before anything is done
+    config, vocab, train_set, valid_set, sampler = load_data(args, proc)
+    decoding = decode_lib.decoding_record(vocab, args.teacher)
     model, optimizer, scheduler = build_model(args, config, proc)
-    pos = load_checkpoint(args, proc, model, optimizer, scheduler, sampler)
+    pos = load_checkpoint(args, proc, run_dir, model, optimizer, scheduler, sampler)
+    run_dir.start(args, pos.step, pos.resumed_from, proc.is_main, log=log.info)   # the record, now
     log.info("model: %.2f M parameters, vocabulary %d, %d training utterances, %d batches/epoch, "
              "%d rank(s) on %s", model_lib.count_parameters(model) / 1e6, config.vocab_size,
              len(train_set), len(sampler), proc.world_size, proc.device)
     net, forward, gather_teacher = wrap_model(args, model, proc)
-    board = TensorBoard(args.exp_dir / "tensorboard", proc.is_main)
+    board = TensorBoard(args.exp_dir / rundir.BOARD, proc.is_main, purge_step=pos.step + 1 if pos.step else None)
     from tqdm import tqdm
     progress = tqdm(total=args.max_steps or None, initial=pos.step, disable=not proc.is_main or args.no_progress,
                     dynamic_ncols=True, desc="train")
@@ -875,12 +895,13 @@ def run(args) -> Optional[Path]:
             board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, proc.device).items()},
                           pos.step)
         if save_now:
-            save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
+            save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler, run_dir, decoding)
     progress.close()
     monitor.check(pos.step, pos.epoch, pos.last_saved)
     if pos.last_saved != pos.step:      # the same on every rank: save_checkpoint is collective
-        save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler)
-    finish(args, proc, pos, model, valid_set, speed, board)
+        save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler, run_dir, decoding)
+    finish(args, proc, pos, model, valid_set, speed, board, run_dir)
+    rundir.release_locks()
     return pos.last_path if proc.is_main else None
 
 
@@ -889,6 +910,7 @@ def main(argv=None):
     try:
         return run(args)
     finally:
+        rundir.release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
 

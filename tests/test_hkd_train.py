@@ -191,7 +191,7 @@ def test_utterances_too_short_for_their_transcripts_are_reported_then_skipped_or
     assert "6 training utterances" in caplog.text
     with pytest.raises(data.ManifestError, match=rf"{manifest}: 1 of 7 utterance\(s\) too short.*short-1 .*"
                                                  "--too-short skip leaves them out"):
-        train_hkd.main(argv + ["--too-short", "error"])
+        train_hkd.main(argv + ["--too-short", "error", "--exp-dir", str(tmp_path / "exp2")])
     assert train_hkd.parse_args([]).too_short == "skip"
 
 
