@@ -45,6 +45,11 @@ namespace {
 
 constexpr int kRowWarps = 8;             // warps per block of the row kernels
 constexpr int kPacksPerLane = 2;         // 16-byte packs per lane per pass over D
+// The backward's packs per lane: one for 2- and 8-byte types, whose pass over two packs
+// needs more than the 80 registers of 37.5% occupancy (88 and 94: benchmarks/sass_report.py).
+template <typename scalar_t>
+constexpr int kBackwardPacks = sizeof(scalar_t) == 4 ? kPacksPerLane : 1;
+constexpr int kRowMinBlocks = 3;         // resident row-kernel blocks per SM: 37.5% occupancy
 constexpr int kScanThreads = 256;        // block of the scan and the alpha gradient
 constexpr int kScanTile = 1024;          // frames staged in shared memory at a time
 constexpr int kChain = 8;                // frames per step of the scan's serial loop
@@ -117,22 +122,23 @@ __device__ __forceinline__ double serial_sum(const double* s, int n, double p, d
   double v[kChain];
 #pragma unroll
   for (int j = 0; j < kChain; ++j) v[j] = s[j];
-  int i = 0;
-  for (; i + kChain <= n; i += kChain) {
+  const double* const steps_end = s + (n - n % kChain);
+#pragma unroll 2
+  for (; s != steps_end; s += kChain, out += kChain) {
     double next[kChain];
 #pragma unroll
-    for (int j = 0; j < kChain; ++j) next[j] = s[i + kChain + j];
+    for (int j = 0; j < kChain; ++j) next[j] = s[kChain + j];
 #pragma unroll
     for (int j = 0; j < kChain; ++j) v[j] = p = __dadd_rn(p, v[j]);
 #pragma unroll
     for (int j = 0; j < kChain; ++j) {
-      if (kPrefix) out[i + j] = v[j];
+      if (kPrefix) out[j] = v[j];
       v[j] = next[j];
     }
   }
-  for (; i < n; ++i) {
-    p = __dadd_rn(p, s[i]);
-    if (kPrefix) out[i] = p;
+  for (int j = 0; j < n % kChain; ++j) {
+    p = __dadd_rn(p, s[j]);
+    if (kPrefix) out[j] = p;
   }
   return p;
 }
@@ -317,14 +323,13 @@ __device__ __forceinline__ void warp_zero_row(Pack<scalar_t, V>* row, int64_t pa
   for (int64_t i = lane; i < packs; i += kWarpSize) row[i] = zero;
 }
 
-// The lane's kPacksPerLane packs of a row, accumulated in acc_t from pack i0 on, stored
+// The lane's P packs of a row, accumulated in acc_t from pack i0 on, stored
 // in scalar_t (packs past the row's end are not written).
-template <typename scalar_t, int V, typename acc_t>
-__device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row,
-                                                 const acc_t (&acc)[kPacksPerLane][V],
+template <typename scalar_t, int V, int P, typename acc_t>
+__device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row, const acc_t (&acc)[P][V],
                                                  int64_t i0, int64_t packs, int lane) {
 #pragma unroll
-  for (int i = 0; i < kPacksPerLane; ++i) {
+  for (int i = 0; i < P; ++i) {
     const int64_t idx = i0 + i * kWarpSize + lane;
     if (idx < packs) {
       Pack<scalar_t, V> o;
@@ -340,7 +345,7 @@ __device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row,
 // aligned (odd D, offset views).
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+__global__ void __launch_bounds__(kRowWarps * kWarpSize, kRowMinBlocks)
 forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
                CifWorkspace ws, scalar_t* __restrict__ embeds,
                int64_t* __restrict__ fire_frames) {
@@ -395,8 +400,8 @@ forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out
   }
 }
 
-template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+template <typename scalar_t, int V, int kPacks>
+__global__ void __launch_bounds__(kRowWarps * kWarpSize, kRowMinBlocks)
 backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
                       const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
                       CifWorkspace ws, double* __restrict__ dots,
@@ -431,11 +436,11 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
     const pack_t* h = reinterpret_cast<const pack_t*>(hidden + row * D);
     // D1, D0 in double: beta / r of a normalised tail can exceed float's range
     double d1 = 0.0, d0 = 0.0;
-    for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacksPerLane) {
-      pack_t hv[kPacksPerLane];
-      acc_t acc[kPacksPerLane][V];
+    for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacks) {
+      pack_t hv[kPacks];
+      acc_t acc[kPacks][V];
 #pragma unroll
-      for (int i = 0; i < kPacksPerLane; ++i) {
+      for (int i = 0; i < kPacks; ++i) {
         const int64_t idx = i0 + i * kWarpSize + lane;
         if (idx < packs) hv[i] = h[idx];
 #pragma unroll
@@ -447,7 +452,7 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
         const pack_t* g = reinterpret_cast<const pack_t*>(grad_embeds + (b * n_out + k) * D);
         acc_t dot = acc_t(0);
 #pragma unroll
-        for (int i = 0; i < kPacksPerLane; ++i) {
+        for (int i = 0; i < kPacks; ++i) {
           const int64_t idx = i0 + i * kWarpSize + lane;
           if (idx < packs) {
             const pack_t gv = g[idx];
@@ -572,7 +577,14 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
 }
 
 // Whether rows of D elements of `bytes` each, at these base pointers, can move as
-// 16-byte packs.
+// 16-byte packs. Otherwise the row kernels run with V = 1 (one element per load and
+// store, still coalesced across the warp): when D * itemsize is not a multiple of 16
+// (odd D; bfloat16/float16 D not a multiple of 8) or when hidden or grad_embeds is a view
+// that starts off a 16-byte boundary (outputs are fresh allocations, always aligned). No
+// head/tail peeling: each row of such a view is misaligned by its own amount, and the
+// backward's three row pointers by three different amounts. Cost (predicted, benchmarks/RESULTS.md): the
+// same bytes with 4-8x the load instructions, ~1.1-1.3x the kernel time for float32 and
+// ~1.5-2x for 2-byte types; hidden.contiguous() at a 16-byte offset avoids it.
 bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
   if ((D * bytes) % 16 != 0) return false;
   for (const void* p : ptrs)
@@ -626,10 +638,10 @@ int cif_backward_cuda(const CifParams& p, void* stream) {
     const auto* h = static_cast<const scalar_t*>(p.hidden);
     auto* gh = static_cast<scalar_t*>(p.grad_hidden);
     if (packable(p.cfg.dim, sizeof(scalar_t), {p.grad_embeds, p.hidden, p.grad_hidden}))
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V>)(
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V, kBackwardPacks<scalar_t>>)(
           g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
     else
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1>)(
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1, kPacksPerLane>)(
           g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
