@@ -197,7 +197,7 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
 
   // The alpha sum, sequentially in frame order (needed first only for the scaling;
   // without it the prefix sums below end on the same sum). The last tile stays staged:
-  // an utterance of one tile is read from global memory once.
+  // the prefix pass of an utterance of one tile does not load it again.
   int64_t staged = -1;  // the first frame of the tile in s_alpha, if any
   double sum = 0.0, scale = 1.0;
   bool zero_sum_target = false;
