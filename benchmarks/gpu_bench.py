@@ -7,10 +7,14 @@ first, the median of several repetitions, fresh random inputs rotated among thre
 Reports (and writes to $OUT/bench.json, or ./gpu-bench.json):
   * the device-to-device copy bandwidth (bytes read + written) and a bf16 matmul rate;
   * CIF forward+backward at the issue's sizes, float32 and bfloat16, against every
-    installed peer (torch_cif, FunASR's cif and cif_v1), with peak extra memory, and the
-    speed-up over the fastest peer;
-  * CIF forward alone at B=64 T=1500 D=512 (with max_tokens) as bytes moved over time
-    and as a fraction of the copy bandwidth; the per-kernel time of forward+backward;
+    installed peer (torch_cif, FunASR's cif and cif_v1), each timed two ways: wall time
+    (CUDA events around the call, host work included) and kernel time (the sum of the
+    call's GPU kernels, from torch.profiler); cifops with and without max_tokens
+    (without: one device-to-host copy of the token counts per call); peak extra memory;
+    the speed-ups over torch_cif and over the fastest peer in both times; the per-kernel
+    times of cifops with max_tokens;
+  * CIF forward alone at B=64 T=1500 D=512 (with max_tokens) as bytes moved over the
+    forward kernel's time, as a fraction of the copy bandwidth;
   * the contrastive loss forward+backward against naive PyTorch and Inf-CL (frozen
     teacher; trainable teacher and symmetric at the larger sizes), peak extra memory, and
     each gradient's relative error against a float64 reference beside naive's own
@@ -57,6 +61,25 @@ def peak_mib(fn):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def kernel_ms(fn, reps=5):
+    """(GPU kernel time per call in ms, {kernel name: ms per call}) over `reps` profiled
+    calls after one warm-up call: the sum of the device-side events (kernels, memsets,
+    copies) that torch.profiler records, which excludes the host's time between them."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+            per_kernel[e.name[:70]] = per_kernel.get(e.name[:70], 0.0) + us / reps / 1e3
+    return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
 def ceilings(res):
@@ -109,9 +132,13 @@ def bench_cif(res, quick):
     for (B, T, D) in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             sets = [cif_inputs(B, T, D, dtype, s) for s in range(3)]
+            with torch.no_grad():
+                n_max = max(int(cifops.cif(h, a).embeds.shape[1]) for h, a in sets)
+            impls = dict(peers)
+            impls["cifops_mt"] = lambda h, a: cifops.cif(h, a, max_tokens=n_max).embeds
             probe = torch.randn(T, D, device=DEV, dtype=dtype)
-            r = {"B": B, "T": T, "D": D, "dtype": str(dtype).split(".")[1]}
-            for name, fn in peers.items():
+            r = {"B": B, "T": T, "D": D, "dtype": str(dtype).split(".")[1], "max_tokens": n_max}
+            for name, fn in impls.items():
                 if name == "funasr_cif" and (T > 200 or quick):
                     continue  # a Python loop over frames: seconds per call
                 k = [0]
@@ -125,13 +152,22 @@ def bench_cif(res, quick):
                 try:
                     slow = name == "funasr_cif"
                     r[name] = med(step, reps=3 if slow else 20, warm=1 if slow else 3)
+                    r[name + "_kernel"], per_kernel = kernel_ms(step, reps=2 if slow else 5)
                     r[name + "_MiB"] = peak_mib(step)
+                    if name == "cifops_mt":
+                        r["cifops_mt_kernels"] = {kk: round(v * 1e3, 1) for kk, v in
+                                                  list(per_kernel.items())[:8]}  # us
                 except Exception as e:  # noqa: BLE001
                     r[name] = None
                     print(f"  {name} B{B} T{T} D{D} {dtype}: {repr(e)[:160]}")
-            others = [v for k2, v in r.items() if k2 in peers and k2 != "cifops" and v]
-            if others and r.get("cifops"):
-                r["x_fastest_peer"] = min(others) / r["cifops"]
+            for mine in ("cifops", "cifops_mt"):
+                for kind, suffix in (("wall", ""), ("kernel", "_kernel")):
+                    if r.get(mine + suffix) and r.get("torch_cif" + suffix):
+                        r[f"{mine}_x_torch_cif_{kind}"] = r["torch_cif" + suffix] / r[mine + suffix]
+                    others = [r[p + suffix] for p in peers
+                              if not p.startswith("cifops") and r.get(p + suffix)]
+                    if others and r.get(mine + suffix):
+                        r[f"{mine}_x_fastest_peer_{kind}"] = min(others) / r[mine + suffix]
             rows.append(r)
             print("CIF fwd+bwd ms", {k2: (round(v, 4) if isinstance(v, float) else v)
                                      for k2, v in r.items()})
@@ -139,7 +175,7 @@ def bench_cif(res, quick):
             torch.cuda.empty_cache()
     res["cif_fwd_bwd"] = rows
 
-    # forward alone: bytes over time at B=64 T=1500 D=512
+    # forward alone: bytes over the forward kernel's time at B=64 T=1500 D=512
     for dtype in (torch.float32, torch.bfloat16):
         B, T, D = 64, 1500, 512
         sets = [cif_inputs(B, T, D, dtype, s) for s in range(3)]
@@ -158,36 +194,21 @@ def bench_cif(res, quick):
                 return cifops.cif(h, a)
             t_mt = med(fwd_mt, reps=30)
             t = med(fwd, reps=30)
+            t_kernels, per_kernel = kernel_ms(fwd_mt)
+        t_fwd = sum(v for name, v in per_kernel.items() if "forward_kernel" in name) or t_kernels
         esz = torch.tensor([], dtype=dtype).element_size()
         nbytes = B * T * D * esz + B * N * D * esz + B * T * 4
-        bw = nbytes / (t_mt * 1e-3) / 1e12
-        res[f"cif_fwd_{dtype}"] = dict(ms_max_tokens=t_mt, ms=t, N=N, TBps=bw,
-                                       frac_of_copy=bw / res["copy_TBps"])
-        print(f"CIF fwd B64 T1500 D512 {dtype}: {t_mt:.4f} ms with max_tokens, {t:.4f} ms "
-              f"without; {bw:.2f} TB/s = {bw / res['copy_TBps']:.0%} of copy")
+        bw = nbytes / (t_fwd * 1e-3) / 1e12
+        res[f"cif_fwd_{dtype}"] = dict(ms_max_tokens=t_mt, ms=t, kernels_ms=t_kernels,
+                                       forward_kernel_ms=t_fwd, N=N, TBps=bw,
+                                       frac_of_copy=bw / res["copy_TBps"],
+                                       kernels_us={kk: round(v * 1e3, 1)
+                                                   for kk, v in per_kernel.items()})
+        print(f"CIF fwd B64 T1500 D512 {dtype}: wall {t_mt:.4f} ms with max_tokens, {t:.4f} ms "
+              f"without; kernels {t_kernels:.4f} ms, forward kernel {t_fwd:.4f} ms: {bw:.2f} TB/s "
+              f"= {bw / res['copy_TBps']:.0%} of copy")
         del sets
         torch.cuda.empty_cache()
-
-    # per-kernel profile of forward+backward at B=32 T=600 D=512 float32
-    h, a = cif_inputs(32, 600, 512, torch.float32, 7)
-    probe = torch.randn(600, 512, device=DEV)
-
-    def step():
-        out = cifops.cif(h, a).embeds
-        torch.autograd.grad((out * probe[: out.shape[1]]).sum(), (h, a))
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    kern = {}
-    for e in p.key_averages():
-        t_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t_us and e.key and not e.key.startswith("cuda"):
-            kern[e.key[:60]] = round(t_us / 5, 1)
-    res["cif_kernels_us_B32_T600_D512"] = dict(sorted(kern.items(), key=lambda kv: -kv[1])[:8])
-    print("CIF fwd+bwd kernels (us per step):", res["cif_kernels_us_B32_T600_D512"])
 
 
 def c_fused(s, t, **kw):
@@ -281,11 +302,15 @@ def bench_contrastive(res, quick):
     N, D = (8192, 768) if quick else (32768, 768)
     s = torch.randn(N, D, device=DEV, dtype=torch.bfloat16)
     t = torch.randn(N, D, device=DEV, dtype=torch.bfloat16)
-    sweep = {}
-    for mib in (16, 32, 64, 128, 256):
+    sweep = {"default (1 GiB budget)": round(med(lambda: c_fused(s, t), reps=10), 4)}
+    for mib in (64, 128, 256, 512, 768):
         os.environ["CIFOPS_CONTRASTIVE_CHUNK_MIB"] = str(mib)
         sweep[mib] = round(med(lambda: c_fused(s, t), reps=10), 4)
     os.environ.pop("CIFOPS_CONTRASTIVE_CHUNK_MIB")
+    _, per_kernel = kernel_ms(lambda: c_fused(s, t), reps=3)
+    res["contrastive_kernels_us"] = {kk: round(v * 1e3, 1) for kk, v in list(per_kernel.items())[:10]}
+    print(f"contrastive N={N} D={D} bf16 frozen, kernels (us per call; a splitK kernel name "
+          f"means cuBLAS split the G.B product):", res["contrastive_kernels_us"])
     res["contrastive_chunk_sweep_ms"] = {"N": N, "D": D, **sweep}
     print(f"contrastive chunk MiB sweep N={N} D={D}:", sweep)
 

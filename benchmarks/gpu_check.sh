@@ -1,15 +1,20 @@
 #!/bin/bash
-# One command for a GPU machine: build cifops against that machine's torch, check that C++
-# errors raise (benchmarks/abort_probe.py), run the CUDA tests, compute-sanitizer memcheck
-# and racecheck on a small workload, and the GPU
-# benchmarks (benchmarks/gpu_bench.py); logs go to $OUT (default /tmp/gpu-check) and a
-# short table is printed last. About 4-5 minutes on an H100.
+# One command for a GPU machine, which yields every GPU number the open issues ask for:
+# build cifops against that machine's torch, check that C++ errors raise
+# (benchmarks/abort_probe.py), run the CUDA tests, compute-sanitizer memcheck and
+# racecheck on a small workload, the GPU benchmarks (benchmarks/gpu_bench.py: CIF
+# forward+backward wall and kernel time with and without max_tokens at every size, the
+# forward's bandwidth, the contrastive loss against naive and Inf-CL with peak memory),
+# the AISHELL-1 preset training step (benchmarks/gpu_step.py), the host time per CIF
+# forward+backward (benchmarks/bench_host_time.py) and the streaming step. Logs go to
+# $OUT (default /tmp/gpu-check); the summary lines are printed as they come. About 6
+# minutes on an H100.
 #
 #   bash benchmarks/gpu_check.sh [--quick]     # --quick: small benchmark sizes only
 #
-# Peers (torch-cif, funasr, inf-cl) are installed from wheels in .whl/ when present (a
-# machine without a package index; see benchmarks/RESULTS.md for the download command),
-# else from whatever is installed.
+# The machine has no package index: peers (torch-cif, funasr, inf-cl) and the recipe's
+# data dependencies are installed from wheels in a git-ignored .whl/ when present (the
+# download command: benchmarks/RESULTS.md, "GPU check"), else whatever is installed is used.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -46,7 +51,11 @@ timeout 120 compute-sanitizer --tool racecheck --kernel-name kns=cifops --error-
   python3 benchmarks/gpu_sanitize.py > "$OUT/racecheck.log" 2>&1
 echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.log"
 el bench
-timeout 300 python3 benchmarks/gpu_bench.py "$@" 2>&1 | grep -v torch_complex | tee "$OUT/bench.log" | tail -40
+timeout 420 python3 benchmarks/gpu_bench.py "$@" 2>&1 | grep -v torch_complex | tee "$OUT/bench.log" | tail -40
+el "training step (AISHELL-1 preset)"
+timeout 180 python3 benchmarks/gpu_step.py 2>&1 | tee "$OUT/step.log" | tail -3
+el "host time per CIF forward+backward (CPU tensors, one thread)"
+timeout 120 python3 benchmarks/bench_host_time.py 2>&1 | tee "$OUT/host_time.log"
 el "bench: streaming step per chunk"
 timeout 90 python3 -m pytest benchmarks/bench_stream.py -k cuda --benchmark-only -q -p no:cacheprovider \
   --benchmark-columns=median,min,rounds 2>&1 | grep -E "^test_|Name" | tee "$OUT/bench_stream.log"

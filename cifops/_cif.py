@@ -116,25 +116,57 @@ def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, s
 
 # --- autograd: the backward is its own op ---------------------------------------
 
-# The forward's scan workspace (prefix sums, fire counts, per-utterance results) is
-# saved with the inputs, so the backward runs no second scan.
-def _setup_context(ctx, inputs, output):
-    hidden, alphas, _, _, threshold, scale_eps, tail_threshold, tail_normalize, _ = inputs
-    ctx.save_for_backward(hidden, alphas, output[4], output[5])
-    ctx.args = (threshold, scale_eps, tail_threshold, tail_normalize)
+# The Autograd kernel of cifops::cif_forward, registered directly on the dispatcher. It
+# is what torch.library.register_autograd would build, less the per-call work that makes
+# that one slow for an op of nine arguments (its setup_context path rebuilds the schema's
+# argument list several times per call, and the backward op went through its own
+# autograd kernel): the forward runs the op below autograd and saves the scan workspace
+# (prefix sums, fire counts, per-utterance results) with the inputs, so the backward runs
+# no second scan; the backward calls cifops::cif_backward below autograd too, unless a
+# graph of the backward is being recorded (create_graph=True), where that op's autograd
+# kernel (no_double_backward) must see the call. benchmarks/bench_host_time.py measures it.
+_FORWARD_OP = torch.ops.cifops.cif_forward.default
+_BACKWARD_OP = torch.ops.cifops.cif_backward.default
 
 
-def _backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum,
-              grad_scan_real, grad_scan_int):
-    hidden, alphas, scan_real, scan_int = ctx.saved_tensors
-    if grad_embeds is None:
-        grad_embeds = hidden.new_zeros((hidden.shape[0], 0, hidden.shape[2]))
-    grad_hidden, grad_alphas = torch.ops.cifops.cif_backward(
-        grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int, *ctx.args)
-    return grad_hidden, grad_alphas, None, None, None, None, None, None, None
+class _CifAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, alphas, lengths, target_lengths, threshold, scale_eps,
+                tail_threshold, tail_normalize, max_tokens):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _FORWARD_OP(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
+                              tail_threshold, tail_normalize, max_tokens)
+        ctx.save_for_backward(hidden, alphas, out[4], out[5])
+        ctx.args = (threshold, scale_eps, tail_threshold, tail_normalize)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum,
+                 grad_scan_real, grad_scan_int):
+        hidden, alphas, scan_real, scan_int = ctx.saved_tensors
+        if grad_embeds is None:
+            grad_embeds = hidden.new_zeros((hidden.shape[0], 0, hidden.shape[2]))
+        args = (grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int, *ctx.args)
+        if torch.is_grad_enabled():
+            grad_hidden, grad_alphas = _BACKWARD_OP(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                grad_hidden, grad_alphas = _BACKWARD_OP(*args)
+        return grad_hidden, grad_alphas, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("cifops::cif_forward", _backward, setup_context=_setup_context)
+def _cif_forward_autograd(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
+                          tail_threshold, tail_normalize, max_tokens):
+    args = (hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold,
+            tail_normalize, max_tokens)
+    if torch.is_grad_enabled() and (hidden.requires_grad or alphas.requires_grad):
+        return _CifAutograd.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _FORWARD_OP(*args)
+
+
+_LIB = torch.library.Library("cifops", "FRAGMENT")
+_LIB.impl("cif_forward", _cif_forward_autograd, "Autograd")
 # The backward is not differentiable: a second-order gradient raises, naming the op,
 # instead of silently being zero.
 torch.library.register_autograd("cifops::cif_backward", no_double_backward("cifops.cif"))

@@ -237,8 +237,13 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
     dtype, rescaled so that float16 keeps small weights); float32 products follow
     torch's matmul precision setting (``torch.backends.cuda.matmul.allow_tf32`` /
     ``torch.set_float32_matmul_precision``): full float32, no TF32, by default;
-    float64 products run in float64. Gradients are deterministic on both devices
-    (no atomics; fixed-order reductions). On CUDA, targets are not checked against
+    float64 products run in float64. The loss and gradients are bitwise identical run
+    to run on each device (no atomics; fixed-order reductions): on CUDA for the same
+    GPU model, torch and CUDA versions, matmul precision setting and shapes (the chunk
+    of rows, which the cuBLAS products see, is sized from N, M and D), with
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` where cuBLAS runs on several streams (as
+    ``torch.use_deterministic_algorithms`` requires); the CPU and CUDA results agree
+    to rounding, not bitwise. On CUDA, targets are not checked against
     ``[0, M)`` (that would need a sync): a row with an out-of-range target gives a
     NaN loss.
     """

@@ -3,15 +3,20 @@
 //
 // Parallelisation
 //   scan      one block per utterance. The block stages the utterance's alphas in
-//             shared memory, tile by tile, with coalesced loads, validates them in
-//             parallel (the first bad frame is a block-wide minimum), and one thread
-//             runs the float64 recursion of cif_scan_row out of shared memory and
-//             registers: the same operations in the same order as the CPU (product
-//             and sum rounded separately, never fused), so both backends make the
-//             same fire decisions bit for bit. The block writes the tile's prefix sums
-//             and fire counts back with coalesced stores. The forward op returns this
-//             workspace, autograd saves it, and the backward reads it: one scan per
-//             forward+backward.
+//             shared memory, tile by tile, with coalesced loads, and validates them in
+//             parallel (the first bad frame is a block-wide minimum). One thread runs
+//             only the float64 additions that must happen in frame order to round as
+//             the CPU does (the alpha sum, and the prefix sums over the products that
+//             the whole block computed with __dmul_rn: product and sum rounded
+//             separately, never fused), one __dadd_rn per frame out of shared memory
+//             (benchmarks/sass_report.py prints that loop). The block then computes
+//             every frame's fire count on its own (the count of boundaries at or below
+//             its prefix sum, which is what the CPU's running count reaches, since
+//             prefix sums never decrease), checks the 2^53 limit from the tile's last
+//             prefix (a block-wide minimum finds the offending frame), and writes the
+//             prefix sums and fire counts with coalesced stores: the same fire decisions
+//             as the CPU, bit for bit. The forward op returns this workspace, autograd
+//             saves it, and the backward reads it: one scan per forward+backward.
 //   forward   one warp per output row (b, k): the token's frame span [fire[k-1], fire[k]]
 //             from a 32-ary warp search of token_after (two or three loads instead of
 //             log2 T), then 16-byte loads of the hidden rows (float4, 8 x half),
@@ -40,10 +45,17 @@ namespace {
 
 constexpr int kRowWarps = 8;             // warps per block of the row kernels
 constexpr int kPacksPerLane = 2;         // 16-byte packs per lane per pass over D
+// The backward's packs per lane: one for 2- and 8-byte types, whose pass over two packs
+// needs more than the 80 registers of 37.5% occupancy (88 and 94: benchmarks/sass_report.py).
+template <typename scalar_t>
+constexpr int kBackwardPacks = sizeof(scalar_t) == 4 ? kPacksPerLane : 1;
+constexpr int kRowMinBlocks = 3;         // resident row-kernel blocks per SM: 37.5% occupancy
 constexpr int kScanThreads = 256;        // block of the scan and the alpha gradient
 constexpr int kScanTile = 1024;          // frames staged in shared memory at a time
+constexpr int kChain = 8;                // frames per step of the scan's serial loop
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
 static_assert(kScanTile % kScanThreads == 0, "the scan's reset relies on it");
+static_assert(kScanTile % kChain == 0, "16-byte aligned steps of the serial loop");
 
 // V elements of T moved as one aligned access (16 bytes when V = 16 / sizeof(T)).
 template <typename T, int V>
@@ -88,22 +100,77 @@ __device__ int64_t block_min(int64_t v, int64_t* shared) {
   return v;
 }
 
-// Product and sum rounded separately (no FMA contraction), as on the CPU.
-__device__ __forceinline__ double scaled_add(double p, double a, double scale) {
-  return __dadd_rn(p, __dmul_rn(a, scale));
+// 2^53: from this quotient p / beta on, token counts stop being exact (cif_scan_row).
+constexpr double kTwo53 = 9007199254740992.0;
+
+// Tokens fired once the prefix sum reaches p, given `fired` tokens at an earlier, smaller
+// prefix: what cif_scan_row's frame step computes (settle only when a fire is pending).
+// Because prefix sums never decrease and cif_boundary never decreases in k, the answer
+// is #{k : cif_boundary(k) <= p} whatever `fired` is (any count reached at an earlier
+// prefix), so every frame's count can be computed on its own, in parallel.
+__device__ __forceinline__ int64_t fires_at(double p, int64_t fired, double beta) {
+  return cif_boundary(fired, beta) <= p ? cif_settle_fires(p, fired, beta) : fired;
 }
 
+// p + s[0] + ... + s[n - 1], one __dadd_rn after the other in this order (the CPU's
+// rounding), on one thread; with kPrefix, out[i] gets the sum through s[i]. The terms of
+// the next kChain frames are loaded from shared memory while the current ones are added,
+// so the loop runs at the latency of the dependent adds. s has kChain elements of
+// padding past n: the last step's early loads read it, and it is never added.
+template <bool kPrefix>
+__device__ __forceinline__ double serial_sum(const double* s, int n, double p, double* out) {
+  double v[kChain];
+#pragma unroll
+  for (int j = 0; j < kChain; ++j) v[j] = s[j];
+  const double* const steps_end = s + (n - n % kChain);
+#pragma unroll 2
+  for (; s != steps_end; s += kChain, out += kChain) {
+    double next[kChain];
+#pragma unroll
+    for (int j = 0; j < kChain; ++j) next[j] = s[kChain + j];
+#pragma unroll
+    for (int j = 0; j < kChain; ++j) v[j] = p = __dadd_rn(p, v[j]);
+#pragma unroll
+    for (int j = 0; j < kChain; ++j) {
+      if (kPrefix) out[j] = v[j];
+      v[j] = next[j];
+    }
+  }
+  for (int j = 0; j < n % kChain; ++j) {
+    p = __dadd_rn(p, s[j]);
+    if (kPrefix) out[j] = p;
+  }
+  return p;
+}
+
+// Stage alphas [t0, t0 + n) of the row into s as float64 (coalesced), between barriers.
+template <typename alpha_t>
+__device__ __forceinline__ void stage_alphas(const alpha_t* __restrict__ a, int64_t t0, int n,
+                                             double* s) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += kScanThreads) s[i] = static_cast<double>(a[t0 + i]);
+  __syncthreads();
+}
+
+// The scan, cif_scan_row in parallel. Only the float64 additions, which must happen one
+// after the other in frame order to round as the CPU rounds, run on one thread: the
+// alpha sum (with target_lengths) and the prefix sums, each a loop of one __dadd_rn per
+// frame out of shared memory. Everything else is done by the whole block: the
+// validation (the first bad frame is a block-wide minimum), the scaled alphas (each
+// product rounded on its own, __dmul_rn, never fused into the add), the fire counts of
+// every frame (fires_at), the 2^53 check (the block reads the tile's last prefix; only
+// when that one is over, the first offending frame is found with block-wide minima) and
+// the coalesced stores. The division of the scaling runs once per utterance.
 template <typename alpha_t>
 __global__ void __launch_bounds__(kScanThreads)
 scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ lengths,
             const int64_t* __restrict__ target, CifConfig cfg, CifWorkspace ws,
             int64_t* __restrict__ token_lengths, alpha_t* __restrict__ alpha_sum) {
-  __shared__ double s_alpha[kScanTile];
-  __shared__ double s_prefix[kScanTile];
-  __shared__ int64_t s_after[kScanTile];
+  __shared__ __align__(16) double s_alpha[kScanTile + kChain];  // alphas, then scaled in place
+  __shared__ __align__(16) double s_prefix[kScanTile];  // the tile's prefix sums
   __shared__ int64_t s_red[kScanThreads / kWarpSize];
-  __shared__ double s_carry[2];  // running sum, and (status != ok) as a flag
-  __shared__ int64_t s_fired;
+  __shared__ double s_real[2];  // thread 0's results: the scale, then the final prefix
+  __shared__ int s_flag;        // zero sum with a positive target
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
   const int64_t T = cfg.frames;
@@ -129,17 +196,17 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
   const bool ok = !bad_length && !bad_target && first_bad == T;
 
   // The alpha sum, sequentially in frame order (needed first only for the scaling;
-  // without it the prefix pass below produces the same sum).
+  // without it the prefix sums below end on the same sum). The last tile stays staged:
+  // the prefix pass of an utterance of one tile does not load it again.
+  int64_t staged = -1;  // the first frame of the tile in s_alpha, if any
   double sum = 0.0, scale = 1.0;
   bool zero_sum_target = false;
   if (ok && target) {
     for (int64_t t0 = 0; t0 < length; t0 += kScanTile) {
-      const int64_t n = length - t0 < kScanTile ? length - t0 : kScanTile;
-      __syncthreads();
-      for (int64_t i = tid; i < n; i += kScanThreads) s_alpha[i] = static_cast<double>(a[t0 + i]);
-      __syncthreads();
-      if (tid == 0)
-        for (int64_t i = 0; i < n; ++i) sum = __dadd_rn(sum, s_alpha[i]);
+      const int n = static_cast<int>(length - t0 < kScanTile ? length - t0 : kScanTile);
+      stage_alphas(a, t0, n, s_alpha);
+      staged = t0;
+      if (tid == 0) sum = serial_sum<false>(s_alpha, n, sum, nullptr);
     }
     if (tid == 0) {
       // (beta * target + eps) / sum, each operation rounded on its own as on the CPU
@@ -148,61 +215,70 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
                           sum);
       else if (target[b] == 0) scale = 0.0;
       else zero_sum_target = true;
-      s_carry[0] = scale;
-      s_carry[1] = zero_sum_target ? 1.0 : 0.0;
+      s_real[0] = scale;
+      s_flag = zero_sum_target ? 1 : 0;
     }
     __syncthreads();
-    scale = s_carry[0];
-    zero_sum_target = s_carry[1] != 0.0;
+    scale = s_real[0];
+    zero_sum_target = s_flag != 0;
   }
   const bool run = ok && !zero_sum_target;
   const int64_t L = run ? length : 0;
 
-  // The prefix pass: thread 0 runs the recursion over each staged tile; the block
-  // writes the tile out. Frames >= L carry the final prefix and count.
-  double p = 0.0;
-  int64_t fired = 0;
+  // The prefix pass, tile by tile. Frames >= L carry the final prefix and count.
+  double p = 0.0;       // thread 0: the running prefix sum
+  int64_t fired = 0;    // every thread: tokens fired before the tile (cif_scan_row's count)
   bool too_many = false;
   int64_t too_many_at = -1;
   for (int64_t t0 = 0; t0 < L; t0 += kScanTile) {
-    const int64_t n = L - t0 < kScanTile ? L - t0 : kScanTile;
+    const int n = static_cast<int>(L - t0 < kScanTile ? L - t0 : kScanTile);
+    if (staged != t0) stage_alphas(a, t0, n, s_alpha);
+    staged = -1;  // scaled in place below
+    if (target) {  // a * 1.0 == a: without target_lengths the alphas are the terms
+      for (int i = tid; i < n; i += kScanThreads) s_alpha[i] = __dmul_rn(s_alpha[i], scale);
+      __syncthreads();
+    }
+    // The serial part: one add per frame. After an overflow only the sum goes on (it is
+    // alpha_sum without target_lengths).
+    if (tid == 0) p = serial_sum<true>(s_alpha, n, p, s_prefix);
     __syncthreads();
-    for (int64_t i = tid; i < n; i += kScanThreads) s_alpha[i] = static_cast<double>(a[t0 + i]);
-    __syncthreads();
-    if (tid == 0) {
-      for (int64_t i = 0; i < n; ++i) {
-        p = scaled_add(p, s_alpha[i], scale);
-        if (too_many) continue;  // only the sum goes on (it is alpha_sum without target)
-        s_prefix[i] = p;
-        if (cif_boundary(fired, beta) <= p) {
-          if (p / beta >= 9007199254740992.0) {  // 2^53: token counts stop being exact
-            too_many = true;
-            too_many_at = t0 + i;
-            continue;
-          }
-          fired = cif_settle_fires(p, fired, beta);
-        }
-        s_after[i] = fired;
+    if (too_many) continue;
+    // Prefix sums never decrease, so the 2^53 check of the whole tile is its last one's.
+    int first_big = n;      // the tile's first frame with p / beta >= 2^53
+    int64_t fired_big = 0;  // the tokens fired before it
+    if (s_prefix[n - 1] / beta >= kTwo53) {
+      int64_t first = n;
+      for (int i = tid; i < n; i += kScanThreads)
+        if (s_prefix[i] / beta >= kTwo53 && i < first) first = i;
+      first_big = static_cast<int>(block_min(first, s_red));
+      fired_big = first_big == 0 ? fired : fires_at(s_prefix[first_big - 1], fired, beta);
+      // From there on every fire is an overflow (cif_scan_row stops at the first one),
+      // and no count changes before it.
+      int64_t first_fire = n;
+      for (int i = tid; i < n; i += kScanThreads)
+        if (i >= first_big && cif_boundary(fired_big, beta) <= s_prefix[i] && i < first_fire)
+          first_fire = i;
+      first_fire = block_min(first_fire, s_red);
+      if (first_fire < n) {  // the same on every thread
+        too_many = true;
+        too_many_at = t0 + first_fire;
+        continue;
       }
     }
-    __syncthreads();
-    // After an overflow these are stale; the reset below rewrites every frame, each
-    // from the same thread (kScanTile is a multiple of kScanThreads).
-    for (int64_t i = tid; i < n; i += kScanThreads) {
-      P[t0 + i + 1] = s_prefix[i];
-      after[t0 + i] = s_after[i];
+    for (int i = tid; i < n; i += kScanThreads) {
+      const double pi = s_prefix[i];
+      P[t0 + i + 1] = pi;
+      after[t0 + i] = i < first_big ? fires_at(pi, fired, beta) : fired_big;
     }
+    fired = first_big == n ? fires_at(s_prefix[n - 1], fired, beta) : fired_big;
   }
-  __syncthreads();  // every thread has read the scale out of s_carry
-  if (tid == 0) {
-    s_carry[0] = p;
-    s_fired = fired;
-    s_carry[1] = too_many ? 1.0 : 0.0;
-  }
+  __syncthreads();  // every thread has read the scale out of s_real
+  if (tid == 0) s_real[1] = p;
   __syncthreads();
-  too_many = s_carry[1] != 0.0;
-  const double p_end = too_many ? 0.0 : s_carry[0];
-  const int64_t fired_end = too_many ? 0 : s_fired;
+  const double p_end = too_many ? 0.0 : s_real[1];
+  const int64_t fired_end = too_many ? 0 : fired;
+  // After an overflow every frame is rewritten (an invalid utterance's workspace is all
+  // zero), each frame by the thread that wrote it (kScanTile % kScanThreads == 0).
   const int64_t fill_from = too_many ? 0 : L;
   if (tid == 0) P[0] = 0.0;
   for (int64_t t = fill_from + tid; t < T; t += kScanThreads) {
@@ -247,14 +323,13 @@ __device__ __forceinline__ void warp_zero_row(Pack<scalar_t, V>* row, int64_t pa
   for (int64_t i = lane; i < packs; i += kWarpSize) row[i] = zero;
 }
 
-// The lane's kPacksPerLane packs of a row, accumulated in acc_t from pack i0 on, stored
+// The lane's P packs of a row, accumulated in acc_t from pack i0 on, stored
 // in scalar_t (packs past the row's end are not written).
-template <typename scalar_t, int V, typename acc_t>
-__device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row,
-                                                 const acc_t (&acc)[kPacksPerLane][V],
+template <typename scalar_t, int V, int P, typename acc_t>
+__device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row, const acc_t (&acc)[P][V],
                                                  int64_t i0, int64_t packs, int lane) {
 #pragma unroll
-  for (int i = 0; i < kPacksPerLane; ++i) {
+  for (int i = 0; i < P; ++i) {
     const int64_t idx = i0 + i * kWarpSize + lane;
     if (idx < packs) {
       Pack<scalar_t, V> o;
@@ -270,7 +345,7 @@ __device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row,
 // aligned (odd D, offset views).
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+__global__ void __launch_bounds__(kRowWarps * kWarpSize, kRowMinBlocks)
 forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
                CifWorkspace ws, scalar_t* __restrict__ embeds,
                int64_t* __restrict__ fire_frames) {
@@ -325,8 +400,8 @@ forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out
   }
 }
 
-template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+template <typename scalar_t, int V, int kPacks>
+__global__ void __launch_bounds__(kRowWarps * kWarpSize, kRowMinBlocks)
 backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
                       const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
                       CifWorkspace ws, double* __restrict__ dots,
@@ -361,11 +436,11 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
     const pack_t* h = reinterpret_cast<const pack_t*>(hidden + row * D);
     // D1, D0 in double: beta / r of a normalised tail can exceed float's range
     double d1 = 0.0, d0 = 0.0;
-    for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacksPerLane) {
-      pack_t hv[kPacksPerLane];
-      acc_t acc[kPacksPerLane][V];
+    for (int64_t i0 = 0; i0 < packs; i0 += kWarpSize * kPacks) {
+      pack_t hv[kPacks];
+      acc_t acc[kPacks][V];
 #pragma unroll
-      for (int i = 0; i < kPacksPerLane; ++i) {
+      for (int i = 0; i < kPacks; ++i) {
         const int64_t idx = i0 + i * kWarpSize + lane;
         if (idx < packs) hv[i] = h[idx];
 #pragma unroll
@@ -377,7 +452,7 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
         const pack_t* g = reinterpret_cast<const pack_t*>(grad_embeds + (b * n_out + k) * D);
         acc_t dot = acc_t(0);
 #pragma unroll
-        for (int i = 0; i < kPacksPerLane; ++i) {
+        for (int i = 0; i < kPacks; ++i) {
           const int64_t idx = i0 + i * kWarpSize + lane;
           if (idx < packs) {
             const pack_t gv = g[idx];
@@ -502,7 +577,14 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
 }
 
 // Whether rows of D elements of `bytes` each, at these base pointers, can move as
-// 16-byte packs.
+// 16-byte packs. Otherwise the row kernels run with V = 1 (one element per load and
+// store, still coalesced across the warp): when D * itemsize is not a multiple of 16
+// (odd D; bfloat16/float16 D not a multiple of 8) or when hidden or grad_embeds is a view
+// that starts off a 16-byte boundary (outputs are fresh allocations, always aligned). No
+// head/tail peeling: each row of such a view is misaligned by its own amount, and the
+// backward's three row pointers by three different amounts. Cost (predicted, benchmarks/RESULTS.md): the
+// same bytes with 4-8x the load instructions, ~1.1-1.3x the kernel time for float32 and
+// ~1.5-2x for 2-byte types; hidden.contiguous() at a 16-byte offset avoids it.
 bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
   if ((D * bytes) % 16 != 0) return false;
   for (const void* p : ptrs)
@@ -556,10 +638,10 @@ int cif_backward_cuda(const CifParams& p, void* stream) {
     const auto* h = static_cast<const scalar_t*>(p.hidden);
     auto* gh = static_cast<scalar_t*>(p.grad_hidden);
     if (packable(p.cfg.dim, sizeof(scalar_t), {p.grad_embeds, p.hidden, p.grad_hidden}))
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V>)(
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V, kBackwardPacks<scalar_t>>)(
           g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
     else
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1>)(
+      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1, kPacksPerLane>)(
           g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);

@@ -12,9 +12,10 @@
 //   prepare        one warp per row: max |x|, the sum of squares of x / max|x| in
 //                  double (a fixed shuffle tree), then the unit row in the input dtype
 //                  (the matmul operand) and 1 / max(||x||, eps) in double.
-//   softmax rows   one block per logit row: an online pass (running max, sum of exp,
-//                  sum of exp * z, first argmax) per thread over a strided share of the
-//                  columns, merged in a fixed tree (deterministic), writes lse / E /
+//   softmax rows   one warp per logit row, 8 rows per block, 16-byte loads issued two
+//                  at a time per lane: an online pass (running max, sum of exp, sum of
+//                  exp * z, first argmax) per lane over a strided share of the columns,
+//                  merged in a fixed shuffle tree (deterministic), writes lse / E /
 //                  positive logit / argmax; a second pass over the same row writes
 //                  G_rc = a_r (exp(z_rc - lse_r) - [c == t_r]) + b_c (exp(z_rc - clse_c)
 //                  - [r == c]), times an optional scale that keeps float16 G in range.
@@ -35,7 +36,8 @@ namespace cifops {
 namespace {
 
 constexpr int kRowsPerWarpBlock = 8;  // prepare / unit backward: one warp per row
-constexpr int kSoftmaxThreads = 256;  // softmax rows: one block per row
+constexpr int kSoftmaxWarps = 8;      // softmax rows: one warp per row, 8 rows per block
+constexpr int kLoadsAhead = 2;        // softmax rows: 16-byte loads per lane issued at once (4: spills)
 constexpr int64_t kMaxBlocks = 1 << 20;
 
 template <typename T> __device__ __forceinline__ T from_double(double x);
@@ -155,48 +157,76 @@ struct SoftmaxRowsArgs {
   const acc_t* col_lse = nullptr;     // clse [cols]
 };
 
-template <typename acc_t, typename g_t>
-__global__ void __launch_bounds__(kSoftmaxThreads)
+// V elements of T moved as one aligned access (16 bytes of logits: V = 16 / sizeof(acc_t)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Adds logit v of column c to the online state.
+template <typename acc_t>
+__device__ __forceinline__ void online_add(Online<acc_t>& st, acc_t v, int64_t c) {
+  if (st.idx < 0) {
+    st = Online<acc_t>{v, acc_t(1), v, c};
+  } else if (v > st.m) {
+    const acc_t f = exp_acc(st.m - v);
+    st.l = st.l * f + acc_t(1);
+    st.e = st.e * f + v;
+    st.m = v;
+    st.idx = c;
+  } else {
+    const acc_t p = exp_acc(v - st.m);
+    st.l += p;
+    st.e += p * v;
+  }
+}
+
+// One warp per logit row, kSoftmaxWarps rows per block (no shared memory, no block
+// barrier). Each lane reads its columns as V-element packs (16 bytes of float32 or
+// float64 logits), kLoadsAhead packs issued before any of them is used, in two passes
+// over the row: the online statistics (merged across the lanes in a fixed shuffle
+// tree: deterministic), then the G row, written as V-element packs of g_t.
+template <typename acc_t, typename g_t, int V>
+__global__ void __launch_bounds__(kSoftmaxWarps * kWarpSize)
 softmax_rows_kernel(SoftmaxRowsArgs<acc_t, g_t> args) {
-  __shared__ Online<acc_t> s_part[kSoftmaxThreads / kWarpSize];
-  __shared__ acc_t s_lse;
-  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int64_t C = args.cols;
+  using pack_t = Pack<acc_t, V>;
+  using gpack_t = Pack<g_t, V>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t C = args.cols, packs = C / V;
   const acc_t inv_tau = *args.inv_tau;
   const bool want_stats = args.lse || args.argmax;
-  for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kSoftmaxWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kSoftmaxWarps + threadIdx.x / kWarpSize;
+       r < args.rows; r += warp_stride) {
     const int64_t ar = args.row0 + r;
     const acc_t* z = args.logits + r * C;
+    const pack_t* zp = reinterpret_cast<const pack_t*>(z);
+    acc_t lse = acc_t(0);
     if (want_stats || (args.grad && args.row_weight && !args.row_lse)) {
       Online<acc_t> st{neg_inf<acc_t>(), acc_t(0), acc_t(0), -1};
-      for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
-        const acc_t v = z[c] * inv_tau;
-        if (st.idx < 0) {
-          st = Online<acc_t>{v, acc_t(1), v, c};
-        } else if (v > st.m) {
-          const acc_t f = exp_acc(st.m - v);
-          st.l = st.l * f + acc_t(1);
-          st.e = st.e * f + v;
-          st.m = v;
-          st.idx = c;
-        } else {
-          const acc_t p = exp_acc(v - st.m);
-          st.l += p;
-          st.e += p * v;
+      for (int64_t i0 = lane; i0 < packs; i0 += kWarpSize * kLoadsAhead) {
+        pack_t zv[kLoadsAhead];
+#pragma unroll
+        for (int u = 0; u < kLoadsAhead; ++u) {
+          const int64_t i = i0 + u * kWarpSize;
+          if (i < packs) zv[u] = zp[i];
+        }
+#pragma unroll
+        for (int u = 0; u < kLoadsAhead; ++u) {
+          const int64_t i = i0 + u * kWarpSize;
+          if (i < packs) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) online_add(st, zv[u].v[j] * inv_tau, i * V + j);
+          }
         }
       }
       for (int o = kWarpSize / 2; o > 0; o /= 2) st = online_merge(st, online_shfl(st, o));
-      __syncthreads();  // the previous row's readers of s_part are done
-      if (lane == 0) s_part[warp] = st;
-      __syncthreads();
-      if (tid == 0) {
-        Online<acc_t> all = s_part[0];
-        for (int w = 1; w < kSoftmaxThreads / kWarpSize; ++w) all = online_merge(all, s_part[w]);
-        const acc_t lse = all.m + log_acc(all.l);
-        s_lse = lse;
+      // lane 0's state is the row's (the merges of other lanes may differ only on NaN)
+      lse = st.m + log_acc(st.l);
+      if (lane == 0) {
         if (args.lse) args.lse[ar] = lse;
-        if (args.expect) args.expect[ar] = all.e / all.l;
-        if (args.argmax) args.argmax[ar] = all.idx;
+        if (args.expect) args.expect[ar] = st.e / st.l;
+        if (args.argmax) args.argmax[ar] = st.idx;
         if (args.target_logit) {  // 0 for an ignored row, NaN for a target outside [0, C)
           const int64_t t = args.target ? args.target[ar] : ar;
           acc_t zt = acc_t(0);
@@ -205,7 +235,7 @@ softmax_rows_kernel(SoftmaxRowsArgs<acc_t, g_t> args) {
           args.target_logit[ar] = zt;
         }
       }
-      __syncthreads();
+      lse = __shfl_sync(kFullMask, lse, 0);
     }
     if (!args.grad) continue;
     const acc_t scale = args.grad_scale ? *args.grad_scale : acc_t(1);
@@ -213,20 +243,37 @@ softmax_rows_kernel(SoftmaxRowsArgs<acc_t, g_t> args) {
     int64_t t = -1;
     if (args.row_weight) {
       a = args.row_weight[ar] * scale;
-      lse_r = args.row_lse ? args.row_lse[ar] : s_lse;
+      lse_r = args.row_lse ? args.row_lse[ar] : lse;
       t = contrastive_target(args.target, ar, args.ignore_index);
     }
-    g_t* g = args.grad + r * C;
-    for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
-      const acc_t v = z[c] * inv_tau;
-      acc_t x = acc_t(0);
-      if (a != acc_t(0)) x = a * (exp_acc(v - lse_r) - (c == t ? acc_t(1) : acc_t(0)));
-      if (args.col_weight) {
-        const acc_t b = args.col_weight[c] * scale;
-        if (b != acc_t(0))
-          x += b * (exp_acc(v - args.col_lse[c]) - (c == ar ? acc_t(1) : acc_t(0)));
+    gpack_t* g = reinterpret_cast<gpack_t*>(args.grad + r * C);
+    for (int64_t i0 = lane; i0 < packs; i0 += kWarpSize * kLoadsAhead) {
+      pack_t zv[kLoadsAhead];
+#pragma unroll
+      for (int u = 0; u < kLoadsAhead; ++u) {
+        const int64_t i = i0 + u * kWarpSize;
+        if (i < packs) zv[u] = zp[i];
       }
-      g[c] = from_acc<g_t>(x);
+#pragma unroll
+      for (int u = 0; u < kLoadsAhead; ++u) {
+        const int64_t i = i0 + u * kWarpSize;
+        if (i >= packs) continue;
+        gpack_t out;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const int64_t c = i * V + j;
+          const acc_t v = zv[u].v[j] * inv_tau;
+          acc_t x = acc_t(0);
+          if (a != acc_t(0)) x = a * (exp_acc(v - lse_r) - (c == t ? acc_t(1) : acc_t(0)));
+          if (args.col_weight) {
+            const acc_t b = args.col_weight[c] * scale;
+            if (b != acc_t(0))
+              x += b * (exp_acc(v - args.col_lse[c]) - (c == ar ? acc_t(1) : acc_t(0)));
+          }
+          out.v[j] = from_acc<g_t>(x);
+        }
+        g[i] = out;
+      }
     }
   }
 }
@@ -308,9 +355,18 @@ int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk
     args.row_lse = static_cast<const acc_t*>(chunk.row.lse);
     args.col_weight = static_cast<const acc_t*>(chunk.col.weight);
     args.col_lse = static_cast<const acc_t*>(chunk.col.lse);
-    const unsigned grid = grid_for(chunk.rows, 1, kMaxBlocks);
+    const unsigned grid = grid_for(chunk.rows, kSoftmaxWarps, kMaxBlocks);
     cudaStream_t st = static_cast<cudaStream_t>(stream);
-    CIFOPS_LAUNCH(grid, kSoftmaxThreads, 0, st, softmax_rows_kernel<acc_t, g_t>)(args);
+    // 16-byte packs when every row starts on a 16-byte boundary (the chunk buffers are
+    // fresh allocations: when cols is a multiple of V)
+    constexpr int V = 16 / sizeof(acc_t);
+    const bool packed = chunk.cols % V == 0 &&
+                        reinterpret_cast<uintptr_t>(chunk.logits) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(chunk.grad) % (V * sizeof(g_t)) == 0;
+    if (packed)
+      CIFOPS_LAUNCH(grid, kSoftmaxWarps * kWarpSize, 0, st, softmax_rows_kernel<acc_t, g_t, V>)(args);
+    else
+      CIFOPS_LAUNCH(grid, kSoftmaxWarps * kWarpSize, 0, st, softmax_rows_kernel<acc_t, g_t, 1>)(args);
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
 }

@@ -7,9 +7,10 @@
 // precision setting, full float32 by default), one kernel (contrastive_cuda.cu) turns
 // each logit row into its statistics and, when a gradient is wanted, the G row, and
 // cuBLAS forms G . B for this side and accumulates G^T . A_chunk for the other. The
-// chunk's rows are bounded by a fixed workspace (CIFOPS_CONTRASTIVE_CHUNK_MIB, default
-// 64 MiB of logits and G), so memory is O((N + M) D) plus that, whatever N is. Every
-// reduction runs in a fixed order: the results are identical run to run.
+// chunk's rows are sized so that the whole op stays within 1 GiB of extra memory
+// (chunk_workspace_bytes), so memory is O((N + M) D) plus a bounded chunk, whatever N
+// is. Every reduction runs in a fixed order: the results are identical run to run for
+// the same shapes (which fix the chunk size) and cuBLAS settings.
 //
 // For a scalar, non-symmetric loss the forward also finishes the student gradient
 // (fused_grad, as on the CPU): the backward of the frozen-teacher case only scales it,
@@ -35,6 +36,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -46,31 +48,6 @@ namespace {
 
 constexpr const char* kLossFn = "cifops.contrastive_loss";
 constexpr const char* kAccuracyFn = "cifops.contrastive_accuracy";
-
-// The chunk workspace bound in bytes: CIFOPS_CONTRASTIVE_CHUNK_MIB (a tuning knob for
-// benchmarks), default 64 MiB.
-int64_t chunk_workspace_bytes() {
-  int64_t mib = 64;
-  if (const char* env = std::getenv("CIFOPS_CONTRASTIVE_CHUNK_MIB")) {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    TORCH_CHECK(end != env && *end == '\0' && v >= 1 && v <= (1 << 20),
-                "cifops: CIFOPS_CONTRASTIVE_CHUNK_MIB must be an integer in [1, 1048576], got '",
-                env, "'");
-    mib = v;
-  }
-  return mib << 20;
-}
-
-// Rows per chunk for `cols` columns at `bytes` per logit element (logits plus G): a
-// multiple of 128 (the matmul tile) within the workspace bound, at least 128.
-int64_t chunk_rows(int64_t rows, int64_t cols, int64_t bytes) {
-  if (rows == 0) return 1;
-  int64_t r = cols > 0 ? chunk_workspace_bytes() / (cols * bytes) : rows;
-  r = r / 128 * 128;
-  if (r < 128) r = 128;
-  return r < rows ? r : rows;
-}
 
 // One side: the unit rows in the input dtype (the matmul operand) and 1 / max(||x||, eps).
 struct CudaSide {
@@ -123,18 +100,56 @@ struct CudaInputs {
     D = s.size(1);
     counted = counted_rows(targets, N, ignore_index, student.options());
   }
-  bool half() const { return compute != student.scalar_type() && compute == at::kFloat; }
 };
 
+// The op's extra memory: at most kExtraBudget for everything it allocates, whatever N
+// and M are, as far as the chunk's floor of 128 rows allows.
+constexpr int64_t kExtraBudget = int64_t{1} << 30;
+constexpr int64_t kMinWorkspace = int64_t{64} << 20;
+
+// The chunk workspace bound in bytes (logits and G of one chunk): the budget less what
+// the op holds besides the chunk, an upper bound of (N + M) D elements in the input dtype
+// (the unit rows of both sides) and twice in the compute dtype (their gradients and the
+// gradient outputs), and at least kMinWorkspace. At N = M = 32768, D = 768 bfloat16:
+// 1 GiB - 480 MiB = 544 MiB, chunks of 2816 rows (logits and G: 6 bytes a column), so
+// the G . B product (K = M) has 22 x 6 output tiles of 128 x 128, enough for the SMs
+// without split-K, and the teacher is re-read 12 times instead of 128.
+// CIFOPS_CONTRASTIVE_CHUNK_MIB sets the bound instead (a tuning knob for benchmarks).
+int64_t chunk_workspace_bytes(const CudaInputs& in) {
+  if (const char* env = std::getenv("CIFOPS_CONTRASTIVE_CHUNK_MIB")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && v >= 1 && v <= (1 << 20),
+                "cifops: CIFOPS_CONTRASTIVE_CHUNK_MIB must be an integer in [1, 1048576], got '",
+                env, "'");
+    return static_cast<int64_t>(v) << 20;
+  }
+  const int64_t per_element =
+      in.student.element_size() + 2 * static_cast<int64_t>(c10::elementSize(in.compute));
+  const int64_t held = (in.N + in.M) * in.D * per_element;
+  return std::max(kMinWorkspace, kExtraBudget - held);
+}
+
+// Rows per chunk for `cols` columns at `bytes` per logit element (logits plus G): a
+// multiple of 128 (the matmul tile) within the workspace bound, at least 128.
+int64_t chunk_rows(int64_t rows, int64_t cols, int64_t bytes, int64_t workspace) {
+  if (rows == 0) return 1;
+  int64_t r = cols > 0 ? workspace / (cols * bytes) : rows;
+  r = r / 128 * 128;
+  if (r < 128) r = 128;
+  return r < rows ? r : rows;
+}
+
 // G's scale and the matching output scale. float16 cannot hold a G of small weights
-// (a 1/N mean times probabilities near 1/M underflows), so for half inputs G is
+// (a 1/N mean times probabilities near 1/M underflows), so for float16 inputs G is
 // written divided by the largest weight (as a device value, no sync) and the products
-// are multiplied back in the unit backward: out_scale = (1/tau) * wmax. Without
-// rescaling, grad_scale is undefined and out_scale is 1/tau.
+// are multiplied back in the unit backward: out_scale = (1/tau) * wmax. bfloat16 has
+// float32's exponent range and needs no rescaling (nor the kernels that compute it).
+// Without rescaling, grad_scale is undefined and out_scale is 1/tau.
 struct GradScale {
   at::Tensor grad_scale, out_scale;
   GradScale(const CudaInputs& in, const at::Tensor& weights, const at::Tensor& inv_tau) {
-    if (!in.half()) {
+    if (in.student.scalar_type() != at::kHalf) {
       out_scale = inv_tau;
       return;
     }
@@ -158,7 +173,7 @@ void chunk_loop(const CudaInputs& in, const at::Tensor& a_unit, const at::Tensor
   if (R == 0) return;
   const int64_t acc_bytes = static_cast<int64_t>(c10::elementSize(in.compute));
   const int64_t g_bytes = with_grad ? a_unit.element_size() : 0;
-  const int64_t rc = chunk_rows(R, C, acc_bytes + g_bytes);
+  const int64_t rc = chunk_rows(R, C, acc_bytes + g_bytes, chunk_workspace_bytes(in));
   at::Tensor logits_buf = at::empty({rc * C}, a_unit.options().dtype(in.compute));
   at::Tensor g_buf = with_grad ? at::empty({rc * C}, a_unit.options()) : at::Tensor();
   const at::Tensor b_t = b_unit.t();

@@ -639,6 +639,25 @@ std::vector<Spec> make_cases() {
     s.offsets = 1 | 8; s.tail = 1;
     add(s, "hidden and grad_hidden views 4 bytes off 16-byte alignment");
   }
+  {
+    // The scan's 2^53 check across tiles (kScanTile = 1024 frames): an overflow on the
+    // first frame of the second tile, one on the last frame of the second tile (the
+    // tile's last prefix is what the block tests first), and a valid utterance beside
+    // them; the prefix sums go on past an overflow (alpha_sum without target_lengths).
+    Spec s; s.B = 3; s.T = 2100; s.D = 1; s.tail = 1; s.tail_thr = 0.5;
+    s.alphas.assign(s.B * s.T, 0.3);
+    s.alphas[0 * s.T + 1024] = 1e17;
+    s.alphas[1 * s.T + 2047] = 1e17;
+    add(s, "overflows past 2^53 thresholds at frames 1024 and 2047 (second scan tile)");
+  }
+  {
+    Spec s; s.B = 1; s.T = 1024; s.D = 1; s.mode = kRealistic; s.use_tgt = true; s.tail = 1;
+    add(s, "T = 1024: one scan tile exactly, target scaling (the tile is staged once)");
+  }
+  {
+    Spec s; s.B = 2; s.T = 1025; s.D = 1; s.mode = kWide; s.use_tgt = true; s.grad_sum = true;
+    add(s, "T = 1025: a second scan tile of one frame, target scaling");
+  }
   // ---- random cases from a fixed seed
   std::mt19937_64 rng(20240611);
   auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };

@@ -12,7 +12,7 @@
 //             a small workspace bound and multiple, so several chunks run), naive
 //             float/double matmuls standing in for cuBLAS (the logits of half inputs in
 //             float32, G stored in the input dtype, G.B and G^T.A accumulated in the
-//             compute type), the GradScale rule for half inputs, the fused student
+//             compute type), the GradScale rule for float16 inputs, the fused student
 //             gradient of the forward, the backward and the accuracy op. Buffers that the
 //             op allocates with at::empty start as NaN here, and guard bytes around every
 //             buffer catch writes out of bounds.
@@ -253,7 +253,6 @@ double temperature_grad(const V* stats, const std::vector<V>& w, const std::vect
 template <typename T>
 struct CudaOp {
   using acc_t = Acc<T>;
-  static constexpr bool kHalf = kIsHalf<T>;
   const Problem& p;
   int64_t workspace_bytes = 64 << 20;  // CIFOPS_CONTRASTIVE_CHUNK_MIB
   int64_t granule = 128;               // chunk_rows' multiple (the matmul tile)
@@ -373,8 +372,8 @@ struct CudaOp {
     return out;
   }
 
-  // GradScale: for half inputs G is written divided by max|w| and the products are
-  // multiplied back by out_scale = (1/tau) max|w|.
+  // GradScale: for float16 inputs G is written divided by max|w| and the products are
+  // multiplied back by out_scale = (1/tau) max|w| (bfloat16, with float32's range: not).
   struct GradScale {
     Dev<acc_t> grad_scale, out_scale;
     bool defined = false;
@@ -383,7 +382,7 @@ struct CudaOp {
   GradScale grad_scale(const std::vector<acc_t>& w, acc_t inv_tau) const {
     GradScale gs;
     gs.out_scale = Dev<acc_t>(1);
-    if (!kHalf || !grad_scale_enabled) {
+    if (!std::is_same_v<T, __half> || !grad_scale_enabled) {
       gs.out_scale[0] = inv_tau;
       return gs;
     }

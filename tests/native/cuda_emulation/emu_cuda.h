@@ -18,8 +18,8 @@
 //     kernel meanwhile, and that warp collectives use the full mask of a complete warp;
 //     a block whose fibers all wait without a barrier opening is a deadlock. Each stops
 //     the program with a message instead of hanging or mixing values;
-//   - __shfl_xor_sync / __shfl_up_sync on any trivially copyable type up to 8 bytes,
-//     __ballot_sync, __ffs;
+//   - __shfl_sync / __shfl_xor_sync / __shfl_up_sync on any trivially copyable type up
+//     to 8 bytes, __ballot_sync, __ffs;
 //   - __half / __nv_bfloat16 as storage types with round-to-nearest-even conversions;
 //   - __dadd_rn / __dmul_rn / __ddiv_rn (and the float ones) round each operation on its
 //     own: never fused with a neighbouring multiply or add, even when the .cu is built
@@ -451,6 +451,14 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask,
   if (lane_mask < 0 || lane_mask > 31) emu_fail("__shfl_xor_sync lane mask %d", lane_mask);
   const uint64_t* s = emu::warp_exchange(mask, emu::to_bits(v), "__shfl_xor_sync", loc);
   return emu::from_bits<T>(s[l ^ static_cast<unsigned>(lane_mask)]);
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane,
+              const std::source_location loc = std::source_location::current()) {
+  if (src_lane < 0 || src_lane > 31) emu_fail("__shfl_sync source lane %d", src_lane);
+  const uint64_t* s = emu::warp_exchange(mask, emu::to_bits(v), "__shfl_sync", loc);
+  return emu::from_bits<T>(s[src_lane]);
 }
 
 template <typename T>
