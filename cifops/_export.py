@@ -365,6 +365,14 @@ def _cif_script(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None
                 scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
                 tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
     """cifops.cif as TorchScript compiles it (see cif.__prepare_scriptable__)."""
+    # refuse_forward_mode (cifops/_checks.py) in TorchScript: the op has no forward-mode
+    # formula, and a tangent would otherwise be dropped (torch.func.jvp gave zeros). The
+    # dual level is always 0 (forward AD does not nest); an empty input carries no tangent.
+    if (torch._VF._unpack_dual(hidden, 0)[1].numel() > 0
+            or torch._VF._unpack_dual(alphas, 0)[1].numel() > 0):
+        raise RuntimeError("cifops.cif: forward-mode differentiation (torch.func.jvp, jacfwd, "
+                           "torch.autograd.forward_ad) is not supported; use reverse mode, "
+                           "Tensor.backward() or torch.autograd.grad")
     if tail_mode != "keep" and tail_mode != "normalize":
         raise ValueError("cifops.cif: tail_mode must be 'keep' or 'normalize', got " + tail_mode)
     width = -1
