@@ -45,6 +45,9 @@ _TOO_MANY = 9007199254740992.0  # 2^53 thresholds: token counts stop being exact
 _K_CLAMP = float(2**62)         # keeps the float -> int64 cast defined for huge P
 # CifStatus in csrc/cif/cif.h
 _BAD_ALPHA, _BAD_LENGTH, _BAD_TARGET, _ZERO_SUM_TARGET, _TOO_MANY_TOKENS = 1, 2, 3, 4, 5
+# CifStreamStateError in csrc/cif/cif.h
+(STATE_NEGATIVE_FRAMES, STATE_NEGATIVE_TOKENS, STATE_BAD_PREFIX, STATE_PREFIX_NO_FRAMES,
+ STATE_TOKENS_DISAGREE) = 1, 2, 3, 4, 5
 
 
 def _acc_dtype(dtype):
@@ -79,6 +82,22 @@ def _f64(value, like: Tensor) -> Tensor:
 def _boundary(k: Tensor, beta: Tensor) -> Tensor:
     """cif_boundary: double(k + 1) * beta."""
     return (k + 1).to(_F64) * beta
+
+
+def stream_state_error(prefix: Tensor, tokens: Tensor, frames: Tensor, threshold) -> Tensor:
+    """cif_stream_check_state (csrc/cif/cif.h) per utterance: 0 for a state that a step
+    can return, else the first check that fails (a STATE_* code): frames < 0, tokens < 0,
+    a negative or non-finite prefix, a prefix != 0 with no frame seen, tokens other than
+    the number of boundaries (k+1) beta <= prefix."""
+    beta = _f64(threshold, prefix)
+    bad_prefix = ~((prefix >= 0) & (prefix - prefix == 0))
+    disagree = (((tokens > 0) & (_boundary(tokens - 1, beta) > prefix))
+                | (_boundary(tokens, beta) <= prefix))
+    error = torch.where(disagree, STATE_TOKENS_DISAGREE, torch.zeros_like(tokens))
+    error = torch.where((frames == 0) & (prefix != 0), STATE_PREFIX_NO_FRAMES, error)
+    error = torch.where(bad_prefix, STATE_BAD_PREFIX, error)
+    error = torch.where(tokens < 0, STATE_NEGATIVE_TOKENS, error)
+    return torch.where(frames < 0, STATE_NEGATIVE_FRAMES, error)
 
 
 def _fired(p: Tensor, beta: Tensor) -> Tensor:
@@ -201,10 +220,14 @@ def _cif_tail(prefix: Tensor, tokens: Tensor, frames: Tensor, partial: Tensor,
     ``tail_threshold`` is set, ``frames > 0``, ``r > 0`` and ``r >= tail_threshold``:
     ``partial`` scaled by ``beta / r`` in float64 (``tail_normalize``) or as is, cast to
     ``out_dtype``. Returns (tail_embed [B, D], has_tail [B] bool, tail_frame [B] int64:
-    ``frames - 1``, -1 without a tail).
+    ``frames - 1``, -1 without a tail). A state that no step returns
+    (:func:`stream_state_error`) emits no tail (eager cif_stream_flush raises first).
     """
-    return _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize,
-                 out_dtype)[:3]
+    embed, has, frame = _tail(prefix, tokens, frames, partial, threshold, tail_threshold,
+                              tail_normalize, out_dtype)[:3]
+    ok = stream_state_error(prefix, tokens, frames, threshold) == 0
+    return (torch.where(ok[:, None], embed, 0.0).to(embed.dtype), has & ok,
+            torch.where(ok, frame, -1))
 
 
 def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
@@ -284,9 +307,10 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
 def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, frames, partial,
                                    threshold, max_tokens):
     """``cifops::cif_stream_step`` in standard tensor operations (:func:`_cif_chunk`).
-    Value errors cannot raise in a graph: an utterance whose chunk has a length outside
-    [0, Tc] or a negative/NaN/inf valid alpha (or integrates past 2^53 thresholds) emits
-    no tokens and keeps its state, as the CUDA kernel does with max_tokens."""
+    Value errors cannot raise in a graph: an utterance whose state is not one a step
+    returns (:func:`stream_state_error`), or whose chunk has a length outside [0, Tc] or
+    a negative/NaN/inf valid alpha (or integrates past 2^53 thresholds) emits no tokens
+    and keeps its state, as the CUDA kernel does with max_tokens."""
     if max_tokens < 0:
         raise ValueError(
             "cifops.cif_stream_step: max_tokens=None cannot be exported: the output width "
@@ -296,9 +320,12 @@ def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, fram
     L = torch.full_like(frames, T) if lengths is None else lengths.to(_I64)
     valid = torch.arange(T, device=hidden.device) < L[:, None]
     a = alphas.to(_F64)
-    bad = (L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
+    bad = ((L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
+           | (stream_state_error(prefix, tokens, frames, threshold) != 0))
     clean = torch.where(bad[:, None], 0.0, alphas)  # no NaN/inf inside the graph's sums
-    out = _cif_chunk(hidden, clean, torch.where(bad, 0, L), prefix, tokens, frames, partial,
+    zero = torch.zeros_like(tokens)  # and a bad state's values in no index
+    out = _cif_chunk(hidden, clean, torch.where(bad, 0, L), torch.where(bad, 0.0, prefix),
+                     torch.where(bad, zero, tokens), torch.where(bad, zero, frames), partial,
                      threshold, None, max_tokens)
     bad = bad | (out[3] / _f64(threshold, prefix) >= _TOO_MANY)
     embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out
