@@ -118,7 +118,8 @@ def _fired(p: Tensor, beta: Tensor) -> Tensor:
 def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
            max_tokens):
     """_cif_chunk, plus the chunk's prefix sums P [B, T+1] (P[:, 0] = prefix) and fire
-    counts F [B, T] (tokens fired by the end of each frame, from the utterance's start)."""
+    counts F [B, T] (tokens fired by the end of each frame, from the utterance's start);
+    embeds in the accumulation dtype (float32, or float64 for float64 hidden)."""
     B, T, D = hidden.shape
     beta = _f64(threshold, hidden)
     acc = _acc_dtype(hidden.dtype)
@@ -136,8 +137,9 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     F, n_end = F_all[:, 1:], F_all[:, -1]
     partial64 = partial.to(_F64)
     dP = P[:, 1:] - P[:, :-1]
-    # weightless frames take no part (masked before the cast: half the bytes)
-    h = torch.where((dP > 0)[..., None], hidden, 0.0).to(_F64)
+    # weightless frames take no part (masked before the cast to float64: half the bytes;
+    # in acc, as everything in the graph: ONNX Runtime's CPU provider has no bfloat16 Where)
+    h = torch.where((dP > 0)[..., None], hidden.to(acc), 0.0).to(_F64)
     H = torch.cumsum(torch.cat([partial64[:, None], dP[..., None] * h], 1), 1)  # [B,T+1,D]
     # tokens tokens[b] + k, k < N: fire frame f = #{t : F_t <= tokens + k} (T: not
     # completed in this chunk), from the number of frames with each count (a scatter-add)
@@ -150,7 +152,7 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     hf = torch.gather(torch.cat([h, h.new_zeros((B, 1, D))], 1), 1, f[..., None].expand(B, N, D))
     G = Hf + (_boundary(g, beta) - torch.gather(P, 1, f))[..., None] * hf
     c = G - torch.cat([G.new_zeros((B, 1, D)), G[:, :-1]], 1)
-    embeds = torch.where(done[..., None], c, 0.0).to(acc).to(hidden.dtype)
+    embeds = torch.where(done[..., None], c, 0.0).to(acc)  # the callers cast to hidden's
     fire_frames = torch.where(done, frames[:, None] + f, -1)
     token_lengths = torch.clamp(n_end - tokens, max=N)
     # the open token: the overlap of each frame with [B_{n-1}, P_T), as cif_overlap
@@ -189,8 +191,9 @@ def _cif_chunk(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor], prefix
         whole input, whatever the chunking, where cumsum adds sequentially (the CPU, ONNX
         Runtime's CPU provider; a GPU's parallel cumsum may differ in the last bit).
     """
-    return _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
-                  max_tokens)[:7]
+    out = _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
+                 max_tokens)
+    return (out[0].to(hidden.dtype),) + out[1:7]
 
 
 def _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize,
@@ -206,8 +209,8 @@ def _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_norma
     if tail_normalize:
         # a tensor numerator: python_scalar / tensor is reciprocal(tensor) * scalar in torch
         scale = torch.where(has, beta / torch.where(has, residual, 1.0), 1.0)
-    embed = (partial.to(_F64) * scale[:, None]).to(partial.dtype).to(out_dtype)
-    embed = torch.where(has[:, None], embed, 0.0)
+    embed = torch.where(has[:, None], (partial.to(_F64) * scale[:, None]).to(partial.dtype),
+                        0.0).to(out_dtype)
     return embed, has, torch.where(has, frames - 1, -1), residual, scale
 
 
@@ -224,9 +227,9 @@ def _cif_tail(prefix: Tensor, tokens: Tensor, frames: Tensor, partial: Tensor,
     (:func:`stream_state_error`) emits no tail (eager cif_stream_flush raises first).
     """
     embed, has, frame = _tail(prefix, tokens, frames, partial, threshold, tail_threshold,
-                              tail_normalize, out_dtype)[:3]
+                              tail_normalize, partial.dtype)[:3]
     ok = stream_state_error(prefix, tokens, frames, threshold) == 0
-    return (torch.where(ok[:, None], embed, 0.0).to(embed.dtype), has & ok,
+    return (torch.where(ok[:, None], embed, 0.0).to(out_dtype), has & ok,
             torch.where(ok, frame, -1))
 
 
@@ -277,13 +280,13 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
                         torch.where(status == _TOO_MANY_TOKENS,
                                     torch.where(big, t_idx, T).amin(1), -1))
     tail, has, tail_frame, residual, tail_scale = _tail(
-        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, hidden.dtype)
+        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, partial.dtype)
     n = torch.where(ok, n, 0)
     has = has & ok
     total = n + has.to(_I64)
     slot = has[:, None] & (torch.arange(max_tokens, device=dev) == n[:, None])
-    embeds = torch.where(ok[:, None, None],
-                         torch.where(slot[..., None], tail[:, None, :], embeds), 0.0)
+    embeds = torch.where(ok[:, None, None], torch.where(slot[..., None], tail[:, None, :],
+                                                        embeds), 0.0).to(hidden.dtype)
     fire_frames = torch.where(ok[:, None], torch.where(slot, tail_frame[:, None], fire_frames),
                               -1)
     # the workspace of an invalid utterance: as cif_scan_row leaves it
@@ -322,14 +325,14 @@ def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, fram
     a = alphas.to(_F64)
     bad = ((L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
            | (stream_state_error(prefix, tokens, frames, threshold) != 0))
-    clean = torch.where(bad[:, None], 0.0, alphas)  # no NaN/inf inside the graph's sums
+    clean = torch.where(bad[:, None], 0.0, a)  # no NaN/inf inside the graph's sums
     zero = torch.zeros_like(tokens)  # and a bad state's values in no index
-    out = _cif_chunk(hidden, clean, torch.where(bad, 0, L), torch.where(bad, 0.0, prefix),
-                     torch.where(bad, zero, tokens), torch.where(bad, zero, frames), partial,
-                     threshold, None, max_tokens)
+    out = _chunk(hidden, clean, torch.where(bad, 0, L), torch.where(bad, 0.0, prefix),
+                 torch.where(bad, zero, tokens), torch.where(bad, zero, frames), partial,
+                 threshold, None, max_tokens)
     bad = bad | (out[3] / _f64(threshold, prefix) >= _TOO_MANY)
-    embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out
-    return (torch.where(bad[:, None, None], 0.0, embeds).to(embeds.dtype),
+    embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out[:7]
+    return (torch.where(bad[:, None, None], 0.0, embeds).to(hidden.dtype),
             torch.where(bad, 0, counts), torch.where(bad[:, None], -1, fires),
             torch.where(bad, prefix, new_prefix), torch.where(bad, tokens, new_tokens),
             torch.where(bad, frames, new_frames), torch.where(bad[:, None], partial, new_partial))

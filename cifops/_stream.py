@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cifops._checks import (FLOAT_DTYPES, check_float, check_index_vector, check_rank,
                             check_same_device, check_tensor, compute_dtype)
-from cifops._cif import _TAIL_MODES, CifOutput, _max_tokens
+from cifops._cif import _TAIL_MODES, CifOutput, _float_arg, _max_tokens
 from cifops._export import (STATE_BAD_PREFIX, STATE_NEGATIVE_FRAMES, STATE_NEGATIVE_TOKENS,
                             STATE_PREFIX_NO_FRAMES, _cif_tail, stream_state_error)
 
@@ -138,7 +138,7 @@ def _stream_threshold(fn, threshold, state):
     recorded = state.threshold if isinstance(state, CifStreamState) else None
     if threshold is None:
         return 1.0 if recorded is None else recorded
-    threshold = float(threshold)
+    threshold = _float_arg(fn, "threshold", threshold)
     if recorded is not None and threshold != recorded:
         raise ValueError(f"{fn}: threshold={threshold} but the state was made by steps at "
                          f"threshold={recorded}: a stream keeps one threshold (pass the same, "
@@ -289,7 +289,7 @@ def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None
     if not torch.compiler.is_compiling() and state.prefix.device.type != "meta":
         _check_state_values(fn, state, threshold)
     if tail_threshold is not None:
-        tail_threshold = float(tail_threshold)
+        tail_threshold = _float_arg(fn, "tail_threshold", tail_threshold)
         if not 0 <= tail_threshold < float("inf"):
             raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got "
                              f"{tail_threshold}")
