@@ -223,14 +223,10 @@ def _cif_tail(prefix: Tensor, tokens: Tensor, frames: Tensor, partial: Tensor,
     ``tail_threshold`` is set, ``frames > 0``, ``r > 0`` and ``r >= tail_threshold``:
     ``partial`` scaled by ``beta / r`` in float64 (``tail_normalize``) or as is, cast to
     ``out_dtype``. Returns (tail_embed [B, D], has_tail [B] bool, tail_frame [B] int64:
-    ``frames - 1``, -1 without a tail). A state that no step returns
-    (:func:`stream_state_error`) emits no tail (eager cif_stream_flush raises first).
+    ``frames - 1``, -1 without a tail).
     """
-    embed, has, frame = _tail(prefix, tokens, frames, partial, threshold, tail_threshold,
-                              tail_normalize, partial.dtype)[:3]
-    ok = stream_state_error(prefix, tokens, frames, threshold) == 0
-    return (torch.where(ok[:, None], embed, 0.0).to(out_dtype), has & ok,
-            torch.where(ok, frame, -1))
+    return _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize,
+                 out_dtype)[:3]
 
 
 def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshold, scale_eps,

@@ -146,11 +146,10 @@ def _stream_threshold(fn, threshold, state):
     return threshold
 
 
-def _check_state_values(fn, state, threshold):
-    """Raise for the first utterance whose state no step returns (stream_state_error),
-    naming the field, with the messages of throw_bad_stream_state in
+def _check_state_values(fn, state, error, threshold):
+    """Raise for the first utterance whose state no step returns (error: its
+    stream_state_error), naming the field, with the messages of throw_bad_stream_state in
     csrc/cif/cif_stream_host.h (the step's check). A device-to-host copy on CUDA."""
-    error = stream_state_error(state.prefix, state.tokens, state.frames, threshold)
     bad = error.nonzero()
     if bad.numel() == 0:
         return
@@ -286,8 +285,9 @@ def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None
     threshold = _stream_threshold(fn, threshold, state)
     if not threshold > 0 or threshold == float("inf"):
         raise ValueError(f"{fn}: threshold must be a finite number > 0, got {threshold}")
+    error = stream_state_error(state.prefix, state.tokens, state.frames, threshold)
     if not torch.compiler.is_compiling() and state.prefix.device.type != "meta":
-        _check_state_values(fn, state, threshold)
+        _check_state_values(fn, state, error, threshold)
     if tail_threshold is not None:
         tail_threshold = _float_arg(fn, "tail_threshold", tail_threshold)
         if not 0 <= tail_threshold < float("inf"):
@@ -295,7 +295,9 @@ def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None
                              f"{tail_threshold}")
     embed, has_tail, frame = _cif_tail(*state, threshold, tail_threshold,
                                        tail_mode == "normalize", state.partial.dtype)
-    return CifOutput(embed.unsqueeze(1), has_tail.to(torch.int64), frame.unsqueeze(1),
+    ok = error == 0  # in a graph, which cannot raise: a bad state emits no tail
+    return CifOutput(torch.where(ok[:, None], embed, 0.0).unsqueeze(1),
+                     (has_tail & ok).to(torch.int64), torch.where(ok, frame, -1).unsqueeze(1),
                      _alpha_sum(state))
 
 
