@@ -494,7 +494,9 @@ def test_the_state_records_its_threshold():
     # a state no step returned does not know its threshold: the call's (default 1.0)
     assert cifops.cif_stream_state(2, 3).threshold is None
     assert state._replace(frames=state.frames.clone()).threshold is None
-    assert cifops.CifStream(threshold=0.5, tail_threshold=0.2)(hidden, alphas).token_lengths.tolist() == [3, 0]
+    stream = cifops.CifStream(threshold=0.5, tail_threshold=0.2)
+    assert stream(hidden, alphas).token_lengths.tolist() == [3, 0]
+    assert stream.flush().token_lengths.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("field", ["prefix", "tokens", "frames", "partial"])
