@@ -250,8 +250,9 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     if tail_mode not in _TAIL_MODES:
         raise ValueError(f"cifops.cif: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
     max_tokens = _max_tokens(max_tokens)
-    if tail_threshold is not None:
-        tail_threshold = float(tail_threshold)
+    threshold = _float_arg("cifops.cif", "threshold", threshold)
+    scale_eps = _float_arg("cifops.cif", "scale_eps", scale_eps)
+    tail_threshold = _float_arg("cifops.cif", "tail_threshold", tail_threshold)
     refuse_forward_mode("cifops.cif", hidden, alphas)
     out = call_op("cifops.cif", torch.ops.cifops.cif_forward, hidden, alphas, lengths,
                   target_lengths, float(threshold), float(scale_eps), tail_threshold,
@@ -273,6 +274,25 @@ def _max_tokens(max_tokens, fn="cifops.cif") -> int:
         raise ValueError(f"{fn}: max_tokens must be an int in [0, 2**63 - 1] or None, got "
                          f"{max_tokens!r}")
     return value
+
+
+def _float_arg(fn, name, value):
+    """A float option of an op as a Python float (None stays None). A tensor works in eager
+    mode; one whose value torch.export cannot read (a buffer is a fake tensor while
+    tracing) raises naming the option and what to do, instead of a
+    GuardOnDataDependentSymNode."""
+    if not isinstance(value, Tensor):
+        return None if value is None else float(value)
+    try:
+        return float(value)
+    except Exception as exc:
+        if not torch.compiler.is_exporting():
+            raise
+        raise ValueError(
+            f"{fn}: {name} is a tensor whose value torch.export cannot read (a module's "
+            f"buffer or parameter is traced without its value); the op takes it as a Python "
+            f"float, fixed in the exported graph: pass a Python float (keep it as a float "
+            f"attribute of the module, not a buffer)") from exc
 
 
 class Cif(torch.nn.Module):

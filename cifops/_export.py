@@ -45,6 +45,9 @@ _TOO_MANY = 9007199254740992.0  # 2^53 thresholds: token counts stop being exact
 _K_CLAMP = float(2**62)         # keeps the float -> int64 cast defined for huge P
 # CifStatus in csrc/cif/cif.h
 _BAD_ALPHA, _BAD_LENGTH, _BAD_TARGET, _ZERO_SUM_TARGET, _TOO_MANY_TOKENS = 1, 2, 3, 4, 5
+# CifStreamStateError in csrc/cif/cif.h
+(STATE_NEGATIVE_FRAMES, STATE_NEGATIVE_TOKENS, STATE_BAD_PREFIX, STATE_PREFIX_NO_FRAMES,
+ STATE_TOKENS_DISAGREE) = 1, 2, 3, 4, 5
 
 
 def _acc_dtype(dtype):
@@ -81,6 +84,22 @@ def _boundary(k: Tensor, beta: Tensor) -> Tensor:
     return (k + 1).to(_F64) * beta
 
 
+def stream_state_error(prefix: Tensor, tokens: Tensor, frames: Tensor, threshold) -> Tensor:
+    """cif_stream_check_state (csrc/cif/cif.h) per utterance: 0 for a state that a step
+    can return, else the first check that fails (a STATE_* code): frames < 0, tokens < 0,
+    a negative or non-finite prefix, a prefix != 0 with no frame seen, tokens other than
+    the number of boundaries (k+1) beta <= prefix."""
+    beta = _f64(threshold, prefix)
+    bad_prefix = ~((prefix >= 0) & (prefix - prefix == 0))
+    disagree = (((tokens > 0) & (_boundary(tokens - 1, beta) > prefix))
+                | (_boundary(tokens, beta) <= prefix))
+    error = torch.where(disagree, STATE_TOKENS_DISAGREE, torch.zeros_like(tokens))
+    error = torch.where((frames == 0) & (prefix != 0), STATE_PREFIX_NO_FRAMES, error)
+    error = torch.where(bad_prefix, STATE_BAD_PREFIX, error)
+    error = torch.where(tokens < 0, STATE_NEGATIVE_TOKENS, error)
+    return torch.where(frames < 0, STATE_NEGATIVE_FRAMES, error)
+
+
 def _fired(p: Tensor, beta: Tensor) -> Tensor:
     """Tokens fired once the prefix sum reaches p >= 0, #{k >= 0 : double(k+1)*beta <= p}
     (cif_settle_fires from 0): floor(p / beta), then settled on the boundary comparisons.
@@ -99,7 +118,8 @@ def _fired(p: Tensor, beta: Tensor) -> Tensor:
 def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
            max_tokens):
     """_cif_chunk, plus the chunk's prefix sums P [B, T+1] (P[:, 0] = prefix) and fire
-    counts F [B, T] (tokens fired by the end of each frame, from the utterance's start)."""
+    counts F [B, T] (tokens fired by the end of each frame, from the utterance's start);
+    embeds in the accumulation dtype (float32, or float64 for float64 hidden)."""
     B, T, D = hidden.shape
     beta = _f64(threshold, hidden)
     acc = _acc_dtype(hidden.dtype)
@@ -117,8 +137,9 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     F, n_end = F_all[:, 1:], F_all[:, -1]
     partial64 = partial.to(_F64)
     dP = P[:, 1:] - P[:, :-1]
-    # weightless frames take no part (masked before the cast: half the bytes)
-    h = torch.where((dP > 0)[..., None], hidden, 0.0).to(_F64)
+    # weightless frames take no part (masked before the cast to float64: half the bytes;
+    # in acc, as everything in the graph: ONNX Runtime's CPU provider has no bfloat16 Where)
+    h = torch.where((dP > 0)[..., None], hidden.to(acc), 0.0).to(_F64)
     H = torch.cumsum(torch.cat([partial64[:, None], dP[..., None] * h], 1), 1)  # [B,T+1,D]
     # tokens tokens[b] + k, k < N: fire frame f = #{t : F_t <= tokens + k} (T: not
     # completed in this chunk), from the number of frames with each count (a scatter-add)
@@ -131,7 +152,7 @@ def _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, 
     hf = torch.gather(torch.cat([h, h.new_zeros((B, 1, D))], 1), 1, f[..., None].expand(B, N, D))
     G = Hf + (_boundary(g, beta) - torch.gather(P, 1, f))[..., None] * hf
     c = G - torch.cat([G.new_zeros((B, 1, D)), G[:, :-1]], 1)
-    embeds = torch.where(done[..., None], c, 0.0).to(acc).to(hidden.dtype)
+    embeds = torch.where(done[..., None], c, 0.0).to(acc)  # the callers cast to hidden's
     fire_frames = torch.where(done, frames[:, None] + f, -1)
     token_lengths = torch.clamp(n_end - tokens, max=N)
     # the open token: the overlap of each frame with [B_{n-1}, P_T), as cif_overlap
@@ -170,8 +191,9 @@ def _cif_chunk(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor], prefix
         whole input, whatever the chunking, where cumsum adds sequentially (the CPU, ONNX
         Runtime's CPU provider; a GPU's parallel cumsum may differ in the last bit).
     """
-    return _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
-                  max_tokens)[:7]
+    out = _chunk(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
+                 max_tokens)
+    return (out[0].to(hidden.dtype),) + out[1:7]
 
 
 def _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize,
@@ -187,8 +209,8 @@ def _tail(prefix, tokens, frames, partial, threshold, tail_threshold, tail_norma
     if tail_normalize:
         # a tensor numerator: python_scalar / tensor is reciprocal(tensor) * scalar in torch
         scale = torch.where(has, beta / torch.where(has, residual, 1.0), 1.0)
-    embed = (partial.to(_F64) * scale[:, None]).to(partial.dtype).to(out_dtype)
-    embed = torch.where(has[:, None], embed, 0.0)
+    embed = torch.where(has[:, None], (partial.to(_F64) * scale[:, None]).to(partial.dtype),
+                        0.0).to(out_dtype)
     return embed, has, torch.where(has, frames - 1, -1), residual, scale
 
 
@@ -254,13 +276,13 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
                         torch.where(status == _TOO_MANY_TOKENS,
                                     torch.where(big, t_idx, T).amin(1), -1))
     tail, has, tail_frame, residual, tail_scale = _tail(
-        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, hidden.dtype)
+        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, partial.dtype)
     n = torch.where(ok, n, 0)
     has = has & ok
     total = n + has.to(_I64)
     slot = has[:, None] & (torch.arange(max_tokens, device=dev) == n[:, None])
-    embeds = torch.where(ok[:, None, None],
-                         torch.where(slot[..., None], tail[:, None, :], embeds), 0.0)
+    embeds = torch.where(ok[:, None, None], torch.where(slot[..., None], tail[:, None, :],
+                                                        embeds), 0.0).to(hidden.dtype)
     fire_frames = torch.where(ok[:, None], torch.where(slot, tail_frame[:, None], fire_frames),
                               -1)
     # the workspace of an invalid utterance: as cif_scan_row leaves it
@@ -284,9 +306,10 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
 def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, frames, partial,
                                    threshold, max_tokens):
     """``cifops::cif_stream_step`` in standard tensor operations (:func:`_cif_chunk`).
-    Value errors cannot raise in a graph: an utterance whose chunk has a length outside
-    [0, Tc] or a negative/NaN/inf valid alpha (or integrates past 2^53 thresholds) emits
-    no tokens and keeps its state, as the CUDA kernel does with max_tokens."""
+    Value errors cannot raise in a graph: an utterance whose state is not one a step
+    returns (:func:`stream_state_error`), or whose chunk has a length outside [0, Tc] or
+    a negative/NaN/inf valid alpha (or integrates past 2^53 thresholds) emits no tokens
+    and keeps its state, as the CUDA kernel does with max_tokens."""
     if max_tokens < 0:
         raise ValueError(
             "cifops.cif_stream_step: max_tokens=None cannot be exported: the output width "
@@ -296,13 +319,16 @@ def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, fram
     L = torch.full_like(frames, T) if lengths is None else lengths.to(_I64)
     valid = torch.arange(T, device=hidden.device) < L[:, None]
     a = alphas.to(_F64)
-    bad = (L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
-    clean = torch.where(bad[:, None], 0.0, alphas)  # no NaN/inf inside the graph's sums
-    out = _cif_chunk(hidden, clean, torch.where(bad, 0, L), prefix, tokens, frames, partial,
-                     threshold, None, max_tokens)
+    bad = ((L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
+           | (stream_state_error(prefix, tokens, frames, threshold) != 0))
+    clean = torch.where(bad[:, None], 0.0, a)  # no NaN/inf inside the graph's sums
+    zero = torch.zeros_like(tokens)  # and a bad state's values in no index
+    out = _chunk(hidden, clean, torch.where(bad, 0, L), torch.where(bad, 0.0, prefix),
+                 torch.where(bad, zero, tokens), torch.where(bad, zero, frames), partial,
+                 threshold, None, max_tokens)
     bad = bad | (out[3] / _f64(threshold, prefix) >= _TOO_MANY)
-    embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out
-    return (torch.where(bad[:, None, None], 0.0, embeds).to(embeds.dtype),
+    embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out[:7]
+    return (torch.where(bad[:, None, None], 0.0, embeds).to(hidden.dtype),
             torch.where(bad, 0, counts), torch.where(bad[:, None], -1, fires),
             torch.where(bad, prefix, new_prefix), torch.where(bad, tokens, new_tokens),
             torch.where(bad, frames, new_frames), torch.where(bad[:, None], partial, new_partial))
@@ -365,6 +391,14 @@ def _cif_script(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None
                 scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
                 tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
     """cifops.cif as TorchScript compiles it (see cif.__prepare_scriptable__)."""
+    # refuse_forward_mode (cifops/_checks.py) in TorchScript: the op has no forward-mode
+    # formula, and a tangent would otherwise be dropped (torch.func.jvp gave zeros). The
+    # dual level is always 0 (forward AD does not nest); an empty input carries no tangent.
+    if (torch._VF._unpack_dual(hidden, 0)[1].numel() > 0
+            or torch._VF._unpack_dual(alphas, 0)[1].numel() > 0):
+        raise RuntimeError("cifops.cif: forward-mode differentiation (torch.func.jvp, jacfwd, "
+                           "torch.autograd.forward_ad) is not supported; use reverse mode, "
+                           "Tensor.backward() or torch.autograd.grad")
     if tail_mode != "keep" and tail_mode != "normalize":
         raise ValueError("cifops.cif: tail_mode must be 'keep' or 'normalize', got " + tail_mode)
     width = -1

@@ -21,11 +21,19 @@ from torch import Tensor
 
 from cifops._checks import (FLOAT_DTYPES, check_float, check_index_vector, check_rank,
                             check_same_device, check_tensor, compute_dtype)
-from cifops._cif import _TAIL_MODES, CifOutput, _max_tokens
-from cifops._export import _cif_tail
+from cifops._cif import _TAIL_MODES, CifOutput, _float_arg, _max_tokens
+from cifops._export import (STATE_BAD_PREFIX, STATE_NEGATIVE_FRAMES, STATE_NEGATIVE_TOKENS,
+                            STATE_PREFIX_NO_FRAMES, _cif_tail, stream_state_error)
 
 
-class CifStreamState(NamedTuple):
+class _StateTensors(NamedTuple):
+    prefix: Tensor
+    tokens: Tensor
+    frames: Tensor
+    partial: Tensor
+
+
+class CifStreamState(_StateTensors):
     """Per-utterance state of a CIF stream (returned by :func:`cif_stream_step`).
 
     prefix:  [B] float64, the prefix sum of the alphas seen so far.
@@ -33,12 +41,14 @@ class CifStreamState(NamedTuple):
     frames:  [B] int64, the frames consumed so far.
     partial: [B, D], the weighted sum of the still-open token's frames, in the compute
              dtype (float32 for float16/bfloat16/float32 hidden, float64 for float64).
+
+    A tuple of these four tensors; besides, ``threshold`` records the threshold of the
+    steps that made the state (a float), so that a later step or the flush cannot use
+    another. It is None for a state no step returned (:func:`cif_stream_state`, one
+    built by hand or with ``_replace``): the call's threshold is then taken as given.
     """
 
-    prefix: Tensor
-    tokens: Tensor
-    frames: Tensor
-    partial: Tensor
+    threshold: Optional[float] = None  # set on the states cif_stream_step returns
 
 
 # The fake (meta) kernel: shapes only, so torch.compile and torch.export can trace a step.
@@ -119,12 +129,77 @@ def _check_state(fn, state):
                         f"(or None to start), got {type(state).__name__}")
     for name, x in zip(CifStreamState._fields, state):
         check_tensor(fn, f"state.{name}", x)
-    return CifStreamState(*state)
+    return state if type(state) is CifStreamState else CifStreamState(*state)
+
+
+def _stream_threshold(fn, threshold, state):
+    """The threshold of a step or flush: the one given, which must be the state's record
+    when it has one; not given, the state's record (1.0 without one)."""
+    recorded = state.threshold if isinstance(state, CifStreamState) else None
+    if threshold is None:
+        return 1.0 if recorded is None else recorded
+    threshold = _float_arg(fn, "threshold", threshold)
+    if recorded is not None and threshold != recorded:
+        raise ValueError(f"{fn}: threshold={threshold} but the state was made by steps at "
+                         f"threshold={recorded}: a stream keeps one threshold (pass the same, "
+                         f"or none to use the state's)")
+    return threshold
+
+
+def _check_state_values(fn, state, error, threshold):
+    """Raise for the first utterance whose state no step returns (error: its
+    stream_state_error), naming the field, with the messages of throw_bad_stream_state in
+    csrc/cif/cif_stream_host.h (the step's check). A device-to-host copy on CUDA."""
+    bad = error.nonzero()
+    if bad.numel() == 0:
+        return
+    b = int(bad[0, 0])
+    code, prefix = int(error[b]), float(state.prefix[b])
+    tokens, frames = int(state.tokens[b]), int(state.frames[b])
+    edited = ": not a state that a step returned (edited, or from another stream?)"
+    if code == STATE_NEGATIVE_FRAMES:
+        message = f"state.frames[{b}] = {frames} is negative{edited}"
+    elif code == STATE_NEGATIVE_TOKENS:
+        message = f"state.tokens[{b}] = {tokens} is negative{edited}"
+    elif code == STATE_BAD_PREFIX:
+        message = f"state.prefix[{b}] = {prefix:g} must be finite and >= 0{edited}"
+    elif code == STATE_PREFIX_NO_FRAMES:
+        message = (f"state.prefix[{b}] = {prefix:g} but state.frames[{b}] = 0: a stream that "
+                   f"has seen no frame has prefix 0 (a recycled batch slot? start a new "
+                   f"utterance from cifops.cif_stream_state's zeros)")
+    else:
+        message = (f"state.prefix[{b}] = {prefix:g} and state.tokens[{b}] = {tokens} disagree "
+                   f"at threshold {threshold:g}: a step leaves tokens = the number of "
+                   f"thresholds in prefix (from steps at another threshold, or edited?)")
+    raise ValueError(f"{fn}: {message}")
+
+
+def _check_state_tensors(fn, state):
+    """The flush's twin of the step's metadata checks: one device, shapes [B] and
+    [B, D], dtypes float64, int64, int64 and float32/float64, naming the field."""
+    devices = {name: x.device for name, x in zip(state._fields, state)}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{fn}: the state's tensors must be on one device, got "
+                         + ", ".join(f"state.{n} on {d}" for n, d in devices.items()))
+    B = state.prefix.shape[0] if state.prefix.dim() == 1 else None
+    for name, x, dtypes in (("prefix", state.prefix, (torch.float64,)),
+                            ("tokens", state.tokens, (torch.int64,)),
+                            ("frames", state.frames, (torch.int64,)),
+                            ("partial", state.partial, (torch.float32, torch.float64))):
+        dims = 2 if name == "partial" else 1
+        if x.dim() != dims or (B is not None and x.shape[0] != B):
+            want = "[B, D]" if dims == 2 else "[B]"
+            raise ValueError(f"{fn}: state.{name} must have shape {want} with B = "
+                             f"{B if B is not None else 'len(state.prefix)'}, got "
+                             f"{list(x.shape)}")
+        if x.dtype not in dtypes:
+            raise ValueError(f"{fn}: state.{name} must be "
+                             f"{' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
 
 
 def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
-                    state: Optional[CifStreamState] = None, *, threshold: float = 1.0,
-                    max_tokens: Optional[int] = None):
+                    state: Optional[CifStreamState] = None, *,
+                    threshold: Optional[float] = None, max_tokens: Optional[int] = None):
     r"""Integrate the next chunk of a batch of streams; returns ``(CifOutput, new state)``.
 
     Args:
@@ -134,7 +209,9 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
             utterance that has ended or has nothing new); None: all Tc.
         state: the state the previous step returned for the same batch, or None at the
             start (:func:`cif_stream_state`).
-        threshold: the firing threshold beta (> 0); the same for every step of a stream.
+        threshold: the firing threshold beta (> 0); the same for every step of a stream
+            and its flush. None: the threshold the state records (1.0 for a new stream);
+            a threshold other than the state's raises.
         max_tokens: the output width N, the most tokens one utterance can complete in
             this chunk (more are dropped from the output; the state stays exact). Given,
             no device-to-host synchronisation happens (CUDA); None: N is the largest
@@ -150,9 +227,11 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
         :class:`CifStreamState`.
 
     The tail (the incomplete last token) is emitted by :func:`cif_stream_flush`. Inference
-    only: no gradients. Value errors (negative/NaN/inf alphas, lengths outside [0, Tc])
-    raise on CPU, and on CUDA when max_tokens is None; on CUDA with max_tokens given such
-    an utterance emits nothing in this chunk and keeps its state.
+    only: no gradients. Value errors (negative/NaN/inf alphas, lengths outside [0, Tc], a
+    state that no step returns: negative frames or tokens, a negative or non-finite
+    prefix, tokens that disagree with the prefix at this threshold) raise naming the
+    argument or field on CPU, and on CUDA when max_tokens is None; on CUDA with
+    max_tokens given such an utterance emits nothing in this chunk and keeps its state.
     """
     fn = "cifops.cif_stream_step"
     check_tensor(fn, "hidden", hidden)
@@ -167,10 +246,13 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
                              f"{hidden.dtype}")
         state = cif_stream_state(hidden.shape[0], hidden.shape[2], dtype=hidden.dtype,
                                  device=hidden.device)
-    state = _check_state(fn, state)  # devices, shapes and dtypes: checked by the op
+    state = _check_state(fn, state)  # devices, shapes, dtypes and values: checked by the op
+    threshold = _stream_threshold(fn, threshold, state)
     n = _max_tokens(max_tokens, fn)
-    out = torch.ops.cifops.cif_stream_step(hidden, alphas, lengths, *state, float(threshold), n)
+    out = torch.ops.cifops.cif_stream_step(hidden, alphas, lengths, *state, threshold, n)
     new_state = CifStreamState(*out[3:])
+    if not torch.compiler.is_compiling():
+        new_state.threshold = threshold
     return CifOutput(out[0], out[1], out[2], _alpha_sum(new_state)), new_state
 
 
@@ -178,7 +260,7 @@ def _alpha_sum(state):
     return state.prefix.to(state.partial.dtype)
 
 
-def cif_stream_flush(state: CifStreamState, *, threshold: float = 1.0,
+def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None,
                      tail_threshold: Optional[float] = None,
                      tail_mode: str = "normalize") -> CifOutput:
     """The tail token of each stream, under the contract's tail rule (cifops.cif).
@@ -186,26 +268,36 @@ def cif_stream_flush(state: CifStreamState, *, threshold: float = 1.0,
     The residual ``r = prefix - tokens * threshold`` is emitted as one more token when
     ``tail_threshold`` is set, ``r >= tail_threshold`` and ``r > 0`` (and the stream saw a
     frame): raw (``tail_mode="keep"``) or scaled by ``threshold / r`` ("normalize"); its
-    fire frame is the stream's last frame. Returns a :class:`CifOutput` with N = 1:
-    ``embeds`` [B, 1, D] in the state's compute dtype, ``token_lengths`` [B] (0 or 1),
-    ``fire_frames`` [B, 1], ``alpha_sum`` [B]. The state is not changed (start the next
-    utterances from None).
+    fire frame is the stream's last frame. ``threshold``: the steps' (None: the one the
+    state records, 1.0 without a record; another raises). Returns a :class:`CifOutput`
+    with N = 1: ``embeds`` [B, 1, D] in the state's compute dtype, ``token_lengths`` [B]
+    (0 or 1), ``fire_frames`` [B, 1], ``alpha_sum`` [B]. The state is not changed (start
+    the next utterances from None).
+
+    The state is checked as the step checks it (one device, shapes, dtypes, and values a
+    step can leave: ValueError naming the field; on CUDA, one device-to-host copy).
     """
     fn = "cifops.cif_stream_flush"
     state = _check_state(fn, state)
+    _check_state_tensors(fn, state)
     if tail_mode not in _TAIL_MODES:
         raise ValueError(f"{fn}: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
-    threshold = float(threshold)
+    threshold = _stream_threshold(fn, threshold, state)
     if not threshold > 0 or threshold == float("inf"):
         raise ValueError(f"{fn}: threshold must be a finite number > 0, got {threshold}")
+    error = stream_state_error(state.prefix, state.tokens, state.frames, threshold)
+    if not torch.compiler.is_compiling() and state.prefix.device.type != "meta":
+        _check_state_values(fn, state, error, threshold)
     if tail_threshold is not None:
-        tail_threshold = float(tail_threshold)
+        tail_threshold = _float_arg(fn, "tail_threshold", tail_threshold)
         if not 0 <= tail_threshold < float("inf"):
             raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got "
                              f"{tail_threshold}")
     embed, has_tail, frame = _cif_tail(*state, threshold, tail_threshold,
                                        tail_mode == "normalize", state.partial.dtype)
-    return CifOutput(embed.unsqueeze(1), has_tail.to(torch.int64), frame.unsqueeze(1),
+    ok = error == 0  # in a graph, which cannot raise: a bad state emits no tail
+    return CifOutput(torch.where(ok[:, None], embed, 0.0).unsqueeze(1),
+                     (has_tail & ok).to(torch.int64), torch.where(ok, frame, -1).unsqueeze(1),
                      _alpha_sum(state))
 
 

@@ -43,7 +43,9 @@ def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = No
         if target_lengths is not None:
             target = int(target_lengths[b])
             if float(alpha_sum.detach()) > 0:
-                scale = (beta * target + scale_eps) / alpha_sum
+                # the contract's division: a tensor numerator, since python_float / tensor
+                # is reciprocal(tensor) * float in torch, which rounds differently
+                scale = a64.new_tensor(beta * target + scale_eps) / alpha_sum
             elif target == 0:
                 scale = a64.new_zeros(())
             else:
@@ -84,7 +86,7 @@ def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = No
                 if fired(p[t + 1]) >= n:  # the frames from the last fire on
                     c = c + weight(t, n) * h64[b, t]
             if tail_mode == "normalize":
-                c = c * (beta / residual)
+                c = c * (a64.new_tensor(beta) / residual)
             tokens.append(c)
             token_fires.append(L - 1)
         rows.append(tokens)

@@ -1,5 +1,7 @@
 """cifops.cif against the literal float64 reference (cifops/reference.py), plus
 gradcheck, opcheck, torch.compile, dtypes, layouts and input errors."""
+import math
+
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
@@ -94,6 +96,67 @@ def test_gradients_match_reference(case):
     for got, want in zip(*grads):
         want = torch.zeros_like(got) if want is None else want
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+
+
+def _contract_residual(alphas, beta, target=None, eps=0.0):
+    """The residual r = P_L - n beta of one utterance, in Python floats literally as the
+    contract writes it: the scale (beta * target + eps) / S (S the sequential sum), the
+    prefix sum P_{t+1} = P_t + scale * a_t, and n the tokens fired (>= firing)."""
+    scale = 1.0
+    if target is not None:
+        total = 0.0
+        for x in alphas:
+            total += x
+        scale = (beta * target + eps) / total if total > 0 else 0.0
+    p = 0.0
+    for x in alphas:
+        p += x * scale
+    n = 0
+    while (n + 1) * beta <= p:
+        n += 1
+    return p - n * beta
+
+
+def test_reference_matches_kernel_on_many_random_cases():
+    # The reference's fire decisions must be the kernel's bit for bit: thousands of
+    # utterances with scale_eps=0 (the scaled prefix sum lands on beta * target up to the
+    # last bit, so the scale must be the contract's division, not reciprocal * value) and
+    # with the tail threshold on an utterance's residual or a float next to it. The
+    # reference used to disagree on about one utterance in ten of these.
+    g = torch.Generator().manual_seed(28)
+    B, T, D = 48, 6, 2
+    dyadic = torch.tensor(DYADIC, dtype=torch.float64)
+    checked = 0
+    for it in range(50):
+        beta = THRESHOLDS[it % len(THRESHOLDS)]
+        # float32 values in float64 (as a model's), exact zeros and dyadic multiples of beta
+        alphas = torch.rand(B, T, generator=g).mul(1.5 * beta).double()
+        kind = torch.randint(0, 4, (B, T), generator=g)
+        pick = dyadic[torch.randint(0, len(DYADIC), (B, T), generator=g)]
+        alphas = torch.where(kind == 1, pick * beta, torch.where(kind == 0, 0.0, alphas))
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        hidden = torch.randn(B, T, D, dtype=torch.float64, generator=g)
+        rows = [alphas[b, :int(lengths[b])].tolist() for b in range(B)]
+        target = torch.randint(0, 7, (B,), generator=g)
+        target = torch.where(torch.tensor([sum(r) > 0 for r in rows]), target, 0)
+        edge = [lambda r: r, lambda r: math.nextafter(r, math.inf),
+                lambda r: math.nextafter(r, -math.inf)][it % 3]
+        row = rows[it % B]
+        scaled_tail = max(edge(_contract_residual(row, beta, int(target[it % B]))), 0.0)
+        for opts in (dict(target_lengths=target, scale_eps=0.0),
+                     dict(target_lengths=target, scale_eps=0.0, tail_threshold=scaled_tail,
+                          tail_mode=["keep", "normalize"][it % 2]),
+                     dict(tail_threshold=max(edge(_contract_residual(row, beta)), 0.0))):
+            assert_same(cifops.cif(hidden, alphas, lengths, threshold=beta, **opts),
+                        cif_reference(hidden, alphas, lengths, threshold=beta, **opts))
+            checked += B
+    assert checked >= 7000
+    # the example of issue 28: the kernel fires 3 tokens, the reference fired 2
+    alphas = torch.tensor([[0, 0, 0, 0.12100869417190552, 0.7260521650314331]],
+                          dtype=torch.float64)
+    opts = dict(target_lengths=torch.tensor([3]), scale_eps=0.0)
+    assert cif_reference(torch.ones(1, 5, 1, dtype=torch.float64), alphas,
+                         **opts).token_lengths.tolist() == [3]
 
 
 def test_known_values():

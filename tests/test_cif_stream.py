@@ -401,3 +401,145 @@ def test_stream_step_export_needs_max_tokens():
     program = torch.export.export(NoWidth(), (torch.randn(2, 5, 3), torch.rand(2, 5)))
     with pytest.raises(ValueError, match="cif_stream_step: max_tokens=None cannot be exported"):
         program.run_decompositions(cifops.export_decompositions())
+
+
+# --- states that no step could have produced (issue 28, items 11 and 15) -------------------
+
+def _stream_state(threshold=1.0):
+    """The state after two chunks of three utterances, each with complete tokens."""
+    g = torch.Generator().manual_seed(28)
+    hidden, alphas = torch.randn(3, 8, 4, generator=g), torch.rand(3, 8, generator=g) + 0.2
+    _, state = cifops.cif_stream_step(hidden[:, :5], alphas[:, :5], threshold=threshold)
+    _, state = cifops.cif_stream_step(hidden[:, 5:], alphas[:, 5:], None, state,
+                                      threshold=threshold)
+    assert (state.tokens > 0).all()
+    return state
+
+
+def _edited(state, **values):
+    """The state with utterance 1's fields set to values (a copy)."""
+    fields = state._asdict()
+    for name, value in values.items():
+        fields[name] = fields[name].clone()
+        fields[name][1] = value
+    return cifops.CifStreamState(**fields)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(frames=-3), r"state\.frames\[1\] = -3 is negative"),
+    (dict(tokens=-1), r"state\.tokens\[1\] = -1 is negative"),
+    (dict(prefix=-0.5), r"state\.prefix\[1\] = -0\.5 must be finite and >= 0"),
+    (dict(prefix=float("nan")), r"state\.prefix\[1\] = nan must be finite and >= 0"),
+    (dict(prefix=float("inf")), r"state\.prefix\[1\] = inf must be finite and >= 0"),
+    # a recycled batch slot whose prefix was not reset: it emitted 9 tokens at frame 0
+    (dict(tokens=0, frames=0, partial=0.0), r"state\.prefix\[1\] = .* but state\.frames\[1\] = 0"),
+    (dict(frames=0), r"state\.prefix\[1\] = .* but state\.frames\[1\] = 0"),
+    (dict(prefix=9.3), r"state\.prefix\[1\] = 9\.3 and state\.tokens\[1\] = \d+ disagree"),
+    (dict(tokens=0), r"state\.prefix\[1\] = .* and state\.tokens\[1\] = 0 disagree"),
+])
+def test_a_state_no_step_produced_is_refused_naming_the_field(edit, match):
+    state = _stream_state()
+    bad = _edited(state, **edit)
+    if "tokens" in edit and "frames" in edit:  # the recycled slot of the issue
+        bad = _edited(bad, prefix=9.3)
+    chunk = (torch.randn(3, 4, 4), torch.rand(3, 4))
+    with pytest.raises(ValueError, match="cifops.cif_stream_step: " + match):
+        cifops.cif_stream_step(*chunk, None, bad)
+    with pytest.raises(ValueError, match="cifops.cif_stream_step: " + match):
+        cifops.cif_stream_step(*chunk, None, bad, max_tokens=4)
+    with pytest.raises(ValueError, match="cifops.cif_stream_flush: " + match):
+        cifops.cif_stream_flush(bad, tail_threshold=0.1)
+    cifops.cif_stream_step(*chunk, None, state)  # the unedited state is fine
+    cifops.cif_stream_flush(state, tail_threshold=0.1)
+
+
+def test_states_on_a_token_boundary_are_valid():
+    # >= firing: a prefix exactly on a boundary has fired that token
+    state = cifops.CifStreamState(torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64),
+                                  torch.tensor([2, 0, 1]), torch.tensor([2, 3, 1]),
+                                  torch.zeros(3, 2))
+    _, new = cifops.cif_stream_step(torch.ones(3, 1, 2), torch.zeros(3, 1), None, state,
+                                    threshold=0.5)
+    assert new.tokens.tolist() == [2, 0, 1]
+    assert cifops.cif_stream_flush(new, tail_threshold=0.0).token_lengths.tolist() == [0, 0, 0]
+    for tokens, b, k in (([1, 0, 1], 0, 1), ([2, 0, 0], 2, 0)):
+        with pytest.raises(ValueError, match=rf"state\.prefix\[{b}\] = [\d.]+ and "
+                                             rf"state\.tokens\[{b}\] = {k} disagree at "
+                                             r"threshold 0\.5"):
+            cifops.cif_stream_flush(state._replace(tokens=torch.tensor(tokens)), threshold=0.5)
+
+
+def test_the_state_records_its_threshold():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2, 6, 3, generator=g)
+    alphas = torch.tensor([[0.3] * 6, [0.05] * 6])  # 3 tokens and a tail; a tail alone
+    _, state = cifops.cif_stream_step(hidden[:, :3], alphas[:, :3], threshold=0.5)
+    assert state.threshold == 0.5
+    out, state = cifops.cif_stream_step(hidden[:, 3:], alphas[:, 3:], None, state)  # 0.5 too
+    assert state.threshold == 0.5 and state.tokens.tolist() == [3, 0]
+    whole = cifops.cif(hidden, alphas, threshold=0.5, tail_threshold=0.2)
+    assert whole.token_lengths.tolist() == [4, 1]
+    # the flush follows the state's threshold (it took 1.0: no tail for utterance 0, and
+    # utterance 1's scaled by 1 / r instead of 0.5 / r)
+    tail = cifops.cif_stream_flush(state, tail_threshold=0.2)
+    assert tail.token_lengths.tolist() == [1, 1]
+    for b in range(2):
+        n = int(whole.token_lengths[b])
+        torch.testing.assert_close(tail.embeds[b, 0], whole.embeds[b, n - 1])
+    for call in (lambda: cifops.cif_stream_flush(state, threshold=1.0, tail_threshold=0.2),
+                 lambda: cifops.cif_stream_step(hidden, alphas, None, state, threshold=0.7)):
+        with pytest.raises(ValueError, match=r"threshold=(1\.0|0\.7) but the state was made by "
+                                             r"steps at threshold=0\.5"):
+            call()
+    # a state no step returned does not know its threshold: the call's (default 1.0)
+    assert cifops.cif_stream_state(2, 3).threshold is None
+    assert state._replace(frames=state.frames.clone()).threshold is None
+    stream = cifops.CifStream(threshold=0.5, tail_threshold=0.2)
+    assert stream(hidden, alphas).token_lengths.tolist() == [3, 0]
+    assert stream.flush().token_lengths.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("field", ["prefix", "tokens", "frames", "partial"])
+def test_flush_names_the_field_of_a_bad_state(field):
+    state = _stream_state()
+    # it used to say "Tensor on device meta is not on the expected device cpu!"
+    with pytest.raises(ValueError, match=r"cifops\.cif_stream_flush: the state's tensors must "
+                                         rf"be on one device, got .*state\.{field} on meta"):
+        cifops.cif_stream_flush(state._replace(**{field: getattr(state, field).to("meta")}))
+    wrong = dict(prefix=torch.zeros(3), tokens=torch.zeros(3, dtype=torch.int32),
+                 frames=torch.zeros(2, dtype=torch.int64), partial=torch.zeros(3, 4, 1))[field]
+    with pytest.raises(ValueError, match=rf"cifops\.cif_stream_flush: state\.{field} must "):
+        cifops.cif_stream_flush(state._replace(**{field: wrong}))
+
+
+def test_exported_step_and_flush_keep_a_bad_state_and_emit_nothing():
+    """In a graph nothing can raise: an utterance whose state no step returns emits no
+    tokens and no tail and keeps its state, as the CUDA kernels do with max_tokens."""
+    program = torch.export.export(StreamStep(), _stream_inputs(4, 8, seed=0)).run_decompositions(
+        cifops.export_decompositions())
+    state = [x.clone() for x in _feed(StreamStep(), 4, [8])[0][3:7]]
+    state[2][1] = -2                 # frames
+    state[0][2] = float("nan")       # prefix
+    state[1][3] = state[1][3] + 3    # tokens that disagree with the prefix
+    args = list(_stream_inputs(4, 8, seed=5, state=state))
+    got = program.module()(*args)
+    ref = StreamStep()(*[x[:1] for x in args])  # utterance 0 alone, through the kernel
+    _assert_steps_equal([[x[:1] for x in got]], [ref])
+    for b in (1, 2, 3):
+        assert got[1][b] == 0 and (got[2][b] == -1).all() and (got[0][b] == 0).all()
+        assert got[8][b] == 0 and got[9][b, 0] == -1 and (got[7][b] == 0).all()
+        for new, old in zip(got[3:7], args[3:7]):
+            assert torch.equal(new[b], old[b]) or (new[b].isnan() & old[b].isnan()).all()
+
+
+@requires_cuda
+def test_cuda_bad_state_raises_or_is_kept_with_max_tokens():
+    state = _stream_state()
+    bad = [x.cuda() for x in _edited(state, frames=-3)]
+    chunk = (torch.randn(3, 4, 4, device="cuda"), torch.rand(3, 4, device="cuda"))
+    with pytest.raises(ValueError, match=r"cifops\.cif_stream_step: state\.frames\[1\] = -3"):
+        cifops.cif_stream_step(*chunk, None, cifops.CifStreamState(*bad))
+    out, new = cifops.cif_stream_step(*chunk, None, cifops.CifStreamState(*bad), max_tokens=4)
+    assert out.token_lengths[1] == 0 and all(torch.equal(x[1], y[1]) for x, y in zip(new, bad))
+    with pytest.raises(ValueError, match=r"cifops\.cif_stream_flush: state\.frames\[1\] = -3"):
+        cifops.cif_stream_flush(cifops.CifStreamState(*bad))

@@ -322,6 +322,81 @@ def test_onnx_export_public_api(tmp_path):
         assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
 
 
+class Bf16Cif(torch.nn.Module):
+    """A bfloat16 model (float32 in and out: numpy, and so onnxruntime's Python API, has
+    no bfloat16)."""
+
+    def forward(self, hidden, alphas, lengths):
+        out = cifops.cif(hidden.to(BF16), alphas.to(BF16), lengths, threshold=0.5,
+                         tail_threshold=0.1, max_tokens=20)
+        return out.embeds.float(), out.token_lengths, out.fire_frames, out.alpha_sum
+
+
+class Bf16Stream(torch.nn.Module):
+    def forward(self, hidden, alphas, lengths, prefix, tokens, frames, partial):
+        out, state = cifops.cif_stream_step(hidden.to(BF16), alphas.to(BF16), lengths,
+                                            (prefix, tokens, frames, partial), threshold=0.5,
+                                            max_tokens=12)
+        tail = cifops.cif_stream_flush(state, threshold=0.5, tail_threshold=0.1)
+        return out.embeds.float(), out.token_lengths, out.fire_frames, *state, tail.embeds
+
+
+@pytest.mark.parametrize("make", [Bf16Cif, Bf16Stream])
+def test_bfloat16_model_runs_in_onnx_runtime(make, tmp_path):
+    # ONNX Runtime's CPU provider has no bfloat16 Where: the graph used to fail to load
+    # with "Could not find an implementation for Where(16)" (issue 28, item 16)
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need onnxruntime")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+    g = torch.Generator().manual_seed(16)
+    hidden = torch.randn(3, 17, 5, generator=g).to(BF16).float()
+    alphas = (torch.rand(3, 17, generator=g) * 0.7).to(BF16).float()
+    alphas[0, 3] = 0.0
+    hidden[2, 12:] = float("nan")  # padding
+    args = (hidden, alphas, torch.tensor([17, 9, 12]))
+    if make is Bf16Stream:
+        _, state = cifops.cif_stream_step(hidden[:, :4].to(BF16), alphas[:, :4], threshold=0.5)
+        args += tuple(state)
+    path = str(tmp_path / "bf16.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cifops.onnx_export(make(), args, path, verbose=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {n: x.numpy() for n, x in zip(names, args)})
+    for x, y in zip(got, make()(*args)):
+        if y.dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(torch.from_numpy(x), y, rtol=1e-2, atol=1e-2)
+        else:
+            assert torch.equal(torch.from_numpy(x), y)
+
+
+class ThresholdBuffer(torch.nn.Module):
+    def __init__(self, stream=False):
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(0.5))
+        self.stream = stream
+
+    def forward(self, hidden, alphas):
+        if self.stream:
+            return cifops.cif_stream_step(hidden, alphas, threshold=self.threshold,
+                                          max_tokens=8)[0].embeds
+        return cifops.cif(hidden, alphas, threshold=self.threshold, max_tokens=8).embeds
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cif", "cif_stream_step"])
+def test_threshold_buffer_is_refused_at_export_saying_what_to_do(stream):
+    # it works in eager mode, and used to fail to export with GuardOnDataDependentSymNode
+    model = ThresholdBuffer(stream)
+    args = (torch.randn(2, 9, 3), torch.rand(2, 9))
+    fn = "cif_stream_step" if stream else "cif"
+    ref = (cifops.cif_stream_step(*args, threshold=0.5, max_tokens=8)[0] if stream
+           else cifops.cif(*args, threshold=0.5, max_tokens=8)).embeds
+    assert torch.equal(model(*args), ref)
+    with pytest.raises(ValueError, match=rf"cifops\.{fn}: threshold is a tensor whose value "
+                                         r"torch\.export cannot read.*Python float"):
+        torch.export.export(model, args)
+
+
 # --- torch.jit.script ----------------------------------------------------------------
 
 class CallsCif(torch.nn.Module):

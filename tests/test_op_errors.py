@@ -98,6 +98,36 @@ def test_forward_mode_gradients_raise(op):
             fn(fwAD.make_dual(primal, torch.ones_like(primal)))
 
 
+class _ScriptedCif(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cif = cifops.Cif(max_tokens=4)
+
+    def forward(self, hidden, alphas):
+        return self.cif(hidden, alphas).embeds + cifops.cif(hidden, alphas, max_tokens=4).embeds
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]*` is deprecated")
+@pytest.mark.parametrize("wrt", ["hidden", "alphas"])
+def test_forward_mode_through_torch_jit_script_raises(wrt, tmp_path):
+    # a scripted module runs cif's TorchScript twin, not cif(): forward mode through it
+    # used to give a zero tangent (torch.func.jvp) or none (forward_ad) (issue 28, item 12)
+    hidden, alphas = cif_inputs()
+    module = torch.jit.script(_ScriptedCif())
+    path = tmp_path / "cif.pt"
+    torch.jit.save(module, str(path))  # the check is TorchScript: the module still saves
+    for m in (module, torch.jit.load(str(path))):
+        fn = ((lambda h: m(h, alphas)) if wrt == "hidden" else (lambda a: m(hidden, a)))
+        primal = hidden if wrt == "hidden" else alphas
+        torch.testing.assert_close(fn(primal), 2 * cifops.cif(hidden, alphas, max_tokens=4).embeds)
+        # (a raise in TorchScript comes out as torch.jit.Error, with the message)
+        with pytest.raises(torch.jit.Error, match=r"cifops\.cif: forward-mode .*not supported"):
+            torch.func.jvp(fn, (primal,), (torch.ones_like(primal),))
+        with fwAD.dual_level():
+            with pytest.raises(torch.jit.Error, match=r"cifops\.cif: forward-mode"):
+                fn(fwAD.make_dual(primal, torch.ones_like(primal)))
+
+
 # --- item 6: meta tensors mixed with real ones -----------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

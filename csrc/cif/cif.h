@@ -66,6 +66,7 @@ enum CifStatus : int64_t {
   kCifBadTarget = 3,       // target_lengths[b] < 0
   kCifZeroSumTarget = 4,   // target_lengths[b] > 0 but the weights sum to zero
   kCifTooManyTokens = 5,   // the integrated weight exceeds 2^53 thresholds
+  kCifBadStreamState = 6,  // a stream state no step returns (where: CifStreamStateError)
 };
 
 struct CifConfig {
@@ -350,12 +351,38 @@ CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alp
 struct CifStreamRowInfo {
   int64_t length = 0;       // valid frames of the chunk (0 when rejected)
   int64_t status = kCifOk;  // CifStatus
-  int64_t where = -1;       // offending frame of the chunk, or -1
+  int64_t where = -1;       // offending frame of the chunk (a CifStreamStateError), or -1
   int64_t count = 0;        // tokens completed in the chunk (before max_tokens)
 };
 constexpr int kStreamInfo = static_cast<int>(sizeof(CifStreamRowInfo) / sizeof(int64_t));
 static_assert(sizeof(CifStreamRowInfo) == kStreamInfo * sizeof(int64_t),
               "CifStreamRowInfo: int64 fields only");
+
+// Why a stream state is one that no step returns (CifStreamRowInfo::where with
+// kCifBadStreamState); the checks in this order, the first that fails.
+enum CifStreamStateError : int64_t {
+  kStateOk = 0,
+  kStateNegativeFrames = 1,     // frames < 0
+  kStateNegativeTokens = 2,     // tokens < 0
+  kStateBadPrefix = 3,          // prefix negative, NaN or infinite
+  kStatePrefixNoFrames = 4,     // prefix != 0 but no frame seen (frames == 0)
+  kStateTokensDisagree = 5,     // tokens != the number of boundaries (k+1) beta <= prefix
+};
+
+// A step leaves frames >= 0, a finite prefix >= 0 (0 while frames == 0) and tokens =
+// #{k : cif_boundary(k) <= prefix} (>= firing: the count cif_settle_fires settles on);
+// anything else was edited, recycled or made at another threshold. O(1).
+CIFOPS_HD int64_t cif_stream_check_state(double prefix, int64_t tokens, int64_t frames,
+                                         double beta) {
+  if (frames < 0) return kStateNegativeFrames;
+  if (tokens < 0) return kStateNegativeTokens;
+  if (!(prefix >= 0.0) || prefix - prefix != 0.0) return kStateBadPrefix;
+  if (frames == 0 && prefix != 0.0) return kStatePrefixNoFrames;
+  if ((tokens > 0 && cif_boundary(tokens - 1, beta) > prefix) ||
+      cif_boundary(tokens, beta) <= prefix)
+    return kStateTokensDisagree;
+  return kStateOk;
+}
 
 struct CifStreamConfig {
   int64_t batch = 0;       // B
@@ -368,8 +395,8 @@ struct CifStreamConfig {
 // The chunk's part of the state update, O(Tc), one thread per utterance: validation,
 // the prefix sums P[0..Tc] continuing from prefix0 (prefix[0] = prefix0), the absolute
 // fire counts token_after[t], the new prefix, tokens and frames, and the emitted count.
-// A chunk with a bad length or alpha leaves the state as it was and emits nothing;
-// its status says why.
+// A chunk with a bad state, length or alpha leaves the state as it was and emits
+// nothing; its status says why.
 template <typename alpha_t>
 CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
                                    const CifStreamConfig& cfg, double prefix0, int64_t tokens0,
@@ -385,6 +412,12 @@ CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_
   info = CifStreamRowInfo{};
   for (int64_t t = 0; t <= T; ++t) prefix[t] = prefix0;
   for (int64_t t = 0; t < T; ++t) token_after[t] = tokens0;
+  const int64_t state_error = cif_stream_check_state(prefix0, tokens0, frames0, beta);
+  if (state_error != kStateOk) {
+    info.status = kCifBadStreamState;
+    info.where = state_error;
+    return;
+  }
   const int64_t length = length_ptr ? *length_ptr : T;
   if (length < 0 || length > T) {
     info.status = kCifBadLength;

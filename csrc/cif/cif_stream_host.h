@@ -66,10 +66,38 @@ inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& al
   check_max_tokens(max_tokens, hidden, fn);
 }
 
+// The error of a state that no step returns (cif_stream_check_state): names the field.
+// The same messages as _state_error in cifops/_stream.py (the flush's check).
+[[noreturn]] inline void throw_bad_stream_state(const char* fn, int64_t error, int64_t b,
+                                                double prefix, int64_t tokens, int64_t frames,
+                                                double threshold) {
+  const char* edited = ": not a state that a step returned (edited, or from another stream?)";
+  switch (error) {
+    case kStateNegativeFrames:
+      TORCH_CHECK_VALUE(false, fn, ": state.frames[", b, "] = ", frames, " is negative", edited);
+    case kStateNegativeTokens:
+      TORCH_CHECK_VALUE(false, fn, ": state.tokens[", b, "] = ", tokens, " is negative", edited);
+    case kStateBadPrefix:
+      TORCH_CHECK_VALUE(false, fn, ": state.prefix[", b, "] = ", prefix,
+                        " must be finite and >= 0", edited);
+    case kStatePrefixNoFrames:
+      TORCH_CHECK_VALUE(false, fn, ": state.prefix[", b, "] = ", prefix, " but state.frames[", b,
+                        "] = 0: a stream that has seen no frame has prefix 0 (a recycled batch "
+                        "slot? start a new utterance from cifops.cif_stream_state's zeros)");
+    default:
+      TORCH_CHECK_VALUE(false, fn, ": state.prefix[", b, "] = ", prefix, " and state.tokens[", b,
+                        "] = ", tokens, " disagree at threshold ", threshold,
+                        ": a step leaves tokens = the number of thresholds in prefix (from "
+                        "steps at another threshold, or edited?)");
+  }
+}
+
 // Raise the first per-utterance error of a chunk's scan (info on the CPU); returns the
 // largest number of tokens completed in the chunk.
 inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor& alphas,
-                                   const std::optional<at::Tensor>& lengths) {
+                                   const std::optional<at::Tensor>& lengths,
+                                   const at::Tensor& prefix, const at::Tensor& tokens,
+                                   const at::Tensor& frames, double threshold) {
   const auto* info = reinterpret_cast<const CifStreamRowInfo*>(info_cpu.data_ptr<int64_t>());
   int64_t max_count = 0;
   for (int64_t b = 0; b < info_cpu.size(0); ++b) {
@@ -77,6 +105,11 @@ inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor&
     const int64_t where = row.where;
     switch (row.status) {
       case kCifOk: break;
+      case kCifBadStreamState:
+        throw_bad_stream_state("cifops.cif_stream_step", where, b,
+                               prefix.select(0, b).item<double>(),
+                               tokens.select(0, b).item<int64_t>(),
+                               frames.select(0, b).item<int64_t>(), threshold);
       case kCifBadAlpha:
         TORCH_CHECK(false, "cifops.cif_stream_step: alphas must be finite and >= 0, got alphas[",
                     b, ", ", where, "] = ", alphas.select(0, b).select(0, where).item<double>());
@@ -141,7 +174,8 @@ CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor
   ws.info = reinterpret_cast<CifStreamRowInfo*>(ws_info.data_ptr<int64_t>());
   scan(a, len, cfg, st, ws, token_lengths);
   if (max_tokens < 0 || !hidden.is_cuda()) {  // the CPU always reports errors
-    const int64_t max_count = check_stream_status(ws_info.cpu(), alphas, len);
+    const int64_t max_count =
+        check_stream_status(ws_info.cpu(), alphas, len, prefix, tokens, frames, threshold);
     if (max_tokens < 0) cfg.n_out = max_count;
   }
   at::Tensor embeds = at::empty({B, cfg.n_out, D}, h.options());
