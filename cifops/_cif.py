@@ -159,6 +159,9 @@ def _cif_forward_autograd(hidden, alphas, lengths, target_lengths, threshold, sc
                           tail_threshold, tail_normalize, max_tokens):
     args = (hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold,
             tail_normalize, max_tokens)
+    # here rather than in cif(): a module traced with torch.jit.trace calls the op, not
+    # cif(), and forward mode through it would give a silently zero tangent
+    refuse_forward_mode("cifops.cif", hidden, alphas)
     if torch.is_grad_enabled() and (hidden.requires_grad or alphas.requires_grad):
         return _CifAutograd.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
@@ -253,7 +256,6 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     threshold = _float_arg("cifops.cif", "threshold", threshold)
     scale_eps = _float_arg("cifops.cif", "scale_eps", scale_eps)
     tail_threshold = _float_arg("cifops.cif", "tail_threshold", tail_threshold)
-    refuse_forward_mode("cifops.cif", hidden, alphas)
     out = call_op("cifops.cif", torch.ops.cifops.cif_forward, hidden, alphas, lengths,
                   target_lengths, float(threshold), float(scale_eps), tail_threshold,
                   tail_mode == "normalize", max_tokens)

@@ -128,6 +128,24 @@ def test_forward_mode_through_torch_jit_script_raises(wrt, tmp_path):
                 fn(fwAD.make_dual(primal, torch.ones_like(primal)))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]*` is deprecated")
+@pytest.mark.parametrize("wrt", ["hidden", "alphas"])
+def test_forward_mode_through_torch_jit_trace_raises(wrt):
+    # a traced module records the op itself, not cif(): forward mode through it gave a
+    # zero tangent (torch.func.jvp)
+    hidden, alphas = cif_inputs()
+    module = torch.jit.trace(lambda h, a: cifops.cif(h, a, max_tokens=4).embeds,
+                             (hidden, alphas))
+    fn = (lambda h: module(h, alphas)) if wrt == "hidden" else (lambda a: module(hidden, a))
+    primal = hidden if wrt == "hidden" else alphas
+    torch.testing.assert_close(fn(primal), cifops.cif(hidden, alphas, max_tokens=4).embeds)
+    with pytest.raises(RuntimeError, match=r"cifops\.cif: forward-mode .*not supported"):
+        torch.func.jvp(fn, (primal,), (torch.ones_like(primal),))
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match=r"cifops\.cif: forward-mode"):
+            fn(fwAD.make_dual(primal, torch.ones_like(primal)))
+
+
 # --- item 6: meta tensors mixed with real ones -----------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
