@@ -336,9 +336,10 @@ PROTOCOL_TEXT = {"paper": "the paper's decoding: the decoder alone with CIF's ow
                  "tuned": f"the tuned decoding: a search over CIF's count +-{decode_lib.COUNT_SEARCH} and CTC "
                           f"rescoring (--count-search {decode_lib.COUNT_SEARCH} --ctc-weight "
                           f"{decode_lib.CTC_WEIGHT}, chosen on dev)"}
-# what is decoded, in the tables' order; a split the corpus lacks is left out
+# what is decoded, in the tables' order; a split the corpus lacks is left out (test-seen
+# with the paper's decoding only: the tuned decoding's count search costs 5 times as much)
 EVALS = [("test", "paper"), ("test", "tuned"), ("dev", "paper"), ("dev", "tuned"),
-         ("test-accent", "paper"), ("test-accent", "tuned"), ("test-seen", "paper"), ("test-seen", "tuned")]
+         ("test-accent", "paper"), ("test-accent", "tuned"), ("test-seen", "paper")]
 SPLIT_TEXT = {"test": "test (held-out speakers of the training population, clauses not in training: "
                       "the claim's split)",
               "dev": "dev (training voices, clauses not in training: where choices are made)",
@@ -357,9 +358,11 @@ def decode_dir(split: str, protocol: str) -> str:
 def decode_once(checkpoint: Path, split: Path, out: Path, beam: int, protocol: str, device: str,
                 log) -> dict:
     """decode.decode with the protocol's options, or the scores of an earlier decoding of
-    the same checkpoint (the same file, unchanged), split, beam and protocol."""
-    stamp = {"checkpoint": str(checkpoint), "mtime_ns": checkpoint.stat().st_mtime_ns, "split": str(split),
-             "beam": beam, **PROTOCOLS[protocol]}
+    the same checkpoint (its size and time: a copied system's decodings are reused too),
+    split, beam and protocol."""
+    info = checkpoint.stat()
+    stamp = {"checkpoint": [info.st_size, info.st_mtime_ns], "split": str(split), "beam": beam,
+             **PROTOCOLS[protocol]}
     stamp_file = out / "demo-decode.json"
     if stamp_file.exists() and (out / "wer.json").exists() and json.loads(stamp_file.read_text()) == stamp:
         return json.loads((out / "wer.json").read_text())

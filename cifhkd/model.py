@@ -424,10 +424,11 @@ def teacher_row_keys(rows: Tensor) -> Tensor:
     """One int64 key per teacher row [n, Dt]: a fixed random linear hash of the row's
     float16 bits (the teacher cache's precision), so rows equal in float16 have equal keys
     whatever dtype they come in."""
-    bits = rows.detach().to(torch.float16).view(torch.int16).long()
     weights = torch.randint(1, 2 ** 40, (rows.shape[-1],),
                             generator=torch.Generator().manual_seed(20230130)).to(rows.device)
-    return (bits * weights).sum(-1)
+    rows = rows.detach().to(torch.float16).view(torch.int16)
+    return torch.cat([(chunk.long() * weights).sum(-1) for chunk in rows.split(8192)]
+                     or [torch.zeros(0, dtype=torch.long, device=rows.device)])
 
 
 class TeacherBank:
