@@ -18,26 +18,30 @@ Pipeline:
      two splits); training sentences are spoken more than once (by other voices) when
      --num-train exceeds them;
   4. give each utterance a voice (accent+variant), speed and pitch (seeded). Every test
-     clause is spoken by every voice held out of training (--test-voices: 12 voices, so
-     2400 test utterances by default, enough to tell systems apart), and again by
+     clause is spoken by every voice of --test-voices (the split test, the paper's
+     setting: 15 speakers never heard in training from the training population, two
+     voice variants of each espeak accent that training hears and one flite voice, so
+     3000 test utterances by default; make_corpus refuses a test voice whose accent,
+     engine or variant training does not hear), again by every voice of
+     --accent-test-voices (the split test-accent, out of domain: the espeak accent en-029,
+     which training never hears, and flite's awb; 2400 utterances), and again by
      --test-seen-voices training voices (12 distinct ones per clause, drawn uniformly)
-     into the split test-seen: the same unseen sentences from voices the models heard,
-     which separates what a system does for new sentences from what it does for new
-     voices; dev and train use the training voices (uniformly, or --flite-share of the
-     utterances by flite's);
+     into the split test-seen: the same unseen sentences from voices the models heard.
+     Both held-out voice sets are kept out of train and dev, which use the training voices
+     (uniformly, or --flite-share of the utterances by flite's);
   5. synthesise 16 kHz mono 16-bit wav (resampled with soxr where the synthesiser
      runs at another rate) with a seeded white-noise floor --snr-range dB below the
      speech (synthesisers write exact digital silence), and write Kaldi-style dirs and
      JSONL manifests:
 
      OUT/wav/<utt>-<crc32 of the synthesis parameters>.wav
-     OUT/{train,dev,test,test-seen}/{wav.scp,text,utt2spk,spk2utt}
-     OUT/{train,dev,test,test-seen}.jsonl   {"id", "audio", "text", "duration", "speaker"}
+     OUT/{train,dev,test,test-accent,test-seen}/{wav.scp,text,utt2spk,spk2utt}
+     OUT/{train,dev,test,test-accent,test-seen}.jsonl   {"id", "audio", "text", "duration", "speaker"}
      OUT/demo-corpus.json                   the mark of a corpus made by this script
 
 Synthesis speed is printed at the end: about 120 utterances/s with 2 jobs on the project's
-2-core machine, so the default size (12000/200/200x12/200x12, 7.2 h of audio) takes about
-2 min.
+2-core machine, so the default size (12000/200/200x15/200x12/200x12, 7.6 h of audio) takes
+about 2 min.
 
     python python/prepare_demo_corpus.py --out data/demo            # defaults
     python python/prepare_demo_corpus.py --out data/tiny --num-train 100 --num-dev 20 --num-test 20
@@ -83,8 +87,19 @@ ESPEAK_ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4", "klatt"]
 # flite voices at 16 kHz ("kal" is 8 kHz and would be upsampled; left out).
 FLITE_VOICES = ["slt", "rms", "awb", "kal16"]
-# Held out of training: a whole espeak accent and one flite voice (when flite exists).
-DEFAULT_TEST_VOICES = ["espeak:en-029+*", "flite:awb"]
+# The split test, the paper's setting: speakers never heard in training from the training
+# population. Two voice variants of each espeak accent that training hears (variant pairs
+# rotate over the accents, so every variant is heard in training with other accents) and
+# one flite voice: 15 held-out voices.
+DEFAULT_TEST_VOICES = ["espeak:en+m1", "espeak:en+m2", "espeak:en-us+m3", "espeak:en-us+m4",
+                       "espeak:en-gb-scotland+m5", "espeak:en-gb-scotland+m7",
+                       "espeak:en-gb-x-gbclan+f1", "espeak:en-gb-x-gbclan+f2",
+                       "espeak:en-gb-x-rp+f3", "espeak:en-gb-x-rp+f4",
+                       "espeak:en-gb-x-gbcwmd+klatt", "espeak:en-gb-x-gbcwmd+m1",
+                       "espeak:en-us-nyc+m2", "espeak:en-us-nyc+m3", "flite:rms"]
+# The split test-accent, out of domain: a whole espeak accent training never hears and
+# one more flite voice (the demo's test split before the paper's setting was).
+DEFAULT_ACCENT_TEST_VOICES = ["espeak:en-029+*", "flite:awb"]
 
 # Characters a synthesiser would read aloud as words or that make the text ambiguous.
 _REJECT_CHARS = re.compile(r"[0-9@#$%&*+=/\\<>|_~^\[\]{}]")
@@ -102,6 +117,16 @@ class Voice:
     @property
     def speaker_id(self) -> str:
         return f"{self.engine}-{self.name.replace('+', '-')}"
+
+    @property
+    def accent(self) -> str:
+        """espeak: the accent (the name before "+"); flite: "flite" (one population)."""
+        return self.name.partition("+")[0] if self.engine == "espeak" else self.engine
+
+    @property
+    def variant(self) -> str:
+        """espeak: the voice variant (after "+"); flite: the voice."""
+        return self.name.partition("+")[2] if self.engine == "espeak" else self.name
 
     def matches(self, pattern: str) -> bool:
         engine, _, name = pattern.partition(":")
@@ -181,15 +206,26 @@ def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int, top_
     return [s for s in pool if min_words <= len(s.split()) <= max_words]
 
 
-def split_voices(use_flite: bool, test_patterns):
-    """(training voices, held-out test voices): the voices that match no test pattern and
-    those that match one."""
+def split_voices(use_flite: bool, test_patterns, accent_patterns=()):
+    """(training voices, test voices, test-accent voices): the voices that match no pattern,
+    those that match a test pattern, and those that match an accent pattern and no test
+    pattern."""
     voices = [Voice("espeak", f"{accent}+{variant}")
               for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS]
     if use_flite:
         voices += [Voice("flite", name) for name in FLITE_VOICES]
     held_out = [v for v in voices if any(v.matches(p) for p in test_patterns)]
-    return [v for v in voices if v not in held_out], held_out
+    accent = [v for v in voices if v not in held_out and any(v.matches(p) for p in accent_patterns)]
+    return [v for v in voices if v not in held_out and v not in accent], held_out, accent
+
+
+def unheard_population(seen, held_out):
+    """The held-out voices not from the training population: their accent (espeak) or
+    engine (flite), or their espeak variant, is not among the training voices'."""
+    accents = {v.accent for v in seen}
+    variants = {v.variant for v in seen if v.engine == "espeak"}
+    return [v for v in held_out if v.accent not in accents
+            or (v.engine == "espeak" and v.variant not in variants)]
 
 
 def _to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -262,8 +298,14 @@ def get_parser():
     parser.add_argument("--snr-range", type=float, nargs=2, default=(30.0, 50.0),
                         help="white-noise floor, dB below the speech, uniform ('0 0': none)")
     parser.add_argument("--test-voices", nargs="+", default=DEFAULT_TEST_VOICES,
-                        help="voices held out of train/dev, as engine:name, '*' as suffix "
-                             "wildcard (default: %(default)s)")
+                        help="the split test: voices held out of train/dev, from the training "
+                             "population (each one's accent, or engine for flite, and espeak "
+                             "variant heard in training), as engine:name, '*' as suffix wildcard "
+                             "(default: %(default)s)")
+    parser.add_argument("--accent-test-voices", nargs="*", default=DEFAULT_ACCENT_TEST_VOICES,
+                        help="the split test-accent (out of domain): voices held out of train/dev "
+                             "too, the same test clauses; none: no test-accent split "
+                             "(default: %(default)s)")
     parser.add_argument("--test-seen-voices", type=int, default=12,
                         help="the split test-seen: every test clause spoken by this many "
                              "distinct training voices (0: no test-seen split)")
@@ -432,9 +474,14 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     sentences = {"train": [train_pool[i % len(train_pool)] for i in range(args.num_train)],
                  "dev": pool[:args.num_dev], "test": pool[args.num_dev:held]}
 
-    seen, held_out = split_voices(use_flite, args.test_voices)
+    seen, held_out, accent_held_out = split_voices(use_flite, args.test_voices, args.accent_test_voices)
     if not held_out or not seen:
         raise CorpusError(f"--test-voices {args.test_voices} must hold out some but not all voices")
+    unheard = unheard_population(seen, held_out)
+    if unheard:
+        raise CorpusError(f"--test-voices: {', '.join(v.speaker_id for v in unheard)} not from the training "
+                          "population (its accent, engine or variant is held out of training too); "
+                          "out-of-domain voices belong in --accent-test-voices")
     if not 0 <= args.test_seen_voices <= len(seen):
         raise CorpusError(f"--test-seen-voices must be in [0, {len(seen)}] (the training voices), "
                           f"got {args.test_seen_voices}")
@@ -449,6 +496,7 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     out = args.out.resolve()
     claim_output(out, vars(args))
     (out / "wav").mkdir(parents=True, exist_ok=True)
+    sentences["test-accent"] = sentences["test"] if accent_held_out else []
     sentences["test-seen"] = sentences["test"] if args.test_seen_voices > 0 else []
     jobs = []
     for split in sentences:
@@ -457,6 +505,8 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
         for i, text in enumerate(sentences[split]):
             if split == "test":     # every held-out voice speaks every test clause
                 speakers = held_out
+            elif split == "test-accent":
+                speakers = accent_held_out
             elif split == "test-seen":
                 speakers = split_rng.sample(seen, args.test_seen_voices)
             else:
@@ -497,7 +547,7 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     elapsed = time.perf_counter() - start
 
     for split, split_rows in rows.items():
-        if not split_rows:     # --test-seen-voices 0: no stale split from an earlier run
+        if not split_rows:     # --test-seen-voices 0 etc.: no stale split from an earlier run
             shutil.rmtree(out / split, ignore_errors=True)
             (out / f"{split}.jsonl").unlink(missing_ok=True)
             continue
@@ -510,7 +560,8 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     rate = synthesised / elapsed if elapsed > 0 else float("inf")
     print(f"prepare_demo_corpus: synthesised {synthesised} utterances ({audio_seconds / 3600:.2f} h "
           f"of audio in all) in {elapsed:.1f} s with {args.jobs} jobs: {rate:.1f} utterances/s; "
-          f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)})")
+          f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)}), "
+          f"{len(accent_held_out)} for test-accent ({', '.join(args.accent_test_voices) or 'none'})")
     names = ",".join(split for split, split_rows in rows.items() if split_rows)
     print(f"prepare_demo_corpus: wrote {out}/{{{names}}} and {out}/{{{names}}}.jsonl")
     return out

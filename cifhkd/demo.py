@@ -3,37 +3,51 @@
     python python/demo.py                   # CIF baseline and CIF+HKD
     python python/demo.py --ablations       # also CIF+ACD and CIF+LRD
     python python/demo.py --seed 43 --out exp/s43   # another seed (conf/demo.yaml has the rest)
+    python python/demo.py --seeds 42 43 44 --out exp/seeds   # k seeds of each system, pooled
 
 Steps: synthesise the corpus (cifhkd.corpus.make_corpus, what prepare_demo_corpus.py
 runs) and cache the teacher (cifhkd.teacher_cache) when missing; train every system in
 its own process (`python -m cifhkd.train`, what train_hkd.py runs, in the current
-directory: relative paths in the config are relative to it) with the same config, seed
-and step budget (--config; by default the checkout's conf/demo.yaml), --jobs systems at
-a time with cores/jobs threads each; decode, in this process (cifhkd.decode, what
-decode.py runs), the held-out-voice test split and the dev split (training voices) with
-beam search, the same way, jobs systems at a time, and the test split again with the
-decoder alone (--ctc-weight 0: the paper's decoding), and test-seen (the test clauses
-spoken by training voices, when the corpus has it) that way too; write
+directory: relative paths in the config are relative to it; on the GPU when CUDA is
+there) with the same config, seed and step budget (--config; by default the checkout's
+conf/demo.yaml), --jobs systems at a time with cores/jobs threads each; decode, in this
+process (cifhkd.decode, what decode.py runs; on the GPU when CUDA is there), jobs systems
+at a time, with beam search (--beam 10) and two protocols (PROTOCOLS):
 
-    OUT/results.md, OUT/results.json   the table: CER/WER per system, relative reductions
-                                       against the baseline, 95% bootstrap intervals of
-                                       the test CER and of the gain over the baseline,
-                                       dev CER, the trivial baselines, and the test CER
-                                       per held-out voice; then the test CER and gain of
-                                       the decoder alone on test and test-seen
+    paper   the decoder alone with CIF's own token count (--count-search 0 --ctc-weight 0),
+            the paper's decoding: the headline
+    tuned   a search over CIF's count +-2 and CTC rescoring (--count-search 2
+            --ctc-weight 0.3), chosen on dev
+
+each split the corpus has: test (the claim's split: clauses not in training, spoken by
+speakers never heard in training from the training population), dev (training voices),
+test-accent (out of domain: an accent training never hears; no claim) and test-seen (the
+test clauses from training voices); write
+
+    OUT/results.md, OUT/results.json   the headline table (test with both protocols: CER,
+                                       the gain over CIF with its 95% paired bootstrap
+                                       interval over clauses, relative reduction; dev),
+                                       the other splits' table, the trivial baselines,
+                                       the CER per held-out voice
     OUT/curves.png                     training CE and CTC per token against the step
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
-                                       decode-test/, decode-dev/ (hypotheses, wer.json),
-                                       decode-test-decoder/, decode-test-seen-decoder/
-                                       (the decoder alone)
+                                       decode-<split>-<protocol>/ (hypotheses, wer.json)
 
-A system whose experiment finished with the same command is not trained again; one that
-was interrupted resumes from its last checkpoint (`--resume`; with no checkpoint yet, the
-trainer starts it again from step 0); one trained with another command or
-config is moved aside to OUT/<system>.replaced-<time> and trained afresh. When Debian's
-pocketsphinx-testdata is installed, its five LibriVox recordings (real speech, out of
-domain for voices trained on synthetic speech) are decoded too and reported on their own
+With --seeds S1 S2 ..., every seed's run goes to OUT/seed-<seed>/ as above, then
+OUT/pooled.md and pooled.json pool them per split and protocol: each system's CER over
+all seeds, the gain over CIF and the relative reduction, the paired bootstrap interval
+over clauses (every run of every system resampled on the same clauses) and the
+t-interval of the mean gain over seeds.
+
+A system whose experiment finished with the same command is not trained again (wherever
+its folder was trained: a copied baseline is reused); one that was interrupted resumes
+from its last checkpoint (`--resume`; with no checkpoint yet, the trainer starts it again
+from step 0); one trained with another command or config is moved aside to
+OUT/<system>.replaced-<time> and trained afresh. A split decoded before with the same
+checkpoint and protocol is not decoded again. When Debian's pocketsphinx-testdata is
+installed, its five LibriVox recordings (real speech, out of domain for voices trained
+on synthetic speech) are decoded too (the paper's protocol) and reported on their own
 line.
 
 While the systems train, one status line shows them side by side: updates done of the
@@ -49,7 +63,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -69,8 +83,6 @@ TRAIN_MODULE = ["-m", "cifhkd.train"]
 OLD_TRAIN_SCRIPT = "python/train_hkd.py"    # what the demo ran before: in old stamps
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
-DECODER_ALONE_DIR = "decode-test-decoder"   # the test split decoded with --ctc-weight 0
-SEEN_DECODER_DIR = "decode-test-seen-decoder"   # test-seen (training voices), the same way
 
 # name -> (label, ACD on, LRD on); the paper's Table rows
 SYSTEMS = {"cif": ("CIF", False, False), "acd": ("CIF + ACD", True, False),
@@ -87,6 +99,12 @@ def get_parser():
     parser.add_argument("--ablations", action="store_true", help="also train CIF+ACD and CIF+LRD")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's budget")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="train and decode every system with each seed (OUT/seed-<seed>/), then pool "
+                             "them: OUT/pooled.md (pooled CER, gains with paired bootstrap and t intervals)")
+    parser.add_argument("--acd-weight", type=float, default=None,
+                        help="override the config's ACD weight in the systems with ACD (the baseline's "
+                             "training is unchanged, so it is reused)")
     parser.add_argument("--jobs", type=int, default=0,
                         help="systems trained at once (0: one per core, at most all of them)")
     parser.add_argument("--beam", type=int, default=10)
@@ -143,6 +161,8 @@ def train_command(args, name: str) -> List[str]:
            "--exp-dir", str(args.out / name)]
     if not acd:
         cmd += ["--acd-weight", "0"]
+    elif args.acd_weight is not None:
+        cmd += ["--acd-weight", f"{args.acd_weight:g}"]
     if not lrd:
         cmd += ["--lrd-weight", "0"]
     if args.max_steps is not None:
@@ -157,13 +177,18 @@ def same_training(stamp: str, cmd: List[str], config_text: str) -> bool:
     this training: the same command and the same settings; comments and layout of the
     config do not count. A stamp of the command's previous form (the script
     python/train_hkd.py of the checkout, run from it) names the same training as
-    `python -m cifhkd.train`."""
+    `python -m cifhkd.train`. The --exp-dir does not count either: a trained system copied
+    into another OUT (a baseline shared by two runs) is the same training."""
     import yaml
     old = json.loads(stamp)
     command = old[:-1]
     if len(command) > 1 and command[1].replace(os.sep, "/").endswith(OLD_TRAIN_SCRIPT):
         command[1:2] = TRAIN_MODULE
-    return command == cmd and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
+
+    def placeless(c: List[str]) -> List[str]:
+        return [a for i, a in enumerate(c) if not (i > 0 and c[i - 1] == "--exp-dir")]
+
+    return placeless(command) == placeless(cmd) and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
 
 
 def train(args, name: str, threads: int, training: progress.Training, status: progress.StatusLine) -> float:
@@ -307,101 +332,265 @@ def bootstrap(decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "
     return out
 
 
+# decode.py's options of the two decoding protocols
+PROTOCOLS = {"paper": {"count_search": 0, "ctc_weight": 0.0},
+             "tuned": {"count_search": decode_lib.COUNT_SEARCH, "ctc_weight": None}}
+PROTOCOL_TEXT = {"paper": "the paper's decoding: the decoder alone with CIF's own token count "
+                          "(decode.py --count-search 0 --ctc-weight 0)",
+                 "tuned": f"the tuned decoding: a search over CIF's count +-{decode_lib.COUNT_SEARCH} and CTC "
+                          f"rescoring (--count-search {decode_lib.COUNT_SEARCH} --ctc-weight "
+                          f"{decode_lib.CTC_WEIGHT}, chosen on dev)"}
+# what is decoded, in the tables' order; a split the corpus lacks is left out (test-seen
+# with the paper's decoding only: the tuned decoding's count search costs 5 times as much)
+EVALS = [("test", "paper"), ("test", "tuned"), ("dev", "paper"), ("dev", "tuned"),
+         ("test-accent", "paper"), ("test-accent", "tuned"), ("test-seen", "paper")]
+SPLIT_TEXT = {"test": "test (held-out speakers of the training population, clauses not in training: "
+                      "the claim's split)",
+              "dev": "dev (training voices, clauses not in training: where choices are made)",
+              "test-accent": "test-accent (out of domain: an accent and a flite voice training never "
+                             "hears; no claim)",
+              "test-seen": "test-seen (the test clauses spoken by training voices)"}
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042]    # Student's t, 97.5% quantile, 1..30 degrees of freedom
+
+
+def decode_dir(split: str, protocol: str) -> str:
+    return f"decode-{split}-{protocol}"
+
+
+def decode_once(checkpoint: Path, split: Path, out: Path, beam: int, protocol: str, device: str,
+                log) -> dict:
+    """decode.decode with the protocol's options, or the scores of an earlier decoding of
+    the same checkpoint (its size and time: a copied system's decodings are reused too),
+    split, beam and protocol."""
+    info = checkpoint.stat()
+    stamp = {"checkpoint": [info.st_size, info.st_mtime_ns], "split": str(split), "beam": beam,
+             **PROTOCOLS[protocol]}
+    stamp_file = out / "demo-decode.json"
+    if stamp_file.exists() and (out / "wer.json").exists() and json.loads(stamp_file.read_text()) == stamp:
+        return json.loads((out / "wer.json").read_text())
+    result = decode_lib.decode(checkpoint, split, out, beam=beam, device=device, log=log, **PROTOCOLS[protocol])
+    stamp_file.write_text(json.dumps(stamp) + "\n")
+    return result
+
+
+def t_interval(values: Sequence[float]) -> List[float]:
+    """The 95% Student-t interval of the values' mean ([mean, mean] for one value; the
+    normal quantile beyond 31 values)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return [float(values.mean())] * 2
+    half = (T975[len(values) - 2] if len(values) <= 31 else 1.96) * values.std(ddof=1) / np.sqrt(len(values))
+    return [round(float(values.mean() - half), 2), round(float(values.mean() + half), 2)]
+
+
 def interval(pair: Sequence[float], sign: str = "") -> str:
     """[low, high] to two decimals; sign "+" for gains."""
     return f"[{pair[0]:{sign}.2f}, {pair[1]:{sign}.2f}]"
 
 
-def gain_cells(c: dict) -> str:
-    """A system's bootstrap row as table cells: gain over the base (95% CI) | P(better) |"""
-    return f"{c['gain']:+.2f} {interval(c['gain_ci'], '+')} | {c['p_better']:.2f} | "
+def gain_cell(c: dict) -> str:
+    """A system's gain over the base with its 95% interval."""
+    return f"{c['gain']:+.2f} {interval(c['gain_ci'], '+')}"
 
 
-def table(results: Dict[str, dict], dev: Dict[str, dict], trivial: dict, librivox: Dict[str, dict],
-          ci: Dict[str, dict], meta: dict) -> str:
-    base = results["cif"]["cer"], results["cif"]["wer"]
+def relative(c: dict, base: dict) -> str:
+    return f"{100 * c['gain'] / base['cer']:+.1f}%" if base["cer"] > 0 else "n/a"
 
-    def rel(new, old):
-        return f"{100 * (old - new) / old:+.1f}%" if old > 0 else "n/a"
 
+def weights_cells(meta: dict, name: str) -> str:
+    acd, bank, lrd = meta["weights"][name]
+    return f"{acd:g} | {bank or '-'} | {lrd:g}" if acd else f"- | - | {lrd:g}" if lrd else "- | - | -"
+
+
+def table(evals: Dict[str, dict], trivial: dict, librivox: Dict[str, dict], meta: dict) -> str:
+    """One seed's tables: the headline (test, the paper's decoding, and the tuned one;
+    dev), the other splits, the trivial baselines, the CER per held-out voice, real speech,
+    the time. evals: {"split/protocol": {"systems": {name: decode scores}, "bootstrap": ...}}."""
+    names = list(evals["test/paper"]["systems"])
+    test, ci = evals["test/paper"]["systems"], evals["test/paper"]["bootstrap"]
+    tuned = evals["test/tuned"]["bootstrap"]
+    voices = len(test["cif"].get("per_speaker", {}))
     lines = [f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)", "",
-             f"Test: {results['cif']['utterances']} utterances of held-out voices "
-             f"({ci['cif']['clauses']} clauses, each spoken by every held-out voice), "
-             f"{results['cif']['words']} words; beam {meta['beam']}, token counts CIF's "
-             f"+-{results['cif']['count_search']} (decode.py --count-search), CTC weight "
-             f"{results['cif']['ctc_weight']} in the hypothesis score (--ctc-weight). "
-             "Relative reductions and gains are against the CIF baseline (positive = fewer errors). "
-             f"95% intervals: paired bootstrap over test clauses ({ci['cif']['samples']} resamples); "
-             "P(better): the share of resamples where the system beats CIF.", "",
-             "| system | ACD weight | LRD weight | test CER % | 95% CI | test WER % | rel. CER reduction "
-             "| CER gain, points (95% CI) | P(better) | rel. WER reduction | dev CER % | rel. dev CER reduction |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in results.items():
-        label = SYSTEMS[name][0]
-        first = name == "cif"
-        acd, lrd = (f"{w:g}" if w else "-" for w in meta["weights"][name])
-        lines.append(f"| {label} | {acd} | {lrd} | "
-                     f"{100 * r['cer']:.2f} | {interval(ci[name]['cer_ci'])} | {100 * r['wer']:.2f} | "
-                     f"{'-' if first else rel(r['cer'], base[0])} | "
-                     + ("- | - | " if first else
-                        gain_cells(ci[name]))
-                     + f"{'-' if first else rel(r['wer'], base[1])} | {100 * dev[name]['cer']:.2f} | "
-                     f"{'-' if first else rel(dev[name]['cer'], dev['cif']['cer'])} |")
-    lines.append(f"| trivial: best constant sentence | - | - | {100 * trivial['cer']:.2f} | | "
-                 f"{100 * trivial['wer']:.2f} | | | | | | |")
-    lines.append("| trivial: empty output | - | - | 100.00 | | 100.00 | | | | | 100.00 | |")
-    lines += ["", f"The constant sentence (the training transcript closest to dev): "
-              f"\"{trivial['hypothesis']}\". Dev: {dev['cif']['utterances']} utterances of "
-              "training voices, clauses not in training."]
-    speakers = sorted(results["cif"].get("per_speaker", {}))
-    if speakers:
-        lines += ["", "Test CER % per held-out voice:", "",
-                  "| voice | utterances | " + " | ".join(SYSTEMS[n][0] for n in results) + " |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in results) + " |"]
-        for spk in speakers:
-            lines.append(f"| {spk} | {results['cif']['per_speaker'][spk]['utterances']} | " + " | ".join(
-                f"{100 * r['per_speaker'][spk]['cer']:.2f}" for r in results.values()) + " |")
+             f"Test: {test['cif']['utterances']} utterances ({ci['cif']['clauses']} clauses not in training, "
+             f"each spoken by each of {voices} held-out speakers of the training population: voices never "
+             "heard in training whose accent, engine and espeak variant training hears). "
+             f"Headline: {PROTOCOL_TEXT['paper']}, beam {meta['beam']}; second: {PROTOCOL_TEXT['tuned']}. "
+             "Gain: CIF's CER minus the system's, in points (positive = fewer errors), with its 95% paired "
+             f"bootstrap interval over the test clauses ({ci['cif']['samples']} resamples); P(better): the "
+             "share of resamples where the system beats CIF.", "",
+             "| system | ACD weight | bank rows | LRD weight | test CER %, paper | 95% CI | gain, points "
+             "(95% CI) | rel. CER reduction | P(better) | test WER %, paper | test CER %, tuned | gain, tuned "
+             "(95% CI) | dev CER %, paper | dev CER %, tuned |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        c, first = ci[name], name == "cif"
+        lines.append(f"| {SYSTEMS[name][0]} | {weights_cells(meta, name)} | {c['cer']:.2f} | {interval(c['cer_ci'])} | "
+                     + ("- | - | - | " if first else f"{gain_cell(c)} | {relative(c, ci['cif'])} | "
+                        f"{c['p_better']:.2f} | ")
+                     + f"{100 * test[name]['wer']:.2f} | {tuned[name]['cer']:.2f} | "
+                     + ("- | " if first else f"{gain_cell(tuned[name])} | ")
+                     + " | ".join(f"{100 * evals[f'dev/{p}']['systems'][name]['cer']:.2f}" for p in PROTOCOLS) + " |")
+    lines.append(f"| trivial: best constant sentence | | | | {100 * trivial['cer']:.2f} | | | | | "
+                 f"{100 * trivial['wer']:.2f} | | | | |")
+    lines += ["", f"The constant sentence (the training transcript closest to dev): \"{trivial['hypothesis']}\"; "
+              "the empty output scores 100%."]
+    others = [key for key in evals if key.split("/")[0] not in ("test", "dev")]
+    if others:
+        lines += ["", "Other splits, the same systems (CER %, and the gain over CIF in points with its 95% "
+                  "interval): " + "; ".join(SPLIT_TEXT[s] for s in dict.fromkeys(k.split("/")[0] for k in others))
+                  + ".", "",
+                  "| system | " + " | ".join(f"{k.replace('/', ', ')} CER % | gain (95% CI)" for k in others) + " |",
+                  "| --- |" + " ---: |" * (2 * len(others))]
+        for name in names:
+            lines.append(f"| {SYSTEMS[name][0]} | " + " | ".join(
+                f"{evals[k]['bootstrap'][name]['cer']:.2f} | "
+                + ("-" if name == "cif" else gain_cell(evals[k]['bootstrap'][name])) for k in others) + " |")
+    for key in ("test/paper", "test-accent/paper"):
+        systems = evals.get(key, {}).get("systems", {})
+        speakers = sorted(systems.get("cif", {}).get("per_speaker", {}))
+        if speakers:
+            lines += ["", f"CER % per voice, {key.replace('/', ', ')}:", "",
+                      "| voice | utterances | " + " | ".join(SYSTEMS[n][0] for n in names) + " |",
+                      "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+            for spk in speakers:
+                lines.append(f"| {spk} | {systems['cif']['per_speaker'][spk]['utterances']} | " + " | ".join(
+                    f"{100 * systems[n]['per_speaker'][spk]['cer']:.2f}" for n in names) + " |")
     if librivox:
-        lines += ["", "Real speech (5 LibriVox recordings of Debian's pocketsphinx-testdata, "
-                  "out of domain: the models heard synthetic voices only):", ""]
+        lines += ["", "Real speech (5 LibriVox recordings of Debian's pocketsphinx-testdata, out of domain: "
+                  "the models heard synthetic voices only), the paper's decoding:", ""]
         lines += [f"- {SYSTEMS[n][0]}: CER {100 * r['cer']:.2f}%, WER {100 * r['wer']:.2f}%"
                   for n, r in librivox.items()]
-    lines += ["", f"Training wall time: " + ", ".join(
+    lines += ["", "Training wall time: " + ", ".join(
         f"{SYSTEMS[n][0]} {t / 60:.1f} min" for n, t in meta["train_seconds"].items())
-              + f" ({meta['jobs']} system(s) at a time, {meta['threads']} thread(s) each); "
+              + f" ({meta['jobs']} system(s) at a time, {meta['threads']} thread(s) each, on {meta['device']}); "
               f"this run of demo.py {meta['total_seconds'] / 60:.1f} min on {os.cpu_count()} cores "
-              "(systems trained before are reused, their time not counted)."]
+              "(systems trained or splits decoded before are reused, their time not counted)."]
     return "\n".join(lines) + "\n"
 
 
-def decoder_table(results: Dict[str, dict], ci: Dict[str, dict], seen: Dict[str, dict],
-                  ci_seen: Dict[str, dict]) -> str:
-    """The test split decoded with the decoder alone (--ctc-weight 0), and test-seen (when
-    decoded: `seen` not empty) the same way."""
-    def header(split: str) -> str:
-        return f" {split} CER % | {split} 95% CI | {split} WER % | CER gain, points (95% CI) | P(better) |"
+def pooled(out: Path, seeds: Sequence[int], names: Sequence[str], keys: Sequence[str]) -> Dict[str, dict]:
+    """Each system's decodings of every seed (OUT/seed-<s>/<system>/decode-*) pooled per
+    split and protocol: the pooled bootstrap (bootstrap()) and, per system, the CER and
+    gain of each seed and the 95% t-interval of the mean gain over the seeds."""
+    result = {}
+    for key in keys:
+        dirs = {n: [out / f"seed-{s}" / n / decode_dir(*key.split("/")) for s in seeds] for n in names}
+        ci = bootstrap(dirs)
+        per_seed = {n: [100 * json.loads((d / "wer.json").read_text())["cer"] for d in dirs[n]] for n in names}
+        for n in names:
+            gains = [b - c for b, c in zip(per_seed["cif"], per_seed[n])]
+            ci[n].update({"seed_cer": [round(c, 2) for c in per_seed[n]], "seed_gain": [round(g, 2) for g in gains],
+                          "seed_gain_mean": round(float(np.mean(gains)), 2), "seed_gain_t_ci": t_interval(gains),
+                          "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 2)})
+        result[key] = ci
+    return result
 
-    lines = ["", f"Decoded with the decoder alone (`--ctc-weight 0`, as the paper decodes; count search "
-             f"+-{results['cif']['count_search']} kept): CER, and the gain over CIF with its 95% interval "
-             "(the same bootstrap), on the test split (new sentences from held-out voices)"
-             + (f" and on test-seen (the same sentences from training voices, {seen['cif']['utterances']} "
-                "utterances: what a system does for new sentences, apart from new voices)" if seen else "")
-             + ":", "",
-             "| system |" + header("test") + (header("test-seen") if seen else ""),
-             "| --- |" + " ---: |" * (10 if seen else 5)]
 
-    def cells(r: dict, c: dict, first: bool) -> str:
-        return (f" {100 * r['cer']:.2f} | {interval(c['cer_ci'])} | {100 * r['wer']:.2f} | "
-                + ("- | - |" if first else gain_cells(c).rstrip()))
-
-    for name, r in results.items():
-        lines.append(f"| {SYSTEMS[name][0]} |" + cells(r, ci[name], name == "cif")
-                     + (cells(seen[name], ci_seen[name], name == "cif") if seen else ""))
+def pooled_table(results: Dict[str, dict], seeds: Sequence[int], meta: dict) -> str:
+    names = list(results["test/paper"])
+    lines = [f"# CIF-HKD demo pooled over seeds {', '.join(map(str, seeds))} ({meta['max_steps']} updates "
+             "per system)", "",
+             "Per split and decoding: each system's CER over all its seeds' decodings; the gain over CIF "
+             "(CIF's CER minus the system's, points) with its 95% paired bootstrap interval over clauses "
+             "(every seed of every system resampled on the same clauses); the relative CER reduction; "
+             "each seed's gain; and the 95% t-interval of the mean gain over seeds (the spread between "
+             f"trainings). Paper: {PROTOCOL_TEXT['paper']}; tuned: {PROTOCOL_TEXT['tuned']}.", "",
+             "| system | ACD weight | bank rows | LRD weight |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {SYSTEMS[n][0]} | {weights_cells(meta, n)} |" for n in names]
+    for key, ci in results.items():
+        split, protocol = key.split("/")
+        lines += ["", f"## {SPLIT_TEXT[split]}, {protocol} decoding", "",
+                  "| system | pooled CER % | 95% CI | gain, points (95% CI) | rel. CER reduction | P(better) "
+                  "| CER per seed | gain per seed | mean gain (t 95% CI) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for n in names:
+            c = ci[n]
+            lines.append(f"| {SYSTEMS[n][0]} | {c['cer']:.2f} | {interval(c['cer_ci'])} | "
+                         + ("- | - | - | " if n == "cif" else
+                            f"{gain_cell(c)} | {c['relative_gain']:+.1f}% | {c['p_better']:.2f} | ")
+                         + ", ".join(f"{v:.2f}" for v in c["seed_cer"]) + " | "
+                         + ("- | - |" if n == "cif" else ", ".join(f"{v:+.2f}" for v in c["seed_gain"])
+                            + f" | {c['seed_gain_mean']:+.2f} {interval(c['seed_gain_t_ci'], '+')} |"))
     return "\n".join(lines) + "\n"
+
+
+def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str], budget: int,
+             start: float) -> Dict[str, dict]:
+    """Train (or reuse) every system with this seed in OUT, decode every split of EVALS the
+    corpus has with both protocols, write OUT/results.md, results.json and the pictures.
+    -> the evals ({"split/protocol": {"systems": ..., "bootstrap": ...}})."""
+    args = argparse.Namespace(**{**vars(args), "out": out, "seed": seed})
+    out.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    jobs = args.jobs or min(cores, len(names))
+    threads = max(1, cores // jobs)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # training, jobs systems at a time (on CUDA, train.py's --device auto takes the GPU)
+    phase = progress.Phase("training", {n: progress.Training(SYSTEMS[n][0], out / n, budget) for n in names})
+    with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
+        seconds = dict(zip(names, pool.map(lambda n: train(args, n, threads, phase.items[n], status), names)))
+
+    # decoding and scoring, jobs systems at a time as in training
+    evals = [(split, protocol) for split, protocol in EVALS if (corpus / split / "text").exists()]
+    librivox = librivox_manifest(out)
+    total = len(evals) + (librivox is not None)
+    phase = progress.Phase("decoding", {n: progress.Decoding(SYSTEMS[n][0], total) for n in names})
+
+    def decode_system(name: str) -> Dict[str, dict]:
+        done = {}
+        for split, protocol in evals + ([("librivox", "paper")] if librivox is not None else []):
+            path = librivox if split == "librivox" else corpus / split
+            done[f"{split}/{protocol}"] = decode_once(out / name / "averaged.pt", path,
+                                                      out / name / decode_dir(split, protocol), args.beam,
+                                                      protocol, device, status.say)
+            phase.items[name].done += 1
+        return done
+
+    torch.set_num_threads(threads)
+    # transformers resolves its names lazily, and two threads importing it at once can fail
+    from transformers import AutoTokenizer  # noqa: F401
+    with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
+        decoded = dict(zip(names, pool.map(decode_system, names)))
+    results = {}
+    for split, protocol in evals:
+        key = f"{split}/{protocol}"
+        results[key] = {"systems": {n: decoded[n][key] for n in names},
+                        "bootstrap": bootstrap({n: out / n / decode_dir(split, protocol) for n in names})}
+    real = {n: decoded[n]["librivox/paper"] for n in names if "librivox/paper" in decoded[n]}
+    trivial = constant_baseline(corpus)
+
+    plot_curves(out, names)
+    plot_alignment.plot_alignment(out / names[-1] / "averaged.pt", corpus / "test", out / "alignment.png",
+                                  beam=args.beam)
+    meta = run_meta(out, names)
+    meta.update({"beam": args.beam, "train_seconds": seconds, "jobs": jobs, "threads": threads,
+                 "device": device, "total_seconds": time.perf_counter() - start})
+    text = table(results, trivial, real, meta)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(
+        {"evals": results, "trivial_constant": trivial, "librivox": real, **meta}, indent=1) + "\n")
+    print("\n" + text)
+    print(f"demo: wrote {out}/results.md, results.json, curves.png, alignment.png")
+    return results
+
+
+def run_meta(out: Path, names: Sequence[str]) -> dict:
+    """The seed, budget and weights the systems in OUT were trained with (their args.json)."""
+    trained = {name: json.loads((out / name / "args.json").read_text()) for name in names}
+    first = trained[names[0]]
+    return {"seed": first["seed"], "max_steps": first["max_steps"],
+            "weights": {name: (a["acd_weight"], a.get("acd_bank", 0), a["lrd_weight"])
+                        for name, a in trained.items()}}
 
 
 def main(argv=None):
-    args = absolute_paths(get_parser().parse_args(argv))
+    parser = get_parser()
+    args = absolute_paths(parser.parse_args(argv))
+    if args.seeds and args.seed is not None:
+        parser.error("--seed and --seeds: give one")
     start = time.perf_counter()
     config = load_config(args.config)
     # relative to this directory, as for the training processes, which run in it
@@ -410,77 +599,25 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["cif", "acd", "lrd", "hkd"] if args.ablations else ["cif", "hkd"]
 
-    # 1. corpus and teacher cache, once for all systems (train_hkd.py only checks them)
+    # corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
         corpus_lib.make_corpus(corpus)
     # made, or checked against the corpus (rebuilt where stale)
     teacher_cache.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
-
-    # 2. training, jobs systems at a time
-    cores = os.cpu_count() or 1
-    jobs = args.jobs or min(cores, len(names))
-    threads = max(1, cores // jobs)
     budget = args.max_steps if args.max_steps is not None else int(config.get("max_steps") or 0)
-    phase = progress.Phase("training", {n: progress.Training(SYSTEMS[n][0], args.out / n, budget) for n in names})
-    with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
-        seconds = dict(zip(names, pool.map(lambda n: train(args, n, threads, phase.items[n], status), names)))
 
-    # 3. decoding and scoring, jobs systems at a time as in training
-    librivox = librivox_manifest(args.out)
-    splits = {"test": corpus / "test", "dev": corpus / "dev"}
-    if librivox is not None:
-        splits["librivox"] = librivox
-
-    has_seen = (corpus / "test-seen" / "text").exists()   # corpora made before test-seen existed lack it
-    phase = progress.Phase("decoding", {n: progress.Decoding(SYSTEMS[n][0], len(splits) + 1 + has_seen)
-                                        for n in names})
-
-    def decode_system(name: str) -> Dict[str, dict]:
-        def run_decode(split: Path, out: str, ctc_weight=None) -> dict:
-            result = decode_lib.decode(args.out / name / "averaged.pt", split, args.out / name / out,
-                                       beam=args.beam, ctc_weight=ctc_weight, log=status.say)
-            phase.items[name].done += 1
-            return result
-        done = {split: run_decode(path, f"decode-{split}") for split, path in splits.items()}
-        # the decoder alone, as the paper decodes: what distillation does to the decoder,
-        # without the CTC branch's score (which the systems share)
-        done["test_decoder"] = run_decode(splits["test"], DECODER_ALONE_DIR, ctc_weight=0.0)
-        if has_seen:
-            done["test_seen_decoder"] = run_decode(corpus / "test-seen", SEEN_DECODER_DIR, ctc_weight=0.0)
-        return done
-
-    torch.set_num_threads(threads)
-    # transformers resolves its names lazily, and two threads importing it at once can fail
-    from transformers import AutoTokenizer  # noqa: F401
-    with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
-        decoded = dict(zip(names, pool.map(decode_system, names)))
-    results = {name: d["test"] for name, d in decoded.items()}
-    decoder_alone = {name: d["test_decoder"] for name, d in decoded.items()}
-    seen = {name: d["test_seen_decoder"] for name, d in decoded.items() if "test_seen_decoder" in d}
-    dev = {name: d["dev"] for name, d in decoded.items()}
-    real = {name: d["librivox"] for name, d in decoded.items() if "librivox" in d}
-    trivial = constant_baseline(corpus)
-
-    # 4. pictures and the table
-    plot_curves(args.out, names)
-    plot_alignment.plot_alignment(args.out / names[-1] / "averaged.pt", corpus / "test",
-                                  args.out / "alignment.png", beam=args.beam)
-    trained = {name: json.loads((args.out / name / "args.json").read_text()) for name in names}
-    first = trained[names[0]]
-    meta = {"seed": first["seed"], "max_steps": first["max_steps"], "beam": args.beam,
-            "weights": {name: (a["acd_weight"], a["lrd_weight"]) for name, a in trained.items()},
-            "train_seconds": seconds, "jobs": jobs, "threads": threads,
-            "total_seconds": time.perf_counter() - start}
-    ci = bootstrap({name: args.out / name / "decode-test" for name in names})
-    ci_decoder = bootstrap({name: args.out / name / DECODER_ALONE_DIR for name in names})
-    ci_seen = bootstrap({name: args.out / name / SEEN_DECODER_DIR for name in names}) if seen else {}
-    text = table(results, dev, trivial, real, ci, meta) + decoder_table(decoder_alone, ci_decoder, seen, ci_seen)
-    extra = {"test_seen_decoder_alone": {"systems": seen, "bootstrap": ci_seen}} if seen else {}
-    (args.out / "results.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps(
-        {"systems": results, "dev": dev, "bootstrap": ci, "trivial_constant": trivial, "librivox": real,
-         "decoder_alone": {"systems": decoder_alone, "bootstrap": ci_decoder}, **extra, **meta},
-        indent=1) + "\n")
+    if not args.seeds:
+        run_seed(args, args.out, args.seed, corpus, names, budget, start)
+        return 0
+    for seed in args.seeds:
+        run_seed(args, args.out / f"seed-{seed}", seed, corpus, names, budget, start)
+    keys = list(json.loads((args.out / f"seed-{args.seeds[0]}" / "results.json").read_text())["evals"])
+    results = pooled(args.out, args.seeds, names, keys)
+    meta = run_meta(args.out / f"seed-{args.seeds[0]}", names)
+    text = pooled_table(results, args.seeds, meta)
+    (args.out / "pooled.md").write_text(text)
+    (args.out / "pooled.json").write_text(json.dumps({"seeds": args.seeds, "pooled": results, **meta},
+                                                     indent=1) + "\n")
     print("\n" + text)
-    print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")
+    print(f"demo: wrote {args.out}/pooled.md, pooled.json (each seed's tables: {args.out}/seed-<seed>/results.md)")
     return 0

@@ -15,7 +15,8 @@ D d_model, Dt the teacher's width):
         logits_i = Linear(h_i)                                  -> [B, N, V]
     CTC head on enc                                             -> [B, T', V]
     ACD: Linear(c_i) -> Dt vs the teacher's e_i, InfoNCE over every token of the batch
-         (cifops.contrastive_loss, tau 0.02)
+         and, with acd_bank > 0, that many cached teacher rows of the training split as
+         extra negatives (TeacherBank) (cifops.contrastive_loss, tau 0.02)
     LRD: Linear(h_i) -> Dt regressed onto e_i (MSE, summed)
 
 compute_loss returns the weighted sum of
@@ -89,11 +90,16 @@ class ModelConfig:
     ctc_weight: float = 0.5
     acd_weight: float = 1.0
     acd_temperature: float = 0.02
+    # ACD's extra negatives: teacher rows drawn at each step from the training split's
+    # cached teacher states (TeacherBank; train.py builds it); 0: the batch's rows only
+    acd_bank: int = 0
     lrd_weight: float = 0.01
 
     def __post_init__(self):
         if self.d_model % self.num_heads or self.d_model % self.decoder_heads:
             raise ValueError("ModelConfig: d_model must be divisible by num_heads and decoder_heads")
+        if self.acd_bank < 0:
+            raise ValueError(f"ModelConfig: acd_bank must be >= 0, got {self.acd_bank}")
         if any(not 1 <= p <= self.num_layers for p in self.pool_after):
             raise ValueError(f"ModelConfig: pool_after {self.pool_after} must name layers "
                              f"1..{self.num_layers}")
@@ -412,6 +418,83 @@ class CifDecoder(nn.Module):
 
 # rank-local teacher rows [n, Dt] -> (all ranks' rows [M, Dt], offset of the local rows)
 GatherTeacher = Callable[[Tensor], Tuple[Tensor, int]]
+
+
+def teacher_row_keys(rows: Tensor) -> Tensor:
+    """One int64 key per teacher row [n, Dt]: a fixed random linear hash of the row's
+    float16 bits (the teacher cache's precision), so rows equal in float16 have equal keys
+    whatever dtype they come in."""
+    weights = torch.randint(1, 2 ** 40, (rows.shape[-1],),
+                            generator=torch.Generator().manual_seed(20230130)).to(rows.device)
+    rows = rows.detach().to(torch.float16).view(torch.int16)
+    return torch.cat([(chunk.long() * weights).sum(-1) for chunk in rows.split(8192)]
+                     or [torch.zeros(0, dtype=torch.long, device=rows.device)])
+
+
+class TeacherBank:
+    """ACD's negatives beyond the batch (a GatherTeacher): the batch's teacher rows (every
+    rank's, through `gather` when given) followed by `size` rows drawn, without
+    replacement, from `rows`, the distinct teacher rows of the training split. The teacher
+    is frozen, so the cached rows are exactly what it would compute now; each step then
+    contrasts its student rows with n + size teacher rows at O((n + size) Dt) memory
+    (cifops.contrastive_loss takes them as the extra negatives of targets' rows).
+
+    A drawn row never equals one of the batch's own rows (a clause spoken twice has the
+    same teacher rows: its copy would be a negative identical to the positive). The draw
+    is a function of the seed and the batch's rows, so a resumed training draws what the
+    uninterrupted one drew, with no state to save.
+
+    TeacherBank.from_states(states, size, seed, device) builds it from the cache's
+    {utt_id: [L+1, Dt]} states (identical rows kept once); `sources` names each row's
+    (utterance, position)."""
+
+    def __init__(self, rows: Tensor, size: int, seed: int = 0, gather: Optional[GatherTeacher] = None,
+                 sources: Optional[List[Tuple[str, int]]] = None):
+        if size < 1:
+            raise ValueError(f"TeacherBank: size must be >= 1, got {size}")
+        keys = teacher_row_keys(rows)
+        if torch.unique(keys).numel() != keys.numel():
+            raise ValueError("TeacherBank: rows must be distinct (from_states removes repeats)")
+        if size >= rows.shape[0]:
+            raise ValueError(f"TeacherBank: size {size} must be below the {rows.shape[0]} distinct "
+                             "teacher rows of the training split (lower --acd-bank)")
+        self.rows, self.keys, self.size, self.seed = rows, keys, size, seed
+        self.gather, self.sources = gather, sources
+
+    @classmethod
+    def from_states(cls, states: Dict[str, Tensor], size: int, seed: int = 0, device="cpu",
+                    gather: Optional[GatherTeacher] = None) -> "TeacherBank":
+        """The bank over every row of `states` (utterance id -> [L+1, Dt]; ids sorted, so
+        the rows' order does not depend on the dict's), identical rows kept once."""
+        ids = sorted(states)
+        rows = torch.cat([states[i] for i in ids])
+        sources = [(i, p) for i in ids for p in range(states[i].shape[0])]
+        keys = teacher_row_keys(rows)
+        first = {}
+        for index, key in enumerate(keys.tolist()):
+            first.setdefault(key, index)
+        keep = sorted(first.values())
+        return cls(rows[keep].to(device), size, seed, gather, [sources[k] for k in keep])
+
+    def draw(self, local: Tensor) -> Tensor:
+        """Indices into self.rows of the `size` rows drawn for a batch whose (all ranks')
+        teacher rows are `local`."""
+        local_keys = teacher_row_keys(local)
+        seed = (self.seed * 1_000_003 + int(local_keys.sum())) % (2 ** 63)
+        generator = torch.Generator(device=self.rows.device).manual_seed(seed)
+        candidates = torch.randperm(self.rows.shape[0], generator=generator,
+                                    device=self.rows.device)[:self.size + local.shape[0]]
+        # at most one pool row per batch row is excluded: the pool's rows are distinct
+        candidates = candidates[~torch.isin(self.keys[candidates], local_keys)]
+        if candidates.shape[0] < self.size:
+            raise ValueError(f"TeacherBank: {self.rows.shape[0]} distinct rows leave fewer than {self.size} "
+                             f"outside a batch of {local.shape[0]} rows (lower --acd-bank)")
+        return candidates[:self.size]
+
+    def __call__(self, local: Tensor) -> Tuple[Tensor, int]:
+        rows, offset = self.gather(local) if self.gather is not None else (local, 0)
+        drawn = self.rows[self.draw(rows.detach())]
+        return torch.cat([rows, drawn.to(rows.dtype)]), offset
 
 
 @dataclass

@@ -866,6 +866,10 @@ def run(args) -> Optional[Path]:
              "%d rank(s) on %s", model_lib.count_parameters(model) / 1e6, config.vocab_size,
              len(train_set), len(sampler), proc.world_size, proc.device)
     net, forward, gather_teacher = wrap_model(args, model, proc)
+    if config.acd_weight > 0 and config.acd_bank > 0:     # ACD's cached negatives (model.TeacherBank)
+        gather_teacher = model_lib.TeacherBank.from_states(
+            {u.id: train_set.teacher_states[u.id] for u in train_set.utterances}, config.acd_bank,
+            args.seed, proc.device, gather_teacher)
     board = TensorBoard(args.exp_dir / rundir.BOARD, proc.is_main, purge_step=pos.step + 1 if pos.step else None)
     from tqdm import tqdm
     progress = tqdm(total=args.max_steps or None, initial=pos.step, disable=not proc.is_main or args.no_progress,

@@ -448,13 +448,15 @@ def test_sentence_pool_top_words_keeps_closed_vocabulary_sentences(tmp_path):
 
 
 def test_split_voices_holds_out_the_test_voices():
-    seen, held_out = prepare_demo_corpus.split_voices(True, prepare_demo_corpus.DEFAULT_TEST_VOICES)
+    seen, held_out, accent = prepare_demo_corpus.split_voices(True, prepare_demo_corpus.DEFAULT_TEST_VOICES,
+                                                              prepare_demo_corpus.DEFAULT_ACCENT_TEST_VOICES)
     V = prepare_demo_corpus.Voice
-    assert set(held_out) == {V("espeak", f"en-029+{v}") for v in prepare_demo_corpus.ESPEAK_VARIANTS} | {
+    assert set(accent) == {V("espeak", f"en-029+{v}") for v in prepare_demo_corpus.ESPEAK_VARIANTS} | {
         V("flite", "awb")}
-    assert not set(seen) & set(held_out) and len(seen) == 7 * 11 + 3
-    seen, held_out = prepare_demo_corpus.split_voices(False, ["espeak:en-us+m1", "flite:awb"])
-    assert held_out == [V("espeak", "en-us+m1")] and len(seen) == 8 * 11 - 1
+    assert len(held_out) == 15 and not set(held_out) & set(accent)
+    assert not set(seen) & (set(held_out) | set(accent)) and len(seen) == 7 * 11 + 3 - 15
+    seen, held_out, accent = prepare_demo_corpus.split_voices(False, ["espeak:en-us+m1", "flite:awb"])
+    assert held_out == [V("espeak", "en-us+m1")] and accent == [] and len(seen) == 8 * 11 - 1
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the Debian package espeak-ng")
@@ -481,15 +483,17 @@ def test_prepare_demo_corpus_tiny(tmp_path):
     args = ["--out", str(out), "--num-train", "12", "--num-dev", "3", "--num-test", "4", "--seed", "5"]
     prepare_demo_corpus.main(args)
     splits = {}
-    for split in ("train", "dev", "test", "test-seen"):
+    for split in ("train", "dev", "test", "test-accent", "test-seen"):
         utts, _ = data.read_kaldi_dir(out / split)
         utts, _ = data.check_audio(utts)
         jsonl, _ = data.read_jsonl_manifest(out / f"{split}.jsonl")
         assert [u.id for u in jsonl] == [u.id for u in utts]
         splits[split] = utts
-    seen, held_out = prepare_demo_corpus.split_voices(shutil.which("flite") is not None,
-                                                      prepare_demo_corpus.DEFAULT_TEST_VOICES)
-    assert [len(splits[s]) for s in ("train", "dev", "test", "test-seen")] == [12, 3, 4 * len(held_out), 4 * 12]
+    seen, held_out, accent = prepare_demo_corpus.split_voices(shutil.which("flite") is not None,
+                                                              prepare_demo_corpus.DEFAULT_TEST_VOICES,
+                                                              prepare_demo_corpus.DEFAULT_ACCENT_TEST_VOICES)
+    assert [len(splits[s]) for s in ("train", "dev", "test", "test-accent", "test-seen")] == [
+        12, 3, 4 * len(held_out), 4 * len(accent), 4 * 12]
     # every held-out voice speaks every test clause
     test_pairs = {(u.speaker, u.text) for u in splits["test"]}
     assert test_pairs == {(v.speaker_id, t) for v in held_out for t in {u.text for u in splits["test"]}}

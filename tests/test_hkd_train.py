@@ -785,46 +785,52 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     argv = ["--out", str(out), "--config", str(config), "--beam", "2", "--jobs", "2"]
     assert demo.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["systems"]) == {"cif", "hkd"} and results["seed"] == 3
+    evals = results["evals"]
+    assert set(evals["test/paper"]["systems"]) == {"cif", "hkd"} and results["seed"] == 3
     assert results["max_steps"] == 2
+    # both protocols on every split the corpus has
+    assert list(evals) == [f"{s}/{p}" for s in ("test", "dev", "test-accent") for p in ("paper", "tuned")] + [
+        "test-seen/paper"]
     for name in ("cif", "hkd"):
         assert (out / name / "checkpoint-2.pt").exists()
-        wer = json.loads((out / name / "decode-test" / "wer.json").read_text())
-        assert wer["cer"] == results["systems"][name]["cer"]
-        dev = json.loads((out / name / "decode-dev" / "wer.json").read_text())
-        assert dev["cer"] == results["dev"][name]["cer"] and dev["split"].endswith("dev")
-        alone = json.loads((out / name / "decode-test-decoder" / "wer.json").read_text())
-        assert wer["ctc_weight"] > 0 and alone["ctc_weight"] == 0 and alone["split"].endswith("test")
-        assert alone["cer"] == results["decoder_alone"]["systems"][name]["cer"]
-        assert results["decoder_alone"]["bootstrap"][name]["cer"] == round(100 * alone["cer"], 2)
-        seen = json.loads((out / name / "decode-test-seen-decoder" / "wer.json").read_text())
-        assert seen["split"].endswith("test-seen") and seen["utterances"] == 12    # 1 clause x 12 voices
-        assert seen["ctc_weight"] == 0 and seen["cer"] == results["test_seen_decoder_alone"]["systems"][name]["cer"]
-        assert results["test_seen_decoder_alone"]["bootstrap"][name]["cer"] == round(100 * seen["cer"], 2)
+        for key, ev in evals.items():
+            split, protocol = key.split("/")
+            wer = json.loads((out / name / f"decode-{split}-{protocol}" / "wer.json").read_text())
+            assert wer["cer"] == ev["systems"][name]["cer"] and wer["split"].endswith(split)
+            assert ev["bootstrap"][name]["cer"] == round(100 * wer["cer"], 2)
+            # the paper's decoding: the decoder alone with CIF's own count; tuned: count search and CTC
+            assert (wer["count_search"], wer["ctc_weight"]) == ((0, 0) if protocol == "paper" else (2, 0.3))
+        seen = evals["test-seen/paper"]["systems"][name]
+        assert seen["utterances"] == 12                  # 1 clause x 12 training voices
+        assert evals["test/paper"]["systems"][name]["utterances"] == 15     # 1 clause x 15 held-out speakers
     hkd_log = read_log(out / "hkd")
     assert "acd" in hkd_log[-1] and "acd" not in read_log(out / "cif")[-1]
     trivial = results["trivial_constant"]
     assert 0 < trivial["cer"] and trivial["hypothesis"] in (corpus / "corpus" / "train" / "text").read_text()
     table = (out / "results.md").read_text()
-    assert "| CIF | - | - |" in table and "| CIF + HKD | 1 | 0.01 |" in table    # the weights trained with
+    assert "| CIF | - | - | - |" in table and "| CIF + HKD | 1 | - | 0.01 |" in table    # the weights trained with
     assert "best constant sentence" in table
-    decoder_rows = table.split("Decoded with the decoder alone")[1]
-    hkd_alone = results["decoder_alone"]["systems"]["hkd"]["cer"]
-    hkd_seen = results["test_seen_decoder_alone"]["systems"]["hkd"]["cer"]
-    hkd_row = next(line for line in decoder_rows.splitlines() if line.startswith("| CIF + HKD |"))
+    hkd_row = next(line for line in table.splitlines() if line.startswith("| CIF + HKD |"))
     cells = [c.strip() for c in hkd_row.split("|")]
-    assert cells[2] == f"{100 * hkd_alone:.2f}" and cells[7] == f"{100 * hkd_seen:.2f}"   # test, then test-seen
+    assert cells[5] == f"{100 * evals['test/paper']['systems']['hkd']['cer']:.2f}"      # the headline: paper
+    assert cells[11] == f"{100 * evals['test/tuned']['systems']['hkd']['cer']:.2f}"
+    assert cells[13] == f"{100 * evals['dev/paper']['systems']['hkd']['cer']:.2f}"
     test_speaker = (corpus / "corpus" / "test" / "utt2spk").read_text().split()[1]
     assert f"| {test_speaker} | 1 | " in table                         # per held-out voice
     for png in ("curves.png", "alignment.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert results["bootstrap"]["cif"]["gain_ci"] == [0.0, 0.0]
-    low, high = results["bootstrap"]["hkd"]["cer_ci"]
-    assert low - 0.005 <= 100 * results["systems"]["hkd"]["cer"] <= high + 0.005   # rounded to 0.01
+    ci = evals["test/paper"]["bootstrap"]
+    assert ci["cif"]["gain_ci"] == [0.0, 0.0]
+    low, high = ci["hkd"]["cer_ci"]
+    assert low - 0.005 <= 100 * evals["test/paper"]["systems"]["hkd"]["cer"] <= high + 0.005   # rounded to 0.01
+    # decoding again reuses the decoded splits
+    stamp = out / "hkd" / "decode-test-paper" / "demo-decode.json"
+    mtime = stamp.stat().st_mtime_ns
     # a second run reuses the trained systems; a changed budget trains again
     capsys.readouterr()
     assert demo.main(argv) == 0
     assert capsys.readouterr().out.count("already trained") == 2
+    assert stamp.stat().st_mtime_ns == mtime
     config.write_text("# a comment changes no setting\n" + yaml.safe_dump(options, indent=4))
     assert demo.main(argv) == 0
     assert capsys.readouterr().out.count("already trained") == 2
@@ -832,9 +838,10 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     config.write_text(yaml.safe_dump(options))
     assert demo.main(argv + ["--ablations"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["systems"]) == {"cif", "acd", "lrd", "hkd"} and results["max_steps"] == 3
+    assert set(results["evals"]["test/paper"]["systems"]) == {"cif", "acd", "lrd", "hkd"}
+    assert results["max_steps"] == 3
     table = (out / "results.md").read_text()
-    assert "| CIF + ACD | 1 | - |" in table and "| CIF + LRD | - | 0.01 |" in table
+    assert "| CIF + ACD | 1 | - | 0 |" in table and "| CIF + LRD | - | - | 0.01 |" in table
     assert [h["step"] for h in read_log(out / "cif")] == [1, 2, 3]      # trained afresh
     kept = list(out.glob("cif.replaced-*"))                             # the old one moved aside
     assert len(kept) == 1 and [h["step"] for h in read_log(kept[0])] == [1, 2]
