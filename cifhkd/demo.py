@@ -27,6 +27,9 @@ spoken by training voices, when the corpus has it) that way too; write
                                        decode-test/, decode-dev/ (hypotheses, wer.json),
                                        decode-test-decoder/, decode-test-seen-decoder/
                                        (the decoder alone)
+    OUT/<last system>/onnx/            its export (export_onnx.py) and decode-test-onnx/, the
+                                       test split decoded with it in ONNX Runtime: its CER is
+                                       printed and tabulated next to the PyTorch one
 
 A system whose experiment finished with the same command is not trained again; one that
 was interrupted resumes from its last checkpoint; one trained with another command or
@@ -48,7 +51,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -396,6 +399,44 @@ def decoder_table(results: Dict[str, dict], ci: Dict[str, dict], seen: Dict[str,
     return "\n".join(lines) + "\n"
 
 
+ONNX_DIR = "onnx"                       # OUT/<system>/onnx: export_onnx.py's folder
+ONNX_DECODE_DIR = "decode-test-onnx"    # its test split decoded in ONNX Runtime
+
+
+def deploy(exp: Path, test: Path, label: str, beam: int) -> Tuple[str, dict]:
+    """Export exp/averaged.pt to exp/onnx (kept when it is that checkpoint's export,
+    else moved aside and made again) and decode the test split with it in ONNX Runtime,
+    float32, as decode-test was decoded; -> (lines for results.md, numbers for
+    results.json: CERs, the utterances with the PyTorch decode's hypothesis, seconds)."""
+    from . import export as export_lib
+    checkpoint, folder = exp / "averaged.pt", exp / ONNX_DIR
+    start = time.perf_counter()
+    if folder.exists():
+        try:
+            source = json.loads((folder / "config.json").read_text())["source"]["checkpoint_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            source = None
+        if source != export_lib.sha256(checkpoint):
+            folder.rename(folder.with_name(f"{ONNX_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if not folder.exists():
+        export_lib.export(checkpoint, folder)
+    export_s = time.perf_counter() - start
+    result = decode_lib.decode(None, test, exp / ONNX_DECODE_DIR, onnx=folder, beam=beam)
+    decode_s = time.perf_counter() - start - export_s
+    pytorch = json.loads((exp / "decode-test" / "wer.json").read_text())
+    hyps = [(exp / d / "hyp.txt").read_text().splitlines() for d in ("decode-test", ONNX_DECODE_DIR)]
+    same = sum(a == b for a, b in zip(*hyps))
+    numbers = {"cer": result["cer"], "pytorch_cer": pytorch["cer"], "same_hypothesis": same,
+               "utterances": len(hyps[0]), "export_s": round(export_s, 1), "decode_s": round(decode_s, 1)}
+    text = (f"\nDeployed: {label} exported to ONNX (python/export_onnx.py, {folder.name}/) and the test split "
+            f"decoded in ONNX Runtime, float32, as above (beam {beam}, CTC weight {result['ctc_weight']}): "
+            f"test CER {100 * result['cer']:.2f}% (PyTorch {100 * pytorch['cer']:.2f}%), the PyTorch "
+            f"hypothesis for {same} of {len(hyps[0])} utterances; export {export_s:.0f} s, "
+            f"decoding {decode_s:.0f} s.\n")
+    print(text.strip())
+    return text, numbers
+
+
 def main(argv=None):
     args = absolute_paths(get_parser().parse_args(argv))
     start = time.perf_counter()
@@ -456,6 +497,8 @@ def main(argv=None):
     dev = {name: d["dev"] for name, d in decoded.items()}
     real = {name: d["librivox"] for name, d in decoded.items() if "librivox" in d}
     trivial = constant_baseline(corpus)
+    # deployment: the last system exported to ONNX, its test split decoded in ONNX Runtime
+    deploy_text, deployed = deploy(args.out / names[-1], splits["test"], SYSTEMS[names[-1]][0], args.beam)
 
     # 4. pictures and the table
     plot_curves(args.out, names)
@@ -470,12 +513,13 @@ def main(argv=None):
     ci = bootstrap({name: args.out / name / "decode-test" for name in names})
     ci_decoder = bootstrap({name: args.out / name / DECODER_ALONE_DIR for name in names})
     ci_seen = bootstrap({name: args.out / name / SEEN_DECODER_DIR for name in names}) if seen else {}
-    text = table(results, dev, trivial, real, ci, meta) + decoder_table(decoder_alone, ci_decoder, seen, ci_seen)
+    text = (table(results, dev, trivial, real, ci, meta) + decoder_table(decoder_alone, ci_decoder, seen, ci_seen)
+            + deploy_text)
     extra = {"test_seen_decoder_alone": {"systems": seen, "bootstrap": ci_seen}} if seen else {}
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"systems": results, "dev": dev, "bootstrap": ci, "trivial_constant": trivial, "librivox": real,
-         "decoder_alone": {"systems": decoder_alone, "bootstrap": ci_decoder}, **extra, **meta},
+         "decoder_alone": {"systems": decoder_alone, "bootstrap": ci_decoder}, "onnx": deployed, **extra, **meta},
         indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {args.out}/results.md, results.json, curves.png, alignment.png")

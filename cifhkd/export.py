@@ -189,10 +189,17 @@ def export_graphs(model: model_lib.CifHkdModel, folder: Path, max_tokens: int):
 def quantize_int8(folder: Path):
     """encoder.int8.onnx and decoder.int8.onnx: onnxruntime's dynamic quantization (int8
     weights, activations quantized per call) of the MatMul and Gemm nodes."""
+    import logging
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    for name, out in INT8_FILES.items():
-        quantize_dynamic(folder / FILES[name], folder / out, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)   # its shape-inference warnings about the CIF's int tensors
+    try:
+        for name, out in INT8_FILES.items():
+            quantize_dynamic(folder / FILES[name], folder / out, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
 
 
 def export_config(model: model_lib.CifHkdModel, max_tokens: int, int8: bool, checkpoint_sha: str) -> dict:

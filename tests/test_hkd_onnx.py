@@ -268,3 +268,30 @@ def test_an_utterance_beyond_max_tokens_is_refused(trained, tmp_path):
     wav = data.load_manifest(trained / "corpus" / "test")[0][0].audio
     with pytest.raises(ValueError, match=rf"{wav}: CIF fires .* max_tokens 1: export again"):
         onnx_asr.OnnxRecognizer(small, count_search=1).transcribe([wav])
+
+
+def test_demo_exports_and_reports_the_onnx_runtime_cer(trained, exported, tmp_path, capsys):
+    """demo.deploy (make demo's last step): the export, the ONNX Runtime decode of the test
+    split, its CER next to the PyTorch decode's; an export of this checkpoint is reused,
+    one of another checkpoint is moved aside and made again."""
+    from cifhkd import demo
+    exp = tmp_path / "hkd"
+    exp.mkdir()
+    shutil.copy(trained / "exp" / "averaged.pt", exp / "averaged.pt")
+    shutil.copytree(exported, exp / "onnx")                 # this checkpoint's export
+    made = (exp / "onnx" / "encoder.onnx").stat().st_mtime_ns
+    test = trained / "corpus" / "test"
+    decode.decode(exp / "averaged.pt", test, exp / "decode-test", beam=2, log=lambda line: None)
+    text, numbers = demo.deploy(exp, test, "CIF + HKD", 2)
+    assert (exp / "onnx" / "encoder.onnx").stat().st_mtime_ns == made       # reused
+    pytorch = json.loads((exp / "decode-test" / "wer.json").read_text())
+    assert numbers["pytorch_cer"] == pytorch["cer"] and numbers["cer"] == pytorch["cer"]
+    assert numbers["same_hypothesis"] == numbers["utterances"] == 12
+    assert f"test CER {100 * pytorch['cer']:.2f}% (PyTorch {100 * pytorch['cer']:.2f}%)" in text
+    assert "Deployed: CIF + HKD" in capsys.readouterr().out
+    config = json.loads((exp / "onnx" / "config.json").read_text())
+    config["source"]["checkpoint_sha256"] = "another"
+    (exp / "onnx" / "config.json").write_text(json.dumps(config))
+    demo.deploy(exp, test, "CIF + HKD", 2)
+    assert len(list(exp.glob("onnx.replaced-*"))) == 1
+    assert json.loads((exp / "onnx" / "config.json").read_text())["source"] != config["source"]
