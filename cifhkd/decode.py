@@ -27,6 +27,12 @@ The model and its vocabulary come from the checkpoint alone (load_checkpoint: it
 model_config, the vocabulary and the tokenizer's identity), never from a tokens.txt found
 elsewhere; the transcripts are tokenised with the tokenizer it was trained with, checked
 by the SHA-256 of its files (checkpoint_tokenizer).
+
+    python python/decode.py --onnx exp/hkd/onnx --split data/demo/test --out exp/hkd/decode-onnx
+
+decodes with an export of export_onnx.py in ONNX Runtime instead (cifhkd.onnx_asr: the
+same search and scores; --int8 for its int8 graphs, --threads for ONNX Runtime's
+threads), and writes the same files.
 """
 import argparse
 import dataclasses
@@ -57,8 +63,11 @@ MAX_BATCH_SECONDS = 120.0
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="train_hkd.py's averaged.pt or checkpoint-<step>.pt")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="train_hkd.py's averaged.pt or checkpoint-<step>.pt")
+    model.add_argument("--onnx", type=Path, default=None,
+                       help="an export folder of export_onnx.py: decode with ONNX Runtime "
+                            "(cifhkd.onnx_asr) instead of the checkpoint in PyTorch")
     parser.add_argument("--split", type=Path, required=True, help="Kaldi dir or JSONL manifest")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vocab", type=Path, default=None,
@@ -85,6 +94,9 @@ def get_parser():
                              "reference count; shows what CIF's count errors cost)")
     parser.add_argument("--max-batch-seconds", type=float, default=MAX_BATCH_SECONDS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--int8", action="store_true", help="with --onnx: the int8 graphs (export --int8)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="with --onnx: ONNX Runtime's intra-op threads (0: its default)")
     return parser
 
 
@@ -357,36 +369,57 @@ def score(refs: List[str], hyps: List[str]) -> dict:
             "utterances": len(refs)}
 
 
-def decode(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str, Path], *, vocab: Optional[Path] = None,
+def decode(checkpoint: Optional[Union[str, Path]], split: Union[str, Path], out: Union[str, Path], *,
+           vocab: Optional[Path] = None,
            teacher: Optional[str] = None, method: str = "beam", beam: int = BEAM,
            count_search: int = COUNT_SEARCH, ctc_weight: Optional[float] = None,
            reference_counts: bool = False, max_batch_seconds: float = MAX_BATCH_SECONDS,
-           device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+           device: str = "cpu", onnx: Optional[Union[str, Path]] = None, int8: bool = False,
+           threads: int = 0, log: Callable[[str], None] = print) -> dict:
     """Decode the split with the checkpoint into OUT (the module docstring; the arguments
     are the command line's options; paths as str or Path) and return the scores of
-    wer.json; `log` gets the one-line summary."""
-    checkpoint, split, out = Path(checkpoint), Path(split), Path(out)
+    wer.json; `log` gets the one-line summary. With onnx (an export folder) instead of a
+    checkpoint, ONNX Runtime decodes (cifhkd.onnx_asr; int8, threads: its options)."""
+    split, out = Path(split), Path(out)
+    if (checkpoint is None) == (onnx is None):
+        raise ValueError("decode: give a checkpoint or an ONNX export (--onnx), one of them")
     if beam < 1:
         raise ValueError(f"decode: --beam must be >= 1, got {beam}")
     if count_search < 0:
         raise ValueError(f"decode: --count-search must be >= 0, got {count_search}")
-    device = torch.device(device)
-    trained = load_checkpoint(checkpoint, device, vocab)
-    model, vocab = trained.model, trained.vocab
-    ctc_weight = resolve_ctc_weight(model, ctc_weight, "--ctc-weight")
-    tokenizer = checkpoint_tokenizer(trained, teacher)
+    if onnx is None:
+        device = torch.device(device)
+        trained = load_checkpoint(checkpoint, device, vocab)
+        model, vocab = trained.model, trained.vocab
+        ctc_weight = resolve_ctc_weight(model, ctc_weight, "--ctc-weight")
+        tokenizer = checkpoint_tokenizer(trained, teacher)
+        period = frame_period_s(model.config)
+    else:
+        recognizer = onnx_recognizer(Path(onnx), int8=int8, threads=threads, vocab=vocab, method=method,
+                                     beam=beam, count_search=count_search, ctc_weight=ctc_weight,
+                                     reference_counts=reference_counts,
+                                     max_batch_seconds=max_batch_seconds, device=device)
+        vocab = teacher_lib.TokenVocab.load(Path(onnx) / recognizer.config["files"]["tokens"])
+        ctc_weight, period = recognizer.ctc_weight, recognizer.frame_period_s
+        tokenizer = teacher_lib.load_tokenizer(teacher)
     utts, _ = data.load_manifest(split)
     items = dataset_lib.AsrDataset(utts, vocab, tokenizer)
     sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds, shuffle=False)
-    period = frame_period_s(model.config)
     out.mkdir(parents=True, exist_ok=True)
     rows, start, audio_s = {}, time.perf_counter(), 0.0
     for indices in sampler:
-        batch = dataset_lib.collate([items[i] for i in indices])
-        feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
-        reference = batch.token_lens.to(device) + 1 if reference_counts else None
-        results = beam_search(model, feats, feat_lens, 1 if method == "greedy" else beam,
-                              count_search, ctc_weight, reference)
+        if onnx is None:
+            batch = dataset_lib.collate([items[i] for i in indices])
+            feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
+            reference = batch.token_lens.to(device) + 1 if reference_counts else None
+            results = beam_search(model, feats, feat_lens, 1 if method == "greedy" else beam,
+                                  count_search, ctc_weight, reference)
+        else:
+            from . import onnx_asr
+            names = [f"{utts[i].source}: {utts[i].id}: {utts[i].audio}" for i in indices]
+            samples = [onnx_asr.load_samples(utts[i].audio, recognizer.sample_rate, name)
+                       for i, name in zip(indices, names)]
+            results = recognizer.decode_samples(samples, names)
         for i, (tokens, frames) in zip(indices, results):
             utt = utts[i]
             audio_s += utt.duration
@@ -412,7 +445,8 @@ def decode(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str
     result.update({"method": method, "beam": beam if method == "beam" else 1,
                    "count_search": count_search, "ctc_weight": ctc_weight,
                    "reference_counts": reference_counts,
-                   "checkpoint": str(checkpoint), "split": str(split),
+                   "checkpoint": None if checkpoint is None else str(checkpoint), "split": str(split),
+                   **({} if onnx is None else {"onnx": str(onnx), "int8": int8}),
                    "real_time_factor": elapsed / max(audio_s, 1e-9)})
     with open(out / "hyp.txt", "w") as f:
         for r in ordered:
@@ -423,11 +457,28 @@ def decode(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str
             f.write(json.dumps({**r, "ref": ref, "chars": counts["chars"],
                                 "char_errors": counts["char_errors"]}) + "\n")
     (out / "wer.json").write_text(json.dumps(result, indent=1) + "\n")
-    log(f"decode: {split} ({len(utts)} utterances, {method}"
+    log(f"decode{'' if onnx is None else ' (ONNX Runtime' + (', int8)' if int8 else ')')}: "
+        f"{split} ({len(utts)} utterances, {method}"
           f"{'' if method == 'greedy' else f', beam {beam}'}): "
           f"CER {100 * result['cer']:.2f}%  WER {100 * result['wer']:.2f}%  "
           f"RTF {result['real_time_factor']:.3f} -> {out}")
     return result
+
+
+def onnx_recognizer(folder: Path, *, int8: bool, threads: int, vocab: Optional[Path], method: str,
+                    beam: int, count_search: int, ctc_weight: Optional[float], reference_counts: bool,
+                    max_batch_seconds: float, device: str):
+    """decode's options for an ONNX export -> onnx_asr.OnnxRecognizer; the options that
+    only the PyTorch decode has are refused, naming them."""
+    for given, option in ((vocab is not None, "--vocab (the export has its tokens.txt)"),
+                          (reference_counts, "--reference-counts (a diagnostic of the PyTorch decode)"),
+                          (str(device) != "cpu", f"--device {device} (ONNX Runtime runs on the CPU)")):
+        if given:
+            raise ValueError(f"decode: --onnx does not take {option}")
+    from . import onnx_asr       # needs onnxruntime, which the PyTorch decode does not
+    return onnx_asr.OnnxRecognizer(folder, int8=int8, beam=1 if method == "greedy" else beam,
+                                   count_search=count_search, ctc_weight=ctc_weight,
+                                   max_batch_seconds=max_batch_seconds, threads=threads)
 
 
 def main(argv=None):

@@ -33,6 +33,10 @@ test clauses from training voices); write
     OUT/alignment.png                  one test utterance: fbank, CIF weights, fired tokens
     OUT/<system>/                      train_hkd.py's experiment (checkpoints, logs) and
                                        decode-<split>-<protocol>/ (hypotheses, wer.json)
+    OUT/<last system>/onnx/            its export (export_onnx.py) and decode-test-onnx/, the
+                                       test split decoded with it in ONNX Runtime (the paper's
+                                       decoding): its CER is printed and tabulated next to the
+                                       PyTorch one
 
 With --seeds S1 S2 ..., every seed's run goes to OUT/seed-<seed>/ as above, then
 OUT/pooled.md and pooled.json pool them per split and protocol: each system's CER over
@@ -63,7 +67,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -561,6 +565,8 @@ def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str
                         "bootstrap": bootstrap({n: out / n / decode_dir(split, protocol) for n in names})}
     real = {n: decoded[n]["librivox/paper"] for n in names if "librivox/paper" in decoded[n]}
     trivial = constant_baseline(corpus)
+    # deployment: the last system exported to ONNX, its test split decoded in ONNX Runtime
+    deploy_text, deployed = deploy(out / names[-1], corpus / "test", SYSTEMS[names[-1]][0], args.beam)
 
     plot_curves(out, names)
     plot_alignment.plot_alignment(out / names[-1] / "averaged.pt", corpus / "test", out / "alignment.png",
@@ -568,10 +574,11 @@ def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str
     meta = run_meta(out, names)
     meta.update({"beam": args.beam, "train_seconds": seconds, "jobs": jobs, "threads": threads,
                  "device": device, "total_seconds": time.perf_counter() - start})
-    text = table(results, trivial, real, meta)
+    text = table(results, trivial, real, meta) + deploy_text
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(
-        {"evals": results, "trivial_constant": trivial, "librivox": real, **meta}, indent=1) + "\n")
+        {"evals": results, "trivial_constant": trivial, "librivox": real, "onnx": deployed, **meta},
+        indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {out}/results.md, results.json, curves.png, alignment.png")
     return results
@@ -584,6 +591,45 @@ def run_meta(out: Path, names: Sequence[str]) -> dict:
     return {"seed": first["seed"], "max_steps": first["max_steps"],
             "weights": {name: (a["acd_weight"], a.get("acd_bank", 0), a["lrd_weight"])
                         for name, a in trained.items()}}
+
+
+ONNX_DIR = "onnx"                       # OUT/<system>/onnx: export_onnx.py's folder
+ONNX_DECODE_DIR = "decode-test-onnx"    # its test split decoded in ONNX Runtime
+
+
+def deploy(exp: Path, test: Path, label: str, beam: int) -> Tuple[str, dict]:
+    """Export exp/averaged.pt to exp/onnx (kept when it is that checkpoint's export,
+    else moved aside and made again) and decode the test split with it in ONNX Runtime,
+    float32, with the paper's decoding as decode-test-paper was decoded; -> (lines for results.md, numbers for
+    results.json: CERs, the utterances with the PyTorch decode's hypothesis, seconds)."""
+    from . import export as export_lib
+    checkpoint, folder = exp / "averaged.pt", exp / ONNX_DIR
+    start = time.perf_counter()
+    if folder.exists():
+        try:
+            source = json.loads((folder / "config.json").read_text())["source"]["checkpoint_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            source = None
+        if source != export_lib.sha256(checkpoint):
+            folder.rename(folder.with_name(f"{ONNX_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if not folder.exists():
+        export_lib.export(checkpoint, folder)
+    export_s = time.perf_counter() - start
+    result = decode_lib.decode(None, test, exp / ONNX_DECODE_DIR, onnx=folder, beam=beam, **PROTOCOLS["paper"])
+    decode_s = time.perf_counter() - start - export_s
+    pytorch_dir = decode_dir("test", "paper")
+    pytorch = json.loads((exp / pytorch_dir / "wer.json").read_text())
+    hyps = [(exp / d / "hyp.txt").read_text().splitlines() for d in (pytorch_dir, ONNX_DECODE_DIR)]
+    same = sum(a == b for a, b in zip(*hyps))
+    numbers = {"cer": result["cer"], "pytorch_cer": pytorch["cer"], "same_hypothesis": same,
+               "utterances": len(hyps[0]), "export_s": round(export_s, 1), "decode_s": round(decode_s, 1)}
+    text = (f"\nDeployed: {label} exported to ONNX (python/export_onnx.py, {folder.name}/) and the test split "
+            f"decoded in ONNX Runtime, float32, with the paper's decoding (beam {beam}): "
+            f"test CER {100 * result['cer']:.2f}% (PyTorch {100 * pytorch['cer']:.2f}%), the PyTorch "
+            f"hypothesis for {same} of {len(hyps[0])} utterances; export {export_s:.0f} s, "
+            f"decoding {decode_s:.0f} s.\n")
+    print(text.strip())
+    return text, numbers
 
 
 def main(argv=None):

@@ -5,9 +5,9 @@
     feats = utterance_cmvn(feats)             # zero mean, unit variance per bin
     feats = SpecAugment()(feats)              # training only; 2 freq masks F=27, 2 time masks T=50
 
-compute_fbank uses kaldi-native-fbank (Kaldi's compute-fbank-feats: 25 ms Povey window,
-10 ms shift, pre-emphasis 0.97, snip_edges) with no dither, so features are
-deterministic. Samples are scaled to the 16-bit range first, as Kaldi reads wav files.
+compute_fbank is cifhkd.fbank's (kaldi-native-fbank, Kaldi's compute-fbank-feats: 25 ms
+Povey window, 10 ms shift, pre-emphasis 0.97, snip_edges) with no dither, so features
+are deterministic; that module is numpy only, for the ONNX Runtime transcriber.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import kaldi_native_fbank as knf
-
-SAMPLE_RATE = 16000
+from . import fbank
+from .fbank import SAMPLE_RATE, num_fbank_frames  # noqa: F401 (this module's API)
 
 
 def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80,
                   dither: float = 0.0) -> Tensor:
-    """Log-mel filterbank of one utterance.
+    """Log-mel filterbank of one utterance (fbank.compute_fbank, as a tensor).
 
     Args:
         samples: [num_samples] float waveform in [-1, 1] (data.load_audio's output).
@@ -35,27 +34,7 @@ def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_b
         [T, num_mel_bins] float32, T = 1 + (num_samples - 400) // 160 at 16 kHz
         (0 frames when the utterance is shorter than one 25 ms window).
     """
-    samples = np.asarray(samples, dtype=np.float32)
-    if samples.ndim != 1:
-        raise ValueError(f"compute_fbank: samples must be 1-D [num_samples], got shape {samples.shape}")
-    opts = knf.FbankOptions()
-    opts.frame_opts.samp_freq = sample_rate
-    opts.frame_opts.dither = dither
-    opts.mel_opts.num_bins = num_mel_bins
-    fbank = knf.OnlineFbank(opts)
-    fbank.accept_waveform(sample_rate, (samples * 32768.0).tolist())
-    fbank.input_finished()
-    num_frames = fbank.num_frames_ready
-    if num_frames == 0:
-        return torch.zeros(0, num_mel_bins)
-    return torch.from_numpy(np.stack([fbank.get_frame(i) for i in range(num_frames)]))
-
-
-def num_fbank_frames(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
-    """compute_fbank's frame count for num_samples samples (25 ms windows, 10 ms shift,
-    snip_edges): 1 + (num_samples - 400) // 160 at 16 kHz, 0 below one window."""
-    window, shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
-    return 0 if num_samples < window else 1 + (num_samples - window) // shift
+    return torch.from_numpy(fbank.compute_fbank(samples, sample_rate, num_mel_bins, dither))
 
 
 def speed_perturb(samples: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -309,9 +309,14 @@ class ConformerEncoder(nn.Module):
             pos_emb = sinusoids(torch.arange(t - 1, -t, -1, device=x.device), self.d_model).to(x.dtype)
             x = layer(x, pos_emb, padding_mask)
             if index in self.pool_after:
-                # padding may not win a max: fill it with the lowest value first
-                x = x.masked_fill(padding_mask[..., None], torch.finfo(x.dtype).min)
-                x = F.max_pool1d(x.transpose(1, 2), 2, ceil_mode=True).transpose(1, 2)
+                # padding may not win a max: fill it with the lowest value first. Then the
+                # max of each pair of frames, a last odd frame paired with the lowest value:
+                # max_pool1d(2, ceil_mode=True), without its branches on the length, which
+                # torch.export would specialise (cifhkd.export)
+                lowest = torch.finfo(x.dtype).min
+                x = F.pad(x.masked_fill(padding_mask[..., None], lowest), (0, 0, 0, 1), value=lowest)
+                pairs = (t + 1) // 2
+                x = x[:, :2 * pairs].reshape(x.shape[0], pairs, 2, x.shape[2]).amax(dim=2)
                 lengths = (lengths + 1) // 2
                 x = x.masked_fill(~lengths_to_mask(lengths, x.shape[1])[..., None], 0.0)
         x = x.masked_fill(~lengths_to_mask(lengths, x.shape[1])[..., None], 0.0)
