@@ -190,6 +190,19 @@ def test_fake_kernel_matches_the_kernel(dtype):
         assert (f.shape, f.dtype, f.device.type) == (r.shape, r.dtype, "meta")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("max_tokens", [3, -1])    # the op's -1: no max_tokens
+def test_opcheck_stream_step(dtype, max_tokens):
+    """torch.library.opcheck of cifops::cif_stream_step (schema, fake kernel, autograd
+    registration, torch.compile), from a fresh state and from a state mid-stream."""
+    hidden, alphas = torch.randn(3, 5, 4).to(dtype), torch.rand(3, 5) * 1.5
+    lengths = torch.tensor([5, 2, 0])
+    _, state = cifops.cif_stream_step(hidden, alphas, lengths)
+    for st in (cifops.cif_stream_state(3, 4, dtype=dtype), state):
+        torch.library.opcheck(torch.ops.cifops.cif_stream_step.default,
+                              (hidden, alphas, lengths, *st, 1.0, max_tokens))
+
+
 @pytest.mark.parametrize("field, bad, match", [
     ("prefix", torch.zeros(3, dtype=torch.float64), r"state.prefix must have shape \[2\]"),
     ("partial", torch.zeros(2, 4), r"state.partial must have shape \[2, 3\]"),
