@@ -387,6 +387,8 @@ def decode(checkpoint: Optional[Union[str, Path]], split: Union[str, Path], out:
         raise ValueError(f"decode: --beam must be >= 1, got {beam}")
     if count_search < 0:
         raise ValueError(f"decode: --count-search must be >= 0, got {count_search}")
+    if onnx is None and (int8 or threads):
+        raise ValueError("decode: --int8 and --threads are options of --onnx (ONNX Runtime)")
     if onnx is None:
         device = torch.device(device)
         trained = load_checkpoint(checkpoint, device, vocab)

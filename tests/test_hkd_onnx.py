@@ -257,6 +257,9 @@ def test_bad_exports_and_audio_are_named(trained, exported, tmp_path):
         asr.transcribe([tmp_path / "nope.wav"])
     with pytest.raises(ValueError, match=r"audio\[1\] \(an array\): holds NaN"):
         asr.transcribe([samples, bad])
+    with pytest.raises(ValueError, match="--int8 and --threads are options of --onnx"):
+        decode.main(["--checkpoint", str(trained / "exp" / "averaged.pt"), "--split",
+                     str(trained / "corpus" / "test"), "--out", str(tmp_path / "x"), "--int8"])
     with pytest.raises(ValueError, match="does not take --reference-counts"):
         decode.main(["--onnx", str(exported), "--split", str(trained / "corpus" / "test"), "--out",
                      str(tmp_path / "x"), "--reference-counts"])
