@@ -479,7 +479,7 @@ def pooled(out: Path, seeds: Sequence[int], names: Sequence[str], keys: Sequence
             gains = [b - c for b, c in zip(per_seed["cif"], per_seed[n])]
             ci[n].update({"seed_cer": [round(c, 2) for c in per_seed[n]], "seed_gain": [round(g, 2) for g in gains],
                           "seed_gain_mean": round(float(np.mean(gains)), 2), "seed_gain_t_ci": t_interval(gains),
-                          "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 2)})
+                          "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 1)})
         result[key] = ci
     return result
 
@@ -508,7 +508,8 @@ def pooled_table(results: Dict[str, dict], seeds: Sequence[int], meta: dict) -> 
                             f"{gain_cell(c)} | {c['relative_gain']:+.1f}% | {c['p_better']:.2f} | ")
                          + ", ".join(f"{v:.2f}" for v in c["seed_cer"]) + " | "
                          + ("- | - |" if n == "cif" else ", ".join(f"{v:+.2f}" for v in c["seed_gain"])
-                            + f" | {c['seed_gain_mean']:+.2f} {interval(c['seed_gain_t_ci'], '+')} |"))
+                            + f" | {c['seed_gain_mean']:+.2f} "
+                            + (interval(c['seed_gain_t_ci'], '+') if len(seeds) > 1 else "(one seed)") + " |"))
     return "\n".join(lines) + "\n"
 
 
