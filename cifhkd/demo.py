@@ -574,6 +574,17 @@ def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str
     return results
 
 
+def check_corpus(corpus: Path) -> None:
+    """SystemExit when `corpus` is a demo corpus made before the claim's split (its test
+    split was then the accent shift, which the tables would call held-out speakers of the
+    training population)."""
+    marker = corpus / corpus_lib.MARKER
+    if marker.is_file() and "accent_test_voices" not in json.loads(marker.read_text()).get("options", {}):
+        sys.exit(f"demo: {corpus} is a demo corpus made before its test split held out speakers of the "
+                 "training population (its test split is an unheard accent): delete it, or set another "
+                 "corpus: folder in the config, and run again to synthesise the current one")
+
+
 def run_meta(out: Path, names: Sequence[str]) -> dict:
     """The seed, budget and weights the systems in OUT were trained with (their args.json)."""
     trained = {name: json.loads((out / name / "args.json").read_text()) for name in names}
@@ -599,6 +610,7 @@ def main(argv=None):
     # corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
         corpus_lib.make_corpus(corpus)
+    check_corpus(corpus)
     # made, or checked against the corpus (rebuilt where stale)
     teacher_cache.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
     budget = args.max_steps if args.max_steps is not None else int(config.get("max_steps") or 0)
