@@ -487,7 +487,7 @@ def pooled(out: Path, seeds: Sequence[int], names: Sequence[str], keys: Sequence
             gains = [b - c for b, c in zip(per_seed["cif"], per_seed[n])]
             ci[n].update({"seed_cer": [round(c, 2) for c in per_seed[n]], "seed_gain": [round(g, 2) for g in gains],
                           "seed_gain_mean": round(float(np.mean(gains)), 2), "seed_gain_t_ci": t_interval(gains),
-                          "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 2)})
+                          "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 1)})
         result[key] = ci
     return result
 
@@ -516,7 +516,8 @@ def pooled_table(results: Dict[str, dict], seeds: Sequence[int], meta: dict) -> 
                             f"{gain_cell(c)} | {c['relative_gain']:+.1f}% | {c['p_better']:.2f} | ")
                          + ", ".join(f"{v:.2f}" for v in c["seed_cer"]) + " | "
                          + ("- | - |" if n == "cif" else ", ".join(f"{v:+.2f}" for v in c["seed_gain"])
-                            + f" | {c['seed_gain_mean']:+.2f} {interval(c['seed_gain_t_ci'], '+')} |"))
+                            + f" | {c['seed_gain_mean']:+.2f} "
+                            + (interval(c['seed_gain_t_ci'], '+') if len(seeds) > 1 else "(one seed)") + " |"))
     return "\n".join(lines) + "\n"
 
 
@@ -584,6 +585,17 @@ def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str
     return results
 
 
+def check_corpus(corpus: Path) -> None:
+    """SystemExit when `corpus` is a demo corpus made before the claim's split (its test
+    split was then the accent shift, which the tables would call held-out speakers of the
+    training population)."""
+    marker = corpus / corpus_lib.MARKER
+    if marker.is_file() and "accent_test_voices" not in json.loads(marker.read_text()).get("options", {}):
+        sys.exit(f"demo: {corpus} is a demo corpus made before its test split held out speakers of the "
+                 "training population (its test split is an unheard accent): delete it, or set another "
+                 "corpus: folder in the config, and run again to synthesise the current one")
+
+
 def run_meta(out: Path, names: Sequence[str]) -> dict:
     """The seed, budget and weights the systems in OUT were trained with (their args.json)."""
     trained = {name: json.loads((out / name / "args.json").read_text()) for name in names}
@@ -648,6 +660,7 @@ def main(argv=None):
     # corpus and teacher cache, once for all systems (train_hkd.py only checks them)
     if not (corpus / "train" / "text").exists():
         corpus_lib.make_corpus(corpus)
+    check_corpus(corpus)
     # made, or checked against the corpus (rebuilt where stale)
     teacher_cache.build_cache(teacher_dir, corpus / "train", [corpus / "train", corpus / "dev"])
     budget = args.max_steps if args.max_steps is not None else int(config.get("max_steps") or 0)

@@ -27,6 +27,18 @@ def test_t_interval_is_students():
     assert demo.t_interval([0.5]) == [0.5, 0.5]
 
 
+def test_demo_refuses_a_corpus_made_before_the_claims_split(tmp_path):
+    old = tmp_path / "old"
+    (old / "train").mkdir(parents=True)
+    (old / "demo-corpus.json").write_text(json.dumps({"made_by": "cifhkd.corpus.make_corpus", "options": {
+        "test_voices": ["espeak:en-029+*", "flite:awb"]}}))
+    with pytest.raises(SystemExit, match="made before its test split held out speakers"):
+        demo.check_corpus(old)
+    (old / "demo-corpus.json").write_text(json.dumps({"options": {"test_voices": ["espeak:en+m1"],
+                                                                  "accent_test_voices": []}}))
+    demo.check_corpus(old)
+
+
 def test_demo_pools_seeds(tmp_path, capsys):
     import yaml
     root = tmp_path / "data"
