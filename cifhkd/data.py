@@ -22,6 +22,7 @@ renamed; the folder fsynced); remove_stale_temporaries removes what a killed wri
 Audio is read with soundfile, mixed down to mono and resampled to 16 kHz with soxr
 (``soxr.resample``, the maintained libsoxr binding) when it has another rate.
 """
+import hashlib
 import json
 import math
 import os
@@ -237,6 +238,15 @@ def _fsync_dir(directory: Path):
         pass                   # some file systems cannot fsync a folder
     finally:
         os.close(fd)
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomically(path, write: Callable[[Path], None]):

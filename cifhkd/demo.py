@@ -622,7 +622,7 @@ def deploy(exp: Path, test: Path, label: str, beam: int) -> Tuple[str, dict]:
             source = json.loads((folder / "config.json").read_text())["source"]["checkpoint_sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             source = None
-        if source != export_lib.sha256(checkpoint):
+        if source != data.sha256_file(checkpoint):
             folder.rename(folder.with_name(f"{ONNX_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
     if not folder.exists():
         export_lib.export(checkpoint, folder)

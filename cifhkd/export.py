@@ -39,7 +39,6 @@ runtime refuses an utterance whose CIF count + the count search exceeds it, nami
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import cifops
+from . import data
 from . import decode as decode_lib
 from . import features
 from . import model as model_lib
@@ -116,14 +116,6 @@ class DecoderStepGraph(nn.Module):
         logits, cache = self.decoder.step(prev_token, cif_prev, cif_cur, keys.shape[3], cache)
         return (torch.log_softmax(logits.float(), dim=-1), torch.stack([k for k, _ in cache]),
                 torch.stack([v for _, v in cache]))
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _quiet_onnx_export(module: nn.Module, args: tuple, path: Path, dynamic_shapes, input_names,
@@ -240,7 +232,7 @@ def export(checkpoint: Union[str, Path], out: Union[str, Path], *, int8: bool = 
         if int8:
             quantize_int8(tmp)
         vocab.save(tmp / FILES["tokens"])
-        config = export_config(model, max_tokens, int8, sha256(checkpoint))
+        config = export_config(model, max_tokens, int8, data.sha256_file(checkpoint))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         os.rename(tmp, out)     # fails, rather than merging, should out have appeared since
     except BaseException:

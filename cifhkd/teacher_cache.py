@@ -81,25 +81,17 @@ def get_parser():
 
 # --- what a cache file was built from ----------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _FILE_HASHES: Dict[tuple, str] = {}
 
 
 def _file_sha256(path: Path) -> str:
-    """_sha256_file, computed once per process for a file that has not changed since: the
+    """data.sha256_file, computed once per process for a file that has not changed since: the
     key holds the inode's change time, which every write and every utime (the way cp -p and
     rsync -a set a time back) moves, and no program can set."""
     st = path.stat()
     key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = _sha256_file(path)
+        _FILE_HASHES[key] = data.sha256_file(path)
     return _FILE_HASHES[key]
 
 
@@ -276,7 +268,7 @@ def _vocab_up_to_date(out: Path, record: dict, source: dict, teacher: dict) -> b
         return False
     sources = [entry] + [s for s in entry.get("same_vocabulary", []) if isinstance(s, dict)]
     return (any(_same_source(s, source, teacher) for s in sources)
-            and entry.get("sha256") == _sha256_file(path))
+            and entry.get("sha256") == data.sha256_file(path))
 
 
 def _states_up_to_date(path: Path, entry, source: dict, teacher: dict) -> bool:
@@ -428,7 +420,7 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
                 f"(checkpoints trained with it read it): pass another --teacher-dir (extract_teacher.py "
                 f"--out), or delete {out} to build the cache again")
         log(f"extract_teacher: {vocab_path} equals the vocabulary of {train}: kept")
-        digest = _sha256_file(vocab_path)
+        digest = data.sha256_file(vocab_path)
         if isinstance(entry, dict) and entry.get("sha256") == digest and _well_formed(entry):
             entry.setdefault("same_vocabulary", []).append(_states_source(source, teacher_info))
         else:
@@ -436,7 +428,7 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
     else:
         data.write_atomically(vocab_path, built.save)
         log(f"extract_teacher: vocabulary {len(built)} ASR tokens ({vocab_path})")
-        record["vocab"] = {"file": VOCAB, "sha256": _sha256_file(vocab_path), "manifest": source,
+        record["vocab"] = {"file": VOCAB, "sha256": data.sha256_file(vocab_path), "manifest": source,
                            "teacher": teacher_info}
     save_record(out, record)
     return built
