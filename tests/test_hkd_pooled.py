@@ -68,6 +68,9 @@ def test_demo_pools_seeds(tmp_path, capsys):
     hkd_args = json.loads((out / "seed-4" / "hkd" / "args.json").read_text())
     assert hkd_args["acd_weight"] == 0.5 and hkd_args["acd_bank"] == 8 and hkd_args["seed"] == 4
     assert "acd" in json.loads((out / "seed-4" / "hkd" / "train_log.jsonl").read_text().splitlines()[-1])
+    # the ONNX export is make demo's (one seed) step, not repeated per seed
+    assert json.loads((out / "seed-4" / "results.json").read_text())["onnx"] is None
+    assert not (out / "seed-4" / "hkd" / "onnx").exists()
     pooled = json.loads((out / "pooled.json").read_text())
     assert pooled["seeds"] == [3, 4]
     for key, ci in pooled["pooled"].items():

@@ -789,8 +789,8 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
     assert set(evals["test/paper"]["systems"]) == {"cif", "hkd"} and results["seed"] == 3
     assert results["max_steps"] == 2
     # both protocols on every split the corpus has
-    assert list(evals) == [f"{s}/{p}" for s in ("test", "dev", "test-accent") for p in ("paper", "tuned")] + [
-        "test-seen/paper"]
+    assert list(evals) == ["test/paper", "test/tuned", "dev/paper", "dev/tuned", "test-accent/paper",
+                           "test-seen/paper"]
     for name in ("cif", "hkd"):
         assert (out / name / "checkpoint-2.pt").exists()
         for key, ev in evals.items():
@@ -805,6 +805,11 @@ def test_demo_trains_decodes_and_tabulates(corpus, tmp_path, capsys):
         assert evals["test/paper"]["systems"][name]["utterances"] == 15     # 1 clause x 15 held-out speakers
     hkd_log = read_log(out / "hkd")
     assert "acd" in hkd_log[-1] and "acd" not in read_log(out / "cif")[-1]
+    # the last system exported and dev decoded with it in ONNX Runtime, as PyTorch decoded it
+    onnx = results["onnx"]
+    assert onnx["split"] == "dev" and (out / "hkd" / "onnx" / "encoder.onnx").exists()
+    assert onnx["pytorch_cer"] == evals["dev/paper"]["systems"]["hkd"]["cer"]
+    assert onnx["same_hypothesis"] == onnx["utterances"] == evals["dev/paper"]["systems"]["hkd"]["utterances"]
     trivial = results["trivial_constant"]
     assert 0 < trivial["cer"] and trivial["hypothesis"] in (corpus / "corpus" / "train" / "text").read_text()
     table = (out / "results.md").read_text()
