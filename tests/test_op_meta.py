@@ -30,6 +30,25 @@ def test_exported_constants_are_the_kernels():
         _C.contrastive_fuses_student_grad(True, "avg", False)
 
 
+def test_exported_cif_constants_are_the_kernels():
+    # CifStatus and CifStreamStateError (csrc/cif/cif.h), by name
+    assert _C.cif_status == {"ok": 0, "bad_alpha": 1, "bad_length": 2, "bad_target": 3,
+                             "zero_sum_target": 4, "too_many_tokens": 5,
+                             "bad_stream_state": 6}
+    assert _C.cif_stream_state_error == {"ok": 0, "negative_frames": 1, "negative_tokens": 2,
+                                         "bad_prefix": 3, "prefix_no_frames": 4,
+                                         "tokens_disagree": 5}
+    # cif_workspace_size: prefix sums [B][T+1] and B 4-double records; fire counts [B][T]
+    # and B 7-int64 records; the fake kernel's workspace has the same sizes
+    for B, T in [(0, 0), (1, 0), (2, 5), (3, 1000)]:
+        sizes = (B * (T + 1) + 4 * B, B * T + 7 * B)
+        assert _C.cif_workspace_size(B, T) == sizes
+        fake = torch.ops.cifops.cif_forward(torch.empty(B, T, 2, device=META),
+                                            torch.empty(B, T, device=META), None, None, 1.0,
+                                            1e-4, None, True, 3)
+        assert (fake[4].shape[0], fake[5].shape[0]) == sizes
+
+
 def cif_args(dtype, B=2, T=5, D=3):
     g = torch.Generator().manual_seed(22)
     return dict(hidden=torch.randn(B, T, D, generator=g).to(dtype),
