@@ -2,8 +2,10 @@
 
 The kernels check their arguments in C++ (csrc/common/host.h, csrc/cif/cif_host.h,
 csrc/contrastive/contrastive_host.h); what is here runs where they cannot: in the fake
-(meta) kernels, which a single meta argument among real ones also reaches, and around the
-autograd registrations, for the kinds of differentiation the ops do not support.
+(meta) kernels, which check what their shapes need and that the tensors are on one
+device (a single meta argument among real ones also reaches them), in the public
+functions, and around the autograd registrations, for the kinds of differentiation the
+ops do not support.
 """
 import torch
 from torch import Tensor
@@ -28,23 +30,9 @@ def _shape(x):
 
 
 def check_float(fn, name, x):
-    """The meta-kernel twin of the kernels' dtype check of a floating argument."""
+    """The kernels' dtype check of a floating argument, for a fake kernel that needs it."""
     torch._check(x.dtype in FLOAT_DTYPES,
                  lambda: f"{fn}: {name} must be {_FLOAT_NAMES}, got {x.dtype}")
-
-
-def check_index_vector(fn, name, x, dims, size, ref_name, ref):
-    """x (lengths, targets: None skipped) is a 1-D integer tensor of `size` elements on
-    ref's device, else the kernels' messages."""
-    if x is None:
-        return
-    torch._check(x.dim() == 1 and x.shape[0] == size,
-                 lambda: f"{fn}: {name} must be a 1-D tensor {dims} = [{size}], got shape "
-                         f"{_shape(x)}")
-    torch._check(not x.dtype.is_floating_point and not x.dtype.is_complex
-                 and x.dtype != torch.bool,
-                 lambda: f"{fn}: {name} must be an integer tensor, got {x.dtype}")
-    check_same_device(fn, ref_name, ref, **{name: x})
 
 
 def check_rank(fn, name, x, rank, dims):

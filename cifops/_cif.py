@@ -12,14 +12,19 @@ import torch
 from torch import Tensor
 
 from cifops import _C
-from cifops._checks import (call_op, check_float, check_index_vector, check_rank, check_same_device,
-                            check_tensor, compute_dtype, no_double_backward,
-                            refuse_forward_mode)
+from cifops._checks import (call_op, check_float, check_rank, check_same_device, check_tensor,
+                            compute_dtype, no_double_backward, refuse_forward_mode)
 
 _TAIL_MODES = ("keep", "normalize")
 _INT64_MAX = 2**63 - 1
 # Per-utterance fields of the scan workspace (kRowReal, kRowInfo in csrc/cif/cif.h).
 _ROW_REAL, _ROW_INFO = _C.cif_row_real, _C.cif_row_info
+
+
+def _workspace_size(B, T):
+    """(len(scan_real), len(scan_int)): cif_workspace_size in csrc/cif/cif.h (exported as
+    cifops._C.cif_workspace_size), here for the fake kernel, whose B and T may be symbolic."""
+    return B * (T + 1) + B * _ROW_REAL, B * T + B * _ROW_INFO
 
 
 class CifOutput(NamedTuple):
@@ -40,32 +45,21 @@ class CifOutput(NamedTuple):
 
 
 # --- fake kernels: shapes only, so torch.compile can trace the op ---------------
-
-# They also run for real meta tensors, and for any call with one meta argument among real
-# ones (the meta dispatch key wins): hence the checks of shapes, dtypes and devices, the
-# same as the kernels' metadata checks (check_cif_args and check_cif_backward_args in
-# csrc/cif/cif_host.h), with the same messages.
-
-def _check_cif_args(hidden, alphas, lengths, target_lengths):
-    fn = "cifops.cif"
-    check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
-    check_float(fn, "hidden", hidden)
-    check_rank(fn, "alphas", alphas, 2, "[B, T]")
-    check_float(fn, "alphas", alphas)
-    B, T = hidden.shape[0], hidden.shape[1]
-    torch._check(alphas.shape[0] == B and alphas.shape[1] == T,
-                 lambda: f"{fn}: alphas must have shape [B, T] = [{B}, {T}] to match hidden, "
-                         f"got {list(alphas.shape)}")
-    check_same_device(fn, "hidden", hidden, alphas=alphas)
-    check_index_vector(fn, "lengths", lengths, "[B]", B, "hidden", hidden)
-    check_index_vector(fn, "target_lengths", target_lengths, "[B]", B, "hidden", hidden)
-
+# The kernels check the arguments (check_cif_args and check_cif_backward_args in
+# csrc/cif/cif_host.h); a fake kernel checks only what its shapes need and that the
+# tensors are on one device: it also runs for a call with one meta argument among real
+# ones (the meta dispatch key wins), which would otherwise return uninitialised real
+# tensors. Other bad metadata traces, and the kernel names it when the graph runs.
 
 @torch.library.register_fake("cifops::cif_forward")
 def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
                       tail_threshold, tail_normalize, max_tokens):
-    _check_cif_args(hidden, alphas, lengths, target_lengths)
-    B, _, D = hidden.shape
+    fn = "cifops.cif"
+    check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
+    check_float(fn, "alphas", alphas)  # alpha_sum's dtype
+    check_same_device(fn, "hidden", hidden, alphas=alphas, lengths=lengths,
+                      target_lengths=target_lengths)
+    B, T, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
     else:
@@ -77,39 +71,20 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
                 "the alphas' values, which meta tensors do not have (give max_tokens, or "
                 "trace with FakeTensors as torch.compile does)") from exc
         n = ctx.new_dynamic_size()
-    T = hidden.shape[1]
+    real, ints = _workspace_size(B, T)
     return (hidden.new_empty((B, n, D)),
             hidden.new_empty((B,), dtype=torch.int64),
             hidden.new_empty((B, n), dtype=torch.int64),
             alphas.new_empty((B,), dtype=compute_dtype(alphas.dtype)),
-            hidden.new_empty((B * (T + 1) + B * _ROW_REAL,), dtype=torch.float64),
-            hidden.new_empty((B * T + B * _ROW_INFO,), dtype=torch.int64))
+            hidden.new_empty((real,), dtype=torch.float64),
+            hidden.new_empty((ints,), dtype=torch.int64))
 
 
 @torch.library.register_fake("cifops::cif_backward")
 def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int,
                        threshold, scale_eps, tail_threshold, tail_normalize):
-    _check_cif_args(hidden, alphas, None, None)
-    fn = "cifops.cif_backward"
-    B, T, D = hidden.shape
-    torch._check(grad_embeds.dim() == 3 and grad_embeds.shape[0] == B
-                 and grad_embeds.shape[2] == D,
-                 lambda: f"{fn}: grad_embeds must have shape [B, N, D] with B = {B}, D = {D}, "
-                         f"got {list(grad_embeds.shape)}")
-    if grad_alpha_sum is not None:
-        torch._check(grad_alpha_sum.dim() == 1 and grad_alpha_sum.shape[0] == B,
-                     lambda: f"{fn}: grad_alpha_sum must have shape [B], got "
-                             f"{list(grad_alpha_sum.shape)}")
-    real, ints = B * (T + 1) + B * _ROW_REAL, B * T + B * _ROW_INFO
-    torch._check(scan_real.dtype == torch.float64 and scan_real.dim() == 1
-                 and scan_real.shape[0] == real,
-                 lambda: f"{fn}: scan_real must be the forward's contiguous float64 [{real}] "
-                         f"workspace, got {scan_real.dtype} {list(scan_real.shape)}")
-    torch._check(scan_int.dtype == torch.int64 and scan_int.dim() == 1
-                 and scan_int.shape[0] == ints,
-                 lambda: f"{fn}: scan_int must be the forward's contiguous int64 [{ints}] "
-                         f"workspace, got {scan_int.dtype} {list(scan_int.shape)}")
-    check_same_device(fn, "hidden", hidden, grad_embeds=grad_embeds,
+    check_same_device("cifops.cif", "hidden", hidden, alphas=alphas)
+    check_same_device("cifops.cif_backward", "hidden", hidden, grad_embeds=grad_embeds,
                       grad_alpha_sum=grad_alpha_sum, scan_real=scan_real, scan_int=scan_int)
     return torch.empty_like(hidden), torch.empty_like(alphas)
 
@@ -260,6 +235,42 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
                   target_lengths, float(threshold), float(scale_eps), tail_threshold,
                   tail_mode == "normalize", max_tokens)
     return CifOutput(*out[:4])
+
+
+# --- torch.jit.script ----------------------------------------------------------
+# TorchScript cannot compile cif() (keyword-only arguments, Python-only checks). When a
+# scripted function or module calls cif, torch.jit.script compiles what
+# cif.__prepare_scriptable__() returns instead: this twin, which takes the same
+# arguments (positionally or by keyword) and calls the op, whose kernels check them.
+
+def _cif_script(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
+                threshold: float = 1.0, target_lengths: Optional[Tensor] = None,
+                scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
+                tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
+    """cifops.cif as TorchScript compiles it (see cif.__prepare_scriptable__)."""
+    # refuse_forward_mode (cifops/_checks.py) in TorchScript: the op has no forward-mode
+    # formula, and a tangent would otherwise be dropped (torch.func.jvp gave zeros). The
+    # dual level is always 0 (forward AD does not nest); an empty input carries no tangent.
+    if (torch._VF._unpack_dual(hidden, 0)[1].numel() > 0
+            or torch._VF._unpack_dual(alphas, 0)[1].numel() > 0):
+        raise RuntimeError("cifops.cif: forward-mode differentiation (torch.func.jvp, jacfwd, "
+                           "torch.autograd.forward_ad) is not supported; use reverse mode, "
+                           "Tensor.backward() or torch.autograd.grad")
+    if tail_mode != "keep" and tail_mode != "normalize":
+        raise ValueError("cifops.cif: tail_mode must be 'keep' or 'normalize', got " + tail_mode)
+    width = -1
+    if max_tokens is not None:
+        if max_tokens < 0:
+            raise ValueError("cifops.cif: max_tokens must be an int in [0, 2**63 - 1] or None, "
+                             "got " + str(max_tokens))
+        width = max_tokens
+    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, threshold,
+                                       scale_eps, tail_threshold, tail_mode == "normalize",
+                                       width)
+    return CifOutput(out[0], out[1], out[2], out[3])
+
+
+cif.__prepare_scriptable__ = lambda: _cif_script
 
 
 def _max_tokens(max_tokens, fn="cifops.cif") -> int:

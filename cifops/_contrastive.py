@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from cifops import _C
-from cifops._checks import (call_op, check_float, check_index_vector, check_rank, check_same_device,
-                            check_tensor, compute_dtype, no_double_backward,
-                            refuse_forward_mode)
+from cifops._checks import (call_op, check_float, check_rank, check_same_device, check_tensor,
+                            compute_dtype, no_double_backward, refuse_forward_mode)
 
 _REDUCTIONS = ("none", "sum", "mean")
 # Rows of contrastive_forward's stats output (kStatRows in csrc/contrastive/contrastive.h).
@@ -39,48 +38,33 @@ def _fuses_student_grad(fuse_student_grad, reduction, symmetric):
     return _FUSES_STUDENT_GRAD[key]
 
 
-# --- fake kernels: shapes only, so torch.compile can trace the ops -------------------
-# They also run for real meta tensors, and for any call with one meta argument among real
-# ones (the meta dispatch key wins): hence the checks of shapes, dtypes and devices, the
-# same as the kernels' metadata checks (check_contrastive_args and check_backward_tensors
-# in csrc/contrastive/contrastive_host.h), with the same messages.
+def _check_temperature_device(fn, temperature, student, exc=RuntimeError):
+    """The temperature is on the CPU or on student's device, else the message of
+    check_contrastive_args (csrc/contrastive/contrastive_host.h)."""
+    if temperature.device.type != "cpu" and temperature.device != student.device:
+        raise exc(f"{fn}: temperature is on {temperature.device} but student is on "
+                  f"{student.device} (a CPU scalar tensor is also accepted)")
 
-def _check_args(fn, student, teacher, targets, temperature, symmetric):
+
+# --- fake kernels: shapes only, so torch.compile can trace the ops -------------------
+# The kernels check the arguments (check_contrastive_args and check_backward_tensors in
+# csrc/contrastive/contrastive_host.h); a fake kernel checks only what its shapes need and
+# that the tensors are on one device: it also runs for a call with one meta argument among
+# real ones (the meta dispatch key wins), which would otherwise return uninitialised real
+# tensors. Other bad metadata traces, and the kernel names it when the graph runs.
+
+def _check_fake_args(fn, student, teacher, targets, temperature=None):
     check_rank(fn, "student", student, 2, "[N, D]")
-    check_rank(fn, "teacher", teacher, 2, "[M, D]")
-    check_float(fn, "student", student)
-    torch._check(teacher.dtype == student.dtype,
-                 lambda: f"{fn}: teacher has dtype {teacher.dtype} but student has dtype "
-                         f"{student.dtype}; they must match")
-    check_same_device(fn, "student", student, teacher=teacher)
-    (N, D), M = student.shape, teacher.shape[0]
-    torch._check(teacher.shape[1] == D,
-                 lambda: f"{fn}: teacher must have D = {D} columns to match student [N, D] = "
-                         f"{list(student.shape)}, got shape {list(teacher.shape)}")
-    check_index_vector(fn, "targets", targets, "[N]", N, "student", student)
-    if targets is None:
-        torch._check(M >= N, lambda: f"{fn}: teacher has M = {M} rows but targets is None, "
-                                     f"which pairs student row i with teacher row i, so "
-                                     f"M >= N = {N} is needed")
-    if symmetric:
-        torch._check(targets is None, lambda: f"{fn}: symmetric=True needs targets=None (the "
-                                              f"positive of row i is column i)")
-        torch._check(N == M, lambda: f"{fn}: symmetric=True needs as many teacher rows as "
-                                     f"student rows, got N = {N}, M = {M}")
+    check_float(fn, "student", student)  # the compute dtype of the outputs
+    check_same_device(fn, "student", student, teacher=teacher, targets=targets)
     if temperature is not None:
-        torch._check(temperature.numel() == 1 and temperature.dim() <= 1,
-                     lambda: f"{fn}: temperature must be a float or a 0-dim tensor, got shape "
-                             f"{list(temperature.shape)}")
-        check_float(fn, "temperature", temperature)
-        if temperature.device.type != "cpu" and temperature.device != student.device:
-            raise RuntimeError(f"{fn}: temperature is on {temperature.device} but student is on "
-                               f"{student.device} (a CPU scalar tensor is also accepted)")
+        _check_temperature_device(fn, temperature, student)
 
 
 @torch.library.register_fake("cifops::contrastive_forward")
 def _contrastive_forward_fake(student, teacher, targets, temperature, normalize, symmetric,
                               reduction, ignore_index, fuse_student_grad):
-    _check_args("cifops.contrastive_loss", student, teacher, targets, temperature, symmetric)
+    _check_fake_args("cifops.contrastive_loss", student, teacher, targets, temperature)
     n, d = student.shape
     compute = compute_dtype(student.dtype)
     loss = student.new_empty((n,) if reduction == "none" else ())
@@ -94,22 +78,9 @@ def _contrastive_forward_fake(student, teacher, targets, temperature, normalize,
 def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature, stats,
                                fused_grad, normalize, symmetric, reduction, ignore_index,
                                need_student, need_teacher, need_temperature):
-    _check_args("cifops.contrastive_loss", student, teacher, targets, temperature, symmetric)
-    fn = "cifops.contrastive_backward"
-    check_same_device(fn, "student", student, grad_loss=grad_loss, stats=stats,
-                      fused_grad=fused_grad)
-    n = student.shape[0]
-    torch._check(stats.dim() == 2 and stats.shape[0] == _STAT_ROWS and stats.shape[1] == n,
-                 lambda: f"{fn}: stats must have shape [{_STAT_ROWS}, {n}], got "
-                         f"{list(stats.shape)}")
-    scalar_loss = reduction != "none"
-    torch._check(grad_loss.numel() == 1 if scalar_loss else list(grad_loss.shape) == [n],
-                 lambda: f"{fn}: grad_loss must have the loss's shape, got "
-                         f"{list(grad_loss.shape)}")
-    torch._check(fused_grad.numel() == 0
-                 or (scalar_loss and list(fused_grad.shape) == list(student.shape)),
-                 lambda: f"{fn}: fused_grad must be empty or [N, D] with a scalar loss, got "
-                         f"{list(fused_grad.shape)}")
+    _check_fake_args("cifops.contrastive_loss", student, teacher, targets, temperature)
+    check_same_device("cifops.contrastive_backward", "student", student, grad_loss=grad_loss,
+                      stats=stats, fused_grad=fused_grad)
     return (student.new_empty(student.shape if need_student else (0,)),
             teacher.new_empty(teacher.shape if need_teacher else (0,)),
             temperature.new_empty(temperature.shape if need_temperature else (0,)))
@@ -117,7 +88,7 @@ def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature
 
 @torch.library.register_fake("cifops::contrastive_accuracy")
 def _contrastive_accuracy_fake(student, teacher, targets, normalize, ignore_index):
-    _check_args("cifops.contrastive_accuracy", student, teacher, targets, None, False)
+    _check_fake_args("cifops.contrastive_accuracy", student, teacher, targets)
     return student.new_empty((), dtype=compute_dtype(student.dtype))
 
 
@@ -252,9 +223,7 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
         raise ValueError("cifops.contrastive_loss: reduction must be 'none', 'sum' or 'mean', "
                          f"got {reduction!r}")
     temperature = _temperature_tensor(temperature)
-    if temperature.device.type != "cpu" and temperature.device != student.device:
-        raise ValueError(f"cifops.contrastive_loss: temperature is on {temperature.device} but "
-                         f"student is on {student.device} (a CPU scalar tensor is also accepted)")
+    _check_temperature_device("cifops.contrastive_loss", temperature, student, ValueError)
     fuse = (torch.is_grad_enabled() and student.requires_grad
             and _fuses_student_grad(True, reduction, symmetric))
     refuse_forward_mode("cifops.contrastive_loss", student, teacher, temperature)

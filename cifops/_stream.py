@@ -19,11 +19,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from cifops._checks import (FLOAT_DTYPES, check_float, check_index_vector, check_rank,
-                            check_same_device, check_tensor, compute_dtype)
+from cifops import _C
+from cifops._checks import FLOAT_DTYPES, check_rank, check_same_device, check_tensor, compute_dtype
 from cifops._cif import _TAIL_MODES, CifOutput, _float_arg, _max_tokens
-from cifops._export import (STATE_BAD_PREFIX, STATE_NEGATIVE_FRAMES, STATE_NEGATIVE_TOKENS,
-                            STATE_PREFIX_NO_FRAMES, _cif_tail, stream_state_error)
+from cifops._cif_math import cif_tail, stream_state_error
+
+_STATE = _C.cif_stream_state_error  # CifStreamStateError in csrc/cif/cif.h
 
 
 class _StateTensors(NamedTuple):
@@ -52,36 +53,17 @@ class CifStreamState(_StateTensors):
 
 
 # The fake (meta) kernel: shapes only, so torch.compile and torch.export can trace a step.
-# It also runs for real meta tensors and for a meta argument among real ones, so it makes
-# the metadata checks of check_cif_stream_args (csrc/cif/cif_stream_host.h).
-def _check_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial):
-    fn = "cifops.cif_stream_step"
-    check_rank(fn, "hidden", hidden, 3, "[B, Tc, D]")
-    check_float(fn, "hidden", hidden)
-    B, T, D = hidden.shape
-    torch._check(alphas.dim() == 2 and alphas.shape[0] == B and alphas.shape[1] == T,
-                 lambda: f"{fn}: alphas must have shape [B, Tc] = [{B}, {T}] to match hidden, "
-                         f"got {list(alphas.shape)}")
-    check_float(fn, "alphas", alphas)
-    check_same_device(fn, "hidden", hidden, alphas=alphas)
-    check_index_vector(fn, "lengths", lengths, "[B]", B, "hidden", hidden)
-    acc = compute_dtype(hidden.dtype)
-    for name, x, dtype, dims in (("state.prefix", prefix, torch.float64, [B]),
-                                 ("state.tokens", tokens, torch.int64, [B]),
-                                 ("state.frames", frames, torch.int64, [B]),
-                                 ("state.partial", partial, acc, [B, D])):
-        torch._check(list(x.shape) == dims,
-                     lambda: f"{fn}: {name} must have shape {dims} to match hidden, got "
-                             f"{list(x.shape)} (a state from another batch or model?)")
-        torch._check(x.dtype == dtype, lambda: f"{fn}: {name} must be {dtype} for "
-                                               f"{hidden.dtype} hidden, got {x.dtype}")
-        check_same_device(fn, "hidden", hidden, **{name: x})
-
-
+# The kernels check the arguments (check_cif_stream_args in csrc/cif/cif_stream_host.h);
+# this checks what its shapes need and that the tensors are on one device (a meta argument
+# among real ones also comes here, and would get uninitialised real tensors back).
 @torch.library.register_fake("cifops::cif_stream_step")
 def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
                           max_tokens):
-    _check_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial)
+    fn = "cifops.cif_stream_step"
+    check_rank(fn, "hidden", hidden, 3, "[B, Tc, D]")
+    check_same_device(fn, "hidden", hidden, alphas=alphas, lengths=lengths,
+                      **{"state.prefix": prefix, "state.tokens": tokens, "state.frames": frames,
+                         "state.partial": partial})
     B, _, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
@@ -157,13 +139,13 @@ def _check_state_values(fn, state, error, threshold):
     code, prefix = int(error[b]), float(state.prefix[b])
     tokens, frames = int(state.tokens[b]), int(state.frames[b])
     edited = ": not a state that a step returned (edited, or from another stream?)"
-    if code == STATE_NEGATIVE_FRAMES:
+    if code == _STATE["negative_frames"]:
         message = f"state.frames[{b}] = {frames} is negative{edited}"
-    elif code == STATE_NEGATIVE_TOKENS:
+    elif code == _STATE["negative_tokens"]:
         message = f"state.tokens[{b}] = {tokens} is negative{edited}"
-    elif code == STATE_BAD_PREFIX:
+    elif code == _STATE["bad_prefix"]:
         message = f"state.prefix[{b}] = {prefix:g} must be finite and >= 0{edited}"
-    elif code == STATE_PREFIX_NO_FRAMES:
+    elif code == _STATE["prefix_no_frames"]:
         message = (f"state.prefix[{b}] = {prefix:g} but state.frames[{b}] = 0: a stream that "
                    f"has seen no frame has prefix 0 (a recycled batch slot? start a new "
                    f"utterance from cifops.cif_stream_state's zeros)")
@@ -293,8 +275,8 @@ def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None
         if not 0 <= tail_threshold < float("inf"):
             raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got "
                              f"{tail_threshold}")
-    embed, has_tail, frame = _cif_tail(*state, threshold, tail_threshold,
-                                       tail_mode == "normalize", state.partial.dtype)
+    embed, has_tail, frame = cif_tail(*state, threshold, tail_threshold,
+                                      tail_mode == "normalize", state.partial.dtype)
     ok = error == 0  # in a graph, which cannot raise: a bad state emits no tail
     return CifOutput(torch.where(ok[:, None], embed, 0.0).unsqueeze(1),
                      (has_tail & ok).to(torch.int64), torch.where(ok, frame, -1).unsqueeze(1),

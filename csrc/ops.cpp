@@ -8,7 +8,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cif/cif.h"                     // kRowReal, kRowInfo
+#include <initializer_list>
+#include <utility>
+
+#include "cif/cif.h"                     // kRowReal, kRowInfo, CifStatus, cif_workspace_size
 #include "common/host.h"                 // compute_type
 #include "contrastive/contrastive_host.h"  // kStatRows, contrastive_fuses_student_grad
 
@@ -97,6 +100,8 @@ TORCH_LIBRARY(cifops, m) {
 // so that Python restates none of it:
 //   cif_row_real, cif_row_info   per-utterance fields of scan_real / scan_int (CifRowReal,
 //                                CifRowInfo in cif.h; layout: cif_host.h)
+//   cif_workspace_size(B, T) -> (len(scan_real), len(scan_int))    (cif.h)
+//   cif_status, cif_stream_state_error   {name: code} of CifStatus, CifStreamStateError (cif.h)
 //   contrastive_stat_rows        rows of contrastive_forward's stats output
 //   compute_dtypes               {input dtype name: compute dtype name} (compute_type)
 //   contrastive_fuses_student_grad(fuse_student_grad, reduction, symmetric) -> bool:
@@ -115,6 +120,29 @@ static PyObject* py_contrastive_fuses_student_grad(PyObject*, PyObject* args) {
     return nullptr;
   }
   return PyBool_FromLong(fused);
+}
+
+static PyObject* py_cif_workspace_size(PyObject*, PyObject* args) {
+  long long batch = 0, frames = 0;
+  if (!PyArg_ParseTuple(args, "LL", &batch, &frames)) return nullptr;
+  const cifops::CifWorkspaceSize size = cifops::cif_workspace_size(batch, frames);
+  return Py_BuildValue("(LL)", static_cast<long long>(size.real),
+                       static_cast<long long>(size.ints));
+}
+
+// {name: code} of an enum's values.
+static PyObject* int_dict(std::initializer_list<std::pair<const char*, long>> items) {
+  PyObject* dict = PyDict_New();
+  for (const auto& [name, code] : items) {
+    PyObject* value = dict == nullptr ? nullptr : PyLong_FromLong(code);
+    if (value == nullptr || PyDict_SetItemString(dict, name, value) < 0) {
+      Py_XDECREF(value);
+      Py_XDECREF(dict);
+      return nullptr;
+    }
+    Py_DECREF(value);
+  }
+  return dict;
 }
 
 static PyObject* compute_dtypes() {
@@ -143,6 +171,8 @@ static PyObject* compute_dtypes() {
 static PyMethodDef kMethods[] = {
     {"contrastive_fuses_student_grad", py_contrastive_fuses_student_grad, METH_VARARGS,
      "contrastive_fuses_student_grad(fuse_student_grad, reduction, symmetric) -> bool"},
+    {"cif_workspace_size", py_cif_workspace_size, METH_VARARGS,
+     "cif_workspace_size(B, T) -> (len(scan_real), len(scan_int))"},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {
@@ -164,9 +194,24 @@ extern "C" PyObject* PyInit__C(void) {
     Py_DECREF(m);
     return nullptr;
   }
-  PyObject* dtypes = compute_dtypes();
-  const bool added = dtypes != nullptr && PyModule_AddObjectRef(m, "compute_dtypes", dtypes) == 0;
-  Py_XDECREF(dtypes);
+  using namespace cifops;
+  const std::pair<const char*, PyObject*> objects[] = {
+      {"compute_dtypes", compute_dtypes()},
+      {"cif_status", int_dict({{"ok", kCifOk}, {"bad_alpha", kCifBadAlpha},
+                               {"bad_length", kCifBadLength}, {"bad_target", kCifBadTarget},
+                               {"zero_sum_target", kCifZeroSumTarget},
+                               {"too_many_tokens", kCifTooManyTokens},
+                               {"bad_stream_state", kCifBadStreamState}})},
+      {"cif_stream_state_error",
+       int_dict({{"ok", kStateOk}, {"negative_frames", kStateNegativeFrames},
+                 {"negative_tokens", kStateNegativeTokens}, {"bad_prefix", kStateBadPrefix},
+                 {"prefix_no_frames", kStatePrefixNoFrames},
+                 {"tokens_disagree", kStateTokensDisagree}})}};
+  bool added = true;
+  for (const auto& [name, object] : objects) {
+    added = added && object != nullptr && PyModule_AddObjectRef(m, name, object) == 0;
+    Py_XDECREF(object);
+  }
   if (!added) {
     Py_DECREF(m);
     return nullptr;

@@ -1,8 +1,8 @@
-"""Export of cifops.cif (cifops/_export.py): the pure-PyTorch decomposition against the
-kernels, chunk-by-chunk streaming with _cif_chunk/_cif_tail against the whole input,
-torch.export with dynamic shapes, the ONNX round trip in ONNX Runtime, and
-torch.jit.script. The reference everywhere is the compiled op (csrc/cif), which shares
-no code with the decomposition."""
+"""Export of cifops.cif (cifops/_export.py, cifops/_cif_math.py): the pure-PyTorch
+decomposition against the kernels, chunk-by-chunk streaming with cif_chunk/cif_tail
+against the whole input, torch.export with dynamic shapes, the ONNX round trip in ONNX
+Runtime, torch.jit.script, and the modules' import graph. The reference everywhere is the
+compiled op (csrc/cif), which shares no code with the decomposition."""
 import io
 import random
 import warnings
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import cifops
-from cifops._export import _cif_chunk, _cif_forward_decomposition, _cif_tail
+from cifops._cif_math import cif_chunk, cif_tail
+from cifops._export import _cif_forward_decomposition
 
 OP = torch.ops.cifops.cif_forward
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -133,7 +134,7 @@ def test_max_tokens_none_cannot_be_exported():
         program.run_decompositions(cifops.export_decompositions())
 
 
-# --- streaming: _cif_chunk chunk by chunk, then _cif_tail --------------------------
+# --- streaming: cif_chunk chunk by chunk, then cif_tail --------------------------
 
 def run_chunks(args, cuts, max_tokens, scale):
     hidden, alphas, lengths, _, beta, _, tail, normalize, _ = args
@@ -147,14 +148,14 @@ def run_chunks(args, cuts, max_tokens, scale):
         chunk_len = None
         if lengths is not None:
             chunk_len = (lengths - s).clamp(0, e - s)
-        out = _cif_chunk(hidden[:, s:e], alphas[:, s:e], chunk_len, *state, beta, scale,
+        out = cif_chunk(hidden[:, s:e], alphas[:, s:e], chunk_len, *state, beta, scale,
                          max_tokens)
         embeds, counts, fire, state = out[0], out[1], out[2], out[3:]
         for b in range(B):
             tokens[b] += list(embeds[b, :counts[b]])
             frames[b] += fire[b, :counts[b]].tolist()
             assert (fire[b, counts[b]:] == -1).all() and (embeds[b, counts[b]:] == 0).all()
-    tail_embed, has_tail, tail_frame = _cif_tail(*state, beta, tail, normalize, hidden.dtype)
+    tail_embed, has_tail, tail_frame = cif_tail(*state, beta, tail, normalize, hidden.dtype)
     for b in range(B):
         if has_tail[b]:
             tokens[b].append(tail_embed[b])
@@ -209,8 +210,8 @@ def test_chunk_drops_tokens_past_max_tokens_but_keeps_the_state():
     hidden, alphas = torch.randn(2, 12, 3, generator=g), torch.rand(2, 12, generator=g) * 2.5
     zero = (torch.zeros(2, dtype=F64), torch.zeros(2, dtype=torch.int64),
             torch.zeros(2, dtype=torch.int64), torch.zeros(2, 3))
-    full = _cif_chunk(hidden, alphas, None, *zero, 1.0, None, 40)
-    cut = _cif_chunk(hidden, alphas, None, *zero, 1.0, None, 3)
+    full = cif_chunk(hidden, alphas, None, *zero, 1.0, None, 40)
+    cut = cif_chunk(hidden, alphas, None, *zero, 1.0, None, 3)
     assert cut[1].tolist() == [3, 3] and full[1].min() > 3
     assert torch.equal(cut[0], full[0][:, :3]) and torch.equal(cut[2], full[2][:, :3])
     for x, y in zip(cut[3:], full[3:]):
@@ -443,10 +444,10 @@ def test_torch_jit_script_errors_name_the_argument():
 
 
 class ChunkStep(torch.nn.Module):
-    """_cif_chunk with its state as graph inputs, as the streaming op's export uses it."""
+    """cif_chunk with its state as graph inputs, as the streaming op's export uses it."""
 
     def forward(self, hidden, alphas, prefix, tokens, frames, partial):
-        return _cif_chunk(hidden, alphas, None, prefix, tokens, frames, partial, 0.3, None, 8)
+        return cif_chunk(hidden, alphas, None, prefix, tokens, frames, partial, 0.3, None, 8)
 
 
 def test_cif_chunk_exports_to_onnx_with_its_state(tmp_path):
@@ -477,3 +478,49 @@ def test_cif_chunk_exports_to_onnx_with_its_state(tmp_path):
                 assert torch.equal(torch.from_numpy(a), r), name
             else:
                 torch.testing.assert_close(torch.from_numpy(a), r, rtol=1e-5, atol=1e-5)
+
+
+# --- the module structure: the loop-free math below both the export glue and streaming ----
+
+def _cifops_imports():
+    """{module: the cifops modules it imports}, from the source of cifops/*.py (not
+    __init__.py, which imports them all); read with ast, so nothing is imported."""
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(cifops.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "cifops":  # from cifops import _C, _checks
+                    names.update(f"cifops.{a.name}" for a in node.names)
+                elif node.module.startswith("cifops."):
+                    names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names if a.name.startswith("cifops."))
+        graph[f"cifops.{path.stem}"] = names
+    return graph
+
+
+def test_streaming_sits_below_the_export_module():
+    graph = _cifops_imports()
+    assert "cifops._stream" in graph and "cifops._export" in graph
+    seen, todo = set(), ["cifops._stream"]
+    while todo:
+        for name in graph.get(todo.pop(), ()):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    assert "cifops._export" not in seen, f"cifops._stream imports, through {sorted(seen)}"
+    # nothing but the package's __init__ imports the export glue
+    assert [m for m, names in graph.items() if "cifops._export" in names] == []
+
+
+def test_cif_owns_its_torchscript_form():
+    # torch.jit.script compiles what cif.__prepare_scriptable__ returns: defined with cif
+    # in cifops/_cif.py, not patched onto it from the export module
+    assert cifops.cif.__prepare_scriptable__().__module__ == "cifops._cif"

@@ -1,7 +1,7 @@
-"""The ops' metadata has one source, the C++: the fake (meta) kernels read the
-constants and rules that cifops._C exports, make the kernels' metadata checks with the same
-messages, and the Autocast kernels let a model under torch.autocast call the ops without
-casts of its own."""
+"""The ops' metadata has one source, the C++: the fake (meta) kernels and the loop-free
+CIF read the constants and rules that cifops._C exports, the kernels name bad metadata (the
+fake kernels check only what their shapes need, with the kernels' messages), and the
+Autocast kernels let a model under torch.autocast call the ops without casts of its own."""
 import pytest
 import torch
 
@@ -28,6 +28,25 @@ def test_exported_constants_are_the_kernels():
     assert not _C.contrastive_fuses_student_grad(False, "mean", False)
     with pytest.raises(RuntimeError, match="reduction must be 'none', 'sum' or 'mean'"):
         _C.contrastive_fuses_student_grad(True, "avg", False)
+
+
+def test_exported_cif_constants_are_the_kernels():
+    # CifStatus and CifStreamStateError (csrc/cif/cif.h), by name
+    assert _C.cif_status == {"ok": 0, "bad_alpha": 1, "bad_length": 2, "bad_target": 3,
+                             "zero_sum_target": 4, "too_many_tokens": 5,
+                             "bad_stream_state": 6}
+    assert _C.cif_stream_state_error == {"ok": 0, "negative_frames": 1, "negative_tokens": 2,
+                                         "bad_prefix": 3, "prefix_no_frames": 4,
+                                         "tokens_disagree": 5}
+    # cif_workspace_size: prefix sums [B][T+1] and B 4-double records; fire counts [B][T]
+    # and B 7-int64 records; the fake kernel's workspace has the same sizes
+    for B, T in [(0, 0), (1, 0), (2, 5), (3, 1000)]:
+        sizes = (B * (T + 1) + 4 * B, B * T + 7 * B)
+        assert _C.cif_workspace_size(B, T) == sizes
+        fake = torch.ops.cifops.cif_forward(torch.empty(B, T, 2, device=META),
+                                            torch.empty(B, T, device=META), None, None, 1.0,
+                                            1e-4, None, True, 3)
+        assert (fake[4].shape[0], fake[5].shape[0]) == sizes
 
 
 def cif_args(dtype, B=2, T=5, D=3):
@@ -80,9 +99,18 @@ def test_contrastive_fake_outputs_match_the_kernels(dtype, reduction, symmetric,
     assert (fake_acc.shape, fake_acc.dtype) == (real_acc.shape, real_acc.dtype)
 
 
-# --- the fake kernels make the kernels' checks, with the same messages -----------------------
-# (dtypes are named the Python way by the fake kernels, torch.float32, and the C++ way,
-# Float, by the kernels)
+# --- the kernels name bad metadata; the fake kernels check what their shapes need ----------
+# (with the kernels' messages; dtypes are named the Python way by the fake kernels,
+# torch.float32, and the C++ way, Float, by the kernels). Other bad metadata on meta tensors
+# traces, and the kernel names it when it runs.
+FAKE_CHECKS = {"hidden 2-D", "student 3-D", "student int"}
+
+
+def real_and_fake(cases):
+    """(case, device): every case on the CPU, and on meta those the fake kernels check."""
+    return ([(case, "cpu") for case in cases]
+            + [(case, "meta") for case in cases if case in FAKE_CHECKS])
+
 
 def _bad_cif(**change):
     args = cif_args(torch.float32)
@@ -108,17 +136,15 @@ CIF_BAD = {
 }
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("case", list(CIF_BAD))
-def test_cif_forward_bad_metadata_is_named_by_kernel_and_fake(case, device):
+@pytest.mark.parametrize("case,device", real_and_fake(CIF_BAD))
+def test_cif_forward_bad_metadata_is_named(case, device):
     args, message = CIF_BAD[case]
     with pytest.raises(RuntimeError, match=r"cifops\.cif: " + message):
         torch.ops.cifops.cif_forward(**on(device, args))
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("case", ["grad_embeds", "grad_alpha_sum", "scan_real", "scan_int"])
-def test_cif_backward_bad_metadata_is_named_by_kernel_and_fake(case, device):
+def test_cif_backward_bad_metadata_is_named(case):
     args = cif_args(torch.float32)
     out = torch.ops.cifops.cif_forward(**args)
     grad = dict(grad_embeds=torch.ones_like(out[0]), grad_alpha_sum=torch.ones_like(out[3]),
@@ -129,7 +155,7 @@ def test_cif_backward_bad_metadata_is_named_by_kernel_and_fake(case, device):
            "scan_real": out[4][:-1], "scan_int": out[5].to(torch.int32)}
     grad[case] = bad[case]
     with pytest.raises(RuntimeError, match=rf"cifops\.cif_backward: {case} must"):
-        torch.ops.cifops.cif_backward(**on(device, grad))
+        torch.ops.cifops.cif_backward(**grad)
 
 
 def _bad_contrastive(**change):
@@ -161,18 +187,16 @@ CONTRASTIVE_BAD = {
 }
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("case", list(CONTRASTIVE_BAD))
-def test_contrastive_forward_bad_metadata_is_named_by_kernel_and_fake(case, device):
+@pytest.mark.parametrize("case,device", real_and_fake(CONTRASTIVE_BAD))
+def test_contrastive_forward_bad_metadata_is_named(case, device):
     args, message = CONTRASTIVE_BAD[case]
     args = on(device, args) | {"temperature": args["temperature"]}  # a CPU scalar is accepted
     with pytest.raises(RuntimeError, match=r"cifops\.contrastive_loss: " + message):
         torch.ops.cifops.contrastive_forward(**args)
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("case", ["stats", "grad_loss", "fused_grad"])
-def test_contrastive_backward_bad_metadata_is_named_by_kernel_and_fake(case, device):
+def test_contrastive_backward_bad_metadata_is_named(case):
     args = contrastive_args(torch.float32, reduction="sum", fuse=True)
     _, stats, fused_grad = torch.ops.cifops.contrastive_forward(**args)
     grad = dict(grad_loss=torch.tensor(1.0), student=args["student"], teacher=args["teacher"],
@@ -182,7 +206,6 @@ def test_contrastive_backward_bad_metadata_is_named_by_kernel_and_fake(case, dev
                 need_temperature=True)
     bad = {"stats": stats[:5], "grad_loss": torch.ones(3), "fused_grad": torch.ones(2, 2)}
     grad[case] = bad[case]
-    grad = on(device, grad) | {"temperature": args["temperature"]}
     with pytest.raises(RuntimeError, match=rf"cifops\.contrastive_backward: {case} must"):
         torch.ops.cifops.contrastive_backward(**grad)
 

@@ -84,7 +84,7 @@ struct CifConfig {
 // The scan's result for one utterance, read by the forward and the backward. The
 // records live after the prefix sums and fire counts in the workspace tensors that the
 // forward op returns and autograd saves (scan_int, scan_real: cif_host.h), so every
-// field is one int64 or one double, in this order (cifops/_export.py writes the same
+// field is one int64 or one double, in this order (cifops/_cif_math.py writes the same
 // layout). The defaults are what an invalid utterance keeps.
 struct CifRowInfo {
   int64_t total = 0;        // complete + tail tokens (before max_tokens)
@@ -114,15 +114,30 @@ struct CifWorkspace {
   CifRowReal* row_real = nullptr;    // [B]
 };
 
-// The workspace over dense int64 / float64 storage laid out as the scan_real and
-// scan_int tensors: prefix [B][T+1] then B CifRowReal in `real`, token_after [B][T]
-// then B CifRowInfo in `ints`.
+// The sizes of the dense storage cif_workspace lays out (the scan_real and scan_int
+// tensors, cif_host.h): prefix [B][T+1] then B CifRowReal in `real`, token_after [B][T]
+// then B CifRowInfo in `ints`. cifops._C.cif_workspace_size is this function (csrc/ops.cpp).
+struct CifWorkspaceSize {
+  int64_t prefix = 0, token_after = 0;  // where the records start: B (T + 1), B T
+  int64_t real = 0, ints = 0;           // the whole storage: + B kRowReal, + B kRowInfo
+};
+inline CifWorkspaceSize cif_workspace_size(int64_t batch, int64_t frames) {
+  CifWorkspaceSize size;
+  size.prefix = batch * (frames + 1);
+  size.token_after = batch * frames;
+  size.real = size.prefix + batch * kRowReal;
+  size.ints = size.token_after + batch * kRowInfo;
+  return size;
+}
+
+// The workspace over that storage.
 inline CifWorkspace cif_workspace(double* real, int64_t* ints, int64_t batch, int64_t frames) {
+  const CifWorkspaceSize size = cif_workspace_size(batch, frames);
   CifWorkspace ws;
   ws.prefix = real;
-  ws.row_real = reinterpret_cast<CifRowReal*>(real + batch * (frames + 1));
+  ws.row_real = reinterpret_cast<CifRowReal*>(real + size.prefix);
   ws.token_after = ints;
-  ws.row_info = reinterpret_cast<CifRowInfo*>(ints + batch * frames);
+  ws.row_info = reinterpret_cast<CifRowInfo*>(ints + size.token_after);
   return ws;
 }
 

@@ -116,8 +116,7 @@ inline CifConfig make_cif_config(const at::Tensor& hidden, double threshold, dou
 // two outputs and autograd saves them, so the backward runs no second scan:
 //   scan_real  float64 [B (T + 1) + B kRowReal]  prefix sums P [B][T+1], then B CifRowReal
 //   scan_int   int64   [B T + B kRowInfo]         token_after [B][T], then B CifRowInfo
-inline int64_t cif_scan_real_size(int64_t B, int64_t T) { return B * (T + 1) + B * kRowReal; }
-inline int64_t cif_scan_int_size(int64_t B, int64_t T) { return B * T + B * kRowInfo; }
+// (sizes: cif_workspace_size in cif.h).
 
 struct CifWorkspaceTensors {
   int64_t batch, frames;
@@ -125,23 +124,22 @@ struct CifWorkspaceTensors {
   CifWorkspaceTensors(int64_t B, int64_t T, const at::TensorOptions& opts)
       : batch(B),
         frames(T),
-        real(at::empty({cif_scan_real_size(B, T)}, opts.dtype(at::kDouble))),
-        ints(at::empty({cif_scan_int_size(B, T)}, opts.dtype(at::kLong))) {}
+        real(at::empty({cif_workspace_size(B, T).real}, opts.dtype(at::kDouble))),
+        ints(at::empty({cif_workspace_size(B, T).ints}, opts.dtype(at::kLong))) {}
   // The saved workspace of a forward (cif_backward's scan_real / scan_int).
   CifWorkspaceTensors(const at::Tensor& scan_real, const at::Tensor& scan_int,
                       const at::Tensor& hidden)
       : batch(hidden.size(0)), frames(hidden.size(1)), real(scan_real), ints(scan_int) {
     const char* fn = "cifops.cif_backward: ";
+    const CifWorkspaceSize size = cif_workspace_size(batch, frames);
     TORCH_CHECK(real.scalar_type() == at::kDouble && real.dim() == 1 &&
-                    real.size(0) == cif_scan_real_size(batch, frames) && real.is_contiguous(),
-                fn, "scan_real must be the forward's contiguous float64 [",
-                cif_scan_real_size(batch, frames), "] workspace, got ", real.scalar_type(), " ",
-                real.sizes());
+                    real.size(0) == size.real && real.is_contiguous(),
+                fn, "scan_real must be the forward's contiguous float64 [", size.real,
+                "] workspace, got ", real.scalar_type(), " ", real.sizes());
     TORCH_CHECK(ints.scalar_type() == at::kLong && ints.dim() == 1 &&
-                    ints.size(0) == cif_scan_int_size(batch, frames) && ints.is_contiguous(),
-                fn, "scan_int must be the forward's contiguous int64 [",
-                cif_scan_int_size(batch, frames), "] workspace, got ", ints.scalar_type(), " ",
-                ints.sizes());
+                    ints.size(0) == size.ints && ints.is_contiguous(),
+                fn, "scan_int must be the forward's contiguous int64 [", size.ints,
+                "] workspace, got ", ints.scalar_type(), " ", ints.sizes());
     check_same_device(real, "scan_real", hidden, "hidden", "cifops.cif_backward");
     check_same_device(ints, "scan_int", hidden, "hidden", "cifops.cif_backward");
   }
@@ -150,7 +148,8 @@ struct CifWorkspaceTensors {
   }
   // The B CifRowInfo records as an int64 [B][kRowInfo] tensor (for check_scan_status).
   at::Tensor row_info() const {
-    return ints.narrow(0, batch * frames, batch * kRowInfo).view({batch, kRowInfo});
+    return ints.narrow(0, cif_workspace_size(batch, frames).token_after, batch * kRowInfo)
+        .view({batch, kRowInfo});
   }
 };
 
