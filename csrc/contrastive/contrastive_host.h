@@ -240,9 +240,10 @@ struct ContrastiveOptions {
   ContrastiveReduction reduction = ContrastiveReduction::kMean;
 };
 
-// The inputs as a backend's kernels read them: contiguous, in the compute dtype when
-// `to_compute_dtype` (else in their own), targets as int64, their values checked when
-// `check_targets` (which reads them: not on CUDA, which makes no sync).
+// The inputs as a backend's kernels read them, contiguous, targets as int64. With
+// `on_host` (the Backend's kOnHost: the CPU) in the compute dtype and with the target
+// values checked; else in their own dtype and the targets' values unread (CUDA makes no
+// sync).
 struct ContrastiveInputs {
   at::Tensor student, teacher;
   std::optional<at::Tensor> targets;
@@ -253,9 +254,9 @@ struct ContrastiveInputs {
   int64_t N, M, D;
   ContrastiveInputs(const at::Tensor& s, const at::Tensor& t,
                     const std::optional<at::Tensor>& tg, int64_t ignore_index,
-                    bool to_compute_dtype, const char* fn)
+                    bool on_host, const char* fn)
       : dtype(s.scalar_type()), compute(compute_type(s.scalar_type())) {
-    const at::ScalarType kernel_dtype = to_compute_dtype ? compute : dtype;
+    const at::ScalarType kernel_dtype = on_host ? compute : dtype;
     student = s.to(kernel_dtype).contiguous();
     teacher = t.to(kernel_dtype).contiguous();
     kind = scalar_kind(kernel_dtype);
@@ -263,7 +264,7 @@ struct ContrastiveInputs {
     M = t.size(0);
     D = s.size(1);
     targets = to_long(tg);
-    if (to_compute_dtype && targets.has_value()) check_target_values(*targets, M, ignore_index, fn);
+    if (on_host && targets.has_value()) check_target_values(*targets, M, ignore_index, fn);
     counted = counted_rows(targets, N, ignore_index, student.options());
   }
 };
