@@ -100,6 +100,13 @@ def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, s
 # no second scan; the backward calls cifops::cif_backward below autograd too, unless a
 # graph of the backward is being recorded (create_graph=True), where that op's autograd
 # kernel (no_double_backward) must see the call. benchmarks/bench_host_time.py measures it.
+# It is the one formula registered this way: every other (contrastive_forward's, and the
+# refusals of cif_backward, contrastive_backward and cif_stream_step) uses the public
+# torch.library.register_autograd. Through register_autograd, cif_forward's own host time
+# per forward+backward measured ~95 us against ~45 us here (bench_host_time, cif_step -
+# torch_ref, issue 29); the contrastive loss, one call per training step beside its
+# milliseconds of kernels, keeps the public API instead of a second hand-written kernel
+# on torch's private _AutoDispatchBelowAutograd.
 _FORWARD_OP = torch.ops.cifops.cif_forward.default
 _BACKWARD_OP = torch.ops.cifops.cif_backward.default
 

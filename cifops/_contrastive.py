@@ -114,6 +114,8 @@ def _backward(ctx, grad_loss, grad_stats, grad_fused):
             None, None, None, None, None)
 
 
+# The public registration (cif_forward registers its Autograd kernel directly, for host
+# time: cifops/_cif.py says why this op does not).
 torch.library.register_autograd("cifops::contrastive_forward", _backward,
                                 setup_context=_setup_context)
 # The backward is not differentiable: a second-order gradient raises, naming the op,

@@ -1,7 +1,7 @@
-// The cifops operator library: every schema is declared here, once. The
-// implementations live in one file per op per backend (csrc/<op>/<op>_{cpu,cuda}_op.cpp);
-// autograd and fake (meta) kernels are registered from Python (cifops/_cif.py,
-// cifops/_contrastive.py).
+// The cifops operator library: every schema is declared here, once. Each op's body is
+// written once (csrc/<op>/<op>_host.h, cif_stream_host.h) and registered per backend
+// (csrc/<op>/<op>_{cpu,cuda}_op.cpp); autograd and fake (meta) kernels are registered
+// from Python (cifops/_cif.py, cifops/_contrastive.py).
 //
 // The module has no Python functions: importing cifops._C loads this library,
 // which registers the ops with the dispatcher, and exposes how it was built.

@@ -407,17 +407,66 @@ struct CifStreamConfig {
   double threshold = 1.0;  // beta
 };
 
-// The chunk's part of the state update, O(Tc), one thread per utterance: validation,
-// the prefix sums P[0..Tc] continuing from prefix0 (prefix[0] = prefix0), the absolute
-// fire counts token_after[t], the new prefix, tokens and frames, and the emitted count.
-// A chunk with a bad state, length or alpha leaves the state as it was and emits
-// nothing; its status says why.
+// Scratch of a chunk: prefix [B][Tc+1], token_after [B][Tc], info [B].
+struct CifStreamWorkspace {
+  double* prefix = nullptr;
+  int64_t* token_after = nullptr;
+  CifStreamRowInfo* info = nullptr;
+};
+
+// The state in and out (new_partial holds the old partial on entry, in acc_t).
+struct CifStreamState {
+  const double* prefix = nullptr;    // [B]
+  const int64_t* tokens = nullptr;   // [B]
+  const int64_t* frames = nullptr;   // [B]
+  double* new_prefix = nullptr;      // [B]
+  int64_t* new_tokens = nullptr;     // [B]
+  int64_t* new_frames = nullptr;     // [B]
+  void* new_partial = nullptr;       // [B][D], acc_t
+};
+
+// The arguments of the streaming entry points, filled by name (as CifParams); host
+// pointers for the CPU, device pointers for CUDA; every array is dense.
+struct CifStreamParams {
+  CifStreamConfig cfg;
+  CifStreamState st;      // the state in; the scan writes its new_* fields, the embedding
+                          // pass updates new_partial
+  CifStreamWorkspace ws;  // written by the scan, read by the embedding pass
+
+  // Scan: reads alphas and lengths (null: every frame valid); writes token_lengths.
+  ScalarKind alpha_kind = ScalarKind::kFloat32;  // float32 or float64
+  const void* alphas = nullptr;                  // [B][Tc]
+  const int64_t* lengths = nullptr;              // [B]
+  int64_t* token_lengths = nullptr;              // [B]
+
+  // Embedding pass, after the scan: embeds and fire_frames from hidden, in the compute
+  // dtype (float32 or float64: hidden_kind, which is also new_partial's).
+  ScalarKind hidden_kind = ScalarKind::kFloat32;
+  const void* hidden = nullptr;                  // [B][Tc][D]
+  void* embeds = nullptr;                        // [B][N][D]
+  int64_t* fire_frames = nullptr;                // [B][N]
+};
+
+// The chunk's part of the state update for utterance b, O(Tc), one thread per
+// utterance: validation, the prefix sums ws.prefix[b][0..Tc] continuing from the state's
+// prefix (ws.prefix[b][0] = st.prefix[b]), the absolute fire counts ws.token_after[b][t],
+// the new prefix, tokens and frames, and the emitted count token_lengths[b]. A chunk with
+// a bad state, length or alpha leaves the state as it was and emits nothing; its status
+// (ws.info[b]) says why.
 template <typename alpha_t>
-CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_ptr,
-                                   const CifStreamConfig& cfg, double prefix0, int64_t tokens0,
-                                   int64_t frames0, double* prefix, int64_t* token_after,
-                                   CifStreamRowInfo& info, double* new_prefix, int64_t* new_tokens,
-                                   int64_t* new_frames, int64_t* token_lengths) {
+CIFOPS_HD void cif_stream_scan_row(const CifStreamParams& params, int64_t b) {
+  const CifStreamConfig& cfg = params.cfg;
+  const alpha_t* alphas = static_cast<const alpha_t*>(params.alphas) + b * cfg.frames;
+  const int64_t* length_ptr = params.lengths ? params.lengths + b : nullptr;
+  const double prefix0 = params.st.prefix[b];
+  const int64_t tokens0 = params.st.tokens[b], frames0 = params.st.frames[b];
+  double* prefix = params.ws.prefix + b * (cfg.frames + 1);
+  int64_t* token_after = params.ws.token_after + b * cfg.frames;
+  CifStreamRowInfo& info = params.ws.info[b];
+  double* new_prefix = params.st.new_prefix + b;
+  int64_t* new_tokens = params.st.new_tokens + b;
+  int64_t* new_frames = params.st.new_frames + b;
+  int64_t* token_lengths = params.token_lengths + b;
   const int64_t T = cfg.frames;
   const double beta = cfg.threshold;
   *new_prefix = prefix0;
@@ -475,17 +524,24 @@ CIFOPS_HD void cif_stream_scan_row(const alpha_t* alphas, const int64_t* length_
   *token_lengths = fired - tokens0 < cfg.n_out ? fired - tokens0 : cfg.n_out;
 }
 
-// The chunk's embeddings for one utterance after its scan, over the dimensions
+// The chunk's embeddings for utterance b after its scan, over the dimensions
 // d = d_begin, d_begin + d_step, ... < D (the CPU passes 0, 1; a CUDA block its
-// threads). partial [D] holds the open token's sum on entry and on exit; embeds
-// [N][D] and fire_frames [N] (written where d_begin == 0) receive the completed
-// tokens, padding zero / -1. hidden [Tc][D] is in acc_t.
+// threads). new_partial[b] [D] holds the open token's sum on entry and on exit;
+// embeds[b] [N][D] and fire_frames[b] [N] (written where d_begin == 0) receive the
+// completed tokens, padding zero / -1. hidden and embeds are in acc_t.
 template <typename acc_t>
-CIFOPS_HD void cif_stream_embed_row(const acc_t* hidden, const CifStreamConfig& cfg,
-                                    int64_t tokens0, int64_t frames0, const double* prefix,
-                                    const int64_t* token_after, const CifStreamRowInfo& info,
-                                    acc_t* partial, acc_t* embeds, int64_t* fire_frames,
-                                    int64_t d_begin, int64_t d_step) {
+CIFOPS_HD void cif_stream_embed_row(const CifStreamParams& params, int64_t b, int64_t d_begin,
+                                    int64_t d_step) {
+  const CifStreamConfig& cfg = params.cfg;
+  const int64_t T = cfg.frames;
+  const acc_t* hidden = static_cast<const acc_t*>(params.hidden) + b * T * cfg.dim;
+  const int64_t tokens0 = params.st.tokens[b], frames0 = params.st.frames[b];
+  const double* prefix = params.ws.prefix + b * (T + 1);
+  const int64_t* token_after = params.ws.token_after + b * T;
+  const CifStreamRowInfo& info = params.ws.info[b];
+  acc_t* partial = static_cast<acc_t*>(params.st.new_partial) + b * cfg.dim;
+  acc_t* embeds = static_cast<acc_t*>(params.embeds) + b * cfg.n_out * cfg.dim;
+  int64_t* fire_frames = params.fire_frames + b * cfg.n_out;
   const int64_t D = cfg.dim, N = cfg.n_out;
   const double beta = cfg.threshold;
   int64_t emitted = 0;
@@ -520,24 +576,6 @@ CIFOPS_HD void cif_stream_embed_row(const acc_t* hidden, const CifStreamConfig& 
   }
 }
 
-// Scratch of a chunk: prefix [B][Tc+1], token_after [B][Tc], info [B].
-struct CifStreamWorkspace {
-  double* prefix = nullptr;
-  int64_t* token_after = nullptr;
-  CifStreamRowInfo* info = nullptr;
-};
-
-// The state in and out (new_partial holds the old partial on entry, in acc_t).
-struct CifStreamState {
-  const double* prefix = nullptr;    // [B]
-  const int64_t* tokens = nullptr;   // [B]
-  const int64_t* frames = nullptr;   // [B]
-  double* new_prefix = nullptr;      // [B]
-  int64_t* new_tokens = nullptr;     // [B]
-  int64_t* new_frames = nullptr;     // [B]
-  void* new_partial = nullptr;       // [B][D], acc_t
-};
-
 // ----------------------------------------------------------------------------
 // CPU entry points (csrc/cif/cif_cpu.cpp), on CifParams (which fields each reads and
 // writes is said there); ParallelFor: common/types.h.
@@ -553,22 +591,12 @@ int cif_scan_cuda(const CifParams& params, void* stream);
 int cif_forward_cuda(const CifParams& params, void* stream);
 int cif_backward_cuda(const CifParams& params, void* stream);
 
-// Streaming entry points (csrc/cif/cif_stream_cpu.cpp, csrc/cif/cif_stream_cuda.cu).
-// hidden [B][Tc][D] and embeds [B][N][D] are in the compute dtype (float32/float64:
-// `hidden_kind`); alphas [B][Tc] float32/float64; lengths [B] may be null.
-// The scan writes the new prefix/tokens/frames and token_lengths; the embedding pass
-// updates new_partial in place and writes embeds and fire_frames [B][N].
-void cif_stream_scan_cpu(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
-                         const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
-                         int64_t* token_lengths, const ParallelFor& parallel_for);
-void cif_stream_embed_cpu(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
-                          CifStreamState st, CifStreamWorkspace ws, void* embeds,
-                          int64_t* fire_frames, const ParallelFor& parallel_for);
-int cif_stream_scan_cuda(const void* alphas, ScalarKind alpha_kind, const int64_t* lengths,
-                         const CifStreamConfig& cfg, CifStreamState st, CifStreamWorkspace ws,
-                         int64_t* token_lengths, void* stream);
-int cif_stream_embed_cuda(const void* hidden, ScalarKind hidden_kind, const CifStreamConfig& cfg,
-                          CifStreamState st, CifStreamWorkspace ws, void* embeds,
-                          int64_t* fire_frames, void* stream);
+// Streaming entry points (csrc/cif/cif_stream_cpu.cpp, csrc/cif/cif_stream_cuda.cu), on
+// CifStreamParams: the scan (cif_stream_scan_row per utterance), then the embedding pass
+// (cif_stream_embed_row). The CUDA ones return a cudaError_t (as int) of the launch.
+void cif_stream_scan_cpu(const CifStreamParams& params, const ParallelFor& parallel_for);
+void cif_stream_embed_cpu(const CifStreamParams& params, const ParallelFor& parallel_for);
+int cif_stream_scan_cuda(const CifStreamParams& params, void* stream);
+int cif_stream_embed_cuda(const CifStreamParams& params, void* stream);
 
 }  // namespace cifops

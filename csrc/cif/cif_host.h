@@ -1,16 +1,19 @@
-// Host-side helpers shared by the CPU and CUDA bindings of the CIF op: argument
-// checks with messages that name the argument, workspace allocation, and the
-// translation of per-utterance scan statuses into errors.
+// Host side of the cifops::cif_forward / cif_backward ops, shared by their CPU and CUDA
+// bindings: argument checks with messages that name the argument, workspace allocation,
+// the translation of per-utterance scan statuses into errors, and the op bodies
+// themselves (cif_forward_op, cif_backward_op), written once for both backends.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
 
 #include <cmath>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "cif.h"
 #include "common/host.h"
@@ -240,6 +243,95 @@ inline int64_t check_scan_status(const at::Tensor& row_info_cpu, const at::Tenso
     if (row.total > max_total) max_total = row.total;
   }
   return max_total;
+}
+
+// ----------------------------------------------------------------------------
+// The op bodies, written once: the Backend (CifCpu in cif_cpu_op.cpp, CifCuda in
+// cif_cuda_op.cpp) is the only difference. One is constructed from hidden's device for
+// the call, after the argument checks (CUDA: the device guard and the current stream),
+// and provides
+//   kStatusOnHost     the scan's statuses can be read without a device-to-host copy, so
+//                     they are always checked (the CPU); else only without max_tokens
+//   kHalfHidden       the forward and backward kernels read float16/bfloat16 hidden as it
+//                     is (CUDA); else hidden is converted to the compute dtype and the
+//                     results are cast back
+//   empty_large(sizes, options)   a large output (embeds, grad_hidden)
+//   scan(p), forward(p), backward(p)   the kernels on CifParams; they raise on an error
+// and, for cif_stream_step (cif_stream_host.h), stream_scan(p) and stream_embed(p).
+
+using CifForwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// hidden as the Backend's forward and backward kernels read it, contiguous.
+template <typename Backend>
+at::Tensor cif_kernel_hidden(const at::Tensor& hidden) {
+  return Backend::kHalfHidden ? hidden.contiguous() : to_compute(hidden);
+}
+
+// cifops::cif_forward. With max_tokens given, a backend without kStatusOnHost makes no
+// device-to-host copy (value errors in the inputs then surface as utterances with no
+// tokens, since raising would need a sync); without it the per-utterance statuses are
+// copied back once, and errors are raised as on the CPU. The scan's workspace is returned
+// with the outputs, and the backward reads it (no second scan).
+template <typename Backend>
+CifForwardOutputs cif_forward_op(const at::Tensor& hidden, const at::Tensor& alphas,
+                                 const std::optional<at::Tensor>& lengths,
+                                 const std::optional<at::Tensor>& target_lengths,
+                                 double threshold, double scale_eps,
+                                 std::optional<double> tail_threshold, bool tail_normalize,
+                                 int64_t max_tokens) {
+  check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
+  check_max_tokens(max_tokens, hidden);
+  const Backend backend(hidden.device());
+  const CifConfig cfg =
+      make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens);
+  const at::Tensor h = cif_kernel_hidden<Backend>(hidden), a = to_compute(alphas);
+  const auto len = to_long(lengths), tgt = to_long(target_lengths);
+  CifWorkspaceTensors ws(cfg.batch, cfg.frames, hidden.options());
+  at::Tensor token_lengths = at::empty({cfg.batch}, hidden.options().dtype(at::kLong));
+  at::Tensor alpha_sum = at::empty({cfg.batch}, a.options());
+  CifParams params = cif_scan_params(cfg, ws, a, len, tgt, token_lengths, alpha_sum);
+  backend.scan(params);
+  int64_t n_out = max_tokens;
+  if (max_tokens < 0 || Backend::kStatusOnHost) {
+    const at::Tensor info = Backend::kStatusOnHost ? ws.row_info() : ws.row_info().cpu();
+    const int64_t max_total = check_scan_status(info, alphas, len, tgt);
+    if (max_tokens < 0) n_out = max_total;
+  }
+  at::Tensor embeds = backend.empty_large({cfg.batch, n_out, cfg.dim}, h.options());
+  at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
+  cif_set_forward_params(params, n_out, h, embeds, fire_frames);
+  backend.forward(params);
+  return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
+          alpha_sum.to(compute_type(alphas.scalar_type())), ws.real, ws.ints};
+}
+
+// cifops::cif_backward, from the forward's saved scan workspace.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> cif_backward_op(
+    const at::Tensor& grad_embeds, const std::optional<at::Tensor>& grad_alpha_sum,
+    const at::Tensor& hidden, const at::Tensor& alphas, const at::Tensor& scan_real,
+    const at::Tensor& scan_int, double threshold, double scale_eps,
+    std::optional<double> tail_threshold, bool tail_normalize) {
+  check_cif_args(hidden, alphas, std::nullopt, std::nullopt, threshold, scale_eps,
+                 tail_threshold);
+  check_cif_backward_args(grad_embeds, grad_alpha_sum, hidden);
+  const CifWorkspaceTensors ws(scan_real, scan_int, hidden);
+  const Backend backend(hidden.device());
+  const int64_t n_out = grad_embeds.size(1);
+  const CifConfig cfg =
+      make_cif_config(hidden, threshold, scale_eps, tail_threshold, tail_normalize, n_out);
+  const at::Tensor h = cif_kernel_hidden<Backend>(hidden), a = to_compute(alphas);
+  const at::Tensor g = grad_embeds.to(h.scalar_type()).contiguous();
+  std::optional<at::Tensor> gs;
+  if (grad_alpha_sum.has_value()) gs = grad_alpha_sum->to(a.scalar_type()).contiguous();
+  at::Tensor dots = at::empty({cfg.batch, cfg.frames, 2}, hidden.options().dtype(at::kDouble));
+  at::Tensor grad_hidden = backend.empty_large(h.sizes(), h.options());
+  at::Tensor grad_alphas = at::empty_like(a);
+  const CifParams params =
+      cif_backward_params(cfg, ws, g, gs, h, a, dots, grad_hidden, grad_alphas);
+  backend.backward(params);
+  return {grad_hidden.to(hidden.scalar_type()), grad_alphas.to(alphas.scalar_type())};
 }
 
 }  // namespace cifops

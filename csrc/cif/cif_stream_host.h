@@ -1,6 +1,7 @@
 // Host side of cifops::cif_stream_step, shared by its CPU and CUDA bindings: argument
 // checks that name the argument, allocation of the outputs and the chunk's workspace,
-// and the step itself around the two backend kernels (scan, then embeddings).
+// and the op body itself around the two backend kernels (scan, then embeddings), written
+// once for both backends as the cif ops' (cif_host.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -128,28 +129,33 @@ inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor&
   return max_count;
 }
 
-// One streaming step on either backend, on arguments the caller has checked
-// (check_cif_stream_args; the CUDA op checks before its device guard). scan(a, len, cfg,
-// st, ws, token_lengths) and embed(h, cfg, st, ws, embeds, fire_frames) launch the
-// backend's kernels; without max_tokens the scan's statuses and counts are read back
-// (a device-to-host copy on CUDA) to raise errors and size the outputs.
-template <typename Scan, typename Embed>
-CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor& alphas,
-                                      const std::optional<at::Tensor>& lengths,
-                                      const at::Tensor& prefix, const at::Tensor& tokens,
-                                      const at::Tensor& frames, const at::Tensor& partial,
-                                      double threshold, int64_t max_tokens, Scan&& scan,
-                                      Embed&& embed) {
+// cifops::cif_stream_step on a Backend (cif_host.h: the device guard, kStatusOnHost,
+// stream_scan and stream_embed). hidden and alphas go to the kernels in the compute dtype.
+// Without max_tokens, or where the statuses are on the host, the scan's statuses and
+// counts are read back (a device-to-host copy on CUDA) to raise errors and size the
+// outputs; with max_tokens on CUDA a chunk with bad values emits nothing and leaves its
+// utterance's state as it was.
+template <typename Backend>
+CifStreamOutputs cif_stream_step_op(const at::Tensor& hidden, const at::Tensor& alphas,
+                                    const std::optional<at::Tensor>& lengths,
+                                    const at::Tensor& prefix, const at::Tensor& tokens,
+                                    const at::Tensor& frames, const at::Tensor& partial,
+                                    double threshold, int64_t max_tokens) {
+  // checked before the device guard: a CPU hidden with a CUDA state must get the message
+  // that names the argument, not the guard's
+  check_cif_stream_args(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
+                        max_tokens);
+  const Backend backend(hidden.device());
   const at::Tensor h = to_compute(hidden), a = to_compute(alphas);
   const auto len = to_long(lengths);
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
-  CifStreamConfig cfg;
-  cfg.batch = B;
-  cfg.frames = T;
-  cfg.dim = D;
+  CifStreamParams p;
+  p.cfg.batch = B;
+  p.cfg.frames = T;
+  p.cfg.dim = D;
   // not given: every token (token_lengths = the count), then N = the largest count
-  cfg.n_out = max_tokens >= 0 ? max_tokens : std::numeric_limits<int64_t>::max();
-  cfg.threshold = threshold;
+  p.cfg.n_out = max_tokens >= 0 ? max_tokens : std::numeric_limits<int64_t>::max();
+  p.cfg.threshold = threshold;
   const auto opts = hidden.options();
   at::Tensor ws_prefix = at::empty({B, T + 1}, opts.dtype(at::kDouble));
   at::Tensor ws_after = at::empty({B, T}, opts.dtype(at::kLong));
@@ -160,27 +166,34 @@ CifStreamOutputs cif_stream_step_impl(const at::Tensor& hidden, const at::Tensor
   at::Tensor token_lengths = at::empty({B}, opts.dtype(at::kLong));
   at::Tensor new_partial = partial.contiguous().clone();
   const at::Tensor p0 = prefix.contiguous(), k0 = tokens.contiguous(), f0 = frames.contiguous();
-  CifStreamState st;
-  st.prefix = p0.data_ptr<double>();
-  st.tokens = k0.data_ptr<int64_t>();
-  st.frames = f0.data_ptr<int64_t>();
-  st.new_prefix = new_prefix.data_ptr<double>();
-  st.new_tokens = new_tokens.data_ptr<int64_t>();
-  st.new_frames = new_frames.data_ptr<int64_t>();
-  st.new_partial = new_partial.data_ptr();
-  CifStreamWorkspace ws;
-  ws.prefix = ws_prefix.data_ptr<double>();
-  ws.token_after = ws_after.data_ptr<int64_t>();
-  ws.info = reinterpret_cast<CifStreamRowInfo*>(ws_info.data_ptr<int64_t>());
-  scan(a, len, cfg, st, ws, token_lengths);
-  if (max_tokens < 0 || !hidden.is_cuda()) {  // the CPU always reports errors
+  p.st.prefix = p0.data_ptr<double>();
+  p.st.tokens = k0.data_ptr<int64_t>();
+  p.st.frames = f0.data_ptr<int64_t>();
+  p.st.new_prefix = new_prefix.data_ptr<double>();
+  p.st.new_tokens = new_tokens.data_ptr<int64_t>();
+  p.st.new_frames = new_frames.data_ptr<int64_t>();
+  p.st.new_partial = new_partial.data_ptr();
+  p.ws.prefix = ws_prefix.data_ptr<double>();
+  p.ws.token_after = ws_after.data_ptr<int64_t>();
+  p.ws.info = reinterpret_cast<CifStreamRowInfo*>(ws_info.data_ptr<int64_t>());
+  p.alpha_kind = scalar_kind(a.scalar_type());
+  p.alphas = a.data_ptr();
+  p.lengths = maybe_ptr(len);
+  p.token_lengths = token_lengths.data_ptr<int64_t>();
+  backend.stream_scan(p);
+  if (max_tokens < 0 || Backend::kStatusOnHost) {
+    const at::Tensor info = Backend::kStatusOnHost ? ws_info : ws_info.cpu();
     const int64_t max_count =
-        check_stream_status(ws_info.cpu(), alphas, len, prefix, tokens, frames, threshold);
-    if (max_tokens < 0) cfg.n_out = max_count;
+        check_stream_status(info, alphas, len, prefix, tokens, frames, threshold);
+    if (max_tokens < 0) p.cfg.n_out = max_count;
   }
-  at::Tensor embeds = at::empty({B, cfg.n_out, D}, h.options());
-  at::Tensor fire_frames = at::empty({B, cfg.n_out}, opts.dtype(at::kLong));
-  embed(h, cfg, st, ws, embeds, fire_frames);
+  at::Tensor embeds = at::empty({B, p.cfg.n_out, D}, h.options());
+  at::Tensor fire_frames = at::empty({B, p.cfg.n_out}, opts.dtype(at::kLong));
+  p.hidden_kind = scalar_kind(h.scalar_type());
+  p.hidden = h.data_ptr();
+  p.embeds = embeds.data_ptr();
+  p.fire_frames = fire_frames.data_ptr<int64_t>();
+  backend.stream_embed(p);
   return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames, new_prefix, new_tokens,
           new_frames, new_partial};
 }

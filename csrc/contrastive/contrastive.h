@@ -164,13 +164,34 @@ int64_t contrastive_cpu_panel(ScalarKind kind);
 int64_t contrastive_cpu_padded_rows(int64_t rows);
 int64_t contrastive_cpu_padded_dim(ScalarKind kind, int64_t dim);
 
-// One side: unit [rows_padded][dim_padded] (zero padding), packed (may be null:
-// the same rows as column panels [rows_padded / panel][dim_padded][panel], the
-// layout the logit kernel streams), inv_norm [rows] double (1 / max(||x||, eps),
-// or 1 without normalize). x is [rows][dim], contiguous.
-void contrastive_prepare_cpu(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
-                             bool normalize, void* unit, void* packed, double* inv_norm,
-                             const ParallelFor& parallel_for);
+// One side (student or teacher) as the side entry points read and write it, filled by
+// name (as ContrastiveCpuParams); what a call does not read or write stays null. Host
+// pointers for the CPU, device pointers for CUDA.
+//   prepare (contrastive_prepare_cpu / _cuda) reads x and writes inv_norm [rows] double
+//     (1 / max(||x||, eps), or 1 without normalize) and unit = x * inv_norm (x itself
+//     without normalize): on the CPU [rows_padded][dim_padded] with zero padding, and
+//     packed where it is not null (the same rows as column panels
+//     [rows_padded / panel][dim_padded][panel], the layout the logit kernel streams); on
+//     CUDA unit is [rows][dim] and packed is not used.
+//   unit backward (contrastive_unit_backward_cuda) reads x, inv_norm, grad_unit and
+//     out_scale and writes grad_x (see there).
+struct ContrastiveSideParams {
+  ScalarKind kind = ScalarKind::kFloat32;  // x's dtype (the CPU: float32 or float64)
+  int64_t rows = 0;
+  int64_t dim = 0;
+  bool normalize = true;
+  const void* x = nullptr;                 // [rows][dim], contiguous
+  double* inv_norm = nullptr;              // [rows]
+  void* unit = nullptr;
+  void* packed = nullptr;                  // CPU only; may be null
+
+  const void* grad_unit = nullptr;  // [rows][dim] acc_t, sum_c G_rc B_c
+  const void* out_scale = nullptr;  // one acc_t on the device: 1/tau over G's scale
+  bool out_acc = false;             // grad_x in acc_t, else in x's dtype
+  void* grad_x = nullptr;           // [rows][dim]
+};
+
+void contrastive_prepare_cpu(const ContrastiveSideParams& side, const ParallelFor& parallel_for);
 
 // The arguments of a CPU row or grad pass, filled by name (as FlashAttention's
 // Flash_fwd_params); what a pass does not read stays null. The A side (rows) and the B
@@ -218,10 +239,9 @@ void contrastive_grad_pass_cpu(const ContrastiveCpuParams& params,
 // per chunk of rows of A, logits = A_chunk . B^T in acc_t, then
 // contrastive_softmax_rows_cuda, then G . B and G^T . A_chunk.
 
-// unit [rows][dim] (input dtype) = x / max(||x||, eps) (x itself without normalize),
-// inv_norm [rows] = 1 / max(||x||, eps) (1 without normalize).
-int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
-                             bool normalize, void* unit, double* inv_norm, void* stream);
+// A side's unit rows and inverse norms (ContrastiveSideParams: x, unit [rows][dim] in the
+// input dtype, inv_norm).
+int contrastive_prepare_cuda(const ContrastiveSideParams& side, void* stream);
 
 // One chunk of logit rows for the softmax kernel. All statistics and weights are
 // acc_t arrays indexed by the absolute row (row0 + r) or by the column.
@@ -242,12 +262,9 @@ struct ContrastiveChunk {
 };
 int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk, void* stream);
 
-// grad_x [rows][dim] (the input dtype, or acc_t with out_acc) from grad_unit =
+// The side's grad_x [rows][dim] (x's dtype, or acc_t with out_acc) from grad_unit =
 // sum_c G_rc B_c [rows][dim] (acc_t): times *out_scale (1/tau over the G scale), then
-// the backward of the normalisation.
-int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const void* x,
-                                   const double* inv_norm, const void* out_scale, int64_t rows,
-                                   int64_t dim, bool normalize, bool out_acc, void* grad_x,
-                                   void* stream);
+// the backward of the normalisation (ContrastiveSideParams).
+int contrastive_unit_backward_cuda(const ContrastiveSideParams& side, void* stream);
 
 }  // namespace cifops

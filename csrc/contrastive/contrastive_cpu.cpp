@@ -58,14 +58,13 @@ const ThrowUnsupported kUnsupported{"cifops contrastive CPU kernels take float32
 
 }  // namespace
 
-void contrastive_prepare_cpu(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
-                             bool normalize, void* unit, void* packed, double* inv_norm,
+void contrastive_prepare_cpu(const ContrastiveSideParams& side,
                              const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, kind, [&](auto tag) {
+  dispatch(CpuTypes{}, side.kind, [&](auto tag) {
     using T = decltype(tag);
-    CIFOPS_CONTRASTIVE_CALL(prepare<T>, static_cast<const T*>(x), rows, dim, normalize,
-                            static_cast<T*>(unit), static_cast<T*>(packed), inv_norm,
-                            parallel_for);
+    CIFOPS_CONTRASTIVE_CALL(prepare<T>, static_cast<const T*>(side.x), side.rows, side.dim,
+                            side.normalize, static_cast<T*>(side.unit),
+                            static_cast<T*>(side.packed), side.inv_norm, parallel_for);
   }, kUnsupported);
 }
 

@@ -318,16 +318,15 @@ __global__ void unit_backward_kernel(const typename AccType<scalar_t>::type* __r
 
 }  // namespace
 
-int contrastive_prepare_cuda(const void* x, ScalarKind kind, int64_t rows, int64_t dim,
-                             bool normalize, void* unit, double* inv_norm, void* stream) {
-  if (rows == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, kind, [&](auto tag) {
+int contrastive_prepare_cuda(const ContrastiveSideParams& side, void* stream) {
+  if (side.rows == 0) return cudaSuccess;
+  return dispatch(CudaTypes{}, side.kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const unsigned grid = grid_for(rows, kRowsPerWarpBlock, kMaxBlocks);
+    const unsigned grid = grid_for(side.rows, kRowsPerWarpBlock, kMaxBlocks);
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st, prepare_kernel<scalar_t>)(
-        static_cast<const scalar_t*>(x), rows, dim, normalize, static_cast<scalar_t*>(unit),
-        inv_norm);
+        static_cast<const scalar_t*>(side.x), side.rows, side.dim, side.normalize,
+        static_cast<scalar_t*>(side.unit), side.inv_norm);
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
 }
@@ -371,27 +370,26 @@ int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk
   }, cuda_unsupported);
 }
 
-int contrastive_unit_backward_cuda(ScalarKind kind, const void* grad_unit, const void* x,
-                                   const double* inv_norm, const void* out_scale, int64_t rows,
-                                   int64_t dim, bool normalize, bool out_acc, void* grad_x,
-                                   void* stream) {
-  if (rows == 0 || dim == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, kind, [&](auto tag) {
+int contrastive_unit_backward_cuda(const ContrastiveSideParams& side, void* stream) {
+  if (side.rows == 0 || side.dim == 0) return cudaSuccess;
+  return dispatch(CudaTypes{}, side.kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = typename AccType<scalar_t>::type;
-    const unsigned grid = grid_for(rows, kRowsPerWarpBlock, kMaxBlocks);
-    const auto* g = static_cast<const acc_t*>(grad_unit);
-    const auto* xs = static_cast<const scalar_t*>(x);
-    const auto* sc = static_cast<const acc_t*>(out_scale);
+    const unsigned grid = grid_for(side.rows, kRowsPerWarpBlock, kMaxBlocks);
+    const auto* g = static_cast<const acc_t*>(side.grad_unit);
+    const auto* xs = static_cast<const scalar_t*>(side.x);
+    const auto* sc = static_cast<const acc_t*>(side.out_scale);
     cudaStream_t st = static_cast<cudaStream_t>(stream);
-    if (out_acc)
+    if (side.out_acc)
       CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
                     unit_backward_kernel<scalar_t, acc_t>)(
-          g, xs, inv_norm, sc, rows, dim, normalize, static_cast<acc_t*>(grad_x));
+          g, xs, side.inv_norm, sc, side.rows, side.dim, side.normalize,
+          static_cast<acc_t*>(side.grad_x));
     else
       CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
                     unit_backward_kernel<scalar_t, scalar_t>)(
-          g, xs, inv_norm, sc, rows, dim, normalize, static_cast<scalar_t*>(grad_x));
+          g, xs, side.inv_norm, sc, side.rows, side.dim, side.normalize,
+          static_cast<scalar_t*>(side.grad_x));
     return static_cast<int>(cudaGetLastError());
   }, cuda_unsupported);
 }

@@ -1,5 +1,6 @@
 // CUDA implementation of the cifops::contrastive_forward / contrastive_backward /
-// contrastive_accuracy ops: checks, the chunk loop, and launches on the current stream.
+// contrastive_accuracy ops: the CUDA backend (ContrastiveCuda) of the op bodies in
+// contrastive_host.h: the chunk loop, and launches on the current stream.
 //
 // Per chunk of rows of A (student rows, or teacher rows for the symmetric column
 // statistics), the logits A_chunk . B^T come from cuBLAS through ATen (float32 output
@@ -46,19 +47,22 @@
 namespace cifops {
 namespace {
 
-constexpr const char* kLossFn = "cifops.contrastive_loss";
-constexpr const char* kAccuracyFn = "cifops.contrastive_accuracy";
-
 // One side: the unit rows in the input dtype (the matmul operand) and 1 / max(||x||, eps).
 struct CudaSide {
   at::Tensor x, unit, inv_norm;
+  ContrastiveSideParams params;  // x, unit and inv_norm; the unit backward adds its own
   CudaSide(const at::Tensor& x_, bool normalize, void* stream)
       : x(x_),
         unit(at::empty_like(x_)),
         inv_norm(at::empty({x_.size(0)}, x_.options().dtype(at::kDouble))) {
-    CIFOPS_CUDA_CHECK(contrastive_prepare_cuda(x.data_ptr(), scalar_kind(x.scalar_type()),
-                                               x.size(0), x.size(1), normalize, unit.data_ptr(),
-                                               inv_norm.data_ptr<double>(), stream));
+    params.kind = scalar_kind(x.scalar_type());
+    params.rows = x.size(0);
+    params.dim = x.size(1);
+    params.normalize = normalize;
+    params.x = x.data_ptr();
+    params.unit = unit.data_ptr();
+    params.inv_norm = inv_norm.data_ptr<double>();
+    CIFOPS_CUDA_CHECK(contrastive_prepare_cuda(params, stream));
   }
 };
 
@@ -75,32 +79,14 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_t, bo
   }
 }
 
-// 1 / temperature as a 0-dim compute-dtype tensor on the device (no sync).
-at::Tensor inverse_temperature(const at::Tensor& temperature, const at::Tensor& like,
-                               at::ScalarType compute, const char* fn) {
+// 1 / temperature as a 0-dim compute-dtype tensor on the device (no sync); tau is
+// checked_temperature's value of a CPU temperature.
+at::Tensor inverse_temperature(const at::Tensor& temperature, double tau, const at::Tensor& like,
+                               at::ScalarType compute) {
   const auto opts = like.options().dtype(compute);
-  if (temperature.device().is_cpu())
-    return at::full({}, 1.0 / checked_temperature(temperature, fn), opts);
+  if (temperature.device().is_cpu()) return at::full({}, 1.0 / tau, opts);
   return at::reciprocal(temperature.to(compute).reshape({})).contiguous();
 }
-
-struct CudaInputs {
-  at::Tensor student, teacher, counted;
-  std::optional<at::Tensor> targets;
-  ScalarKind kind;
-  at::ScalarType compute;
-  int64_t N, M, D;
-  CudaInputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& tg,
-             int64_t ignore_index)
-      : student(s.contiguous()), teacher(t.contiguous()), targets(to_long(tg)) {
-    kind = scalar_kind(s.scalar_type());
-    compute = compute_type(s.scalar_type());
-    N = s.size(0);
-    M = t.size(0);
-    D = s.size(1);
-    counted = counted_rows(targets, N, ignore_index, student.options());
-  }
-};
 
 // The op's extra memory: at most kExtraBudget for everything it allocates, whatever N
 // and M are, as far as the chunk's floor of 128 rows allows.
@@ -115,7 +101,7 @@ constexpr int64_t kMinWorkspace = int64_t{64} << 20;
 // the G . B product (K = M) has 22 x 6 output tiles of 128 x 128, enough for the SMs
 // without split-K, and the teacher is re-read 12 times instead of 128.
 // CIFOPS_CONTRASTIVE_CHUNK_MIB sets the bound instead (a tuning knob for benchmarks).
-int64_t chunk_workspace_bytes(const CudaInputs& in) {
+int64_t chunk_workspace_bytes(const ContrastiveInputs& in) {
   if (const char* env = std::getenv("CIFOPS_CONTRASTIVE_CHUNK_MIB")) {
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
@@ -148,7 +134,7 @@ int64_t chunk_rows(int64_t rows, int64_t cols, int64_t bytes, int64_t workspace)
 // Without rescaling, grad_scale is undefined and out_scale is 1/tau.
 struct GradScale {
   at::Tensor grad_scale, out_scale;
-  GradScale(const CudaInputs& in, const at::Tensor& weights, const at::Tensor& inv_tau) {
+  GradScale(const ContrastiveInputs& in, const at::Tensor& weights, const at::Tensor& inv_tau) {
     if (in.student.scalar_type() != at::kHalf) {
       out_scale = inv_tau;
       return;
@@ -166,7 +152,7 @@ struct GradScale {
 // the softmax kernel with `proto` (its statistics pointers and terms; row0, rows, cols
 // and the buffers filled in here), then, with a G: grad_a rows += nothing, = G . b, and
 // grad_b += G^T . a_chunk (each may be undefined: not wanted).
-void chunk_loop(const CudaInputs& in, const at::Tensor& a_unit, const at::Tensor& b_unit,
+void chunk_loop(const ContrastiveInputs& in, const at::Tensor& a_unit, const at::Tensor& b_unit,
                 ContrastiveChunk proto, bool with_grad, at::Tensor* grad_a, at::Tensor* grad_b,
                 void* stream) {
   const int64_t R = a_unit.size(0), C = b_unit.size(0);
@@ -202,143 +188,109 @@ void chunk_loop(const CudaInputs& in, const at::Tensor& a_unit, const at::Tensor
   }
 }
 
-// dL/dx of one side from its grad_unit (acc_t [R][D]).
-at::Tensor unit_backward(const CudaInputs& in, const CudaSide& side, const at::Tensor& grad_unit,
-                         const at::Tensor& out_scale, bool normalize, bool out_acc,
-                         void* stream) {
-  at::Tensor grad_x =
-      at::empty(side.x.sizes(), side.x.options().dtype(out_acc ? in.compute : side.x.scalar_type()));
-  CIFOPS_CUDA_CHECK(contrastive_unit_backward_cuda(
-      in.kind, grad_unit.data_ptr(), side.x.data_ptr(), side.inv_norm.data_ptr<double>(),
-      out_scale.data_ptr(), side.x.size(0), side.x.size(1), normalize, out_acc,
-      grad_x.data_ptr(), stream));
-  return grad_x;
+// grad_x, dL/dx of one side (in x's dtype, or in acc_t), from its grad_unit (acc_t [R][D]).
+void unit_backward(const CudaSide& side, const at::Tensor& grad_unit, const at::Tensor& out_scale,
+                   at::Tensor& grad_x, void* stream) {
+  ContrastiveSideParams p = side.params;
+  p.grad_unit = grad_unit.data_ptr();
+  p.out_scale = out_scale.data_ptr();
+  p.out_acc = grad_x.scalar_type() != side.x.scalar_type();
+  p.grad_x = grad_x.data_ptr();
+  CIFOPS_CUDA_CHECK(contrastive_unit_backward_cuda(p, stream));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cuda_op(
-    const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& targets, const at::Tensor& temperature, bool normalize,
-    bool symmetric, c10::string_view reduction, int64_t ignore_index, bool fuse_student_grad) {
-  check_contrastive_args(student, teacher, targets, &temperature, symmetric, kLossFn);
-  const ContrastiveReduction red = parse_reduction(reduction, kLossFn);
-  const c10::cuda::CUDAGuard guard(student.device());
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const CudaInputs in(student, teacher, targets, ignore_index);
-  const at::Tensor inv_tau = inverse_temperature(temperature, in.student, in.compute, kLossFn);
-  const auto acc_opts = in.student.options().dtype(in.compute);
-  at::Tensor stats = at::zeros({kStatRows, in.N}, acc_opts);
-  const CudaSide s_side(in.student, normalize, stream);
-  const CudaSide t_side(in.teacher, normalize, stream);
-  const bool fuse = contrastive_fuses_student_grad(fuse_student_grad, red, symmetric);
+class ContrastiveCuda {
+ public:
+  static constexpr bool kOnHost = false;
 
-  ContrastiveChunk proto;
-  proto.inv_temperature = inv_tau.data_ptr();
-  proto.ignore_index = ignore_index;
-  proto.target = maybe_ptr(in.targets);
-  proto.lse = stats[kStatLse].data_ptr();
-  proto.expect = stats[kStatExpect].data_ptr();
-  proto.target_logit = stats[kStatTarget].data_ptr();
-  at::Tensor fused_grad = at::empty({0, 0}, acc_opts);
-  if (fuse) {  // the student gradient of the loss for grad_loss = 1
-    const at::Tensor w =
-        row_weights(at::ones({}, acc_opts), in.counted, red, in.compute);
-    const GradScale scale(in, w, inv_tau);
-    proto.row = SoftmaxTerm{w.data_ptr(), nullptr, maybe_ptr(in.targets)};
-    proto.grad_scale = scale.grad_ptr();
-    at::Tensor grad_unit = at::empty({in.N, in.D}, acc_opts);
-    chunk_loop(in, s_side.unit, t_side.unit, proto, true, &grad_unit, nullptr, stream);
-    fused_grad = unit_backward(in, s_side, grad_unit, scale.out_scale, normalize, true, stream);
-  } else {
-    chunk_loop(in, s_side.unit, t_side.unit, proto, false, nullptr, nullptr, stream);
-  }
-  if (symmetric) {  // column statistics: the row statistics of (teacher, student)
-    ContrastiveChunk cproto;
-    cproto.inv_temperature = inv_tau.data_ptr();
-    cproto.ignore_index = ignore_index;
-    cproto.lse = stats[kStatColLse].data_ptr();
-    cproto.expect = stats[kStatColExpect].data_ptr();
-    cproto.target_logit = stats[kStatColTarget].data_ptr();
-    chunk_loop(in, t_side.unit, s_side.unit, cproto, false, nullptr, nullptr, stream);
-  }
-  const at::Tensor loss = loss_from_stats(stats, in.counted, symmetric, red);
-  return {loss.to(student.scalar_type()), stats, fused_grad};
-}
+  explicit ContrastiveCuda(c10::Device device)
+      : guard_(device), stream_(c10::cuda::getCurrentCUDAStream().stream()) {}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cuda_op(
-    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& targets, const at::Tensor& temperature,
-    const at::Tensor& stats, const at::Tensor& fused_grad, bool normalize, bool symmetric,
-    c10::string_view reduction, int64_t ignore_index, bool need_student, bool need_teacher,
-    bool need_temperature) {
-  check_contrastive_args(student, teacher, targets, &temperature, symmetric, kLossFn);
-  const ContrastiveReduction red = parse_reduction(reduction, kLossFn);
-  const c10::cuda::CUDAGuard guard(student.device());
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const CudaInputs in(student, teacher, targets, ignore_index);
-  const bool has_fused =
-      check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, red);
-  const at::ScalarType ct = in.compute;
-  const BackwardTerms terms(grad_loss, stats, in.counted, red, ct, symmetric, in.targets);
-
-  at::Tensor grad_student = at::empty({0}, student.options());
-  at::Tensor grad_teacher = at::empty({0}, teacher.options());
-  at::Tensor grad_temperature = at::empty({0}, temperature.options());
-  if (need_student && has_fused)
-    grad_student = (fused_grad.to(ct) * grad_loss.to(ct).reshape({})).to(student.scalar_type());
-  const bool student_pass = need_student && !has_fused;
-  if (student_pass || need_teacher) {
-    const at::Tensor inv_tau = inverse_temperature(temperature, in.student, ct, kLossFn);
-    const CudaSide s_side(in.student, normalize, stream);
-    const CudaSide t_side(in.teacher, normalize, stream);
-    const GradScale scale(in, terms.a, inv_tau);
-    const auto acc_opts = in.student.options().dtype(ct);
+  void forward(const ContrastiveInputs& in, const at::Tensor& temperature, double tau,
+               const ContrastiveOptions& opt, const at::Tensor& weights, at::Tensor& stats,
+               at::Tensor& fused_grad) const {
+    const at::Tensor inv_tau = inverse_temperature(temperature, tau, in.student, in.compute);
+    const CudaSide s_side(in.student, opt.normalize, stream_);
+    const CudaSide t_side(in.teacher, opt.normalize, stream_);
     ContrastiveChunk proto;
     proto.inv_temperature = inv_tau.data_ptr();
-    proto.ignore_index = ignore_index;
+    proto.ignore_index = opt.ignore_index;
+    proto.target = maybe_ptr(in.targets);
+    proto.lse = stats[kStatLse].data_ptr();
+    proto.expect = stats[kStatExpect].data_ptr();
+    proto.target_logit = stats[kStatTarget].data_ptr();
+    if (weights.defined()) {  // the student gradient of the loss for grad_loss = 1
+      const GradScale scale(in, weights, inv_tau);
+      proto.row = SoftmaxTerm{weights.data_ptr(), nullptr, maybe_ptr(in.targets)};
+      proto.grad_scale = scale.grad_ptr();
+      at::Tensor grad_unit = at::empty({in.N, in.D}, stats.options());
+      chunk_loop(in, s_side.unit, t_side.unit, proto, true, &grad_unit, nullptr, stream_);
+      unit_backward(s_side, grad_unit, scale.out_scale, fused_grad, stream_);
+    } else {
+      chunk_loop(in, s_side.unit, t_side.unit, proto, false, nullptr, nullptr, stream_);
+    }
+    if (opt.symmetric) {  // column statistics: the row statistics of (teacher, student)
+      ContrastiveChunk cproto;
+      cproto.inv_temperature = inv_tau.data_ptr();
+      cproto.ignore_index = opt.ignore_index;
+      cproto.lse = stats[kStatColLse].data_ptr();
+      cproto.expect = stats[kStatColExpect].data_ptr();
+      cproto.target_logit = stats[kStatColTarget].data_ptr();
+      chunk_loop(in, t_side.unit, s_side.unit, cproto, false, nullptr, nullptr, stream_);
+    }
+  }
+
+  void backward(const ContrastiveInputs& in, const at::Tensor& temperature, double tau,
+                const ContrastiveOptions& opt, const BackwardTerms& terms,
+                at::Tensor* grad_student, at::Tensor* grad_teacher) const {
+    const at::Tensor inv_tau = inverse_temperature(temperature, tau, in.student, in.compute);
+    const CudaSide s_side(in.student, opt.normalize, stream_);
+    const CudaSide t_side(in.teacher, opt.normalize, stream_);
+    const GradScale scale(in, terms.a, inv_tau);
+    const auto acc_opts = in.student.options().dtype(in.compute);
+    ContrastiveChunk proto;
+    proto.inv_temperature = inv_tau.data_ptr();
+    proto.ignore_index = opt.ignore_index;
     proto.target = maybe_ptr(in.targets);
     proto.grad_scale = scale.grad_ptr();
     proto.row = terms.row;
     proto.col = terms.col;
-    at::Tensor grad_unit_s = student_pass ? at::empty({in.N, in.D}, acc_opts) : at::Tensor();
-    at::Tensor grad_unit_t = need_teacher ? at::zeros({in.M, in.D}, acc_opts) : at::Tensor();
-    chunk_loop(in, s_side.unit, t_side.unit, proto, true, &grad_unit_s, &grad_unit_t, stream);
-    if (student_pass)
-      grad_student =
-          unit_backward(in, s_side, grad_unit_s, scale.out_scale, normalize, false, stream);
-    if (need_teacher)
-      grad_teacher =
-          unit_backward(in, t_side, grad_unit_t, scale.out_scale, normalize, false, stream);
+    at::Tensor grad_unit_s = grad_student ? at::empty({in.N, in.D}, acc_opts) : at::Tensor();
+    at::Tensor grad_unit_t = grad_teacher ? at::zeros({in.M, in.D}, acc_opts) : at::Tensor();
+    chunk_loop(in, s_side.unit, t_side.unit, proto, true, &grad_unit_s, &grad_unit_t, stream_);
+    if (grad_student != nullptr) {
+      *grad_student = at::empty_like(in.student);
+      unit_backward(s_side, grad_unit_s, scale.out_scale, *grad_student, stream_);
+    }
+    if (grad_teacher != nullptr) {
+      *grad_teacher = at::empty_like(in.teacher);
+      unit_backward(t_side, grad_unit_t, scale.out_scale, *grad_teacher, stream_);
+    }
   }
-  if (need_temperature)
-    grad_temperature = temperature_grad(terms.stats, terms.w, in.counted, symmetric, temperature);
-  return {grad_student, grad_teacher, grad_temperature};
-}
 
-at::Tensor contrastive_accuracy_cuda_op(const at::Tensor& student, const at::Tensor& teacher,
-                                        const std::optional<at::Tensor>& targets,
-                                        bool normalize, int64_t ignore_index) {
-  check_contrastive_args(student, teacher, targets, nullptr, false, kAccuracyFn);
-  const c10::cuda::CUDAGuard guard(student.device());
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const CudaInputs in(student, teacher, targets, ignore_index);
-  const at::Tensor one = at::full({}, 1.0, in.student.options().dtype(in.compute));
-  const CudaSide s_side(in.student, normalize, stream);
-  const CudaSide t_side(in.teacher, normalize, stream);
-  at::Tensor argmax = at::empty({in.N}, student.options().dtype(at::kLong));
-  ContrastiveChunk proto;
-  proto.inv_temperature = one.data_ptr();
-  proto.ignore_index = ignore_index;
-  proto.argmax = argmax.data_ptr<int64_t>();
-  chunk_loop(in, s_side.unit, t_side.unit, proto, false, nullptr, nullptr, stream);
-  return accuracy_from_argmax(argmax, in.targets, in.counted, in.compute);
-}
+  void argmax(const ContrastiveInputs& in, const ContrastiveOptions& opt,
+              at::Tensor& argmax) const {
+    const at::Tensor one = at::full({}, 1.0, in.student.options().dtype(in.compute));
+    const CudaSide s_side(in.student, opt.normalize, stream_);
+    const CudaSide t_side(in.teacher, opt.normalize, stream_);
+    ContrastiveChunk proto;
+    proto.inv_temperature = one.data_ptr();
+    proto.ignore_index = opt.ignore_index;
+    proto.argmax = argmax.data_ptr<int64_t>();
+    chunk_loop(in, s_side.unit, t_side.unit, proto, false, nullptr, nullptr, stream_);
+  }
+
+ private:
+  const c10::cuda::CUDAGuard guard_;
+  void* const stream_;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cifops, CUDA, m) {
-  m.impl("contrastive_forward", &contrastive_forward_cuda_op);
-  m.impl("contrastive_backward", &contrastive_backward_cuda_op);
-  m.impl("contrastive_accuracy", &contrastive_accuracy_cuda_op);
+  m.impl("contrastive_forward", &contrastive_forward_op<ContrastiveCuda>);
+  m.impl("contrastive_backward", &contrastive_backward_op<ContrastiveCuda>);
+  m.impl("contrastive_accuracy", &contrastive_accuracy_op<ContrastiveCuda>);
 }
 
 }  // namespace cifops

@@ -1,12 +1,15 @@
-// Host-side helpers shared by the CPU and CUDA bindings of the contrastive loss:
-// argument checks with messages that name the argument, and the O(N) assembly of
-// the loss, the per-row weights and the temperature gradient from the per-row
-// statistics (plain ATen ops, so they run on the inputs' device without a sync).
+// Host side of the contrastive ops, shared by their CPU and CUDA bindings: argument
+// checks with messages that name the argument, the O(N) assembly of the loss, the
+// per-row weights and the temperature gradient from the per-row statistics (plain ATen
+// ops, so they run on the inputs' device without a sync), and the op bodies themselves
+// (contrastive_forward_op, contrastive_backward_op, contrastive_accuracy_op), written
+// once for both backends.
 #pragma once
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
@@ -16,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 
 #include "common/host.h"
 #include "contrastive.h"
@@ -207,6 +211,163 @@ inline at::Tensor accuracy_from_argmax(const at::Tensor& argmax,
       targets.has_value() ? *targets : at::arange(argmax.size(0), argmax.options());
   const at::Tensor hits = (argmax == positive) & counted;
   return hits.sum().to(compute) / counted.sum().to(compute);
+}
+
+// ----------------------------------------------------------------------------
+// The op bodies, written once: the Backend (ContrastiveCpu in contrastive_cpu_op.cpp,
+// ContrastiveCuda in contrastive_cuda_op.cpp) is the only difference. One is constructed
+// from the student's device for the call, after the argument checks (CUDA: the device
+// guard and the current stream), and provides
+//   kOnHost    the kernels compute in the compute dtype (inputs converted) and values can
+//              be read without a device sync (target values are checked); the CPU
+//   forward(in, temperature, tau, options, weights, stats, fused_grad)
+//              the statistics [kStatRows][N] (the column ones when symmetric) and, with
+//              weights defined (dLoss/dr_i of a unit upstream gradient), the fused student
+//              gradient [N][D]
+//   backward(in, temperature, tau, options, terms, grad_student, grad_teacher)
+//              the gradients whose pointer is not null, in their input's dtype
+//   argmax(in, options, argmax)   each row's first maximal column
+// tau is checked_temperature's value (NaN for a temperature on the device).
+
+constexpr const char* kContrastiveLossFn = "cifops.contrastive_loss";
+constexpr const char* kContrastiveAccuracyFn = "cifops.contrastive_accuracy";
+
+// The scalar arguments of every contrastive op.
+struct ContrastiveOptions {
+  bool normalize = true;
+  bool symmetric = false;
+  int64_t ignore_index = -100;
+  ContrastiveReduction reduction = ContrastiveReduction::kMean;
+};
+
+// The inputs as a backend's kernels read them, contiguous, targets as int64. With
+// `on_host` (the Backend's kOnHost: the CPU) in the compute dtype and with the target
+// values checked; else in their own dtype and the targets' values unread (CUDA makes no
+// sync).
+struct ContrastiveInputs {
+  at::Tensor student, teacher;
+  std::optional<at::Tensor> targets;
+  at::Tensor counted;            // rows that count, bool [N]
+  at::ScalarType dtype;          // the inputs' dtype (of the gradients)
+  at::ScalarType compute;        // the compute dtype (of the statistics)
+  ScalarKind kind;               // student's and teacher's here
+  int64_t N, M, D;
+  ContrastiveInputs(const at::Tensor& s, const at::Tensor& t,
+                    const std::optional<at::Tensor>& tg, int64_t ignore_index,
+                    bool on_host, const char* fn)
+      : dtype(s.scalar_type()), compute(compute_type(s.scalar_type())) {
+    const at::ScalarType kernel_dtype = on_host ? compute : dtype;
+    student = s.to(kernel_dtype).contiguous();
+    teacher = t.to(kernel_dtype).contiguous();
+    kind = scalar_kind(kernel_dtype);
+    N = s.size(0);
+    M = t.size(0);
+    D = s.size(1);
+    targets = to_long(tg);
+    if (on_host && targets.has_value()) check_target_values(*targets, M, ignore_index, fn);
+    counted = counted_rows(targets, N, ignore_index, student.options());
+  }
+};
+
+// What the loss's forward and backward ops do first: check the arguments, read the
+// options and the temperature's value, then take the Backend for the call and the inputs
+// as its kernels read them.
+template <typename Backend>
+struct ContrastiveLossCall {
+  ContrastiveOptions opt;
+  double tau;
+  Backend backend;
+  ContrastiveInputs in;
+  ContrastiveLossCall(const at::Tensor& student, const at::Tensor& teacher,
+                      const std::optional<at::Tensor>& targets, const at::Tensor& temperature,
+                      bool normalize, bool symmetric, c10::string_view reduction,
+                      int64_t ignore_index)
+      : opt(checked_options(student, teacher, targets, temperature, normalize, symmetric,
+                            reduction, ignore_index)),
+        tau(checked_temperature(temperature, kContrastiveLossFn)),
+        backend(student.device()),
+        in(student, teacher, targets, ignore_index, Backend::kOnHost, kContrastiveLossFn) {}
+
+ private:
+  static ContrastiveOptions checked_options(const at::Tensor& student, const at::Tensor& teacher,
+                                            const std::optional<at::Tensor>& targets,
+                                            const at::Tensor& temperature, bool normalize,
+                                            bool symmetric, c10::string_view reduction,
+                                            int64_t ignore_index) {
+    check_contrastive_args(student, teacher, targets, &temperature, symmetric,
+                           kContrastiveLossFn);
+    return {normalize, symmetric, ignore_index, parse_reduction(reduction, kContrastiveLossFn)};
+  }
+};
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_op(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& targets, const at::Tensor& temperature, bool normalize,
+    bool symmetric, c10::string_view reduction, int64_t ignore_index, bool fuse_student_grad) {
+  const ContrastiveLossCall<Backend> call(student, teacher, targets, temperature, normalize,
+                                         symmetric, reduction, ignore_index);
+  const ContrastiveOptions& opt = call.opt;
+  const ContrastiveInputs& in = call.in;
+  // The gradient can only be finished inside the row pass when every term of G is a
+  // row-softmax term (not symmetric) and the upstream gradient is one scalar.
+  const bool fuse = contrastive_fuses_student_grad(fuse_student_grad, opt.reduction, symmetric);
+  const auto acc_opts = in.student.options().dtype(in.compute);
+  at::Tensor stats = at::zeros({kStatRows, in.N}, acc_opts);
+  at::Tensor fused_grad = at::empty({fuse ? in.N : 0, fuse ? in.D : 0}, acc_opts);
+  at::Tensor weights;  // dLoss/dr_i for a loss gradient of 1
+  if (fuse) weights = row_weights(at::ones({}, acc_opts), in.counted, opt.reduction, in.compute);
+  call.backend.forward(in, temperature, call.tau, opt, weights, stats, fused_grad);
+  const at::Tensor loss = loss_from_stats(stats, in.counted, symmetric, opt.reduction);
+  return {loss.to(student.scalar_type()), stats, fused_grad};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_op(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& targets, const at::Tensor& temperature,
+    const at::Tensor& stats, const at::Tensor& fused_grad, bool normalize, bool symmetric,
+    c10::string_view reduction, int64_t ignore_index, bool need_student, bool need_teacher,
+    bool need_temperature) {
+  const ContrastiveLossCall<Backend> call(student, teacher, targets, temperature, normalize,
+                                         symmetric, reduction, ignore_index);
+  const ContrastiveOptions& opt = call.opt;
+  const ContrastiveInputs& in = call.in;
+  const bool has_fused =
+      check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, opt.reduction);
+  const at::ScalarType ct = in.compute;
+  const BackwardTerms terms(grad_loss, stats, in.counted, opt.reduction, ct, symmetric,
+                            in.targets);
+
+  at::Tensor grad_student = at::empty({0}, student.options());
+  at::Tensor grad_teacher = at::empty({0}, teacher.options());
+  at::Tensor grad_temperature = at::empty({0}, temperature.options());
+  if (need_student && has_fused)
+    grad_student = (fused_grad.to(ct) * grad_loss.to(ct).reshape({})).to(student.scalar_type());
+  const bool student_pass = need_student && !has_fused;
+  if (student_pass || need_teacher)
+    call.backend.backward(in, temperature, call.tau, opt, terms,
+                          student_pass ? &grad_student : nullptr,
+                          need_teacher ? &grad_teacher : nullptr);
+  if (need_temperature)
+    grad_temperature = temperature_grad(terms.stats, terms.w, in.counted, symmetric, temperature);
+  return {grad_student, grad_teacher, grad_temperature};
+}
+
+template <typename Backend>
+at::Tensor contrastive_accuracy_op(const at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& targets, bool normalize,
+                                   int64_t ignore_index) {
+  const char* fn = kContrastiveAccuracyFn;
+  check_contrastive_args(student, teacher, targets, nullptr, false, fn);
+  const Backend backend(student.device());
+  const ContrastiveInputs in(student, teacher, targets, ignore_index, Backend::kOnHost, fn);
+  ContrastiveOptions opt;
+  opt.normalize = normalize;
+  opt.ignore_index = ignore_index;
+  at::Tensor argmax = at::empty({in.N}, student.options().dtype(at::kLong));
+  backend.argmax(in, opt, argmax);
+  return accuracy_from_argmax(argmax, in.targets, in.counted, in.compute);
 }
 
 }  // namespace cifops

@@ -121,19 +121,28 @@ bool run_case(const Spec& s) {
                       r.new_tokens.data(), r.new_frames.data(), r.partial.data()};
     CifStreamWorkspace ws{r.prefix.data(), r.after.data(),
                           reinterpret_cast<CifStreamRowInfo*>(r.info.data())};
-    const int64_t* len = s.use_len ? lengths.data() : nullptr;
+    CifStreamParams p;
+    p.cfg = cfg;
+    p.st = st;
+    p.ws = ws;
+    p.alpha_kind = p.hidden_kind = kind;
+    p.alphas = alphas.data();
+    p.lengths = s.use_len ? lengths.data() : nullptr;
+    p.token_lengths = r.lengths_out.data();
+    p.hidden = hidden.data();
+    p.embeds = r.embeds.data();
+    p.fire_frames = r.fire.data();
     if (gpu) {
       g_emu_grid_cap = s.grid_cap;
-      if (cif_stream_scan_cuda(alphas.data(), kind, len, cfg, st, ws, r.lengths_out.data(), nullptr) ||
-          cif_stream_embed_cuda(hidden.data(), kind, cfg, st, ws, r.embeds.data(), r.fire.data(), nullptr))
+      if (cif_stream_scan_cuda(p, nullptr) || cif_stream_embed_cuda(p, nullptr))
         emu_fail("a launcher returned an error");
       g_emu_grid_cap = 0;
     } else {
       const ParallelFor serial = [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& f) {
         if (n > 0) f(0, n);
       };
-      cif_stream_scan_cpu(alphas.data(), kind, len, cfg, st, ws, r.lengths_out.data(), serial);
-      cif_stream_embed_cpu(hidden.data(), kind, cfg, st, ws, r.embeds.data(), r.fire.data(), serial);
+      cif_stream_scan_cpu(p, serial);
+      cif_stream_embed_cpu(p, serial);
     }
     return r;
   };

@@ -293,10 +293,20 @@ struct CudaOp {
   };
   Side side(const Dev<T>& x, int64_t rows) const {
     Side s{&x, rows, Dev<T>(rows * p.D), Dev<double>(rows)};
-    ok(contrastive_prepare_cuda(x.data(), kind_of<T>(), rows, p.D, p.normalize, s.unit.data(),
-                                s.inv_norm.data(), nullptr),
-       "contrastive_prepare_cuda");
+    ok(contrastive_prepare_cuda(side_params(s), nullptr), "contrastive_prepare_cuda");
     return s;
+  }
+  // The ContrastiveSideParams of a side, as CudaSide in contrastive_cuda_op.cpp.
+  ContrastiveSideParams side_params(const Side& s) const {
+    ContrastiveSideParams sp;
+    sp.kind = kind_of<T>();
+    sp.rows = s.rows;
+    sp.dim = p.D;
+    sp.normalize = p.normalize;
+    sp.x = s.x->data();
+    sp.inv_norm = const_cast<double*>(s.inv_norm.data());
+    sp.unit = const_cast<T*>(s.unit.data());
+    return sp;
   }
 
   // The chunk loop: logits, the softmax kernel, then grad_a rows = G . b and
@@ -364,11 +374,12 @@ struct CudaOp {
   template <typename out_t>
   Dev<out_t> unit_backward(const Side& s, Dev<acc_t>& grad_unit, const acc_t* out_scale) const {
     Dev<out_t> out(s.rows * p.D);
-    ok(contrastive_unit_backward_cuda(kind_of<T>(), grad_unit.data(), s.x->data(),
-                                      s.inv_norm.data(), out_scale, s.rows, p.D, p.normalize,
-                                      std::is_same_v<out_t, acc_t> && !std::is_same_v<T, acc_t>,
-                                      out.data(), nullptr),
-       "contrastive_unit_backward_cuda");
+    ContrastiveSideParams sp = side_params(s);
+    sp.grad_unit = grad_unit.data();
+    sp.out_scale = out_scale;
+    sp.out_acc = std::is_same_v<out_t, acc_t> && !std::is_same_v<T, acc_t>;
+    sp.grad_x = out.data();
+    ok(contrastive_unit_backward_cuda(sp, nullptr), "contrastive_unit_backward_cuda");
     return out;
   }
 
@@ -528,8 +539,16 @@ struct CpuOp {
     s.unit.resize(rp * s.dim_padded);
     if (with_packed) s.packed.resize(rp * s.dim_padded);
     s.inv_norm.resize(rows);
-    contrastive_prepare_cpu(x.data(), kKind, rows, p.D, p.normalize, s.unit.data(),
-                            with_packed ? s.packed.data() : nullptr, s.inv_norm.data(), g_serial);
+    ContrastiveSideParams sp;
+    sp.kind = kKind;
+    sp.rows = rows;
+    sp.dim = p.D;
+    sp.normalize = p.normalize;
+    sp.x = x.data();
+    sp.inv_norm = s.inv_norm.data();
+    sp.unit = s.unit.data();
+    sp.packed = with_packed ? s.packed.data() : nullptr;
+    contrastive_prepare_cpu(sp, g_serial);
     return s;
   }
   // A pass of side a (rows) against side b (columns), as pass_params in contrastive_cpu_op.cpp.
@@ -947,9 +966,12 @@ void probes() {
     Dev<float> gu(p.N * p.D), out(p.N * p.D), scale(1);
     for (int64_t i = 0; i < p.N * p.D; ++i) gu[i] = 1.0f;
     scale[0] = 1.0f;
-    CudaOp<float>::ok(contrastive_unit_backward_cuda(ScalarKind::kFloat32, gu.data(), cuda.xs.data(),
-                                                     s.inv_norm.data(), scale.data(), p.N, p.D,
-                                                     true, false, out.data(), nullptr),
+    ContrastiveSideParams sp = cuda.side_params(s);
+    sp.normalize = true;
+    sp.grad_unit = gu.data();
+    sp.out_scale = scale.data();
+    sp.grad_x = out.data();
+    CudaOp<float>::ok(contrastive_unit_backward_cuda(sp, nullptr),
                       "contrastive_unit_backward_cuda");
     g_emu_grid_cap = 0;
     int64_t unwritten_prepare = 0, unwritten_backward = 0;
