@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifhkd import batch as batch_lib
 from cifhkd import model as model_lib
 from cifhkd import train as train_hkd
 
@@ -38,8 +39,8 @@ PRESETS = {
 }
 
 
-def make_batch(preset: str, seed: int = 0) -> model_lib.Batch:
-    """A random batch prepared on the host, as dataset.collate makes one."""
+def make_batch(preset: str, seed: int = 0) -> batch_lib.Batch:
+    """A random batch prepared on the host, as batch.collate makes one."""
     size, (f0, f1), (t0, t1), vocab, teacher_dim = PRESETS[preset]
     g = torch.Generator().manual_seed(seed)
     feat_lens = torch.randint(f0, f1 + 1, (size,), generator=g)
@@ -48,7 +49,7 @@ def make_batch(preset: str, seed: int = 0) -> model_lib.Batch:
     feats = torch.randn(size, f1, 80, generator=g)
     tokens = torch.randint(3, vocab, (size, t1), generator=g)
     teacher = torch.randn(size, t1 + 1, teacher_dim, generator=g)
-    return model_lib.prepare_batch(model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, token_lens + 1))
+    return batch_lib.prepare_batch(batch_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, token_lens + 1))
 
 
 def setup(preset: str, device: torch.device, compile_backend=None):
@@ -65,7 +66,7 @@ def setup(preset: str, device: torch.device, compile_backend=None):
     forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     batch = make_batch(preset)
     if compile_backend is not None:
-        batch = model_lib.prepare_batch(batch, token_multiple=8)
+        batch = batch_lib.prepare_batch(batch, token_multiple=8)
     if device.type == "cuda":
         batch = batch.pin_memory()
     scale = 1.0 / int((batch.token_lens + 1).sum())

@@ -75,6 +75,7 @@ import torch
 from . import corpus as corpus_lib
 from . import data
 from . import decode as decode_lib
+from . import files
 from . import plot_alignment
 from . import progress
 from . import rundir
@@ -622,7 +623,7 @@ def deploy(exp: Path, test: Path, label: str, beam: int) -> Tuple[str, dict]:
             source = json.loads((folder / "config.json").read_text())["source"]["checkpoint_sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             source = None
-        if source != data.sha256_file(checkpoint):
+        if source != files.sha256_file(checkpoint):
             folder.rename(folder.with_name(f"{ONNX_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
     if not folder.exists():
         export_lib.export(checkpoint, folder)

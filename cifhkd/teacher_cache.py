@@ -35,7 +35,7 @@ Only this cache's own files are written: a cache.json that is not this cache's r
 .cache.lock that is not its empty lock file (or a link), a states file that is not a states
 cache, are StaleCacheErrors naming the file, before anything is written. A cache that is up
 to date is used without writing anything, not even the lock (a read-only folder, another
-user's cache). Files are written whole or not at all (data.write_atomically); what a killed
+user's cache). Files are written whole or not at all (files.write_atomically); what a killed
 run left (<file>.tmp<pid>) is removed by the next. An empty manifest is an error, before
 anything is written. Transcripts that the teacher cannot align raise
 teacher.AlignmentError naming the word and the utterance's manifest line.
@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from . import data
+from . import files
 from . import teacher as teacher_lib
 
 RECORD = "cache.json"
@@ -85,13 +86,13 @@ _FILE_HASHES: Dict[tuple, str] = {}
 
 
 def _file_sha256(path: Path) -> str:
-    """data.sha256_file, computed once per process for a file that has not changed since: the
+    """files.sha256_file, computed once per process for a file that has not changed since: the
     key holds the inode's change time, which every write and every utime (the way cp -p and
     rsync -a set a time back) moves, and no program can set."""
     st = path.stat()
     key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = data.sha256_file(path)
+        _FILE_HASHES[key] = files.sha256_file(path)
     return _FILE_HASHES[key]
 
 
@@ -184,7 +185,7 @@ def _plain_name(file) -> bool:
 
 
 def save_record(out: Path, record: dict):
-    data.write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n",
+    files.write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n",
                                                                   encoding="utf-8"))
 
 
@@ -268,7 +269,7 @@ def _vocab_up_to_date(out: Path, record: dict, source: dict, teacher: dict) -> b
         return False
     sources = [entry] + [s for s in entry.get("same_vocabulary", []) if isinstance(s, dict)]
     return (any(_same_source(s, source, teacher) for s in sources)
-            and entry.get("sha256") == data.sha256_file(path))
+            and entry.get("sha256") == files.sha256_file(path))
 
 
 def _states_up_to_date(path: Path, entry, source: dict, teacher: dict) -> bool:
@@ -332,7 +333,7 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
 
     load_record(out)                  # a cache.json that is not ours: refused before the lock is made
     with _locked(out):
-        data.remove_stale_temporaries(out, lambda name: name in (VOCAB, RECORD) or name.endswith(".pt"))
+        files.remove_stale_temporaries(out, lambda name: name in (VOCAB, RECORD) or name.endswith(".pt"))
         record = load_record(out)
         for file in [f for f in record["states"] if not (out / f).is_file()]:
             del record["states"][file]           # deleted by hand: forgotten
@@ -355,7 +356,7 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             elapsed = time.perf_counter() - start
             cache = {"teacher": str(model.path), "dim": model.dim, "source": _states_source(source, teacher_info),
                      "states": {u.id: s.half() for u, s in zip(utts, states)}}
-            data.write_atomically(path, lambda tmp: torch.save(cache, tmp))
+            files.write_atomically(path, lambda tmp: torch.save(cache, tmp))
             st = path.stat()
             record["states"][file] = {"split": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                       "manifest": source, "teacher": teacher_info}
@@ -420,15 +421,15 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
                 f"(checkpoints trained with it read it): pass another --teacher-dir (extract_teacher.py "
                 f"--out), or delete {out} to build the cache again")
         log(f"extract_teacher: {vocab_path} equals the vocabulary of {train}: kept")
-        digest = data.sha256_file(vocab_path)
+        digest = files.sha256_file(vocab_path)
         if isinstance(entry, dict) and entry.get("sha256") == digest and _well_formed(entry):
             entry.setdefault("same_vocabulary", []).append(_states_source(source, teacher_info))
         else:
             record["vocab"] = {"file": VOCAB, "sha256": digest, "manifest": source, "teacher": teacher_info}
     else:
-        data.write_atomically(vocab_path, built.save)
+        files.write_atomically(vocab_path, built.save)
         log(f"extract_teacher: vocabulary {len(built)} ASR tokens ({vocab_path})")
-        record["vocab"] = {"file": VOCAB, "sha256": data.sha256_file(vocab_path), "manifest": source,
+        record["vocab"] = {"file": VOCAB, "sha256": files.sha256_file(vocab_path), "manifest": source,
                            "teacher": teacher_info}
     save_record(out, record)
     return built

@@ -18,7 +18,9 @@ pytest.importorskip("kaldi_native_fbank", reason=_TRAIN_EXTRA)
 pytest.importorskip("soxr", reason=_TRAIN_EXTRA)
 
 
+from cifhkd import batch as batch_lib  # noqa: E402
 from cifhkd import data  # noqa: E402
+from cifhkd import sampler as sampler_lib  # noqa: E402
 from cifhkd import features  # noqa: E402
 
 
@@ -176,7 +178,7 @@ def _durations(n=200, seed=0):
 
 def test_bucket_sampler_covers_everything_within_budget():
     durations = _durations()
-    sampler = data.BucketBatchSampler(durations, max_batch_seconds=30.0, num_buckets=5, seed=3)
+    sampler = sampler_lib.BucketBatchSampler(durations, max_batch_seconds=30.0, num_buckets=5, seed=3)
     batches = list(sampler)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(len(durations)))
@@ -185,7 +187,7 @@ def test_bucket_sampler_covers_everything_within_budget():
 
 def test_bucket_sampler_deterministic_and_resumable():
     durations = _durations()
-    make = lambda: data.BucketBatchSampler(durations, 30.0, num_buckets=5, seed=7)  # noqa: E731
+    make = lambda: sampler_lib.BucketBatchSampler(durations, 30.0, num_buckets=5, seed=7)  # noqa: E731
     first = make()
     first.set_epoch(2)
     epoch2 = list(first)
@@ -208,7 +210,7 @@ def test_bucket_sampler_deterministic_and_resumable():
 
 def test_bucket_sampler_rejects_unknown_durations():
     with pytest.raises(ValueError, match="every duration must be a positive number"):
-        data.BucketBatchSampler([1.0, None], 10.0)
+        sampler_lib.BucketBatchSampler([1.0, None], 10.0)
 
 
 # --- features --------------------------------------------------------------------------
@@ -547,7 +549,7 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
     states = {"a": torch.randn(3, 8).half(), "b": torch.randn(5, 8).half()}   # L + 1 each
     items = dataset.AsrDataset(utts, vocab, TOKENIZER, states,
                                spec_augment=features.SpecAugment())
-    batch = dataset.collate([items[0], items[1]])
+    batch = batch_lib.collate([items[0], items[1]])
     assert batch.feats.shape == (2, 98, 80) and batch.feat_lens.tolist() == [98, 48]
     assert batch.token_lens.tolist() == [2, 4] and batch.tokens.shape == (2, 4)
     assert batch.teacher.shape == (2, 5, 8) and batch.teacher_lens.tolist() == [3, 5]
@@ -587,9 +589,10 @@ def test_encoder_length_is_the_encoders():
 @needs_teacher
 def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
     """0.03 s of audio for 31 tokens trained silently, its CTC term 0
-    (zero_infinity). AsrDataset.too_short finds such utterances; train_hkd reports them."""
+    (zero_infinity). train.too_short finds such utterances; train.skip_too_short reports them."""
     from cifhkd import dataset
     from cifhkd import model
+    from cifhkd.train import too_short
     for name, seconds in (("long", 2.0), ("short", 0.03), ("tiny", 0.03), ("edge", 1.0), ("rep", 0.4)):
         _write_wav(tmp_path / f"{name}.wav", seconds)
     thirty_one = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
@@ -606,11 +609,11 @@ def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
     config = model.ModelConfig(vocab_size=len(vocab))            # 8x: 1 s -> 13 encoder frames
     # short: 1 frame for 31 tokens; tiny: 1 frame, 1 token; edge: 13 frames, 13 tokens;
     # rep: 5 frames, 4 equal tokens need 4 + 3 blanks between them
-    assert items.too_short(config) == [1, 4]
-    assert items.too_short(config, speed_perturb=[0.9, 1.0, 1.1]) == [1, 3, 4]   # 1.1: edge has 12
+    assert too_short(items, config) == [1, 4]
+    assert too_short(items, config, speed_perturb=[0.9, 1.0, 1.1]) == [1, 3, 4]   # 1.1: edge has 12
     assert dataset.min_encoder_frames(items.tokens[4], ctc=True) == 7
     no_ctc = model.ModelConfig(vocab_size=len(vocab), ctc_weight=0.0)
-    assert items.too_short(no_ctc) == []                 # CIF fires any count from one frame
+    assert too_short(items, no_ctc) == []                 # CIF fires any count from one frame
     items.drop([1, 4])
     assert [u.id for u in items.utterances] == ["long", "tiny", "edge"] and len(items) == 3
     assert [len(t) for t in items.tokens] == [2, 1, 13] and items[2]["id"] == "edge"
