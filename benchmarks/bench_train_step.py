@@ -5,7 +5,7 @@ to the device, forward, backward, clipping, AdamW), as the trainer runs it.
     python benchmarks/summarize.py step.json
     python benchmarks/bench_train_step.py --threads 1 --steps 20 [--compile [BACKEND]]
 
-- CPU: the demo's model (conf/demo.yaml: ModelConfig() with ACD weight 0.1, the 298-piece
+- CPU: the demo's model (recipe/cifhkd/conf/demo.yaml: ModelConfig() with ACD weight 0.1, the 298-piece
   vocabulary, a 384-wide teacher) on a batch like the demo's (13 utterances of 1.35-1.5 s,
   3-9 tokens), float32, with 1 and 2 threads.
 - CUDA (when present): the AISHELL-1 preset (model.aishell1_config(): 48.9 M parameters,
@@ -55,7 +55,7 @@ def make_batch(preset: str, seed: int = 0) -> batch_lib.Batch:
 def setup(preset: str, device: torch.device, compile_backend=None):
     """-> step(): one training update of the preset on `device` (the trainer's code)."""
     if preset == "demo":
-        args = train_hkd.parse_args(["--config", str(ROOT / "conf" / "demo.yaml")])
+        args = train_hkd.parse_args(["--config", str(ROOT / "recipe" / "cifhkd" / "conf" / "demo.yaml")])
         config = train_hkd.model_config(args, DEMO_VOCAB)
     else:
         args = train_hkd.parse_args([])

