@@ -1,8 +1,9 @@
 # cifops developer entry points. `make test` is what CI runs (.ci/run).
 #
 #   make test    install the Debian speech tools if missing (as root), create .venv if
-#                absent, install torch and cifops with its test and train extras,
-#                build, run the native sanitizer tests, pytest tests, and the benchmarks
+#                absent, install torch, cifops with its test extra and the recipe
+#                (recipe/: the cifhkd distribution) with its onnx and export extras, both
+#                editable, build, run the native sanitizer tests, pytest tests, and the benchmarks
 #                once each (--benchmark-disable) so that their code cannot rot
 #   make demo    the CIF-HKD CPU demo: synthesise the corpus, train the CIF baseline and
 #                CIF+HKD, decode the held-out voices, print the table (exp/demo/results.md);
@@ -44,15 +45,16 @@ system-deps:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Dependencies and the editable install, redone when the packaging files change.
+# Dependencies and the editable installs of the ops (.) and the recipe (recipe/), redone when
+# the packaging files change.
 # torch is the default PyPI build (CUDA-enabled on Linux), so the CUDA kernels compile
 # wherever nvcc is found. FunASR is a test oracle only: installed without its (heavy)
 # dependencies, which its CIF functions do not need.
-$(INSTALLED): pyproject.toml setup.py | $(PY)
+$(INSTALLED): pyproject.toml setup.py recipe/pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install torch ninja numpy
 	$(PY) -m pip install --no-deps funasr==1.4.16
-	$(PY) -m pip install --no-build-isolation -e '.[test,train]'
+	$(PY) -m pip install --no-build-isolation -e '.[test]' -e './recipe[onnx,export]'
 	touch $@
 
 # Incremental rebuild of cifops/_C (ninja reuses build/ between runs).

@@ -36,6 +36,7 @@ pytest.importorskip("kaldi_native_fbank", reason="needs the train extra")
 
 from cifhkd import data, decode, export, features, onnx_asr  # noqa: E402
 from cifhkd import model as model_lib  # noqa: E402
+from cifhkd import sampler as sampler_lib  # noqa: E402
 
 DEMO_VOCAB = 298
 BACKENDS = ["pytorch", "ort_fp32", "ort_int8"]
@@ -95,7 +96,7 @@ def pytorch_decode(model, samples, beam):
     """decode.decode's PyTorch path on samples in memory: -> [(ids, fire frames)]."""
     durations = [len(s) / 16000 for s in samples]
     results = [None] * len(samples)
-    for indices in data.BucketBatchSampler(durations, decode.MAX_BATCH_SECONDS, shuffle=False):
+    for indices in sampler_lib.BucketBatchSampler(durations, decode.MAX_BATCH_SECONDS, shuffle=False):
         feats = [features.utterance_cmvn(features.compute_fbank(samples[i])) for i in indices]
         lens = torch.tensor([len(f) for f in feats])
         padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)

@@ -5,7 +5,7 @@ to the device, forward, backward, clipping, AdamW), as the trainer runs it.
     python benchmarks/summarize.py step.json
     python benchmarks/bench_train_step.py --threads 1 --steps 20 [--compile [BACKEND]]
 
-- CPU: the demo's model (conf/demo.yaml: ModelConfig() with ACD weight 0.1, the 298-piece
+- CPU: the demo's model (recipe/cifhkd/conf/demo.yaml: ModelConfig() with ACD weight 0.1, the 298-piece
   vocabulary, a 384-wide teacher) on a batch like the demo's (13 utterances of 1.35-1.5 s,
   3-9 tokens), float32, with 1 and 2 threads.
 - CUDA (when present): the AISHELL-1 preset (model.aishell1_config(): 48.9 M parameters,
@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifhkd import batch as batch_lib
 from cifhkd import model as model_lib
 from cifhkd import train as train_hkd
 
@@ -38,8 +39,8 @@ PRESETS = {
 }
 
 
-def make_batch(preset: str, seed: int = 0) -> model_lib.Batch:
-    """A random batch prepared on the host, as dataset.collate makes one."""
+def make_batch(preset: str, seed: int = 0) -> batch_lib.Batch:
+    """A random batch prepared on the host, as batch.collate makes one."""
     size, (f0, f1), (t0, t1), vocab, teacher_dim = PRESETS[preset]
     g = torch.Generator().manual_seed(seed)
     feat_lens = torch.randint(f0, f1 + 1, (size,), generator=g)
@@ -48,13 +49,13 @@ def make_batch(preset: str, seed: int = 0) -> model_lib.Batch:
     feats = torch.randn(size, f1, 80, generator=g)
     tokens = torch.randint(3, vocab, (size, t1), generator=g)
     teacher = torch.randn(size, t1 + 1, teacher_dim, generator=g)
-    return model_lib.prepare_batch(model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, token_lens + 1))
+    return batch_lib.prepare_batch(batch_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, token_lens + 1))
 
 
 def setup(preset: str, device: torch.device, compile_backend=None):
     """-> step(): one training update of the preset on `device` (the trainer's code)."""
     if preset == "demo":
-        args = train_hkd.parse_args(["--config", str(ROOT / "conf" / "demo.yaml")])
+        args = train_hkd.parse_args(["--config", str(ROOT / "recipe" / "cifhkd" / "conf" / "demo.yaml")])
         config = train_hkd.model_config(args, DEMO_VOCAB)
     else:
         args = train_hkd.parse_args([])
@@ -65,7 +66,7 @@ def setup(preset: str, device: torch.device, compile_backend=None):
     forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     batch = make_batch(preset)
     if compile_backend is not None:
-        batch = model_lib.prepare_batch(batch, token_multiple=8)
+        batch = batch_lib.prepare_batch(batch, token_multiple=8)
     if device.type == "cuda":
         batch = batch.pin_memory()
     scale = 1.0 / int((batch.token_lens + 1).sum())

@@ -34,7 +34,7 @@ if ! ( time TORCH_CUDA_ARCH_LIST=$arch CIFOPS_CUDA=1 MAX_JOBS=16 timeout 300 \
        python3 setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1; then
   tail -30 "$OUT/build.log"; exit 1
 fi
-export PYTHONPATH=$PWD:$PWD/benchmarks:$SITE
+export PYTHONPATH=$PWD:$PWD/recipe:$PWD/benchmarks:$SITE
 python3 -c "import cifops, torch; print(cifops.build_info(), torch.__version__)" || exit 1
 el "abort probe (C++ errors must raise, not kill the process)"
 timeout 60 python3 benchmarks/abort_probe.py > "$OUT/abort_probe.log" 2>&1

@@ -23,6 +23,7 @@ import torch
 
 def model_only_step():
     """The update of cifhkd.train.train_update, from cifhkd.model alone (see above)."""
+    from cifhkd import batch as batch_lib
     from cifhkd import model as model_lib
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -34,7 +35,7 @@ def model_only_step():
     feat_lens = torch.randint(f0, f1 + 1, (size,), generator=g)
     token_lens = torch.randint(t0, t1 + 1, (size,), generator=g)
     feat_lens[0], token_lens[0] = f1, t1
-    batch = model_lib.prepare_batch(model_lib.Batch(
+    batch = batch_lib.prepare_batch(batch_lib.Batch(
         torch.randn(size, f1, 80, generator=g), feat_lens,
         torch.randint(3, vocab, (size, t1), generator=g), token_lens,
         torch.randn(size, t1 + 1, teacher_dim, generator=g), token_lens + 1)).pin_memory()

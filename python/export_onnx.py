@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Export a trained CIF-HKD checkpoint to ONNX (ONNX Runtime transcription without torch): the command line of cifhkd.export (--help lists the options)."""
-from _cifhkd_main import run
+from cifhkd.export import main
 
 if __name__ == "__main__":
-    run("export")
+    main()

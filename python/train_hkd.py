@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Train the CIF-HKD recognizer: the command line of cifhkd.train (--help lists the options)."""
-from _cifhkd_main import run
+from cifhkd.train import main
 
 if __name__ == "__main__":
-    run("train")
+    main()

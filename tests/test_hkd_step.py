@@ -1,5 +1,5 @@
 """The HKD training step without host synchronisation: compute_loss on a batch
-prepared on the host (model.prepare_batch, dataset.collate) gives the numbers of the former
+prepared on the host (batch.prepare_batch, batch.collate) gives the numbers of the former
 formulation (kept below as the reference), reads nothing back from the device, and
 torch.compile(fullgraph=True) traces it whole."""
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifops
+from cifhkd import batch as batch_lib
 from cifhkd import model as M
 
 VOCAB, TEACHER_DIM = 23, 16
@@ -23,7 +24,7 @@ def tiny_config(**overrides) -> M.ModelConfig:
     return M.ModelConfig(**base)
 
 
-def random_batch(seed: int, size: int = 5, teacher: bool = True) -> M.Batch:
+def random_batch(seed: int, size: int = 5, teacher: bool = True) -> batch_lib.Batch:
     """Random lengths (tokens 1..8, 40..200 frames); the token tensor is wider than the
     longest transcript, as a batch made elsewhere may be."""
     g = torch.Generator().manual_seed(seed)
@@ -33,12 +34,12 @@ def random_batch(seed: int, size: int = 5, teacher: bool = True) -> M.Batch:
     feats = torch.randn(size, int(feat_lens.max()), 80, generator=g)
     tokens = torch.randint(3, VOCAB, (size, width + 2), generator=g)
     states = torch.randn(size, width + 1, TEACHER_DIM, generator=g) if teacher else None
-    return M.Batch(feats, feat_lens, tokens, token_lens, states, token_lens + 1 if teacher else None)
+    return batch_lib.Batch(feats, feat_lens, tokens, token_lens, states, token_lens + 1 if teacher else None)
 
 
 # --- the former formulation: what compute_loss computed before the sync-free step --------
 
-def former_compute_loss(model: M.CifHkdModel, batch: M.Batch, gather_teacher=None):
+def former_compute_loss(model: M.CifHkdModel, batch: batch_lib.Batch, gather_teacher=None):
     """compute_loss as it was: the CIF width, CTC targets and token rows read back from the
     device (int(max), a per-utterance loop, boolean-mask indexing)."""
     c = model.config
@@ -48,7 +49,7 @@ def former_compute_loss(model: M.CifHkdModel, batch: M.Batch, gather_teacher=Non
     out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, target_lengths=num_targets)
     n = min(out.embeds.shape[1], int(num_targets.max()))
     cif = out.embeds[:, :n]
-    token_mask = M.lengths_to_mask(torch.minimum(out.token_lengths, num_targets), n)
+    token_mask = batch_lib.lengths_to_mask(torch.minimum(out.token_lengths, num_targets), n)
     positions = torch.arange(n)[None, :]
     tokens = batch.tokens[:, :n]
     if tokens.shape[1] < n:
@@ -121,7 +122,7 @@ def test_compute_loss_equals_the_former_formulation(seed):
     model = M.CifHkdModel(tiny_config())
     batch = random_batch(seed, size=2 + seed % 4)
     former = loss_and_grads(model, lambda b: former_compute_loss(model, b), batch, seed)
-    prepared = M.prepare_batch(batch)
+    prepared = batch_lib.prepare_batch(batch)
     assert_same(loss_and_grads(model, model.compute_loss, prepared, seed), former)
     # a batch that was not prepared is prepared by compute_loss
     assert_same(loss_and_grads(model, model.compute_loss, batch, seed), former)
@@ -134,7 +135,7 @@ def test_former_formulation_with_terms_off(off):
     model = M.CifHkdModel(tiny_config(**{f"{t}_weight": 0.0 for t in off}))
     batch = random_batch(7, teacher=not {"acd", "lrd"} <= set(off))
     former = loss_and_grads(model, lambda b: former_compute_loss(model, b), batch, 3)
-    assert_same(loss_and_grads(model, model.compute_loss, M.prepare_batch(batch), 3), former)
+    assert_same(loss_and_grads(model, model.compute_loss, batch_lib.prepare_batch(batch), 3), former)
 
 
 def test_gathered_negatives_equal_the_former_formulation():
@@ -149,15 +150,15 @@ def test_gathered_negatives_equal_the_former_formulation():
     batch = random_batch(11)
     former = loss_and_grads(model, lambda b, **k: former_compute_loss(model, b, **k), batch, 5,
                             gather_teacher=gather)
-    assert_same(loss_and_grads(model, model.compute_loss, M.prepare_batch(batch), 5, gather_teacher=gather),
+    assert_same(loss_and_grads(model, model.compute_loss, batch_lib.prepare_batch(batch), 5, gather_teacher=gather),
                 former)
 
 
 def test_prepare_batch_decides_the_shapes_on_the_host():
     batch = random_batch(3)
-    prepared = M.prepare_batch(batch)
+    prepared = batch_lib.prepare_batch(batch)
     n = int(batch.token_lens.max()) + 1
-    mask = M.lengths_to_mask(batch.token_lens + 1, n)
+    mask = batch_lib.lengths_to_mask(batch.token_lens + 1, n)
     assert prepared.max_tokens == n
     assert torch.equal(prepared.ctc_targets,
                        torch.cat([batch.tokens[i, :l] for i, l in enumerate(batch.token_lens.tolist())]))
@@ -165,7 +166,7 @@ def test_prepare_batch_decides_the_shapes_on_the_host():
     assert torch.equal(prepared.teacher_rows, batch.teacher[:, :n][mask])
     assert torch.equal(prepared.host_lens, torch.stack([batch.feat_lens, batch.token_lens]))
     # a wider grid for torch.compile: the same rows, the same numbers
-    wide = M.prepare_batch(batch, token_multiple=8)
+    wide = batch_lib.prepare_batch(batch, token_multiple=8)
     assert wide.max_tokens == 8 * -(-n // 8) and torch.equal(wide.teacher_rows, prepared.teacher_rows)
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config()).eval()
@@ -178,11 +179,11 @@ def test_prepare_batch_decides_the_shapes_on_the_host():
     batch.teacher_lens = batch.teacher_lens.clone()
     batch.teacher_lens[2] += 1
     with pytest.raises(ValueError, match="utterance 2 has .* teacher states for"):
-        M.prepare_batch(batch)
+        batch_lib.prepare_batch(batch)
 
 
 def test_batch_moves_all_but_the_host_lengths():
-    prepared = M.prepare_batch(random_batch(4))
+    prepared = batch_lib.prepare_batch(random_batch(4))
     moved = prepared.to("meta")
     assert moved.host_lens is prepared.host_lens and moved.max_tokens == prepared.max_tokens
     assert all(t.device.type == "meta" for t in (moved.feats, moved.token_index, moved.teacher_rows))
@@ -219,7 +220,7 @@ def test_compute_loss_reads_nothing_back():
         loss, _, _ = former_compute_loss(model, batch)
         loss.backward()
     assert former.seen                         # the reference does read back
-    prepared = M.prepare_batch(batch)
+    prepared = batch_lib.prepare_batch(batch)
     with HostReads() as reads:
         loss, _, _ = model.compute_loss(prepared)
         loss.backward()
@@ -253,7 +254,7 @@ def test_torch_compile_traces_a_training_batch_whole():
     inductor would, without generating code (inductor on CPU takes minutes here)."""
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config(dropout=0.0, cif_dropout=0.0))
-    batch = M.prepare_batch(random_batch(6))
+    batch = batch_lib.prepare_batch(random_batch(6))
     torch._dynamo.reset()
     compiled = torch.compile(model.compute_loss, fullgraph=True, backend="aot_eager", dynamic=False)
     assert_same(loss_and_grads(model, compiled, batch, 0), loss_and_grads(model, model.compute_loss, batch, 0),
@@ -263,7 +264,7 @@ def test_torch_compile_traces_a_training_batch_whole():
 def test_torch_compile_traces_dropout_whole():
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config())
-    batch = M.prepare_batch(random_batch(8))
+    batch = batch_lib.prepare_batch(random_batch(8))
     torch._dynamo.reset()
     compiled = torch.compile(model.compute_loss, fullgraph=True, backend="aot_eager", dynamic=False)
     loss, terms, _, grads = loss_and_grads(model, compiled, batch, 0)
@@ -280,7 +281,7 @@ def test_cuda_step_without_synchronisation(ctc_weight):
     torch.manual_seed(0)
     model = M.CifHkdModel(tiny_config(ctc_weight=ctc_weight)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    batch = M.prepare_batch(random_batch(9)).pin_memory()
+    batch = batch_lib.prepare_batch(random_batch(9)).pin_memory()
     for step in range(3):                  # the first step allocates the optimizer's state
         torch.cuda.set_sync_debug_mode("error" if step else "default")
         try:

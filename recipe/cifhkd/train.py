@@ -27,7 +27,7 @@ ACD takes the teacher rows of every rank as negatives (all_gather; only the loca
 student carries gradients).
 
 An update reads nothing back from the device: batches are prepared on the host
-(dataset.collate), and the loss terms, gradient norm and finite checks stay on the device
+(batch.collate), and the loss terms, gradient norm and finite checks stay on the device
 until a check (every --log-every-steps, validation, each save, the end), which stops
 training with NonFiniteLossError at the first non-finite update, before anything after it
 is saved. On CUDA: bf16 autocast, fused AdamW, DataLoader workers, pinned memory.
@@ -56,7 +56,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from . import batch as batch_lib
 from . import corpus as corpus_lib
 from . import data
 from . import dataset as dataset_lib
@@ -71,9 +72,9 @@ from . import decode as decode_lib
 from . import features
 from . import model as model_lib
 from . import rundir
+from . import sampler as sampler_lib
 from . import teacher as teacher_lib
 from . import teacher_cache
-from .rundir import CHECKPOINT_NAME, checkpoint_step, list_checkpoints  # noqa: F401 (train's names too)
 
 log = logging.getLogger("train_hkd")
 
@@ -240,64 +241,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: Path):
-    """torch.save to path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
-    folder (data.write_atomically): a crash leaves the old file or the new one, never half
-    a file; the temporary file of a killed run is removed by remove_stale_temporaries."""
-    data.write_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def remove_stale_temporaries(exp_dir: Path) -> List[Path]:
-    """Remove the temporary files that atomic writes left in exp_dir when their process
-    died mid-write (``<name>.tmp<pid>`` of a process no longer running, <name> a file the
-    trainer writes: checkpoint-<step>.pt, averaged.pt, args.json, run.json,
-    train_log.jsonl); nothing else is touched. Returns the removed paths."""
-    removed = data.remove_stale_temporaries(exp_dir, rundir.is_trainer_file)
-    if removed:
-        log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed),
-                 ", ".join(p.name for p in removed))
-    return removed
-
-
-def average_checkpoints(paths: List[Path], out: Path) -> dict:
-    """Mean of the checkpoints' model weights (integer buffers from the last one) ->
-    out as {"model", "model_config", "vocab", "tokenizer", "step", "averaged": [paths]} (what
-    decoding needs, from the last one); returns it."""
-    if not paths:
-        raise ValueError("average_checkpoints: no checkpoints given")
-    total = None
-    for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        weights = state["model"]
-        if total is None:
-            total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in weights.items()}
-        else:
-            for k, v in weights.items():
-                total[k] = total[k] + v.double() if v.is_floating_point() else v.clone()
-    averaged = {k: (v / len(paths)).to(weights[k].dtype) if v.is_floating_point() else v
-                for k, v in total.items()}
-    result = {"model": averaged, **{k: state[k] for k in ("model_config", "vocab", "tokenizer") if k in state},
-              "step": state["step"], "averaged": [str(p) for p in paths]}
-    atomic_save(result, out)
-    return result
-
-
 class TensorBoard:
     """torch.utils.tensorboard's SummaryWriter on rank 0; a no-op elsewhere or without the
     tensorboard package (said once). purge_step: a resumed run's first step (the events of
@@ -385,12 +328,27 @@ def load_split(args, split: str, vocab, tokenizer, need_teacher: bool, train: bo
     return dataset
 
 
+def too_short(dataset: dataset_lib.AsrDataset, config: model_lib.ModelConfig,
+              speed_perturb: Sequence[float] = ()) -> List[int]:
+    """Indices of the dataset's utterances with fewer encoder frames than
+    dataset.min_encoder_frames (the frames counted for the fastest speed_perturb factor,
+    which shortens the audio most; samples at 16 kHz rounded as soxr rounds them)."""
+    fastest = max(speed_perturb, default=1.0)
+    short = []
+    for i, utt in enumerate(dataset.utterances):
+        samples = math.floor(math.floor(utt.duration * features.SAMPLE_RATE + 0.5) / fastest + 0.5)
+        frames = model_lib.encoder_length(features.num_fbank_frames(samples), config)
+        if frames < dataset_lib.min_encoder_frames(dataset.tokens[i], config.ctc_weight > 0):
+            short.append(i)
+    return short
+
+
 def skip_too_short(dataset: dataset_lib.AsrDataset, manifest: Path, config: model_lib.ModelConfig,
                    policy: str = "skip", show: int = 5) -> List[str]:
-    """Report the utterances of dataset too short for their transcripts (AsrDataset.too_short:
+    """Report the utterances of dataset too short for their transcripts (too_short:
     a count and the first `show`, with their manifest lines), then drop them (policy
     "skip") or raise data.ManifestError ("error"). Returns their ids."""
-    short = dataset.too_short(config, dataset.speed_perturb)
+    short = too_short(dataset, config, dataset.speed_perturb)
     if not short:
         return []
     examples = []
@@ -415,14 +373,6 @@ def skip_too_short(dataset: dataset_lib.AsrDataset, manifest: Path, config: mode
         raise data.ManifestError(message + "; no utterance is left")
     log.warning("%s; skipped (--too-short error refuses them)", message)
     return ids
-
-
-def rank_batches(sampler: data.BucketBatchSampler, rank: int, world_size: int) -> List[List[int]]:
-    """This rank's share of the epoch's batches: global batch i goes to rank i % world;
-    the tail that does not fill every rank is dropped so that ranks step together."""
-    batches = sampler.batches()
-    usable = len(batches) - len(batches) % world_size
-    return batches[rank:usable:world_size]
 
 
 def make_gather_teacher(world_size: int, rank: int):
@@ -455,11 +405,11 @@ def validate(model, valid_set, args, device) -> Dict[str, float]:
     """Per-token dev losses (no dropout, no SpecAugment), on every rank's full dev set;
     read back from the device once."""
     model.eval()
-    sampler = data.BucketBatchSampler([u.duration for u in valid_set.utterances],
+    sampler = sampler_lib.BucketBatchSampler([u.duration for u in valid_set.utterances],
                                       args.max_batch_seconds, shuffle=False)
     totals, names, tokens = None, [], 0
     for indices in sampler:
-        batch = dataset_lib.collate([valid_set[i] for i in indices]).to(device, non_blocking=True)
+        batch = batch_lib.collate([valid_set[i] for i in indices]).to(device, non_blocking=True)
         with autocast(args, device):
             loss, terms, num_tokens = model.compute_loss(batch)
         tokens += num_tokens
@@ -478,7 +428,7 @@ def make_optimizer(model, args, device) -> torch.optim.Optimizer:
                              fused=True if device.type == "cuda" else None)
 
 
-def train_update(net, forward, model, optimizer, update: List[model_lib.Batch], args, device, *,
+def train_update(net, forward, model, optimizer, update: List[batch_lib.Batch], args, device, *,
                  scale, gather_teacher=None, inject_nan: bool = False):
     """One update: forward and backward of its micro-batches (`forward`: net, or net
     compiled; DDP synchronises the gradients on the last), clipping, the optimizer step.
@@ -641,12 +591,37 @@ def load_data(args, proc: Process):
     train_set = load_split(args, args.train_split, vocab, tokenizer, need_teacher, train=True, config=config)
     valid_set = (load_split(args, args.valid_split, vocab, tokenizer, need_teacher, train=False, config=config)
                  if args.valid_split else None)
-    sampler = data.BucketBatchSampler([u.duration for u in train_set.utterances],
+    sampler = sampler_lib.BucketBatchSampler([u.duration for u in train_set.utterances],
                                       args.max_batch_seconds, max_batch_size=args.max_batch_size,
                                       num_buckets=args.num_buckets, seed=args.seed)
     if len(sampler) < proc.world_size:
         raise ValueError(f"train_hkd: {len(sampler)} batches per epoch for {proc.world_size} ranks")
     return config, vocab, train_set, valid_set, sampler
+
+
+@dataclasses.dataclass
+class Training:
+    """The training loop's objects: what run() builds and its steps (load_checkpoint,
+    train_step, log_train, save_checkpoint, finish) share. net: DistributedDataParallel
+    over model on several ranks, else model; forward: net, or net compiled (--compile);
+    gather_teacher: ACD's extra negatives (the other ranks' teacher rows, the
+    TeacherBank), or None."""
+    args: argparse.Namespace
+    proc: Process
+    model: model_lib.CifHkdModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: sampler_lib.BucketBatchSampler
+    run_dir: rundir.RunDir
+    decoding: dict                      # decode.decoding_record: what a checkpoint gives decoding
+    pos: Position = dataclasses.field(default_factory=Position)
+    net: Optional[torch.nn.Module] = None
+    forward: Optional[Callable] = None
+    gather_teacher: Optional[Callable] = None
+    monitor: LossMonitor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.monitor = LossMonitor(self.proc.world_size, self.proc.rank)
 
 
 def build_model(args, config: model_lib.ModelConfig, proc: Process):
@@ -660,99 +635,103 @@ def build_model(args, config: model_lib.ModelConfig, proc: Process):
     return model, optimizer, scheduler
 
 
-def wrap_model(args, model, proc: Process):
-    """-> (net: DistributedDataParallel over model on several ranks, else model; forward:
-    net, or net compiled (--compile); the ACD negatives' all_gather on several ranks, else None)"""
-    config = model.config
+def wrap_model(t: Training, train_set: dataset_lib.AsrDataset):
+    """Sets t.net, t.forward and t.gather_teacher (see Training)."""
+    args, proc, config = t.args, t.proc, t.model.config
     # ACD/LRD heads (and the CTC head) may be unused when their weights are 0
     unused = any(getattr(config, w) == 0 for w in ("ctc_weight", "acd_weight", "lrd_weight", "ce_weight"))
-    net = (DistributedDataParallel(model, device_ids=[proc.device] if proc.device.type == "cuda" else None,
-                                   find_unused_parameters=unused) if proc.world_size > 1 else model)
-    gather_teacher = make_gather_teacher(proc.world_size, proc.rank) if proc.world_size > 1 else None
-    forward = net if args.compile is None else torch.compile(net, backend=args.compile)
-    return net, forward, gather_teacher
+    t.net = (DistributedDataParallel(t.model, device_ids=[proc.device] if proc.device.type == "cuda" else None,
+                                     find_unused_parameters=unused) if proc.world_size > 1 else t.model)
+    t.gather_teacher = make_gather_teacher(proc.world_size, proc.rank) if proc.world_size > 1 else None
+    if config.acd_weight > 0 and config.acd_bank > 0:     # ACD's cached negatives (model.TeacherBank)
+        t.gather_teacher = model_lib.TeacherBank.from_states(
+            {u.id: train_set.teacher_states[u.id] for u in train_set.utterances}, config.acd_bank,
+            args.seed, proc.device, t.gather_teacher)
+    t.forward = t.net if args.compile is None else torch.compile(t.net, backend=args.compile)
 
 
-def load_checkpoint(args, proc: Process, run_dir: rundir.RunDir, model, optimizer, scheduler,
-                    sampler) -> Position:
+def load_checkpoint(t: Training):
     """With --resume, restore the checkpoint (without a value the latest
-    EXP/checkpoint-<step>.pt; none: start afresh) into model, optimizer, scheduler, sampler and this rank's RNGs,
-    after removing what killed saves left; -> its Position (0 afresh). Options that change
-    what is trained must be those the checkpoint (afresh: the run's args.json) records
-    (rundir.RunDir.check_options)."""
+    EXP/checkpoint-<step>.pt; none: start afresh) into the model, optimizer, scheduler,
+    sampler and this rank's RNGs, after removing what killed saves left; sets t.pos (step 0
+    afresh). Options that change what is trained must be those the checkpoint (afresh: the
+    run's args.json) records (rundir.RunDir.check_options)."""
+    args, proc = t.args, t.proc
     resume = args.resume
     if resume is not None and proc.is_main:
-        remove_stale_temporaries(args.exp_dir)
+        rundir.remove_stale_temporaries(args.exp_dir, log=log.info)
     if resume == "latest":
-        found = list_checkpoints(args.exp_dir)
+        found = rundir.list_checkpoints(args.exp_dir)
         resume = found[-1] if found else None
         if resume is None:
             log.info("--resume: no checkpoint in %s, starting afresh", args.exp_dir)
     defaults = vars(get_parser().parse_args([]))
     if resume is None:
         if args.resume is not None:
-            run_dir.check_options(vars(args), run_dir.recorded_options(), defaults,
-                                  f"{args.exp_dir / rundir.ARGS}")
-        return Position()
+            t.run_dir.check_options(vars(args), t.run_dir.recorded_options(), defaults,
+                                    f"{args.exp_dir / rundir.ARGS}")
+        t.pos = Position()
+        return
     resume = Path(resume)
     if not resume.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     state = torch.load(resume, map_location="cpu", weights_only=False)
     recorded = state.get("args") if isinstance(state, dict) else None
-    run_dir.check_options(vars(args), recorded if isinstance(recorded, dict) else None, defaults, str(resume))
+    t.run_dir.check_options(vars(args), recorded if isinstance(recorded, dict) else None, defaults, str(resume))
     if state["world_size"] != proc.world_size:
         raise ValueError(f"--resume {resume}: saved with {state['world_size']} ranks, "
                          f"running with {proc.world_size}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
-    pos = Position(state["step"], state["epoch"], state["sampler"]["batches_done"] // proc.world_size,
-                   resumed_from=resume)
-    set_rng_state(state["rng"][proc.rank])
-    log.info("resumed from %s at step %d, epoch %d, batch %d", resume, pos.step, pos.epoch, pos.batches_done)
-    return pos
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.sampler.load_state_dict(state["sampler"])
+    t.pos = Position(state["step"], state["epoch"], state["sampler"]["batches_done"] // proc.world_size,
+                     resumed_from=resume)
+    rundir.set_rng_state(state["rng"][proc.rank])
+    log.info("resumed from %s at step %d, epoch %d, batch %d", resume, t.pos.step, t.pos.epoch,
+             t.pos.batches_done)
 
 
-def save_checkpoint(args, proc: Process, pos: Position, model, optimizer, scheduler, sampler,
-                    run_dir: rundir.RunDir, decoding: dict) -> Optional[Path]:
-    """EXP/checkpoint-<step>.pt (atomic_save, recorded as the run's first; every rank's RNG
-    states, gathered: every rank calls this; `decoding`: decode.decoding_record's vocabulary
-    and tokenizer), then the run's oldest beyond --keep-last removed. Sets pos.last_saved
-    on every rank, pos.last_path on rank 0. -> its path (rank 0), or None."""
+def save_checkpoint(t: Training) -> Optional[Path]:
+    """EXP/checkpoint-<step>.pt (rundir.atomic_save, recorded as the run's first; every
+    rank's RNG states, gathered: every rank calls this; t.decoding: decode.decoding_record's
+    vocabulary and tokenizer), then the run's oldest beyond --keep-last removed. Sets
+    pos.last_saved on every rank, pos.last_path on rank 0. -> its path (rank 0), or None."""
+    args, proc, pos = t.args, t.proc, t.pos
     pos.last_saved = pos.step
     rngs = [None] * proc.world_size
     if proc.world_size > 1:
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rundir.rng_state())
     else:
-        rngs = [rng_state()]
+        rngs = [rundir.rng_state()]
     if not proc.is_main:
         return None
     path = args.exp_dir / f"checkpoint-{pos.step}.pt"
-    remove_stale_temporaries(args.exp_dir)
-    run_dir.claim(path.name)
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": pos.step, "epoch": pos.epoch,
-                 "sampler": {"epoch": pos.epoch, "seed": sampler.seed,
-                             "batches_done": pos.batches_done * proc.world_size},
-                 "rng": rngs, "world_size": proc.world_size, "args": vars(args),
-                 "model_config": dataclasses.asdict(model.config), **decoding}, path)
+    rundir.remove_stale_temporaries(args.exp_dir, log=log.info)
+    t.run_dir.claim(path.name)
+    rundir.atomic_save({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                        "scheduler": t.scheduler.state_dict(), "step": pos.step, "epoch": pos.epoch,
+                        "sampler": {"epoch": pos.epoch, "seed": t.sampler.seed,
+                                    "batches_done": pos.batches_done * proc.world_size},
+                        "rng": rngs, "world_size": proc.world_size, "args": vars(args),
+                        "model_config": dataclasses.asdict(t.model.config), **t.decoding}, path)
     pos.last_path = path
     if args.keep_last > 0:
-        for old in run_dir.checkpoints()[:-args.keep_last]:
-            run_dir.release(old)
+        for old in t.run_dir.checkpoints()[:-args.keep_last]:
+            t.run_dir.release(old)
     return path
 
 
-def micro_batches(args, proc: Process, pos: Position, train_set, sampler) -> Iterator[model_lib.Batch]:
-    """This rank's batches from pos (epoch, batches_done) to the end of --num-epochs,
-    advancing pos as they are taken."""
-    collate = functools.partial(dataset_lib.collate, token_multiple=1 if args.compile is None else 8)
+def micro_batches(t: Training, train_set: dataset_lib.AsrDataset) -> Iterator[batch_lib.Batch]:
+    """This rank's batches from t.pos (epoch, batches_done) to the end of --num-epochs,
+    advancing t.pos as they are taken."""
+    args, proc, pos = t.args, t.proc, t.pos
+    collate = functools.partial(batch_lib.collate, token_multiple=1 if args.compile is None else 8)
     num_workers = args.num_workers if args.num_workers >= 0 else (4 if proc.device.type == "cuda" else 0)
     while pos.epoch < args.num_epochs:
-        sampler.set_epoch(pos.epoch)
+        t.sampler.set_epoch(pos.epoch)
         train_set.epoch = pos.epoch
-        mine = rank_batches(sampler, proc.rank, proc.world_size)
+        mine = sampler_lib.rank_batches(t.sampler, proc.rank, proc.world_size)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine[pos.batches_done:],
                                              collate_fn=collate, num_workers=num_workers,
                                              pin_memory=proc.device.type == "cuda",
@@ -765,7 +744,7 @@ def micro_batches(args, proc: Process, pos: Position, train_set, sampler) -> Ite
         pos.epoch, pos.batches_done = pos.epoch + 1, 0
 
 
-def next_update(stream: Iterator[model_lib.Batch], accum_grad: int) -> Optional[List[model_lib.Batch]]:
+def next_update(stream: Iterator[batch_lib.Batch], accum_grad: int) -> Optional[List[batch_lib.Batch]]:
     """The next accum_grad micro-batches, or None when the data runs out (a last partial
     update is dropped)."""
     update = []
@@ -776,7 +755,7 @@ def next_update(stream: Iterator[model_lib.Batch], accum_grad: int) -> Optional[
     return None
 
 
-def loss_scale(update: List[model_lib.Batch], proc: Process):
+def loss_scale(update: List[batch_lib.Batch], proc: Process):
     """The loss normaliser of an update: its tokens (+ [SEP]) over all ranks, counted from
     the batches' lengths on the host. -> (the count, the loss factor world_size / count:
     DDP averages gradients over ranks; a tensor on the device on several ranks)"""
@@ -788,30 +767,31 @@ def loss_scale(update: List[model_lib.Batch], proc: Process):
     return count, (proc.world_size / count).float()
 
 
-def train_step(args, proc: Process, pos: Position, update: List[model_lib.Batch], net, forward, model,
-               optimizer, scheduler, gather_teacher, monitor: "LossMonitor"):
+def train_step(t: Training, update: List[batch_lib.Batch]):
     """One update (train_update), the schedule's step, pos.step + 1, its values recorded in
-    monitor (on the device). An error in the update first reports an earlier non-finite
+    t.monitor (on the device). An error in the update first reports an earlier non-finite
     update (on the CPU, weights made NaN by an update not yet checked fail in cifops.cif).
     -> the update's token count over all ranks (the loss normaliser)"""
-    count, scale = loss_scale(update, proc)
+    args, pos = t.args, t.pos
+    count, scale = loss_scale(update, t.proc)
     try:
         names, sums, grad_norm = train_update(
-            net, forward, model, optimizer, update, args, proc.device, scale=scale,
-            gather_teacher=gather_teacher, inject_nan=args.inject_nan_at_step == pos.step + 1)
+            t.net, t.forward, t.model, t.optimizer, update, args, t.proc.device, scale=scale,
+            gather_teacher=t.gather_teacher, inject_nan=args.inject_nan_at_step == pos.step + 1)
     except Exception as e:
-        monitor.check(pos.step, pos.epoch, pos.last_saved, reduce=False, cause=e)
+        t.monitor.check(pos.step, pos.epoch, pos.last_saved, reduce=False, cause=e)
         raise
-    scheduler.step()
+    t.scheduler.step()
     pos.step += 1
-    monitor.record(pos.step, names, sums, grad_norm)
+    t.monitor.record(pos.step, names, sums, grad_norm)
     return count
 
 
-def log_train(args, proc: Process, pos: Position, values: Dict[str, float], count, lr: float,
-              speed: Throughput, board: "TensorBoard", progress):
+def log_train(t: Training, values: Dict[str, float], count, speed: Throughput, board: "TensorBoard",
+              progress):
     """The checked values of the last update, per token: the progress bar, TensorBoard and
     EXP/train_log.jsonl."""
+    pos, lr = t.pos, t.scheduler.get_last_lr()[0]
     values = dict(values)
     grad = values.pop("grad_norm")
     per_token = {k: v / float(count) for k, v in values.items()}
@@ -820,27 +800,27 @@ def log_train(args, proc: Process, pos: Position, values: Dict[str, float], coun
     board.scalars({f"train/{k}": v for k, v in per_token.items()}, pos.step)
     board.scalars({"train/lr": lr, "train/grad_norm": grad, "train/utterances_per_s": rate,
                    "train/step_s": speed.step_seconds[-1]}, pos.step)
-    if proc.is_main:
-        with open(args.exp_dir / rundir.LOG, "a") as f:
+    if t.proc.is_main:
+        with open(t.args.exp_dir / rundir.LOG, "a") as f:
             f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, **per_token, "lr": lr,
                                 "grad_norm": grad, "step_s": round(speed.step_seconds[-1], 4)}) + "\n")
 
 
-def finish(args, proc: Process, pos: Position, model, valid_set, speed: Throughput, board: "TensorBoard",
-           run_dir: rundir.RunDir):
+def finish(t: Training, valid_set, speed: Throughput, board: "TensorBoard"):
     """The end, after the last checkpoint: the final validation, averaged.pt (the last
     --average-last of the run's checkpoints), the timing summary (rank 0); every rank waits
     for it."""
+    args, proc, pos = t.args, t.proc, t.pos
     if proc.is_main:
         if valid_set is not None:
-            valid = validate(model, valid_set, args, proc.device)
+            valid = validate(t.model, valid_set, args, proc.device)
             board.scalars({f"valid/{k}": v for k, v in valid.items()}, pos.step)
             log.info("valid at step %d: %s", pos.step, ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
         if args.average_last > 0:
-            paths = run_dir.checkpoints()[-args.average_last:]
-            run_dir.claim(rundir.AVERAGED)
-            average_checkpoints(paths, args.exp_dir / "averaged.pt")
-            log.info("averaged %d checkpoint(s) -> %s", len(paths), args.exp_dir / "averaged.pt")
+            paths = t.run_dir.checkpoints()[-args.average_last:]
+            t.run_dir.claim(rundir.AVERAGED)
+            rundir.average_checkpoints(paths, args.exp_dir / rundir.AVERAGED)
+            log.info("averaged %d checkpoint(s) -> %s", len(paths), args.exp_dir / rundir.AVERAGED)
         if speed.step_seconds:
             timed = speed.step_seconds[1:] or speed.step_seconds
             log.info("%d steps; median step %.3f s; %.1f utterances/s", len(speed.step_seconds),
@@ -858,32 +838,28 @@ def run(args) -> Optional[Path]:
     proc = setup_process(args)
     run_dir = rundir.RunDir.read(args.exp_dir).check(args)      # refuses before anything is done
     config, vocab, train_set, valid_set, sampler = load_data(args, proc)
-    decoding = decode_lib.decoding_record(vocab, args.teacher)
-    model, optimizer, scheduler = build_model(args, config, proc)
-    pos = load_checkpoint(args, proc, run_dir, model, optimizer, scheduler, sampler)
+    t = Training(args, proc, *build_model(args, config, proc), sampler, run_dir,
+                 decode_lib.decoding_record(vocab, args.teacher))
+    load_checkpoint(t)
+    pos = t.pos
     run_dir.start(args, pos.step, pos.resumed_from, proc.is_main, log=log.info)   # the record, now
     log.info("model: %.2f M parameters, vocabulary %d, %d training utterances, %d batches/epoch, "
-             "%d rank(s) on %s", model_lib.count_parameters(model) / 1e6, config.vocab_size,
+             "%d rank(s) on %s", model_lib.count_parameters(t.model) / 1e6, config.vocab_size,
              len(train_set), len(sampler), proc.world_size, proc.device)
-    net, forward, gather_teacher = wrap_model(args, model, proc)
-    if config.acd_weight > 0 and config.acd_bank > 0:     # ACD's cached negatives (model.TeacherBank)
-        gather_teacher = model_lib.TeacherBank.from_states(
-            {u.id: train_set.teacher_states[u.id] for u in train_set.utterances}, config.acd_bank,
-            args.seed, proc.device, gather_teacher)
+    wrap_model(t, train_set)
     board = TensorBoard(args.exp_dir / rundir.BOARD, proc.is_main, purge_step=pos.step + 1 if pos.step else None)
     from tqdm import tqdm
     progress = tqdm(total=args.max_steps or None, initial=pos.step, disable=not proc.is_main or args.no_progress,
                     dynamic_ncols=True, desc="train")
-    model.train()
-    stream = micro_batches(args, proc, pos, train_set, sampler)
-    speed, monitor = Throughput(), LossMonitor(proc.world_size, proc.rank)
+    t.model.train()
+    stream = micro_batches(t, train_set)
+    speed = Throughput()
     while not (args.max_steps and pos.step >= args.max_steps):
         update = next_update(stream, args.accum_grad)
         if update is None:
             break
         step_start = time.perf_counter()
-        count = train_step(args, proc, pos, update, net, forward, model, optimizer, scheduler,
-                           gather_teacher, monitor)
+        count = train_step(t, update)
         speed.utterances += sum(b.feats.shape[0] for b in update) * proc.world_size
         speed.step_seconds.append(time.perf_counter() - step_start)
         progress.update(1)
@@ -892,19 +868,19 @@ def run(args) -> Optional[Path]:
         save_now = args.save_every_steps and pos.step % args.save_every_steps == 0
         if log_now or valid_now or save_now:
             # raises before anything is saved after a non-finite update
-            values = monitor.check(pos.step, pos.epoch, pos.last_saved)
+            values = t.monitor.check(pos.step, pos.epoch, pos.last_saved)
             if log_now:
-                log_train(args, proc, pos, values, count, scheduler.get_last_lr()[0], speed, board, progress)
+                log_train(t, values, count, speed, board, progress)
         if valid_now and proc.is_main:
-            board.scalars({f"valid/{k}": v for k, v in validate(model, valid_set, args, proc.device).items()},
+            board.scalars({f"valid/{k}": v for k, v in validate(t.model, valid_set, args, proc.device).items()},
                           pos.step)
         if save_now:
-            save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler, run_dir, decoding)
+            save_checkpoint(t)
     progress.close()
-    monitor.check(pos.step, pos.epoch, pos.last_saved)
+    t.monitor.check(pos.step, pos.epoch, pos.last_saved)
     if pos.last_saved != pos.step:      # the same on every rank: save_checkpoint is collective
-        save_checkpoint(args, proc, pos, model, optimizer, scheduler, sampler, run_dir, decoding)
-    finish(args, proc, pos, model, valid_set, speed, board, run_dir)
+        save_checkpoint(t)
+    finish(t, valid_set, speed, board)
     rundir.release_locks()
     return pos.last_path if proc.is_main else None
 

@@ -35,7 +35,7 @@ Only this cache's own files are written: a cache.json that is not this cache's r
 .cache.lock that is not its empty lock file (or a link), a states file that is not a states
 cache, are StaleCacheErrors naming the file, before anything is written. A cache that is up
 to date is used without writing anything, not even the lock (a read-only folder, another
-user's cache). Files are written whole or not at all (data.write_atomically); what a killed
+user's cache). Files are written whole or not at all (files.write_atomically); what a killed
 run left (<file>.tmp<pid>) is removed by the next. An empty manifest is an error, before
 anything is written. Transcripts that the teacher cannot align raise
 teacher.AlignmentError naming the word and the utterance's manifest line.
@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from . import data
+from . import files
 from . import teacher as teacher_lib
 
 RECORD = "cache.json"
@@ -85,13 +86,13 @@ _FILE_HASHES: Dict[tuple, str] = {}
 
 
 def _file_sha256(path: Path) -> str:
-    """data.sha256_file, computed once per process for a file that has not changed since: the
+    """files.sha256_file, computed once per process for a file that has not changed since: the
     key holds the inode's change time, which every write and every utime (the way cp -p and
     rsync -a set a time back) moves, and no program can set."""
     st = path.stat()
     key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = data.sha256_file(path)
+        _FILE_HASHES[key] = files.sha256_file(path)
     return _FILE_HASHES[key]
 
 
@@ -153,9 +154,9 @@ def _not_ours(path: Path, what: str) -> StaleCacheError:
 
 
 def load_record(out: Path) -> dict:
-    """OUT/cache.json; a new record when there is none, or when it is the record of an older
-    extract_teacher.py (version 1: then no file of OUT counts as up to date). A cache.json
-    that is not this cache's record is a StaleCacheError naming it."""
+    """OUT/cache.json; a new record when there is none. A cache.json that is not this
+    cache's record (another file, or the record of another version) is a StaleCacheError
+    naming it."""
     path = out / RECORD
     new = {"made_by": MADE_BY, "version": RECORD_VERSION, "states": {}}
     if not path.exists() and not path.is_symlink():
@@ -164,13 +165,6 @@ def load_record(out: Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
     except (OSError, ValueError):
         record = None
-    if isinstance(record, dict) and record.get("version") == 1 and isinstance(record.get("splits"), dict):
-        # an older extract_teacher.py's record: its <split>.pt files are never up to date (their
-        # teacher has no content hash) and are removed when their split is extracted again
-        for name, entry in record["splits"].items():
-            if _well_formed(entry) and _plain_name(entry.get("file")):
-                new["states"][entry["file"]] = {**entry, "split": name}
-        return new
     if not (isinstance(record, dict) and record.get("made_by") == MADE_BY
             and record.get("version") == RECORD_VERSION and isinstance(record.get("states"), dict)):
         raise _not_ours(path, f"the record of a teacher cache (its {MADE_BY!r} mark is missing)")
@@ -184,7 +178,7 @@ def _plain_name(file) -> bool:
 
 
 def save_record(out: Path, record: dict):
-    data.write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n",
+    files.write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n",
                                                                   encoding="utf-8"))
 
 
@@ -268,7 +262,7 @@ def _vocab_up_to_date(out: Path, record: dict, source: dict, teacher: dict) -> b
         return False
     sources = [entry] + [s for s in entry.get("same_vocabulary", []) if isinstance(s, dict)]
     return (any(_same_source(s, source, teacher) for s in sources)
-            and entry.get("sha256") == data.sha256_file(path))
+            and entry.get("sha256") == files.sha256_file(path))
 
 
 def _states_up_to_date(path: Path, entry, source: dict, teacher: dict) -> bool:
@@ -332,7 +326,7 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
 
     load_record(out)                  # a cache.json that is not ours: refused before the lock is made
     with _locked(out):
-        data.remove_stale_temporaries(out, lambda name: name in (VOCAB, RECORD) or name.endswith(".pt"))
+        files.remove_stale_temporaries(out, lambda name: name in (VOCAB, RECORD) or name.endswith(".pt"))
         record = load_record(out)
         for file in [f for f in record["states"] if not (out / f).is_file()]:
             del record["states"][file]           # deleted by hand: forgotten
@@ -355,7 +349,7 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             elapsed = time.perf_counter() - start
             cache = {"teacher": str(model.path), "dim": model.dim, "source": _states_source(source, teacher_info),
                      "states": {u.id: s.half() for u, s in zip(utts, states)}}
-            data.write_atomically(path, lambda tmp: torch.save(cache, tmp))
+            files.write_atomically(path, lambda tmp: torch.save(cache, tmp))
             st = path.stat()
             record["states"][file] = {"split": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                       "manifest": source, "teacher": teacher_info}
@@ -383,8 +377,7 @@ def _remove_replaced_versions(out: Path, record: dict, file: str) -> List[str]:
         if path.is_file() and not path.is_symlink() and _is_states_cache(path):
             path.unlink()
         del record["states"][other]
-        why = ("built by an older extract_teacher.py" if "sha256" not in entry["teacher"]
-               else "built from other transcripts" if entry["manifest"].get("sha256") != new["manifest"]["sha256"]
+        why = ("built from other transcripts" if entry["manifest"].get("sha256") != new["manifest"]["sha256"]
                else "built with another teacher")
         removed.append(f"{other}, {why}")
     return removed
@@ -412,7 +405,7 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
                                  and isinstance(entry.get("teacher"), dict)) else None
             origin = (f"was built from {_describe(recorded['manifest'])} with the teacher "
                       f"{recorded['teacher'].get('path')}" if recorded is not None
-                      else f"has no record in {out / RECORD} (made by an older extract_teacher.py, or by hand)")
+                      else f"has no record in {out / RECORD} (made by hand, or by another tool)")
             size = f"{len(existing)} tokens" if existing is not None else "not a tokens.txt"
             raise StaleCacheError(
                 f"{vocab_path} ({size}) {origin}; the training manifest {_describe(source)} with the teacher "
@@ -420,15 +413,15 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
                 f"(checkpoints trained with it read it): pass another --teacher-dir (extract_teacher.py "
                 f"--out), or delete {out} to build the cache again")
         log(f"extract_teacher: {vocab_path} equals the vocabulary of {train}: kept")
-        digest = data.sha256_file(vocab_path)
+        digest = files.sha256_file(vocab_path)
         if isinstance(entry, dict) and entry.get("sha256") == digest and _well_formed(entry):
             entry.setdefault("same_vocabulary", []).append(_states_source(source, teacher_info))
         else:
             record["vocab"] = {"file": VOCAB, "sha256": digest, "manifest": source, "teacher": teacher_info}
     else:
-        data.write_atomically(vocab_path, built.save)
+        files.write_atomically(vocab_path, built.save)
         log(f"extract_teacher: vocabulary {len(built)} ASR tokens ({vocab_path})")
-        record["vocab"] = {"file": VOCAB, "sha256": data.sha256_file(vocab_path), "manifest": source,
+        record["vocab"] = {"file": VOCAB, "sha256": files.sha256_file(vocab_path), "manifest": source,
                            "teacher": teacher_info}
     save_record(out, record)
     return built
@@ -472,3 +465,7 @@ def load_states(out, manifest, teacher=None) -> Dict[str, Tensor]:
 def main(argv=None):
     args = get_parser().parse_args(argv)
     build_cache(args.out, args.train, args.splits, args.teacher, args.batch_size)
+
+
+if __name__ == "__main__":      # python -m cifhkd.teacher_cache
+    main()

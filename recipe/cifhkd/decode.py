@@ -48,9 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import cifops
+from . import batch as batch_lib
 from . import data
 from . import dataset as dataset_lib
 from . import model as model_lib
+from . import sampler as sampler_lib
 from . import teacher as teacher_lib
 
 FBANK_SHIFT_S = 0.010
@@ -406,12 +408,12 @@ def decode(checkpoint: Optional[Union[str, Path]], split: Union[str, Path], out:
         tokenizer = teacher_lib.load_tokenizer(teacher)
     utts, _ = data.load_manifest(split)
     items = dataset_lib.AsrDataset(utts, vocab, tokenizer)
-    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds, shuffle=False)
+    sampler = sampler_lib.BucketBatchSampler([u.duration for u in utts], max_batch_seconds, shuffle=False)
     out.mkdir(parents=True, exist_ok=True)
     rows, start, audio_s = {}, time.perf_counter(), 0.0
     for indices in sampler:
         if onnx is None:
-            batch = dataset_lib.collate([items[i] for i in indices])
+            batch = batch_lib.collate([items[i] for i in indices])
             feats, feat_lens = batch.feats.to(device), batch.feat_lens.to(device)
             reference = batch.token_lens.to(device) + 1 if reference_counts else None
             results = beam_search(model, feats, feat_lens, 1 if method == "greedy" else beam,
@@ -485,3 +487,7 @@ def onnx_recognizer(folder: Path, *, int8: bool, threads: int, vocab: Optional[P
 
 def main(argv=None):
     return decode(**vars(get_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":      # python -m cifhkd.decode
+    main()

@@ -7,15 +7,15 @@
 
 This module imports neither torch nor cifops: only numpy, onnxruntime, soundfile,
 kaldi-native-fbank (cifhkd.fbank) and, for audio at another sample rate than 16 kHz,
-soxr (cifhkd.data.load_audio resamples as decode.py does): `pip install cifops[onnx]`
-without torch, or the repository's `.[onnx]` extra.
+soxr (cifhkd.data.load_audio resamples as decode.py does): `pip install cifhkd[onnx]`
+without torch, or the repository's `./recipe[onnx]` extra.
 
 Decoding is decode.py's (its module docstring), with the same scores: the token count
 CIF fires, and the counts +-count_search around it, each a beam search over the decoder
 forced to that length (count - 1 tokens, then [SEP]), the beams ranked by the summed
 log-probabilities; every final hypothesis rescored ((1 - w) * decoder + w * CTC
 log-probability) / count; the best wins. greedy is a beam of one. Utterances are batched
-by duration (data.BucketBatchSampler, as decode.py batches them, max_batch_seconds of
+by duration (sampler.BucketBatchSampler, as decode.py batches them, max_batch_seconds of
 padded audio a batch). beam_search below is decode.forced_beam_search in numpy, and
 ctc_log_likelihoods decode.ctc_logprobs: tests/test_hkd_onnx.py checks that they agree.
 """
@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from . import data
 from . import fbank
+from . import sampler as sampler_lib
 
 FORMAT = "cifhkd-onnx"        # export.FORMAT (export imports torch: not imported here)
 FORMAT_VERSION = 1            # export.FORMAT_VERSION: the newest format this module reads
@@ -411,7 +412,7 @@ class OnnxRecognizer:
         order, decoded in batches of at most max_batch_seconds padded seconds."""
         durations = [len(s) / self.sample_rate for s in samples]
         results: List[Optional[Tuple[List[int], List[int]]]] = [None] * len(samples)
-        sampler = data.BucketBatchSampler(durations, self.max_batch_seconds, shuffle=False)
+        sampler = sampler_lib.BucketBatchSampler(durations, self.max_batch_seconds, shuffle=False)
         for indices in sampler:
             feats = [self.features(samples[i]) for i in indices]
             batch_names = [names[i] for i in indices] if names is not None else None

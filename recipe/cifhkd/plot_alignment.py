@@ -110,3 +110,7 @@ def main(argv=None):
         print(e.args[0], file=sys.stderr)
         sys.exit(2)
     return 0
+
+
+if __name__ == "__main__":      # python -m cifhkd.plot_alignment
+    main()

@@ -31,13 +31,12 @@ all summed over tokens (the trainer divides by the token count). A weight of 0 r
 its term and its computation (no CTC head, no projection, no teacher needed).
 
 What depends on the token counts (the CIF width, the CTC targets, the token and teacher
-rows) is decided on the host by prepare_batch, which dataset.collate calls: compute_loss
+rows) is decided on the host by batch.prepare_batch, which batch.collate calls: compute_loss
 then reads nothing back from the device and torch.compile traces it whole.
 
 ModelConfig() is a small configuration for the CPU demo; aishell1_config() is the
 paper's released AISHELL-1 configuration (about 47 M parameters with a 4k vocabulary).
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -47,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cifops
+from . import batch as batch_lib
+from .batch import lengths_to_mask
 
 BLANK_ID = 0   # CTC blank and padding (teacher.TokenVocab.BLANK)
 EOS_ID = 1     # end of sentence, the teacher's [SEP]; also the decoder's start symbol
@@ -156,11 +157,6 @@ def dropout_mask(shape, p: float) -> Tensor:
     # keep draw >= -32768 + dropped: draw - (-32768 + dropped - 1) is >= 1 exactly then
     keep = draws.sub_(dropped - 32769).clamp_(0.0, 1.0)
     return keep.mul_(65536 / (65536 - dropped)).view(shape)
-
-
-def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """[B] lengths -> [B, max_len] bool, True on valid positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def sinusoids(positions: Tensor, dim: int) -> Tensor:
@@ -502,88 +498,6 @@ class TeacherBank:
         return torch.cat([rows, drawn.to(rows.dtype)]), offset
 
 
-@dataclass
-class Batch:
-    """A training batch. feats [B, T, F] float; feat_lens [B]; tokens [B, L] ASR ids
-    (without [SEP]; padding anything); token_lens [B]; teacher [B, L+1, Dt] and
-    teacher_lens [B] (= token_lens + 1) only when ACD or LRD is on.
-
-    The other fields are what depends on the token counts, decided on the host by
-    prepare_batch (dataset.collate calls it), so that compute_loss reads nothing back
-    from the device (each would be a synchronisation on CUDA):
-
-        max_tokens    N >= max(token_lens) + 1: the CIF width, a static shape
-        ctc_targets   [sum L] every utterance's tokens, concatenated (CTC's targets)
-        token_index   [sum(L+1)] the flat positions b * N + i (i <= L_b) of the tokens
-                      and [SEP]s in a [B, N] grid: the rows of ACD and LRD
-        teacher_rows  [sum(L+1), Dt] the teacher states of those positions (with teacher)
-        host_lens     [2, B] int64 on the CPU: feat_lens and token_lens for the CTC loss,
-                      which reads its lengths on the host; never moved to a device
-    """
-    feats: Tensor
-    feat_lens: Tensor
-    tokens: Tensor
-    token_lens: Tensor
-    teacher: Optional[Tensor] = None
-    teacher_lens: Optional[Tensor] = None
-    max_tokens: Optional[int] = None
-    ctc_targets: Optional[Tensor] = None
-    token_index: Optional[Tensor] = None
-    teacher_rows: Optional[Tensor] = None
-    host_lens: Optional[Tensor] = None
-
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
-        """fn applied to every tensor but host_lens."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: fn(v) if isinstance(v, Tensor) and k != "host_lens" else v
-                        for k, v in values.items()})
-
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        """The batch on `device` (host_lens stays on the CPU)."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        """Page-locked copies, for non-blocking copies to CUDA (DataLoader's pin_memory
-        calls this)."""
-        return self._map(Tensor.pin_memory)
-
-
-def prepare_batch(batch: Batch, token_multiple: int = 1) -> Batch:
-    """The batch with max_tokens, ctc_targets, token_index, teacher_rows and host_lens
-    filled in from its lengths (see Batch). On the CPU (as dataset.collate calls it) this
-    costs no synchronisation; on a device, the lengths are read back once.
-
-    token_multiple: round max_tokens up to a multiple of this (fewer distinct shapes for
-    torch.compile; the extra positions are padding, masked everywhere). Raises
-    ValueError when teacher_lens is not token_lens + 1."""
-    token_lens, feat_lens = batch.token_lens.cpu(), batch.feat_lens.cpu()
-    device = batch.tokens.device
-    n = int(token_lens.max()) + 1 if len(token_lens) else 1
-    n = -(-n // token_multiple) * token_multiple
-    b = batch.tokens.shape[0]
-    rows = lengths_to_mask(token_lens + 1, n)                    # [B, N] on the host
-    token_index = rows.flatten().nonzero().squeeze(1)
-    tokens = batch.tokens[:, :n - 1]
-    ctc_targets = tokens[lengths_to_mask(token_lens, tokens.shape[1]).to(device)]
-    teacher_rows = None
-    if batch.teacher is not None:
-        if batch.teacher_lens is None:
-            raise ValueError("prepare_batch: the batch has teacher states but no teacher_lens")
-        teacher_lens = batch.teacher_lens.cpu()
-        if not torch.equal(teacher_lens, token_lens + 1):
-            bad = int(torch.nonzero(teacher_lens != token_lens + 1)[0])
-            raise ValueError(f"prepare_batch: utterance {bad} has {int(teacher_lens[bad])} "
-                             f"teacher states for {int(token_lens[bad])} tokens + [SEP]; "
-                             "the teacher cache does not match the vocabulary/transcripts")
-        teacher = batch.teacher[:, :n]
-        if teacher.shape[1] < n:
-            teacher = F.pad(teacher, (0, 0, 0, n - teacher.shape[1]))
-        teacher_rows = teacher.reshape(b * n, -1).index_select(0, token_index.to(teacher.device))
-    return dataclasses.replace(batch, max_tokens=n, ctc_targets=ctc_targets,
-                               token_index=token_index.to(device), teacher_rows=teacher_rows,
-                               host_lens=torch.stack([feat_lens, token_lens]).long())
-
-
 def _ctc_forward(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
                  blank: int) -> Tuple[Tensor, Tensor]:
     """aten's CTC as F.ctc_loss(zero_infinity=True) calls it -> (loss [B], log-alpha)."""
@@ -669,18 +583,18 @@ class CifHkdModel(nn.Module):
         layout)."""
         return F.log_softmax(self.ctc_head(enc).float(), dim=-1).transpose(0, 1)
 
-    def forward(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
+    def forward(self, batch: batch_lib.Batch, gather_teacher: Optional[GatherTeacher] = None
                 ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """compute_loss (forward is what DistributedDataParallel wraps)."""
         return self.compute_loss(batch, gather_teacher)
 
-    def compute_loss(self, batch: Batch, gather_teacher: Optional[GatherTeacher] = None
+    def compute_loss(self, batch: batch_lib.Batch, gather_teacher: Optional[GatherTeacher] = None
                      ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """-> (weighted sum of the enabled terms, {name: detached term}, number of tokens
         the CE/ACD/LRD terms are summed over: sum(L+1)). Terms are sums, not means.
 
         Nothing is read back from the device when the batch was prepared on the host
-        (prepare_batch; dataset.collate does it): the shapes that depend on the data come
+        (batch.prepare_batch; batch.collate does it): the shapes that depend on the data come
         from there, masked rows are ignored through targets rather than selected, and
         torch.compile(fullgraph=True) can trace it. An unprepared batch is prepared here.
 
@@ -690,7 +604,7 @@ class CifHkdModel(nn.Module):
         no gradient (the teacher is frozen); the student's stay local."""
         c = self.config
         if batch.max_tokens is None:
-            batch = prepare_batch(batch)
+            batch = batch_lib.prepare_batch(batch)
         n, rows = batch.max_tokens, batch.token_index
         enc, enc_lens, alphas = self.encode(batch.feats, batch.feat_lens)
         num_targets = batch.token_lens + 1                      # L + 1 with [SEP]

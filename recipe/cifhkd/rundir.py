@@ -27,18 +27,26 @@ checkpoint it resumes from has loaded). From then on the trainer holds an exclus
 (flock) on the folder: a second trainer into it is refused, and so is one that finds the
 record changed since it began. On --resume, train_log.jsonl keeps the lines up to
 the checkpoint's step, so a killed run's lines after its last checkpoint are not repeated.
+
+The checkpoints themselves: atomic_save writes one whole or not at all,
+remove_stale_temporaries removes what a killed save left, average_checkpoints makes
+averaged.pt, rng_state/set_rng_state are the RNG states a checkpoint saves and restores.
 """
 import datetime
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
-from . import data
+import numpy as np
+import torch
+
+from . import files
 
 RECORD = "run.json"
 FORMAT = "cifhkd-run"
@@ -216,7 +224,7 @@ class RunDir:
 
     def save(self):
         text = json.dumps(self.record, indent=1) + "\n"
-        data.write_atomically(self.path / RECORD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        files.write_atomically(self.path / RECORD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def claim(self, *names: str):
         """Record names as the run's before they are written (RunDirError for an existing
@@ -282,7 +290,7 @@ class RunDir:
         names = [ARGS, LOG] + ([BOARD] if not (self.path / BOARD).exists() or self.owns(BOARD) else [])
         self.claim(*names)           # saves the record
         text = json.dumps(vars(args), default=str, indent=1)
-        data.write_atomically(self.path / ARGS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        files.write_atomically(self.path / ARGS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.cut_log(step)
 
     def lock(self):
@@ -326,5 +334,66 @@ class RunDir:
                 kept.append(line)
         text = "".join(kept)
         if text != path.read_text(encoding="utf-8", errors="replace"):
-            data.write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            files.write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
+
+# --- checkpoints: what they hold and how they are written ---------------------------------
+
+def rng_state() -> dict:
+    """The Python, numpy, torch (and CUDA) RNG states, as a checkpoint saves them."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
+    folder (files.write_atomically): a crash leaves the old file or the new one, never half
+    a file; the temporary file of a killed run is removed by remove_stale_temporaries."""
+    files.write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def remove_stale_temporaries(exp_dir: Path, log: Optional[Callable[[str], None]] = None) -> List[Path]:
+    """Remove the temporary files that atomic writes left in exp_dir when their process
+    died mid-write (``<name>.tmp<pid>`` of a process no longer running, <name> a file the
+    trainer writes: checkpoint-<step>.pt, averaged.pt, args.json, run.json,
+    train_log.jsonl); nothing else is touched; log says what was removed. Returns the
+    removed paths."""
+    removed = files.remove_stale_temporaries(exp_dir, is_trainer_file)
+    if removed and log is not None:
+        log(f"removed {len(removed)} temporary file(s) of interrupted saves: "
+            + ", ".join(p.name for p in removed))
+    return removed
+
+
+def average_checkpoints(paths: List[Path], out: Path) -> dict:
+    """Mean of the checkpoints' model weights (integer buffers from the last one) ->
+    out as {"model", "model_config", "vocab", "tokenizer", "step", "averaged": [paths]} (what
+    decoding needs, from the last one); returns it."""
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoints given")
+    total = None
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        weights = state["model"]
+        if total is None:
+            total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in weights.items()}
+        else:
+            for k, v in weights.items():
+                total[k] = total[k] + v.double() if v.is_floating_point() else v.clone()
+    averaged = {k: (v / len(paths)).to(weights[k].dtype) if v.is_floating_point() else v
+                for k, v in total.items()}
+    result = {"model": averaged, **{k: state[k] for k in ("model_config", "vocab", "tokenizer") if k in state},
+              "step": state["step"], "averaged": [str(p) for p in paths]}
+    atomic_save(result, out)
+    return result

@@ -2,15 +2,15 @@
 
     python python/demo.py                   # CIF baseline and CIF+HKD
     python python/demo.py --ablations       # also CIF+ACD and CIF+LRD
-    python python/demo.py --seed 43 --out exp/s43   # another seed (conf/demo.yaml has the rest)
+    python python/demo.py --seed 43 --out exp/s43   # another seed (cifhkd's conf/demo.yaml has the rest)
     python python/demo.py --seeds 42 43 44 --out exp/seeds   # k seeds of each system, pooled
 
 Steps: synthesise the corpus (cifhkd.corpus.make_corpus, what prepare_demo_corpus.py
 runs) and cache the teacher (cifhkd.teacher_cache) when missing; train every system in
 its own process (`python -m cifhkd.train`, what train_hkd.py runs, in the current
 directory: relative paths in the config are relative to it; on the GPU when CUDA is
-there) with the same config, seed and step budget (--config; by default the checkout's
-conf/demo.yaml), --jobs systems at a time with cores/jobs threads each; decode, in this
+there) with the same config, seed and step budget (--config; by default cifhkd's
+conf/demo.yaml, package data), --jobs systems at a time with cores/jobs threads each; decode, in this
 process (cifhkd.decode, what decode.py runs; on the GPU when CUDA is there), jobs systems
 at a time, with beam search (--beam 10) and two protocols (PROTOCOLS):
 
@@ -47,7 +47,8 @@ over clauses (every run of every system resampled on the same clauses) and the
 t-interval of the mean gain over seeds.
 
 A system whose experiment finished with the same command is not trained again (wherever
-its folder was trained: a copied baseline is reused); one that was interrupted resumes
+its folder was trained: a copied baseline is reused; wherever the config file is: its
+text counts); one that was interrupted resumes
 from its last checkpoint (`--resume`; with no checkpoint yet, the trainer starts it again
 from step 0); one trained with another command or config is moved aside to
 OUT/<system>.replaced-<time> and trained afresh. A split decoded before with the same
@@ -62,6 +63,7 @@ each system's train_log.jsonl every few seconds); while they decode, the splits 
 of each. On a terminal the line is rewritten in place; in a log, it is a line every 30 s.
 """
 import argparse
+import importlib.resources
 import json
 import os
 import subprocess
@@ -77,16 +79,15 @@ import torch
 from . import corpus as corpus_lib
 from . import data
 from . import decode as decode_lib
+from . import files
 from . import plot_alignment
 from . import progress
 from . import rundir
 from . import teacher_cache
 
-# the folder holding this package: in a repository checkout the repository, where conf/ is
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "conf" / "demo.yaml"
+# the demo's training options: package data of cifhkd (recipe/cifhkd/conf/ in the repository)
+DEFAULT_CONFIG = Path(str(importlib.resources.files("cifhkd").joinpath("conf", "demo.yaml")))
 TRAIN_MODULE = ["-m", "cifhkd.train"]
-OLD_TRAIN_SCRIPT = "python/train_hkd.py"    # what the demo ran before: in old stamps
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 
@@ -100,8 +101,8 @@ def get_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("exp/demo"))
     parser.add_argument("--config", type=Path, default=None,
-                        help="train_hkd.py options shared by every system (default: conf/demo.yaml "
-                             "of the repository checkout holding cifhkd)")
+                        help="train_hkd.py options shared by every system (default: cifhkd's "
+                             "conf/demo.yaml, recipe/cifhkd/conf/demo.yaml in the repository)")
     parser.add_argument("--ablations", action="store_true", help="also train CIF+ACD and CIF+LRD")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's budget")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
@@ -118,15 +119,15 @@ def get_parser():
 
 
 def absolute_paths(args) -> argparse.Namespace:
-    """args with --config (the checkout's conf/demo.yaml by default) and --out absolute,
+    """args with --config (cifhkd's conf/demo.yaml by default) and --out absolute,
     resolved against the current directory: the training processes get them as absolute
-    paths. SystemExit with a message when --config is not given and cifhkd is not in a
-    repository checkout."""
+    paths. SystemExit with a message when --config is not given and the package's
+    conf/demo.yaml is missing."""
     if args.config is None:
         if not DEFAULT_CONFIG.is_file():
-            sys.exit(f"demo: no --config given, and {DEFAULT_CONFIG} does not exist (cifhkd is not "
-                     "in a repository checkout): pass --config FILE (the repository's conf/demo.yaml "
-                     "is the demo's)")
+            sys.exit(f"demo: no --config given, and {DEFAULT_CONFIG} does not exist (an install of "
+                     "cifhkd without its package data): pass --config FILE (the repository's "
+                     "recipe/cifhkd/conf/demo.yaml is the demo's)")
         args.config = DEFAULT_CONFIG
     args.config = args.config if args.config.is_absolute() else Path.cwd() / args.config
     args.out = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -138,16 +139,8 @@ def load_config(path: Path) -> dict:
     return {k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
 
 
-def python_env() -> dict:
-    """This environment, with the folder of this cifhkd package first on PYTHONPATH: the
-    training processes run the same code as the demo."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def run_logged(cmd: List[str], log_path: Path, threads: int):
-    env = python_env()
+    env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -181,18 +174,15 @@ def train_command(args, name: str) -> List[str]:
 def same_training(stamp: str, cmd: List[str], config_text: str) -> bool:
     """Whether a system's stamp (its training command + the config's text, as JSON) names
     this training: the same command and the same settings; comments and layout of the
-    config do not count. A stamp of the command's previous form (the script
-    python/train_hkd.py of the checkout, run from it) names the same training as
-    `python -m cifhkd.train`. The --exp-dir does not count either: a trained system copied
-    into another OUT (a baseline shared by two runs) is the same training."""
+    config do not count, nor does where the config file is (its text is compared). The
+    --exp-dir does not count either: a trained system copied into another OUT (a baseline
+    shared by two runs) is the same training."""
     import yaml
     old = json.loads(stamp)
     command = old[:-1]
-    if len(command) > 1 and command[1].replace(os.sep, "/").endswith(OLD_TRAIN_SCRIPT):
-        command[1:2] = TRAIN_MODULE
 
     def placeless(c: List[str]) -> List[str]:
-        return [a for i, a in enumerate(c) if not (i > 0 and c[i - 1] == "--exp-dir")]
+        return [a for i, a in enumerate(c) if not (i > 0 and c[i - 1] in ("--exp-dir", "--config"))]
 
     return placeless(command) == placeless(cmd) and yaml.safe_load(old[-1]) == yaml.safe_load(config_text)
 
@@ -625,7 +615,7 @@ def deploy(exp: Path, split: Path, label: str, beam: int) -> Tuple[str, dict]:
             source = json.loads((folder / "config.json").read_text())["source"]["checkpoint_sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             source = None
-        if source != data.sha256_file(checkpoint):
+        if source != files.sha256_file(checkpoint):
             folder.rename(folder.with_name(f"{ONNX_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
     if not folder.exists():
         export_lib.export(checkpoint, folder)
@@ -684,3 +674,7 @@ def main(argv=None):
     print("\n" + text)
     print(f"demo: wrote {args.out}/pooled.md, pooled.json (each seed's tables: {args.out}/seed-<seed>/results.md)")
     return 0
+
+
+if __name__ == "__main__":      # python -m cifhkd.demo
+    main()

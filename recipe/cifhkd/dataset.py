@@ -1,29 +1,29 @@
-"""Utterances -> model.Batch: features, ASR token ids and cached teacher states.
+"""Utterances -> dataset items: features, ASR token ids and cached teacher states.
 
     utts, report = data.read_manifest("data/demo/train")
     utts, report = data.check_audio(utts, report=report)
     states = teacher_cache.load_states("exp/teacher", "data/demo/train")
     dataset = AsrDataset(utts, vocab, tokenizer, teacher_states=states,
                          spec_augment=features.SpecAugment())
-    sampler = data.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=120)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    sampler = sampler_lib.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=120)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=batch.collate)
 
 Token ids are computed once, at construction (an AlignmentError names the utterance's
 manifest line). Teacher states come from extract_teacher.py's cache
 (teacher_cache.load_states); an utterance missing from them, or whose state count differs
 from its tokens + [SEP], is an error.
-dataset.too_short(config) lists the utterances whose audio gives the model fewer encoder
-frames than their transcripts need (CTC's alignment); dataset.drop removes them.
+train.too_short lists the utterances whose audio gives the model fewer encoder frames
+than their transcripts need (min_encoder_frames: CTC's alignment); dataset.drop removes
+them. A data-loader worker imports this module and cifhkd.batch, never the model or
+cifops.
 """
-import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import data
 from . import features
-from . import model as model_lib
 from . import teacher as teacher_lib
 
 
@@ -81,19 +81,6 @@ class AsrDataset(torch.utils.data.Dataset):
         teacher = None if self.teacher_states is None else self.teacher_states[utt.id].float()
         return {"id": utt.id, "feats": feats, "tokens": self.tokens[index], "teacher": teacher}
 
-    def too_short(self, config: model_lib.ModelConfig, speed_perturb: Sequence[float] = ()) -> List[int]:
-        """Indices of the utterances with fewer encoder frames than min_encoder_frames (the
-        frames counted for the fastest speed_perturb factor, which shortens the audio most;
-        samples at 16 kHz rounded as soxr rounds them)."""
-        fastest = max(speed_perturb, default=1.0)
-        short = []
-        for i, utt in enumerate(self.utterances):
-            samples = math.floor(math.floor(utt.duration * features.SAMPLE_RATE + 0.5) / fastest + 0.5)
-            frames = model_lib.encoder_length(features.num_fbank_frames(samples), config)
-            if frames < min_encoder_frames(self.tokens[i], config.ctc_weight > 0):
-                short.append(i)
-        return short
-
     def drop(self, indices: Sequence[int]):
         """Remove these utterances (indices into the current list)."""
         gone = set(indices)
@@ -111,21 +98,3 @@ def min_encoder_frames(tokens: Tensor, ctc: bool) -> int:
         return 1
     repeats = int((tokens[1:] == tokens[:-1]).sum()) if len(tokens) > 1 else 0
     return max(1, len(tokens) + repeats)
-
-
-def collate(items: List[dict], token_multiple: int = 1) -> model_lib.Batch:
-    """Pad a list of AsrDataset items into a model.Batch (zeros as padding), prepared on
-    the host (model.prepare_batch: the CIF width, CTC targets, token rows and teacher rows;
-    a teacher state count that is not the tokens + [SEP] is a ValueError here).
-    token_multiple: see prepare_batch."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    feats = pad([it["feats"] for it in items], batch_first=True)
-    feat_lens = torch.tensor([it["feats"].shape[0] for it in items])
-    tokens = pad([it["tokens"] for it in items], batch_first=True, padding_value=model_lib.BLANK_ID)
-    token_lens = torch.tensor([len(it["tokens"]) for it in items])
-    teacher = teacher_lens = None
-    if all(it["teacher"] is not None for it in items):
-        teacher, teacher_lens = teacher_lib.pad_teacher_states([it["teacher"] for it in items])
-    return model_lib.prepare_batch(model_lib.Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens),
-                                   token_multiple)
-

@@ -1,4 +1,4 @@
-"""Speech data for the CIF-HKD recipe: manifests, audio loading, length-bucketed batches.
+"""Speech data for the CIF-HKD recipe: manifests and their audio.
 
 Two manifest formats describe a split, both read into a list of :class:`Utterance`:
 
@@ -16,22 +16,16 @@ unreadable audio file, audio holding NaN or infinite samples) raise
 which the caller should print. load_manifest reads and checks a split in one call and
 refuses one with no utterances, naming it.
 
-write_atomically writes a file whole or not at all (a temporary file, fsynced and
-renamed; the folder fsynced); remove_stale_temporaries removes what a killed writer left.
-
 Audio is read with soundfile, mixed down to mono and resampled to 16 kHz with soxr
-(``soxr.resample``, the maintained libsoxr binding) when it has another rate.
+(``soxr.resample``, the maintained libsoxr binding) when it has another rate. The
+batches are cifhkd.sampler's; files written whole are cifhkd.files'. This module imports
+no torch (the ONNX runtime path reads audio with it).
 """
-import hashlib
 import json
-import math
-import os
-import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -221,84 +215,6 @@ def read_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], SkipRe
     return read_jsonl_manifest(path, skip_bad)
 
 
-# --- files written whole or not at all -------------------------------------------------------
-
-_TEMPORARY = re.compile(r"\.tmp(\d+)$")
-
-
-def _fsync_dir(directory: Path):
-    """fsync a folder, so that a rename in it survives a power cut (where the OS allows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass                   # some file systems cannot fsync a folder
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path) -> str:
-    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomically(path, write: Callable[[Path], None]):
-    """write(tmp) to tmp = path + ".tmp<pid>", fsync it, os.replace it onto path, fsync the
-    folder: a crash or a kill leaves the old file or the new one, never half a file (but
-    may leave tmp: remove_stale_temporaries). A failed write removes tmp and raises."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False           # this process writes one file at a time: its own leftovers are stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder, is_ours: Callable[[str], bool]) -> List[Path]:
-    """Remove the files ``<name>.tmp<pid>`` in folder that write_atomically left when its
-    process died mid-write: those whose <name> is_ours and whose process is not running
-    (on this machine). Nothing else is touched. Returns the removed paths."""
-    removed = []
-    for path in sorted(Path(folder).glob("*.tmp*")):
-        match = _TEMPORARY.search(path.name)
-        if match is None or not path.is_file() or not is_ours(path.name[:match.start()]):
-            continue
-        if _pid_alive(int(match.group(1))):
-            continue           # another process is writing into this folder right now
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-# --- manifests -------------------------------------------------------------------------------
-
 def split_name(path) -> str:
     """A split's name: its folder's name (Kaldi dir) or its file's stem (JSONL manifest):
     data/demo/train and data/demo/train.jsonl are both "train"."""
@@ -404,96 +320,3 @@ def load_manifest(path, skip_bad: bool = False, max_duration: Optional[float] = 
         left = f" left ({report})" if report.total else " (an empty manifest)"
         raise ManifestError(f"{path}: no utterances{left}")
     return utterances, report
-
-
-class BucketBatchSampler:
-    """Batches of similar-length utterances, capped by padded seconds, in an order fixed
-    by (seed, epoch) and resumable mid-epoch.
-
-    Utterances are sorted by duration and cut into ``num_buckets`` equal-count buckets;
-    each bucket is shuffled and packed greedily into batches whose padded length
-    ``max(duration) * batch_size`` stays within ``max_batch_seconds`` (and at most
-    ``max_batch_size`` utterances); then the batches of all buckets are shuffled together.
-    An utterance longer than max_batch_seconds forms a batch of its own. drop_last drops
-    each bucket's last batch when it is less than half full.
-
-    Resuming: ``state_dict()`` returns ``{"epoch", "seed", "batches_done"}``;
-    ``load_state_dict`` makes the next iteration skip the batches already done. Iterating
-    advances ``batches_done``; call ``set_epoch`` at the start of each epoch.
-    """
-
-    def __init__(self, durations: Sequence[float], max_batch_seconds: float, *,
-                 max_batch_size: int = 10 ** 9, num_buckets: int = 10, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
-        if not durations:
-            raise ValueError("BucketBatchSampler: durations is empty")
-        if any(d is None or not math.isfinite(d) or d <= 0 for d in durations):
-            raise ValueError("BucketBatchSampler: every duration must be a positive number "
-                             "(run data.check_audio first to fill them in)")
-        if max_batch_seconds <= 0 or max_batch_size < 1 or num_buckets < 1:
-            raise ValueError("BucketBatchSampler: max_batch_seconds > 0, max_batch_size >= 1 "
-                             "and num_buckets >= 1 expected")
-        self.durations = list(durations)
-        self.max_batch_seconds = max_batch_seconds
-        self.max_batch_size = max_batch_size
-        self.num_buckets = num_buckets
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.batches_done = 0
-        self._cache = None
-
-    def set_epoch(self, epoch: int):
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.batches_done = 0
-
-    def batches(self) -> List[List[int]]:
-        """All batches of the current epoch, in order (deterministic)."""
-        if self._cache is not None and self._cache[0] == (self.seed, self.epoch):
-            return self._cache[1]
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = sorted(range(len(self.durations)), key=lambda i: (self.durations[i], i))
-        size = math.ceil(len(order) / self.num_buckets)
-        result = []
-        for start in range(0, len(order), size):
-            bucket = order[start:start + size]
-            if self.shuffle:
-                rng.shuffle(bucket)
-            batch, longest = [], 0.0
-            for i in bucket:
-                new_longest = max(longest, self.durations[i])
-                if batch and (new_longest * (len(batch) + 1) > self.max_batch_seconds
-                              or len(batch) >= self.max_batch_size):
-                    result.append(batch)
-                    batch, new_longest = [], self.durations[i]
-                batch.append(i)
-                longest = new_longest
-            if batch and not (self.drop_last and longest * len(batch) < self.max_batch_seconds / 2):
-                result.append(batch)
-        if self.shuffle:
-            rng.shuffle(result)
-        self._cache = ((self.seed, self.epoch), result)
-        return result
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-    def __iter__(self) -> Iterator[List[int]]:
-        batches = self.batches()
-        while self.batches_done < len(batches):
-            batch = batches[self.batches_done]
-            self.batches_done += 1
-            yield batch
-
-    def state_dict(self, batches_done: Optional[int] = None) -> dict:
-        """batches_done: the batches the training loop has consumed, when a DataLoader
-        prefetches ahead of it (default: the batches this sampler has yielded)."""
-        done = self.batches_done if batches_done is None else batches_done
-        return {"epoch": self.epoch, "seed": self.seed, "batches_done": done}
-
-    def load_state_dict(self, state: dict):
-        self.seed = state["seed"]
-        self.epoch = state["epoch"]
-        self.batches_done = state["batches_done"]

@@ -573,3 +573,7 @@ def main(argv=None):
     except CorpusError as e:
         print(e, file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":      # python -m cifhkd.corpus
+    main()
