@@ -1,7 +1,8 @@
 """Real-time factor of CIF-HKD transcription: PyTorch eager against ONNX Runtime float32
 and int8 (cifhkd.export, cifhkd.onnx_asr), in the same run.
 
-    CIFHKD_BENCH_CHECKPOINT=exp/demo/hkd/averaged.pt CIFHKD_BENCH_SPLIT=data/demo/test \\
+    OMP_WAIT_POLICY=PASSIVE CIFHKD_BENCH_CHECKPOINT=exp/demo/hkd/averaged.pt \\
+        CIFHKD_BENCH_SPLIT=data/demo/test \\
         pytest benchmarks/bench_asr_runtime.py --benchmark-only -p no:cacheprovider
     python benchmarks/summarize.py last.json --baseline pytorch
 
@@ -10,17 +11,22 @@ read before timing): fbank and CMVN, the encoder, decode.py's search, batched by
 duration as decode.py batches them (120 s of padded audio a batch). Searches: beam 10
 and greedy (a beam of one), both with decode.py's count search (+-2) and the CTC weight
 (0.3 for a model trained with CTC). Threads: 1 and 2 (torch.set_num_threads; ONNX
-Runtime's intra_op_num_threads, one inter-op thread). PyTorch runs decode.beam_search on
-the checkpoint; ONNX Runtime runs OnnxRecognizer on its export (made once per run, in a
-temporary folder, with --int8). extra_info: rtf (median seconds / audio seconds), the
-audio seconds, and the share of utterances whose hypothesis is PyTorch's.
+Runtime's intra_op_num_threads, one inter-op thread, no spinning). Run it with
+OMP_WAIT_POLICY=PASSIVE in the environment, so that PyTorch's OpenMP threads do not
+busy-wait either, as OnnxRecognizer's threads do not (extra_info records the policy):
+with spinning threads on the shared 2-core VM, 2-thread PyTorch was 10-20x slower than 1-thread.
+PyTorch runs decode.beam_search on the checkpoint; ONNX Runtime runs OnnxRecognizer on
+its export (made once per run, in a temporary folder, with --int8). extra_info: rtf
+(median seconds / audio seconds), the audio seconds, and the share of utterances whose
+hypothesis is PyTorch's.
 
-The model is CIFHKD_BENCH_CHECKPOINT, else the demo's model (ModelConfig(), the demo's
-298-piece vocabulary) with random weights; the audio is the first
-CIFHKD_BENCH_UTTERANCES (default 40) utterances of CIFHKD_BENCH_SPLIT, else random noise
-of the demo's utterance lengths. With --benchmark-disable (CI's smoke run of the
-benchmarks) a tiny random model and two short noise clips are transcribed once each:
-the code runs, nothing is measured.
+The model is CIFHKD_BENCH_CHECKPOINT (with CIFHKD_BENCH_ONNX, when set, its export made
+with --int8, used instead of exporting it again: checked against the checkpoint's
+sha256), else the demo's model (ModelConfig(), the demo's 298-piece vocabulary) with
+random weights; the audio is the first CIFHKD_BENCH_UTTERANCES (default 40) utterances
+of CIFHKD_BENCH_SPLIT, else random noise of the demo's utterance lengths. With
+--benchmark-disable (CI's smoke run of the benchmarks) a tiny random model and two short
+noise clips are transcribed once each: the code runs, nothing is measured.
 """
 import dataclasses
 import os
@@ -87,7 +93,13 @@ def setup(tmp_path_factory, pytestconfig):
     else:
         samples = _noise(np.random.default_rng(1).uniform(1.0, 3.5, 40))
     model = decode.load_checkpoint(Path(checkpoint)).model
-    exported = export.export(checkpoint, folder / "onnx", int8=True, log=lambda line: None)
+    exported = os.environ.get("CIFHKD_BENCH_ONNX") if not smoke else None
+    if exported:
+        config = onnx_asr.read_export(exported, int8=True)
+        if config["source"]["checkpoint_sha256"] != data.sha256_file(checkpoint):
+            raise ValueError(f"CIFHKD_BENCH_ONNX {exported} is not an export of {checkpoint}")
+    else:
+        exported = export.export(checkpoint, folder / "onnx", int8=True, log=lambda line: None)
     return {"model": model, "onnx": exported, "samples": samples, "recognizers": {},
             "audio_s": sum(len(s) for s in samples) / 16000, "reference": {}}
 
@@ -114,7 +126,8 @@ def test_asr_runtime(benchmark, setup, backend, search, threads):
     benchmark.group = f"CIF-HKD transcription, CPU, {search}, {threads} thread(s)"
     benchmark.extra_info.update({"impl": backend, "threads": threads, "beam": beam,
                                  "audio_s": setup["audio_s"], "utterances": len(samples),
-                                 "onnxruntime": ort.__version__})
+                                 "onnxruntime": ort.__version__,
+                                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")})
     if backend == "pytorch":
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)

@@ -150,9 +150,51 @@ def test_exported_encoder_fires_as_eager_at_other_shapes(trained, exported):
 
 
 def test_int8_export_transcribes(trained, exported):
+    """The int8 graphs have every MatMul and Gemm weight quantized (none left as a float
+    product with a constant weight: the export folds the weights' transposes first),
+    and transcribe; the sessions do not spin."""
+    import onnx
+    for name in ("encoder", "decoder"):
+        graph = onnx.load(str(exported / f"{name}.int8.onnx")).graph
+        weights = {t.name for t in graph.initializer}
+        float_products = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                          and any(i in weights for i in n.input[:2])]
+        assert float_products == [], (name, float_products)
+        assert any(n.op_type == "MatMulInteger" for n in graph.node), name
     utts, _ = data.load_manifest(trained / "corpus" / "test")
-    texts = onnx_asr.OnnxRecognizer(exported, int8=True).transcribe([u.audio for u in utts])
+    asr = onnx_asr.OnnxRecognizer(exported, int8=True)
+    texts = asr.transcribe([u.audio for u in utts])
     assert len(texts) == len(utts) and all(isinstance(t, str) for t in texts)
+    # the intra-op threads do not busy-wait between runs (the host's search needs the cores)
+    for session in (asr.encoder, asr.decoder):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@torch.no_grad()
+def test_export_skips_the_onnxscript_optimizer(tmp_path, monkeypatch):
+    """torch.onnx.export's optimiser (onnxscript's rewriter, about half of the export's
+    time) is not run: ONNX Runtime's basic optimisations are saved instead, a graph of
+    standard ONNX operators that gives the step's log-probabilities."""
+    import onnx
+    import onnxruntime as ort
+    from torch.onnx._internal.exporter import _onnx_program
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the export ran onnxscript's optimizer")
+    monkeypatch.setattr(_onnx_program.ONNXProgram, "optimize", refuse)
+    model = _tiny_model()
+    graph = export.DecoderStepGraph(model).eval()
+    path = tmp_path / "decoder.onnx"
+    r, i = torch.export.Dim("rows"), torch.export.Dim("cached")
+    args = export.example_inputs(model)[1]
+    export._quiet_onnx_export(graph, args, path, ({0: r}, {0: r}, {0: r}, {1: r, 3: i}, {1: r, 3: i}),
+                              export.DECODER_INPUTS, export.DECODER_OUTPUTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx"]
+    assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip(export.DECODER_INPUTS, (a.numpy() for a in args))))
+    for g, e in zip(got, graph(*args)):
+        torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-5)
 
 
 def _tiny_model(vocab_size=7):

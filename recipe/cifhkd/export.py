@@ -85,8 +85,11 @@ class EncoderGraph(nn.Module):
         ctc = self.model.ctc_log_probs(enc).transpose(0, 1)                     # [B, T', V]
         # one more slot than the candidates' width: a count that does not fit shows as
         # max_tokens + 1, which the runtime refuses
-        fired = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
-                           tail_threshold=c.tail_threshold, max_tokens=self.max_tokens + 1)
+        # the counts depend on the alphas only: CIF over a one-wide zero hidden gives them
+        # without computing max_tokens + 1 embeddings of d_model each
+        fired = cifops.cif(torch.zeros_like(alphas)[..., None], alphas, enc_lens,
+                           threshold=c.cif_threshold, tail_threshold=c.tail_threshold,
+                           max_tokens=self.max_tokens + 1)
         counts = fired.token_lengths
         offsets = count_offsets[:, None]                                        # [C, 1]
         targets = torch.where(fired.alpha_sum[None] > 0, torch.clamp(counts[None] + offsets, min=1),
@@ -120,15 +123,37 @@ class DecoderStepGraph(nn.Module):
 
 def _quiet_onnx_export(module: nn.Module, args: tuple, path: Path, dynamic_shapes, input_names,
                        output_names):
-    """cifops.onnx_export into path, without the exporter's progress chatter."""
+    """cifops.onnx_export into path, without the exporter's progress chatter, then
+    ONNX Runtime's basic graph optimisations (optimize_graph).
+
+    torch.onnx.export's own optimiser (onnxscript's rewriter) is skipped: on the demo
+    model it took about half of the export's time (pattern matching over the
+    ~5000-node encoder graph) for a graph that ONNX Runtime runs no faster
+    (benchmarks/RESULTS.md, "CIF-HKD transcription")."""
     import contextlib
     import io
+    raw = path.with_name(path.stem + ".raw.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = cifops.onnx_export(module, args, None, dynamic_shapes=dynamic_shapes,
                                      input_names=input_names, output_names=output_names,
-                                     verbose=False)
-        program.save(str(path))
+                                     verbose=False, optimize=False)
+        program.save(str(raw))
+    optimize_graph(raw, path)
+    raw.unlink()
+
+
+def optimize_graph(source: Path, out: Path):
+    """ONNX Runtime's basic graph optimisations of source (constant folding, redundant
+    node elimination: standard ONNX operators only, nothing hardware-specific) saved as
+    out. The weights' transposes are folded, so quantize_int8 finds them as constant
+    MatMul inputs, and a session loads the result without folding again."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    options.intra_op_num_threads = 1
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
 def example_inputs(model: model_lib.CifHkdModel, offsets: int = 5):

@@ -314,6 +314,10 @@ class OnnxRecognizer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # no busy-waiting of the intra-op threads between and after runs: the search runs
+        # on the host between decoder steps, and spinning threads would take its cores
+        # (2x slower with 2 threads on a shared 2-core machine: benchmarks/RESULTS.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graphs = files["int8"] if int8 else files
         self.encoder = ort.InferenceSession(str(self.model_dir / graphs["encoder"]), options,
                                             providers=["CPUExecutionProvider"])
