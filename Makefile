@@ -3,8 +3,9 @@
 #   make test    install the Debian speech tools if missing (as root), create .venv if
 #                absent, install torch, cifops with its test extra and the recipe
 #                (recipe/: the cifhkd distribution) with its onnx and export extras, both
-#                editable, build, run the native sanitizer tests, pytest tests, and the benchmarks
-#                once each (--benchmark-disable) so that their code cannot rot
+#                editable, build, check the tree with ruff and clang-format (make lint), run
+#                the native sanitizer tests, pytest tests, and the benchmarks once each
+#                (--benchmark-disable) so that their code cannot rot
 #   make demo    the CIF-HKD CPU demo: synthesise the corpus, train the CIF baseline and
 #                CIF+HKD, decode the held-out voices, print the table (exp/demo/results.md);
 #                DEMO_ARGS=--ablations adds CIF+ACD and CIF+LRD (python/demo.py --help)
@@ -17,9 +18,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.cifops-installed
 
-.PHONY: test demo system-deps build native-test pytest bench-smoke bench clean
+.PHONY: test demo system-deps build lint native-test pytest bench-smoke bench clean
 
-test: system-deps build native-test pytest bench-smoke
+test: system-deps build lint native-test pytest bench-smoke
 
 DEMO_ARGS ?=
 demo: system-deps build
@@ -60,6 +61,14 @@ $(INSTALLED): pyproject.toml setup.py recipe/pyproject.toml | $(PY)
 # Incremental rebuild of cifops/_C (ninja reuses build/ between runs).
 build: $(INSTALLED)
 	$(PY) setup.py -q build_ext --inplace
+
+# The whole tree clean under ruff (lint and format, pyproject.toml's [tool.ruff]) and
+# clang-format (.clang-format); `ruff format .` and `clang-format -i FILES` fix what it names.
+CXX_SOURCES = $(shell find csrc tests/native \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \) | sort)
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 native-test:
 	cmake -S . -B build-native -DCIFOPS_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null

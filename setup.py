@@ -16,6 +16,7 @@ libstdc++ this process loaded with torch, by path, and a built library that stil
 carries a static copy of libstdc++, libgcc's unwinder or libgomp is refused (such a
 library turns every C++ error into a crash; cifops/_runtime_check.py).
 """
+
 import glob
 import importlib.util
 import os
@@ -36,7 +37,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def load_runtime_check():
     # by path: importing the cifops package would load the library being built
     spec = importlib.util.spec_from_file_location(
-        "cifops_runtime_check", os.path.join(ROOT, "cifops", "_runtime_check.py"))
+        "cifops_runtime_check", os.path.join(ROOT, "cifops", "_runtime_check.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -64,8 +66,7 @@ def default_jobs():
 def want_cuda():
     forced = env_flag("CIFOPS_CUDA")
     torch_cuda = torch.version.cuda is not None
-    nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     possible = torch_cuda and nvcc
     why = []
     if not torch_cuda:
@@ -107,45 +108,50 @@ _LIBSTDCXX_GCC = {28: 9, 29: 11, 30: 12, 31: 13, 32: 13, 33: 14, 34: 15}
 
 def check_toolchain(compiler, runtime):
     """Warn on a compiler that this torch's C++ runtime cannot serve; say what is done."""
+
     def ask(*args):
         try:
-            return subprocess.run([compiler, *args], capture_output=True, text=True,
-                                  timeout=60).stdout.strip()
+            return subprocess.run([compiler, *args], capture_output=True, text=True, timeout=60).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+
     version = ask("-dumpfullversion") or ask("-dumpversion")
-    print(f"cifops: C++ compiler {compiler} ({version or 'version unknown'}); C++ runtime "
-          f"{runtime or 'not found (not Linux, or torch without libstdc++)'}")
+    print(
+        f"cifops: C++ compiler {compiler} ({version or 'version unknown'}); C++ runtime "
+        f"{runtime or 'not found (not Linux, or torch without libstdc++)'}"
+    )
     if runtime is None:
         return
     archive = ask("-print-file-name=libstdc++.a")
-    if os.path.isabs(archive) and not os.path.exists(
-            os.path.join(os.path.dirname(archive), "libstdc++.so")):
-        print(f"cifops: note: {compiler} finds {archive} with no libstdc++.so beside it: "
-              f"without the explicit {runtime} it would link the C++ runtime statically "
-              "(a library whose C++ errors crash Python)")
+    if os.path.isabs(archive) and not os.path.exists(os.path.join(os.path.dirname(archive), "libstdc++.so")):
+        print(
+            f"cifops: note: {compiler} finds {archive} with no libstdc++.so beside it: "
+            f"without the explicit {runtime} it would link the C++ runtime statically "
+            "(a library whose C++ errors crash Python)"
+        )
     match = re.search(r"libstdc\+\+\.so\.6\.0\.(\d+)$", os.path.realpath(runtime))
     runtime_gcc = _LIBSTDCXX_GCC.get(int(match.group(1))) if match else None
     compiler_gcc = int(version.split(".")[0]) if re.match(r"\d+", version) else None
-    if "clang" not in ask("--version").lower() and runtime_gcc and compiler_gcc \
-            and compiler_gcc > runtime_gcc:
-        print(f"cifops: WARNING: {compiler} is GCC {compiler_gcc}, newer than the libstdc++ "
-              f"torch runs with ({os.path.realpath(runtime)}, GCC {runtime_gcc}): the library "
-              "may need symbols that runtime lacks (ImportError: version `GLIBCXX_...' not "
-              f"found). Use GCC {runtime_gcc} or older (CXX=g++-{runtime_gcc}).")
+    if "clang" not in ask("--version").lower() and runtime_gcc and compiler_gcc and compiler_gcc > runtime_gcc:
+        print(
+            f"cifops: WARNING: {compiler} is GCC {compiler_gcc}, newer than the libstdc++ "
+            f"torch runs with ({os.path.realpath(runtime)}, GCC {runtime_gcc}): the library "
+            "may need symbols that runtime lacks (ImportError: version `GLIBCXX_...' not "
+            f"found). Use GCC {runtime_gcc} or older (CXX=g++-{runtime_gcc})."
+        )
 
 
 # Torch-free CPU kernel sources compiled a second time, as their own translation unit,
 # for a CPU capability the extension is not compiled for (as ATen's CPU_CAPABILITY): the
 # source picks its namespace from the macro, and its includer chooses at run time.
 CPU_CAPABILITY_BUILDS = [
-    ("csrc/contrastive/contrastive_cpu_kernels.cpp", "avx2",
-     ["-mavx2", "-mfma", "-DCIFOPS_CPU_AVX2"]),
+    ("csrc/contrastive/contrastive_cpu_kernels.cpp", "avx2", ["-mavx2", "-mfma", "-DCIFOPS_CPU_AVX2"]),
 ]
 
 
 def is_x86():
     import platform
+
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
@@ -154,14 +160,13 @@ class BuildExtension(cpp_extension.BuildExtension):
     per-capability objects of CPU_CAPABILITY_BUILDS."""
 
     def build_capability_objects(self, ext, cxx):
-        flags = (["-std=c++17", "-fPIC", "-DNDEBUG", "-fwrapv", "-I" + os.path.join(ROOT, "csrc")]
-                 + ext.cifops_cxx_flags)
+        flags = ["-std=c++17", "-fPIC", "-DNDEBUG", "-fwrapv", "-I" + os.path.join(ROOT, "csrc")] + ext.cifops_cxx_flags
         headers = glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
         for source, capability, capability_flags in CPU_CAPABILITY_BUILDS:
             source = os.path.join(ROOT, source)
             out_dir = os.path.join(os.path.abspath(self.build_temp), "cpu_capability", capability)
             os.makedirs(out_dir, exist_ok=True)
-            obj = os.path.join(out_dir, os.path.basename(source)[:-len(".cpp")] + ".o")
+            obj = os.path.join(out_dir, os.path.basename(source)[: -len(".cpp")] + ".o")
             cmd = [*cxx, *flags, *capability_flags, "-c", source, "-o", obj]
             # rebuilt when a source or header is newer, or the command changed
             stamp = obj + ".cmd"
@@ -178,8 +183,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             ext.depends.append(obj)  # relink when only this object changed
 
     def build_extensions(self):
-        compiler = (getattr(self.compiler, "compiler_cxx", None)
-                    or [cpp_extension.get_cxx_compiler()])
+        compiler = getattr(self.compiler, "compiler_cxx", None) or [cpp_extension.get_cxx_compiler()]
         check_toolchain(compiler[0], torch_cxx_runtime())
         if is_x86():
             for ext in self.extensions:
@@ -191,10 +195,12 @@ class BuildExtension(cpp_extension.BuildExtension):
             private = check.private_runtime_symbols(path) if os.path.exists(path) else {}
             if private:
                 os.remove(path)
-                sys.exit(f"setup.py: refused: {check.describe(path, private)} The compiler "
-                         f"{compiler[0]} links them statically: use one whose shared "
-                         "libstdc++.so, libgcc_s.so and libgomp.so it finds (CXX=g++ of the "
-                         "system), and no -static-libstdc++ / -static-libgcc in LDFLAGS.")
+                sys.exit(
+                    f"setup.py: refused: {check.describe(path, private)} The compiler "
+                    f"{compiler[0]} links them statically: use one whose shared "
+                    "libstdc++.so, libgcc_s.so and libgomp.so it finds (CXX=g++ of the "
+                    "system), and no -static-libstdc++ / -static-libgcc in LDFLAGS."
+                )
 
 
 def build_extension():
@@ -216,21 +222,29 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected from the visible GPU")
         if torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
-                                     for i in range(torch.cuda.device_count())}))
+            archs = ";".join(
+                sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            )
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob("csrc/*/*_cuda.cu")) + sorted(glob.glob("csrc/*/*_cuda_op.cpp"))
-        macros += [("CIFOPS_WITH_CUDA", None), ("CIFOPS_CUDA_ARCHS", f'"{archs}"'),
-                   ("CIFOPS_CUDA_VERSION", f'"{torch.version.cuda}"')]
+        macros += [
+            ("CIFOPS_WITH_CUDA", None),
+            ("CIFOPS_CUDA_ARCHS", f'"{archs}"'),
+            ("CIFOPS_CUDA_VERSION", f'"{torch.version.cuda}"'),
+        ]
         ext_cls = cpp_extension.CUDAExtension
         extra = {"cxx": cxx_flags, "nvcc": opt + ["-lineinfo", "--expt-relaxed-constexpr"]}
-        print(f"cifops: building CPU + CUDA kernels for sm {archs} against torch "
-              f"{torch.__version__} (CUDA {torch.version.cuda}), MAX_JOBS={os.environ['MAX_JOBS']}")
+        print(
+            f"cifops: building CPU + CUDA kernels for sm {archs} against torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda}), MAX_JOBS={os.environ['MAX_JOBS']}"
+        )
     else:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}
-        print(f"cifops: building CPU kernels only ({why_not}) against torch {torch.__version__}, "
-              f"MAX_JOBS={os.environ['MAX_JOBS']}")
+        print(
+            f"cifops: building CPU kernels only ({why_not}) against torch {torch.__version__}, "
+            f"MAX_JOBS={os.environ['MAX_JOBS']}"
+        )
     print(f"cifops: CPU kernels {'with OpenMP threads' if openmp else 'single-threaded (no OpenMP)'}")
     # The C++ runtime torch runs with, by path and ahead of the driver's own -lstdc++: a
     # compiler that finds only libstdc++.a (a relocated toolchain) would otherwise link a
@@ -245,8 +259,11 @@ def build_extension():
         extra_link_args=([runtime] if runtime else []) + openmp,
     )
     # the flags of CPU_CAPABILITY_BUILDS: the extension's own that matter to torch-free code
-    ext.cifops_cxx_flags = opt + ["-Wall", "-ffp-contract=off",
-                                  f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    ext.cifops_cxx_flags = opt + [
+        "-Wall",
+        "-ffp-contract=off",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
     return ext
 
 

@@ -13,6 +13,7 @@ and which libstdc++, libgcc_s and libgomp the process loaded (from /proc/self/ma
 Exit status: 0 when every call raised, 1 otherwise.
 Takes a few seconds.
 """
+
 import json
 import os
 import re
@@ -31,16 +32,22 @@ CASES = {
     # the issue's call: hidden is 2-D; check_cif_args throws through the autograd kernel
     "cif": ("cifops.cif(torch.randn(2, 5), torch.rand(2, 5))", True),
     # the same op called directly, no Python autograd in between
-    "cif-op": ("torch.ops.cifops.cif_forward(torch.randn(2, 5), torch.rand(2, 5), None, None,"
-               " 1.0, 1e-4, None, True, -1)", False),
+    "cif-op": (
+        "torch.ops.cifops.cif_forward(torch.randn(2, 5), torch.rand(2, 5), None, None, 1.0, 1e-4, None, True, -1)",
+        False,
+    ),
     # the other op library: a wrong shape of teacher
     "contrastive": ("cifops.contrastive_loss(torch.randn(4, 8), torch.randn(3, 8))", True),
-    "contrastive-op": ("torch.ops.cifops.contrastive_accuracy(torch.randn(4, 8),"
-                       " torch.randn(4, 7), None, True, -100)", False),
+    "contrastive-op": (
+        "torch.ops.cifops.contrastive_accuracy(torch.randn(4, 8), torch.randn(4, 7), None, True, -100)",
+        False,
+    ),
 }
 
-LIB_PATTERN = re.compile(r"lib(stdc\+\+|gcc_s|gomp|iomp5|omp)[^/]*\.so[^/]*$|/_C[^/]*\.so$"
-                         r"|libc10\.so$|libtorch_python\.so$")
+LIB_PATTERN = re.compile(
+    r"lib(stdc\+\+|gcc_s|gomp|iomp5|omp)[^/]*\.so[^/]*$|/_C[^/]*\.so$"
+    r"|libc10\.so$|libtorch_python\.so$"
+)
 
 
 def loaded_libraries():
@@ -62,10 +69,13 @@ def child(library, cases):
     """Print FACTS, then START/RESULT lines per case, flushed: a crash names its case."""
     sys.path.insert(0, ROOT)
     import faulthandler
+
     faulthandler.enable()
     import torch
+
     try:
         import cifops
+
         build, refused = cifops.build_info(), None
     except ImportError as exc:
         cifops, build, refused = None, {}, str(exc)
@@ -113,6 +123,7 @@ def library_facts():
     C++ runtime symbols it defines itself (a static copy of the runtime)."""
     import glob
     import importlib.util
+
     sys.path.insert(0, ROOT)
     spec = importlib.util.find_spec("cifops")
     if spec is None or spec.origin is None:
@@ -122,7 +133,8 @@ def library_facts():
     if not libraries:
         return None, None, None
     check_spec = importlib.util.spec_from_file_location(
-        "cifops_runtime_check", os.path.join(folder, "_runtime_check.py"))
+        "cifops_runtime_check", os.path.join(folder, "_runtime_check.py")
+    )
     if check_spec is None or not os.path.exists(check_spec.origin):
         return libraries[0], None, None
     check = importlib.util.module_from_spec(check_spec)
@@ -153,26 +165,30 @@ def run_cases(library):
         started = None
         for line in stdout.splitlines():
             if line.startswith("FACTS ") and facts is None:
-                facts = json.loads(line[len("FACTS "):])
+                facts = json.loads(line[len("FACTS ") :])
             elif line.startswith("START "):
                 started = line.split()[1]
             elif line.startswith("RESULT "):
-                case, outcome = line[len("RESULT "):].split(" ", 1)
+                case, outcome = line[len("RESULT ") :].split(" ", 1)
                 statuses[case] = outcome
                 pending.remove(case)
                 started = None
         if not any(line.startswith("FACTS ") for line in stdout.splitlines()):
-            why = "timed out" if code is None else (
-                f"died of {signal_name(code)}" if code < 0 else f"exited {code}")
+            why = "timed out" if code is None else (f"died of {signal_name(code)}" if code < 0 else f"exited {code}")
             return facts, statuses, tails, f"{why}: " + " | ".join(stderr.strip().splitlines()[-6:])
         if pending and started is None:
             started = pending[0]  # died or hung between cases
         if started is not None:
-            statuses[started] = ("timed out after 180 s" if code is None else
-                                 f"DIED of {signal_name(code)}" if code < 0 else
-                                 f"exited {code} without a result")
-            tails[started] = [line for line in stderr.splitlines() if line.strip()
-                              and not line.startswith("Extension modules")][:8]
+            statuses[started] = (
+                "timed out after 180 s"
+                if code is None
+                else f"DIED of {signal_name(code)}"
+                if code < 0
+                else f"exited {code} without a result"
+            )
+            tails[started] = [
+                line for line in stderr.splitlines() if line.strip() and not line.startswith("Extension modules")
+            ][:8]
             pending.remove(started)
     return facts, statuses, tails, None
 
@@ -187,22 +203,35 @@ def main():
     print(f"library {library}")
     if needed is not None:
         print(f"  needs {', '.join(needed)}")
-        print("  C++ runtime: " + ("shared (no private copy)" if not private else
-                                   "PRIVATE STATIC COPY, defines " + ", ".join(sorted(private))))
+        print(
+            "  C++ runtime: "
+            + (
+                "shared (no private copy)"
+                if not private
+                else "PRIVATE STATIC COPY, defines " + ", ".join(sorted(private))
+            )
+        )
     facts, statuses, tails, failure = run_cases(library)
     if facts is None:
         print(f"cifops abort probe: the child could not start: {failure}")
         return 1
     build = facts["cifops_build"]
-    print(f"python {facts['python']}, torch {facts['torch']} (CUDA {facts['torch_cuda']}, "
-          f"built with {facts['torch_compiler']}, _GLIBCXX_USE_CXX11_ABI="
-          f"{int(facts['torch_cxx11_abi'])})")
+    print(
+        f"python {facts['python']}, torch {facts['torch']} (CUDA {facts['torch_cuda']}, "
+        f"built with {facts['torch_compiler']}, _GLIBCXX_USE_CXX11_ABI="
+        f"{int(facts['torch_cxx11_abi'])})"
+    )
     if facts["refused"]:
         print(f"cifops refused to import: {facts['refused'][:300]}")
     else:
-        print("cifops._C built with: " + ", ".join(
-            f"{k}={build[k]!r}" for k in ("compiler", "cplusplus", "cxx11_abi", "openmp",
-                                          "cuda", "torch") if k in build))
+        print(
+            "cifops._C built with: "
+            + ", ".join(
+                f"{k}={build[k]!r}"
+                for k in ("compiler", "cplusplus", "cxx11_abi", "openmp", "cuda", "torch")
+                if k in build
+            )
+        )
     print("loaded:")
     for path in facts["libraries"]:
         print(f"  {path}")
@@ -215,9 +244,11 @@ def main():
         for line in tails.get(case, []):
             print(f"       | {line}")
     ran = sum(1 for case in CASES if not statuses.get(case, "").startswith("skipped"))
-    print(f"abort probe: {ran - failed} of {ran} erroring calls raised RuntimeError"
-          + ("" if not failed else "; the others killed or misled the process")
-          + ("; the cifops package refused to import" if facts["refused"] else ""))
+    print(
+        f"abort probe: {ran - failed} of {ran} erroring calls raised RuntimeError"
+        + ("" if not failed else "; the others killed or misled the process")
+        + ("; the cifops package refused to import" if facts["refused"] else "")
+    )
     return 1 if failed or facts["refused"] else 0
 
 

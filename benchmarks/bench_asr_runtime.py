@@ -28,6 +28,7 @@ of CIFHKD_BENCH_SPLIT, else random noise of the demo's utterance lengths. With
 --benchmark-disable (CI's smoke run of the benchmarks) a tiny random model and two short
 noise clips are transcribed once each: the code runs, nothing is measured.
 """
+
 import dataclasses
 import os
 from pathlib import Path
@@ -53,8 +54,9 @@ THREADS = [1, 2]
 def _vocab_file(folder: Path, size: int) -> Path:
     """A tokens.txt of `size` pieces: blank, [SEP], [UNK], then made-up pieces."""
     path = folder / "tokens.txt"
-    path.write_text("".join(f"{t} {i}\n" for i, t in enumerate(["<blank>", "[SEP]", "[UNK]"]
-                                                                + [f"w{i}" for i in range(size - 3)])))
+    path.write_text(
+        "".join(f"{t} {i}\n" for i, t in enumerate(["<blank>", "[SEP]", "[UNK]"] + [f"w{i}" for i in range(size - 3)]))
+    )
     return path
 
 
@@ -62,8 +64,14 @@ def _random_checkpoint(folder: Path, config: model_lib.ModelConfig) -> Path:
     torch.manual_seed(0)
     model = model_lib.CifHkdModel(config)
     path = folder / "random.pt"
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(config),
-                "vocab": str(_vocab_file(folder, config.vocab_size))}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_config": dataclasses.asdict(config),
+            "vocab": str(_vocab_file(folder, config.vocab_size)),
+        },
+        path,
+    )
     return path
 
 
@@ -78,9 +86,19 @@ def setup(tmp_path_factory, pytestconfig):
     smoke = pytestconfig.getoption("benchmark_disable")
     checkpoint = os.environ.get("CIFHKD_BENCH_CHECKPOINT")
     if smoke:
-        config = model_lib.ModelConfig(vocab_size=20, d_model=32, num_heads=4, ffn_dim=64, num_layers=2,
-                                       pool_after=(1, 2), conv_kernel=5, subsampling_channels=8,
-                                       decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64)
+        config = model_lib.ModelConfig(
+            vocab_size=20,
+            d_model=32,
+            num_heads=4,
+            ffn_dim=64,
+            num_layers=2,
+            pool_after=(1, 2),
+            conv_kernel=5,
+            subsampling_channels=8,
+            decoder_layers=1,
+            decoder_heads=4,
+            decoder_ffn_dim=64,
+        )
         checkpoint = _random_checkpoint(folder, config)
     elif checkpoint is None:
         checkpoint = _random_checkpoint(folder, model_lib.ModelConfig(vocab_size=DEMO_VOCAB))
@@ -89,7 +107,7 @@ def setup(tmp_path_factory, pytestconfig):
         samples = _noise([0.6, 0.9])
     elif split:
         utts, _ = data.load_manifest(split)
-        samples = [data.load_audio(u.audio) for u in utts[:int(os.environ.get("CIFHKD_BENCH_UTTERANCES", 40))]]
+        samples = [data.load_audio(u.audio) for u in utts[: int(os.environ.get("CIFHKD_BENCH_UTTERANCES", 40))]]
     else:
         samples = _noise(np.random.default_rng(1).uniform(1.0, 3.5, 40))
     model = decode.load_checkpoint(Path(checkpoint)).model
@@ -100,8 +118,14 @@ def setup(tmp_path_factory, pytestconfig):
             raise ValueError(f"CIFHKD_BENCH_ONNX {exported} is not an export of {checkpoint}")
     else:
         exported = export.export(checkpoint, folder / "onnx", int8=True, log=lambda line: None)
-    return {"model": model, "onnx": exported, "samples": samples, "recognizers": {},
-            "audio_s": sum(len(s) for s in samples) / 16000, "reference": {}}
+    return {
+        "model": model,
+        "onnx": exported,
+        "samples": samples,
+        "recognizers": {},
+        "audio_s": sum(len(s) for s in samples) / 16000,
+        "reference": {},
+    }
 
 
 def pytorch_decode(model, samples, beam):
@@ -124,10 +148,17 @@ def test_asr_runtime(benchmark, setup, backend, search, threads):
     beam = SEARCHES[search]
     samples = setup["samples"]
     benchmark.group = f"CIF-HKD transcription, CPU, {search}, {threads} thread(s)"
-    benchmark.extra_info.update({"impl": backend, "threads": threads, "beam": beam,
-                                 "audio_s": setup["audio_s"], "utterances": len(samples),
-                                 "onnxruntime": ort.__version__,
-                                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")})
+    benchmark.extra_info.update(
+        {
+            "impl": backend,
+            "threads": threads,
+            "beam": beam,
+            "audio_s": setup["audio_s"],
+            "utterances": len(samples),
+            "onnxruntime": ort.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        }
+    )
     if backend == "pytorch":
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -141,15 +172,16 @@ def test_asr_runtime(benchmark, setup, backend, search, threads):
     else:
         key = (backend, search, threads)
         if key not in setup["recognizers"]:
-            setup["recognizers"][key] = onnx_asr.OnnxRecognizer(setup["onnx"], int8=backend == "ort_int8",
-                                                                beam=beam, threads=threads)
+            setup["recognizers"][key] = onnx_asr.OnnxRecognizer(
+                setup["onnx"], int8=backend == "ort_int8", beam=beam, threads=threads
+            )
         asr = setup["recognizers"][key]
-        results = benchmark.pedantic(lambda: asr.decode_samples(samples), rounds=3, iterations=1,
-                                     warmup_rounds=1)
+        results = benchmark.pedantic(lambda: asr.decode_samples(samples), rounds=3, iterations=1, warmup_rounds=1)
         reference = setup["reference"].get(search)
         if reference is not None:
-            benchmark.extra_info["same_hypothesis"] = sum(
-                a[0] == b[0] for a, b in zip(results, reference)) / len(samples)
+            benchmark.extra_info["same_hypothesis"] = sum(a[0] == b[0] for a, b in zip(results, reference)) / len(
+                samples
+            )
     assert len(results) == len(samples)
     if benchmark.stats is not None:
         benchmark.extra_info["rtf"] = benchmark.stats.stats.median / setup["audio_s"]

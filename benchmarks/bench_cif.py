@@ -12,6 +12,7 @@ peak extra memory in extra_info, plus the forward alone (with max_tokens) and th
 device-to-device copy bandwidth measured in the same run. benchmarks/gpu_bench.py
 times the same cases with CUDA events in one process (benchmarks/gpu_check.sh).
 """
+
 import pytest
 import torch
 
@@ -27,8 +28,7 @@ SLOW = {("funasr_cif", (32, 600, 512)), ("funasr_cif", (64, 1500, 512))}
 CUDA = torch.cuda.is_available()
 CASES = [("cpu", size, torch.float32) for size in CPU_SIZES]
 if CUDA:
-    CASES += [("cuda", size, dtype) for size in CUDA_SIZES
-              for dtype in (torch.float32, torch.bfloat16)]
+    CASES += [("cuda", size, dtype) for size in CUDA_SIZES for dtype in (torch.float32, torch.bfloat16)]
 
 
 def make_inputs(B, T, D, device, seed=0, dtype=torch.float32):
@@ -105,14 +105,19 @@ def test_cif_forward_bandwidth_cuda(benchmark, dtype):
     def forward():
         with torch.no_grad():
             cifops.cif(hidden, alphas, max_tokens=n)
+
     seconds = timed(forward)
     nbytes = (B * T * D + B * n * D) * hidden.element_size() + B * T * 4
-    benchmark.extra_info.update(copy_tbps=copy_tbps, forward_tbps=nbytes / seconds / 1e12,
-                                fraction_of_copy=nbytes / seconds / 1e12 / copy_tbps,
-                                gpu=torch.cuda.get_device_name())
+    benchmark.extra_info.update(
+        copy_tbps=copy_tbps,
+        forward_tbps=nbytes / seconds / 1e12,
+        fraction_of_copy=nbytes / seconds / 1e12 / copy_tbps,
+        gpu=torch.cuda.get_device_name(),
+    )
     benchmark.group = f"cif cuda forward B=64 T=1500 D=512 {dtype}"
 
     def step():
         forward()
         torch.cuda.synchronize()
+
     benchmark(step)

@@ -17,6 +17,7 @@ Cases, at the sizes of the issue in both modes:
     inf_cl package is not installed), synchronising inside the timed call.
 Results and the machine they were measured on: benchmarks/RESULTS.md.
 """
+
 import json
 import os
 import statistics
@@ -62,16 +63,15 @@ def cpu_threads():
 @pytest.fixture(scope="module")
 def cpu_inputs(cpu_threads):
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(SPEED_N, SPEED_D, generator=gen),
-            torch.randn(SPEED_N, SPEED_D, generator=gen))
+    return (torch.randn(SPEED_N, SPEED_D, generator=gen), torch.randn(SPEED_N, SPEED_D, generator=gen))
 
 
 def _info(benchmark, **extra):
-    benchmark.extra_info.update(torch=torch.__version__, threads=torch.get_num_threads(),
-                                **extra)
+    benchmark.extra_info.update(torch=torch.__version__, threads=torch.get_num_threads(), **extra)
 
 
 # --- CPU speed -------------------------------------------------------------------------
+
 
 @pytest.mark.benchmark(group="contrastive-cpu-4096x4096x384")
 def test_cpu_fused(benchmark, cpu_inputs):
@@ -105,11 +105,17 @@ def test_cpu_fused_vs_naive_same_run(benchmark, cpu_inputs):
         fused.append(_median_seconds(fused_step, cpu_inputs, 1))
         naive.append(_median_seconds(naive_step, cpu_inputs, 1))
     ratio = statistics.median(fused) / statistics.median(naive)
-    _info(benchmark, fused_median_s=statistics.median(fused),
-          naive_median_s=statistics.median(naive), fused_over_naive=ratio)
-    print(f"\ncontrastive CPU {SPEED_N}x{SPEED_N}x{SPEED_D} float32, {torch.get_num_threads()} "
-          f"threads: fused {statistics.median(fused) * 1e3:.0f} ms, naive "
-          f"{statistics.median(naive) * 1e3:.0f} ms, fused / naive = {ratio:.2f}")
+    _info(
+        benchmark,
+        fused_median_s=statistics.median(fused),
+        naive_median_s=statistics.median(naive),
+        fused_over_naive=ratio,
+    )
+    print(
+        f"\ncontrastive CPU {SPEED_N}x{SPEED_N}x{SPEED_D} float32, {torch.get_num_threads()} "
+        f"threads: fused {statistics.median(fused) * 1e3:.0f} ms, naive "
+        f"{statistics.median(naive) * 1e3:.0f} ms, fused / naive = {ratio:.2f}"
+    )
     # the timed part of this case: one fused step (the ratio above is the result)
     benchmark.pedantic(fused_step, args=cpu_inputs, rounds=1, warmup_rounds=0)
 
@@ -147,27 +153,48 @@ print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "seconds": seconds
 def test_cpu_memory_16384(benchmark, cpu_threads):
     """Peak RSS rise of forward + backward (student and teacher gradients) in a fresh
     process; asserted against the budget."""
+
     def run():
         # Linux keeps ru_maxrss across exec, and a child spawned straight from this
         # (large) process would start with its peak: a small launcher process spawns
         # the measured one, which then starts from the launcher's few MiB.
         launcher = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
         out = subprocess.run(
-            [sys.executable, "-c", launcher, sys.executable, "-c", _MEMORY_SCRIPT,
-             str(MEMORY_N), str(MEMORY_D), str(CPU_THREADS)], capture_output=True, text=True,
-            timeout=600, env=dict(os.environ, OMP_NUM_THREADS=str(CPU_THREADS)))
+            [
+                sys.executable,
+                "-c",
+                launcher,
+                sys.executable,
+                "-c",
+                _MEMORY_SCRIPT,
+                str(MEMORY_N),
+                str(MEMORY_D),
+                str(CPU_THREADS),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, OMP_NUM_THREADS=str(CPU_THREADS)),
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     result = benchmark.pedantic(run, rounds=1, warmup_rounds=0)
     rise_mib = (result["peak_kib"] - result["baseline_kib"]) / 1024
     inputs_mib = 2 * MEMORY_N * MEMORY_D * 4 / 2**20
-    _info(benchmark, peak_rss_rise_mib=rise_mib, inputs_mib=inputs_mib,
-          naive_logits_mib=MEMORY_N * MEMORY_N * 4 / 2**20, seconds=result["seconds"])
-    print(f"\ncontrastive CPU memory {MEMORY_N}x{MEMORY_N}x{MEMORY_D} float32: peak RSS rise "
-          f"{rise_mib:.0f} MiB (inputs {inputs_mib:.0f} MiB, one naive N x M matrix "
-          f"{MEMORY_N * MEMORY_N * 4 / 2**20:.0f} MiB), forward + backward "
-          f"{result['seconds']:.1f} s")
+    _info(
+        benchmark,
+        peak_rss_rise_mib=rise_mib,
+        inputs_mib=inputs_mib,
+        naive_logits_mib=MEMORY_N * MEMORY_N * 4 / 2**20,
+        seconds=result["seconds"],
+    )
+    print(
+        f"\ncontrastive CPU memory {MEMORY_N}x{MEMORY_N}x{MEMORY_D} float32: peak RSS rise "
+        f"{rise_mib:.0f} MiB (inputs {inputs_mib:.0f} MiB, one naive N x M matrix "
+        f"{MEMORY_N * MEMORY_N * 4 / 2**20:.0f} MiB), forward + backward "
+        f"{result['seconds']:.1f} s"
+    )
     assert rise_mib <= MEMORY_BUDGET_MIB, f"peak RSS rose by {rise_mib:.0f} MiB"
 
 
@@ -179,10 +206,16 @@ def test_cpu_memory_16384(benchmark, cpu_threads):
 
 GPU = torch.cuda.is_available() and cifops.build_info()["cuda"]
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU and cifops built with CUDA")
-GPU_CASES = [(2048, 768, "bfloat16", "frozen"), (8192, 768, "bfloat16", "frozen"),
-             (32768, 768, "bfloat16", "frozen"), (8192, 768, "bfloat16", "teacher"),
-             (32768, 768, "bfloat16", "teacher"), (8192, 768, "bfloat16", "symmetric"),
-             (32768, 768, "bfloat16", "symmetric"), (32768, 384, "float32", "frozen")]
+GPU_CASES = [
+    (2048, 768, "bfloat16", "frozen"),
+    (8192, 768, "bfloat16", "frozen"),
+    (32768, 768, "bfloat16", "frozen"),
+    (8192, 768, "bfloat16", "teacher"),
+    (32768, 768, "bfloat16", "teacher"),
+    (8192, 768, "bfloat16", "symmetric"),
+    (32768, 768, "bfloat16", "symmetric"),
+    (32768, 384, "float32", "frozen"),
+]
 
 
 def _gpu_step(impl, mode):
@@ -197,9 +230,9 @@ def _gpu_step(impl, mode):
         return loss
 
     if impl == "cifops":
+
         def loss_fn(s, t):
-            return cifops.contrastive_loss(s, t, temperature=TEMPERATURE, reduction="sum",
-                                           symmetric=symmetric)
+            return cifops.contrastive_loss(s, t, temperature=TEMPERATURE, reduction="sum", symmetric=symmetric)
     elif impl == "naive":
         loss_fn = naive
     elif impl == "naive_compiled":
@@ -210,8 +243,7 @@ def _gpu_step(impl, mode):
             pytest.skip("Inf-CL is compared in the frozen-teacher case")
 
         def loss_fn(s, t):  # Inf-CL takes normalised features and a logit scale
-            return inf_cl.cal_inf_loss(F.normalize(s, dim=1), F.normalize(t, dim=1),
-                                       scale=1.0 / TEMPERATURE).sum()
+            return inf_cl.cal_inf_loss(F.normalize(s, dim=1), F.normalize(t, dim=1), scale=1.0 / TEMPERATURE).sum()
 
     def step(student, teacher):
         s = student.detach().requires_grad_(True)
@@ -219,6 +251,7 @@ def _gpu_step(impl, mode):
         loss_fn(s, t).backward()
         torch.cuda.synchronize()
         return s.grad
+
     return step
 
 
@@ -229,14 +262,17 @@ def test_gpu_forward_backward(benchmark, case, impl):
     N, D, dtype, mode = case
     gen = torch.Generator(device="cuda").manual_seed(N)
     student = torch.randn(N, D, device="cuda", generator=gen).to(getattr(torch, dtype))
-    teacher = (student.float() + 0.5 * torch.randn(N, D, device="cuda", generator=gen)).to(
-        student.dtype)
+    teacher = (student.float() + 0.5 * torch.randn(N, D, device="cuda", generator=gen)).to(student.dtype)
     step = _gpu_step(impl, mode)
     step(student, teacher)  # warm-up (and compilation)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step(student, teacher)
-    _info(benchmark, impl=impl, device=torch.cuda.get_device_name(),
-          peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+    _info(
+        benchmark,
+        impl=impl,
+        device=torch.cuda.get_device_name(),
+        peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20,
+    )
     benchmark.group = f"contrastive-gpu-N{N}-D{D}-{dtype}-{mode}"
     benchmark.pedantic(step, args=(student, teacher), rounds=10, warmup_rounds=2)

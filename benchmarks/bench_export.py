@@ -13,6 +13,7 @@ options: torch's intra-op thread count, one inter-op thread. Eager ``cifops.cif`
 same input is timed for reference. Each session's output is checked against eager
 cifops before timing.
 """
+
 import contextlib
 import io
 import warnings
@@ -39,8 +40,11 @@ class CifopsCif(torch.nn.Module):
 
 
 def _funasr_module(name):
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         from funasr.models.paraformer import cif_predictor  # prints noise about torch_complex
     fn = getattr(cif_predictor, name)
@@ -73,16 +77,27 @@ def runners(tmp_path_factory):
         b, t = torch.export.Dim("B"), torch.export.Dim("T")
         path = str(folder / "cifops.onnx")
         example = (hidden.expand(2, -1, -1), alphas.expand(2, -1))  # a dynamic B must not be 1
-        cifops.onnx_export(CifopsCif(), example, path, verbose=False,
-                           input_names=["hidden", "alphas"],
-                           dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}))
+        cifops.onnx_export(
+            CifopsCif(),
+            example,
+            path,
+            verbose=False,
+            input_names=["hidden", "alphas"],
+            dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}),
+        )
         sessions = {"cifops_onnx": _session(path)}
         for name in ("cif_export", "cif_v1_export"):
             path = str(folder / f"funasr_{name}.onnx")
-            torch.onnx.export(_funasr_module(name), (hidden[:, :50], alphas[:, :50]), path,
-                              dynamo=False, opset_version=14,
-                              input_names=["hidden", "alphas"], output_names=["embeds", "fires"],
-                              dynamic_axes={"hidden": {0: "B", 1: "T"}, "alphas": {0: "B", 1: "T"}})
+            torch.onnx.export(
+                _funasr_module(name),
+                (hidden[:, :50], alphas[:, :50]),
+                path,
+                dynamo=False,
+                opset_version=14,
+                input_names=["hidden", "alphas"],
+                output_names=["embeds", "fires"],
+                dynamic_axes={"hidden": {0: "B", 1: "T"}, "alphas": {0: "B", 1: "T"}},
+            )
             sessions[f"funasr_{name}_onnx"] = _session(path)
     for impl, session in sessions.items():
         embeds = torch.from_numpy(session.run(None, feed)[0])[0]

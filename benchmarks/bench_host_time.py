@@ -20,6 +20,7 @@ cif_step - torch_ref is the op's own host time (what it costs over the engine ro
 trip that every differentiable op pays); cif_step - ops_only is its Python and autograd
 path.
 """
+
 import statistics
 import sys
 import time
@@ -54,8 +55,7 @@ def make_steps():
 
     def ops_only():
         out = torch.ops.cifops.cif_forward(h, a, None, target, 1.0, 1e-4, None, True, N)
-        torch.ops.cifops.cif_backward(grad_embeds, grad_sum, h, a, out[4], out[5],
-                                      1.0, 1e-4, None, True)
+        torch.ops.cifops.cif_backward(grad_embeds, grad_sum, h, a, out[4], out[5], 1.0, 1e-4, None, True)
 
     def torch_ref():
         hidden.grad = alphas.grad = None
@@ -102,14 +102,14 @@ def measure(repeats=15, calls=400):
 def main():
     torch.set_num_threads(1)
     med, times = measure()
-    print(f"cifops host time per CIF forward+backward, B={B} T={T} D={D} N={N} on the CPU, "
-          f"1 thread, thread CPU time, torch {torch.__version__}")
+    print(
+        f"cifops host time per CIF forward+backward, B={B} T={T} D={D} N={N} on the CPU, "
+        f"1 thread, thread CPU time, torch {torch.__version__}"
+    )
     for name, m in med.items():
         print(f"  {name:<10} {m:8.1f} us  (median; min {min(times[name]):.1f})")
-    print(f"  cif_step - torch_ref = {med['cif_step'] - med['torch_ref']:.1f} us "
-          f"(the op's own host time)")
-    print(f"  cif_step - ops_only  = {med['cif_step'] - med['ops_only']:.1f} us "
-          f"(its Python and autograd path)")
+    print(f"  cif_step - torch_ref = {med['cif_step'] - med['torch_ref']:.1f} us (the op's own host time)")
+    print(f"  cif_step - ops_only  = {med['cif_step'] - med['ops_only']:.1f} us (its Python and autograd path)")
     return 0
 
 

@@ -14,6 +14,7 @@ D = 512, B = 1 (one live stream) and B = 32 (a server's batch), in the middle of
     module's alpha layers followed by cifops.cif_stream_step (exact across chunks).
 On CUDA each timed call ends with a synchronisation.
 """
+
 import pytest
 import torch
 
@@ -91,8 +92,7 @@ def test_stream_predictor_chunk(benchmark, impl, case):
 
         def step():
             with torch.no_grad():
-                out = cifops.cif_stream_step(hidden, _alphas_of(pred, hidden), None, state,
-                                             max_tokens=TC)
+                out = cifops.cif_stream_step(hidden, _alphas_of(pred, hidden), None, state, max_tokens=TC)
             _sync(device)
             return out
     else:

@@ -17,6 +17,7 @@ to the device, forward, backward, clipping, AdamW), as the trainer runs it.
 
 The timed step ends with torch.cuda.synchronize() on CUDA.
 """
+
 import argparse
 import statistics
 import time
@@ -31,7 +32,7 @@ from cifhkd import train as train_hkd
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEMO_VOCAB = 298        # WordPieces of the demo corpus (docs/hkd-recipe.md)
+DEMO_VOCAB = 298  # WordPieces of the demo corpus (docs/hkd-recipe.md)
 PRESETS = {
     # name: (batch size, frames (min, max), tokens (min, max), vocabulary, teacher width)
     "demo": (13, (135, 150), (3, 9), DEMO_VOCAB, 384),
@@ -86,18 +87,20 @@ COPY_CALLS = ("cudaMemcpy", "cudaMemcpyAsync")
 def profile_cuda(step, steps: int = 5) -> dict:
     """Kernel time and synchronising calls per step, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
+
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
-    kernel_us = sum(e.device_time_total for e in prof.key_averages()
-                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernel_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
     calls = {e.key: e.count for e in prof.key_averages() if e.key in SYNC_CALLS + COPY_CALLS}
-    return {"gpu_kernel_ms_per_step": kernel_us / 1e3 / steps,
-            # the final torch.cuda.synchronize of each timed step is not the trainer's
-            "syncs_per_step": sum(calls.get(k, 0) for k in SYNC_CALLS) / steps - 1,
-            "memcpy_calls_per_step": sum(calls.get(k, 0) for k in COPY_CALLS) / steps,
-            "calls": calls}
+    return {
+        "gpu_kernel_ms_per_step": kernel_us / 1e3 / steps,
+        # the final torch.cuda.synchronize of each timed step is not the trainer's
+        "syncs_per_step": sum(calls.get(k, 0) for k in SYNC_CALLS) / steps - 1,
+        "memcpy_calls_per_step": sum(calls.get(k, 0) for k in COPY_CALLS) / steps,
+        "calls": calls,
+    }
 
 
 @pytest.fixture
@@ -112,8 +115,9 @@ def threads(request):
 def test_train_step_cpu_demo(benchmark, threads):
     step = setup("demo", torch.device("cpu"))
     benchmark.group = f"train step cpu demo, {threads} thread(s)"
-    benchmark.extra_info.update(impl="train_update", device="cpu", threads=threads, preset="demo",
-                                batch=PRESETS["demo"][0])
+    benchmark.extra_info.update(
+        impl="train_update", device="cpu", threads=threads, preset="demo", batch=PRESETS["demo"][0]
+    )
     benchmark.pedantic(step, warmup_rounds=2, rounds=10)
 
 
@@ -121,16 +125,22 @@ def test_train_step_cpu_demo(benchmark, threads):
 def test_train_step_cuda_aishell1(benchmark):
     step = setup("aishell1", torch.device("cuda"))
     benchmark.group = "train step cuda aishell1 bf16"
-    benchmark.extra_info.update(impl="train_update", device="cuda", preset="aishell1",
-                                batch=PRESETS["aishell1"][0], gpu=torch.cuda.get_device_name())
+    benchmark.extra_info.update(
+        impl="train_update",
+        device="cuda",
+        preset="aishell1",
+        batch=PRESETS["aishell1"][0],
+        gpu=torch.cuda.get_device_name(),
+    )
     benchmark.pedantic(step, warmup_rounds=3, rounds=20)
     benchmark.extra_info.update(profile_cuda(step))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="time cifhkd.train.train_update (median of --steps)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="default: demo on the CPU, aishell1 on CUDA")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="default: demo on the CPU, aishell1 on CUDA"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--steps", type=int, default=20)
@@ -151,9 +161,11 @@ def main(argv=None):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    print(f"{preset} on {device} ({torch.get_num_threads()} threads, compile {args.compile}): median "
-          f"{1e3 * statistics.median(times):.1f} ms, mean {1e3 * statistics.mean(times):.1f} ms, min "
-          f"{1e3 * min(times):.1f} ms over {args.steps} steps; warmup {warmup_s:.1f} s")
+    print(
+        f"{preset} on {device} ({torch.get_num_threads()} threads, compile {args.compile}): median "
+        f"{1e3 * statistics.median(times):.1f} ms, mean {1e3 * statistics.mean(times):.1f} ms, min "
+        f"{1e3 * min(times):.1f} ms over {args.steps} steps; warmup {warmup_s:.1f} s"
+    )
     if device.type == "cuda":
         print(profile_cuda(step))
 

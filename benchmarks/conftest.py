@@ -12,5 +12,7 @@ def pytest_report_header(config):
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"cifops benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{os.cpu_count()} cores ({cpu}), GPU: {gpu}")
+    return (
+        f"cifops benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores ({cpu}), GPU: {gpu}"
+    )

@@ -20,6 +20,7 @@ Reports (and writes to $OUT/bench.json, or ./gpu-bench.json):
     each gradient's relative error against a float64 reference beside naive's own
     error in the same precision (the accuracy rule: at most twice naive's).
 """
+
 import argparse
 import contextlib
 import io
@@ -68,6 +69,7 @@ def kernel_ms(fn, reps=5):
     calls after one warm-up call: the sum of the device-side events (kernels, memsets,
     copies) that torch.profiler records, which excludes the host's time between them."""
     from torch.profiler import ProfilerActivity, profile
+
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -87,30 +89,36 @@ def ceilings(res):
     y = torch.empty_like(x)
     t = med(lambda: y.copy_(x), reps=20)
     res["copy_TBps"] = 2 * x.numel() * 4 / (t * 1e-3) / 1e12
-    del x, y
+    x = y = None  # free the GiB before the next
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     t = med(lambda: a @ b, reps=10)
     res["bf16_matmul_TFLOPs"] = 2 * 8192**3 / (t * 1e-3) / 1e12
-    print(f"ceilings: copy {res['copy_TBps']:.2f} TB/s (read+write), "
-          f"bf16 matmul {res['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
-    del a, b
+    print(
+        f"ceilings: copy {res['copy_TBps']:.2f} TB/s (read+write), bf16 matmul {res['bf16_matmul_TFLOPs']:.0f} TFLOP/s"
+    )
+    a = b = None
     torch.cuda.empty_cache()
 
 
 def cif_peers():
     peers = {"cifops": lambda h, a: cifops.cif(h, a).embeds}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         try:
             from funasr.models.paraformer import cif_predictor as cp
+
             peers["funasr_cif_v1"] = lambda h, a: cp.cif_v1(h, a, 1.0)[0]
             peers["funasr_cif"] = lambda h, a: cp.cif(h, a, 1.0)[0]
         except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
             print("funasr import failed:", repr(e)[:200], file=sys.__stdout__)
     try:
         from torch_cif import cif_function
+
         peers["torch_cif"] = lambda h, a: cif_function(h, a, beta=1.0)["cif_out"][0]
     except Exception as e:  # noqa: BLE001
         print("torch_cif import failed:", repr(e)[:200])
@@ -129,7 +137,7 @@ def bench_cif(res, quick):
     print("CIF peers:", sorted(peers))
     rows = []
     sizes = [(32, 200, 256), (32, 600, 512), (64, 1500, 512)]
-    for (B, T, D) in sizes:
+    for B, T, D in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             sets = [cif_inputs(B, T, D, dtype, s) for s in range(3)]
             with torch.no_grad():
@@ -149,14 +157,14 @@ def bench_cif(res, quick):
                     out = fn(h, a)
                     loss = (out * probe[: out.shape[1]]).float().sum()
                     torch.autograd.grad(loss, (h, a))
+
                 try:
                     slow = name == "funasr_cif"
                     r[name] = med(step, reps=3 if slow else 20, warm=1 if slow else 3)
                     r[name + "_kernel"], per_kernel = kernel_ms(step, reps=2 if slow else 5)
                     r[name + "_MiB"] = peak_mib(step)
                     if name == "cifops_mt":
-                        r["cifops_mt_kernels"] = {kk: round(v * 1e3, 1) for kk, v in
-                                                  list(per_kernel.items())[:8]}  # us
+                        r["cifops_mt_kernels"] = {kk: round(v * 1e3, 1) for kk, v in list(per_kernel.items())[:8]}  # us
                 except Exception as e:  # noqa: BLE001
                     r[name] = None
                     print(f"  {name} B{B} T{T} D{D} {dtype}: {repr(e)[:160]}")
@@ -164,14 +172,12 @@ def bench_cif(res, quick):
                 for kind, suffix in (("wall", ""), ("kernel", "_kernel")):
                     if r.get(mine + suffix) and r.get("torch_cif" + suffix):
                         r[f"{mine}_x_torch_cif_{kind}"] = r["torch_cif" + suffix] / r[mine + suffix]
-                    others = [r[p + suffix] for p in peers
-                              if not p.startswith("cifops") and r.get(p + suffix)]
+                    others = [r[p + suffix] for p in peers if not p.startswith("cifops") and r.get(p + suffix)]
                     if others and r.get(mine + suffix):
                         r[f"{mine}_x_fastest_peer_{kind}"] = min(others) / r[mine + suffix]
             rows.append(r)
-            print("CIF fwd+bwd ms", {k2: (round(v, 4) if isinstance(v, float) else v)
-                                     for k2, v in r.items()})
-            del sets
+            print("CIF fwd+bwd ms", {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in r.items()})
+            sets = None
             torch.cuda.empty_cache()
     res["cif_fwd_bwd"] = rows
 
@@ -192,6 +198,7 @@ def bench_cif(res, quick):
                 h, a = sets[k[0] % 3]
                 k[0] += 1
                 return cifops.cif(h, a)
+
             t_mt = med(fwd_mt, reps=30)
             t = med(fwd, reps=30)
             t_kernels, per_kernel = kernel_ms(fwd_mt)
@@ -199,15 +206,22 @@ def bench_cif(res, quick):
         esz = torch.tensor([], dtype=dtype).element_size()
         nbytes = B * T * D * esz + B * N * D * esz + B * T * 4
         bw = nbytes / (t_fwd * 1e-3) / 1e12
-        res[f"cif_fwd_{dtype}"] = dict(ms_max_tokens=t_mt, ms=t, kernels_ms=t_kernels,
-                                       forward_kernel_ms=t_fwd, N=N, TBps=bw,
-                                       frac_of_copy=bw / res["copy_TBps"],
-                                       kernels_us={kk: round(v * 1e3, 1)
-                                                   for kk, v in per_kernel.items()})
-        print(f"CIF fwd B64 T1500 D512 {dtype}: wall {t_mt:.4f} ms with max_tokens, {t:.4f} ms "
-              f"without; kernels {t_kernels:.4f} ms, forward kernel {t_fwd:.4f} ms: {bw:.2f} TB/s "
-              f"= {bw / res['copy_TBps']:.0%} of copy")
-        del sets
+        res[f"cif_fwd_{dtype}"] = dict(
+            ms_max_tokens=t_mt,
+            ms=t,
+            kernels_ms=t_kernels,
+            forward_kernel_ms=t_fwd,
+            N=N,
+            TBps=bw,
+            frac_of_copy=bw / res["copy_TBps"],
+            kernels_us={kk: round(v * 1e3, 1) for kk, v in per_kernel.items()},
+        )
+        print(
+            f"CIF fwd B64 T1500 D512 {dtype}: wall {t_mt:.4f} ms with max_tokens, {t:.4f} ms "
+            f"without; kernels {t_kernels:.4f} ms, forward kernel {t_fwd:.4f} ms: {bw:.2f} TB/s "
+            f"= {bw / res['copy_TBps']:.0%} of copy"
+        )
+        sets = None
         torch.cuda.empty_cache()
 
 
@@ -243,14 +257,20 @@ def bench_contrastive(res, quick):
         cal_flash_loss(sn, tn, None, 1.0 / TAU, head_dim=head).sum().backward()
         return s.grad
 
-    cases = [(2048, 768, torch.bfloat16, "frozen"), (8192, 768, torch.bfloat16, "frozen"),
-             (32768, 768, torch.bfloat16, "frozen"), (8192, 768, torch.bfloat16, "teacher"),
-             (32768, 768, torch.bfloat16, "teacher"), (8192, 768, torch.bfloat16, "symmetric"),
-             (32768, 768, torch.bfloat16, "symmetric"), (32768, 384, torch.float32, "frozen")]
+    cases = [
+        (2048, 768, torch.bfloat16, "frozen"),
+        (8192, 768, torch.bfloat16, "frozen"),
+        (32768, 768, torch.bfloat16, "frozen"),
+        (8192, 768, torch.bfloat16, "teacher"),
+        (32768, 768, torch.bfloat16, "teacher"),
+        (8192, 768, torch.bfloat16, "symmetric"),
+        (32768, 768, torch.bfloat16, "symmetric"),
+        (32768, 384, torch.float32, "frozen"),
+    ]
     if quick:
         cases = [c for c in cases if c[0] <= 8192]
     rows = []
-    for (N, D, dtype, mode) in cases:
+    for N, D, dtype, mode in cases:
         g = torch.Generator(device=DEV).manual_seed(N + D)
         s = torch.randn(N, D, device=DEV, generator=g).to(dtype)
         t = (s.float() + 0.5 * torch.randn(N, D, device=DEV, generator=g)).to(dtype)
@@ -260,6 +280,7 @@ def bench_contrastive(res, quick):
             if cal_flash_loss is not None:
                 impls["infcl"] = c_infcl
         elif mode == "teacher":
+
             def fused_t(s, t):
                 t = t.detach().requires_grad_()
                 return c_fused(s, t)
@@ -267,10 +288,13 @@ def bench_contrastive(res, quick):
             def naive_t(s, t):
                 t = t.detach().requires_grad_()
                 return c_naive(s, t)
+
             impls = {"cifops": fused_t, "naive": naive_t}
         else:
-            impls = {"cifops": lambda s, t: c_fused(s, t, symmetric=True),
-                     "naive": lambda s, t: c_naive(s, t, symmetric=True)}
+            impls = {
+                "cifops": lambda s, t: c_fused(s, t, symmetric=True),
+                "naive": lambda s, t: c_naive(s, t, symmetric=True),
+            }
         for name, fn in impls.items():
             try:
                 r[name] = med(lambda: fn(s, t), reps=10)
@@ -294,8 +318,7 @@ def bench_contrastive(res, quick):
             del ref, got, nai
             torch.cuda.empty_cache()
         rows.append(r)
-        print("contrastive fwd+bwd ms", {k2: (round(v, 5) if isinstance(v, float) else v)
-                                         for k2, v in r.items()})
+        print("contrastive fwd+bwd ms", {k2: (round(v, 5) if isinstance(v, float) else v) for k2, v in r.items()})
     res["contrastive"] = rows
 
     # the chunk workspace bound, at the largest frozen size
@@ -309,8 +332,11 @@ def bench_contrastive(res, quick):
     os.environ.pop("CIFOPS_CONTRASTIVE_CHUNK_MIB")
     _, per_kernel = kernel_ms(lambda: c_fused(s, t), reps=3)
     res["contrastive_kernels_us"] = {kk: round(v * 1e3, 1) for kk, v in list(per_kernel.items())[:10]}
-    print(f"contrastive N={N} D={D} bf16 frozen, kernels (us per call; a splitK kernel name "
-          f"means cuBLAS split the G.B product):", res["contrastive_kernels_us"])
+    print(
+        f"contrastive N={N} D={D} bf16 frozen, kernels (us per call; a splitK kernel name "
+        f"means cuBLAS split the G.B product):",
+        res["contrastive_kernels_us"],
+    )
     res["contrastive_chunk_sweep_ms"] = {"N": N, "D": D, **sweep}
     print(f"contrastive chunk MiB sweep N={N} D={D}:", sweep)
 
@@ -320,15 +346,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--only", choices=("cif", "contrastive"))
     args = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cifops": cifops.build_info()}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cifops": cifops.build_info(),
+    }
     ceilings(res)
     if args.only in (None, "cif"):
         bench_cif(res, args.quick)
     if args.only in (None, "contrastive"):
         bench_contrastive(res, args.quick)
-    out = os.path.join(os.environ.get("OUT", "."), "bench.json" if os.environ.get("OUT")
-                       else "gpu-bench.json")
+    out = os.path.join(os.environ.get("OUT", "."), "bench.json" if os.environ.get("OUT") else "gpu-bench.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1, default=str)
     print("wrote", out)

@@ -14,6 +14,7 @@ the same update written out from cifhkd.model alone (prepare_batch, forward unde
 autocast, backward of the loss times 1 / (target tokens), clipping, fused AdamW), and
 the output says which one ran.
 """
+
 import argparse
 import statistics
 import time
@@ -25,6 +26,7 @@ def model_only_step():
     """The update of cifhkd.train.train_update, from cifhkd.model alone (see above)."""
     from cifhkd import batch as batch_lib
     from cifhkd import model as model_lib
+
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = model_lib.CifHkdModel(model_lib.aishell1_config()).to(dev).train()
@@ -35,10 +37,16 @@ def model_only_step():
     feat_lens = torch.randint(f0, f1 + 1, (size,), generator=g)
     token_lens = torch.randint(t0, t1 + 1, (size,), generator=g)
     feat_lens[0], token_lens[0] = f1, t1
-    batch = batch_lib.prepare_batch(batch_lib.Batch(
-        torch.randn(size, f1, 80, generator=g), feat_lens,
-        torch.randint(3, vocab, (size, t1), generator=g), token_lens,
-        torch.randn(size, t1 + 1, teacher_dim, generator=g), token_lens + 1)).pin_memory()
+    batch = batch_lib.prepare_batch(
+        batch_lib.Batch(
+            torch.randn(size, f1, 80, generator=g),
+            feat_lens,
+            torch.randint(3, vocab, (size, t1), generator=g),
+            token_lens,
+            torch.randn(size, t1 + 1, teacher_dim, generator=g),
+            token_lens + 1,
+        )
+    ).pin_memory()
     scale = 1.0 / int((batch.token_lens + 1).sum())
 
     def step():
@@ -60,10 +68,10 @@ def main():
     args = ap.parse_args()
     try:
         from bench_train_step import profile_cuda, setup
+
         step, which = setup("aishell1", torch.device("cuda")), "cifhkd.train.train_update"
     except ImportError as exc:
-        print(f"gpu_step: the trainer does not import here ({exc}); timing the update "
-              f"from cifhkd.model alone")
+        print(f"gpu_step: the trainer does not import here ({exc}); timing the update from cifhkd.model alone")
         step, which, profile_cuda = model_only_step(), "model-only update (cifhkd.model)", None
     for _ in range(3):
         step()
@@ -74,14 +82,19 @@ def main():
         times.append(time.perf_counter() - t0)
     if profile_cuda is not None:
         prof = profile_cuda(step)
-        detail = (f"GPU kernel time {prof['gpu_kernel_ms_per_step']:.1f} ms/step; syncs/step "
-                  f"{prof['syncs_per_step']:.0f}, memcpy calls/step {prof['memcpy_calls_per_step']:.0f}")
+        detail = (
+            f"GPU kernel time {prof['gpu_kernel_ms_per_step']:.1f} ms/step; syncs/step "
+            f"{prof['syncs_per_step']:.0f}, memcpy calls/step {prof['memcpy_calls_per_step']:.0f}"
+        )
     else:
         from gpu_bench import kernel_ms
+
         detail = f"GPU kernel time {kernel_ms(step)[0]:.1f} ms/step"
-    print(f"training step, AISHELL-1 preset, {which}, {torch.cuda.get_device_name()}: "
-          f"median {1e3 * statistics.median(times):.1f} ms (min {1e3 * min(times):.1f}) over "
-          f"{args.steps} steps; {detail}")
+    print(
+        f"training step, AISHELL-1 preset, {which}, {torch.cuda.get_device_name()}: "
+        f"median {1e3 * statistics.median(times):.1f} ms (min {1e3 * min(times):.1f}) over "
+        f"{args.steps} steps; {detail}"
+    )
 
 
 if __name__ == "__main__":

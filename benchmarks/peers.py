@@ -1,6 +1,7 @@
 """The peer CIF implementations the benchmarks compare against, each wrapped as
 fn(hidden [B,T,D], alphas [B,T]) -> embeds, so forward+backward is timed alike.
 A peer whose package is not installed is left out."""
+
 import contextlib
 import io
 import warnings
@@ -9,8 +10,11 @@ import cifops
 
 
 def _funasr():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         from funasr.models.paraformer import cif_predictor  # prints noise about torch_complex
     return cif_predictor
@@ -26,6 +30,7 @@ def available_peers():
         pass
     try:
         from torch_cif import cif_function
+
         peers["torch_cif"] = lambda h, a: cif_function(h, a, beta=1.0)["cif_out"][0]
     except ImportError:
         pass

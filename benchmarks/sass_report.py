@@ -18,6 +18,7 @@ with nvcc for one architecture, with setup.py's nvcc flags, and prints
 that a before/after comparison needs no checkout. Needs nvcc (CUDA_HOME, /usr/local/cuda
 or PATH) and cuobjdump (the same places, or the copy that triton's wheel ships).
 """
+
 import argparse
 import glob
 import os
@@ -29,13 +30,24 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # setup.py's nvcc flags, plus those torch's CUDAExtension adds
-NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 BLOCK_THREADS = 256
 # registers, warps and shared memory per SM (CUDA occupancy calculator tables)
-SM_LIMITS = {"sm_80": (65536, 64, 164 * 1024), "sm_86": (65536, 48, 100 * 1024),
-             "sm_89": (65536, 48, 100 * 1024), "sm_90": (65536, 64, 228 * 1024)}
+SM_LIMITS = {
+    "sm_80": (65536, 64, 164 * 1024),
+    "sm_86": (65536, 48, 100 * 1024),
+    "sm_89": (65536, 48, 100 * 1024),
+    "sm_90": (65536, 64, 228 * 1024),
+}
 
 
 def find_tool(name):
@@ -48,6 +60,7 @@ def find_tool(name):
         candidates.append(on_path)
     try:  # triton's wheel carries cuobjdump and nvdisasm
         import importlib.util
+
         spec = importlib.util.find_spec("triton")
         if spec and spec.submodule_search_locations:
             for loc in spec.submodule_search_locations:
@@ -64,8 +77,9 @@ def demangle(names):
     if not names:
         return {}
     try:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
-                             text=True, check=True).stdout.splitlines()
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return {n: n for n in names}
     short = {}
@@ -88,8 +102,7 @@ def demangle(names):
 
 
 def compile_cubin(nvcc, source, include, arch, out):
-    cmd = [nvcc, *NVCC_FLAGS, f"-arch={arch}", "-cubin", "--resource-usage",
-           "-I" + include, "-o", out, source]
+    cmd = [nvcc, *NVCC_FLAGS, f"-arch={arch}", "-cubin", "--resource-usage", "-I" + include, "-o", out, source]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"sass_report.py: nvcc failed on {source}:\n{res.stdout}{res.stderr}")
@@ -108,8 +121,7 @@ def parse_resources(ptxas):
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m:
-            kernels[current].update(stack=int(m.group(1)), spill_st=int(m.group(2)),
-                                    spill_ld=int(m.group(3)))
+            kernels[current].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
         m = re.search(r"Used (\d+) registers", line)
         if m:
             kernels[current]["regs"] = int(m.group(1))
@@ -192,16 +204,18 @@ def serial_loops(insns):
     """The loops that run a float64 running sum on one thread: the innermost loops with a
     chained DADD and no barrier (a loop nested in one, as the settle loops of a fire,
     stays part of it; a loop with a barrier is one the whole block runs)."""
-    cands = [(s, e) for s, e in loops(insns)
-             if any(is_chain_add(insns[k][1]) for k in range(s, e + 1))
-             and not any(opcode(insns[k][1]).startswith("BAR") for k in range(s, e + 1))]
-    keep = [(s, e) for s, e in cands
-            if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in cands)]
+    cands = [
+        (s, e)
+        for s, e in loops(insns)
+        if any(is_chain_add(insns[k][1]) for k in range(s, e + 1))
+        and not any(opcode(insns[k][1]).startswith("BAR") for k in range(s, e + 1))
+    ]
+    keep = [(s, e) for s, e in cands if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in cands)]
     return sorted(set(keep))
 
 
 def describe_loop(insns, s, e, listing):
-    body = insns[s:e + 1]
+    body = insns[s : e + 1]
     adds = sum(is_chain_add(t) for _, t, _ in body)
     stalls = sum(st for _, _, st in body)
     hist = {}
@@ -210,10 +224,12 @@ def describe_loop(insns, s, e, listing):
         hist[op] = hist.get(op, 0) + 1
     ops = " ".join(f"{k}x{v}" for k, v in sorted(hist.items(), key=lambda kv: -kv[1]))
     calls = sum(opcode(t).startswith("CALL") for _, t, _ in body)
-    lines = [f"  loop 0x{body[0][0]:04x}-0x{body[-1][0]:04x}: {len(body)} instructions, "
-             f"{adds} chained DADD, {stalls} encoded stall cycles"
-             + (f" = {stalls / adds:.1f} per chained DADD (frame)" if adds else "")
-             + (f", {calls} CALL (a subroutine's cycles come on top)" if calls else "")]
+    lines = [
+        f"  loop 0x{body[0][0]:04x}-0x{body[-1][0]:04x}: {len(body)} instructions, "
+        f"{adds} chained DADD, {stalls} encoded stall cycles"
+        + (f" = {stalls / adds:.1f} per chained DADD (frame)" if adds else "")
+        + (f", {calls} CALL (a subroutine's cycles come on top)" if calls else "")
+    ]
     lines.append(f"    opcodes: {ops}")
     if listing:
         for addr, t, st in body:
@@ -235,23 +251,33 @@ def prepare_tree(rev):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sources", nargs="*",
-                    help="CUDA sources relative to the repository root (default csrc/*/*_cuda.cu)")
+    ap.add_argument(
+        "sources", nargs="*", help="CUDA sources relative to the repository root (default csrc/*/*_cuda.cu)"
+    )
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--rev", help="compile the sources as of this git revision")
-    ap.add_argument("--listing", action="store_true",
-                    help="print every instruction of the serial loops with its stall count")
-    ap.add_argument("--loops-of", default=r"scan_kernel<float>",
-                    help="kernels (regex on the demangled name) whose serial loops to show")
+    ap.add_argument(
+        "--listing", action="store_true", help="print every instruction of the serial loops with its stall count"
+    )
+    ap.add_argument(
+        "--loops-of",
+        default=r"scan_kernel<float>",
+        help="kernels (regex on the demangled name) whose serial loops to show",
+    )
     args = ap.parse_args()
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
     tmp, csrc = prepare_tree(args.rev)
-    sources = args.sources or sorted(os.path.relpath(p, ROOT) for p in
-                                     glob.glob(os.path.join(ROOT, "csrc", "*", "*_cuda.cu")))
-    print(f"# sass_report: {args.arch}, nvcc {os.path.realpath(nvcc)}, "
-          f"source {'git ' + args.rev if args.rev else 'working tree'}")
-    print(f"# occupancy: resident warps / max warps per SM for {BLOCK_THREADS}-thread blocks, "
-          "limited by registers and static shared memory")
+    sources = args.sources or sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*", "*_cuda.cu"))
+    )
+    print(
+        f"# sass_report: {args.arch}, nvcc {os.path.realpath(nvcc)}, "
+        f"source {'git ' + args.rev if args.rev else 'working tree'}"
+    )
+    print(
+        f"# occupancy: resident warps / max warps per SM for {BLOCK_THREADS}-thread blocks, "
+        "limited by registers and static shared memory"
+    )
     try:
         with tempfile.TemporaryDirectory() as work:
             for rel in sources:
@@ -262,24 +288,23 @@ def main():
                 res = parse_resources(compile_cubin(nvcc, src, csrc, args.arch, cubin))
                 names = demangle(sorted(res))
                 print(f"\n## {rel}")
-                print(f"{'kernel':<58} {'regs':>4} {'spill st/ld':>11} {'stack':>5} "
-                      f"{'smem':>6} {'occ':>5}")
+                print(f"{'kernel':<58} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>6} {'occ':>5}")
                 for mangled in sorted(res, key=lambda n: names[n]):
                     r = res[mangled]
-                    print(f"{names[mangled]:<58} {r.get('regs', 0):>4} "
-                          f"{r.get('spill_st', 0):>5}/{r.get('spill_ld', 0):<5} "
-                          f"{r.get('stack', 0):>5} {r.get('smem', 0):>6} "
-                          f"{occupancy(r.get('regs', 0), r.get('smem', 0), args.arch):>5.1%}")
+                    print(
+                        f"{names[mangled]:<58} {r.get('regs', 0):>4} "
+                        f"{r.get('spill_st', 0):>5}/{r.get('spill_ld', 0):<5} "
+                        f"{r.get('stack', 0):>5} {r.get('smem', 0):>6} "
+                        f"{occupancy(r.get('regs', 0), r.get('smem', 0), args.arch):>5.1%}"
+                    )
                 wanted = [m for m in res if re.search(args.loops_of, names[m])]
                 if not wanted:
                     continue
-                sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True,
-                                      text=True, check=True).stdout
+                sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
                 funcs = parse_sass(sass)
                 for mangled in wanted:
                     insns = funcs.get(mangled, [])
-                    print(f"\n### serial float64 loops of {names[mangled]} "
-                          f"({len(insns)} instructions in the kernel)")
+                    print(f"\n### serial float64 loops of {names[mangled]} ({len(insns)} instructions in the kernel)")
                     found = serial_loops(insns)
                     if not found:
                         print("  none found")

@@ -5,6 +5,7 @@
 For each benchmark group the row shows every implementation's median and its
 ratio to the baseline (how many times slower than cifops it is).
 """
+
 import argparse
 import json
 from collections import defaultdict
@@ -22,8 +23,10 @@ def main():
         impl = bench["extra_info"].get("impl", bench["name"])
         groups[bench["group"]][impl] = bench["stats"]["median"]
     info = data["machine_info"]
-    print(f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('processor'))}, "
-          f"{info.get('cpu', {}).get('count', '?')} cores; date {data['datetime'][:10]}\n")
+    print(
+        f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('processor'))}, "
+        f"{info.get('cpu', {}).get('count', '?')} cores; date {data['datetime'][:10]}\n"
+    )
     print("| benchmark | implementation | median (ms) | x slower than " + args.baseline + " |")
     print("| --- | --- | ---: | ---: |")
     for group, medians in groups.items():

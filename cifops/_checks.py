@@ -7,6 +7,7 @@ device (a single meta argument among real ones also reaches them), in the public
 functions, and around the autograd registrations, for the kinds of differentiation the
 ops do not support.
 """
+
 import torch
 from torch import Tensor
 import torch.autograd.forward_ad as fwAD
@@ -31,14 +32,12 @@ def _shape(x):
 
 def check_float(fn, name, x):
     """The kernels' dtype check of a floating argument, for a fake kernel that needs it."""
-    torch._check(x.dtype in FLOAT_DTYPES,
-                 lambda: f"{fn}: {name} must be {_FLOAT_NAMES}, got {x.dtype}")
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{fn}: {name} must be {_FLOAT_NAMES}, got {x.dtype}")
 
 
 def check_rank(fn, name, x, rank, dims):
     """x.dim() == rank, else "<fn>: <name> must be a <rank>-D tensor <dims>, got shape [..]"."""
-    torch._check(x.dim() == rank,
-                 lambda: f"{fn}: {name} must be a {rank}-D tensor {dims}, got shape {_shape(x)}")
+    torch._check(x.dim() == rank, lambda: f"{fn}: {name} must be a {rank}-D tensor {dims}, got shape {_shape(x)}")
 
 
 def check_tensor(fn, name, x, optional=False):
@@ -61,6 +60,7 @@ def check_same_device(fn, ref_name, ref, exc=RuntimeError, **tensors):
 def no_double_backward(fn):
     """An autograd formula for a backward op that refuses to be differentiated: without
     one, autograd only warns and a second-order gradient comes out as zero."""
+
     def backward(ctx, *grads):
         raise RuntimeError(
             f"{fn}: second-order gradients are not supported: a gradient through {fn} taken "
@@ -68,7 +68,9 @@ def no_double_backward(fn):
             f"torch.autograd.grad(..., create_graph=True) and then backward(), a gradient "
             f"penalty, torch.autograd.functional.jvp or hessian). Only first-order gradients "
             f"are: take them without create_graph=True, or detach the inputs of {fn} in the "
-            f"part of the graph that is differentiated twice.")
+            f"part of the graph that is differentiated twice."
+        )
+
     return backward
 
 
@@ -82,7 +84,8 @@ def refuse_forward_mode(fn, *tensors):
             raise RuntimeError(
                 f"{fn}: forward-mode differentiation (torch.func.jvp, jacfwd, "
                 f"torch.autograd.forward_ad) is not supported; use reverse mode, "
-                f"Tensor.backward() or torch.autograd.grad")
+                f"Tensor.backward() or torch.autograd.grad"
+            )
 
 
 def call_op(fn, op, *args):
@@ -102,4 +105,5 @@ def call_op(fn, op, *args):
             f"grad_and_value, vjp, jacrev, hessian, ...) are not supported. Use "
             f"torch.autograd.grad or Tensor.backward() for its gradients. torch.func.vmap "
             f"works, and so do torch.func transforms with respect to tensors that its "
-            f"inputs do not depend on.") from exc
+            f"inputs do not depend on."
+        ) from exc

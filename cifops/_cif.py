@@ -5,6 +5,7 @@ implemented by hand-written CPU and CUDA kernels (csrc/cif/). This module
 registers their autograd and fake (meta) kernels with torch.library and wraps
 them in the public function and an nn.Module.
 """
+
 import operator
 from typing import NamedTuple, Optional
 
@@ -12,8 +13,16 @@ import torch
 from torch import Tensor
 
 from cifops import _C
-from cifops._checks import (call_op, check_float, check_rank, check_same_device, check_tensor,
-                            compute_dtype, no_double_backward, refuse_forward_mode)
+from cifops._checks import (
+    call_op,
+    check_float,
+    check_rank,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    no_double_backward,
+    refuse_forward_mode,
+)
 
 _TAIL_MODES = ("keep", "normalize")
 _INT64_MAX = 2**63 - 1
@@ -51,14 +60,15 @@ class CifOutput(NamedTuple):
 # ones (the meta dispatch key wins), which would otherwise return uninitialised real
 # tensors. Other bad metadata traces, and the kernel names it when the graph runs.
 
+
 @torch.library.register_fake("cifops::cif_forward")
-def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
-                      tail_threshold, tail_normalize, max_tokens):
+def _cif_forward_fake(
+    hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens
+):
     fn = "cifops.cif"
     check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
     check_float(fn, "alphas", alphas)  # alpha_sum's dtype
-    check_same_device(fn, "hidden", hidden, alphas=alphas, lengths=lengths,
-                      target_lengths=target_lengths)
+    check_same_device(fn, "hidden", hidden, alphas=alphas, lengths=lengths, target_lengths=target_lengths)
     B, T, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
@@ -69,23 +79,43 @@ def _cif_forward_fake(hidden, alphas, lengths, target_lengths, threshold, scale_
             raise RuntimeError(
                 "cifops.cif: meta tensors need max_tokens: the number of tokens depends on "
                 "the alphas' values, which meta tensors do not have (give max_tokens, or "
-                "trace with FakeTensors as torch.compile does)") from exc
+                "trace with FakeTensors as torch.compile does)"
+            ) from exc
         n = ctx.new_dynamic_size()
     real, ints = _workspace_size(B, T)
-    return (hidden.new_empty((B, n, D)),
-            hidden.new_empty((B,), dtype=torch.int64),
-            hidden.new_empty((B, n), dtype=torch.int64),
-            alphas.new_empty((B,), dtype=compute_dtype(alphas.dtype)),
-            hidden.new_empty((real,), dtype=torch.float64),
-            hidden.new_empty((ints,), dtype=torch.int64))
+    return (
+        hidden.new_empty((B, n, D)),
+        hidden.new_empty((B,), dtype=torch.int64),
+        hidden.new_empty((B, n), dtype=torch.int64),
+        alphas.new_empty((B,), dtype=compute_dtype(alphas.dtype)),
+        hidden.new_empty((real,), dtype=torch.float64),
+        hidden.new_empty((ints,), dtype=torch.int64),
+    )
 
 
 @torch.library.register_fake("cifops::cif_backward")
-def _cif_backward_fake(grad_embeds, grad_alpha_sum, hidden, alphas, scan_real, scan_int,
-                       threshold, scale_eps, tail_threshold, tail_normalize):
+def _cif_backward_fake(
+    grad_embeds,
+    grad_alpha_sum,
+    hidden,
+    alphas,
+    scan_real,
+    scan_int,
+    threshold,
+    scale_eps,
+    tail_threshold,
+    tail_normalize,
+):
     check_same_device("cifops.cif", "hidden", hidden, alphas=alphas)
-    check_same_device("cifops.cif_backward", "hidden", hidden, grad_embeds=grad_embeds,
-                      grad_alpha_sum=grad_alpha_sum, scan_real=scan_real, scan_int=scan_int)
+    check_same_device(
+        "cifops.cif_backward",
+        "hidden",
+        hidden,
+        grad_embeds=grad_embeds,
+        grad_alpha_sum=grad_alpha_sum,
+        scan_real=scan_real,
+        scan_int=scan_int,
+    )
     return torch.empty_like(hidden), torch.empty_like(alphas)
 
 
@@ -113,18 +143,27 @@ _BACKWARD_OP = torch.ops.cifops.cif_backward.default
 
 class _CifAutograd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, alphas, lengths, target_lengths, threshold, scale_eps,
-                tail_threshold, tail_normalize, max_tokens):
+    def forward(
+        ctx, hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens
+    ):
         with torch._C._AutoDispatchBelowAutograd():
-            out = _FORWARD_OP(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
-                              tail_threshold, tail_normalize, max_tokens)
+            out = _FORWARD_OP(
+                hidden,
+                alphas,
+                lengths,
+                target_lengths,
+                threshold,
+                scale_eps,
+                tail_threshold,
+                tail_normalize,
+                max_tokens,
+            )
         ctx.save_for_backward(hidden, alphas, out[4], out[5])
         ctx.args = (threshold, scale_eps, tail_threshold, tail_normalize)
         return out
 
     @staticmethod
-    def backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum,
-                 grad_scan_real, grad_scan_int):
+    def backward(ctx, grad_embeds, grad_token_lengths, grad_fire_frames, grad_alpha_sum, grad_scan_real, grad_scan_int):
         hidden, alphas, scan_real, scan_int = ctx.saved_tensors
         if grad_embeds is None:
             grad_embeds = hidden.new_zeros((hidden.shape[0], 0, hidden.shape[2]))
@@ -137,10 +176,10 @@ class _CifAutograd(torch.autograd.Function):
         return grad_hidden, grad_alphas, None, None, None, None, None, None, None
 
 
-def _cif_forward_autograd(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
-                          tail_threshold, tail_normalize, max_tokens):
-    args = (hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold,
-            tail_normalize, max_tokens)
+def _cif_forward_autograd(
+    hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens
+):
+    args = (hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens)
     # here rather than in cif(): a module traced with torch.jit.trace calls the op, not
     # cif(), and forward mode through it would give a silently zero tangent
     refuse_forward_mode("cifops.cif", hidden, alphas)
@@ -159,10 +198,19 @@ torch.library.register_autograd("cifops::cif_backward", no_double_backward("cifo
 
 # --- the public API ----------------------------------------------------------------
 
-def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
-        threshold: float = 1.0, target_lengths: Optional[Tensor] = None,
-        scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
-        tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
+
+def cif(
+    hidden: Tensor,
+    alphas: Tensor,
+    lengths: Optional[Tensor] = None,
+    *,
+    threshold: float = 1.0,
+    target_lengths: Optional[Tensor] = None,
+    scale_eps: float = 1e-4,
+    tail_threshold: Optional[float] = None,
+    tail_mode: str = "normalize",
+    max_tokens: Optional[int] = None,
+) -> CifOutput:
     r"""Continuous integrate-and-fire: integrate frame weights into token embeddings.
 
     Per utterance b with valid length L_b, prefix sums in float64
@@ -230,17 +278,28 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
     check_tensor("cifops.cif", "target_lengths", target_lengths, optional=True)
     # checked here as well as in the op: a meta tensor among real ones would otherwise go
     # to the fake kernel, whose error comes from inside torch.library
-    check_same_device("cifops.cif", "hidden", hidden, exc=ValueError, alphas=alphas,
-                      lengths=lengths, target_lengths=target_lengths)
+    check_same_device(
+        "cifops.cif", "hidden", hidden, exc=ValueError, alphas=alphas, lengths=lengths, target_lengths=target_lengths
+    )
     if tail_mode not in _TAIL_MODES:
         raise ValueError(f"cifops.cif: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
     max_tokens = _max_tokens(max_tokens)
     threshold = _float_arg("cifops.cif", "threshold", threshold)
     scale_eps = _float_arg("cifops.cif", "scale_eps", scale_eps)
     tail_threshold = _float_arg("cifops.cif", "tail_threshold", tail_threshold)
-    out = call_op("cifops.cif", torch.ops.cifops.cif_forward, hidden, alphas, lengths,
-                  target_lengths, float(threshold), float(scale_eps), tail_threshold,
-                  tail_mode == "normalize", max_tokens)
+    out = call_op(
+        "cifops.cif",
+        torch.ops.cifops.cif_forward,
+        hidden,
+        alphas,
+        lengths,
+        target_lengths,
+        float(threshold),
+        float(scale_eps),
+        tail_threshold,
+        tail_mode == "normalize",
+        max_tokens,
+    )
     return CifOutput(*out[:4])
 
 
@@ -250,30 +309,38 @@ def cif(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
 # cif.__prepare_scriptable__() returns instead: this twin, which takes the same
 # arguments (positionally or by keyword) and calls the op, whose kernels check them.
 
-def _cif_script(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
-                threshold: float = 1.0, target_lengths: Optional[Tensor] = None,
-                scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
-                tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
+
+def _cif_script(
+    hidden: Tensor,
+    alphas: Tensor,
+    lengths: Optional[Tensor] = None,
+    threshold: float = 1.0,
+    target_lengths: Optional[Tensor] = None,
+    scale_eps: float = 1e-4,
+    tail_threshold: Optional[float] = None,
+    tail_mode: str = "normalize",
+    max_tokens: Optional[int] = None,
+) -> CifOutput:
     """cifops.cif as TorchScript compiles it (see cif.__prepare_scriptable__)."""
     # refuse_forward_mode (cifops/_checks.py) in TorchScript: the op has no forward-mode
     # formula, and a tangent would otherwise be dropped (torch.func.jvp gave zeros). The
     # dual level is always 0 (forward AD does not nest); an empty input carries no tangent.
-    if (torch._VF._unpack_dual(hidden, 0)[1].numel() > 0
-            or torch._VF._unpack_dual(alphas, 0)[1].numel() > 0):
-        raise RuntimeError("cifops.cif: forward-mode differentiation (torch.func.jvp, jacfwd, "
-                           "torch.autograd.forward_ad) is not supported; use reverse mode, "
-                           "Tensor.backward() or torch.autograd.grad")
+    if torch._VF._unpack_dual(hidden, 0)[1].numel() > 0 or torch._VF._unpack_dual(alphas, 0)[1].numel() > 0:
+        raise RuntimeError(
+            "cifops.cif: forward-mode differentiation (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad) is not supported; use reverse mode, "
+            "Tensor.backward() or torch.autograd.grad"
+        )
     if tail_mode != "keep" and tail_mode != "normalize":
         raise ValueError("cifops.cif: tail_mode must be 'keep' or 'normalize', got " + tail_mode)
     width = -1
     if max_tokens is not None:
         if max_tokens < 0:
-            raise ValueError("cifops.cif: max_tokens must be an int in [0, 2**63 - 1] or None, "
-                             "got " + str(max_tokens))
+            raise ValueError("cifops.cif: max_tokens must be an int in [0, 2**63 - 1] or None, got " + str(max_tokens))
         width = max_tokens
-    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target_lengths, threshold,
-                                       scale_eps, tail_threshold, tail_mode == "normalize",
-                                       width)
+    out = torch.ops.cifops.cif_forward(
+        hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, tail_mode == "normalize", width
+    )
     return CifOutput(out[0], out[1], out[2], out[3])
 
 
@@ -291,8 +358,7 @@ def _max_tokens(max_tokens, fn="cifops.cif") -> int:
         except TypeError:
             pass
     if value is None or not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"{fn}: max_tokens must be an int in [0, 2**63 - 1] or None, got "
-                         f"{max_tokens!r}")
+        raise ValueError(f"{fn}: max_tokens must be an int in [0, 2**63 - 1] or None, got {max_tokens!r}")
     return value
 
 
@@ -312,7 +378,8 @@ def _float_arg(fn, name, value):
             f"{fn}: {name} is a tensor whose value torch.export cannot read (a module's "
             f"buffer or parameter is traced without its value); the op takes it as a Python "
             f"float, fixed in the exported graph: pass a Python float (keep it as a float "
-            f"attribute of the module, not a buffer)") from exc
+            f"attribute of the module, not a buffer)"
+        ) from exc
 
 
 class Cif(torch.nn.Module):
@@ -329,9 +396,14 @@ class Cif(torch.nn.Module):
     tail_mode: str
     max_tokens: Optional[int]
 
-    def __init__(self, threshold: float = 1.0, scale_eps: float = 1e-4,
-                 tail_threshold: Optional[float] = None, tail_mode: str = "normalize",
-                 max_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        threshold: float = 1.0,
+        scale_eps: float = 1e-4,
+        tail_threshold: Optional[float] = None,
+        tail_mode: str = "normalize",
+        max_tokens: Optional[int] = None,
+    ):
         super().__init__()
         self.threshold = threshold
         self.scale_eps = scale_eps
@@ -339,13 +411,23 @@ class Cif(torch.nn.Module):
         self.tail_mode = tail_mode
         self.max_tokens = max_tokens
 
-    def forward(self, hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
-                target_lengths: Optional[Tensor] = None) -> CifOutput:
-        return cif(hidden, alphas, lengths, threshold=self.threshold,
-                   target_lengths=target_lengths, scale_eps=self.scale_eps,
-                   tail_threshold=self.tail_threshold, tail_mode=self.tail_mode,
-                   max_tokens=self.max_tokens)
+    def forward(
+        self, hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, target_lengths: Optional[Tensor] = None
+    ) -> CifOutput:
+        return cif(
+            hidden,
+            alphas,
+            lengths,
+            threshold=self.threshold,
+            target_lengths=target_lengths,
+            scale_eps=self.scale_eps,
+            tail_threshold=self.tail_threshold,
+            tail_mode=self.tail_mode,
+            max_tokens=self.max_tokens,
+        )
 
     def extra_repr(self) -> str:
-        return (f"threshold={self.threshold}, tail_threshold={self.tail_threshold}, "
-                f"tail_mode={self.tail_mode!r}, max_tokens={self.max_tokens}")
+        return (
+            f"threshold={self.threshold}, tail_threshold={self.tail_threshold}, "
+            f"tail_mode={self.tail_mode!r}, max_tokens={self.max_tokens}"
+        )

@@ -32,6 +32,7 @@ masked, so padding may hold anything finite or not; a non-finite ``hidden`` at a
 with positive weight makes this token and the utterance's later ones NaN (the kernel:
 this token only).
 """
+
 import struct
 from typing import Optional
 
@@ -43,8 +44,8 @@ from cifops._checks import compute_dtype
 
 _F64, _I64 = torch.float64, torch.int64
 TOO_MANY_THRESHOLDS = 9007199254740992.0  # 2^53 thresholds: token counts stop being exact
-_K_CLAMP = float(2**62)                   # keeps the float -> int64 cast defined for huge P
-_STATE = _C.cif_stream_state_error        # CifStreamStateError in csrc/cif/cif.h
+_K_CLAMP = float(2**62)  # keeps the float -> int64 cast defined for huge P
+_STATE = _C.cif_stream_state_error  # CifStreamStateError in csrc/cif/cif.h
 
 
 def f64(value, like: Tensor) -> Tensor:
@@ -83,8 +84,7 @@ def stream_state_error(prefix: Tensor, tokens: Tensor, frames: Tensor, threshold
     the number of boundaries (k+1) beta <= prefix."""
     beta = f64(threshold, prefix)
     bad_prefix = ~((prefix >= 0) & (prefix - prefix == 0))
-    disagree = (((tokens > 0) & (_boundary(tokens - 1, beta) > prefix))
-                | (_boundary(tokens, beta) <= prefix))
+    disagree = ((tokens > 0) & (_boundary(tokens - 1, beta) > prefix)) | (_boundary(tokens, beta) <= prefix)
     error = torch.where(disagree, _STATE["tokens_disagree"], torch.zeros_like(tokens))
     error = torch.where((frames == 0) & (prefix != 0), _STATE["prefix_no_frames"], error)
     error = torch.where(bad_prefix, _STATE["bad_prefix"], error)
@@ -107,8 +107,7 @@ def _fired(p: Tensor, beta: Tensor) -> Tensor:
     return k
 
 
-def chunk_scan(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale,
-               max_tokens):
+def chunk_scan(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale, max_tokens):
     """cif_chunk, plus the chunk's prefix sums P [B, T+1] (P[:, 0] = prefix) and fire
     counts F [B, T] (tokens fired by the end of each frame, from the utterance's start);
     embeds in the accumulation dtype (float32, or float64 for float64 hidden)."""
@@ -150,15 +149,22 @@ def chunk_scan(hidden, alphas, lengths, prefix, tokens, frames, partial, thresho
     # the open token: the overlap of each frame with [B_{n-1}, P_T), as cif_overlap
     w = P[:, 1:] - torch.maximum(P[:, :-1], _boundary(n_end - 1, beta)[:, None])
     w = torch.where(w > 0, w, 0.0)
-    new_partial = torch.bmm(w[:, None, :], h)[:, 0] + torch.where(
-        (n_end > tokens)[:, None], 0.0, partial64)
-    return (embeds, token_lengths, fire_frames, P[:, -1], n_end, frames + consumed,
-            new_partial.to(acc), P, F)
+    new_partial = torch.bmm(w[:, None, :], h)[:, 0] + torch.where((n_end > tokens)[:, None], 0.0, partial64)
+    return (embeds, token_lengths, fire_frames, P[:, -1], n_end, frames + consumed, new_partial.to(acc), P, F)
 
 
-def cif_chunk(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor], prefix: Tensor,
-               tokens: Tensor, frames: Tensor, partial: Tensor, threshold: float,
-               scale: Optional[Tensor], max_tokens: int):
+def cif_chunk(
+    hidden: Tensor,
+    alphas: Tensor,
+    lengths: Optional[Tensor],
+    prefix: Tensor,
+    tokens: Tensor,
+    frames: Tensor,
+    partial: Tensor,
+    threshold: float,
+    scale: Optional[Tensor],
+    max_tokens: int,
+):
     """CIF over one chunk of frames, continuing from a state; loop-free and exportable.
 
     Args:
@@ -183,13 +189,11 @@ def cif_chunk(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor], prefix:
         whole input, whatever the chunking, where cumsum adds sequentially (the CPU, ONNX
         Runtime's CPU provider; a GPU's parallel cumsum may differ in the last bit).
     """
-    out = chunk_scan(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
-                     scale, max_tokens)
+    out = chunk_scan(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, scale, max_tokens)
     return (out[0].to(hidden.dtype),) + out[1:7]
 
 
-def tail_scan(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize,
-              out_dtype):
+def tail_scan(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize, out_dtype):
     """cif_tail, plus the residual r and the tail scale (beta / r or 1) of the workspace."""
     beta = f64(threshold, prefix)
     residual = prefix - tokens.to(_F64) * beta  # as cif_scan_row
@@ -201,14 +205,20 @@ def tail_scan(prefix, tokens, frames, partial, threshold, tail_threshold, tail_n
     if tail_normalize:
         # a tensor numerator: python_scalar / tensor is reciprocal(tensor) * scalar in torch
         scale = torch.where(has, beta / torch.where(has, residual, 1.0), 1.0)
-    embed = torch.where(has[:, None], (partial.to(_F64) * scale[:, None]).to(partial.dtype),
-                        0.0).to(out_dtype)
+    embed = torch.where(has[:, None], (partial.to(_F64) * scale[:, None]).to(partial.dtype), 0.0).to(out_dtype)
     return embed, has, torch.where(has, frames - 1, -1), residual, scale
 
 
-def cif_tail(prefix: Tensor, tokens: Tensor, frames: Tensor, partial: Tensor,
-             threshold: float, tail_threshold: Optional[float], tail_normalize: bool,
-             out_dtype: torch.dtype):
+def cif_tail(
+    prefix: Tensor,
+    tokens: Tensor,
+    frames: Tensor,
+    partial: Tensor,
+    threshold: float,
+    tail_threshold: Optional[float],
+    tail_normalize: bool,
+    out_dtype: torch.dtype,
+):
     """The contract's tail token from a state of :func:`cif_chunk`.
 
     The residual ``r = prefix - tokens * beta`` (as cif_scan_row) is emitted when
@@ -217,5 +227,4 @@ def cif_tail(prefix: Tensor, tokens: Tensor, frames: Tensor, partial: Tensor,
     ``out_dtype``. Returns (tail_embed [B, D], has_tail [B] bool, tail_frame [B] int64:
     ``frames - 1``, -1 without a tail).
     """
-    return tail_scan(prefix, tokens, frames, partial, threshold, tail_threshold,
-                     tail_normalize, out_dtype)[:3]
+    return tail_scan(prefix, tokens, frames, partial, threshold, tail_threshold, tail_normalize, out_dtype)[:3]

@@ -7,6 +7,7 @@ expected and positive logits) from which the backward recomputes what it needs. 
 (meta) kernels with torch.library and wraps them in the public functions and an
 nn.Module.
 """
+
 import math
 import numbers
 from typing import Optional, Union
@@ -15,8 +16,16 @@ import torch
 from torch import Tensor
 
 from cifops import _C
-from cifops._checks import (call_op, check_float, check_rank, check_same_device, check_tensor,
-                            compute_dtype, no_double_backward, refuse_forward_mode)
+from cifops._checks import (
+    call_op,
+    check_float,
+    check_rank,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    no_double_backward,
+    refuse_forward_mode,
+)
 
 _REDUCTIONS = ("none", "sum", "mean")
 # Rows of contrastive_forward's stats output (kStatRows in csrc/contrastive/contrastive.h).
@@ -25,10 +34,12 @@ _STAT_ROWS = _C.contrastive_stat_rows
 # fused_grad output is then [N, D]): contrastive_fuses_student_grad(fuse_student_grad,
 # reduction, symmetric) of csrc/contrastive/contrastive_host.h, which both backends call,
 # tabulated once (torch.compile traces a dict lookup, not a call into cifops._C).
-_FUSES_STUDENT_GRAD = {(fuse, reduction, symmetric):
-                       _C.contrastive_fuses_student_grad(fuse, reduction, symmetric)
-                       for fuse in (False, True) for reduction in _REDUCTIONS
-                       for symmetric in (False, True)}
+_FUSES_STUDENT_GRAD = {
+    (fuse, reduction, symmetric): _C.contrastive_fuses_student_grad(fuse, reduction, symmetric)
+    for fuse in (False, True)
+    for reduction in _REDUCTIONS
+    for symmetric in (False, True)
+}
 
 
 def _fuses_student_grad(fuse_student_grad, reduction, symmetric):
@@ -42,8 +53,10 @@ def _check_temperature_device(fn, temperature, student, exc=RuntimeError):
     """The temperature is on the CPU or on student's device, else the message of
     check_contrastive_args (csrc/contrastive/contrastive_host.h)."""
     if temperature.device.type != "cpu" and temperature.device != student.device:
-        raise exc(f"{fn}: temperature is on {temperature.device} but student is on "
-                  f"{student.device} (a CPU scalar tensor is also accepted)")
+        raise exc(
+            f"{fn}: temperature is on {temperature.device} but student is on "
+            f"{student.device} (a CPU scalar tensor is also accepted)"
+        )
 
 
 # --- fake kernels: shapes only, so torch.compile can trace the ops -------------------
@@ -52,6 +65,7 @@ def _check_temperature_device(fn, temperature, student, exc=RuntimeError):
 # that the tensors are on one device: it also runs for a call with one meta argument among
 # real ones (the meta dispatch key wins), which would otherwise return uninitialised real
 # tensors. Other bad metadata traces, and the kernel names it when the graph runs.
+
 
 def _check_fake_args(fn, student, teacher, targets, temperature=None):
     check_rank(fn, "student", student, 2, "[N, D]")
@@ -62,8 +76,9 @@ def _check_fake_args(fn, student, teacher, targets, temperature=None):
 
 
 @torch.library.register_fake("cifops::contrastive_forward")
-def _contrastive_forward_fake(student, teacher, targets, temperature, normalize, symmetric,
-                              reduction, ignore_index, fuse_student_grad):
+def _contrastive_forward_fake(
+    student, teacher, targets, temperature, normalize, symmetric, reduction, ignore_index, fuse_student_grad
+):
     _check_fake_args("cifops.contrastive_loss", student, teacher, targets, temperature)
     n, d = student.shape
     compute = compute_dtype(student.dtype)
@@ -75,15 +90,31 @@ def _contrastive_forward_fake(student, teacher, targets, temperature, normalize,
 
 
 @torch.library.register_fake("cifops::contrastive_backward")
-def _contrastive_backward_fake(grad_loss, student, teacher, targets, temperature, stats,
-                               fused_grad, normalize, symmetric, reduction, ignore_index,
-                               need_student, need_teacher, need_temperature):
+def _contrastive_backward_fake(
+    grad_loss,
+    student,
+    teacher,
+    targets,
+    temperature,
+    stats,
+    fused_grad,
+    normalize,
+    symmetric,
+    reduction,
+    ignore_index,
+    need_student,
+    need_teacher,
+    need_temperature,
+):
     _check_fake_args("cifops.contrastive_loss", student, teacher, targets, temperature)
-    check_same_device("cifops.contrastive_backward", "student", student, grad_loss=grad_loss,
-                      stats=stats, fused_grad=fused_grad)
-    return (student.new_empty(student.shape if need_student else (0,)),
-            teacher.new_empty(teacher.shape if need_teacher else (0,)),
-            temperature.new_empty(temperature.shape if need_temperature else (0,)))
+    check_same_device(
+        "cifops.contrastive_backward", "student", student, grad_loss=grad_loss, stats=stats, fused_grad=fused_grad
+    )
+    return (
+        student.new_empty(student.shape if need_student else (0,)),
+        teacher.new_empty(teacher.shape if need_teacher else (0,)),
+        temperature.new_empty(temperature.shape if need_temperature else (0,)),
+    )
 
 
 @torch.library.register_fake("cifops::contrastive_accuracy")
@@ -94,9 +125,9 @@ def _contrastive_accuracy_fake(student, teacher, targets, normalize, ignore_inde
 
 # --- autograd: the backward is its own op ----------------------------------------------
 
+
 def _setup_context(ctx, inputs, output):
-    student, teacher, targets, temperature, normalize, symmetric, reduction, ignore_index, _ = \
-        inputs
+    student, teacher, targets, temperature, normalize, symmetric, reduction, ignore_index, _ = inputs
     _, stats, fused_grad = output
     ctx.save_for_backward(student, teacher, targets, temperature, stats, fused_grad)
     ctx.args = (normalize, symmetric, reduction, ignore_index)
@@ -107,24 +138,41 @@ def _backward(ctx, grad_loss, grad_stats, grad_fused):
     student, teacher, targets, temperature, stats, fused_grad = ctx.saved_tensors
     need_student, need_teacher, _, need_temperature = ctx.needs_input_grad[:4]
     grad_student, grad_teacher, grad_temperature = torch.ops.cifops.contrastive_backward(
-        grad_loss, student, teacher, targets, temperature, stats, fused_grad, *ctx.args,
-        need_student, need_teacher, need_temperature)
-    return (grad_student if need_student else None, grad_teacher if need_teacher else None,
-            None, grad_temperature if need_temperature else None,
-            None, None, None, None, None)
+        grad_loss,
+        student,
+        teacher,
+        targets,
+        temperature,
+        stats,
+        fused_grad,
+        *ctx.args,
+        need_student,
+        need_teacher,
+        need_temperature,
+    )
+    return (
+        grad_student if need_student else None,
+        grad_teacher if need_teacher else None,
+        None,
+        grad_temperature if need_temperature else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 # The public registration (cif_forward registers its Autograd kernel directly, for host
 # time: cifops/_cif.py says why this op does not).
-torch.library.register_autograd("cifops::contrastive_forward", _backward,
-                                setup_context=_setup_context)
+torch.library.register_autograd("cifops::contrastive_forward", _backward, setup_context=_setup_context)
 # The backward is not differentiable: a second-order gradient raises, naming the op,
 # instead of silently being zero.
-torch.library.register_autograd("cifops::contrastive_backward",
-                                no_double_backward("cifops.contrastive_loss"))
+torch.library.register_autograd("cifops::contrastive_backward", no_double_backward("cifops.contrastive_loss"))
 
 
 # --- the public API ----------------------------------------------------------------------
+
 
 def _check_tensors(fn, student, teacher, targets):
     # Types and devices are checked here as well as in the ops: inputs on different
@@ -140,23 +188,32 @@ def _temperature_tensor(temperature):
     if isinstance(temperature, Tensor):
         return temperature
     # numbers.Real: numpy's ints and floats too (numpy registers its scalars there)
-    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
-                                             or isinstance(temperature, numbers.Real)):
-        raise TypeError("cifops.contrastive_loss: temperature must be a float or a 0-dim "
-                        "tensor (a Python or numpy real number, or a float16, bfloat16, "
-                        "float32 or float64 tensor of one element), got "
-                        f"{type(temperature).__name__}")
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, (int, float)) or isinstance(temperature, numbers.Real)
+    ):
+        raise TypeError(
+            "cifops.contrastive_loss: temperature must be a float or a 0-dim "
+            "tensor (a Python or numpy real number, or a float16, bfloat16, "
+            "float32 or float64 tensor of one element), got "
+            f"{type(temperature).__name__}"
+        )
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError("cifops.contrastive_loss: temperature must be a finite number > 0, "
-                         f"got {temperature}")
+        raise ValueError(f"cifops.contrastive_loss: temperature must be a finite number > 0, got {temperature}")
     return torch.tensor(temperature, dtype=torch.float64)
 
 
-def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None, *,
-                     temperature: Union[float, Tensor] = 0.02, normalize: bool = True,
-                     symmetric: bool = False, reduction: str = "sum",
-                     ignore_index: int = -100) -> Tensor:
+def contrastive_loss(
+    student: Tensor,
+    teacher: Tensor,
+    targets: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.02,
+    normalize: bool = True,
+    symmetric: bool = False,
+    reduction: str = "sum",
+    ignore_index: int = -100,
+) -> Tensor:
     r"""Fused contrastive (InfoNCE) loss of student rows against teacher rows.
 
     With ``normalize``, ``s_i = student_i / max(||student_i||, 1e-6)`` and ``t_j``
@@ -222,21 +279,35 @@ def contrastive_loss(student: Tensor, teacher: Tensor, targets: Optional[Tensor]
     """
     _check_tensors("cifops.contrastive_loss", student, teacher, targets)
     if reduction not in _REDUCTIONS:
-        raise ValueError("cifops.contrastive_loss: reduction must be 'none', 'sum' or 'mean', "
-                         f"got {reduction!r}")
+        raise ValueError(f"cifops.contrastive_loss: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     temperature = _temperature_tensor(temperature)
     _check_temperature_device("cifops.contrastive_loss", temperature, student, ValueError)
-    fuse = (torch.is_grad_enabled() and student.requires_grad
-            and _fuses_student_grad(True, reduction, symmetric))
+    fuse = torch.is_grad_enabled() and student.requires_grad and _fuses_student_grad(True, reduction, symmetric)
     refuse_forward_mode("cifops.contrastive_loss", student, teacher, temperature)
-    loss, _, _ = call_op("cifops.contrastive_loss", torch.ops.cifops.contrastive_forward,
-                         student, teacher, targets, temperature, bool(normalize),
-                         bool(symmetric), reduction, int(ignore_index), fuse)
+    loss, _, _ = call_op(
+        "cifops.contrastive_loss",
+        torch.ops.cifops.contrastive_forward,
+        student,
+        teacher,
+        targets,
+        temperature,
+        bool(normalize),
+        bool(symmetric),
+        reduction,
+        int(ignore_index),
+        fuse,
+    )
     return loss
 
 
-def contrastive_accuracy(student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None, *,
-                         normalize: bool = True, ignore_index: int = -100) -> Tensor:
+def contrastive_accuracy(
+    student: Tensor,
+    teacher: Tensor,
+    targets: Optional[Tensor] = None,
+    *,
+    normalize: bool = True,
+    ignore_index: int = -100,
+) -> Tensor:
     r"""Fraction of counted student rows whose most similar teacher row is the positive.
 
     The same logits as :func:`contrastive_loss` (the temperature does not change the
@@ -249,8 +320,9 @@ def contrastive_accuracy(student: Tensor, teacher: Tensor, targets: Optional[Ten
         student: [N, D]; teacher: [M, D]; targets: [N] or None (``arange(N)``, M >= N).
     """
     _check_tensors("cifops.contrastive_accuracy", student, teacher, targets)
-    return torch.ops.cifops.contrastive_accuracy(student.detach(), teacher.detach(), targets,
-                                                 bool(normalize), int(ignore_index))
+    return torch.ops.cifops.contrastive_accuracy(
+        student.detach(), teacher.detach(), targets, bool(normalize), int(ignore_index)
+    )
 
 
 class ContrastiveLoss(torch.nn.Module):
@@ -261,27 +333,39 @@ class ContrastiveLoss(torch.nn.Module):
     tensor (pass an ``nn.Parameter`` to learn it).
     """
 
-    def __init__(self, temperature: Union[float, Tensor] = 0.02, normalize: bool = True,
-                 symmetric: bool = False, reduction: str = "sum", ignore_index: int = -100):
+    def __init__(
+        self,
+        temperature: Union[float, Tensor] = 0.02,
+        normalize: bool = True,
+        symmetric: bool = False,
+        reduction: str = "sum",
+        ignore_index: int = -100,
+    ):
         super().__init__()
         if reduction not in _REDUCTIONS:
-            raise ValueError("cifops.ContrastiveLoss: reduction must be 'none', 'sum' or "
-                             f"'mean', got {reduction!r}")
+            raise ValueError(f"cifops.ContrastiveLoss: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
         self.temperature = temperature
         self.normalize = normalize
         self.symmetric = symmetric
         self.reduction = reduction
         self.ignore_index = ignore_index
 
-    def forward(self, student: Tensor, teacher: Tensor,
-                targets: Optional[Tensor] = None) -> Tensor:
-        return contrastive_loss(student, teacher, targets, temperature=self.temperature,
-                                normalize=self.normalize, symmetric=self.symmetric,
-                                reduction=self.reduction, ignore_index=self.ignore_index)
+    def forward(self, student: Tensor, teacher: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        return contrastive_loss(
+            student,
+            teacher,
+            targets,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            symmetric=self.symmetric,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+        )
 
     def extra_repr(self) -> str:
-        temperature = (self.temperature if not isinstance(self.temperature, Tensor)
-                       else "tensor")
-        return (f"temperature={temperature}, normalize={self.normalize}, "
-                f"symmetric={self.symmetric}, reduction={self.reduction!r}, "
-                f"ignore_index={self.ignore_index}")
+        temperature = self.temperature if not isinstance(self.temperature, Tensor) else "tensor"
+        return (
+            f"temperature={temperature}, normalize={self.normalize}, "
+            f"symmetric={self.symmetric}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}"
+        )

@@ -6,6 +6,7 @@ each op written in standard tensor operations, by the loop-free CIF of
 cifops/_cif_math.py, and ``torch.onnx.export(..., dynamo=True)`` turns them into standard
 ONNX operators (:func:`onnx_export`; docs/export.md).
 """
+
 import torch
 
 from cifops import _C
@@ -18,8 +19,9 @@ _F64, _I64 = torch.float64, torch.int64
 _STATUS = _C.cif_status  # CifStatus in csrc/cif/cif.h
 
 
-def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshold, scale_eps,
-                               tail_threshold, tail_normalize, max_tokens):
+def _cif_forward_decomposition(
+    hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold, tail_normalize, max_tokens
+):
     """``cifops::cif_forward`` in standard tensor operations: the same six outputs, the
     scan workspace filled as cif_scan_row fills it. Value errors cannot raise in a graph:
     an utterance with negative/NaN/inf alphas, a length outside [0, T], a negative target
@@ -30,7 +32,8 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
         raise ValueError(
             "cifops.cif: max_tokens=None cannot be exported: the number of tokens, and so "
             "the output width, depends on the alphas' values; pass max_tokens=N (an upper "
-            "bound on the tokens per utterance) to cifops.cif or cifops.Cif")
+            "bound on the tokens per utterance) to cifops.cif or cifops.Cif"
+        )
     B, T, D = hidden.shape
     beta = f64(threshold, hidden)
     dev = hidden.device
@@ -47,54 +50,87 @@ def _cif_forward_decomposition(hidden, alphas, lengths, target_lengths, threshol
     if target_lengths is not None:
         tgt = target_lengths.to(_I64)
         positive = S > 0
-        scale = torch.where(positive, (beta * tgt.to(_F64) + f64(scale_eps, hidden))
-                            / torch.where(positive, S, 1.0), 0.0)
-        status = torch.where(tgt < 0, _STATUS["bad_target"],
-                             torch.where((status == 0) & ~positive & (tgt > 0),
-                                         _STATUS["zero_sum_target"], status))
+        scale = torch.where(
+            positive, (beta * tgt.to(_F64) + f64(scale_eps, hidden)) / torch.where(positive, S, 1.0), 0.0
+        )
+        status = torch.where(
+            tgt < 0,
+            _STATUS["bad_target"],
+            torch.where((status == 0) & ~positive & (tgt > 0), _STATUS["zero_sum_target"], status),
+        )
     status = torch.where((L < 0) | (L > T), _STATUS["bad_length"], status)
     run = status == 0
-    (embeds, _, fire_frames, P_end, n, consumed, partial, P,
-     F) = chunk_scan(hidden, torch.where(run[:, None], a, 0.0), torch.where(run, L, 0),
-                     torch.zeros_like(S), zero, zero,
-                     hidden.new_zeros((B, D), dtype=compute_dtype(hidden.dtype)), threshold,
-                     scale, max_tokens)
+    (embeds, _, fire_frames, P_end, n, consumed, partial, P, F) = chunk_scan(
+        hidden,
+        torch.where(run[:, None], a, 0.0),
+        torch.where(run, L, 0),
+        torch.zeros_like(S),
+        zero,
+        zero,
+        hidden.new_zeros((B, D), dtype=compute_dtype(hidden.dtype)),
+        threshold,
+        scale,
+        max_tokens,
+    )
     big = valid & (P[:, 1:] / beta >= TOO_MANY_THRESHOLDS)
     status = torch.where(run & big.any(1), _STATUS["too_many_tokens"], status)
     ok = status == 0
-    where = torch.where(status == _STATUS["bad_alpha"], torch.where(bad, t_idx, T).amin(1),
-                        torch.where(status == _STATUS["too_many_tokens"],
-                                    torch.where(big, t_idx, T).amin(1), -1))
+    where = torch.where(
+        status == _STATUS["bad_alpha"],
+        torch.where(bad, t_idx, T).amin(1),
+        torch.where(status == _STATUS["too_many_tokens"], torch.where(big, t_idx, T).amin(1), -1),
+    )
     tail, has, tail_frame, residual, tail_scale = tail_scan(
-        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, partial.dtype)
+        P_end, n, consumed, partial, threshold, tail_threshold, tail_normalize, partial.dtype
+    )
     n = torch.where(ok, n, 0)
     has = has & ok
     total = n + has.to(_I64)
     slot = has[:, None] & (torch.arange(max_tokens, device=dev) == n[:, None])
-    embeds = torch.where(ok[:, None, None], torch.where(slot[..., None], tail[:, None, :],
-                                                        embeds), 0.0).to(hidden.dtype)
-    fire_frames = torch.where(ok[:, None], torch.where(slot, tail_frame[:, None], fire_frames),
-                              -1)
+    embeds = torch.where(ok[:, None, None], torch.where(slot[..., None], tail[:, None, :], embeds), 0.0).to(
+        hidden.dtype
+    )
+    fire_frames = torch.where(ok[:, None], torch.where(slot, tail_frame[:, None], fire_frames), -1)
     # the workspace of an invalid utterance: as cif_scan_row leaves it
     reached_sum = (status == 0) | (status >= _STATUS["zero_sum_target"])
     alpha_sum = torch.where(reached_sum, S, 0.0)
     if scale is None:
         scale = torch.ones_like(S)
     # the fields of CifRowReal and CifRowInfo (csrc/cif/cif.h), in their order
-    row_real = torch.stack([
-        torch.where((status == 0) | (status == _STATUS["too_many_tokens"]), scale, 1.0),
-        torch.where(has, tail_scale, 1.0), alpha_sum, torch.where(ok, residual, 0.0)], 1)
-    row_info = torch.stack([
-        total, n, has.to(_I64), torch.where(ok, L, 0), status, where,
-        torch.full_like(L, int(target_lengths is not None))], 1)
+    row_real = torch.stack(
+        [
+            torch.where((status == 0) | (status == _STATUS["too_many_tokens"]), scale, 1.0),
+            torch.where(has, tail_scale, 1.0),
+            alpha_sum,
+            torch.where(ok, residual, 0.0),
+        ],
+        1,
+    )
+    row_info = torch.stack(
+        [
+            total,
+            n,
+            has.to(_I64),
+            torch.where(ok, L, 0),
+            status,
+            where,
+            torch.full_like(L, int(target_lengths is not None)),
+        ],
+        1,
+    )
     scan_real = torch.cat([torch.where(ok[:, None], P, 0.0).reshape(-1), row_real.reshape(-1)])
     scan_int = torch.cat([torch.where(ok[:, None], F, 0).reshape(-1), row_info.reshape(-1)])
-    return (embeds, torch.clamp(total, max=max_tokens), fire_frames,
-            alpha_sum.to(compute_dtype(alphas.dtype)), scan_real, scan_int)
+    return (
+        embeds,
+        torch.clamp(total, max=max_tokens),
+        fire_frames,
+        alpha_sum.to(compute_dtype(alphas.dtype)),
+        scan_real,
+        scan_int,
+    )
 
 
-def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, frames, partial,
-                                   threshold, max_tokens):
+def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, max_tokens):
     """``cifops::cif_stream_step`` in standard tensor operations (:func:`cif_chunk`).
     Value errors cannot raise in a graph: an utterance whose state is not one a step
     returns (:func:`stream_state_error`), or whose chunk has a length outside [0, Tc] or
@@ -104,24 +140,43 @@ def _cif_stream_step_decomposition(hidden, alphas, lengths, prefix, tokens, fram
         raise ValueError(
             "cifops.cif_stream_step: max_tokens=None cannot be exported: the output width "
             "depends on the alphas' values; pass max_tokens=N (the most tokens one chunk can "
-            "complete) to cifops.cif_stream_step or cifops.CifStream")
+            "complete) to cifops.cif_stream_step or cifops.CifStream"
+        )
     B, T, _ = hidden.shape
     L = torch.full_like(frames, T) if lengths is None else lengths.to(_I64)
     valid = torch.arange(T, device=hidden.device) < L[:, None]
     a = alphas.to(_F64)
-    bad = ((L < 0) | (L > T) | (valid & ~((a >= 0) & (a - a == 0))).any(1)
-           | (stream_state_error(prefix, tokens, frames, threshold) != 0))
+    bad = (
+        (L < 0)
+        | (L > T)
+        | (valid & ~((a >= 0) & (a - a == 0))).any(1)
+        | (stream_state_error(prefix, tokens, frames, threshold) != 0)
+    )
     clean = torch.where(bad[:, None], 0.0, a)  # no NaN/inf inside the graph's sums
     zero = torch.zeros_like(tokens)  # and a bad state's values in no index
-    out = chunk_scan(hidden, clean, torch.where(bad, 0, L), torch.where(bad, 0.0, prefix),
-                     torch.where(bad, zero, tokens), torch.where(bad, zero, frames), partial,
-                     threshold, None, max_tokens)
+    out = chunk_scan(
+        hidden,
+        clean,
+        torch.where(bad, 0, L),
+        torch.where(bad, 0.0, prefix),
+        torch.where(bad, zero, tokens),
+        torch.where(bad, zero, frames),
+        partial,
+        threshold,
+        None,
+        max_tokens,
+    )
     bad = bad | (out[3] / f64(threshold, prefix) >= TOO_MANY_THRESHOLDS)
     embeds, counts, fires, new_prefix, new_tokens, new_frames, new_partial = out[:7]
-    return (torch.where(bad[:, None, None], 0.0, embeds).to(hidden.dtype),
-            torch.where(bad, 0, counts), torch.where(bad[:, None], -1, fires),
-            torch.where(bad, prefix, new_prefix), torch.where(bad, tokens, new_tokens),
-            torch.where(bad, frames, new_frames), torch.where(bad[:, None], partial, new_partial))
+    return (
+        torch.where(bad[:, None, None], 0.0, embeds).to(hidden.dtype),
+        torch.where(bad, 0, counts),
+        torch.where(bad[:, None], -1, fires),
+        torch.where(bad, prefix, new_prefix),
+        torch.where(bad, tokens, new_tokens),
+        torch.where(bad, frames, new_frames),
+        torch.where(bad[:, None], partial, new_partial),
+    )
 
 
 def export_decompositions():

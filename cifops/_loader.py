@@ -1,4 +1,5 @@
 """Loading the compiled operator library, with errors that say how to rebuild."""
+
 import importlib
 import os
 import struct
@@ -27,17 +28,18 @@ def load_library():
                 f"cifops: cifops._C was compiled by a newer C++ compiler than the libstdc++ "
                 f"torch runs with ({text}). Rebuild it with an older compiler (CXX=g++-N, N "
                 f"no newer than the GCC of that libstdc++): `CXX=g++-N pip install "
-                f"--no-build-isolation -e .`.") from exc
+                f"--no-build-isolation -e .`."
+            ) from exc
         if "undefined symbol" in text or "cannot open shared object" in text:
             raise ImportError(
-                f"cifops: the compiled library cifops._C does not match torch {torch.__version__} "
-                f"({text}). {_REBUILD}") from exc
-        raise ImportError(f"cifops: the compiled library cifops._C is missing ({text}). "
-                          f"{_REBUILD}") from exc
+                f"cifops: the compiled library cifops._C does not match torch {torch.__version__} ({text}). {_REBUILD}"
+            ) from exc
+        raise ImportError(f"cifops: the compiled library cifops._C is missing ({text}). {_REBUILD}") from exc
     if module.torch_version != torch.__version__:
         raise ImportError(
             f"cifops: cifops._C was built against torch {module.torch_version} but torch "
-            f"{torch.__version__} is imported. {_REBUILD}")
+            f"{torch.__version__} is imported. {_REBUILD}"
+        )
     check_runtime(getattr(module, "__file__", None))
     _C = module
     return module
@@ -53,9 +55,11 @@ def check_runtime(path):
     except (OSError, ValueError, struct.error):  # unreadable or unexpected: not our call
         return
     if private:
-        raise ImportError(f"cifops: {_runtime_check.describe(path, private)} Rebuild it with "
-                          f"the current setup.py, which links the shared runtime: "
-                          f"`pip install --no-build-isolation -e .`.")
+        raise ImportError(
+            f"cifops: {_runtime_check.describe(path, private)} Rebuild it with "
+            f"the current setup.py, which links the shared runtime: "
+            f"`pip install --no-build-isolation -e .`."
+        )
 
 
 def build_info():

@@ -11,6 +11,7 @@ runs :func:`private_runtime_symbols` on the result and refuses it if needed).
 
 Pure Python, no torch import: setup.py loads this file by path.
 """
+
 import struct
 
 # Symbols that only the C++ runtime libraries define: if the extension defines one,
@@ -49,10 +50,9 @@ def elf_summary(path):
         data = f.read()
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return None
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
-                for i in range(shnum)]
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
     wanted = {name.encode() for name in RUNTIME_SYMBOLS}
     needed, defined = [], set()
     for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
@@ -85,8 +85,10 @@ def private_runtime_symbols(path):
 
 def describe(path, private):
     libraries = sorted(set(private.values()))
-    return (f"{path} carries its own copy of {', '.join(libraries)} (it defines "
-            f"{', '.join(sorted(private))}): the C++ runtime was linked statically. C++ "
-            f"exceptions raised by cifops (every argument check) would then cross between "
-            f"two C++ runtimes and kill Python (SIGSEGV/SIGABRT) instead of raising "
-            f"RuntimeError.")
+    return (
+        f"{path} carries its own copy of {', '.join(libraries)} (it defines "
+        f"{', '.join(sorted(private))}): the C++ runtime was linked statically. C++ "
+        f"exceptions raised by cifops (every argument check) would then cross between "
+        f"two C++ runtimes and kill Python (SIGSEGV/SIGABRT) instead of raising "
+        f"RuntimeError."
+    )

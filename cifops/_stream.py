@@ -14,6 +14,7 @@ For every chunking, the tokens of the steps followed by the flush are those of
 count and fire frames (the float64 prefix sum continues across chunks in the same
 order), embeddings equal up to float rounding (docs/cif-semantics.md, "Streaming").
 """
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -57,13 +58,17 @@ class CifStreamState(_StateTensors):
 # this checks what its shapes need and that the tensors are on one device (a meta argument
 # among real ones also comes here, and would get uninitialised real tensors back).
 @torch.library.register_fake("cifops::cif_stream_step")
-def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold,
-                          max_tokens):
+def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, partial, threshold, max_tokens):
     fn = "cifops.cif_stream_step"
     check_rank(fn, "hidden", hidden, 3, "[B, Tc, D]")
-    check_same_device(fn, "hidden", hidden, alphas=alphas, lengths=lengths,
-                      **{"state.prefix": prefix, "state.tokens": tokens, "state.frames": frames,
-                         "state.partial": partial})
+    check_same_device(
+        fn,
+        "hidden",
+        hidden,
+        alphas=alphas,
+        lengths=lengths,
+        **{"state.prefix": prefix, "state.tokens": tokens, "state.frames": frames, "state.partial": partial},
+    )
     B, _, D = hidden.shape
     if max_tokens >= 0:
         n = max_tokens
@@ -72,43 +77,52 @@ def _cif_stream_step_fake(hidden, alphas, lengths, prefix, tokens, frames, parti
             n = torch.library.get_ctx().new_dynamic_size()
         except RuntimeError as exc:  # meta tensors, not FakeTensors
             raise RuntimeError("cifops.cif_stream_step: meta tensors need max_tokens") from exc
-    return (hidden.new_empty((B, n, D)), hidden.new_empty((B,), dtype=torch.int64),
-            hidden.new_empty((B, n), dtype=torch.int64), torch.empty_like(prefix),
-            torch.empty_like(tokens), torch.empty_like(frames), torch.empty_like(partial))
+    return (
+        hidden.new_empty((B, n, D)),
+        hidden.new_empty((B,), dtype=torch.int64),
+        hidden.new_empty((B, n), dtype=torch.int64),
+        torch.empty_like(prefix),
+        torch.empty_like(tokens),
+        torch.empty_like(frames),
+        torch.empty_like(partial),
+    )
 
 
 def _no_gradients(ctx, *grads):
-    raise RuntimeError("cifops.cif_stream_step: streaming CIF is for inference and has no "
-                       "gradients; train with cifops.cif on whole utterances (its results "
-                       "are the same), or call the step under torch.no_grad()")
+    raise RuntimeError(
+        "cifops.cif_stream_step: streaming CIF is for inference and has no "
+        "gradients; train with cifops.cif on whole utterances (its results "
+        "are the same), or call the step under torch.no_grad()"
+    )
 
 
 def _setup_nothing(ctx, inputs, output):
     pass
 
 
-torch.library.register_autograd("cifops::cif_stream_step", _no_gradients,
-                                setup_context=_setup_nothing)
+torch.library.register_autograd("cifops::cif_stream_step", _no_gradients, setup_context=_setup_nothing)
 
 
-def cif_stream_state(batch: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                     device=None) -> CifStreamState:
+def cif_stream_state(batch: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None) -> CifStreamState:
     """The state of ``batch`` fresh utterances with ``dim``-dimensional frames in ``dtype``
     (what ``cif_stream_step(..., state=None)`` starts from)."""
     if dtype not in FLOAT_DTYPES:
-        raise ValueError("cifops.cif_stream_state: dtype must be float16, bfloat16, float32 or "
-                         f"float64, got {dtype}")
+        raise ValueError(f"cifops.cif_stream_state: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     acc = compute_dtype(dtype)
-    return CifStreamState(torch.zeros(batch, dtype=torch.float64, device=device),
-                          torch.zeros(batch, dtype=torch.int64, device=device),
-                          torch.zeros(batch, dtype=torch.int64, device=device),
-                          torch.zeros(batch, dim, dtype=acc, device=device))
+    return CifStreamState(
+        torch.zeros(batch, dtype=torch.float64, device=device),
+        torch.zeros(batch, dtype=torch.int64, device=device),
+        torch.zeros(batch, dtype=torch.int64, device=device),
+        torch.zeros(batch, dim, dtype=acc, device=device),
+    )
 
 
 def _check_state(fn, state):
     if not isinstance(state, tuple) or len(state) != 4:
-        raise TypeError(f"{fn}: state must be the CifStreamState a previous step returned "
-                        f"(or None to start), got {type(state).__name__}")
+        raise TypeError(
+            f"{fn}: state must be the CifStreamState a previous step returned "
+            f"(or None to start), got {type(state).__name__}"
+        )
     for name, x in zip(CifStreamState._fields, state):
         check_tensor(fn, f"state.{name}", x)
     return state if type(state) is CifStreamState else CifStreamState(*state)
@@ -122,9 +136,11 @@ def _stream_threshold(fn, threshold, state):
         return 1.0 if recorded is None else recorded
     threshold = _float_arg(fn, "threshold", threshold)
     if recorded is not None and threshold != recorded:
-        raise ValueError(f"{fn}: threshold={threshold} but the state was made by steps at "
-                         f"threshold={recorded}: a stream keeps one threshold (pass the same, "
-                         f"or none to use the state's)")
+        raise ValueError(
+            f"{fn}: threshold={threshold} but the state was made by steps at "
+            f"threshold={recorded}: a stream keeps one threshold (pass the same, "
+            f"or none to use the state's)"
+        )
     return threshold
 
 
@@ -146,13 +162,17 @@ def _check_state_values(fn, state, error, threshold):
     elif code == _STATE["bad_prefix"]:
         message = f"state.prefix[{b}] = {prefix:g} must be finite and >= 0{edited}"
     elif code == _STATE["prefix_no_frames"]:
-        message = (f"state.prefix[{b}] = {prefix:g} but state.frames[{b}] = 0: a stream that "
-                   f"has seen no frame has prefix 0 (a recycled batch slot? start a new "
-                   f"utterance from cifops.cif_stream_state's zeros)")
+        message = (
+            f"state.prefix[{b}] = {prefix:g} but state.frames[{b}] = 0: a stream that "
+            f"has seen no frame has prefix 0 (a recycled batch slot? start a new "
+            f"utterance from cifops.cif_stream_state's zeros)"
+        )
     else:
-        message = (f"state.prefix[{b}] = {prefix:g} and state.tokens[{b}] = {tokens} disagree "
-                   f"at threshold {threshold:g}: a step leaves tokens = the number of "
-                   f"thresholds in prefix (from steps at another threshold, or edited?)")
+        message = (
+            f"state.prefix[{b}] = {prefix:g} and state.tokens[{b}] = {tokens} disagree "
+            f"at threshold {threshold:g}: a step leaves tokens = the number of "
+            f"thresholds in prefix (from steps at another threshold, or edited?)"
+        )
     raise ValueError(f"{fn}: {message}")
 
 
@@ -161,27 +181,38 @@ def _check_state_tensors(fn, state):
     [B, D], dtypes float64, int64, int64 and float32/float64, naming the field."""
     devices = {name: x.device for name, x in zip(state._fields, state)}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"{fn}: the state's tensors must be on one device, got "
-                         + ", ".join(f"state.{n} on {d}" for n, d in devices.items()))
+        raise ValueError(
+            f"{fn}: the state's tensors must be on one device, got "
+            + ", ".join(f"state.{n} on {d}" for n, d in devices.items())
+        )
     B = state.prefix.shape[0] if state.prefix.dim() == 1 else None
-    for name, x, dtypes in (("prefix", state.prefix, (torch.float64,)),
-                            ("tokens", state.tokens, (torch.int64,)),
-                            ("frames", state.frames, (torch.int64,)),
-                            ("partial", state.partial, (torch.float32, torch.float64))):
+    for name, x, dtypes in (
+        ("prefix", state.prefix, (torch.float64,)),
+        ("tokens", state.tokens, (torch.int64,)),
+        ("frames", state.frames, (torch.int64,)),
+        ("partial", state.partial, (torch.float32, torch.float64)),
+    ):
         dims = 2 if name == "partial" else 1
         if x.dim() != dims or (B is not None and x.shape[0] != B):
             want = "[B, D]" if dims == 2 else "[B]"
-            raise ValueError(f"{fn}: state.{name} must have shape {want} with B = "
-                             f"{B if B is not None else 'len(state.prefix)'}, got "
-                             f"{list(x.shape)}")
+            raise ValueError(
+                f"{fn}: state.{name} must have shape {want} with B = "
+                f"{B if B is not None else 'len(state.prefix)'}, got "
+                f"{list(x.shape)}"
+            )
         if x.dtype not in dtypes:
-            raise ValueError(f"{fn}: state.{name} must be "
-                             f"{' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
+            raise ValueError(f"{fn}: state.{name} must be {' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
 
 
-def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None,
-                    state: Optional[CifStreamState] = None, *,
-                    threshold: Optional[float] = None, max_tokens: Optional[int] = None):
+def cif_stream_step(
+    hidden: Tensor,
+    alphas: Tensor,
+    lengths: Optional[Tensor] = None,
+    state: Optional[CifStreamState] = None,
+    *,
+    threshold: Optional[float] = None,
+    max_tokens: Optional[int] = None,
+):
     r"""Integrate the next chunk of a batch of streams; returns ``(CifOutput, new state)``.
 
     Args:
@@ -220,14 +251,11 @@ def cif_stream_step(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = 
     check_tensor(fn, "alphas", alphas)
     check_tensor(fn, "lengths", lengths, optional=True)
     if hidden.dim() != 3:
-        raise ValueError(f"{fn}: hidden must be a 3-D tensor [B, Tc, D], got shape "
-                         f"{tuple(hidden.shape)}")
+        raise ValueError(f"{fn}: hidden must be a 3-D tensor [B, Tc, D], got shape {tuple(hidden.shape)}")
     if state is None:
         if hidden.dtype not in FLOAT_DTYPES:  # else the op says it; here the default state would
-            raise ValueError(f"{fn}: hidden must be float16, bfloat16, float32 or float64, got "
-                             f"{hidden.dtype}")
-        state = cif_stream_state(hidden.shape[0], hidden.shape[2], dtype=hidden.dtype,
-                                 device=hidden.device)
+            raise ValueError(f"{fn}: hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+        state = cif_stream_state(hidden.shape[0], hidden.shape[2], dtype=hidden.dtype, device=hidden.device)
     state = _check_state(fn, state)  # devices, shapes, dtypes and values: checked by the op
     threshold = _stream_threshold(fn, threshold, state)
     n = _max_tokens(max_tokens, fn)
@@ -242,9 +270,13 @@ def _alpha_sum(state):
     return state.prefix.to(state.partial.dtype)
 
 
-def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None,
-                     tail_threshold: Optional[float] = None,
-                     tail_mode: str = "normalize") -> CifOutput:
+def cif_stream_flush(
+    state: CifStreamState,
+    *,
+    threshold: Optional[float] = None,
+    tail_threshold: Optional[float] = None,
+    tail_mode: str = "normalize",
+) -> CifOutput:
     """The tail token of each stream, under the contract's tail rule (cifops.cif).
 
     The residual ``r = prefix - tokens * threshold`` is emitted as one more token when
@@ -273,14 +305,15 @@ def cif_stream_flush(state: CifStreamState, *, threshold: Optional[float] = None
     if tail_threshold is not None:
         tail_threshold = _float_arg(fn, "tail_threshold", tail_threshold)
         if not 0 <= tail_threshold < float("inf"):
-            raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got "
-                             f"{tail_threshold}")
-    embed, has_tail, frame = cif_tail(*state, threshold, tail_threshold,
-                                      tail_mode == "normalize", state.partial.dtype)
+            raise ValueError(f"{fn}: tail_threshold must be a finite number >= 0 or None, got {tail_threshold}")
+    embed, has_tail, frame = cif_tail(*state, threshold, tail_threshold, tail_mode == "normalize", state.partial.dtype)
     ok = error == 0  # in a graph, which cannot raise: a bad state emits no tail
-    return CifOutput(torch.where(ok[:, None], embed, 0.0).unsqueeze(1),
-                     (has_tail & ok).to(torch.int64), torch.where(ok, frame, -1).unsqueeze(1),
-                     _alpha_sum(state))
+    return CifOutput(
+        torch.where(ok[:, None], embed, 0.0).unsqueeze(1),
+        (has_tail & ok).to(torch.int64),
+        torch.where(ok, frame, -1).unsqueeze(1),
+        _alpha_sum(state),
+    )
 
 
 class CifStream(torch.nn.Module):
@@ -289,12 +322,16 @@ class CifStream(torch.nn.Module):
     next batch of utterances. The settings are those of :func:`cif_stream_step` and
     :func:`cif_stream_flush`."""
 
-    def __init__(self, threshold: float = 1.0, tail_threshold: Optional[float] = None,
-                 tail_mode: str = "normalize", max_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        threshold: float = 1.0,
+        tail_threshold: Optional[float] = None,
+        tail_mode: str = "normalize",
+        max_tokens: Optional[int] = None,
+    ):
         super().__init__()
         if tail_mode not in _TAIL_MODES:
-            raise ValueError("cifops.CifStream: tail_mode must be 'keep' or 'normalize', got "
-                             f"{tail_mode!r}")
+            raise ValueError(f"cifops.CifStream: tail_mode must be 'keep' or 'normalize', got {tail_mode!r}")
         self.threshold = threshold
         self.tail_threshold = tail_threshold
         self.tail_mode = tail_mode
@@ -302,10 +339,10 @@ class CifStream(torch.nn.Module):
         self.state: Optional[CifStreamState] = None
         self._dtype: Optional[torch.dtype] = None
 
-    def forward(self, hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None
-                ) -> CifOutput:
-        out, self.state = cif_stream_step(hidden, alphas, lengths, self.state,
-                                          threshold=self.threshold, max_tokens=self.max_tokens)
+    def forward(self, hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None) -> CifOutput:
+        out, self.state = cif_stream_step(
+            hidden, alphas, lengths, self.state, threshold=self.threshold, max_tokens=self.max_tokens
+        )
         self._dtype = hidden.dtype
         return out
 
@@ -313,10 +350,10 @@ class CifStream(torch.nn.Module):
         """The tail tokens of the current utterances (see :func:`cif_stream_flush`), in the
         chunks' dtype."""
         if self.state is None:
-            raise RuntimeError("cifops.CifStream.flush: no chunk has been integrated since the "
-                               "last reset")
-        out = cif_stream_flush(self.state, threshold=self.threshold,
-                               tail_threshold=self.tail_threshold, tail_mode=self.tail_mode)
+            raise RuntimeError("cifops.CifStream.flush: no chunk has been integrated since the last reset")
+        out = cif_stream_flush(
+            self.state, threshold=self.threshold, tail_threshold=self.tail_threshold, tail_mode=self.tail_mode
+        )
         return out._replace(embeds=out.embeds.to(self._dtype))  # hidden's dtype, as cif's
 
     def reset(self) -> None:
@@ -325,5 +362,7 @@ class CifStream(torch.nn.Module):
         self._dtype = None
 
     def extra_repr(self) -> str:
-        return (f"threshold={self.threshold}, tail_threshold={self.tail_threshold}, "
-                f"tail_mode={self.tail_mode!r}, max_tokens={self.max_tokens}")
+        return (
+            f"threshold={self.threshold}, tail_threshold={self.tail_threshold}, "
+            f"tail_mode={self.tail_mode!r}, max_tokens={self.max_tokens}"
+        )

@@ -14,6 +14,7 @@ before it to the number fired by its end (``>=`` firing), and each overlap
 where it moves when the prefix sums grow (``P_{t+1}`` while below ``(k+1) beta``,
 ``P_t`` from ``k beta`` on), even where the overlap is zero.
 """
+
 from typing import Optional
 
 import torch
@@ -22,10 +23,18 @@ from torch import Tensor
 from cifops._cif import CifOutput
 
 
-def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = None, *,
-                  threshold: float = 1.0, target_lengths: Optional[Tensor] = None,
-                  scale_eps: float = 1e-4, tail_threshold: Optional[float] = None,
-                  tail_mode: str = "normalize", max_tokens: Optional[int] = None) -> CifOutput:
+def cif_reference(
+    hidden: Tensor,
+    alphas: Tensor,
+    lengths: Optional[Tensor] = None,
+    *,
+    threshold: float = 1.0,
+    target_lengths: Optional[Tensor] = None,
+    scale_eps: float = 1e-4,
+    tail_threshold: Optional[float] = None,
+    tail_mode: str = "normalize",
+    max_tokens: Optional[int] = None,
+) -> CifOutput:
     """Same signature and outputs as :func:`cifops.cif`, computed in float64 on the CPU."""
     B, T, D = hidden.shape
     beta = float(threshold)
@@ -57,6 +66,7 @@ def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = No
         n = 0
         while (n + 1) * beta <= p[-1]:
             n += 1
+
         def fired(x):  # tokens fired once the prefix sum reaches x (>= firing)
             count = 0
             while (count + 1) * beta <= x:
@@ -64,8 +74,7 @@ def cif_reference(hidden: Tensor, alphas: Tensor, lengths: Optional[Tensor] = No
             return count
 
         def weight(t, k):  # overlap of frame t with token k, right-hand at ties
-            hi = prefix[t + 1] if p[t + 1] < (k + 1) * beta else prefix[0].new_tensor(
-                (k + 1) * beta)
+            hi = prefix[t + 1] if p[t + 1] < (k + 1) * beta else prefix[0].new_tensor((k + 1) * beta)
             lo = prefix[t] if p[t] >= k * beta else prefix[0].new_tensor(k * beta)
             return hi - lo
 

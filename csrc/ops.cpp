@@ -11,8 +11,8 @@
 #include <initializer_list>
 #include <utility>
 
-#include "cif/cif.h"                     // kRowReal, kRowInfo, CifStatus, cif_workspace_size
-#include "common/host.h"                 // compute_type
+#include "cif/cif.h"                       // kRowReal, kRowInfo, CifStatus, cif_workspace_size
+#include "common/host.h"                   // compute_type
 #include "contrastive/contrastive_host.h"  // kStatRows, contrastive_fuses_student_grad
 
 #ifndef CIFOPS_TORCH_VERSION
@@ -146,9 +146,10 @@ static PyObject* int_dict(std::initializer_list<std::pair<const char*, long>> it
 }
 
 static PyObject* compute_dtypes() {
-  const std::pair<at::ScalarType, const char*> names[] = {
-      {at::kHalf, "float16"}, {at::kBFloat16, "bfloat16"}, {at::kFloat, "float32"},
-      {at::kDouble, "float64"}};
+  const std::pair<at::ScalarType, const char*> names[] = {{at::kHalf, "float16"},
+                                                          {at::kBFloat16, "bfloat16"},
+                                                          {at::kFloat, "float32"},
+                                                          {at::kDouble, "float64"}};
   auto name = [&](at::ScalarType t) {
     for (const auto& [type, type_name] : names)
       if (type == t) return type_name;
@@ -197,16 +198,19 @@ extern "C" PyObject* PyInit__C(void) {
   using namespace cifops;
   const std::pair<const char*, PyObject*> objects[] = {
       {"compute_dtypes", compute_dtypes()},
-      {"cif_status", int_dict({{"ok", kCifOk}, {"bad_alpha", kCifBadAlpha},
-                               {"bad_length", kCifBadLength}, {"bad_target", kCifBadTarget},
+      {"cif_status", int_dict({{"ok", kCifOk},
+                               {"bad_alpha", kCifBadAlpha},
+                               {"bad_length", kCifBadLength},
+                               {"bad_target", kCifBadTarget},
                                {"zero_sum_target", kCifZeroSumTarget},
                                {"too_many_tokens", kCifTooManyTokens},
                                {"bad_stream_state", kCifBadStreamState}})},
-      {"cif_stream_state_error",
-       int_dict({{"ok", kStateOk}, {"negative_frames", kStateNegativeFrames},
-                 {"negative_tokens", kStateNegativeTokens}, {"bad_prefix", kStateBadPrefix},
-                 {"prefix_no_frames", kStatePrefixNoFrames},
-                 {"tokens_disagree", kStateTokensDisagree}})}};
+      {"cif_stream_state_error", int_dict({{"ok", kStateOk},
+                                           {"negative_frames", kStateNegativeFrames},
+                                           {"negative_tokens", kStateNegativeTokens},
+                                           {"bad_prefix", kStateBadPrefix},
+                                           {"prefix_no_frames", kStatePrefixNoFrames},
+                                           {"tokens_disagree", kStateTokensDisagree}})}};
   bool added = true;
   for (const auto& [name, object] : objects) {
     added = added && object != nullptr && PyModule_AddObjectRef(m, name, object) == 0;

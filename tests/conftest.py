@@ -6,10 +6,10 @@ from hypothesis import HealthCheck, settings
 
 # "ci" (the default) draws the same examples every run, so that a CI run is repeatable;
 # "thorough" draws new ones: run it to explore (HYPOTHESIS_PROFILE=thorough)
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,10 +30,17 @@ def assert_cuda_emulation_passes(folder, build_dir, timeout=900):
     if int(version.split(".")[0] or 0) < 12:
         pytest.skip(f"needs g++ >= 12 (C++20 <source_location>), found {version}")
     script = os.path.join(os.path.dirname(__file__), "native", folder, "run.sh")
-    out = subprocess.run(["bash", script, str(build_dir)], capture_output=True, text=True,
-                         timeout=timeout, env=dict(os.environ, PYTHON=sys.executable))
+    out = subprocess.run(
+        ["bash", script, str(build_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     lines = out.stdout.splitlines()
     report = [line for line in lines if "FAIL" in line] + [
-        line for line in out.stderr.splitlines() if "ERROR" in line or "error" in line]
+        line for line in out.stderr.splitlines() if "ERROR" in line or "error" in line
+    ]
     assert out.returncode == 0 and lines and lines[-1].endswith("-> PASS"), (
-        "\n".join(report[:80]) or out.stdout[-3000:] + out.stderr[-3000:])
+        "\n".join(report[:80]) or out.stdout[-3000:] + out.stderr[-3000:]
+    )

@@ -6,6 +6,7 @@ statically, as a relocated compiler without libstdc++.so does) kills the process
 instead (SIGSEGV on torch 2.11 with g++ 13.3, whose libstdc++ differs from the one
 torch runs with); setup.py and the loader refuse such a library (cifops/_runtime_check.py).
 """
+
 import os
 import shutil
 import signal
@@ -58,18 +59,22 @@ EXPECTED = {
 
 
 def test_cpp_errors_raise_runtime_error_and_the_process_lives():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(cifops.__file__))] +
-        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, "-c", ERRORING_CALLS], capture_output=True,
-                          text=True, timeout=600, env=env)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(cifops.__file__))]
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
+    proc = subprocess.run([sys.executable, "-c", ERRORING_CALLS], capture_output=True, text=True, timeout=600, env=env)
     lines = proc.stdout.splitlines()
     if proc.returncode != 0:
-        how = (f"died of {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exited {proc.returncode}")
-        pytest.fail(f"the process {how} after {len(lines)} of the erroring calls (output: "
-                    f"{lines}); stderr: {proc.stderr[-1500:]} (benchmarks/abort_probe.py "
-                    "tells why)")
+        how = f"died of {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exited {proc.returncode}"
+        pytest.fail(
+            f"the process {how} after {len(lines)} of the erroring calls (output: "
+            f"{lines}); stderr: {proc.stderr[-1500:]} (benchmarks/abort_probe.py "
+            "tells why)"
+        )
     assert lines[-1] == "done"
     results = dict(line.split(" ", 1) for line in lines[:-1])
     assert set(results) <= set(EXPECTED) and len(results) >= 5, results
@@ -97,11 +102,14 @@ def _compile(tmp_path, name, *flags):
     if compiler is None:
         pytest.skip("no C++ compiler")
     source = tmp_path / "thrower.cpp"
-    source.write_text('#include <stdexcept>\n'
-                      'void cifops_test_fail() { throw std::runtime_error("x"); }\n')
+    source.write_text('#include <stdexcept>\nvoid cifops_test_fail() { throw std::runtime_error("x"); }\n')
     out = tmp_path / name
-    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", *flags, str(source), "-o",
-                           str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O1", *flags, str(source), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         pytest.skip(f"{compiler} {' '.join(flags)} cannot link: {proc.stderr[-300:]}")
     return str(out)
@@ -112,8 +120,7 @@ def static_runtime_library(tmp_path_factory):
     return _compile(tmp_path_factory.mktemp("static"), "libstatic.so", "-static-libstdc++")
 
 
-def test_runtime_check_tells_a_static_runtime_from_a_shared_one(tmp_path,
-                                                                static_runtime_library):
+def test_runtime_check_tells_a_static_runtime_from_a_shared_one(tmp_path, static_runtime_library):
     shared = _compile(tmp_path, "libshared.so")
     if _runtime_check.elf_summary(shared) is None:
         pytest.skip("not a 64-bit ELF platform")
@@ -136,8 +143,7 @@ def test_loader_refuses_a_library_with_its_own_cxx_runtime(monkeypatch, static_r
 
 def test_loader_names_a_compiler_newer_than_the_runtime(monkeypatch):
     def newer(name):
-        raise ImportError("/usr/lib/libstdc++.so.6: version `GLIBCXX_3.4.32' not found "
-                          "(required by _C.so)")
+        raise ImportError("/usr/lib/libstdc++.so.6: version `GLIBCXX_3.4.32' not found (required by _C.so)")
 
     monkeypatch.setattr(_loader, "_C", None)
     monkeypatch.setattr(_loader.importlib, "import_module", newer)
@@ -161,10 +167,12 @@ def test_avx2_instructions_stay_in_the_avx2_build():
     kernels it chose not to use. So no function outside the avx2 namespace has a VEX
     (v-prefixed) instruction."""
     import platform
+
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the avx2 build exists on x86-64 only")
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", cifops._C.__file__],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", cifops._C.__file__], capture_output=True, text=True, check=True
+    ).stdout
     function, with_avx, outside = None, set(), set()
     for line in out.splitlines():
         if line.endswith(">:"):

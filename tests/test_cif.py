@@ -1,5 +1,6 @@
 """cifops.cif against the literal float64 reference (cifops/reference.py), plus
 gradcheck, opcheck, torch.compile, dtypes, layouts and input errors."""
+
 import math
 
 import pytest
@@ -25,8 +26,9 @@ def cif_cases(draw, positive=False):
         alpha_values = st.floats(0.05, 2.5)
     else:
         alpha_values = st.one_of(st.sampled_from(DYADIC), st.floats(0.0, 2.5), st.just(0.0))
-    alphas = torch.tensor(draw(st.lists(st.lists(alpha_values, min_size=T, max_size=T),
-                                        min_size=B, max_size=B)), dtype=torch.float64)
+    alphas = torch.tensor(
+        draw(st.lists(st.lists(alpha_values, min_size=T, max_size=T), min_size=B, max_size=B)), dtype=torch.float64
+    )
     if not positive and draw(st.booleans()):
         alphas[draw(st.integers(0, B - 1))] = 0.0  # an all-zero row
     lengths = None
@@ -36,17 +38,15 @@ def cif_cases(draw, positive=False):
     opts = dict(threshold=draw(st.sampled_from(THRESHOLDS)))
     if draw(st.booleans()):
         L = lengths if lengths is not None else torch.full((B,), T)
-        sums = [float(alphas[b, :int(L[b])].sum()) for b in range(B)]
-        opts["target_lengths"] = torch.tensor(
-            [draw(st.integers(0, 5)) if s > 0 else 0 for s in sums])
+        sums = [float(alphas[b, : int(L[b])].sum()) for b in range(B)]
+        opts["target_lengths"] = torch.tensor([draw(st.integers(0, 5)) if s > 0 else 0 for s in sums])
     if draw(st.booleans()):
         opts["tail_threshold"] = draw(st.sampled_from([0.0, 0.1, 0.25, 0.5]))
         opts["tail_mode"] = draw(st.sampled_from(["keep", "normalize"]))
     if draw(st.booleans()):
         opts["max_tokens"] = draw(st.integers(0, 6))
     seed = draw(st.integers(0, 2**16))
-    hidden = torch.randn(B, T, D, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(seed))
+    hidden = torch.randn(B, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     return hidden, alphas, lengths, opts
 
 
@@ -60,8 +60,7 @@ def assert_same(out, ref, rtol=1e-9, atol=1e-9):
 @given(cif_cases())
 def test_matches_reference(case):
     hidden, alphas, lengths, opts = case
-    assert_same(cifops.cif(hidden, alphas, lengths, **opts),
-                cif_reference(hidden, alphas, lengths, **opts))
+    assert_same(cifops.cif(hidden, alphas, lengths, **opts), cif_reference(hidden, alphas, lengths, **opts))
 
 
 @given(cif_cases())
@@ -136,27 +135,32 @@ def test_reference_matches_kernel_on_many_random_cases():
         alphas = torch.where(kind == 1, pick * beta, torch.where(kind == 0, 0.0, alphas))
         lengths = torch.randint(0, T + 1, (B,), generator=g)
         hidden = torch.randn(B, T, D, dtype=torch.float64, generator=g)
-        rows = [alphas[b, :int(lengths[b])].tolist() for b in range(B)]
+        rows = [alphas[b, : int(lengths[b])].tolist() for b in range(B)]
         target = torch.randint(0, 7, (B,), generator=g)
         target = torch.where(torch.tensor([sum(r) > 0 for r in rows]), target, 0)
-        edge = [lambda r: r, lambda r: math.nextafter(r, math.inf),
-                lambda r: math.nextafter(r, -math.inf)][it % 3]
+        edge = [lambda r: r, lambda r: math.nextafter(r, math.inf), lambda r: math.nextafter(r, -math.inf)][it % 3]
         row = rows[it % B]
         scaled_tail = max(edge(_contract_residual(row, beta, int(target[it % B]))), 0.0)
-        for opts in (dict(target_lengths=target, scale_eps=0.0),
-                     dict(target_lengths=target, scale_eps=0.0, tail_threshold=scaled_tail,
-                          tail_mode=["keep", "normalize"][it % 2]),
-                     dict(tail_threshold=max(edge(_contract_residual(row, beta)), 0.0))):
-            assert_same(cifops.cif(hidden, alphas, lengths, threshold=beta, **opts),
-                        cif_reference(hidden, alphas, lengths, threshold=beta, **opts))
+        for opts in (
+            dict(target_lengths=target, scale_eps=0.0),
+            dict(
+                target_lengths=target,
+                scale_eps=0.0,
+                tail_threshold=scaled_tail,
+                tail_mode=["keep", "normalize"][it % 2],
+            ),
+            dict(tail_threshold=max(edge(_contract_residual(row, beta)), 0.0)),
+        ):
+            assert_same(
+                cifops.cif(hidden, alphas, lengths, threshold=beta, **opts),
+                cif_reference(hidden, alphas, lengths, threshold=beta, **opts),
+            )
             checked += B
     assert checked >= 7000
     # the example of issue 28: the kernel fires 3 tokens, the reference fired 2
-    alphas = torch.tensor([[0, 0, 0, 0.12100869417190552, 0.7260521650314331]],
-                          dtype=torch.float64)
+    alphas = torch.tensor([[0, 0, 0, 0.12100869417190552, 0.7260521650314331]], dtype=torch.float64)
     opts = dict(target_lengths=torch.tensor([3]), scale_eps=0.0)
-    assert cif_reference(torch.ones(1, 5, 1, dtype=torch.float64), alphas,
-                         **opts).token_lengths.tolist() == [3]
+    assert cif_reference(torch.ones(1, 5, 1, dtype=torch.float64), alphas, **opts).token_lengths.tolist() == [3]
 
 
 def test_known_values():
@@ -190,14 +194,17 @@ def test_target_lengths_fire_exactly():
     torch.testing.assert_close(out.alpha_sum, (alphas * valid).sum(1))
 
 
-@pytest.mark.parametrize("opts", [
-    dict(),
-    dict(tail_threshold=0.05),
-    dict(tail_threshold=0.05, tail_mode="keep"),
-    dict(target_lengths=torch.tensor([3, 2, 1])),
-    dict(target_lengths=torch.tensor([3, 2, 1]), threshold=0.8),
-    dict(threshold=0.6, tail_threshold=0.05, max_tokens=3),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(tail_threshold=0.05),
+        dict(tail_threshold=0.05, tail_mode="keep"),
+        dict(target_lengths=torch.tensor([3, 2, 1])),
+        dict(target_lengths=torch.tensor([3, 2, 1]), threshold=0.8),
+        dict(threshold=0.6, tail_threshold=0.05, max_tokens=3),
+    ],
+)
 def test_gradcheck(opts):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 7, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -233,12 +240,12 @@ def test_opcheck_forward(sample):
 
 def test_opcheck_backward():
     hidden, alphas, lengths, target, *rest = _opcheck_samples()[1]
-    scan_real, scan_int = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target,
-                                                       *rest)[4:]
+    scan_real, scan_int = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target, *rest)[4:]
     grad = torch.randn(2, 4, 3, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.cifops.cif_backward.default,
-                          (grad, torch.randn(2, dtype=torch.float64), hidden, alphas, scan_real,
-                           scan_int, 1.0, 1e-4, None, True))
+    torch.library.opcheck(
+        torch.ops.cifops.cif_backward.default,
+        (grad, torch.randn(2, dtype=torch.float64), hidden, alphas, scan_real, scan_int, 1.0, 1e-4, None, True),
+    )
 
 
 def test_compile_fullgraph():
@@ -283,13 +290,12 @@ def test_half_inputs(dtype):
 
 def test_non_contiguous_inputs():
     g = torch.Generator().manual_seed(4)
-    hidden = torch.randn(3, 16, 20, generator=g)[:, :, ::2]          # strided D
-    alphas = torch.rand(16, 3, generator=g).t()                       # transposed
+    hidden = torch.randn(3, 16, 20, generator=g)[:, :, ::2]  # strided D
+    alphas = torch.rand(16, 3, generator=g).t()  # transposed
     lengths = torch.tensor([[16, 9, 4]]).t()[:, 0]
     assert not hidden.is_contiguous() and not alphas.is_contiguous()
     out = cifops.cif(hidden, alphas, lengths, tail_threshold=0.2)
-    assert_same(out, cif_reference(hidden, alphas, lengths, tail_threshold=0.2),
-                rtol=1e-5, atol=1e-5)
+    assert_same(out, cif_reference(hidden, alphas, lengths, tail_threshold=0.2), rtol=1e-5, atol=1e-5)
 
 
 def test_integer_lengths_dtypes_and_empty_shapes():
@@ -327,41 +333,59 @@ def test_build_info():
         assert info["cuda_archs"]
 
 
-@pytest.mark.parametrize("make_args, match", [
-    (lambda: (torch.randn(2, 5), torch.rand(2, 5)), "hidden must be a 3-D tensor"),
-    (lambda: (torch.randn(2, 5, 3), torch.rand(2, 5, 1)), "alphas must be a 2-D tensor"),
-    (lambda: (torch.randn(2, 5, 3), torch.rand(2, 4)), r"alphas must have shape \[B, T\]"),
-    (lambda: (torch.ones(2, 5, 3, dtype=torch.int64), torch.rand(2, 5)), "hidden must be float16"),
-    (lambda: (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.int64)), "alphas must be float16"),
-    (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, -0.1, 0.2, 0.3, 0.1]] * 2)),
-     r"alphas must be finite and >= 0, got alphas\[0, 1\] = -0.1"),
-    (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, 0.1, 0.2, 0.3, 0.1],
-                                                  [0.1, 0.1, float("nan"), 0.3, 0.1]])),
-     r"alphas\[1, 2\] = nan"),
-    (lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, 0.1, float("inf"), 0.3, 0.1]] * 2)),
-     r"alphas\[0, 2\] = inf"),
-])
+@pytest.mark.parametrize(
+    "make_args, match",
+    [
+        (lambda: (torch.randn(2, 5), torch.rand(2, 5)), "hidden must be a 3-D tensor"),
+        (lambda: (torch.randn(2, 5, 3), torch.rand(2, 5, 1)), "alphas must be a 2-D tensor"),
+        (lambda: (torch.randn(2, 5, 3), torch.rand(2, 4)), r"alphas must have shape \[B, T\]"),
+        (lambda: (torch.ones(2, 5, 3, dtype=torch.int64), torch.rand(2, 5)), "hidden must be float16"),
+        (lambda: (torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.int64)), "alphas must be float16"),
+        (
+            lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, -0.1, 0.2, 0.3, 0.1]] * 2)),
+            r"alphas must be finite and >= 0, got alphas\[0, 1\] = -0.1",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 5, 3),
+                torch.tensor([[0.5, 0.1, 0.2, 0.3, 0.1], [0.1, 0.1, float("nan"), 0.3, 0.1]]),
+            ),
+            r"alphas\[1, 2\] = nan",
+        ),
+        (
+            lambda: (torch.randn(2, 5, 3), torch.tensor([[0.5, 0.1, float("inf"), 0.3, 0.1]] * 2)),
+            r"alphas\[0, 2\] = inf",
+        ),
+    ],
+)
 def test_bad_tensors(make_args, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
         cifops.cif(*make_args())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lengths=torch.tensor([5, 6])), r"lengths must be in \[0, T\] = \[0, 5\], got lengths\[1\] = 6"),
-    (dict(lengths=torch.tensor([-1, 5])), r"lengths\[0\] = -1"),
-    (dict(lengths=torch.tensor([5])), r"lengths must be a 1-D tensor \[B\]"),
-    (dict(lengths=torch.tensor([5.0, 4.0])), "lengths must be an integer tensor"),
-    (dict(threshold=0.0), "threshold must be a finite number > 0"),
-    (dict(threshold=float("nan")), "threshold must be a finite number > 0"),
-    (dict(tail_mode="drop"), "tail_mode must be 'keep' or 'normalize'"),
-    (dict(tail_threshold=-0.5), "tail_threshold must be"),
-    (dict(max_tokens=-2), r"max_tokens must be an int in \[0, 2\*\*63 - 1\] or None"),
-    (dict(scale_eps=1.5, target_lengths=torch.tensor([3, 2])),
-     r"scale_eps must be in \[0, threshold\) = \[0, 1\) when target_lengths is given"),
-    (dict(target_lengths=torch.tensor([3, -1])), r"target_lengths must be >= 0, got target_lengths\[1\] = -1"),
-    (dict(target_lengths=torch.tensor([3, 2]), lengths=torch.tensor([5, 0])),
-     r"target_lengths\[1\] = 2 but the valid alphas of utterance 1 sum to zero"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lengths=torch.tensor([5, 6])), r"lengths must be in \[0, T\] = \[0, 5\], got lengths\[1\] = 6"),
+        (dict(lengths=torch.tensor([-1, 5])), r"lengths\[0\] = -1"),
+        (dict(lengths=torch.tensor([5])), r"lengths must be a 1-D tensor \[B\]"),
+        (dict(lengths=torch.tensor([5.0, 4.0])), "lengths must be an integer tensor"),
+        (dict(threshold=0.0), "threshold must be a finite number > 0"),
+        (dict(threshold=float("nan")), "threshold must be a finite number > 0"),
+        (dict(tail_mode="drop"), "tail_mode must be 'keep' or 'normalize'"),
+        (dict(tail_threshold=-0.5), "tail_threshold must be"),
+        (dict(max_tokens=-2), r"max_tokens must be an int in \[0, 2\*\*63 - 1\] or None"),
+        (
+            dict(scale_eps=1.5, target_lengths=torch.tensor([3, 2])),
+            r"scale_eps must be in \[0, threshold\) = \[0, 1\) when target_lengths is given",
+        ),
+        (dict(target_lengths=torch.tensor([3, -1])), r"target_lengths must be >= 0, got target_lengths\[1\] = -1"),
+        (
+            dict(target_lengths=torch.tensor([3, 2]), lengths=torch.tensor([5, 0])),
+            r"target_lengths\[1\] = 2 but the valid alphas of utterance 1 sum to zero",
+        ),
+    ],
+)
 def test_bad_options(kwargs, match):
     hidden, alphas = torch.randn(2, 5, 3), torch.rand(2, 5) + 0.1
     lengths = kwargs.pop("lengths", None)
@@ -371,21 +395,24 @@ def test_bad_options(kwargs, match):
 
 def test_bad_input_to_backward_op():
     hidden, alphas = torch.randn(2, 5, 3), torch.rand(2, 5)
-    scan_real, scan_int = torch.ops.cifops.cif_forward(hidden, alphas, None, None, 1.0, 1e-4,
-                                                       None, True, 3)[4:]
+    scan_real, scan_int = torch.ops.cifops.cif_forward(hidden, alphas, None, None, 1.0, 1e-4, None, True, 3)[4:]
     with pytest.raises(RuntimeError, match="grad_embeds must have shape"):
-        torch.ops.cifops.cif_backward(torch.randn(2, 3, 4), None, hidden, alphas, scan_real,
-                                      scan_int, 1.0, 1e-4, None, True)
+        torch.ops.cifops.cif_backward(
+            torch.randn(2, 3, 4), None, hidden, alphas, scan_real, scan_int, 1.0, 1e-4, None, True
+        )
     # a workspace that is not this forward's (another T) is refused, naming it
     with pytest.raises(RuntimeError, match="scan_real must be the forward's"):
-        torch.ops.cifops.cif_backward(torch.randn(2, 3, 3), None, hidden, alphas,
-                                      scan_real[:-1], scan_int, 1.0, 1e-4, None, True)
+        torch.ops.cifops.cif_backward(
+            torch.randn(2, 3, 3), None, hidden, alphas, scan_real[:-1], scan_int, 1.0, 1e-4, None, True
+        )
     with pytest.raises(RuntimeError, match="scan_int must be the forward's"):
-        torch.ops.cifops.cif_backward(torch.randn(2, 3, 3), None, hidden, alphas, scan_real,
-                                      scan_int.float(), 1.0, 1e-4, None, True)
+        torch.ops.cifops.cif_backward(
+            torch.randn(2, 3, 3), None, hidden, alphas, scan_real, scan_int.float(), 1.0, 1e-4, None, True
+        )
 
 
 # --- CUDA -------------------------------------------------------------------------
+
 
 def _cuda_cases():
     g = torch.Generator().manual_seed(5)
@@ -400,9 +427,15 @@ def _cuda_cases():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("opts", [dict(), dict(tail_threshold=0.3),
-                                  dict(tail_threshold=0.2, tail_mode="keep", max_tokens=40),
-                                  dict(target_lengths="auto", threshold=0.9)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(tail_threshold=0.3),
+        dict(tail_threshold=0.2, tail_mode="keep", max_tokens=40),
+        dict(target_lengths="auto", threshold=0.9),
+    ],
+)
 def test_cuda_matches_cpu(dtype, opts):
     for hidden, alphas, lengths in _cuda_cases():
         kw = dict(opts)
@@ -413,8 +446,7 @@ def test_cuda_matches_cpu(dtype, opts):
         cpu = cifops.cif(h, a, lengths, **kw)
         hc = h.detach().cuda().requires_grad_()
         ac = alphas.cuda().requires_grad_()
-        gpu = cifops.cif(hc, ac, lengths.cuda(),
-                         **{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()})
+        gpu = cifops.cif(hc, ac, lengths.cuda(), **{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()})
         assert torch.equal(gpu.token_lengths.cpu(), cpu.token_lengths)
         assert torch.equal(gpu.fire_frames.cpu(), cpu.fire_frames)
         tol = dict(rtol=1e-2, atol=1e-2) if dtype in (torch.float16, torch.bfloat16) else {}
@@ -427,8 +459,7 @@ def test_cuda_matches_cpu(dtype, opts):
 
 
 def _scan_workspace(hidden, alphas, lengths, target, threshold=1.0, tail=None, max_tokens=-1):
-    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target, threshold, 1e-4, tail,
-                                       True, max_tokens)
+    out = torch.ops.cifops.cif_forward(hidden, alphas, lengths, target, threshold, 1e-4, tail, True, max_tokens)
     return out[4], out[5]
 
 
@@ -444,7 +475,8 @@ def test_cuda_scan_workspace_bitwise_equal_to_cpu(alpha_dtype):
     for B, T in [(3, 5), (4, 700), (3, 2500)]:
         alphas = (torch.rand(B, T, generator=g) * 1.2).to(alpha_dtype)
         alphas[0, : T // 2] = torch.tensor(DYADIC, dtype=alpha_dtype)[
-            torch.randint(len(DYADIC), (T // 2,), generator=g)]
+            torch.randint(len(DYADIC), (T // 2,), generator=g)
+        ]
         alphas[1, ::7] = 3.7  # multi-fire frames
         lengths = torch.randint(0, T + 1, (B,), generator=g)
         lengths[0] = T
@@ -452,8 +484,14 @@ def test_cuda_scan_workspace_bitwise_equal_to_cpu(alpha_dtype):
         for target in (None, torch.randint(0, 3 * T // 4 + 2, (B,), generator=g)):
             for threshold, tail in ((1.0, None), (0.75, 0.3)):
                 cpu = _scan_workspace(hidden, alphas, lengths, target, threshold, tail)
-                gpu = _scan_workspace(hidden.cuda(), alphas.cuda(), lengths.cuda(),
-                                      None if target is None else target.cuda(), threshold, tail)
+                gpu = _scan_workspace(
+                    hidden.cuda(),
+                    alphas.cuda(),
+                    lengths.cuda(),
+                    None if target is None else target.cuda(),
+                    threshold,
+                    tail,
+                )
                 assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
     # invalid utterances: a negative and a NaN weight, a length above T, a negative
     # target, a positive target over zero weights; max_tokens avoids the raise on CUDA
@@ -462,19 +500,21 @@ def test_cuda_scan_workspace_bitwise_equal_to_cpu(alpha_dtype):
     alphas[4] = 0.0
     lengths = torch.tensor([9, 9, 10, 9, 9])
     target = torch.tensor([2, 2, 2, -1, 3])
-    gpu = _scan_workspace(torch.randn(5, 9, 2).cuda(), alphas.cuda(), lengths.cuda(),
-                          target.cuda(), max_tokens=4)
+    gpu = _scan_workspace(torch.randn(5, 9, 2).cuda(), alphas.cuda(), lengths.cuda(), target.cuda(), max_tokens=4)
     cpu_rows = []
     for b in range(5):  # the CPU raises for a bad utterance, so compare row by row
         try:
-            cpu_rows.append(_scan_workspace(torch.randn(1, 9, 2), alphas[b:b + 1],
-                                            lengths[b:b + 1], target[b:b + 1], max_tokens=4))
+            cpu_rows.append(
+                _scan_workspace(
+                    torch.randn(1, 9, 2), alphas[b : b + 1], lengths[b : b + 1], target[b : b + 1], max_tokens=4
+                )
+            )
         except RuntimeError:
             cpu_rows.append(None)
     assert all(r is None for r in cpu_rows)
-    info = gpu[1].cpu()[5 * 9:].view(5, 7)
+    info = gpu[1].cpu()[5 * 9 :].view(5, 7)
     assert info[:, 4].tolist() == [1, 1, 2, 3, 4]  # CifStatus of each utterance
-    assert info[:, 5].tolist()[:2] == [4, 2]       # the offending frames
+    assert info[:, 5].tolist()[:2] == [4, 2]  # the offending frames
     assert torch.equal(info[:, 0], torch.zeros(5, dtype=torch.long))  # no tokens
 
 
@@ -490,15 +530,18 @@ def test_cuda_no_host_sync_with_max_tokens():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = cifops.cif(hidden, alphas, lengths, target_lengths=target, max_tokens=60,
-                         tail_threshold=0.4)
-        gh, ga = torch.autograd.grad((out.embeds * probe).sum() + out.alpha_sum.sum(),
-                                     (hidden, alphas))
+        out = cifops.cif(hidden, alphas, lengths, target_lengths=target, max_tokens=60, tail_threshold=0.4)
+        gh, ga = torch.autograd.grad((out.embeds * probe).sum() + out.alpha_sum.sum(), (hidden, alphas))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    cpu = cifops.cif(hidden.detach().cpu().requires_grad_(), alphas.detach().cpu(),
-                     lengths.cpu(), target_lengths=target.cpu(), max_tokens=60,
-                     tail_threshold=0.4)
+    cpu = cifops.cif(
+        hidden.detach().cpu().requires_grad_(),
+        alphas.detach().cpu(),
+        lengths.cpu(),
+        target_lengths=target.cpu(),
+        max_tokens=60,
+        tail_threshold=0.4,
+    )
     assert torch.equal(out.fire_frames.cpu(), cpu.fire_frames)
     assert torch.isfinite(gh).all() and torch.isfinite(ga).all()
 
@@ -516,8 +559,7 @@ def test_cuda_deterministic_and_large():
     for x, y in zip(*results):
         assert torch.equal(x, y)
     cpu = cifops.cif(hidden.detach().cpu()[:4], alphas.detach().cpu()[:4], tail_threshold=0.5)
-    torch.testing.assert_close(results[0][0][:4, : cpu.embeds.shape[1]].cpu(), cpu.embeds,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][0][:4, : cpu.embeds.shape[1]].cpu(), cpu.embeds, rtol=1e-4, atol=1e-4)
 
 
 @requires_cuda
@@ -586,8 +628,7 @@ def test_tiny_residual_tail_gradient_is_finite(device):
     # beta / r = 7e140 overflows float32 in the backward's dot products too (found by the
     # CUDA emulation): the alpha gradient of this single-frame tail is 0, not NaN.
     hidden = torch.tensor([[[1.5410]]], device=device, requires_grad=True)
-    alphas = torch.tensor([[1.4601e-141]], dtype=torch.float64, device=device,
-                          requires_grad=True)
+    alphas = torch.tensor([[1.4601e-141]], dtype=torch.float64, device=device, requires_grad=True)
     out = cifops.cif(hidden, alphas, tail_threshold=0.0)
     gh, ga = torch.autograd.grad(out.embeds.sum(), (hidden, alphas))
     assert ga.tolist() == [[0.0]] and torch.isfinite(gh).all()

@@ -1,5 +1,6 @@
 """cifops.cif_stream_step / cif_stream_flush / CifStream: a stream cut into any chunks
 gives the tokens of cifops.cif on the whole input (and of the float64 reference)."""
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -20,8 +21,9 @@ def stream_cases(draw):
     T = draw(st.integers(0, 12))
     D = draw(st.integers(1, 4))
     values = st.one_of(st.sampled_from(DYADIC), st.floats(0.0, 2.5))  # multi-fire above 1
-    alphas = torch.tensor(draw(st.lists(st.lists(values, min_size=T, max_size=T), min_size=B,
-                                        max_size=B)), dtype=torch.float64).reshape(B, T)
+    alphas = torch.tensor(
+        draw(st.lists(st.lists(values, min_size=T, max_size=T), min_size=B, max_size=B)), dtype=torch.float64
+    ).reshape(B, T)
     lengths = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
     cuts = sorted(draw(st.lists(st.integers(0, T), max_size=6)))
     bounds = [0] + cuts + [T]
@@ -29,13 +31,15 @@ def stream_cases(draw):
     if draw(st.booleans()):
         opts["tail_threshold"] = draw(st.sampled_from([0.0, 0.1, 0.5]))
         opts["tail_mode"] = draw(st.sampled_from(["keep", "normalize"]))
-    hidden = torch.randn(B, T, D, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    hidden = torch.randn(
+        B, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    )
     return hidden, alphas, lengths, bounds, opts
 
 
-def run_stream(hidden, alphas, lengths, bounds, threshold=1.0, tail_threshold=None,
-               tail_mode="normalize", max_tokens=None):
+def run_stream(
+    hidden, alphas, lengths, bounds, threshold=1.0, tail_threshold=None, tail_mode="normalize", max_tokens=None
+):
     """Feed the chunks [bounds[i], bounds[i+1]); return per utterance the list of
     (embedding, fire frame) of every step and the flush, and the final state."""
     B = hidden.shape[0]
@@ -43,13 +47,15 @@ def run_stream(hidden, alphas, lengths, bounds, threshold=1.0, tail_threshold=No
     state = None
     for s, e in zip(bounds[:-1], bounds[1:]):
         chunk_len = (lengths - s).clamp(0, e - s)
-        out, state = cifops.cif_stream_step(hidden[:, s:e], alphas[:, s:e], chunk_len, state,
-                                            threshold=threshold, max_tokens=max_tokens)
+        out, state = cifops.cif_stream_step(
+            hidden[:, s:e], alphas[:, s:e], chunk_len, state, threshold=threshold, max_tokens=max_tokens
+        )
         collect(tokens, out)
     if state is None:  # no chunk at all: a state of nothing
         state = cifops.cif_stream_state(B, hidden.shape[2], dtype=hidden.dtype)
-    collect(tokens, cifops.cif_stream_flush(state, threshold=threshold,
-                                            tail_threshold=tail_threshold, tail_mode=tail_mode))
+    collect(
+        tokens, cifops.cif_stream_flush(state, threshold=threshold, tail_threshold=tail_threshold, tail_mode=tail_mode)
+    )
     return tokens, state
 
 
@@ -97,7 +103,7 @@ def test_max_tokens_drops_only_that_chunks_overflow(case, max_tokens):
     tokens, _ = run_stream(hidden, alphas, lengths, bounds, max_tokens=max_tokens, **opts)
     whole = cifops.cif(hidden, alphas, lengths, **opts)
     for b in range(hidden.shape[0]):
-        fires = whole.fire_frames[b, :int(whole.token_lengths[b])].tolist()
+        fires = whole.fire_frames[b, : int(whole.token_lengths[b])].tolist()
         expected = []  # chunk by chunk: the first max_tokens tokens fired in the chunk
         for s, e in zip(bounds[:-1], bounds[1:]):
             expected += [j for j, f in enumerate(fires) if s <= f < e][:max_tokens]
@@ -128,8 +134,7 @@ def test_tail_matches_cif_keep_and_normalize():
     lengths = torch.tensor([20, 13, 7])
     for mode in ("keep", "normalize"):
         whole = cifops.cif(hidden, alphas, lengths, tail_threshold=0.0, tail_mode=mode)
-        tokens, _ = run_stream(hidden, alphas, lengths, [0, 5, 9, 20], tail_threshold=0.0,
-                               tail_mode=mode)
+        tokens, _ = run_stream(hidden, alphas, lengths, [0, 5, 9, 20], tail_threshold=0.0, tail_mode=mode)
         assert_tokens_equal(tokens, whole, rtol=1e-5, atol=1e-6)
 
 
@@ -140,12 +145,12 @@ def test_cif_stream_module_and_reset():
     stream = cifops.CifStream(tail_threshold=0.3, max_tokens=8)
     whole = cifops.cif(hidden, alphas, tail_threshold=0.3)
     for _ in range(2):  # reset makes the second pass start new utterances
-        outs = [stream(hidden[:, s:s + 8], alphas[:, s:s + 8]) for s in range(0, 30, 8)]
+        outs = [stream(hidden[:, s : s + 8], alphas[:, s : s + 8]) for s in range(0, 30, 8)]
         outs.append(stream.flush())
         assert outs[-1].embeds.dtype == torch.float16
         for b in range(2):
-            fires = sum((o.fire_frames[b, :int(o.token_lengths[b])].tolist() for o in outs), [])
-            assert fires == whole.fire_frames[b, :int(whole.token_lengths[b])].tolist()
+            fires = sum((o.fire_frames[b, : int(o.token_lengths[b])].tolist() for o in outs), [])
+            assert fires == whole.fire_frames[b, : int(whole.token_lengths[b])].tolist()
         stream.reset()
     with pytest.raises(RuntimeError, match="CifStream.flush: no chunk"):
         stream.flush()
@@ -164,16 +169,19 @@ def _state(B=2, D=3, **over):
     return s._replace(**over)
 
 
-@pytest.mark.parametrize("state, match", [
-    (_state(B=3), r"state.prefix must have shape \[B\] = \[2\]"),
-    (_state(D=4), r"state.partial must have shape \[B, D\] = \[2, 3\]"),
-    (_state(partial=torch.zeros(2, 3, dtype=torch.float64)), "state.partial must be Float"),
-    (_state(tokens=torch.zeros(2, dtype=torch.int32)), "state.tokens must be Long"),
-    (_state(prefix=torch.zeros(2, dtype=torch.float32)), "state.prefix must be Double"),
-    (_state(frames=torch.zeros(2, dtype=torch.int64, device="meta")), "state.frames is on meta"),
-    ((1, 2), "state must be the CifStreamState"),
-    (_state(prefix=[0.0, 0.0]), "state.prefix must be a Tensor"),
-])
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        (_state(B=3), r"state.prefix must have shape \[B\] = \[2\]"),
+        (_state(D=4), r"state.partial must have shape \[B, D\] = \[2, 3\]"),
+        (_state(partial=torch.zeros(2, 3, dtype=torch.float64)), "state.partial must be Float"),
+        (_state(tokens=torch.zeros(2, dtype=torch.int32)), "state.tokens must be Long"),
+        (_state(prefix=torch.zeros(2, dtype=torch.float32)), "state.prefix must be Double"),
+        (_state(frames=torch.zeros(2, dtype=torch.int64, device="meta")), "state.frames is on meta"),
+        ((1, 2), "state must be the CifStreamState"),
+        (_state(prefix=[0.0, 0.0]), "state.prefix must be a Tensor"),
+    ],
+)
 def test_bad_state_names_the_field(state, match):
     with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
         cifops.cif_stream_step(torch.zeros(2, 4, 3), torch.zeros(2, 4), None, state)
@@ -191,25 +199,29 @@ def test_fake_kernel_matches_the_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("max_tokens", [3, -1])    # the op's -1: no max_tokens
+@pytest.mark.parametrize("max_tokens", [3, -1])  # the op's -1: no max_tokens
 def test_opcheck_stream_step(dtype, max_tokens):
     """torch.library.opcheck of cifops::cif_stream_step (schema, fake kernel, autograd
     registration, torch.compile), from a fresh state and from a state mid-stream."""
     hidden, alphas = torch.randn(3, 5, 4).to(dtype), torch.rand(3, 5) * 1.5
     lengths = torch.tensor([5, 2, 0])
     _, state = cifops.cif_stream_step(hidden, alphas, lengths)
-    for st in (cifops.cif_stream_state(3, 4, dtype=dtype), state):
-        torch.library.opcheck(torch.ops.cifops.cif_stream_step.default,
-                              (hidden, alphas, lengths, *st, 1.0, max_tokens))
+    for start in (cifops.cif_stream_state(3, 4, dtype=dtype), state):
+        torch.library.opcheck(
+            torch.ops.cifops.cif_stream_step.default, (hidden, alphas, lengths, *start, 1.0, max_tokens)
+        )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(alphas=torch.tensor([[0.5, -1.0], [0.0, 0.0]])), r"alphas\[0, 1\] = -1"),
-    (dict(lengths=torch.tensor([3, 0])), r"lengths must be in \[0, Tc\] = \[0, 2\]"),
-    (dict(alphas=torch.zeros(2, 3)), r"alphas must have shape \[B, Tc\] = \[2, 2\]"),
-    (dict(threshold=0.0), "threshold must be a finite number > 0"),
-    (dict(max_tokens=-2), "max_tokens must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alphas=torch.tensor([[0.5, -1.0], [0.0, 0.0]])), r"alphas\[0, 1\] = -1"),
+        (dict(lengths=torch.tensor([3, 0])), r"lengths must be in \[0, Tc\] = \[0, 2\]"),
+        (dict(alphas=torch.zeros(2, 3)), r"alphas must have shape \[B, Tc\] = \[2, 2\]"),
+        (dict(threshold=0.0), "threshold must be a finite number > 0"),
+        (dict(max_tokens=-2), "max_tokens must be an int"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     args = dict(hidden=torch.zeros(2, 2, 3), alphas=torch.zeros(2, 2), lengths=None)
     args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
@@ -231,13 +243,16 @@ def test_no_gradients_and_flush_errors():
 
 def test_compile_and_export_with_max_tokens():
     def step(hidden, alphas, lengths, prefix, tokens, frames, partial):
-        out, state = cifops.cif_stream_step(hidden, alphas, lengths,
-                                            (prefix, tokens, frames, partial), max_tokens=4)
+        out, state = cifops.cif_stream_step(hidden, alphas, lengths, (prefix, tokens, frames, partial), max_tokens=4)
         return out.embeds, out.token_lengths, out.fire_frames, *state
 
     g = torch.Generator().manual_seed(3)
-    args = (torch.randn(2, 6, 3, generator=g), torch.rand(2, 6, generator=g) * 1.5,
-            torch.tensor([6, 4]), *cifops.cif_stream_state(2, 3))
+    args = (
+        torch.randn(2, 6, 3, generator=g),
+        torch.rand(2, 6, generator=g) * 1.5,
+        torch.tensor([6, 4]),
+        *cifops.cif_stream_state(2, 3),
+    )
     eager = step(*args)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
     for x, y in zip(eager, compiled):
@@ -264,8 +279,10 @@ def test_cuda_stream_equals_cpu_stream_and_no_sync(dtype):
     bounds = list(range(0, T, 16)) + [T]
     cpu, cpu_state = run_stream(hidden, alphas, lengths, bounds, tail_threshold=0.25)
     # every chunk on the device first (a host-to-device copy synchronises), one warm-up step
-    chunks = [(hidden[:, s:e].cuda(), alphas[:, s:e].cuda(), (lengths - s).clamp(0, e - s).cuda())
-              for s, e in zip(bounds[:-1], bounds[1:])]
+    chunks = [
+        (hidden[:, s:e].cuda(), alphas[:, s:e].cuda(), (lengths - s).clamp(0, e - s).cuda())
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
     cifops.cif_stream_step(*chunks[0], None, max_tokens=16)
     torch.cuda.synchronize()
     state = None
@@ -296,12 +313,19 @@ class StreamStep(torch.nn.Module):
     the new state (what an exported streaming recognizer runs per chunk)."""
 
     def forward(self, hidden, alphas, lengths, prefix, tokens, frames, partial):
-        out, state = cifops.cif_stream_step(hidden, alphas, lengths,
-                                            (prefix, tokens, frames, partial), threshold=0.7,
-                                            max_tokens=6)
+        out, state = cifops.cif_stream_step(
+            hidden, alphas, lengths, (prefix, tokens, frames, partial), threshold=0.7, max_tokens=6
+        )
         tail = cifops.cif_stream_flush(state, threshold=0.7, tail_threshold=0.2)
-        return (out.embeds, out.token_lengths, out.fire_frames, *state, tail.embeds,
-                tail.token_lengths, tail.fire_frames)
+        return (
+            out.embeds,
+            out.token_lengths,
+            out.fire_frames,
+            *state,
+            tail.embeds,
+            tail.token_lengths,
+            tail.fire_frames,
+        )
 
 
 def _stream_inputs(B, T, seed, state=None):
@@ -326,8 +350,18 @@ def _feed(run, B, chunks):
 
 
 def _assert_steps_equal(got, ref):
-    names = ["embeds", "token_lengths", "fire_frames", "prefix", "tokens", "frames", "partial",
-             "tail_embeds", "tail_lengths", "tail_frames"]
+    names = [
+        "embeds",
+        "token_lengths",
+        "fire_frames",
+        "prefix",
+        "tokens",
+        "frames",
+        "partial",
+        "tail_embeds",
+        "tail_lengths",
+        "tail_frames",
+    ]
     for step_got, step_ref in zip(got, ref):
         for name, a, r in zip(names, step_got, step_ref):
             a = torch.as_tensor(a)
@@ -340,13 +374,13 @@ def _assert_steps_equal(got, ref):
 def test_stream_step_exports_without_the_custom_op():
     args = _stream_inputs(3, 8, seed=0)
     b, t = torch.export.Dim("B"), torch.export.Dim("T")
-    program = torch.export.export(StreamStep(), args, dynamic_shapes=(
-        {0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}, {0: b}))
+    program = torch.export.export(
+        StreamStep(), args, dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}, {0: b})
+    )
     program = program.run_decompositions(cifops.export_decompositions())
     assert "cifops" not in str(program.graph)
     for B in (2, 5):
-        _assert_steps_equal(_feed(program.module(), B, [8, 3, 0, 16, 2]),
-                            _feed(StreamStep(), B, [8, 3, 0, 16, 2]))
+        _assert_steps_equal(_feed(program.module(), B, [8, 3, 0, 16, 2]), _feed(StreamStep(), B, [8, 3, 0, 16, 2]))
 
 
 def test_stream_step_onnx_round_trip(tmp_path):
@@ -358,15 +392,18 @@ def test_stream_step_onnx_round_trip(tmp_path):
     path = str(tmp_path / "stream.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cifops.onnx_export(StreamStep(), _stream_inputs(3, 8, seed=0), path, verbose=False,
-                           dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b},
-                                           {0: b}, {0: b}))
+        cifops.onnx_export(
+            StreamStep(),
+            _stream_inputs(3, 8, seed=0),
+            path,
+            verbose=False,
+            dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}, {0: b}),
+        )
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(*x):
-        return [torch.from_numpy(a) for a in
-                session.run(None, {n: v.numpy() for n, v in zip(names, x)})]
+        return [torch.from_numpy(a) for a in session.run(None, {n: v.numpy() for n, v in zip(names, x)})]
 
     for B in (1, 4):
         _assert_steps_equal(_feed(run, B, [8, 1, 0, 16, 5]), _feed(StreamStep(), B, [8, 1, 0, 16, 5]))
@@ -377,7 +414,8 @@ def test_exported_step_rejects_an_invalid_chunk_and_keeps_its_state():
     outside [0, Tc] emits no tokens and keeps its state (the CUDA kernels' behaviour with
     max_tokens); the other utterances are unaffected."""
     program = torch.export.export(StreamStep(), _stream_inputs(4, 8, seed=0)).run_decompositions(
-        cifops.export_decompositions())
+        cifops.export_decompositions()
+    )
     args = list(_stream_inputs(4, 8, seed=5, state=_feed(StreamStep(), 4, [8])[0][3:7]))
     args[1] = args[1].clone()
     args[1][1, 2] = float("nan")
@@ -404,13 +442,13 @@ def test_stream_step_export_needs_max_tokens():
 
 # --- states that no step could have produced (issue 28, items 11 and 15) -------------------
 
+
 def _stream_state(threshold=1.0):
     """The state after two chunks of three utterances, each with complete tokens."""
     g = torch.Generator().manual_seed(28)
     hidden, alphas = torch.randn(3, 8, 4, generator=g), torch.rand(3, 8, generator=g) + 0.2
     _, state = cifops.cif_stream_step(hidden[:, :5], alphas[:, :5], threshold=threshold)
-    _, state = cifops.cif_stream_step(hidden[:, 5:], alphas[:, 5:], None, state,
-                                      threshold=threshold)
+    _, state = cifops.cif_stream_step(hidden[:, 5:], alphas[:, 5:], None, state, threshold=threshold)
     assert (state.tokens > 0).all()
     return state
 
@@ -424,18 +462,21 @@ def _edited(state, **values):
     return cifops.CifStreamState(**fields)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (dict(frames=-3), r"state\.frames\[1\] = -3 is negative"),
-    (dict(tokens=-1), r"state\.tokens\[1\] = -1 is negative"),
-    (dict(prefix=-0.5), r"state\.prefix\[1\] = -0\.5 must be finite and >= 0"),
-    (dict(prefix=float("nan")), r"state\.prefix\[1\] = nan must be finite and >= 0"),
-    (dict(prefix=float("inf")), r"state\.prefix\[1\] = inf must be finite and >= 0"),
-    # a recycled batch slot whose prefix was not reset: it emitted 9 tokens at frame 0
-    (dict(tokens=0, frames=0, partial=0.0), r"state\.prefix\[1\] = .* but state\.frames\[1\] = 0"),
-    (dict(frames=0), r"state\.prefix\[1\] = .* but state\.frames\[1\] = 0"),
-    (dict(prefix=9.3), r"state\.prefix\[1\] = 9\.3 and state\.tokens\[1\] = \d+ disagree"),
-    (dict(tokens=0), r"state\.prefix\[1\] = .* and state\.tokens\[1\] = 0 disagree"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (dict(frames=-3), r"state\.frames\[1\] = -3 is negative"),
+        (dict(tokens=-1), r"state\.tokens\[1\] = -1 is negative"),
+        (dict(prefix=-0.5), r"state\.prefix\[1\] = -0\.5 must be finite and >= 0"),
+        (dict(prefix=float("nan")), r"state\.prefix\[1\] = nan must be finite and >= 0"),
+        (dict(prefix=float("inf")), r"state\.prefix\[1\] = inf must be finite and >= 0"),
+        # a recycled batch slot whose prefix was not reset: it emitted 9 tokens at frame 0
+        (dict(tokens=0, frames=0, partial=0.0), r"state\.prefix\[1\] = .* but state\.frames\[1\] = 0"),
+        (dict(frames=0), r"state\.prefix\[1\] = .* but state\.frames\[1\] = 0"),
+        (dict(prefix=9.3), r"state\.prefix\[1\] = 9\.3 and state\.tokens\[1\] = \d+ disagree"),
+        (dict(tokens=0), r"state\.prefix\[1\] = .* and state\.tokens\[1\] = 0 disagree"),
+    ],
+)
 def test_a_state_no_step_produced_is_refused_naming_the_field(edit, match):
     state = _stream_state()
     bad = _edited(state, **edit)
@@ -454,17 +495,22 @@ def test_a_state_no_step_produced_is_refused_naming_the_field(edit, match):
 
 def test_states_on_a_token_boundary_are_valid():
     # >= firing: a prefix exactly on a boundary has fired that token
-    state = cifops.CifStreamState(torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64),
-                                  torch.tensor([2, 0, 1]), torch.tensor([2, 3, 1]),
-                                  torch.zeros(3, 2))
-    _, new = cifops.cif_stream_step(torch.ones(3, 1, 2), torch.zeros(3, 1), None, state,
-                                    threshold=0.5)
+    state = cifops.CifStreamState(
+        torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64),
+        torch.tensor([2, 0, 1]),
+        torch.tensor([2, 3, 1]),
+        torch.zeros(3, 2),
+    )
+    _, new = cifops.cif_stream_step(torch.ones(3, 1, 2), torch.zeros(3, 1), None, state, threshold=0.5)
     assert new.tokens.tolist() == [2, 0, 1]
     assert cifops.cif_stream_flush(new, tail_threshold=0.0).token_lengths.tolist() == [0, 0, 0]
     for tokens, b, k in (([1, 0, 1], 0, 1), ([2, 0, 0], 2, 0)):
-        with pytest.raises(ValueError, match=rf"state\.prefix\[{b}\] = [\d.]+ and "
-                                             rf"state\.tokens\[{b}\] = {k} disagree at "
-                                             r"threshold 0\.5"):
+        with pytest.raises(
+            ValueError,
+            match=rf"state\.prefix\[{b}\] = [\d.]+ and "
+            rf"state\.tokens\[{b}\] = {k} disagree at "
+            r"threshold 0\.5",
+        ):
             cifops.cif_stream_flush(state._replace(tokens=torch.tensor(tokens)), threshold=0.5)
 
 
@@ -485,10 +531,15 @@ def test_the_state_records_its_threshold():
     for b in range(2):
         n = int(whole.token_lengths[b])
         torch.testing.assert_close(tail.embeds[b, 0], whole.embeds[b, n - 1])
-    for call in (lambda: cifops.cif_stream_flush(state, threshold=1.0, tail_threshold=0.2),
-                 lambda: cifops.cif_stream_step(hidden, alphas, None, state, threshold=0.7)):
-        with pytest.raises(ValueError, match=r"threshold=(1\.0|0\.7) but the state was made by "
-                                             r"steps at threshold=0\.5"):
+    for call in (
+        lambda: cifops.cif_stream_flush(state, threshold=1.0, tail_threshold=0.2),
+        lambda: cifops.cif_stream_step(hidden, alphas, None, state, threshold=0.7),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"threshold=(1\.0|0\.7) but the state was made by "
+            r"steps at threshold=0\.5",
+        ):
             call()
     # a state no step returned does not know its threshold: the call's (default 1.0)
     assert cifops.cif_stream_state(2, 3).threshold is None
@@ -502,11 +553,18 @@ def test_the_state_records_its_threshold():
 def test_flush_names_the_field_of_a_bad_state(field):
     state = _stream_state()
     # it used to say "Tensor on device meta is not on the expected device cpu!"
-    with pytest.raises(ValueError, match=r"cifops\.cif_stream_flush: the state's tensors must "
-                                         rf"be on one device, got .*state\.{field} on meta"):
+    with pytest.raises(
+        ValueError,
+        match=r"cifops\.cif_stream_flush: the state's tensors must "
+        rf"be on one device, got .*state\.{field} on meta",
+    ):
         cifops.cif_stream_flush(state._replace(**{field: getattr(state, field).to("meta")}))
-    wrong = dict(prefix=torch.zeros(3), tokens=torch.zeros(3, dtype=torch.int32),
-                 frames=torch.zeros(2, dtype=torch.int64), partial=torch.zeros(3, 4, 1))[field]
+    wrong = dict(
+        prefix=torch.zeros(3),
+        tokens=torch.zeros(3, dtype=torch.int32),
+        frames=torch.zeros(2, dtype=torch.int64),
+        partial=torch.zeros(3, 4, 1),
+    )[field]
     with pytest.raises(ValueError, match=rf"cifops\.cif_stream_flush: state\.{field} must "):
         cifops.cif_stream_flush(state._replace(**{field: wrong}))
 
@@ -515,11 +573,12 @@ def test_exported_step_and_flush_keep_a_bad_state_and_emit_nothing():
     """In a graph nothing can raise: an utterance whose state no step returns emits no
     tokens and no tail and keeps its state, as the CUDA kernels do with max_tokens."""
     program = torch.export.export(StreamStep(), _stream_inputs(4, 8, seed=0)).run_decompositions(
-        cifops.export_decompositions())
+        cifops.export_decompositions()
+    )
     state = [x.clone() for x in _feed(StreamStep(), 4, [8])[0][3:7]]
-    state[2][1] = -2                 # frames
-    state[0][2] = float("nan")       # prefix
-    state[1][3] = state[1][3] + 3    # tokens that disagree with the prefix
+    state[2][1] = -2  # frames
+    state[0][2] = float("nan")  # prefix
+    state[1][3] = state[1][3] + 3  # tokens that disagree with the prefix
     args = list(_stream_inputs(4, 8, seed=5, state=state))
     got = program.module()(*args)
     ref = StreamStep()(*[x[:1] for x in args])  # utterance 0 alone, through the kernel

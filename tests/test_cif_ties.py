@@ -8,21 +8,22 @@ distance to the next kink), so they do not depend on the backward they check; th
 reference follows the same rule and is checked the same way; with target-length scaling the
 prefix sums move both ways, and the op and the reference are compared with each other and
 with a two-sided difference where no prefix sum is on a boundary."""
+
 import pytest
 import torch
 
 import cifops
 from cifops.reference import cif_reference
 
-STEP = 2.0 ** -24
+STEP = 2.0**-24
 
 TIE_CASES = [
-    [0.5, 0.5, 0.6, 0.7, 0.3],          # P = 1.0 exactly after frame 1
-    [0.0, 0.6, 0.6, 0.6, 0.3],          # a leading zero-weight frame at P = 0
-    [0.25, 0.75, 0.25, 0.75, 0.5],      # every other prefix sum on a boundary
-    [0.5, 0.5, 0.0, 0.0, 0.5, 0.5],     # zero-weight frames sitting on boundary 1
-    [1.0, 1.0, 0.5, 1.5, 0.25],         # whole-token frames, multi-fire landing on 3.0
-    [0.0, 0.0, 0.75, 0.25, 2.0, 0.0],   # zeros at both ends, a multi-fire frame
+    [0.5, 0.5, 0.6, 0.7, 0.3],  # P = 1.0 exactly after frame 1
+    [0.0, 0.6, 0.6, 0.6, 0.3],  # a leading zero-weight frame at P = 0
+    [0.25, 0.75, 0.25, 0.75, 0.5],  # every other prefix sum on a boundary
+    [0.5, 0.5, 0.0, 0.0, 0.5, 0.5],  # zero-weight frames sitting on boundary 1
+    [1.0, 1.0, 0.5, 1.5, 0.25],  # whole-token frames, multi-fire landing on 3.0
+    [0.0, 0.0, 0.75, 0.25, 2.0, 0.0],  # zeros at both ends, a multi-fire frame
 ]
 
 
@@ -50,10 +51,16 @@ def grad_of(fn, hidden, alphas, weights, **kwargs):
 
 
 @pytest.mark.parametrize("case", range(len(TIE_CASES)))
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=4), dict(tail_threshold=0.05),
-                                    dict(tail_threshold=0.05, tail_mode="keep"),
-                                    dict(threshold=0.5, max_tokens=9)],
-                         ids=["complete", "tail-normalize", "tail-keep", "threshold-0.5"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_tokens=4),
+        dict(tail_threshold=0.05),
+        dict(tail_threshold=0.05, tail_mode="keep"),
+        dict(threshold=0.5, max_tokens=9),
+    ],
+    ids=["complete", "tail-normalize", "tail-keep", "threshold-0.5"],
+)
 def test_alpha_gradient_at_ties_is_the_right_hand_derivative(case, kwargs):
     g = torch.Generator().manual_seed(case)
     alphas = torch.tensor(TIE_CASES[case], dtype=torch.float64)
@@ -108,6 +115,7 @@ def test_compat_torch_cif_agrees_with_torch_cif_at_ties():
     its scatter of right/left weights), so the adapter now agrees with it there."""
     torch_cif = pytest.importorskip("torch_cif")
     from cifops.compat import torch_cif as compat
+
     g = torch.Generator().manual_seed(7)
     for values in TIE_CASES:
         alphas = torch.tensor([values], dtype=torch.float64)

@@ -1,6 +1,7 @@
 """The drop-in adapters (cifops.compat) against the real peer packages as oracles, where the
 peers are self-consistent, and the documented places where the adapters deliberately differ
 (checked against values worked out by hand from the contract)."""
+
 import warnings
 
 import pytest
@@ -43,8 +44,7 @@ def linear_functional_grads(fn, *inputs):
     """Gradients wrt inputs of a fixed random linear functional of fn(*inputs)'s outputs."""
     inputs = [x.clone().requires_grad_() for x in inputs]
     g = torch.Generator().manual_seed(123)
-    loss = sum((out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
-               for out in fn(*inputs))
+    loss = sum((out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() for out in fn(*inputs))
     return torch.autograd.grad(loss, inputs)
 
 
@@ -56,6 +56,7 @@ def assert_all_close(got, want, **tol):
 
 
 # --- FunASR ---------------------------------------------------------------------------------
+
 
 def funasr_batch(seed, dtype):
     hidden, alphas, valid = random_batch(seed, dtype)
@@ -79,10 +80,8 @@ def test_funasr_forward(funasr_cif, name, dtype, seed):
 @pytest.mark.parametrize("name", ["cif", "cif_v1"])
 def test_funasr_gradients(funasr_cif, name, dtype):
     hidden, alphas = funasr_batch(2, dtype)
-    got = linear_functional_grads(lambda h, a: getattr(compat_funasr, name)(h, a, 1.0),
-                                  hidden, alphas)
-    want = linear_functional_grads(lambda h, a: getattr(funasr_cif, name)(h, a, 1.0),
-                                   hidden, alphas)
+    got = linear_functional_grads(lambda h, a: getattr(compat_funasr, name)(h, a, 1.0), hidden, alphas)
+    want = linear_functional_grads(lambda h, a: getattr(funasr_cif, name)(h, a, 1.0), hidden, alphas)
     assert_all_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -141,8 +140,9 @@ def torch_cif_case(config, dtype, seed=0):
     hidden, alphas, valid = random_batch(seed, dtype, max_alpha)
     kwargs = dict(kwargs, padding_mask=~valid)
     if "target_lengths" in kwargs:
-        kwargs["target_lengths"] = torch.randint(1, 30, (hidden.shape[0],),
-                                                 generator=torch.Generator().manual_seed(seed))
+        kwargs["target_lengths"] = torch.randint(
+            1, 30, (hidden.shape[0],), generator=torch.Generator().manual_seed(seed)
+        )
     return hidden, alphas, kwargs
 
 
@@ -151,8 +151,12 @@ def masked(result):
     and the other differentiable outputs."""
     lengths = result["cif_lengths"][0]
     rows = torch.arange(result["cif_out"][0].shape[1]) < lengths[:, None]
-    return [result["cif_out"][0] * rows[..., None], result["delays"][0] * rows,
-            result["alpha_sum"][0], *result["tail_weights"]]
+    return [
+        result["cif_out"][0] * rows[..., None],
+        result["delays"][0] * rows,
+        result["alpha_sum"][0],
+        *result["tail_weights"],
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -175,10 +179,8 @@ def test_torch_cif_forward(torch_cif, config, dtype):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_torch_cif_gradients(torch_cif, config, dtype):
     hidden, alphas, kwargs = torch_cif_case(config, dtype, seed=1)
-    got = linear_functional_grads(
-        lambda h, a: masked(compat_torch_cif.cif_function(h, a, **kwargs)), hidden, alphas)
-    want = linear_functional_grads(
-        lambda h, a: masked(torch_cif.cif_function(h, a, **kwargs)), hidden, alphas)
+    got = linear_functional_grads(lambda h, a: masked(compat_torch_cif.cif_function(h, a, **kwargs)), hidden, alphas)
+    want = linear_functional_grads(lambda h, a: masked(torch_cif.cif_function(h, a, **kwargs)), hidden, alphas)
     assert_all_close(got, want, rtol=1e-4, atol=1e-4)
 
 

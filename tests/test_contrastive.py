@@ -4,6 +4,7 @@ Every result is compared with `naive_infonce`, a float64 InfoNCE written out wit
 plain torch ops (it builds the N x M logits, which is fine at test sizes). CUDA
 tests skip without a GPU.
 """
+
 import math
 import os
 import subprocess
@@ -22,8 +23,17 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU and cifops built w
 
 # --- the slow, obviously-correct reference -------------------------------------------
 
-def naive_infonce(student, teacher, targets=None, temperature=0.02, normalize=True,
-                  symmetric=False, reduction="sum", ignore_index=-100):
+
+def naive_infonce(
+    student,
+    teacher,
+    targets=None,
+    temperature=0.02,
+    normalize=True,
+    symmetric=False,
+    reduction="sum",
+    ignore_index=-100,
+):
     """InfoNCE in float64 with the N x M logits materialised (the definition)."""
     s, t = student.double(), teacher.double()
     if normalize:
@@ -63,8 +73,19 @@ def close(actual, expected, rtol, atol=0.0, what=""):
         assert err <= atol + rtol * scale, f"{what}: error {err:.3g}, scale {scale:.3g}"
 
 
-def make_inputs(n, m, d, seed, dtype=torch.float32, ignore_fraction=0.0, with_targets=True,
-                ignore_index=-100, device="cpu", student_scale=1.0, teacher_scale=1.0):
+def make_inputs(
+    n,
+    m,
+    d,
+    seed,
+    dtype=torch.float32,
+    ignore_fraction=0.0,
+    with_targets=True,
+    ignore_index=-100,
+    device="cpu",
+    student_scale=1.0,
+    teacher_scale=1.0,
+):
     gen = torch.Generator().manual_seed(seed)
     student = torch.randn(n, d, generator=gen, dtype=torch.float64) * student_scale
     teacher = torch.randn(m, d, generator=gen, dtype=torch.float64) * teacher_scale
@@ -77,18 +98,35 @@ def make_inputs(n, m, d, seed, dtype=torch.float32, ignore_fraction=0.0, with_ta
     return student, teacher, (targets.to(device) if targets is not None else None)
 
 
-def check_against_reference(student, teacher, targets, *, temperature=0.02, normalize=True,
-                            symmetric=False, reduction="sum", ignore_index=-100, rtol=None,
-                            teacher_grad=True):
+def check_against_reference(
+    student,
+    teacher,
+    targets,
+    *,
+    temperature=0.02,
+    normalize=True,
+    symmetric=False,
+    reduction="sum",
+    ignore_index=-100,
+    rtol=None,
+    teacher_grad=True,
+):
     """Loss and gradients (student, teacher, temperature) against naive_infonce."""
     if rtol is None:
         rtol = 1e-9 if student.dtype == torch.float64 else 2e-5
     s, t = leaves(student, teacher)
     t.requires_grad_(teacher_grad)
     tau = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
-    loss = cifops.contrastive_loss(s, t, targets, temperature=tau, normalize=normalize,
-                                   symmetric=symmetric, reduction=reduction,
-                                   ignore_index=ignore_index)
+    loss = cifops.contrastive_loss(
+        s,
+        t,
+        targets,
+        temperature=tau,
+        normalize=normalize,
+        symmetric=symmetric,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
     s64, t64 = leaves(student.double(), teacher.double())
     tau64 = tau.detach().clone().requires_grad_(True)
     ref = naive_infonce(s64, t64, targets, tau64, normalize, symmetric, reduction, ignore_index)
@@ -98,14 +136,11 @@ def check_against_reference(student, teacher, targets, *, temperature=0.02, norm
     close(loss, ref, rtol, atol=rtol * rows / temperature * 0.05, what="loss")
     if torch.isnan(ref).any() or not ref.requires_grad:
         return
-    upstream = torch.randn(ref.shape, dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(7)).to(ref.device)
+    upstream = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(ref.device)
     inputs = (s, t, tau) if teacher_grad else (s, tau)
     grads = torch.autograd.grad(loss, inputs, upstream.to(loss.dtype))
-    ref_grads = torch.autograd.grad(ref, (s64, t64, tau64) if teacher_grad else (s64, tau64),
-                                    upstream)
-    names = ("student", "teacher", "temperature") if teacher_grad else ("student",
-                                                                        "temperature")
+    ref_grads = torch.autograd.grad(ref, (s64, t64, tau64) if teacher_grad else (s64, tau64), upstream)
+    names = ("student", "teacher", "temperature") if teacher_grad else ("student", "temperature")
 
     def floor(x, other):
         # A gradient that is exactly 0 (D = 1, a single column) is round-off: the
@@ -117,36 +152,49 @@ def check_against_reference(student, teacher, targets, *, temperature=0.02, norm
         norm = x.double().norm(dim=1).clamp_min(1e-6).min().item() if normalize else 1.0
         other_max = 1.0 if normalize else other.double().norm(dim=1).max().item()
         logit_max = other_max * (1.0 if normalize else x.double().norm(dim=1).max().item())
-        return (eps * upstream.abs().max().item() * max(1.0, logit_max / temperature)
-                * other_max / temperature / norm * math.sqrt(max(other.shape[0], 1)))
+        return (
+            eps
+            * upstream.abs().max().item()
+            * max(1.0, logit_max / temperature)
+            * other_max
+            / temperature
+            / norm
+            * math.sqrt(max(other.shape[0], 1))
+        )
 
     # dL/dtau sums N row terms of size up to |z| / tau^2 (|z| <= 1 normalised), each with
     # its round-off: about an ulp of the input dtype per unit, whatever the sum comes to
     # after cancellation (float32: n=30, tau=0.71, symmetric gave 2.7e-8 on 58.7 units)
     tau_eps = 1e-10 if student.dtype == torch.float64 else 1e-7
     tau_floor = tau_eps * upstream.abs().max().item() * max(1, student.shape[0]) / temperature**2
-    floors = {"student": floor(student, teacher), "teacher": floor(teacher, student),
-              "temperature": tau_floor}
+    floors = {"student": floor(student, teacher), "teacher": floor(teacher, student), "temperature": tau_floor}
     for name, g, r in zip(names, grads, ref_grads):
         assert g.dtype == (torch.float64 if name == "temperature" else student.dtype)
         # dL/dtau sums terms of both signs: its relative error is larger
-        close(g, r, rtol * (5 if name == "temperature" else 0.5), atol=floors[name],
-              what=f"grad {name}")
+        close(g, r, rtol * (5 if name == "temperature" else 0.5), atol=floors[name], what=f"grad {name}")
 
 
 # --- agreement with the reference ----------------------------------------------------
 
 SIZES = [  # (N, M, D): edges of the 48-row blocks, 16-wide panels and 64-column tiles
-    (1, 1, 1), (1, 7, 3), (3, 3, 1), (5, 9, 2), (47, 48, 15), (48, 49, 16), (49, 64, 17),
-    (64, 65, 33), (97, 130, 40), (200, 200, 8), (257, 300, 70),
+    (1, 1, 1),
+    (1, 7, 3),
+    (3, 3, 1),
+    (5, 9, 2),
+    (47, 48, 15),
+    (48, 49, 16),
+    (49, 64, 17),
+    (64, 65, 33),
+    (97, 130, 40),
+    (200, 200, 8),
+    (257, 300, 70),
 ]
 
 
 @pytest.mark.parametrize("n,m,d", SIZES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_matches_reference_default_targets(n, m, d, dtype):
-    student, teacher, _ = make_inputs(n, m, d, seed=n * 1000 + m, dtype=dtype,
-                                      with_targets=False)
+    student, teacher, _ = make_inputs(n, m, d, seed=n * 1000 + m, dtype=dtype, with_targets=False)
     for reduction in ("sum", "mean", "none"):
         check_against_reference(student, teacher, None, reduction=reduction)
 
@@ -170,24 +218,25 @@ def test_matches_reference_symmetric(n, d, reduction, dtype):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matches_reference_temperatures(temperature, normalize):
     scale = 1.0 if normalize else 0.15  # keeps the unnormalised logits moderate
-    student, teacher, targets = make_inputs(90, 110, 24, seed=int(temperature * 100),
-                                            ignore_fraction=0.1, student_scale=scale,
-                                            teacher_scale=scale)
+    student, teacher, targets = make_inputs(
+        90, 110, 24, seed=int(temperature * 100), ignore_fraction=0.1, student_scale=scale, teacher_scale=scale
+    )
     for reduction in ("sum", "none"):
-        check_against_reference(student, teacher, targets, temperature=temperature,
-                                normalize=normalize, reduction=reduction)
+        check_against_reference(
+            student, teacher, targets, temperature=temperature, normalize=normalize, reduction=reduction
+        )
 
 
-@pytest.mark.parametrize("student_scale,teacher_scale",
-                         [(1e-30, 1.0), (1.0, 1e-30), (1e-8, 1e-8), (1e-3, 1e15), (1e30, 1e30),
-                          (1e-20, 1e20)])
+@pytest.mark.parametrize(
+    "student_scale,teacher_scale", [(1e-30, 1.0), (1.0, 1e-30), (1e-8, 1e-8), (1e-3, 1e15), (1e30, 1e30), (1e-20, 1e20)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_extreme_norms_stay_finite(student_scale, teacher_scale, dtype):
     # float32 squares overflow above 1.8e19 and underflow below 1e-23: the norms must
     # not be computed as plain float32 sums of squares.
-    student, teacher, targets = make_inputs(60, 70, 40, seed=11, dtype=dtype,
-                                            student_scale=student_scale,
-                                            teacher_scale=teacher_scale, ignore_fraction=0.1)
+    student, teacher, targets = make_inputs(
+        60, 70, 40, seed=11, dtype=dtype, student_scale=student_scale, teacher_scale=teacher_scale, ignore_fraction=0.1
+    )
     student[3] = 0.0  # a zero row: its unit vector is 0, its logits are 0
     for reduction in ("sum", "none"):
         check_against_reference(student, teacher, targets, reduction=reduction)
@@ -275,10 +324,24 @@ def test_frozen_teacher_and_no_grad():
     assert not again.requires_grad and again.item() == pytest.approx(loss.item())
     # the backward op returns nothing for gradients that are not asked for
     _, stats, fused = torch.ops.cifops.contrastive_forward(
-        student, teacher, targets, torch.tensor(0.02), True, False, "sum", -100, False)
+        student, teacher, targets, torch.tensor(0.02), True, False, "sum", -100, False
+    )
     gs, gt, gtau = torch.ops.cifops.contrastive_backward(
-        torch.tensor(1.0), student, teacher, targets, torch.tensor(0.02), stats, fused, True,
-        False, "sum", -100, True, False, False)
+        torch.tensor(1.0),
+        student,
+        teacher,
+        targets,
+        torch.tensor(0.02),
+        stats,
+        fused,
+        True,
+        False,
+        "sum",
+        -100,
+        True,
+        False,
+        False,
+    )
     assert gs.shape == student.shape and gt.numel() == 0 and gtau.numel() == 0
 
 
@@ -304,36 +367,70 @@ def test_temperature_as_float32_tensor_keeps_its_dtype():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 120), extra=st.integers(0, 80), d=st.integers(1, 70),
-       temperature=st.floats(0.01, 1.0), reduction=st.sampled_from(["sum", "mean", "none"]),
-       normalize=st.booleans(), mode=st.sampled_from(["arange", "targets", "symmetric"]),
-       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
-def test_hypothesis_against_reference(n, extra, d, temperature, reduction, normalize, mode,
-                                      dtype, seed):
+@given(
+    n=st.integers(1, 120),
+    extra=st.integers(0, 80),
+    d=st.integers(1, 70),
+    temperature=st.floats(0.01, 1.0),
+    reduction=st.sampled_from(["sum", "mean", "none"]),
+    normalize=st.booleans(),
+    mode=st.sampled_from(["arange", "targets", "symmetric"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_against_reference(n, extra, d, temperature, reduction, normalize, mode, dtype, seed):
     m = n if mode == "symmetric" else n + extra
     scale = 1.0 if normalize else 0.3 / math.sqrt(d)
-    student, teacher, targets = make_inputs(n, m, d, seed, dtype=dtype, ignore_fraction=0.2,
-                                            with_targets=mode == "targets",
-                                            student_scale=scale, teacher_scale=scale)
-    check_against_reference(student, teacher, targets, temperature=temperature,
-                            normalize=normalize, symmetric=mode == "symmetric",
-                            reduction=reduction)
+    student, teacher, targets = make_inputs(
+        n,
+        m,
+        d,
+        seed,
+        dtype=dtype,
+        ignore_fraction=0.2,
+        with_targets=mode == "targets",
+        student_scale=scale,
+        teacher_scale=scale,
+    )
+    check_against_reference(
+        student,
+        teacher,
+        targets,
+        temperature=temperature,
+        normalize=normalize,
+        symmetric=mode == "symmetric",
+        reduction=reduction,
+    )
 
 
 # --- autograd, opcheck, compile --------------------------------------------------------
 
-@pytest.mark.parametrize("config", [
-    dict(reduction="sum"), dict(reduction="mean", targets=True), dict(reduction="none"),
-    dict(reduction="mean", symmetric=True), dict(reduction="none", symmetric=True),
-    dict(reduction="sum", normalize=False, targets=True),
-], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(reduction="sum"),
+        dict(reduction="mean", targets=True),
+        dict(reduction="none"),
+        dict(reduction="mean", symmetric=True),
+        dict(reduction="none", symmetric=True),
+        dict(reduction="sum", normalize=False, targets=True),
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
 def test_gradcheck(config):
     config = dict(config)
     with_targets = config.pop("targets", False)
     n = 4
-    student, teacher, targets = make_inputs(n, n + (0 if config.get("symmetric") else 2), 3,
-                                            seed=12, dtype=torch.float64,
-                                            with_targets=with_targets, ignore_fraction=0.25)
+    student, teacher, targets = make_inputs(
+        n,
+        n + (0 if config.get("symmetric") else 2),
+        3,
+        seed=12,
+        dtype=torch.float64,
+        with_targets=with_targets,
+        ignore_fraction=0.25,
+    )
     tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     s, t = leaves(student, teacher)
 
@@ -351,8 +448,7 @@ def _opcheck_args():
     return [
         (s, t, targets, tau, True, False, "sum", -100, True),
         (s, t, targets, tau, True, False, "mean", -100, False),
-        (s, t.detach(), None, torch.tensor(0.05, dtype=torch.float64), False, False, "none",
-         -100, False),
+        (s, t.detach(), None, torch.tensor(0.05, dtype=torch.float64), False, False, "none", -100, False),
         (sym_s, sym_t, None, tau, True, True, "mean", -100, True),
     ]
 
@@ -367,13 +463,14 @@ def test_opcheck_backward_and_accuracy():
     tau = torch.tensor(0.1)
     for reduction, fuse in (("none", False), ("mean", True)):
         _, stats, fused = torch.ops.cifops.contrastive_forward(
-            student, teacher, targets, tau, True, False, reduction, -100, fuse)
+            student, teacher, targets, tau, True, False, reduction, -100, fuse
+        )
         grad = torch.randn(13) if reduction == "none" else torch.tensor(2.0)
-        torch.library.opcheck(torch.ops.cifops.contrastive_backward.default,
-                              (grad, student, teacher, targets, tau, stats, fused, True, False,
-                               reduction, -100, True, True, True))
-    torch.library.opcheck(torch.ops.cifops.contrastive_accuracy.default,
-                          (student, teacher, targets, True, -100))
+        torch.library.opcheck(
+            torch.ops.cifops.contrastive_backward.default,
+            (grad, student, teacher, targets, tau, stats, fused, True, False, reduction, -100, True, True, True),
+        )
+    torch.library.opcheck(torch.ops.cifops.contrastive_accuracy.default, (student, teacher, targets, True, -100))
 
 
 def test_torch_compile_traces_the_ops():
@@ -398,6 +495,7 @@ def test_torch_compile_traces_the_ops():
 
 # --- accuracy --------------------------------------------------------------------------
 
+
 def naive_accuracy(student, teacher, targets=None, normalize=True, ignore_index=-100):
     s, t = student.double(), teacher.double()
     if normalize:
@@ -413,8 +511,9 @@ def naive_accuracy(student, teacher, targets=None, normalize=True, ignore_index=
 @pytest.mark.parametrize("with_targets", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_accuracy_matches_reference(n, m, d, with_targets, normalize):
-    student, teacher, targets = make_inputs(n, m, d, seed=n + d, dtype=torch.float64,
-                                            with_targets=with_targets, ignore_fraction=0.2)
+    student, teacher, targets = make_inputs(
+        n, m, d, seed=n + d, dtype=torch.float64, with_targets=with_targets, ignore_fraction=0.2
+    )
     # a student close to its positive so that the accuracy is not trivially 0
     positive = targets if targets is not None else torch.arange(n)
     keep = positive >= 0
@@ -435,11 +534,11 @@ def test_accuracy_ties_go_to_the_first_column_and_float32():
     assert cifops.contrastive_accuracy(student, teacher).item() == 1.0
     assert cifops.contrastive_accuracy(student, teacher, torch.tensor([4, 5, 6, 7])).item() == 0
     assert cifops.contrastive_accuracy(student, teacher).dtype == torch.float32
-    assert math.isnan(cifops.contrastive_accuracy(student, teacher,
-                                                  torch.full((4,), -100)).item())
+    assert math.isnan(cifops.contrastive_accuracy(student, teacher, torch.full((4,), -100)).item())
 
 
 # --- errors that name the argument -----------------------------------------------------
+
 
 def test_errors_name_the_argument():
     s, t = torch.randn(4, 8), torch.randn(6, 8)
@@ -450,8 +549,11 @@ def test_errors_name_the_argument():
         loss(s, torch.randn(2, 6, 8))
     with pytest.raises(RuntimeError, match=r"teacher must have D = 8 columns"):
         loss(s, torch.randn(6, 5))
-    with pytest.raises(RuntimeError, match=r"targets must be in \[0, M\) = \[0, 6\) or "
-                                           r"ignore_index = -100, got targets\[2\] = 6"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"targets must be in \[0, M\) = \[0, 6\) or "
+        r"ignore_index = -100, got targets\[2\] = 6",
+    ):
         loss(s, t, torch.tensor([0, 1, 6, 2]))
     with pytest.raises(RuntimeError, match=r"targets must be in .* got targets\[0\] = -1"):
         loss(s, t, torch.tensor([-1, 1, 2, 3]))
@@ -459,8 +561,11 @@ def test_errors_name_the_argument():
         loss(s, t, torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match=r"targets must be an integer tensor"):
         loss(s, t, torch.zeros(4))
-    with pytest.raises(RuntimeError, match=r"teacher has M = 3 rows but targets is None.*"
-                                           r"M >= N = 4"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"teacher has M = 3 rows but targets is None.*"
+        r"M >= N = 4",
+    ):
         loss(s, torch.randn(3, 8))
     with pytest.raises(RuntimeError, match=r"symmetric=True needs as many teacher rows"):
         loss(s, t, symmetric=True)
@@ -476,8 +581,11 @@ def test_errors_name_the_argument():
         loss(s, t, temperature=torch.tensor([0.1, 0.2]))
     with pytest.raises(TypeError, match=r"temperature must be a float or a 0-dim tensor"):
         loss(s, t, temperature="0.1")
-    with pytest.raises(RuntimeError, match=r"teacher has dtype Double but student has dtype "
-                                           r"Float"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"teacher has dtype Double but student has dtype "
+        r"Float",
+    ):
         loss(s, t.double())
     with pytest.raises(ValueError, match=r"teacher is on meta but student is on cpu"):
         loss(s, t.to("meta"))
@@ -486,8 +594,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"reduction must be 'none', 'sum' or 'mean'"):
         loss(s, t, reduction="avg")
     with pytest.raises(RuntimeError, match=r"reduction must be 'none', 'sum' or 'mean'"):
-        torch.ops.cifops.contrastive_forward(s, t, None, torch.tensor(0.1), True, False, "avg",
-                                             -100, False)
+        torch.ops.cifops.contrastive_forward(s, t, None, torch.tensor(0.1), True, False, "avg", -100, False)
     with pytest.raises(TypeError, match=r"student must be a Tensor"):
         loss([[1.0]], t)
     with pytest.raises(RuntimeError, match=r"student must be float16, bfloat16, float32"):
@@ -502,21 +609,36 @@ def test_cuda_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"teacher is on cpu but student is on cuda"):
         cifops.contrastive_loss(s, t)
     with pytest.raises(RuntimeError, match=r"teacher is on cpu but student is on cuda"):
-        torch.ops.cifops.contrastive_forward(s, t, None, torch.tensor(0.1), True, False, "sum",
-                                             -100, False)
+        torch.ops.cifops.contrastive_forward(s, t, None, torch.tensor(0.1), True, False, "sum", -100, False)
 
 
 # --- the portable (non-AVX2) CPU build ------------------------------------------------------
+
 
 def test_portable_simd_build_matches_reference():
     """CIFOPS_CPU_SIMD=portable selects the kernels built without AVX2: this file's reference
     tests, run again in a child process that selects them."""
     env = dict(os.environ, CIFOPS_CPU_SIMD="portable")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          __file__, "-k", "test_matches_reference and not cuda"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "test_matches_reference and not cuda",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0 and " passed" in out.stdout and " failed" not in out.stdout, (
-        out.stdout[-2000:] + out.stderr[-2000:])
+        out.stdout[-2000:] + out.stderr[-2000:]
+    )
 
 
 def test_cuda_kernels_under_cpu_emulation(tmp_path):
@@ -525,42 +647,51 @@ def test_cuda_kernels_under_cpu_emulation(tmp_path):
     of contrastive_cuda_op.cpp restated in C++, against the CPU kernels (float32, float64;
     float16 / bfloat16 against float64). Under a minute: three compilations and the run."""
     import shutil
+
     if shutil.which("g++") is None:
         pytest.skip("needs g++ >= 12")
-    script = os.path.join(os.path.dirname(__file__), "native", "contrastive_cuda_emulation",
-                          "run.sh")
+    script = os.path.join(os.path.dirname(__file__), "native", "contrastive_cuda_emulation", "run.sh")
     env = dict(os.environ, CIFOPS_EMU_BUILD_DIR=str(tmp_path))
-    out = subprocess.run(["bash", script, "--strict"], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0 and out.stdout.count("-> PASS") == 1, (
-        out.stdout[-8000:] + out.stderr[-4000:])
+    out = subprocess.run(["bash", script, "--strict"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and out.stdout.count("-> PASS") == 1, out.stdout[-8000:] + out.stderr[-4000:]
 
 
 # --- CUDA -------------------------------------------------------------------------------------
 
 CUDA_CASES = [
-    dict(n=1, m=1, d=1), dict(n=37, m=50, d=9, targets=True), dict(n=64, m=64, d=64),
-    dict(n=130, m=257, d=100, targets=True), dict(n=200, m=200, d=384, symmetric=True),
-    dict(n=65, m=130, d=17, normalize=False), dict(n=300, m=300, d=48, symmetric=True),
+    dict(n=1, m=1, d=1),
+    dict(n=37, m=50, d=9, targets=True),
+    dict(n=64, m=64, d=64),
+    dict(n=130, m=257, d=100, targets=True),
+    dict(n=200, m=200, d=384, symmetric=True),
+    dict(n=65, m=130, d=17, normalize=False),
+    dict(n=300, m=300, d=48, symmetric=True),
 ]
 
 
 def _cuda_case_inputs(case, dtype, seed=0):
     n, m, d = case["n"], case["m"], case["d"]
     scale = 1.0 if case.get("normalize", True) else 0.3 / math.sqrt(d)
-    return make_inputs(n, m, d, seed, dtype=dtype, with_targets=case.get("targets", False),
-                       ignore_fraction=0.2, student_scale=scale, teacher_scale=scale)
+    return make_inputs(
+        n,
+        m,
+        d,
+        seed,
+        dtype=dtype,
+        with_targets=case.get("targets", False),
+        ignore_fraction=0.2,
+        student_scale=scale,
+        teacher_scale=scale,
+    )
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in
-                                                                    c.items()))
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_cuda_matches_cpu_and_reference(case, dtype, reduction):
     student, teacher, targets = _cuda_case_inputs(case, dtype)
-    kwargs = dict(normalize=case.get("normalize", True), symmetric=case.get("symmetric", False),
-                  reduction=reduction)
+    kwargs = dict(normalize=case.get("normalize", True), symmetric=case.get("symmetric", False), reduction=reduction)
     results = []
     for device in ("cpu", "cuda"):
         s, t = leaves(student.to(device), teacher.to(device))
@@ -573,21 +704,24 @@ def test_cuda_matches_cpu_and_reference(case, dtype, reduction):
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
     for name, a, b in zip(("loss", "student", "teacher", "temperature"), *results):
         close(b, a, rtol, atol=1e-30, what=name)
-    check_against_reference(student.cuda(), teacher.cuda(),
-                            targets.cuda() if targets is not None else None, temperature=0.05,
-                            **kwargs)
+    check_against_reference(
+        student.cuda(), teacher.cuda(), targets.cuda() if targets is not None else None, temperature=0.05, **kwargs
+    )
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("case", CUDA_CASES[1:], ids=lambda c: "-".join(f"{k}{v}" for k, v in
-                                                                        c.items()))
+@pytest.mark.parametrize("case", CUDA_CASES[1:], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_cuda_half_within_twice_the_naive_error(case, dtype):
     """The flash-attention rule: error against float64 at most twice the error of the
     naive loss computed in the same low precision (plus a hair for exact cases)."""
     student, teacher, targets = _cuda_case_inputs(case, torch.float32, seed=1)
-    kwargs = dict(normalize=case.get("normalize", True), symmetric=case.get("symmetric", False),
-                  reduction="mean", temperature=0.05)
+    kwargs = dict(
+        normalize=case.get("normalize", True),
+        symmetric=case.get("symmetric", False),
+        reduction="mean",
+        temperature=0.05,
+    )
     y = targets.cuda() if targets is not None else None
     s_low, t_low = leaves(student.cuda().to(dtype), teacher.cuda().to(dtype))
     s64, t64 = leaves(s_low.double(), t_low.double())
@@ -599,20 +733,21 @@ def test_cuda_half_within_twice_the_naive_error(case, dtype):
     sf, tf = leaves(s_low, t_low)
     fused = cifops.contrastive_loss(sf, tf, y, **kwargs)
     fused.backward()
-    for name, f, n, r in (("loss", fused, naive, ref), ("student", sf.grad, sn.grad, s64.grad),
-                          ("teacher", tf.grad, tn.grad, t64.grad)):
+    for name, f, n, r in (
+        ("loss", fused, naive, ref),
+        ("student", sf.grad, sn.grad, s64.grad),
+        ("teacher", tf.grad, tn.grad, t64.grad),
+    ):
         fused_err = (f.double() - r).abs().max().item()
         naive_err = (n.double() - r).abs().max().item()
-        assert fused_err <= 2 * naive_err + 1e-6 * r.abs().max().item(), (name, fused_err,
-                                                                          naive_err)
+        assert fused_err <= 2 * naive_err + 1e-6 * r.abs().max().item(), (name, fused_err, naive_err)
 
 
-def naive_infonce_low_precision(student, teacher, targets, temperature, normalize, symmetric,
-                                reduction):
+def naive_infonce_low_precision(student, teacher, targets, temperature, normalize, symmetric, reduction):
     """The naive loss the way a user writes it, in the inputs' own dtype."""
     import torch.nn.functional as F
-    s, t = (F.normalize(student, dim=1), F.normalize(teacher, dim=1)) if normalize else (
-        student, teacher)
+
+    s, t = (F.normalize(student, dim=1), F.normalize(teacher, dim=1)) if normalize else (student, teacher)
     z = s @ t.T / temperature
     positive = torch.arange(len(z), device=z.device) if targets is None else targets
     loss = F.cross_entropy(z, positive, reduction=reduction)
@@ -623,8 +758,7 @@ def naive_infonce_low_precision(student, teacher, targets, temperature, normaliz
 
 @needs_cuda
 def test_cuda_student_gradient_is_deterministic_and_uses_the_current_stream():
-    student, teacher, targets = make_inputs(333, 444, 96, seed=4, ignore_fraction=0.1,
-                                            device="cuda")
+    student, teacher, targets = make_inputs(333, 444, 96, seed=4, ignore_fraction=0.1, device="cuda")
     grads = []
     stream = torch.cuda.Stream()
     for _ in range(2):
@@ -638,8 +772,7 @@ def test_cuda_student_gradient_is_deterministic_and_uses_the_current_stream():
 
 @needs_cuda
 def test_cuda_device_temperature_and_accuracy():
-    student, teacher, targets = make_inputs(100, 120, 32, seed=5, ignore_fraction=0.2,
-                                            device="cuda")
+    student, teacher, targets = make_inputs(100, 120, 32, seed=5, ignore_fraction=0.2, device="cuda")
     tau = torch.tensor(0.07, device="cuda", requires_grad=True)
     loss = cifops.contrastive_loss(student, teacher, targets, temperature=tau)
     loss.backward()
@@ -672,8 +805,7 @@ def test_cuda_chunked_and_float16_mean_in_range(monkeypatch, symmetric):
     naive_infonce_low_precision(sn, tn, None, **kwargs).backward()
     sf, tf = leaves(s0, t0)
     cifops.contrastive_loss(sf, tf, **kwargs).backward()
-    for name, f, nv, r in (("student", sf.grad, sn.grad, s64.grad),
-                           ("teacher", tf.grad, tn.grad, t64.grad)):
+    for name, f, nv, r in (("student", sf.grad, sn.grad, s64.grad), ("teacher", tf.grad, tn.grad, t64.grad)):
         err = ((f.double() - r).norm() / r.norm()).item()
         naive_err = ((nv.double() - r).norm() / r.norm()).item()
         assert err <= 2 * naive_err + 1e-4 and err < 1e-2, (name, err, naive_err)

@@ -3,6 +3,7 @@ decomposition against the kernels, chunk-by-chunk streaming with cif_chunk/cif_t
 against the whole input, torch.export with dynamic shapes, the ONNX round trip in ONNX
 Runtime, torch.jit.script, and the modules' import graph. The reference everywhere is the
 compiled op (csrc/cif), which shares no code with the decomposition."""
+
 import io
 import random
 import warnings
@@ -19,8 +20,7 @@ F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 DYADIC = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.5]
 THRESHOLDS = [1.0, 0.5, 0.75, 2.0, 0.3, 1 / 3]
 # embeds: the kernel accumulates in float32 (float64), the decomposition in float64
-TOL = {F32: dict(rtol=1e-5, atol=1e-5), F64: dict(rtol=1e-12, atol=1e-12),
-       BF16: dict(rtol=1e-2, atol=1e-2)}
+TOL = {F32: dict(rtol=1e-5, atol=1e-5), F64: dict(rtol=1e-12, atol=1e-12), BF16: dict(rtol=1e-2, atol=1e-2)}
 
 
 def random_case(seed):
@@ -49,7 +49,7 @@ def random_case(seed):
     target = None
     if r.random() < 0.3:
         L = lengths if lengths is not None else torch.full((B,), T)
-        sums = [float(alphas[b, :int(L[b])].double().sum()) for b in range(B)]
+        sums = [float(alphas[b, : int(L[b])].double().sum()) for b in range(B)]
         target = torch.tensor([r.randint(0, 5) if s > 0 else 0 for s in sums])
     tail = r.choice([None, 0.0, 0.25, 0.5])
     normalize = r.random() < 0.5
@@ -86,10 +86,14 @@ def test_decomposition_prefix_sums_dyadic_ties():
 
 
 INVALID = {  # utterance 1 is invalid; status and offending frame of cif_scan_row
-    "negative": (dict(alpha=-0.5), 1, 2), "nan": (dict(alpha=float("nan")), 1, 2),
-    "inf": (dict(alpha=float("inf")), 1, 2), "huge": (dict(alpha=1e38), 5, 2),
-    "length": (dict(length=9), 2, -1), "negative length": (dict(length=-1), 2, -1),
-    "target": (dict(target=-1), 3, -1), "zero sum": (dict(zero=True, target=2), 4, -1),
+    "negative": (dict(alpha=-0.5), 1, 2),
+    "nan": (dict(alpha=float("nan")), 1, 2),
+    "inf": (dict(alpha=float("inf")), 1, 2),
+    "huge": (dict(alpha=1e38), 5, 2),
+    "length": (dict(length=9), 2, -1),
+    "negative length": (dict(length=-1), 2, -1),
+    "target": (dict(target=-1), 3, -1),
+    "zero sum": (dict(zero=True, target=2), 4, -1),
 }
 
 
@@ -114,13 +118,12 @@ def test_invalid_utterance_emits_no_tokens(case):
     got = _cif_forward_decomposition(*args)
     assert got[1][1] == 0 and (got[2][1] == -1).all() and (got[0][1] == 0).all()
     B, T = 3, 8
-    info = got[5][B * T:].view(B, 7)
+    info = got[5][B * T :].view(B, 7)
     assert info[1].tolist()[3:6] == [0, status, where]
-    assert (got[4][T + 1:2 * (T + 1)] == 0).all() and (got[5][T:2 * T] == 0).all()
+    assert (got[4][T + 1 : 2 * (T + 1)] == 0).all() and (got[5][T : 2 * T] == 0).all()
     # the valid utterances are as the op computes them alone
     keep = torch.tensor([0, 2])
-    ref = OP(hidden[keep], alphas[keep], lengths[keep],
-             target[keep] if use_target else None, 1.0, 1e-4, 0.5, True, 6)
+    ref = OP(hidden[keep], alphas[keep], lengths[keep], target[keep] if use_target else None, 1.0, 1e-4, 0.5, True, 6)
     for x, y in zip(got[:4], ref[:4]):
         torch.testing.assert_close(x[keep], y, rtol=1e-5, atol=1e-5)
 
@@ -136,25 +139,29 @@ def test_max_tokens_none_cannot_be_exported():
 
 # --- streaming: cif_chunk chunk by chunk, then cif_tail --------------------------
 
+
 def run_chunks(args, cuts, max_tokens, scale):
     hidden, alphas, lengths, _, beta, _, tail, normalize, _ = args
     B, T, D = hidden.shape
     acc = F64 if hidden.dtype == F64 else F32
-    state = (torch.zeros(B, dtype=F64), torch.zeros(B, dtype=torch.int64),
-             torch.zeros(B, dtype=torch.int64), torch.zeros(B, D, dtype=acc))
+    state = (
+        torch.zeros(B, dtype=F64),
+        torch.zeros(B, dtype=torch.int64),
+        torch.zeros(B, dtype=torch.int64),
+        torch.zeros(B, D, dtype=acc),
+    )
     tokens = [[] for _ in range(B)]
     frames = [[] for _ in range(B)]
     for s, e in zip([0] + cuts, cuts + [T]):
         chunk_len = None
         if lengths is not None:
             chunk_len = (lengths - s).clamp(0, e - s)
-        out = cif_chunk(hidden[:, s:e], alphas[:, s:e], chunk_len, *state, beta, scale,
-                         max_tokens)
+        out = cif_chunk(hidden[:, s:e], alphas[:, s:e], chunk_len, *state, beta, scale, max_tokens)
         embeds, counts, fire, state = out[0], out[1], out[2], out[3:]
         for b in range(B):
-            tokens[b] += list(embeds[b, :counts[b]])
-            frames[b] += fire[b, :counts[b]].tolist()
-            assert (fire[b, counts[b]:] == -1).all() and (embeds[b, counts[b]:] == 0).all()
+            tokens[b] += list(embeds[b, : counts[b]])
+            frames[b] += fire[b, : counts[b]].tolist()
+            assert (fire[b, counts[b] :] == -1).all() and (embeds[b, counts[b] :] == 0).all()
     tail_embed, has_tail, tail_frame = cif_tail(*state, beta, tail, normalize, hidden.dtype)
     for b in range(B):
         if has_tail[b]:
@@ -175,16 +182,15 @@ def test_chunks_equal_whole_input(seed):
     cuts = sorted(r.choice([r.randint(0, T), r.randint(0, T)]) for _ in range(r.randint(0, T)))
     scale = None
     if args[3] is not None:  # target_lengths: the whole input's scale, from the workspace
-        scale = ref[4][B * (T + 1):].view(B, 4)[:, 0]
+        scale = ref[4][B * (T + 1) :].view(B, 4)[:, 0]
     tokens, frames, state = run_chunks(args, cuts, int(ref[1].max()) + 1, scale)
     for b in range(B):
         n = int(ref[1][b])
         assert frames[b] == ref[2][b, :n].tolist()
         if n:
-            torch.testing.assert_close(torch.stack(tokens[b]), ref[0][b, :n],
-                                       **TOL[args[0].dtype])
-    P = ref[4][:B * (T + 1)].view(B, T + 1)
-    info = ref[5][B * T:].view(B, 7)
+            torch.testing.assert_close(torch.stack(tokens[b]), ref[0][b, :n], **TOL[args[0].dtype])
+    P = ref[4][: B * (T + 1)].view(B, T + 1)
+    info = ref[5][B * T :].view(B, 7)
     assert torch.equal(state[0], P[:, -1]) and torch.equal(state[1], info[:, 1])
     assert torch.equal(state[2], info[:, 3])
 
@@ -208,8 +214,12 @@ def test_chunks_of_one_frame_and_empty_chunks():
 def test_chunk_drops_tokens_past_max_tokens_but_keeps_the_state():
     g = torch.Generator().manual_seed(4)
     hidden, alphas = torch.randn(2, 12, 3, generator=g), torch.rand(2, 12, generator=g) * 2.5
-    zero = (torch.zeros(2, dtype=F64), torch.zeros(2, dtype=torch.int64),
-            torch.zeros(2, dtype=torch.int64), torch.zeros(2, 3))
+    zero = (
+        torch.zeros(2, dtype=F64),
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, 3),
+    )
     full = cif_chunk(hidden, alphas, None, *zero, 1.0, None, 40)
     cut = cif_chunk(hidden, alphas, None, *zero, 1.0, None, 3)
     assert cut[1].tolist() == [3, 3] and full[1].min() > 3
@@ -228,13 +238,13 @@ class RawOp(torch.nn.Module):
     target_lengths: one export covers both paths."""
 
     def forward(self, hidden, alphas, lengths, target_lengths):
-        return (OP(hidden, alphas, lengths, None, *RAW_OPTIONS)
-                + OP(hidden, alphas, lengths, target_lengths, *RAW_OPTIONS))
+        return OP(hidden, alphas, lengths, None, *RAW_OPTIONS) + OP(
+            hidden, alphas, lengths, target_lengths, *RAW_OPTIONS
+        )
 
 
 def raw_reference(hidden, alphas, lengths, target_lengths):
-    return (OP(hidden, alphas, lengths, None, *RAW_OPTIONS)
-            + OP(hidden, alphas, lengths, target_lengths, *RAW_OPTIONS))
+    return OP(hidden, alphas, lengths, None, *RAW_OPTIONS) + OP(hidden, alphas, lengths, target_lengths, *RAW_OPTIONS)
 
 
 def raw_inputs(B, T, D=5, seed=0):
@@ -246,7 +256,7 @@ def raw_inputs(B, T, D=5, seed=0):
     dyadic = torch.tensor([0.0, 0.375, 0.75, 1.5, 1.125])
     alphas[1::2] = dyadic[torch.randint(5, (B // 2, T), generator=g)]
     lengths = torch.randint(1, T + 1, (B,), generator=g)
-    sums = [float(alphas[b, :lengths[b]].double().sum()) for b in range(B)]
+    sums = [float(alphas[b, : lengths[b]].double().sum()) for b in range(B)]
     target = torch.tensor([int(s / 0.75) if s > 0 else 0 for s in sums])
     return torch.randn(B, T, D, generator=g), alphas, lengths, target
 
@@ -257,8 +267,9 @@ SHAPES = [(3, 17), (5, 40), (1, 2), (2, 1)]
 @pytest.fixture(scope="module")
 def raw_program():
     b, t = torch.export.Dim("B"), torch.export.Dim("T")
-    program = torch.export.export(RawOp(), raw_inputs(3, 17), dynamic_shapes=(
-        {0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}))
+    program = torch.export.export(
+        RawOp(), raw_inputs(3, 17), dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b})
+    )
     return program.run_decompositions(cifops.export_decompositions())
 
 
@@ -309,14 +320,14 @@ def test_onnx_export_public_api(tmp_path):
     path = str(tmp_path / "model.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cifops.onnx_export(model, raw_inputs(3, 17)[:3], path, verbose=False,
-                           dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}))
+        cifops.onnx_export(
+            model, raw_inputs(3, 17)[:3], path, verbose=False, dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b})
+        )
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     for B, T in SHAPES:
         inputs = raw_inputs(B, T, seed=7 * B + T)[:3]
-        got = [torch.from_numpy(x) for x in
-               session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})]
+        got = [torch.from_numpy(x) for x in session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})]
         with torch.no_grad():
             ref = model(*inputs)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
@@ -328,16 +339,15 @@ class Bf16Cif(torch.nn.Module):
     no bfloat16)."""
 
     def forward(self, hidden, alphas, lengths):
-        out = cifops.cif(hidden.to(BF16), alphas.to(BF16), lengths, threshold=0.5,
-                         tail_threshold=0.1, max_tokens=20)
+        out = cifops.cif(hidden.to(BF16), alphas.to(BF16), lengths, threshold=0.5, tail_threshold=0.1, max_tokens=20)
         return out.embeds.float(), out.token_lengths, out.fire_frames, out.alpha_sum
 
 
 class Bf16Stream(torch.nn.Module):
     def forward(self, hidden, alphas, lengths, prefix, tokens, frames, partial):
-        out, state = cifops.cif_stream_step(hidden.to(BF16), alphas.to(BF16), lengths,
-                                            (prefix, tokens, frames, partial), threshold=0.5,
-                                            max_tokens=12)
+        out, state = cifops.cif_stream_step(
+            hidden.to(BF16), alphas.to(BF16), lengths, (prefix, tokens, frames, partial), threshold=0.5, max_tokens=12
+        )
         tail = cifops.cif_stream_flush(state, threshold=0.5, tail_threshold=0.1)
         return out.embeds.float(), out.token_lengths, out.fire_frames, *state, tail.embeds
 
@@ -379,8 +389,7 @@ class ThresholdBuffer(torch.nn.Module):
 
     def forward(self, hidden, alphas):
         if self.stream:
-            return cifops.cif_stream_step(hidden, alphas, threshold=self.threshold,
-                                          max_tokens=8)[0].embeds
+            return cifops.cif_stream_step(hidden, alphas, threshold=self.threshold, max_tokens=8)[0].embeds
         return cifops.cif(hidden, alphas, threshold=self.threshold, max_tokens=8).embeds
 
 
@@ -390,26 +399,34 @@ def test_threshold_buffer_is_refused_at_export_saying_what_to_do(stream):
     model = ThresholdBuffer(stream)
     args = (torch.randn(2, 9, 3), torch.rand(2, 9))
     fn = "cif_stream_step" if stream else "cif"
-    ref = (cifops.cif_stream_step(*args, threshold=0.5, max_tokens=8)[0] if stream
-           else cifops.cif(*args, threshold=0.5, max_tokens=8)).embeds
+    ref = (
+        cifops.cif_stream_step(*args, threshold=0.5, max_tokens=8)[0]
+        if stream
+        else cifops.cif(*args, threshold=0.5, max_tokens=8)
+    ).embeds
     assert torch.equal(model(*args), ref)
-    with pytest.raises(ValueError, match=rf"cifops\.{fn}: threshold is a tensor whose value "
-                                         r"torch\.export cannot read.*Python float"):
+    with pytest.raises(
+        ValueError,
+        match=rf"cifops\.{fn}: threshold is a tensor whose value "
+        r"torch\.export cannot read.*Python float",
+    ):
         torch.export.export(model, args)
 
 
 # --- torch.jit.script ----------------------------------------------------------------
 
+
 class CallsCif(torch.nn.Module):
     def forward(self, hidden, alphas, lengths):
-        out = cifops.cif(hidden, alphas, lengths, threshold=0.5, tail_threshold=0.25,
-                         max_tokens=10)
+        out = cifops.cif(hidden, alphas, lengths, threshold=0.5, tail_threshold=0.25, max_tokens=10)
         return out.embeds, out.token_lengths, out.fire_frames
 
 
-@pytest.mark.parametrize("make", [CallsCif, lambda: cifops.Cif(threshold=1, tail_threshold=0),
-                                  lambda: cifops.Cif(max_tokens=3, tail_mode="keep")],
-                         ids=["module calling cif", "Cif with int threshold", "Cif max_tokens"])
+@pytest.mark.parametrize(
+    "make",
+    [CallsCif, lambda: cifops.Cif(threshold=1, tail_threshold=0), lambda: cifops.Cif(max_tokens=3, tail_mode="keep")],
+    ids=["module calling cif", "Cif with int threshold", "Cif max_tokens"],
+)
 def test_torch_jit_script_save_load(make):
     model = make()
     with warnings.catch_warnings():
@@ -426,8 +443,7 @@ def test_torch_jit_script_save_load(make):
     for x, y in zip(ref, got):
         assert torch.equal(x, y)
     grads = torch.autograd.grad(got[0].sum(), (hidden, alphas))
-    assert all(torch.equal(x, y)
-               for x, y in zip(grads, torch.autograd.grad(ref[0].sum(), (hidden, alphas))))
+    assert all(torch.equal(x, y) for x, y in zip(grads, torch.autograd.grad(ref[0].sum(), (hidden, alphas))))
 
 
 def test_torch_jit_script_errors_name_the_argument():
@@ -456,24 +472,33 @@ def test_cif_chunk_exports_to_onnx_with_its_state(tmp_path):
 
     def inputs(B, T):  # a consistent state: 2 tokens fired, P in [0.6, 0.9)
         g = torch.Generator().manual_seed(B * T)
-        return (torch.randn(B, T, 4, generator=g), torch.rand(B, T, generator=g),
-                0.6 + 0.29 * torch.rand(B, generator=g, dtype=F64),
-                torch.full((B,), 2), torch.full((B,), 5), torch.randn(B, 4, generator=g))
+        return (
+            torch.randn(B, T, 4, generator=g),
+            torch.rand(B, T, generator=g),
+            0.6 + 0.29 * torch.rand(B, generator=g, dtype=F64),
+            torch.full((B,), 2),
+            torch.full((B,), 5),
+            torch.randn(B, 4, generator=g),
+        )
 
     b, t = torch.export.Dim("B"), torch.export.Dim("T")
     path = str(tmp_path / "chunk.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cifops.onnx_export(ChunkStep(), inputs(3, 7), path, verbose=False, dynamic_shapes=(
-            {0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}))
+        cifops.onnx_export(
+            ChunkStep(),
+            inputs(3, 7),
+            path,
+            verbose=False,
+            dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}, {0: b}),
+        )
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     for B, T in [(3, 7), (2, 16), (1, 1)]:
         x = inputs(B, T)
         got = session.run(None, {n: v.numpy() for n, v in zip(names, x)})
         ref = ChunkStep()(*x)
-        for name, a, r in zip(["embeds", "counts", "fires", "prefix", "tokens", "frames",
-                               "partial"], got, ref):
+        for name, a, r in zip(["embeds", "counts", "fires", "prefix", "tokens", "frames", "partial"], got, ref):
             if r.dtype in (F64, torch.int64):
                 assert torch.equal(torch.from_numpy(a), r), name
             else:
@@ -481,6 +506,7 @@ def test_cif_chunk_exports_to_onnx_with_its_state(tmp_path):
 
 
 # --- the module structure: the loop-free math below both the export glue and streaming ----
+
 
 def _cifops_imports():
     """{module: the cifops modules it imports}, from the source of cifops/*.py (not

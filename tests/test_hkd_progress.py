@@ -1,5 +1,6 @@
 """The demo's live progress (cifhkd.progress): train_log.jsonl parsing, the status of the
 trainings side by side and of the decodings, and the status line on a terminal and in a log."""
+
 import io
 import json
 import time
@@ -34,7 +35,7 @@ def append_log(exp, rows):
 def test_training_status_steps_loss_elapsed_and_time_left(tmp_path):
     cif = progress.Training("CIF", tmp_path / "cif", budget=2000)
     assert cif.status(0.0) == "CIF waiting"
-    cif.begin()                                     # no log yet
+    cif.begin()  # no log yet
     assert cif.log_offset == 0 and cif.status(cif.start + 5) == "CIF starting, 5s"
     write_log(tmp_path / "cif", [{"step": 10, "loss": 2.9}])
     # the first line: the rate's baseline, no estimate yet
@@ -56,7 +57,7 @@ def test_a_resumed_training_counts_only_the_lines_of_its_own_run(tmp_path):
     write_log(tmp_path / "hkd", [{"step": s, "loss": 3.0} for s in range(10, 460, 10)])
     hkd = progress.Training("CIF + HKD", tmp_path / "hkd", budget=2000)
     hkd.begin()
-    assert hkd.status(hkd.start + 30) == "CIF + HKD starting, 30s"     # not step 450
+    assert hkd.status(hkd.start + 30) == "CIF + HKD starting, 30s"  # not step 450
     append_log(tmp_path / "hkd", [{"step": 410, "loss": 2.5}])
     assert hkd.status(hkd.start + 40) == "CIF + HKD 410/2000 loss 2.500, 40s"
     append_log(tmp_path / "hkd", [{"step": 420, "loss": 2.4}, {"step": 510, "loss": 2.0}])
@@ -70,15 +71,23 @@ def test_a_resumed_training_counts_only_the_lines_of_its_own_run(tmp_path):
 
 def test_phase_renders_the_systems_side_by_side(tmp_path):
     write_log(tmp_path / "cif", [{"step": 100, "loss": 3.0}])
-    training = progress.Phase("training", {"cif": progress.Training("CIF", tmp_path / "cif", 400),
-                                           "hkd": progress.Training("CIF + HKD", tmp_path / "hkd", 400)},
-                              start=1000.0)
+    training = progress.Phase(
+        "training",
+        {
+            "cif": progress.Training("CIF", tmp_path / "cif", 400),
+            "hkd": progress.Training("CIF + HKD", tmp_path / "hkd", 400),
+        },
+        start=1000.0,
+    )
     training.items["cif"].state, training.items["cif"].start = "running", 1000.0
-    training.items["cif"].base = (0, 1000.0)        # its first line, step 0, seen at the start
-    assert training.render(now=1060.0) == "demo: training 1m00s | CIF 100/400 loss 3.000, 1m00s, 3m00s left | " \
-                                          "CIF + HKD waiting"
-    decoding = progress.Phase("decoding", {"cif": progress.Decoding("CIF", 4), "hkd": progress.Decoding("CIF + HKD", 4)},
-                              start=0.0)
+    training.items["cif"].base = (0, 1000.0)  # its first line, step 0, seen at the start
+    assert (
+        training.render(now=1060.0) == "demo: training 1m00s | CIF 100/400 loss 3.000, 1m00s, 3m00s left | "
+        "CIF + HKD waiting"
+    )
+    decoding = progress.Phase(
+        "decoding", {"cif": progress.Decoding("CIF", 4), "hkd": progress.Decoding("CIF + HKD", 4)}, start=0.0
+    )
     decoding.items["hkd"].done = 3
     assert decoding.render(now=12.0) == "demo: decoding 12s | CIF 0/4 | CIF + HKD 3/4"
 
@@ -97,7 +106,7 @@ def test_status_line_in_a_log_prints_lines_and_messages():
     lines = log.getvalue().splitlines()
     assert "a message" in lines and "\r" not in log.getvalue()
     shown = [line for line in lines if line != "a message"]
-    assert len(shown) >= 3 and shown == [f"status {i}" for i in range(len(shown))]   # the last at the end
+    assert len(shown) >= 3 and shown == [f"status {i}" for i in range(len(shown))]  # the last at the end
 
 
 def test_status_line_on_a_terminal_is_rewritten_in_place():
@@ -107,13 +116,13 @@ def test_status_line_on_a_terminal_is_rewritten_in_place():
         deadline = time.monotonic() + 10
         while "CIF 1/4" not in terminal.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
-        status.say("demo: training CIF")           # above the status, which is drawn again
+        status.say("demo: training CIF")  # above the status, which is drawn again
         text["now"] = "CIF 2/4"
         time.sleep(0.05)
     out = terminal.getvalue()
     assert out.startswith("CIF 1/4\r\033[K") and "\r\033[Kdemo: training CIF\nCIF 1/4" in out
-    assert out.endswith("\r\033[KCIF 2/4\n")                                 # the final status, kept
-    assert out.count("\n") == 2                                              # the message, the end
+    assert out.endswith("\r\033[KCIF 2/4\n")  # the final status, kept
+    assert out.count("\n") == 2  # the message, the end
 
 
 def test_a_failing_render_is_logged_once_and_does_not_replace_the_exception(caplog):
@@ -133,7 +142,7 @@ def test_a_failing_render_is_logged_once_and_does_not_replace_the_exception(capl
                 time.sleep(0.01)
             time.sleep(0.1)
             raise ValueError("the original error")
-    assert len(calls) == 3                  # no redrawing after the failure, not even at the end
+    assert len(calls) == 3  # no redrawing after the failure, not even at the end
     assert log.getvalue() == "status 1\nstatus 2\n"
     failures = [r for r in caplog.records if "status line failed" in r.getMessage()]
     assert len(failures) == 1 and "render broke" in failures[0].exc_text

@@ -2,6 +2,7 @@
 (never heard in train or dev; each one's accent, engine and espeak variant heard in
 training), test-accent holds out an accent training never hears, and make_corpus refuses a
 test voice from outside the training population."""
+
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,7 @@ def variant_of(speaker_id: str) -> str:
 
 
 def test_default_test_voices_are_spread_over_the_training_population():
-    seen, held_out, accent = corpus.split_voices(True, corpus.DEFAULT_TEST_VOICES,
-                                                 corpus.DEFAULT_ACCENT_TEST_VOICES)
+    seen, held_out, accent = corpus.split_voices(True, corpus.DEFAULT_TEST_VOICES, corpus.DEFAULT_ACCENT_TEST_VOICES)
     assert len(held_out) >= 12 and len(set(held_out)) == len(held_out)
     seen_ids = {v.speaker_id for v in seen}
     assert not seen_ids & {v.speaker_id for v in held_out + accent}
@@ -43,16 +43,24 @@ def test_make_corpus_refuses_test_voices_from_outside_the_training_population(tm
     if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir():
         pytest.skip("needs the Debian packages espeak-ng and fortunes")
     with pytest.raises(corpus.CorpusError, match="espeak-en-029-m1.*not from the training population"):
-        corpus.make_corpus(tmp_path / "c", test_voices=["espeak:en-029+*"], accent_test_voices=[],
-                           num_train=2, num_dev=1, num_test=1, no_flite=True)
+        corpus.make_corpus(
+            tmp_path / "c",
+            test_voices=["espeak:en-029+*"],
+            accent_test_voices=[],
+            num_train=2,
+            num_dev=1,
+            num_test=1,
+            no_flite=True,
+        )
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
-                    reason="needs the Debian packages espeak-ng and fortunes")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or not Path("/usr/share/games/fortunes").is_dir(),
+    reason="needs the Debian packages espeak-ng and fortunes",
+)
 def test_held_out_speakers_are_not_in_train_or_dev_and_their_accents_are(tmp_path):
-    out = corpus.make_corpus(tmp_path / "c", num_train=150, num_dev=4, num_test=2, test_seen_voices=2,
-                             snr_range=(0, 0))
+    out = corpus.make_corpus(tmp_path / "c", num_train=150, num_dev=4, num_test=2, test_seen_voices=2, snr_range=(0, 0))
     splits = {s: data.read_kaldi_dir(out / s)[0] for s in ("train", "dev", "test", "test-accent", "test-seen")}
     speakers = {s: {u.speaker for u in utts} for s, utts in splits.items()}
     heard = speakers["train"] | speakers["dev"]
@@ -66,5 +74,9 @@ def test_held_out_speakers_are_not_in_train_or_dev_and_their_accents_are(tmp_pat
     texts = {s: {u.text for u in utts} for s, utts in splits.items()}
     assert texts["test"] == texts["test-accent"] == texts["test-seen"]
     assert not texts["test"] & (texts["train"] | texts["dev"])
-    assert speakers["test-seen"] <= {v.speaker_id for v in corpus.split_voices(
-        shutil.which("flite") is not None, corpus.DEFAULT_TEST_VOICES, corpus.DEFAULT_ACCENT_TEST_VOICES)[0]}
+    assert speakers["test-seen"] <= {
+        v.speaker_id
+        for v in corpus.split_voices(
+            shutil.which("flite") is not None, corpus.DEFAULT_TEST_VOICES, corpus.DEFAULT_ACCENT_TEST_VOICES
+        )[0]
+    }

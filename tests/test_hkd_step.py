@@ -17,9 +17,20 @@ TERMS = ("ce", "quantity", "ctc", "acd", "lrd")
 
 
 def tiny_config(**overrides) -> M.ModelConfig:
-    base = dict(vocab_size=VOCAB, teacher_dim=TEACHER_DIM, d_model=32, num_heads=4, ffn_dim=64,
-                num_layers=3, pool_after=(1, 2), conv_kernel=5, subsampling_channels=8,
-                decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64)
+    base = dict(
+        vocab_size=VOCAB,
+        teacher_dim=TEACHER_DIM,
+        d_model=32,
+        num_heads=4,
+        ffn_dim=64,
+        num_layers=3,
+        pool_after=(1, 2),
+        conv_kernel=5,
+        subsampling_channels=8,
+        decoder_layers=1,
+        decoder_heads=4,
+        decoder_ffn_dim=64,
+    )
     base.update(overrides)
     return M.ModelConfig(**base)
 
@@ -38,6 +49,7 @@ def random_batch(seed: int, size: int = 5, teacher: bool = True) -> batch_lib.Ba
 
 
 # --- the former formulation: what compute_loss computed before the sync-free step --------
+
 
 def former_compute_loss(model: M.CifHkdModel, batch: batch_lib.Batch, gather_teacher=None):
     """compute_loss as it was: the CIF width, CTC targets and token rows read back from the
@@ -60,18 +72,29 @@ def former_compute_loss(model: M.CifHkdModel, batch: batch_lib.Batch, gather_tea
     if c.quantity_weight > 0:
         terms["quantity"] = (out.alpha_sum - num_targets.to(out.alpha_sum.dtype)).abs().sum()
     if c.ctc_weight > 0:
-        flat = torch.cat([batch.tokens[i, :batch.token_lens[i]] for i in range(b)])
-        terms["ctc"] = F.ctc_loss(model.ctc_log_probs(enc), flat, enc_lens, batch.token_lens,
-                                  blank=M.BLANK_ID, reduction="sum", zero_infinity=True)
+        flat = torch.cat([batch.tokens[i, : batch.token_lens[i]] for i in range(b)])
+        terms["ctc"] = F.ctc_loss(
+            model.ctc_log_probs(enc),
+            flat,
+            enc_lens,
+            batch.token_lens,
+            blank=M.BLANK_ID,
+            reduction="sum",
+            zero_infinity=True,
+        )
     h = None
     if c.ce_weight > 0 or c.lrd_weight > 0:
         prev = torch.cat([torch.full_like(targets[:, :1], M.EOS_ID), targets[:, :-1]], dim=1)
         prev = prev.masked_fill(prev == M.IGNORE, M.BLANK_ID)
         logits, h = model.decoder(prev, cif, token_mask)
         if c.ce_weight > 0:
-            terms["ce"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                          ignore_index=M.IGNORE, label_smoothing=c.label_smoothing,
-                                          reduction="sum")
+            terms["ce"] = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                targets.reshape(-1),
+                ignore_index=M.IGNORE,
+                label_smoothing=c.label_smoothing,
+                reduction="sum",
+            )
     if c.acd_weight > 0 or c.lrd_weight > 0:
         teacher = batch.teacher[:, :n]
         if teacher.shape[1] < n:
@@ -83,13 +106,23 @@ def former_compute_loss(model: M.CifHkdModel, batch: batch_lib.Batch, gather_tea
             if gather_teacher is not None:
                 negatives, offset = gather_teacher(teacher)
                 positives = offset + torch.arange(teacher.shape[0])
-            terms["acd"] = cifops.contrastive_loss(student, negatives.to(student.dtype), positives,
-                                                   temperature=c.acd_temperature, normalize=True,
-                                                   reduction="sum")
+            terms["acd"] = cifops.contrastive_loss(
+                student,
+                negatives.to(student.dtype),
+                positives,
+                temperature=c.acd_temperature,
+                normalize=True,
+                reduction="sum",
+            )
         if c.lrd_weight > 0:
             terms["lrd"] = F.mse_loss(model.lrd_proj(h[token_mask]).float(), teacher.float(), reduction="sum")
-    weights = {"ce": c.ce_weight, "quantity": c.quantity_weight, "ctc": c.ctc_weight,
-               "acd": c.acd_weight, "lrd": c.lrd_weight}
+    weights = {
+        "ce": c.ce_weight,
+        "quantity": c.quantity_weight,
+        "ctc": c.ctc_weight,
+        "acd": c.acd_weight,
+        "lrd": c.lrd_weight,
+    }
     loss = sum(weights[name] * value for name, value in terms.items())
     return loss, {name: value.detach() for name, value in terms.items()}, int(token_mask.sum())
 
@@ -100,8 +133,12 @@ def loss_and_grads(model, compute, batch, seed, **kwargs):
     torch.manual_seed(seed)
     loss, terms, num_tokens = compute(batch, **kwargs)
     loss.backward()
-    return loss.detach(), terms, num_tokens, {k: p.grad.clone() for k, p in model.named_parameters()
-                                              if p.grad is not None}
+    return (
+        loss.detach(),
+        terms,
+        num_tokens,
+        {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+    )
 
 
 def assert_same(a, b, tol=1e-6):
@@ -128,8 +165,7 @@ def test_compute_loss_equals_the_former_formulation(seed):
     assert_same(loss_and_grads(model, model.compute_loss, batch, seed), former)
 
 
-@pytest.mark.parametrize("off", [(), ("ce",), ("lrd",), ("acd",), ("ctc", "quantity"),
-                                 ("acd", "lrd")])
+@pytest.mark.parametrize("off", [(), ("ce",), ("lrd",), ("acd",), ("ctc", "quantity"), ("acd", "lrd")])
 def test_former_formulation_with_terms_off(off):
     torch.manual_seed(1)
     model = M.CifHkdModel(tiny_config(**{f"{t}_weight": 0.0 for t in off}))
@@ -148,10 +184,10 @@ def test_gathered_negatives_equal_the_former_formulation():
         return torch.cat([others[:4], rows, others[4:]]), 4
 
     batch = random_batch(11)
-    former = loss_and_grads(model, lambda b, **k: former_compute_loss(model, b, **k), batch, 5,
-                            gather_teacher=gather)
-    assert_same(loss_and_grads(model, model.compute_loss, batch_lib.prepare_batch(batch), 5, gather_teacher=gather),
-                former)
+    former = loss_and_grads(model, lambda b, **k: former_compute_loss(model, b, **k), batch, 5, gather_teacher=gather)
+    assert_same(
+        loss_and_grads(model, model.compute_loss, batch_lib.prepare_batch(batch), 5, gather_teacher=gather), former
+    )
 
 
 def test_prepare_batch_decides_the_shapes_on_the_host():
@@ -160,8 +196,9 @@ def test_prepare_batch_decides_the_shapes_on_the_host():
     n = int(batch.token_lens.max()) + 1
     mask = batch_lib.lengths_to_mask(batch.token_lens + 1, n)
     assert prepared.max_tokens == n
-    assert torch.equal(prepared.ctc_targets,
-                       torch.cat([batch.tokens[i, :l] for i, l in enumerate(batch.token_lens.tolist())]))
+    assert torch.equal(
+        prepared.ctc_targets, torch.cat([batch.tokens[i, :n_i] for i, n_i in enumerate(batch.token_lens.tolist())])
+    )
     assert torch.equal(prepared.token_index, torch.arange(len(batch.token_lens) * n)[mask.flatten()])
     assert torch.equal(prepared.teacher_rows, batch.teacher[:, :n][mask])
     assert torch.equal(prepared.host_lens, torch.stack([batch.feat_lens, batch.token_lens]))
@@ -196,9 +233,13 @@ class HostReads(TorchDispatchMode):
     """Records the ops that read a tensor's data back to the host (a synchronisation on
     CUDA): .item()/int()/bool(), nonzero, boolean-mask indexing, torch.equal."""
 
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.equal.default, torch.ops.aten.masked_select.default,
-             torch.ops.aten.is_nonzero.default}
+    READS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.masked_select.default,
+        torch.ops.aten.is_nonzero.default,
+    }
 
     def __init__(self):
         super().__init__()
@@ -206,7 +247,8 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         boolean_index = func is torch.ops.aten.index.Tensor and any(
-            i is not None and i.dtype == torch.bool for i in args[1])
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
         if func in self.READS or boolean_index:
             self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
@@ -219,7 +261,7 @@ def test_compute_loss_reads_nothing_back():
     with HostReads() as former:
         loss, _, _ = former_compute_loss(model, batch)
         loss.backward()
-    assert former.seen                         # the reference does read back
+    assert former.seen  # the reference does read back
     prepared = batch_lib.prepare_batch(batch)
     with HostReads() as reads:
         loss, _, _ = model.compute_loss(prepared)
@@ -236,16 +278,20 @@ def test_the_ctc_op_is_f_ctc_loss():
     targets = torch.randint(1, 7, (int(target_lengths.sum()),), generator=g)
     weights = torch.rand(4, generator=g)
     results = []
-    for fn in (lambda x: torch.ops.cifhkd.ctc_loss(x, targets, input_lengths, target_lengths, 0),
-               lambda x: F.ctc_loss(x, targets, input_lengths, target_lengths, reduction="none", zero_infinity=True)):
+    for fn in (
+        lambda x: torch.ops.cifhkd.ctc_loss(x, targets, input_lengths, target_lengths, 0),
+        lambda x: F.ctc_loss(x, targets, input_lengths, target_lengths, reduction="none", zero_infinity=True),
+    ):
         x = log_probs.detach().requires_grad_()
         loss = fn(x)
         (loss * weights).sum().backward()
         results.append((loss.detach(), x.grad))
     assert results[0][0][3] == 0 and torch.isfinite(results[0][1]).all()
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    torch.library.opcheck(torch.ops.cifhkd.ctc_loss.default,
-                          (log_probs.detach().requires_grad_(), targets, input_lengths, target_lengths, 0))
+    torch.library.opcheck(
+        torch.ops.cifhkd.ctc_loss.default,
+        (log_probs.detach().requires_grad_(), targets, input_lengths, target_lengths, 0),
+    )
 
 
 def test_torch_compile_traces_a_training_batch_whole():
@@ -257,8 +303,9 @@ def test_torch_compile_traces_a_training_batch_whole():
     batch = batch_lib.prepare_batch(random_batch(6))
     torch._dynamo.reset()
     compiled = torch.compile(model.compute_loss, fullgraph=True, backend="aot_eager", dynamic=False)
-    assert_same(loss_and_grads(model, compiled, batch, 0), loss_and_grads(model, model.compute_loss, batch, 0),
-                tol=1e-5)
+    assert_same(
+        loss_and_grads(model, compiled, batch, 0), loss_and_grads(model, model.compute_loss, batch, 0), tol=1e-5
+    )
 
 
 def test_torch_compile_traces_dropout_whole():
@@ -273,8 +320,18 @@ def test_torch_compile_traces_dropout_whole():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("ctc_weight", [0.0, pytest.param(0.5, marks=pytest.mark.xfail(
-    reason="aten's CUDA CTC copies its lengths to the device with blocking copies", strict=False))])
+@pytest.mark.parametrize(
+    "ctc_weight",
+    [
+        0.0,
+        pytest.param(
+            0.5,
+            marks=pytest.mark.xfail(
+                reason="aten's CUDA CTC copies its lengths to the device with blocking copies", strict=False
+            ),
+        ),
+    ],
+)
 def test_cuda_step_without_synchronisation(ctc_weight):
     """A whole optimizer step (pinned non-blocking copy, bf16 autocast, forward, backward,
     clipping, fused AdamW) under torch.cuda.set_sync_debug_mode("error")."""
@@ -282,7 +339,7 @@ def test_cuda_step_without_synchronisation(ctc_weight):
     model = M.CifHkdModel(tiny_config(ctc_weight=ctc_weight)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     batch = batch_lib.prepare_batch(random_batch(9)).pin_memory()
-    for step in range(3):                  # the first step allocates the optimizer's state
+    for step in range(3):  # the first step allocates the optimizer's state
         torch.cuda.set_sync_debug_mode("error" if step else "default")
         try:
             on_gpu = batch.to("cuda", non_blocking=True)

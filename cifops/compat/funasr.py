@@ -49,6 +49,7 @@ Deliberate differences (the contract, docs/cif-semantics.md, and why):
 Cost: one :func:`cifops.cif` call (fused CPU/CUDA kernel) and a float64 cumulative sum; one
 device-to-host copy on CUDA for ``N`` (FunASR's functions need it too).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -47,6 +47,7 @@ Deliberate differences (and why):
 Cost: two :func:`cifops.cif` calls (the embeddings, and a one-channel call for the delays
 with the same fire decisions) and a few O(B*S) tensor ops for the internals.
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -88,11 +89,9 @@ def cif_function(
     """
     B, S, C = inputs.shape
     if tuple(alpha.shape) != (B, S):
-        raise ValueError(f"cif_function: alpha has shape {tuple(alpha.shape)}, "
-                         f"expected {(B, S)}")
+        raise ValueError(f"cif_function: alpha has shape {tuple(alpha.shape)}, expected {(B, S)}")
     if not unbound_alpha and not bool((alpha.le(1.0 + eps) & alpha.ge(-eps)).all()):
-        raise ValueError("cif_function: alpha must be in [0, 1] (unbound_alpha=True lifts "
-                         "the upper bound)")
+        raise ValueError("cif_function: alpha must be in [0, 1] (unbound_alpha=True lifts the upper bound)")
     lengths = None
     if padding_mask is not None:
         padding_mask = padding_mask.bool()

@@ -108,10 +108,10 @@ static_assert(sizeof(CifRowReal) == kRowReal * sizeof(double), "CifRowReal: doub
 
 // Scratch state shared by the forward and the backward; all arrays are dense.
 struct CifWorkspace {
-  double* prefix = nullptr;          // [B][T+1]  P
-  int64_t* token_after = nullptr;    // [B][T]    tokens fired by the end of frame t
-  CifRowInfo* row_info = nullptr;    // [B]
-  CifRowReal* row_real = nullptr;    // [B]
+  double* prefix = nullptr;        // [B][T+1]  P
+  int64_t* token_after = nullptr;  // [B][T]    tokens fired by the end of frame t
+  CifRowInfo* row_info = nullptr;  // [B]
+  CifRowReal* row_real = nullptr;  // [B]
 };
 
 // The sizes of the dense storage cif_workspace lays out (the scan_real and scan_int
@@ -161,17 +161,17 @@ struct CifParams {
   void* alpha_sum = nullptr;                // [B]
 
   // Forward, after the scan: embeds and fire_frames from hidden.
-  const void* hidden = nullptr;             // [B][T][D]
-  void* embeds = nullptr;                   // [B][N][D]
-  int64_t* fire_frames = nullptr;           // [B][N]
+  const void* hidden = nullptr;    // [B][T][D]
+  void* embeds = nullptr;          // [B][N][D]
+  int64_t* fire_frames = nullptr;  // [B][N]
 
   // Backward, after the scan: reads grad_embeds, grad_alpha_sum (may be null), hidden
   // and alphas; writes grad_hidden and grad_alphas, with dots [B][T][2] as scratch.
-  const void* grad_embeds = nullptr;        // [B][N][D]
-  const void* grad_alpha_sum = nullptr;     // [B]
-  double* dots = nullptr;                   // [B][T][2]
-  void* grad_hidden = nullptr;              // [B][T][D]
-  void* grad_alphas = nullptr;              // [B][T]
+  const void* grad_embeds = nullptr;     // [B][N][D]
+  const void* grad_alpha_sum = nullptr;  // [B]
+  double* dots = nullptr;                // [B][T][2]
+  void* grad_hidden = nullptr;           // [B][T][D]
+  void* grad_alphas = nullptr;           // [B][T]
 };
 
 // Boundary of token k: (k+1) * beta, computed the same way everywhere so that
@@ -301,7 +301,10 @@ CIFOPS_HD int64_t cif_fire_frame(const int64_t* token_after, const CifRowInfo& i
   int64_t lo = 0, hi = info.length - 1;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (token_after[mid] > k) hi = mid; else lo = mid + 1;
+    if (token_after[mid] > k)
+      hi = mid;
+    else
+      lo = mid + 1;
   }
   return lo;
 }
@@ -342,9 +345,11 @@ CIFOPS_HD void cif_alpha_grad_row(const alpha_t* alphas, const alpha_t* grad_alp
     double g = 0.0;
     if (t < L) {
       const double G = dots[2 * t];
-      if (!info.scaled) g = G;
-      else if (sum > 0.0) g = scale * (G - weighted / sum);  // s_b = (beta tgt + eps) / S_b
-      g += extra;                                            // the alpha_sum output
+      if (!info.scaled)
+        g = G;
+      else if (sum > 0.0)
+        g = scale * (G - weighted / sum);  // s_b = (beta tgt + eps) / S_b
+      g += extra;                          // the alpha_sum output
     }
     grad_alphas[t] = static_cast<alpha_t>(g);
   }
@@ -377,11 +382,11 @@ static_assert(sizeof(CifStreamRowInfo) == kStreamInfo * sizeof(int64_t),
 // kCifBadStreamState); the checks in this order, the first that fails.
 enum CifStreamStateError : int64_t {
   kStateOk = 0,
-  kStateNegativeFrames = 1,     // frames < 0
-  kStateNegativeTokens = 2,     // tokens < 0
-  kStateBadPrefix = 3,          // prefix negative, NaN or infinite
-  kStatePrefixNoFrames = 4,     // prefix != 0 but no frame seen (frames == 0)
-  kStateTokensDisagree = 5,     // tokens != the number of boundaries (k+1) beta <= prefix
+  kStateNegativeFrames = 1,  // frames < 0
+  kStateNegativeTokens = 2,  // tokens < 0
+  kStateBadPrefix = 3,       // prefix negative, NaN or infinite
+  kStatePrefixNoFrames = 4,  // prefix != 0 but no frame seen (frames == 0)
+  kStateTokensDisagree = 5,  // tokens != the number of boundaries (k+1) beta <= prefix
 };
 
 // A step leaves frames >= 0, a finite prefix >= 0 (0 while frames == 0) and tokens =
@@ -416,13 +421,13 @@ struct CifStreamWorkspace {
 
 // The state in and out (new_partial holds the old partial on entry, in acc_t).
 struct CifStreamState {
-  const double* prefix = nullptr;    // [B]
-  const int64_t* tokens = nullptr;   // [B]
-  const int64_t* frames = nullptr;   // [B]
-  double* new_prefix = nullptr;      // [B]
-  int64_t* new_tokens = nullptr;     // [B]
-  int64_t* new_frames = nullptr;     // [B]
-  void* new_partial = nullptr;       // [B][D], acc_t
+  const double* prefix = nullptr;   // [B]
+  const int64_t* tokens = nullptr;  // [B]
+  const int64_t* frames = nullptr;  // [B]
+  double* new_prefix = nullptr;     // [B]
+  int64_t* new_tokens = nullptr;    // [B]
+  int64_t* new_frames = nullptr;    // [B]
+  void* new_partial = nullptr;      // [B][D], acc_t
 };
 
 // The arguments of the streaming entry points, filled by name (as CifParams); host
@@ -442,9 +447,9 @@ struct CifStreamParams {
   // Embedding pass, after the scan: embeds and fire_frames from hidden, in the compute
   // dtype (float32 or float64: hidden_kind, which is also new_partial's).
   ScalarKind hidden_kind = ScalarKind::kFloat32;
-  const void* hidden = nullptr;                  // [B][Tc][D]
-  void* embeds = nullptr;                        // [B][N][D]
-  int64_t* fire_frames = nullptr;                // [B][N]
+  const void* hidden = nullptr;    // [B][Tc][D]
+  void* embeds = nullptr;          // [B][N][D]
+  int64_t* fire_frames = nullptr;  // [B][N]
 };
 
 // The chunk's part of the state update for utterance b, O(Tc), one thread per

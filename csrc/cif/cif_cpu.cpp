@@ -46,8 +46,8 @@ void scan_impl(const CifParams& p, const ParallelFor& parallel_for) {
     for (int64_t b = begin; b < end; ++b) {
       CifRowInfo& info = ws.row_info[b];
       cif_scan_row(alphas + b * T, p.lengths ? p.lengths + b : nullptr,
-                   p.target_lengths ? p.target_lengths + b : nullptr, cfg,
-                   ws.prefix + b * (T + 1), ws.token_after + b * T, info, ws.row_real[b]);
+                   p.target_lengths ? p.target_lengths + b : nullptr, cfg, ws.prefix + b * (T + 1),
+                   ws.token_after + b * T, info, ws.row_real[b]);
       if (p.token_lengths)
         p.token_lengths[b] = cfg.max_tokens >= 0 ? cif_emitted(info, cfg.max_tokens) : info.total;
       if (alpha_sum) alpha_sum[b] = static_cast<alpha_t>(ws.row_real[b].alpha_sum);
@@ -129,9 +129,9 @@ void backward_impl(const CifParams& p, const ParallelFor& parallel_for) {
         const scalar_t* g = grad_embeds + (b * n_out + k) * D;
         const double w = cif_overlap(P[t], P[t + 1], k, beta) * ts;
         if (w > 0.0) axpy(static_cast<scalar_t>(w), g, dh, D);
-        const bool need_d1 = k == k_out;  // dw[t][k_out]/dP[t+1] = 1
+        const bool need_d1 = k == k_out;          // dw[t][k_out]/dP[t+1] = 1
         const bool need_d0 = k == k_in && t > 0;  // right-hand: also at P[t] == k_in beta
-        if (need_d1 || need_d0) {  // inside a token both are the same product
+        if (need_d1 || need_d0) {                 // inside a token both are the same product
           const double gh = ts * static_cast<double>(dot(g, h, D));
           if (need_d1) dots[2 * row] = gh;
           if (need_d0) dots[2 * row + 1] = gh;
@@ -142,9 +142,9 @@ void backward_impl(const CifParams& p, const ParallelFor& parallel_for) {
   // Pass 2, per utterance: dP, the reverse prefix sum, the scaling.
   parallel_for(B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      cif_alpha_grad_row(alphas + b * T, grad_alpha_sum ? grad_alpha_sum + b : nullptr, cfg,
-                         n_out, ws.prefix + b * (T + 1), ws.token_after + b * T,
-                         ws.row_info[b], ws.row_real[b], dots + 2 * b * T, grad_alphas + b * T);
+      cif_alpha_grad_row(alphas + b * T, grad_alpha_sum ? grad_alpha_sum + b : nullptr, cfg, n_out,
+                         ws.prefix + b * (T + 1), ws.token_after + b * T, ws.row_info[b],
+                         ws.row_real[b], dots + 2 * b * T, grad_alphas + b * T);
     }
   });
 }
@@ -155,23 +155,31 @@ const ThrowUnsupported kUnsupportedHidden{"cifops CPU kernels take float32/float
 }  // namespace
 
 void cif_scan_cpu(const CifParams& params, const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, params.alpha_kind, [&](auto alpha_tag) {
-    scan_impl<decltype(alpha_tag)>(params, parallel_for);
-  }, kUnsupportedAlphas);
+  dispatch(
+      CpuTypes{}, params.alpha_kind,
+      [&](auto alpha_tag) { scan_impl<decltype(alpha_tag)>(params, parallel_for); },
+      kUnsupportedAlphas);
 }
 
 void cif_forward_cpu(const CifParams& params, const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, params.hidden_kind, [&](auto hidden_tag) {
-    forward_impl<decltype(hidden_tag)>(params, parallel_for);
-  }, kUnsupportedHidden);
+  dispatch(
+      CpuTypes{}, params.hidden_kind,
+      [&](auto hidden_tag) { forward_impl<decltype(hidden_tag)>(params, parallel_for); },
+      kUnsupportedHidden);
 }
 
 void cif_backward_cpu(const CifParams& params, const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, params.hidden_kind, [&](auto hidden_tag) {
-    dispatch(CpuTypes{}, params.alpha_kind, [&](auto alpha_tag) {
-      backward_impl<decltype(hidden_tag), decltype(alpha_tag)>(params, parallel_for);
-    }, kUnsupportedAlphas);
-  }, kUnsupportedHidden);
+  dispatch(
+      CpuTypes{}, params.hidden_kind,
+      [&](auto hidden_tag) {
+        dispatch(
+            CpuTypes{}, params.alpha_kind,
+            [&](auto alpha_tag) {
+              backward_impl<decltype(hidden_tag), decltype(alpha_tag)>(params, parallel_for);
+            },
+            kUnsupportedAlphas);
+      },
+      kUnsupportedHidden);
 }
 
 }  // namespace cifops

@@ -49,9 +49,7 @@ struct CifCpu {
   void forward(const CifParams& p) const { cif_forward_cpu(p, kAtenParallelFor); }
   void backward(const CifParams& p) const { cif_backward_cpu(p, kAtenParallelFor); }
   void stream_scan(const CifStreamParams& p) const { cif_stream_scan_cpu(p, kAtenParallelFor); }
-  void stream_embed(const CifStreamParams& p) const {
-    cif_stream_embed_cpu(p, kAtenParallelFor);
-  }
+  void stream_embed(const CifStreamParams& p) const { cif_stream_embed_cpu(p, kAtenParallelFor); }
 };
 
 }  // namespace

@@ -43,8 +43,8 @@
 namespace cifops {
 namespace {
 
-constexpr int kRowWarps = 8;             // warps per block of the row kernels
-constexpr int kPacksPerLane = 2;         // 16-byte packs per lane per pass over D
+constexpr int kRowWarps = 8;      // warps per block of the row kernels
+constexpr int kPacksPerLane = 2;  // 16-byte packs per lane per pass over D
 // The backward's packs per lane: one for 2- and 8-byte types, whose pass over two packs
 // needs more than the 80 registers of 37.5% occupancy (88 and 94: benchmarks/sass_report.py).
 template <typename scalar_t>
@@ -163,11 +163,11 @@ __device__ __forceinline__ void stage_alphas(const alpha_t* __restrict__ a, int6
 // the coalesced stores. The division of the scaling runs once per utterance.
 template <typename alpha_t>
 __global__ void __launch_bounds__(kScanThreads)
-scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ lengths,
-            const int64_t* __restrict__ target, CifConfig cfg, CifWorkspace ws,
-            int64_t* __restrict__ token_lengths, alpha_t* __restrict__ alpha_sum) {
+    scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ lengths,
+                const int64_t* __restrict__ target, CifConfig cfg, CifWorkspace ws,
+                int64_t* __restrict__ token_lengths, alpha_t* __restrict__ alpha_sum) {
   __shared__ __align__(16) double s_alpha[kScanTile + kChain];  // alphas, then scaled in place
-  __shared__ __align__(16) double s_prefix[kScanTile];  // the tile's prefix sums
+  __shared__ __align__(16) double s_prefix[kScanTile];          // the tile's prefix sums
   __shared__ int64_t s_red[kScanThreads / kWarpSize];
   __shared__ double s_real[2];  // thread 0's results: the scale, then the final prefix
   __shared__ int s_flag;        // zero sum with a positive target
@@ -213,8 +213,10 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
       if (sum > 0.0)
         scale = __ddiv_rn(__dadd_rn(__dmul_rn(beta, static_cast<double>(target[b])), cfg.scale_eps),
                           sum);
-      else if (target[b] == 0) scale = 0.0;
-      else zero_sum_target = true;
+      else if (target[b] == 0)
+        scale = 0.0;
+      else
+        zero_sum_target = true;
       s_real[0] = scale;
       s_flag = zero_sum_target ? 1 : 0;
     }
@@ -226,14 +228,14 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
   const int64_t L = run ? length : 0;
 
   // The prefix pass, tile by tile. Frames >= L carry the final prefix and count.
-  double p = 0.0;       // thread 0: the running prefix sum
-  int64_t fired = 0;    // every thread: tokens fired before the tile (cif_scan_row's count)
+  double p = 0.0;     // thread 0: the running prefix sum
+  int64_t fired = 0;  // every thread: tokens fired before the tile (cif_scan_row's count)
   bool too_many = false;
   int64_t too_many_at = -1;
   for (int64_t t0 = 0; t0 < L; t0 += kScanTile) {
     const int n = static_cast<int>(L - t0 < kScanTile ? L - t0 : kScanTile);
     if (staged != t0) stage_alphas(a, t0, n, s_alpha);
-    staged = -1;  // scaled in place below
+    staged = -1;   // scaled in place below
     if (target) {  // a * 1.0 == a: without target_lengths the alphas are the terms
       for (int i = tid; i < n; i += kScanThreads) s_alpha[i] = __dmul_rn(s_alpha[i], scale);
       __syncthreads();
@@ -291,8 +293,10 @@ scan_kernel(const alpha_t* __restrict__ alphas, const int64_t* __restrict__ leng
   info = CifRowInfo{};
   info.scaled = target ? 1 : 0;
   real = CifRowReal{};
-  if (bad_length) info.status = kCifBadLength;
-  else if (bad_target) info.status = kCifBadTarget;
+  if (bad_length)
+    info.status = kCifBadLength;
+  else if (bad_target)
+    info.status = kCifBadTarget;
   else if (first_bad < T) {
     info.status = kCifBadAlpha;
     info.where = first_bad;
@@ -345,10 +349,10 @@ __device__ __forceinline__ void warp_store_packs(Pack<scalar_t, V>* row, const a
 // aligned (odd D, offset views).
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize, kRowMinBlocks)
-forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
-               CifWorkspace ws, scalar_t* __restrict__ embeds,
-               int64_t* __restrict__ fire_frames) {
+__global__ void __launch_bounds__(kRowWarps* kWarpSize, kRowMinBlocks)
+    forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
+                   CifWorkspace ws, scalar_t* __restrict__ embeds,
+                   int64_t* __restrict__ fire_frames) {
   using acc_t = typename AccType<scalar_t>::type;
   using pack_t = Pack<scalar_t, V>;
   const int lane = threadIdx.x % kWarpSize;
@@ -401,11 +405,11 @@ forward_kernel(const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out
 }
 
 template <typename scalar_t, int V, int kPacks>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize, kRowMinBlocks)
-backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
-                      const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
-                      CifWorkspace ws, double* __restrict__ dots,
-                      scalar_t* __restrict__ grad_hidden) {
+__global__ void __launch_bounds__(kRowWarps* kWarpSize, kRowMinBlocks)
+    backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
+                          const scalar_t* __restrict__ hidden, CifConfig cfg, int64_t n_out,
+                          CifWorkspace ws, double* __restrict__ dots,
+                          scalar_t* __restrict__ grad_hidden) {
   using acc_t = typename AccType<scalar_t>::type;
   using pack_t = Pack<scalar_t, V>;
   const int lane = threadIdx.x % kWarpSize;
@@ -423,7 +427,10 @@ backward_frame_kernel(const scalar_t* __restrict__ grad_embeds,
     const int64_t emitted = cif_emitted(info, n_out);
     if (t >= info.length || emitted == 0) {
       warp_zero_row(dh, packs, lane);
-      if (lane == 0) { dots[2 * row] = 0.0; dots[2 * row + 1] = 0.0; }
+      if (lane == 0) {
+        dots[2 * row] = 0.0;
+        dots[2 * row + 1] = 0.0;
+      }
       continue;
     }
     const int64_t k_in = t == 0 ? 0 : token_after[t - 1];
@@ -511,10 +518,10 @@ __device__ double block_sum(double v, double* shared) {
 
 template <typename alpha_t>
 __global__ void __launch_bounds__(kScanThreads)
-backward_alpha_kernel(const alpha_t* __restrict__ alphas,
-                      const alpha_t* __restrict__ grad_alpha_sum, CifConfig cfg, int64_t n_out,
-                      CifWorkspace ws, const double* __restrict__ dots,
-                      alpha_t* __restrict__ grad_alphas) {
+    backward_alpha_kernel(const alpha_t* __restrict__ alphas,
+                          const alpha_t* __restrict__ grad_alpha_sum, CifConfig cfg, int64_t n_out,
+                          CifWorkspace ws, const double* __restrict__ dots,
+                          alpha_t* __restrict__ grad_alphas) {
   __shared__ double s_red[kScanThreads / kWarpSize];
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
@@ -569,8 +576,10 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
   for (int64_t t = hi - 1; t >= lo; --t) {
     running += dp(t);
     double g;
-    if (!scaled) g = running;
-    else g = sum > 0.0 ? scale * (running - weighted / sum) : 0.0;
+    if (!scaled)
+      g = running;
+    else
+      g = sum > 0.0 ? scale * (running - weighted / sum) : 0.0;
     ga[t] = static_cast<alpha_t>(g + extra);
   }
   for (int64_t t = L + tid; t < T; t += kScanThreads) ga[t] = static_cast<alpha_t>(0.0);
@@ -582,9 +591,9 @@ backward_alpha_kernel(const alpha_t* __restrict__ alphas,
 // (odd D; bfloat16/float16 D not a multiple of 8) or when hidden or grad_embeds is a view
 // that starts off a 16-byte boundary (outputs are fresh allocations, always aligned). No
 // head/tail peeling: each row of such a view is misaligned by its own amount, and the
-// backward's three row pointers by three different amounts. Cost (predicted, benchmarks/RESULTS.md): the
-// same bytes with 4-8x the load instructions, ~1.1-1.3x the kernel time for float32 and
-// ~1.5-2x for 2-byte types; hidden.contiguous() at a 16-byte offset avoids it.
+// backward's three row pointers by three different amounts. Cost (predicted,
+// benchmarks/RESULTS.md): the same bytes with 4-8x the load instructions, ~1.1-1.3x the kernel time
+// for float32 and ~1.5-2x for 2-byte types; hidden.contiguous() at a 16-byte offset avoids it.
 bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
   if ((D * bytes) % 16 != 0) return false;
   for (const void* p : ptrs)
@@ -596,64 +605,78 @@ bool packable(int64_t D, int bytes, std::initializer_list<const void*> ptrs) {
 
 int cif_scan_cuda(const CifParams& p, void* stream) {
   if (p.cfg.batch == 0) return cudaSuccess;
-  return dispatch(CudaAccTypes{}, p.alpha_kind, [&](auto tag) {
-    using alpha_t = decltype(tag);
-    const unsigned blocks = static_cast<unsigned>(p.cfg.batch);
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, scan_kernel<alpha_t>)(
-        static_cast<const alpha_t*>(p.alphas), p.lengths, p.target_lengths, p.cfg, p.ws,
-        p.token_lengths, static_cast<alpha_t*>(p.alpha_sum));
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaAccTypes{}, p.alpha_kind,
+      [&](auto tag) {
+        using alpha_t = decltype(tag);
+        const unsigned blocks = static_cast<unsigned>(p.cfg.batch);
+        cudaStream_t s = static_cast<cudaStream_t>(stream);
+        CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, scan_kernel<alpha_t>)(
+            static_cast<const alpha_t*>(p.alphas), p.lengths, p.target_lengths, p.cfg, p.ws,
+            p.token_lengths, static_cast<alpha_t*>(p.alpha_sum));
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 int cif_forward_cuda(const CifParams& p, void* stream) {
   const int64_t rows = p.cfg.batch * p.n_out;
   if (rows == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, p.hidden_kind, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    constexpr int V = 16 / sizeof(scalar_t);
-    const unsigned blocks = grid_for(rows, kRowWarps, kMaxBlocks);
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const auto* h = static_cast<const scalar_t*>(p.hidden);
-    auto* e = static_cast<scalar_t*>(p.embeds);
-    if (packable(p.cfg.dim, sizeof(scalar_t), {p.hidden, p.embeds}))
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, V>)(
-          h, p.cfg, p.n_out, p.ws, e, p.fire_frames);
-    else
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, 1>)(
-          h, p.cfg, p.n_out, p.ws, e, p.fire_frames);
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaTypes{}, p.hidden_kind,
+      [&](auto tag) {
+        using scalar_t = decltype(tag);
+        constexpr int V = 16 / sizeof(scalar_t);
+        const unsigned blocks = grid_for(rows, kRowWarps, kMaxBlocks);
+        cudaStream_t s = static_cast<cudaStream_t>(stream);
+        const auto* h = static_cast<const scalar_t*>(p.hidden);
+        auto* e = static_cast<scalar_t*>(p.embeds);
+        if (packable(p.cfg.dim, sizeof(scalar_t), {p.hidden, p.embeds}))
+          CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, V>)(
+              h, p.cfg, p.n_out, p.ws, e, p.fire_frames);
+        else
+          CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, forward_kernel<scalar_t, 1>)(
+              h, p.cfg, p.n_out, p.ws, e, p.fire_frames);
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 int cif_backward_cuda(const CifParams& p, void* stream) {
   if (p.cfg.batch == 0 || p.cfg.frames == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int err = dispatch(CudaTypes{}, p.hidden_kind, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    constexpr int V = 16 / sizeof(scalar_t);
-    const unsigned blocks = grid_for(p.cfg.batch * p.cfg.frames, kRowWarps, kMaxBlocks);
-    const auto* g = static_cast<const scalar_t*>(p.grad_embeds);
-    const auto* h = static_cast<const scalar_t*>(p.hidden);
-    auto* gh = static_cast<scalar_t*>(p.grad_hidden);
-    if (packable(p.cfg.dim, sizeof(scalar_t), {p.grad_embeds, p.hidden, p.grad_hidden}))
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, V, kBackwardPacks<scalar_t>>)(
-          g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
-    else
-      CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s, backward_frame_kernel<scalar_t, 1, kPacksPerLane>)(
-          g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  const int err = dispatch(
+      CudaTypes{}, p.hidden_kind,
+      [&](auto tag) {
+        using scalar_t = decltype(tag);
+        constexpr int V = 16 / sizeof(scalar_t);
+        const unsigned blocks = grid_for(p.cfg.batch * p.cfg.frames, kRowWarps, kMaxBlocks);
+        const auto* g = static_cast<const scalar_t*>(p.grad_embeds);
+        const auto* h = static_cast<const scalar_t*>(p.hidden);
+        auto* gh = static_cast<scalar_t*>(p.grad_hidden);
+        if (packable(p.cfg.dim, sizeof(scalar_t), {p.grad_embeds, p.hidden, p.grad_hidden}))
+          CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s,
+                        backward_frame_kernel<scalar_t, V, kBackwardPacks<scalar_t>>)(
+              g, h, p.cfg, p.n_out, p.ws, p.dots, gh);
+        else
+          CIFOPS_LAUNCH(blocks, kRowWarps * kWarpSize, 0, s,
+                        backward_frame_kernel<scalar_t, 1, kPacksPerLane>)(g, h, p.cfg, p.n_out,
+                                                                           p.ws, p.dots, gh);
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
   if (err != cudaSuccess) return err;
-  return dispatch(CudaAccTypes{}, p.alpha_kind, [&](auto tag) {
-    using alpha_t = decltype(tag);
-    const unsigned blocks = static_cast<unsigned>(p.cfg.batch);
-    CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, backward_alpha_kernel<alpha_t>)(
-        static_cast<const alpha_t*>(p.alphas), static_cast<const alpha_t*>(p.grad_alpha_sum),
-        p.cfg, p.n_out, p.ws, p.dots, static_cast<alpha_t*>(p.grad_alphas));
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaAccTypes{}, p.alpha_kind,
+      [&](auto tag) {
+        using alpha_t = decltype(tag);
+        const unsigned blocks = static_cast<unsigned>(p.cfg.batch);
+        CIFOPS_LAUNCH(blocks, kScanThreads, 0, s, backward_alpha_kernel<alpha_t>)(
+            static_cast<const alpha_t*>(p.alphas), static_cast<const alpha_t*>(p.grad_alpha_sum),
+            p.cfg, p.n_out, p.ws, p.dots, static_cast<alpha_t*>(p.grad_alphas));
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 }  // namespace cifops

@@ -35,15 +35,15 @@ inline void check_cif_args(const at::Tensor& hidden, const at::Tensor& alphas,
   TORCH_CHECK(is_supported_float(alphas.scalar_type()),
               "cifops.cif: alphas must be " CIFOPS_FLOAT_DTYPES ", got ", alphas.scalar_type());
   TORCH_CHECK(alphas.size(0) == hidden.size(0) && alphas.size(1) == hidden.size(1),
-              "cifops.cif: alphas must have shape [B, T] = [", hidden.size(0), ", ",
-              hidden.size(1), "] to match hidden, got ", alphas.sizes());
+              "cifops.cif: alphas must have shape [B, T] = [", hidden.size(0), ", ", hidden.size(1),
+              "] to match hidden, got ", alphas.sizes());
   check_same_device(alphas, "alphas", hidden, "hidden", "cifops.cif");
   auto check_lengths = [&](const std::optional<at::Tensor>& x, const char* name) {
     if (!x.has_value()) return;
     TORCH_CHECK(x->dim() == 1 && x->size(0) == hidden.size(0), "cifops.cif: ", name,
                 " must be a 1-D tensor [B] = [", hidden.size(0), "], got shape ", x->sizes());
-    TORCH_CHECK(at::isIntegralType(x->scalar_type(), /*includeBool=*/false), "cifops.cif: ",
-                name, " must be an integer tensor, got ", x->scalar_type());
+    TORCH_CHECK(at::isIntegralType(x->scalar_type(), /*includeBool=*/false), "cifops.cif: ", name,
+                " must be an integer tensor, got ", x->scalar_type());
     check_same_device(*x, name, hidden, "hidden", "cifops.cif");
   };
   check_lengths(lengths, "lengths");
@@ -75,8 +75,7 @@ inline void check_cif_backward_args(const at::Tensor& grad_embeds,
     TORCH_CHECK(grad_alpha_sum->dim() == 1 && grad_alpha_sum->size(0) == hidden.size(0),
                 "cifops.cif_backward: grad_alpha_sum must have shape [B], got ",
                 grad_alpha_sum->sizes());
-    check_same_device(*grad_alpha_sum, "grad_alpha_sum", hidden, "hidden",
-                      "cifops.cif_backward");
+    check_same_device(*grad_alpha_sum, "grad_alpha_sum", hidden, "hidden", "cifops.cif_backward");
   }
 }
 
@@ -88,11 +87,10 @@ inline void check_max_tokens(int64_t max_tokens, const at::Tensor& hidden,
   if (max_tokens <= 0) return;
   const int64_t B = hidden.size(0), D = hidden.size(2);
   int64_t elements = 0, embeds_bytes = 0, fire_bytes = 0;
-  const bool overflow =
-      c10::mul_overflows(B, max_tokens, &elements) ||
-      c10::mul_overflows(elements, int64_t(sizeof(int64_t)), &fire_bytes) ||
-      c10::mul_overflows(elements, D, &elements) ||
-      c10::mul_overflows(elements, int64_t(hidden.element_size()), &embeds_bytes);
+  const bool overflow = c10::mul_overflows(B, max_tokens, &elements) ||
+                        c10::mul_overflows(elements, int64_t(sizeof(int64_t)), &fire_bytes) ||
+                        c10::mul_overflows(elements, D, &elements) ||
+                        c10::mul_overflows(elements, int64_t(hidden.element_size()), &embeds_bytes);
   TORCH_CHECK(!overflow, fn, ": max_tokens = ", max_tokens,
               " is too large: the outputs embeds [B, N, D] = [", B, ", ", max_tokens, ", ", D,
               "] and fire_frames [B, N] would exceed 2^63 bytes; use None (the batch's largest ",
@@ -135,12 +133,12 @@ struct CifWorkspaceTensors {
       : batch(hidden.size(0)), frames(hidden.size(1)), real(scan_real), ints(scan_int) {
     const char* fn = "cifops.cif_backward: ";
     const CifWorkspaceSize size = cif_workspace_size(batch, frames);
-    TORCH_CHECK(real.scalar_type() == at::kDouble && real.dim() == 1 &&
-                    real.size(0) == size.real && real.is_contiguous(),
+    TORCH_CHECK(real.scalar_type() == at::kDouble && real.dim() == 1 && real.size(0) == size.real &&
+                    real.is_contiguous(),
                 fn, "scan_real must be the forward's contiguous float64 [", size.real,
                 "] workspace, got ", real.scalar_type(), " ", real.sizes());
-    TORCH_CHECK(ints.scalar_type() == at::kLong && ints.dim() == 1 &&
-                    ints.size(0) == size.ints && ints.is_contiguous(),
+    TORCH_CHECK(ints.scalar_type() == at::kLong && ints.dim() == 1 && ints.size(0) == size.ints &&
+                    ints.is_contiguous(),
                 fn, "scan_int must be the forward's contiguous int64 [", size.ints,
                 "] workspace, got ", ints.scalar_type(), " ", ints.sizes());
     check_same_device(real, "scan_real", hidden, "hidden", "cifops.cif_backward");
@@ -159,8 +157,7 @@ struct CifWorkspaceTensors {
 // The CifParams of a forward's scan (both backends): alphas in the compute dtype, the
 // optional lengths as int64, and the token_lengths / alpha_sum outputs it writes.
 inline CifParams cif_scan_params(const CifConfig& cfg, const CifWorkspaceTensors& ws,
-                                 const at::Tensor& alphas,
-                                 const std::optional<at::Tensor>& lengths,
+                                 const at::Tensor& alphas, const std::optional<at::Tensor>& lengths,
                                  const std::optional<at::Tensor>& target_lengths,
                                  at::Tensor& token_lengths, at::Tensor& alpha_sum) {
   CifParams p;
@@ -220,7 +217,8 @@ inline int64_t check_scan_status(const at::Tensor& row_info_cpu, const at::Tenso
     const CifRowInfo& row = info[b];
     const int64_t where = row.where;
     switch (row.status) {
-      case kCifOk: break;
+      case kCifOk:
+        break;
       case kCifBadAlpha:
         TORCH_CHECK(false, "cifops.cif: alphas must be finite and >= 0, got alphas[", b, ", ",
                     where, "] = ", alphas.select(0, b).select(0, where).item<double>());
@@ -231,14 +229,15 @@ inline int64_t check_scan_status(const at::Tensor& row_info_cpu, const at::Tenso
         TORCH_CHECK(false, "cifops.cif: target_lengths must be >= 0, got target_lengths[", b,
                     "] = ", target_lengths->select(0, b).item<int64_t>());
       case kCifZeroSumTarget:
-        TORCH_CHECK(false, "cifops.cif: target_lengths[", b, "] = ",
-                    target_lengths->select(0, b).item<int64_t>(),
+        TORCH_CHECK(false, "cifops.cif: target_lengths[", b,
+                    "] = ", target_lengths->select(0, b).item<int64_t>(),
                     " but the valid alphas of utterance ", b,
                     " sum to zero, so no scaling can reach the target");
       case kCifTooManyTokens:
         TORCH_CHECK(false, "cifops.cif: the alphas of utterance ", b, " integrate to more than ",
                     "2^53 thresholds by frame ", where, "; token counts would not be exact");
-      default: TORCH_CHECK(false, "cifops.cif: internal error, unknown scan status");
+      default:
+        TORCH_CHECK(false, "cifops.cif: internal error, unknown scan status");
     }
     if (row.total > max_total) max_total = row.total;
   }
@@ -276,10 +275,9 @@ at::Tensor cif_kernel_hidden(const at::Tensor& hidden) {
 template <typename Backend>
 CifForwardOutputs cif_forward_op(const at::Tensor& hidden, const at::Tensor& alphas,
                                  const std::optional<at::Tensor>& lengths,
-                                 const std::optional<at::Tensor>& target_lengths,
-                                 double threshold, double scale_eps,
-                                 std::optional<double> tail_threshold, bool tail_normalize,
-                                 int64_t max_tokens) {
+                                 const std::optional<at::Tensor>& target_lengths, double threshold,
+                                 double scale_eps, std::optional<double> tail_threshold,
+                                 bool tail_normalize, int64_t max_tokens) {
   check_cif_args(hidden, alphas, lengths, target_lengths, threshold, scale_eps, tail_threshold);
   check_max_tokens(max_tokens, hidden);
   const Backend backend(hidden.device());
@@ -302,8 +300,12 @@ CifForwardOutputs cif_forward_op(const at::Tensor& hidden, const at::Tensor& alp
   at::Tensor fire_frames = at::empty({cfg.batch, n_out}, hidden.options().dtype(at::kLong));
   cif_set_forward_params(params, n_out, h, embeds, fire_frames);
   backend.forward(params);
-  return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames,
-          alpha_sum.to(compute_type(alphas.scalar_type())), ws.real, ws.ints};
+  return {embeds.to(hidden.scalar_type()),
+          token_lengths,
+          fire_frames,
+          alpha_sum.to(compute_type(alphas.scalar_type())),
+          ws.real,
+          ws.ints};
 }
 
 // cifops::cif_backward, from the forward's saved scan workspace.
@@ -313,8 +315,7 @@ std::tuple<at::Tensor, at::Tensor> cif_backward_op(
     const at::Tensor& hidden, const at::Tensor& alphas, const at::Tensor& scan_real,
     const at::Tensor& scan_int, double threshold, double scale_eps,
     std::optional<double> tail_threshold, bool tail_normalize) {
-  check_cif_args(hidden, alphas, std::nullopt, std::nullopt, threshold, scale_eps,
-                 tail_threshold);
+  check_cif_args(hidden, alphas, std::nullopt, std::nullopt, threshold, scale_eps, tail_threshold);
   check_cif_backward_args(grad_embeds, grad_alpha_sum, hidden);
   const CifWorkspaceTensors ws(scan_real, scan_int, hidden);
   const Backend backend(hidden.device());

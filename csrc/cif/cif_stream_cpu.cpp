@@ -12,12 +12,15 @@ const ThrowUnsupported kUnsupportedHidden{"cifops CPU kernels take float32/float
 }  // namespace
 
 void cif_stream_scan_cpu(const CifStreamParams& p, const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, p.alpha_kind, [&](auto tag) {
-    using alpha_t = decltype(tag);
-    parallel_for(p.cfg.batch, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) cif_stream_scan_row<alpha_t>(p, b);
-    });
-  }, kUnsupportedAlphas);
+  dispatch(
+      CpuTypes{}, p.alpha_kind,
+      [&](auto tag) {
+        using alpha_t = decltype(tag);
+        parallel_for(p.cfg.batch, 256, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) cif_stream_scan_row<alpha_t>(p, b);
+        });
+      },
+      kUnsupportedAlphas);
 }
 
 void cif_stream_embed_cpu(const CifStreamParams& p, const ParallelFor& parallel_for) {
@@ -26,13 +29,16 @@ void cif_stream_embed_cpu(const CifStreamParams& p, const ParallelFor& parallel_
   // 16 x 512 is one task), so that a step pays the thread pool's wake-up (milliseconds
   // on a loaded machine) only where the work is larger than that.
   const int64_t grain = TD > 0 ? ((int64_t(1) << 18) + TD - 1) / TD : p.cfg.batch + 1;
-  dispatch(CpuTypes{}, p.hidden_kind, [&](auto tag) {
-    using acc_t = decltype(tag);
-    parallel_for(p.cfg.batch, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        cif_stream_embed_row<acc_t>(p, b, /*d_begin=*/0, /*d_step=*/1);
-    });
-  }, kUnsupportedHidden);
+  dispatch(
+      CpuTypes{}, p.hidden_kind,
+      [&](auto tag) {
+        using acc_t = decltype(tag);
+        parallel_for(p.cfg.batch, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b)
+            cif_stream_embed_row<acc_t>(p, b, /*d_begin=*/0, /*d_step=*/1);
+        });
+      },
+      kUnsupportedHidden);
 }
 
 }  // namespace cifops

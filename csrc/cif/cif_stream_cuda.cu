@@ -36,23 +36,29 @@ __global__ void __launch_bounds__(kEmbedThreads) stream_embed_kernel(CifStreamPa
 
 int cif_stream_scan_cuda(const CifStreamParams& p, void* stream) {
   if (p.cfg.batch == 0) return cudaSuccess;
-  return dispatch(CudaAccTypes{}, p.alpha_kind, [&](auto tag) {
-    using alpha_t = decltype(tag);
-    CIFOPS_LAUNCH(grid_for(p.cfg.batch, kScanBlock, kMaxBlocks), kScanBlock, 0,
-                  static_cast<cudaStream_t>(stream), stream_scan_kernel<alpha_t>)(p);
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaAccTypes{}, p.alpha_kind,
+      [&](auto tag) {
+        using alpha_t = decltype(tag);
+        CIFOPS_LAUNCH(grid_for(p.cfg.batch, kScanBlock, kMaxBlocks), kScanBlock, 0,
+                      static_cast<cudaStream_t>(stream), stream_scan_kernel<alpha_t>)(p);
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 // hidden is in the compute dtype (the binding converts float16/bfloat16 to float32).
 int cif_stream_embed_cuda(const CifStreamParams& p, void* stream) {
   if (p.cfg.batch == 0) return cudaSuccess;
-  return dispatch(CudaAccTypes{}, p.hidden_kind, [&](auto tag) {
-    using acc_t = decltype(tag);
-    CIFOPS_LAUNCH(grid_for(p.cfg.batch, 1, kMaxBlocks), kEmbedThreads, 0,
-                  static_cast<cudaStream_t>(stream), stream_embed_kernel<acc_t>)(p);
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaAccTypes{}, p.hidden_kind,
+      [&](auto tag) {
+        using acc_t = decltype(tag);
+        CIFOPS_LAUNCH(grid_for(p.cfg.batch, 1, kMaxBlocks), kEmbedThreads, 0,
+                      static_cast<cudaStream_t>(stream), stream_embed_kernel<acc_t>)(p);
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 }  // namespace cifops

@@ -29,14 +29,14 @@ inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& al
   const char* fn = "cifops.cif_stream_step";
   TORCH_CHECK(hidden.dim() == 3, fn, ": hidden must be a 3-D tensor [B, Tc, D], got shape ",
               hidden.sizes());
-  TORCH_CHECK(is_supported_float(hidden.scalar_type()),
-              fn, ": hidden must be " CIFOPS_FLOAT_DTYPES ", got ", hidden.scalar_type());
+  TORCH_CHECK(is_supported_float(hidden.scalar_type()), fn,
+              ": hidden must be " CIFOPS_FLOAT_DTYPES ", got ", hidden.scalar_type());
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
   TORCH_CHECK(alphas.dim() == 2 && alphas.size(0) == B && alphas.size(1) == T, fn,
               ": alphas must have shape [B, Tc] = [", B, ", ", T, "] to match hidden, got ",
               alphas.sizes());
-  TORCH_CHECK(is_supported_float(alphas.scalar_type()),
-              fn, ": alphas must be " CIFOPS_FLOAT_DTYPES ", got ", alphas.scalar_type());
+  TORCH_CHECK(is_supported_float(alphas.scalar_type()), fn,
+              ": alphas must be " CIFOPS_FLOAT_DTYPES ", got ", alphas.scalar_type());
   check_same_device(alphas, "alphas", hidden, "hidden", fn);
   if (lengths.has_value()) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, fn,
@@ -50,10 +50,9 @@ inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& al
                          bool per_dim) {
     const bool shape_ok = per_dim ? (x.dim() == 2 && x.size(0) == B && x.size(1) == D)
                                   : (x.dim() == 1 && x.size(0) == B);
-    TORCH_CHECK(shape_ok, fn, ": ", name, " must have shape ",
-                per_dim ? "[B, D] = [" : "[B] = [", B, per_dim ? ", " : "",
-                per_dim ? std::to_string(D) : std::string(), "] to match hidden, got ", x.sizes(),
-                " (a state from another batch or model?)");
+    TORCH_CHECK(shape_ok, fn, ": ", name, " must have shape ", per_dim ? "[B, D] = [" : "[B] = [",
+                B, per_dim ? ", " : "", per_dim ? std::to_string(D) : std::string(),
+                "] to match hidden, got ", x.sizes(), " (a state from another batch or model?)");
     TORCH_CHECK(x.scalar_type() == dtype, fn, ": ", name, " must be ", dtype, " for ",
                 hidden.scalar_type(), " hidden, got ", x.scalar_type());
     check_same_device(x, name, hidden, "hidden", fn);
@@ -79,8 +78,8 @@ inline void check_cif_stream_args(const at::Tensor& hidden, const at::Tensor& al
     case kStateNegativeTokens:
       TORCH_CHECK_VALUE(false, fn, ": state.tokens[", b, "] = ", tokens, " is negative", edited);
     case kStateBadPrefix:
-      TORCH_CHECK_VALUE(false, fn, ": state.prefix[", b, "] = ", prefix,
-                        " must be finite and >= 0", edited);
+      TORCH_CHECK_VALUE(false, fn, ": state.prefix[", b, "] = ", prefix, " must be finite and >= 0",
+                        edited);
     case kStatePrefixNoFrames:
       TORCH_CHECK_VALUE(false, fn, ": state.prefix[", b, "] = ", prefix, " but state.frames[", b,
                         "] = 0: a stream that has seen no frame has prefix 0 (a recycled batch "
@@ -105,15 +104,15 @@ inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor&
     const CifStreamRowInfo& row = info[b];
     const int64_t where = row.where;
     switch (row.status) {
-      case kCifOk: break;
+      case kCifOk:
+        break;
       case kCifBadStreamState:
-        throw_bad_stream_state("cifops.cif_stream_step", where, b,
-                               prefix.select(0, b).item<double>(),
-                               tokens.select(0, b).item<int64_t>(),
-                               frames.select(0, b).item<int64_t>(), threshold);
+        throw_bad_stream_state(
+            "cifops.cif_stream_step", where, b, prefix.select(0, b).item<double>(),
+            tokens.select(0, b).item<int64_t>(), frames.select(0, b).item<int64_t>(), threshold);
       case kCifBadAlpha:
-        TORCH_CHECK(false, "cifops.cif_stream_step: alphas must be finite and >= 0, got alphas[",
-                    b, ", ", where, "] = ", alphas.select(0, b).select(0, where).item<double>());
+        TORCH_CHECK(false, "cifops.cif_stream_step: alphas must be finite and >= 0, got alphas[", b,
+                    ", ", where, "] = ", alphas.select(0, b).select(0, where).item<double>());
       case kCifBadLength:
         TORCH_CHECK(false, "cifops.cif_stream_step: lengths must be in [0, Tc] = [0, ",
                     alphas.size(1), "], got lengths[", b,
@@ -122,7 +121,8 @@ inline int64_t check_stream_status(const at::Tensor& info_cpu, const at::Tensor&
         TORCH_CHECK(false, "cifops.cif_stream_step: the alphas of utterance ", b,
                     " integrate to more than 2^53 thresholds by frame ", where,
                     " of the chunk; token counts would not be exact");
-      default: TORCH_CHECK(false, "cifops.cif_stream_step: internal error, unknown status");
+      default:
+        TORCH_CHECK(false, "cifops.cif_stream_step: internal error, unknown status");
     }
     if (row.count > max_count) max_count = row.count;
   }
@@ -194,8 +194,13 @@ CifStreamOutputs cif_stream_step_op(const at::Tensor& hidden, const at::Tensor& 
   p.embeds = embeds.data_ptr();
   p.fire_frames = fire_frames.data_ptr<int64_t>();
   backend.stream_embed(p);
-  return {embeds.to(hidden.scalar_type()), token_lengths, fire_frames, new_prefix, new_tokens,
-          new_frames, new_partial};
+  return {embeds.to(hidden.scalar_type()),
+          token_lengths,
+          fire_frames,
+          new_prefix,
+          new_tokens,
+          new_frames,
+          new_partial};
 }
 
 }  // namespace cifops

@@ -18,8 +18,12 @@ namespace cifops {
 
 // The storage types of the CUDA kernels (all four: they convert to AccType themselves),
 // for dispatch (common/dispatch.h); an unsupported kind is cudaErrorInvalidValue.
-template <> struct KindOf<__half> { static constexpr ScalarKind value = ScalarKind::kFloat16; };
-template <> struct KindOf<__nv_bfloat16> {
+template <>
+struct KindOf<__half> {
+  static constexpr ScalarKind value = ScalarKind::kFloat16;
+};
+template <>
+struct KindOf<__nv_bfloat16> {
   static constexpr ScalarKind value = ScalarKind::kBFloat16;
 };
 using CudaTypes = TypeList<__half, __nv_bfloat16, float, double>;
@@ -32,8 +36,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // The accumulation type of a storage type: float for float16, bfloat16 and float32,
 // double for double (the host ops' compute dtype is the same rule, compute_type in
 // common/host.h).
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -41,11 +51,22 @@ __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Round to nearest even from the accumulation type into the storage type.
-template <typename T> __device__ __forceinline__ T from_acc(typename AccType<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccType<T>::type x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
 }
 

@@ -23,8 +23,14 @@ struct TypeList {};
 // The ScalarKind of a C++ storage type (cuda_common.cuh adds __half and __nv_bfloat16).
 template <typename T>
 struct KindOf;
-template <> struct KindOf<float> { static constexpr ScalarKind value = ScalarKind::kFloat32; };
-template <> struct KindOf<double> { static constexpr ScalarKind value = ScalarKind::kFloat64; };
+template <>
+struct KindOf<float> {
+  static constexpr ScalarKind value = ScalarKind::kFloat32;
+};
+template <>
+struct KindOf<double> {
+  static constexpr ScalarKind value = ScalarKind::kFloat64;
+};
 
 // The types the CPU kernels compute in (the bindings convert float16/bfloat16 to float32).
 using CpuTypes = TypeList<float, double>;

@@ -15,11 +15,16 @@ namespace cifops {
 
 inline ScalarKind scalar_kind(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kFloat: return ScalarKind::kFloat32;
-    case at::kDouble: return ScalarKind::kFloat64;
-    default: TORCH_CHECK(false, "cifops: unsupported dtype ", t);
+    case at::kHalf:
+      return ScalarKind::kFloat16;
+    case at::kBFloat16:
+      return ScalarKind::kBFloat16;
+    case at::kFloat:
+      return ScalarKind::kFloat32;
+    case at::kDouble:
+      return ScalarKind::kFloat64;
+    default:
+      TORCH_CHECK(false, "cifops: unsupported dtype ", t);
   }
 }
 
@@ -35,10 +40,9 @@ inline bool is_supported_float(at::ScalarType t) {
 // fake kernels in cifops/_cif.py and cifops/_contrastive.py check the same).
 inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
                               const char* ref_name, const char* fn) {
-  TORCH_CHECK(x.device() == ref.device(), fn, ": ", name, " is on ", x.device(), " but ",
-              ref_name, " is on ", ref.device());
+  TORCH_CHECK(x.device() == ref.device(), fn, ": ", name, " is on ", x.device(), " but ", ref_name,
+              " is on ", ref.device());
 }
-
 
 // The dtype the ops compute in: float32 for float16, bfloat16 and float32 inputs,
 // float64 for float64 (on the device: AccType in common/cuda_common.cuh). Also the dtype

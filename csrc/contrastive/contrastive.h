@@ -47,8 +47,8 @@
 //              falls out of the forward and the backward only scales it.
 //   grad pass  for each row r of A: sum_c G_rc b_c over column tiles of B, the tiles
 //              recomputed from the saved log-sum-exps, with
-//              G_rc = wr_r (exp(z_rc - lser_r) - [c == tr_r]) + wc_c (exp(z_rc - lsec_c) - [r == tc_c]).
-//              Student gradient: A = s, B = t, (wr, lser, tr) = (a, lse, targets),
+//              G_rc = wr_r (exp(z_rc - lser_r) - [c == tr_r]) + wc_c (exp(z_rc - lsec_c) - [r ==
+//              tc_c]). Student gradient: A = s, B = t, (wr, lser, tr) = (a, lse, targets),
 //                                (wc, lsec, tc) = (b, clse, identity) when symmetric.
 //              Teacher gradient: A = t, B = s, (wr, lser, tr) = (b, clse, identity) when
 //                                symmetric, (wc, lsec, tc) = (a, lse, targets).
@@ -74,12 +74,12 @@ constexpr double kContrastiveNormEps = 1e-6;
 
 // Rows of the per-row statistics tensor [kStatRows][N] saved by the forward.
 enum ContrastiveStat : int {
-  kStatLse = 0,         // lse_i over the teacher rows
-  kStatExpect = 1,      // E_i, expected logit under the row softmax
-  kStatTarget = 2,      // z_{i, targets_i} (0 for ignored rows, NaN for a bad target on CUDA)
-  kStatColLse = 3,      // clse_i over the student rows (symmetric), else 0
-  kStatColExpect = 4,   // E'_i (symmetric), else 0
-  kStatColTarget = 5,   // z_ii as seen by the column pass (symmetric), else 0
+  kStatLse = 0,        // lse_i over the teacher rows
+  kStatExpect = 1,     // E_i, expected logit under the row softmax
+  kStatTarget = 2,     // z_{i, targets_i} (0 for ignored rows, NaN for a bad target on CUDA)
+  kStatColLse = 3,     // clse_i over the student rows (symmetric), else 0
+  kStatColExpect = 4,  // E'_i (symmetric), else 0
+  kStatColTarget = 5,  // z_ii as seen by the column pass (symmetric), else 0
   kStatRows = 6,
 };
 
@@ -96,10 +96,10 @@ struct SoftmaxTerm {
 // Sizes and scalars of one pass. A is [rows][dim] (stored [rows_padded][dim_padded]),
 // B is [cols][dim] (stored [cols_padded][dim_padded]); padding is zero.
 struct ContrastivePass {
-  int64_t rows = 0;          // R
-  int64_t cols = 0;          // C
-  int64_t dim = 0;           // D
-  int64_t dim_padded = 0;    // row stride of the unit copies
+  int64_t rows = 0;              // R
+  int64_t cols = 0;              // C
+  int64_t dim = 0;               // D
+  int64_t dim_padded = 0;        // row stride of the unit copies
   double inv_temperature = 1.0;  // CPU: the value; CUDA reads it from a device pointer
   int64_t ignore_index = -100;
 };
@@ -107,10 +107,10 @@ struct ContrastivePass {
 // Outputs of the row pass. Any pointer may be null (not wanted), except lse.
 template <typename acc_t>
 struct RowStats {
-  acc_t* lse = nullptr;          // [R]
-  acc_t* expect = nullptr;       // [R]
-  acc_t* target_logit = nullptr; // [R]
-  int64_t* argmax = nullptr;     // [R]; with only argmax wanted, lse may be null too
+  acc_t* lse = nullptr;           // [R]
+  acc_t* expect = nullptr;        // [R]
+  acc_t* target_logit = nullptr;  // [R]
+  int64_t* argmax = nullptr;      // [R]; with only argmax wanted, lse may be null too
 };
 
 // The positive column of row r, or -1 when the row is ignored.
@@ -180,10 +180,10 @@ struct ContrastiveSideParams {
   int64_t rows = 0;
   int64_t dim = 0;
   bool normalize = true;
-  const void* x = nullptr;                 // [rows][dim], contiguous
-  double* inv_norm = nullptr;              // [rows]
+  const void* x = nullptr;     // [rows][dim], contiguous
+  double* inv_norm = nullptr;  // [rows]
   void* unit = nullptr;
-  void* packed = nullptr;                  // CPU only; may be null
+  void* packed = nullptr;  // CPU only; may be null
 
   const void* grad_unit = nullptr;  // [rows][dim] acc_t, sum_c G_rc B_c
   const void* out_scale = nullptr;  // one acc_t on the device: 1/tau over G's scale
@@ -228,8 +228,7 @@ struct ContrastiveCpuParams {
 void contrastive_row_pass_cpu(const ContrastiveCpuParams& params, const ParallelFor& parallel_for);
 
 // The grad pass.
-void contrastive_grad_pass_cpu(const ContrastiveCpuParams& params,
-                               const ParallelFor& parallel_for);
+void contrastive_grad_pass_cpu(const ContrastiveCpuParams& params, const ParallelFor& parallel_for);
 
 // ----------------------------------------------------------------------------
 // CUDA entry points (csrc/contrastive/contrastive_cuda.cu): device pointers, the
@@ -253,12 +252,12 @@ struct ContrastiveChunk {
   const int64_t* target = nullptr;  // the positives of the rows; null: the identity
   void* lse = nullptr;              // statistics to write, each may be null
   void* expect = nullptr;
-  void* target_logit = nullptr;     // 0 for ignored rows, NaN for a target outside [0, cols)
-  int64_t* argmax = nullptr;        // the first maximal column
-  void* grad = nullptr;             // G [rows][cols] in the input dtype; null: not wanted
-  const void* grad_scale = nullptr; // one acc_t multiplying G (keeps float16 in range); null: 1
-  SoftmaxTerm row;                  // a and lse by row (lse null: the one computed here)
-  SoftmaxTerm col;                  // b and clse by column; positives the identity
+  void* target_logit = nullptr;      // 0 for ignored rows, NaN for a target outside [0, cols)
+  int64_t* argmax = nullptr;         // the first maximal column
+  void* grad = nullptr;              // G [rows][cols] in the input dtype; null: not wanted
+  const void* grad_scale = nullptr;  // one acc_t multiplying G (keeps float16 in range); null: 1
+  SoftmaxTerm row;                   // a and lse by row (lse null: the one computed here)
+  SoftmaxTerm col;                   // b and clse by column; positives the identity
 };
 int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk, void* stream);
 

@@ -34,9 +34,9 @@ std::pair<at::Tensor, at::Tensor> common_dtype(const at::Tensor& student,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_autocast(
-    const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& targets, const at::Tensor& temperature, bool normalize,
-    bool symmetric, c10::string_view reduction, int64_t ignore_index, bool fuse_student_grad) {
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& targets,
+    const at::Tensor& temperature, bool normalize, bool symmetric, c10::string_view reduction,
+    int64_t ignore_index, bool fuse_student_grad) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("cifops::contrastive_forward", "")
@@ -47,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_autocast(
 }
 
 at::Tensor contrastive_accuracy_autocast(const at::Tensor& student, const at::Tensor& teacher,
-                                         const std::optional<at::Tensor>& targets,
-                                         bool normalize, int64_t ignore_index) {
+                                         const std::optional<at::Tensor>& targets, bool normalize,
+                                         int64_t ignore_index) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("cifops::contrastive_accuracy", "")

@@ -47,8 +47,8 @@ bool use_avx2() {
 }
 
 #if CIFOPS_CONTRASTIVE_X86
-#define CIFOPS_CONTRASTIVE_CALL(fn, ...)                                    \
-  (use_avx2() ? contrastive_cpu_kernels::avx2::fn(__VA_ARGS__)              \
+#define CIFOPS_CONTRASTIVE_CALL(fn, ...)                       \
+  (use_avx2() ? contrastive_cpu_kernels::avx2::fn(__VA_ARGS__) \
               : contrastive_cpu_kernels::portable::fn(__VA_ARGS__))
 #else
 #define CIFOPS_CONTRASTIVE_CALL(fn, ...) contrastive_cpu_kernels::portable::fn(__VA_ARGS__)
@@ -58,30 +58,37 @@ const ThrowUnsupported kUnsupported{"cifops contrastive CPU kernels take float32
 
 }  // namespace
 
-void contrastive_prepare_cpu(const ContrastiveSideParams& side,
-                             const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, side.kind, [&](auto tag) {
-    using T = decltype(tag);
-    CIFOPS_CONTRASTIVE_CALL(prepare<T>, static_cast<const T*>(side.x), side.rows, side.dim,
-                            side.normalize, static_cast<T*>(side.unit),
-                            static_cast<T*>(side.packed), side.inv_norm, parallel_for);
-  }, kUnsupported);
+void contrastive_prepare_cpu(const ContrastiveSideParams& side, const ParallelFor& parallel_for) {
+  dispatch(
+      CpuTypes{}, side.kind,
+      [&](auto tag) {
+        using T = decltype(tag);
+        CIFOPS_CONTRASTIVE_CALL(prepare<T>, static_cast<const T*>(side.x), side.rows, side.dim,
+                                side.normalize, static_cast<T*>(side.unit),
+                                static_cast<T*>(side.packed), side.inv_norm, parallel_for);
+      },
+      kUnsupported);
 }
 
-void contrastive_row_pass_cpu(const ContrastiveCpuParams& params,
-                              const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, params.kind, [&](auto tag) {
-    using T = decltype(tag);
-    CIFOPS_CONTRASTIVE_CALL(row_pass<T>, params, parallel_for);
-  }, kUnsupported);
+void contrastive_row_pass_cpu(const ContrastiveCpuParams& params, const ParallelFor& parallel_for) {
+  dispatch(
+      CpuTypes{}, params.kind,
+      [&](auto tag) {
+        using T = decltype(tag);
+        CIFOPS_CONTRASTIVE_CALL(row_pass<T>, params, parallel_for);
+      },
+      kUnsupported);
 }
 
 void contrastive_grad_pass_cpu(const ContrastiveCpuParams& params,
                                const ParallelFor& parallel_for) {
-  dispatch(CpuTypes{}, params.kind, [&](auto tag) {
-    using T = decltype(tag);
-    CIFOPS_CONTRASTIVE_CALL(grad_pass<T>, params, parallel_for);
-  }, kUnsupported);
+  dispatch(
+      CpuTypes{}, params.kind,
+      [&](auto tag) {
+        using T = decltype(tag);
+        CIFOPS_CONTRASTIVE_CALL(grad_pass<T>, params, parallel_for);
+      },
+      kUnsupported);
 }
 
 }  // namespace cifops

@@ -66,7 +66,7 @@ inline V madd(V a, V b, V c) {
 }
 #endif
 
-constexpr int kMicroRows = 6;  // rows of A per micro-kernel call
+constexpr int kMicroRows = 6;                // rows of A per micro-kernel call
 constexpr int64_t kRowBlock = kCpuRowBlock;  // 48 = 8 micro-kernel row groups
 static_assert(kRowBlock % kMicroRows == 0, "row block must be whole micro-kernel groups");
 constexpr int64_t kColTile = 64;  // columns of B per tile: Z tile 48 x 64 stays in L1
@@ -81,13 +81,15 @@ constexpr int64_t panel_width() {
 template <typename T>
 struct TileProblem {
   const ContrastivePass* pass;
-  const T* a_unit;     // [Rp][Dp]
-  const T* b_packed;   // [Cp / W][Dp][W]
-  const T* b_unit;     // [Cp][Dp]
-  int64_t cols_padded; // Cp
+  const T* a_unit;      // [Rp][Dp]
+  const T* b_packed;    // [Cp / W][Dp][W]
+  const T* b_unit;      // [Cp][Dp]
+  int64_t cols_padded;  // Cp
   TileProblem(const ContrastiveCpuParams& p)
-      : pass(&p.pass), a_unit(static_cast<const T*>(p.a_unit)),
-        b_packed(static_cast<const T*>(p.b_packed)), b_unit(static_cast<const T*>(p.b_unit)),
+      : pass(&p.pass),
+        a_unit(static_cast<const T*>(p.a_unit)),
+        b_packed(static_cast<const T*>(p.b_packed)),
+        b_unit(static_cast<const T*>(p.b_unit)),
         cols_padded(contrastive_cpu_padded_rows(p.pass.cols)) {}
 };
 
@@ -115,10 +117,15 @@ struct RowPassIo {
   bool normalize;
   T* fused_grad;
   explicit RowPassIo(const ContrastiveCpuParams& p)
-      : target(p.target), lse(static_cast<T*>(p.lse)), expect(static_cast<T*>(p.expect)),
-        target_logit(static_cast<T*>(p.target_logit)), argmax(p.argmax),
-        fused_weight(static_cast<const T*>(p.fused_weight)), a_inv_norm(p.a_inv_norm),
-        normalize(p.normalize), fused_grad(static_cast<T*>(p.fused_grad)) {}
+      : target(p.target),
+        lse(static_cast<T*>(p.lse)),
+        expect(static_cast<T*>(p.expect)),
+        target_logit(static_cast<T*>(p.target_logit)),
+        argmax(p.argmax),
+        fused_weight(static_cast<const T*>(p.fused_weight)),
+        a_inv_norm(p.a_inv_norm),
+        normalize(p.normalize),
+        fused_grad(static_cast<T*>(p.fused_grad)) {}
 };
 
 // SoftmaxTerm with its arrays typed.
@@ -128,7 +135,8 @@ struct TypedTerm {
   const T* lse;
   const int64_t* target;
   explicit TypedTerm(const SoftmaxTerm& t)
-      : weight(static_cast<const T*>(t.weight)), lse(static_cast<const T*>(t.lse)),
+      : weight(static_cast<const T*>(t.weight)),
+        lse(static_cast<const T*>(t.lse)),
         target(t.target) {}
 };
 
@@ -140,7 +148,10 @@ struct GradPassIo {
   bool normalize;
   T* grad_x;
   explicit GradPassIo(const ContrastiveCpuParams& p)
-      : row(p.row_term), col(p.col_term), a_inv_norm(p.a_inv_norm), normalize(p.normalize),
+      : row(p.row_term),
+        col(p.col_term),
+        a_inv_norm(p.a_inv_norm),
+        normalize(p.normalize),
         grad_x(static_cast<T*>(p.grad_x)) {}
 };
 
@@ -167,9 +178,12 @@ inline void vstore(T* p, typename Simd<T>::V v) {
 template <typename T>
 inline typename Simd<T>::V vbroadcast(T x) {
   using V = typename Simd<T>::V;
-  if constexpr (Simd<T>::kLanes == 8) return V{x, x, x, x, x, x, x, x};
-  else if constexpr (Simd<T>::kLanes == 4) return V{x, x, x, x};
-  else return V{x, x};
+  if constexpr (Simd<T>::kLanes == 8)
+    return V{x, x, x, x, x, x, x, x};
+  else if constexpr (Simd<T>::kLanes == 4)
+    return V{x, x, x, x};
+  else
+    return V{x, x};
 }
 
 // exp(x) for a vector of floats, 1-2 ulp (Cephes' expf): x = n ln2 + r with
@@ -215,8 +229,7 @@ inline Simd<double>::V vexp(Simd<double>::V x) {  // float64 is for checking, no
 
 // Z[r][j] = sum_{d < D} a[r][d] * panel[d][j] for 6 rows and one packed panel.
 template <typename T>
-inline void micro_logits(const T* a, int64_t lda, const T* panel, int64_t D, T* z,
-                         int64_t ldz) {
+inline void micro_logits(const T* a, int64_t lda, const T* panel, int64_t D, T* z, int64_t ldz) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
   constexpr int64_t W = panel_width<T>();
@@ -287,8 +300,7 @@ void tile_accumulate(const TileProblem<T>& tp, const T* z, int64_t c0, int64_t n
 
 // dL/dx of one row from dL/ds (g, length D) through the normalisation (contrastive.h).
 template <typename T>
-void unit_backward_row(const T* s, const T* g, int64_t D, double inv_norm, bool normalize,
-                       T* dx) {
+void unit_backward_row(const T* s, const T* g, int64_t D, double inv_norm, bool normalize, T* dx) {
   if (!normalize) {
     for (int64_t d = 0; d < D; ++d) dx[d] = g[d];
     return;
@@ -343,7 +355,7 @@ void row_pass_block(const TileProblem<T>& tp, const RowPassIo<T>& io, int64_t r0
 
   for (int64_t c0 = 0; c0 < C; c0 += kColTile) {
     const int64_t width = std::min(kColTile, tp.cols_padded - c0);  // whole panels
-    const int64_t valid = std::min(width, C - c0);                   // real columns
+    const int64_t valid = std::min(width, C - c0);                  // real columns
     tile_logits(tp, r0, c0, width, groups, z);
     for (int64_t r = 0; r < rows; ++r) {
       T* zr = z + r * kColTile;
@@ -380,8 +392,8 @@ void row_pass_block(const TileProblem<T>& tp, const RowPassIo<T>& io, int64_t r0
       }
       // first maximal column overall: a later tile must be strictly larger (a NaN,
       // like torch.argmax, counts as the maximum and the first one stays)
-      if (tile_arg >= 0 && (tile_max > best_logit[r] ||
-                            (tile_max != tile_max && best_logit[r] == best_logit[r]))) {
+      if (tile_arg >= 0 &&
+          (tile_max > best_logit[r] || (tile_max != tile_max && best_logit[r] == best_logit[r]))) {
         best_logit[r] = tile_max;
         best[r] = c0 + tile_arg;
       }
@@ -447,8 +459,7 @@ void row_pass_block(const TileProblem<T>& tp, const RowPassIo<T>& io, int64_t r0
     const T* t_pos = tp.b_unit + pos * Dp;
     const double inv_sum = 1.0 / run_sum[r];
     const T scale = static_cast<T>(weight * static_cast<double>(inv_tau));
-    for (int64_t d = 0; d < D; ++d)
-      g[d] = scale * (static_cast<T>(g[d] * inv_sum) - t_pos[d]);
+    for (int64_t d = 0; d < D; ++d) g[d] = scale * (static_cast<T>(g[d] * inv_sum) - t_pos[d]);
     unit_backward_row(tp.a_unit + row * Dp, g, D, io.a_inv_norm[row], io.normalize, out);
   }
 }
@@ -485,7 +496,8 @@ void grad_pass_block(const TileProblem<T>& tp, const GradPassIo<T>& io, int64_t 
         const V zv = vload(zr + j) * inv_tau;
         V g = V{};
         if (has_row) g = vwr * vexp(zv - vlse);
-        if (has_col) g = madd(vload(io.col.weight + c0 + j), vexp(zv - vload(io.col.lse + c0 + j)), g);
+        if (has_col)
+          g = madd(vload(io.col.weight + c0 + j), vexp(zv - vload(io.col.lse + c0 + j)), g);
         vstore(zr + j, g);
       }
       for (; j < valid; ++j) {
@@ -597,10 +609,9 @@ void grad_pass(const ContrastiveCpuParams& params, const ParallelFor& parallel_f
   });
 }
 
-#define CIFOPS_INSTANTIATE(T)                                                             \
-  template void prepare<T>(const T*, int64_t, int64_t, bool, T*, T*, double*,             \
-                           const ParallelFor&);                                           \
-  template void row_pass<T>(const ContrastiveCpuParams&, const ParallelFor&);             \
+#define CIFOPS_INSTANTIATE(T)                                                                      \
+  template void prepare<T>(const T*, int64_t, int64_t, bool, T*, T*, double*, const ParallelFor&); \
+  template void row_pass<T>(const ContrastiveCpuParams&, const ParallelFor&);                      \
   template void grad_pass<T>(const ContrastiveCpuParams&, const ParallelFor&);
 CIFOPS_INSTANTIATE(float)
 CIFOPS_INSTANTIATE(double)

@@ -15,7 +15,7 @@
 
 // T is float or double. prepare: contrastive_prepare_cpu; row_pass / grad_pass:
 // contrastive_row_pass_cpu / contrastive_grad_pass_cpu (contrastive.h).
-#define CIFOPS_CONTRASTIVE_CPU_DRIVERS                                                     \
+#define CIFOPS_CONTRASTIVE_CPU_DRIVERS                                                    \
   template <typename T>                                                                   \
   void prepare(const T* x, int64_t rows, int64_t dim, bool normalize, T* unit, T* packed, \
                double* inv_norm, const ParallelFor& parallel_for);                        \

@@ -41,9 +41,8 @@ struct CpuSide {
 
 // The parameters of a pass of side `a` (rows) against side `b` (columns): sizes and
 // scalars, and the sides' unit copies; the caller names its inputs and outputs.
-ContrastiveCpuParams pass_params(const ContrastiveInputs& in, const CpuSide& a,
-                                 const CpuSide& b, double inv_temperature,
-                                 const ContrastiveOptions& opt) {
+ContrastiveCpuParams pass_params(const ContrastiveInputs& in, const CpuSide& a, const CpuSide& b,
+                                 double inv_temperature, const ContrastiveOptions& opt) {
   ContrastiveCpuParams p;
   p.kind = in.kind;
   p.pass.rows = a.inv_norm.size(0);
@@ -103,8 +102,8 @@ struct ContrastiveCpu {
   }
 
   void backward(const ContrastiveInputs& in, const at::Tensor&, double tau,
-                const ContrastiveOptions& opt, const BackwardTerms& terms,
-                at::Tensor* grad_student, at::Tensor* grad_teacher) const {
+                const ContrastiveOptions& opt, const BackwardTerms& terms, at::Tensor* grad_student,
+                at::Tensor* grad_teacher) const {
     if (grad_student != nullptr) {
       const CpuSide s_side(in.student, opt.normalize, false);
       const CpuSide t_side(in.teacher, opt.normalize, true);

@@ -37,16 +37,25 @@ namespace {
 
 constexpr int kRowsPerWarpBlock = 8;  // prepare / unit backward: one warp per row
 constexpr int kSoftmaxWarps = 8;      // softmax rows: one warp per row, 8 rows per block
-constexpr int kLoadsAhead = 2;        // softmax rows: 16-byte loads per lane issued at once (4: spills)
+constexpr int kLoadsAhead = 2;  // softmax rows: 16-byte loads per lane issued at once (4: spills)
 constexpr int64_t kMaxBlocks = 1 << 20;
 
-template <typename T> __device__ __forceinline__ T from_double(double x);
-template <> __device__ __forceinline__ float from_double<float>(double x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ double from_double<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_double<__half>(double x) {
+template <typename T>
+__device__ __forceinline__ T from_double(double x);
+template <>
+__device__ __forceinline__ float from_double<float>(double x) {
+  return static_cast<float>(x);
+}
+template <>
+__device__ __forceinline__ double from_double<double>(double x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_double<__half>(double x) {
   return __float2half(static_cast<float>(x));
 }
-template <> __device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double x) {
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double x) {
   return __float2bfloat16(static_cast<float>(x));
 }
 
@@ -55,12 +64,26 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
-template <typename T> __device__ __forceinline__ T neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() { return -CUDART_INF_F; }
-template <> __device__ __forceinline__ double neg_inf<double>() { return -CUDART_INF; }
-template <typename T> __device__ __forceinline__ T quiet_nan();
-template <> __device__ __forceinline__ float quiet_nan<float>() { return CUDART_NAN_F; }
-template <> __device__ __forceinline__ double quiet_nan<double>() { return CUDART_NAN; }
+template <typename T>
+__device__ __forceinline__ T neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+  return -CUDART_INF_F;
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
+  return -CUDART_INF;
+}
+template <typename T>
+__device__ __forceinline__ T quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() {
+  return CUDART_NAN_F;
+}
+template <>
+__device__ __forceinline__ double quiet_nan<double>() {
+  return CUDART_NAN;
+}
 
 // --- prepare ---------------------------------------------------------------------------
 
@@ -73,29 +96,29 @@ __global__ void prepare_kernel(const scalar_t* __restrict__ x, int64_t rows, int
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerWarpBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
        r < rows; r += stride) {
-  const scalar_t* xr = x + r * dim;
-  double inv = 1.0;
-  if (normalize) {  // contrastive_row_norm, with the two sums spread over the lanes
-    double amax = 0.0;
-    for (int64_t d = lane; d < dim; d += kWarpSize)
-      amax = fmax(amax, fabs(static_cast<double>(to_acc(xr[d]))));
-    amax = warp_max(amax);
-    double norm = amax;
-    if (amax > 0.0 && amax - amax == 0.0) {
-      const double scale = 1.0 / amax;
-      double sum = 0.0;
-      for (int64_t d = lane; d < dim; d += kWarpSize) {
-        const double e = static_cast<double>(to_acc(xr[d])) * scale;
-        sum += e * e;
+    const scalar_t* xr = x + r * dim;
+    double inv = 1.0;
+    if (normalize) {  // contrastive_row_norm, with the two sums spread over the lanes
+      double amax = 0.0;
+      for (int64_t d = lane; d < dim; d += kWarpSize)
+        amax = fmax(amax, fabs(static_cast<double>(to_acc(xr[d]))));
+      amax = warp_max(amax);
+      double norm = amax;
+      if (amax > 0.0 && amax - amax == 0.0) {
+        const double scale = 1.0 / amax;
+        double sum = 0.0;
+        for (int64_t d = lane; d < dim; d += kWarpSize) {
+          const double e = static_cast<double>(to_acc(xr[d])) * scale;
+          sum += e * e;
+        }
+        norm = amax * sqrt(warp_sum(sum));
       }
-      norm = amax * sqrt(warp_sum(sum));
+      inv = contrastive_inv_norm(norm);
     }
-    inv = contrastive_inv_norm(norm);
-  }
-  if (lane == 0) inv_norm[r] = inv;
-  scalar_t* o = unit + r * dim;
-  for (int64_t d = lane; d < dim; d += kWarpSize)
-    o[d] = from_double<scalar_t>(static_cast<double>(to_acc(xr[d])) * inv);
+    if (lane == 0) inv_norm[r] = inv;
+    scalar_t* o = unit + r * dim;
+    for (int64_t d = lane; d < dim; d += kWarpSize)
+      o[d] = from_double<scalar_t>(static_cast<double>(to_acc(xr[d])) * inv);
   }
 }
 
@@ -139,7 +162,7 @@ template <typename acc_t, typename g_t>
 struct SoftmaxRowsArgs {
   const acc_t* logits = nullptr;  // [rows][cols] raw products of unit rows (not / tau)
   int64_t rows = 0, cols = 0;
-  int64_t row0 = 0;               // absolute index of the chunk's first row
+  int64_t row0 = 0;  // absolute index of the chunk's first row
   const acc_t* inv_tau = nullptr;
   int64_t ignore_index = -100;
   const int64_t* target = nullptr;  // absolute-indexed; null: the identity
@@ -187,8 +210,8 @@ __device__ __forceinline__ void online_add(Online<acc_t>& st, acc_t v, int64_t c
 // over the row: the online statistics (merged across the lanes in a fixed shuffle
 // tree: deterministic), then the G row, written as V-element packs of g_t.
 template <typename acc_t, typename g_t, int V>
-__global__ void __launch_bounds__(kSoftmaxWarps * kWarpSize)
-softmax_rows_kernel(SoftmaxRowsArgs<acc_t, g_t> args) {
+__global__ void __launch_bounds__(kSoftmaxWarps* kWarpSize)
+    softmax_rows_kernel(SoftmaxRowsArgs<acc_t, g_t> args) {
   using pack_t = Pack<acc_t, V>;
   using gpack_t = Pack<g_t, V>;
   const int lane = threadIdx.x % kWarpSize;
@@ -296,23 +319,23 @@ __global__ void unit_backward_kernel(const typename AccType<scalar_t>::type* __r
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerWarpBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
        r < rows; r += stride) {
-  const acc_t* g = grad_unit + r * dim;
-  const scalar_t* xr = x + r * dim;
-  out_t* out = grad_x + r * dim;
-  const double inv = inv_norm[r];
-  const acc_t inv_acc = static_cast<acc_t>(inv);
-  const bool project = normalize && !contrastive_norm_clamped(inv);
-  acc_t sg = 0;
-  if (project) {
-    for (int64_t d = lane; d < dim; d += kWarpSize) sg += to_acc(xr[d]) * inv_acc * g[d] * scale;
-    sg = warp_sum(sg);
-  }
-  const acc_t norm_scale = normalize ? inv_acc : acc_t(1);
-  for (int64_t d = lane; d < dim; d += kWarpSize) {
-    const acc_t gd = g[d] * scale;
-    const acc_t s = project ? to_acc(xr[d]) * inv_acc : acc_t(0);
-    out[d] = from_acc<out_t>((gd - s * sg) * norm_scale);
-  }
+    const acc_t* g = grad_unit + r * dim;
+    const scalar_t* xr = x + r * dim;
+    out_t* out = grad_x + r * dim;
+    const double inv = inv_norm[r];
+    const acc_t inv_acc = static_cast<acc_t>(inv);
+    const bool project = normalize && !contrastive_norm_clamped(inv);
+    acc_t sg = 0;
+    if (project) {
+      for (int64_t d = lane; d < dim; d += kWarpSize) sg += to_acc(xr[d]) * inv_acc * g[d] * scale;
+      sg = warp_sum(sg);
+    }
+    const acc_t norm_scale = normalize ? inv_acc : acc_t(1);
+    for (int64_t d = lane; d < dim; d += kWarpSize) {
+      const acc_t gd = g[d] * scale;
+      const acc_t s = project ? to_acc(xr[d]) * inv_acc : acc_t(0);
+      out[d] = from_acc<out_t>((gd - s * sg) * norm_scale);
+    }
   }
 }
 
@@ -320,78 +343,89 @@ __global__ void unit_backward_kernel(const typename AccType<scalar_t>::type* __r
 
 int contrastive_prepare_cuda(const ContrastiveSideParams& side, void* stream) {
   if (side.rows == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, side.kind, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const unsigned grid = grid_for(side.rows, kRowsPerWarpBlock, kMaxBlocks);
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
-    CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st, prepare_kernel<scalar_t>)(
-        static_cast<const scalar_t*>(side.x), side.rows, side.dim, side.normalize,
-        static_cast<scalar_t*>(side.unit), side.inv_norm);
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaTypes{}, side.kind,
+      [&](auto tag) {
+        using scalar_t = decltype(tag);
+        const unsigned grid = grid_for(side.rows, kRowsPerWarpBlock, kMaxBlocks);
+        cudaStream_t st = static_cast<cudaStream_t>(stream);
+        CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st, prepare_kernel<scalar_t>)(
+            static_cast<const scalar_t*>(side.x), side.rows, side.dim, side.normalize,
+            static_cast<scalar_t*>(side.unit), side.inv_norm);
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 int contrastive_softmax_rows_cuda(ScalarKind kind, const ContrastiveChunk& chunk, void* stream) {
   if (chunk.rows == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, kind, [&](auto tag) {
-    using g_t = decltype(tag);
-    using acc_t = typename AccType<g_t>::type;
-    SoftmaxRowsArgs<acc_t, g_t> args;
-    args.logits = static_cast<const acc_t*>(chunk.logits);
-    args.rows = chunk.rows;
-    args.cols = chunk.cols;
-    args.row0 = chunk.row0;
-    args.inv_tau = static_cast<const acc_t*>(chunk.inv_temperature);
-    args.ignore_index = chunk.ignore_index;
-    args.target = chunk.target;
-    args.lse = static_cast<acc_t*>(chunk.lse);
-    args.expect = static_cast<acc_t*>(chunk.expect);
-    args.target_logit = static_cast<acc_t*>(chunk.target_logit);
-    args.argmax = chunk.argmax;
-    args.grad = static_cast<g_t*>(chunk.grad);
-    args.grad_scale = static_cast<const acc_t*>(chunk.grad_scale);
-    args.row_weight = static_cast<const acc_t*>(chunk.row.weight);
-    args.row_lse = static_cast<const acc_t*>(chunk.row.lse);
-    args.col_weight = static_cast<const acc_t*>(chunk.col.weight);
-    args.col_lse = static_cast<const acc_t*>(chunk.col.lse);
-    const unsigned grid = grid_for(chunk.rows, kSoftmaxWarps, kMaxBlocks);
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
-    // 16-byte packs when every row starts on a 16-byte boundary (the chunk buffers are
-    // fresh allocations: when cols is a multiple of V)
-    constexpr int V = 16 / sizeof(acc_t);
-    const bool packed = chunk.cols % V == 0 &&
-                        reinterpret_cast<uintptr_t>(chunk.logits) % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(chunk.grad) % (V * sizeof(g_t)) == 0;
-    if (packed)
-      CIFOPS_LAUNCH(grid, kSoftmaxWarps * kWarpSize, 0, st, softmax_rows_kernel<acc_t, g_t, V>)(args);
-    else
-      CIFOPS_LAUNCH(grid, kSoftmaxWarps * kWarpSize, 0, st, softmax_rows_kernel<acc_t, g_t, 1>)(args);
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaTypes{}, kind,
+      [&](auto tag) {
+        using g_t = decltype(tag);
+        using acc_t = typename AccType<g_t>::type;
+        SoftmaxRowsArgs<acc_t, g_t> args;
+        args.logits = static_cast<const acc_t*>(chunk.logits);
+        args.rows = chunk.rows;
+        args.cols = chunk.cols;
+        args.row0 = chunk.row0;
+        args.inv_tau = static_cast<const acc_t*>(chunk.inv_temperature);
+        args.ignore_index = chunk.ignore_index;
+        args.target = chunk.target;
+        args.lse = static_cast<acc_t*>(chunk.lse);
+        args.expect = static_cast<acc_t*>(chunk.expect);
+        args.target_logit = static_cast<acc_t*>(chunk.target_logit);
+        args.argmax = chunk.argmax;
+        args.grad = static_cast<g_t*>(chunk.grad);
+        args.grad_scale = static_cast<const acc_t*>(chunk.grad_scale);
+        args.row_weight = static_cast<const acc_t*>(chunk.row.weight);
+        args.row_lse = static_cast<const acc_t*>(chunk.row.lse);
+        args.col_weight = static_cast<const acc_t*>(chunk.col.weight);
+        args.col_lse = static_cast<const acc_t*>(chunk.col.lse);
+        const unsigned grid = grid_for(chunk.rows, kSoftmaxWarps, kMaxBlocks);
+        cudaStream_t st = static_cast<cudaStream_t>(stream);
+        // 16-byte packs when every row starts on a 16-byte boundary (the chunk buffers are
+        // fresh allocations: when cols is a multiple of V)
+        constexpr int V = 16 / sizeof(acc_t);
+        const bool packed = chunk.cols % V == 0 &&
+                            reinterpret_cast<uintptr_t>(chunk.logits) % 16 == 0 &&
+                            reinterpret_cast<uintptr_t>(chunk.grad) % (V * sizeof(g_t)) == 0;
+        if (packed)
+          CIFOPS_LAUNCH(grid, kSoftmaxWarps * kWarpSize, 0, st,
+                        softmax_rows_kernel<acc_t, g_t, V>)(args);
+        else
+          CIFOPS_LAUNCH(grid, kSoftmaxWarps * kWarpSize, 0, st,
+                        softmax_rows_kernel<acc_t, g_t, 1>)(args);
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 int contrastive_unit_backward_cuda(const ContrastiveSideParams& side, void* stream) {
   if (side.rows == 0 || side.dim == 0) return cudaSuccess;
-  return dispatch(CudaTypes{}, side.kind, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = typename AccType<scalar_t>::type;
-    const unsigned grid = grid_for(side.rows, kRowsPerWarpBlock, kMaxBlocks);
-    const auto* g = static_cast<const acc_t*>(side.grad_unit);
-    const auto* xs = static_cast<const scalar_t*>(side.x);
-    const auto* sc = static_cast<const acc_t*>(side.out_scale);
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
-    if (side.out_acc)
-      CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
-                    unit_backward_kernel<scalar_t, acc_t>)(
-          g, xs, side.inv_norm, sc, side.rows, side.dim, side.normalize,
-          static_cast<acc_t*>(side.grad_x));
-    else
-      CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
-                    unit_backward_kernel<scalar_t, scalar_t>)(
-          g, xs, side.inv_norm, sc, side.rows, side.dim, side.normalize,
-          static_cast<scalar_t*>(side.grad_x));
-    return static_cast<int>(cudaGetLastError());
-  }, cuda_unsupported);
+  return dispatch(
+      CudaTypes{}, side.kind,
+      [&](auto tag) {
+        using scalar_t = decltype(tag);
+        using acc_t = typename AccType<scalar_t>::type;
+        const unsigned grid = grid_for(side.rows, kRowsPerWarpBlock, kMaxBlocks);
+        const auto* g = static_cast<const acc_t*>(side.grad_unit);
+        const auto* xs = static_cast<const scalar_t*>(side.x);
+        const auto* sc = static_cast<const acc_t*>(side.out_scale);
+        cudaStream_t st = static_cast<cudaStream_t>(stream);
+        if (side.out_acc)
+          CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
+                        unit_backward_kernel<scalar_t, acc_t>)(g, xs, side.inv_norm, sc, side.rows,
+                                                               side.dim, side.normalize,
+                                                               static_cast<acc_t*>(side.grad_x));
+        else
+          CIFOPS_LAUNCH(grid, kRowsPerWarpBlock * kWarpSize, 0, st,
+                        unit_backward_kernel<scalar_t, scalar_t>)(
+              g, xs, side.inv_norm, sc, side.rows, side.dim, side.normalize,
+              static_cast<scalar_t*>(side.grad_x));
+        return static_cast<int>(cudaGetLastError());
+      },
+      cuda_unsupported);
 }
 
 }  // namespace cifops

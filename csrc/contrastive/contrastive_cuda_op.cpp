@@ -71,11 +71,15 @@ struct CudaSide {
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_t, bool accumulate) {
   const bool mixed = out.scalar_type() != a.scalar_type();
   if (accumulate) {
-    if (mixed) at::addmm_out(out, out, a, b_t, out.scalar_type(), 1, 1);
-    else at::addmm_out(out, out, a, b_t, 1, 1);
+    if (mixed)
+      at::addmm_out(out, out, a, b_t, out.scalar_type(), 1, 1);
+    else
+      at::addmm_out(out, out, a, b_t, 1, 1);
   } else {
-    if (mixed) at::mm_out(out, a, b_t, out.scalar_type());
-    else at::mm_out(out, a, b_t);
+    if (mixed)
+      at::mm_out(out, a, b_t, out.scalar_type());
+    else
+      at::mm_out(out, a, b_t);
   }
 }
 
@@ -142,7 +146,8 @@ struct GradScale {
     const at::Tensor wmax = at::amax(at::abs(weights)).reshape({});
     const at::Tensor positive = wmax > 0;
     grad_scale = at::where(positive, at::reciprocal(at::where(positive, wmax, 1.0)), 0.0)
-                     .to(in.compute).contiguous();
+                     .to(in.compute)
+                     .contiguous();
     out_scale = (inv_tau * wmax).to(in.compute).contiguous();
   }
   const void* grad_ptr() const { return grad_scale.defined() ? grad_scale.data_ptr() : nullptr; }
@@ -241,8 +246,8 @@ class ContrastiveCuda {
   }
 
   void backward(const ContrastiveInputs& in, const at::Tensor& temperature, double tau,
-                const ContrastiveOptions& opt, const BackwardTerms& terms,
-                at::Tensor* grad_student, at::Tensor* grad_teacher) const {
+                const ContrastiveOptions& opt, const BackwardTerms& terms, at::Tensor* grad_student,
+                at::Tensor* grad_teacher) const {
     const at::Tensor inv_tau = inverse_temperature(temperature, tau, in.student, in.compute);
     const CudaSide s_side(in.student, opt.normalize, stream_);
     const CudaSide t_side(in.teacher, opt.normalize, stream_);

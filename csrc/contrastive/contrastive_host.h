@@ -39,8 +39,7 @@ inline ContrastiveReduction parse_reduction(std::string_view reduction, const ch
 // targets by check_target_values, temperature by checked_temperature).
 inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& teacher,
                                    const std::optional<at::Tensor>& targets,
-                                   const at::Tensor* temperature, bool symmetric,
-                                   const char* fn) {
+                                   const at::Tensor* temperature, bool symmetric, const char* fn) {
   TORCH_CHECK(student.dim() == 2, fn, ": student must be a 2-D tensor [N, D], got shape ",
               student.sizes());
   TORCH_CHECK(teacher.dim() == 2, fn, ": teacher must be a 2-D tensor [M, D], got shape ",
@@ -68,16 +67,16 @@ inline void check_contrastive_args(const at::Tensor& student, const at::Tensor& 
   if (symmetric) {
     TORCH_CHECK(!targets.has_value(), fn,
                 ": symmetric=True needs targets=None (the positive of row i is column i)");
-    TORCH_CHECK(N == M, fn, ": symmetric=True needs as many teacher rows as student rows, got N = ",
-                N, ", M = ", M);
+    TORCH_CHECK(N == M, fn,
+                ": symmetric=True needs as many teacher rows as student rows, got N = ", N,
+                ", M = ", M);
   }
   if (temperature != nullptr) {
     TORCH_CHECK(temperature->numel() == 1 && temperature->dim() <= 1, fn,
                 ": temperature must be a float or a 0-dim tensor, got shape ",
                 temperature->sizes());
     TORCH_CHECK(is_supported_float(temperature->scalar_type()), fn,
-                ": temperature must be " CIFOPS_FLOAT_DTYPES ", got ",
-                temperature->scalar_type());
+                ": temperature must be " CIFOPS_FLOAT_DTYPES ", got ", temperature->scalar_type());
     TORCH_CHECK(temperature->device().is_cpu() || temperature->device() == student.device(), fn,
                 ": temperature is on ", temperature->device(), " but student is on ",
                 student.device(), " (a CPU scalar tensor is also accepted)");
@@ -101,8 +100,9 @@ inline void check_target_values(const at::Tensor& targets, int64_t M, int64_t ig
   const at::Tensor bad = (targets != ignore_index) & ((targets < 0) | (targets >= M));
   if (!bad.any().item<bool>()) return;
   const int64_t i = bad.to(at::kLong).argmax().item<int64_t>();
-  TORCH_CHECK(false, fn, ": targets must be in [0, M) = [0, ", M, ") or ignore_index = ",
-              ignore_index, ", got targets[", i, "] = ", targets[i].item<int64_t>());
+  TORCH_CHECK(false, fn, ": targets must be in [0, M) = [0, ", M,
+              ") or ignore_index = ", ignore_index, ", got targets[", i,
+              "] = ", targets[i].item<int64_t>());
 }
 
 // Rows that count: targets != ignore_index (all rows without targets). Bool [N].
@@ -119,9 +119,12 @@ inline at::Tensor loss_from_stats(const at::Tensor& stats, const at::Tensor& cou
   if (symmetric) row = (row + (stats[kStatColLse] - stats[kStatColTarget])) * 0.5;
   row = at::where(counted, row, at::zeros({}, row.options()));
   switch (reduction) {
-    case ContrastiveReduction::kNone: return row;
-    case ContrastiveReduction::kSum: return row.sum();
-    case ContrastiveReduction::kMean: return row.sum() / counted.sum().to(row.scalar_type());
+    case ContrastiveReduction::kNone:
+      return row;
+    case ContrastiveReduction::kSum:
+      return row.sum();
+    case ContrastiveReduction::kMean:
+      return row.sum() / counted.sum().to(row.scalar_type());
   }
   return row;
 }
@@ -145,8 +148,8 @@ inline bool check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor
   check_same_device(stats, "stats", student, "student", fn);
   check_same_device(fused_grad, "fused_grad", student, "student", fn);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == N,
-              "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", N,
-              "], got ", stats.sizes());
+              "cifops.contrastive_backward: stats must have shape [", kStatRows, ", ", N, "], got ",
+              stats.sizes());
   const bool scalar_loss = reduction != ContrastiveReduction::kNone;
   TORCH_CHECK(scalar_loss ? grad_loss.numel() == 1 : grad_loss.sizes() == at::IntArrayRef{N},
               "cifops.contrastive_backward: grad_loss must have the loss's shape, got ",
@@ -154,7 +157,8 @@ inline bool check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor
   const bool has_fused = fused_grad.numel() > 0;
   TORCH_CHECK(!has_fused || (scalar_loss && fused_grad.sizes() == student.sizes()),
               "cifops.contrastive_backward: fused_grad must be empty or [N, D] with a scalar "
-              "loss, got ", fused_grad.sizes());
+              "loss, got ",
+              fused_grad.sizes());
   return has_fused;
 }
 
@@ -192,8 +196,8 @@ struct BackwardTerms {
   SoftmaxTerm row, col;
 
   BackwardTerms(const at::Tensor& grad_loss, const at::Tensor& saved_stats,
-                const at::Tensor& counted, ContrastiveReduction reduction,
-                at::ScalarType compute, bool symmetric, const std::optional<at::Tensor>& targets)
+                const at::Tensor& counted, ContrastiveReduction reduction, at::ScalarType compute,
+                bool symmetric, const std::optional<at::Tensor>& targets)
       : stats(saved_stats.to(compute).contiguous()),
         w(row_weights(grad_loss, counted, reduction, compute)),
         a(symmetric ? (w * 0.5).contiguous() : w),
@@ -247,14 +251,13 @@ struct ContrastiveOptions {
 struct ContrastiveInputs {
   at::Tensor student, teacher;
   std::optional<at::Tensor> targets;
-  at::Tensor counted;            // rows that count, bool [N]
-  at::ScalarType dtype;          // the inputs' dtype (of the gradients)
-  at::ScalarType compute;        // the compute dtype (of the statistics)
-  ScalarKind kind;               // student's and teacher's here
+  at::Tensor counted;      // rows that count, bool [N]
+  at::ScalarType dtype;    // the inputs' dtype (of the gradients)
+  at::ScalarType compute;  // the compute dtype (of the statistics)
+  ScalarKind kind;         // student's and teacher's here
   int64_t N, M, D;
-  ContrastiveInputs(const at::Tensor& s, const at::Tensor& t,
-                    const std::optional<at::Tensor>& tg, int64_t ignore_index,
-                    bool on_host, const char* fn)
+  ContrastiveInputs(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& tg,
+                    int64_t ignore_index, bool on_host, const char* fn)
       : dtype(s.scalar_type()), compute(compute_type(s.scalar_type())) {
     const at::ScalarType kernel_dtype = on_host ? compute : dtype;
     student = s.to(kernel_dtype).contiguous();
@@ -282,8 +285,8 @@ struct ContrastiveLossCall {
                       const std::optional<at::Tensor>& targets, const at::Tensor& temperature,
                       bool normalize, bool symmetric, c10::string_view reduction,
                       int64_t ignore_index)
-      : opt(checked_options(student, teacher, targets, temperature, normalize, symmetric,
-                            reduction, ignore_index)),
+      : opt(checked_options(student, teacher, targets, temperature, normalize, symmetric, reduction,
+                            ignore_index)),
         tau(checked_temperature(temperature, kContrastiveLossFn)),
         backend(student.device()),
         in(student, teacher, targets, ignore_index, Backend::kOnHost, kContrastiveLossFn) {}
@@ -294,19 +297,18 @@ struct ContrastiveLossCall {
                                             const at::Tensor& temperature, bool normalize,
                                             bool symmetric, c10::string_view reduction,
                                             int64_t ignore_index) {
-    check_contrastive_args(student, teacher, targets, &temperature, symmetric,
-                           kContrastiveLossFn);
+    check_contrastive_args(student, teacher, targets, &temperature, symmetric, kContrastiveLossFn);
     return {normalize, symmetric, ignore_index, parse_reduction(reduction, kContrastiveLossFn)};
   }
 };
 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_op(
-    const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& targets, const at::Tensor& temperature, bool normalize,
-    bool symmetric, c10::string_view reduction, int64_t ignore_index, bool fuse_student_grad) {
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& targets,
+    const at::Tensor& temperature, bool normalize, bool symmetric, c10::string_view reduction,
+    int64_t ignore_index, bool fuse_student_grad) {
   const ContrastiveLossCall<Backend> call(student, teacher, targets, temperature, normalize,
-                                         symmetric, reduction, ignore_index);
+                                          symmetric, reduction, ignore_index);
   const ContrastiveOptions& opt = call.opt;
   const ContrastiveInputs& in = call.in;
   // The gradient can only be finished inside the row pass when every term of G is a
@@ -330,14 +332,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_op(
     c10::string_view reduction, int64_t ignore_index, bool need_student, bool need_teacher,
     bool need_temperature) {
   const ContrastiveLossCall<Backend> call(student, teacher, targets, temperature, normalize,
-                                         symmetric, reduction, ignore_index);
+                                          symmetric, reduction, ignore_index);
   const ContrastiveOptions& opt = call.opt;
   const ContrastiveInputs& in = call.in;
   const bool has_fused =
       check_backward_tensors(grad_loss, stats, fused_grad, in.student, in.N, opt.reduction);
   const at::ScalarType ct = in.compute;
-  const BackwardTerms terms(grad_loss, stats, in.counted, opt.reduction, ct, symmetric,
-                            in.targets);
+  const BackwardTerms terms(grad_loss, stats, in.counted, opt.reduction, ct, symmetric, in.targets);
 
   at::Tensor grad_student = at::empty({0}, student.options());
   at::Tensor grad_teacher = at::empty({0}, teacher.options());

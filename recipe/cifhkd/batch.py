@@ -4,6 +4,7 @@ token counts, prepared on the host (prepare_batch; collate pads dataset items in
 A data-loader worker runs collate: this module imports torch and cifhkd.teacher (for
 the vocabulary's padding id and the teacher rows), never the model or cifops.
 """
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -18,7 +19,6 @@ from . import teacher as teacher_lib
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     """[B] lengths -> [B, max_len] bool, True on valid positions."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Batch:
         host_lens     [2, B] int64 on the CPU: feat_lens and token_lens for the CTC loss,
                       which reads its lengths on the host; never moved to a device
     """
+
     feats: Tensor
     feat_lens: Tensor
     tokens: Tensor
@@ -54,8 +55,7 @@ class Batch:
     def _map(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
         """fn applied to every tensor but host_lens."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: fn(v) if isinstance(v, Tensor) and k != "host_lens" else v
-                        for k, v in values.items()})
+        return Batch(**{k: fn(v) if isinstance(v, Tensor) and k != "host_lens" else v for k, v in values.items()})
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch on `device` (host_lens stays on the CPU)."""
@@ -80,9 +80,9 @@ def prepare_batch(batch: Batch, token_multiple: int = 1) -> Batch:
     n = int(token_lens.max()) + 1 if len(token_lens) else 1
     n = -(-n // token_multiple) * token_multiple
     b = batch.tokens.shape[0]
-    rows = lengths_to_mask(token_lens + 1, n)                    # [B, N] on the host
+    rows = lengths_to_mask(token_lens + 1, n)  # [B, N] on the host
     token_index = rows.flatten().nonzero().squeeze(1)
-    tokens = batch.tokens[:, :n - 1]
+    tokens = batch.tokens[:, : n - 1]
     ctc_targets = tokens[lengths_to_mask(token_lens, tokens.shape[1]).to(device)]
     teacher_rows = None
     if batch.teacher is not None:
@@ -91,16 +91,23 @@ def prepare_batch(batch: Batch, token_multiple: int = 1) -> Batch:
         teacher_lens = batch.teacher_lens.cpu()
         if not torch.equal(teacher_lens, token_lens + 1):
             bad = int(torch.nonzero(teacher_lens != token_lens + 1)[0])
-            raise ValueError(f"prepare_batch: utterance {bad} has {int(teacher_lens[bad])} "
-                             f"teacher states for {int(token_lens[bad])} tokens + [SEP]; "
-                             "the teacher cache does not match the vocabulary/transcripts")
+            raise ValueError(
+                f"prepare_batch: utterance {bad} has {int(teacher_lens[bad])} "
+                f"teacher states for {int(token_lens[bad])} tokens + [SEP]; "
+                "the teacher cache does not match the vocabulary/transcripts"
+            )
         teacher = batch.teacher[:, :n]
         if teacher.shape[1] < n:
             teacher = F.pad(teacher, (0, 0, 0, n - teacher.shape[1]))
         teacher_rows = teacher.reshape(b * n, -1).index_select(0, token_index.to(teacher.device))
-    return dataclasses.replace(batch, max_tokens=n, ctc_targets=ctc_targets,
-                               token_index=token_index.to(device), teacher_rows=teacher_rows,
-                               host_lens=torch.stack([feat_lens, token_lens]).long())
+    return dataclasses.replace(
+        batch,
+        max_tokens=n,
+        ctc_targets=ctc_targets,
+        token_index=token_index.to(device),
+        teacher_rows=teacher_rows,
+        host_lens=torch.stack([feat_lens, token_lens]).long(),
+    )
 
 
 def collate(items: List[dict], token_multiple: int = 1) -> Batch:
@@ -116,5 +123,4 @@ def collate(items: List[dict], token_multiple: int = 1) -> Batch:
     teacher = teacher_lens = None
     if all(it["teacher"] is not None for it in items):
         teacher, teacher_lens = teacher_lib.pad_teacher_states([it["teacher"] for it in items])
-    return prepare_batch(Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens),
-                                   token_multiple)
+    return prepare_batch(Batch(feats, feat_lens, tokens, token_lens, teacher, teacher_lens), token_multiple)

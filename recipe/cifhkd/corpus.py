@@ -56,6 +56,7 @@ rewritten. The same --seed and inputs give the same
 corpus. Nothing is installed: a missing synthesiser or fortunes package is reported
 with the Debian package to install (CorpusError), and the script exits with status 2.
 """
+
 import argparse
 import json
 import os
@@ -81,8 +82,16 @@ SAMPLE_RATE = 16000
 # espeak-ng's English accents, by voice file name (voices/gmw). British English is "en":
 # espeak-ng 1.51 accepts "en-gb" (its language name) too but then ignores a "+variant",
 # so "en-gb+f1" would sound exactly like "en-gb+m1".
-ESPEAK_ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
-                  "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
+ESPEAK_ACCENTS = [
+    "en",
+    "en-us",
+    "en-gb-scotland",
+    "en-gb-x-gbclan",
+    "en-gb-x-rp",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
+]
 # A set of its voice variants (voices/!v).
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4", "klatt"]
 # flite voices at 16 kHz ("kal" is 8 kHz and would be upsampled; left out).
@@ -91,12 +100,23 @@ FLITE_VOICES = ["slt", "rms", "awb", "kal16"]
 # population. Two voice variants of each espeak accent that training hears (variant pairs
 # rotate over the accents, so every variant is heard in training with other accents) and
 # one flite voice: 15 held-out voices.
-DEFAULT_TEST_VOICES = ["espeak:en+m1", "espeak:en+m2", "espeak:en-us+m3", "espeak:en-us+m4",
-                       "espeak:en-gb-scotland+m5", "espeak:en-gb-scotland+m7",
-                       "espeak:en-gb-x-gbclan+f1", "espeak:en-gb-x-gbclan+f2",
-                       "espeak:en-gb-x-rp+f3", "espeak:en-gb-x-rp+f4",
-                       "espeak:en-gb-x-gbcwmd+klatt", "espeak:en-gb-x-gbcwmd+m1",
-                       "espeak:en-us-nyc+m2", "espeak:en-us-nyc+m3", "flite:rms"]
+DEFAULT_TEST_VOICES = [
+    "espeak:en+m1",
+    "espeak:en+m2",
+    "espeak:en-us+m3",
+    "espeak:en-us+m4",
+    "espeak:en-gb-scotland+m5",
+    "espeak:en-gb-scotland+m7",
+    "espeak:en-gb-x-gbclan+f1",
+    "espeak:en-gb-x-gbclan+f2",
+    "espeak:en-gb-x-rp+f3",
+    "espeak:en-gb-x-rp+f4",
+    "espeak:en-gb-x-gbcwmd+klatt",
+    "espeak:en-gb-x-gbcwmd+m1",
+    "espeak:en-us-nyc+m2",
+    "espeak:en-us-nyc+m3",
+    "flite:rms",
+]
 # The split test-accent, out of domain: a whole espeak accent training never hears and
 # one more flite voice (the demo's test split before the paper's setting was).
 DEFAULT_ACCENT_TEST_VOICES = ["espeak:en-029+*", "flite:awb"]
@@ -111,6 +131,7 @@ _CLAUSE_BREAK = re.compile(r"[,;:()]|--")
 @dataclass(frozen=True)
 class Voice:
     """One synthetic speaker. engine: "espeak" or "flite"; name: e.g. "en-us+f2"."""
+
     engine: str
     name: str
 
@@ -151,7 +172,7 @@ def normalise_sentence(raw: str):
     text = re.sub(r"[^a-z']+", " ", text)
     words = []
     for word in text.split():
-        word = word.strip("'")          # quotes, not apostrophes
+        word = word.strip("'")  # quotes, not apostrophes
         word = re.sub(r"'{2,}", "'", word)
         if word:
             words.append(word)
@@ -160,8 +181,9 @@ def normalise_sentence(raw: str):
 
 def read_fortune_sentences(fortunes_dir: Path):
     """Sentences of every fortune file in fortunes_dir (sorted, so the order is fixed)."""
-    files = sorted(p for p in fortunes_dir.iterdir()
-                   if p.is_file() and p.suffix not in (".dat", ".u8") and not p.is_symlink())
+    files = sorted(
+        p for p in fortunes_dir.iterdir() if p.is_file() and p.suffix not in (".dat", ".u8") and not p.is_symlink()
+    )
     sentences = []
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -181,8 +203,7 @@ def read_fortune_sentences(fortunes_dir: Path):
     return sentences
 
 
-def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int, top_words: int = 0,
-                        clauses: bool = False):
+def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int, top_words: int = 0, clauses: bool = False):
     """Cleaned, deduplicated sentences of min_words..max_words words, in file order.
 
     clauses: split sentences further at , ; : ( ) and dashes (each clause is read on its
@@ -191,7 +212,7 @@ def build_sentence_pool(fortunes_dir: Path, min_words: int, max_words: int, top_
     fewer tokens, each heard more often)."""
     seen, pool = set(), []
     for raw in read_fortune_sentences(fortunes_dir):
-        for part in (_CLAUSE_BREAK.split(raw) if clauses else [raw]):
+        for part in _CLAUSE_BREAK.split(raw) if clauses else [raw]:
             norm = normalise_sentence(part)
             if norm is None or norm in seen:
                 continue
@@ -210,8 +231,7 @@ def split_voices(use_flite: bool, test_patterns, accent_patterns=()):
     """(training voices, test voices, test-accent voices): the voices that match no pattern,
     those that match a test pattern, and those that match an accent pattern and no test
     pattern."""
-    voices = [Voice("espeak", f"{accent}+{variant}")
-              for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS]
+    voices = [Voice("espeak", f"{accent}+{variant}") for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS]
     if use_flite:
         voices += [Voice("flite", name) for name in FLITE_VOICES]
     held_out = [v for v in voices if any(v.matches(p) for p in test_patterns)]
@@ -224,8 +244,7 @@ def unheard_population(seen, held_out):
     engine (flite), or their espeak variant, is not among the training voices'."""
     accents = {v.accent for v in seen}
     variants = {v.variant for v in seen if v.engine == "espeak"}
-    return [v for v in held_out if v.accent not in accents
-            or (v.engine == "espeak" and v.variant not in variants)]
+    return [v for v in held_out if v.accent not in accents or (v.engine == "espeak" and v.variant not in variants)]
 
 
 def _to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -233,6 +252,7 @@ def _to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
         samples = samples.mean(axis=1)
     if sample_rate != SAMPLE_RATE:
         import soxr
+
         samples = soxr.resample(samples, sample_rate, SAMPLE_RATE)
     return samples.astype(np.float32)
 
@@ -248,19 +268,41 @@ def add_noise_floor(samples: np.ndarray, snr_db: float, seed: int) -> np.ndarray
     return (samples + noise * np.sqrt(power / 10 ** (snr_db / 10))).astype(np.float32)
 
 
-def synthesise(voice: Voice, text: str, speed: float, pitch: int, out_path: Path,
-               snr_db: float = float("inf"), noise_seed: int = 0) -> float:
+def synthesise(
+    voice: Voice, text: str, speed: float, pitch: int, out_path: Path, snr_db: float = float("inf"), noise_seed: int = 0
+) -> float:
     """Speak text into out_path (16 kHz mono PCM16) with a noise floor snr_db below the
     speech (none when infinite). speed: 1.0 = the engine's normal rate. Returns the
     duration in seconds."""
     with tempfile.NamedTemporaryFile(suffix=".wav", dir=out_path.parent) as tmp:
         if voice.engine == "espeak":
-            cmd = ["espeak-ng", "-v", voice.name, "-s", str(int(round(170 * speed))),
-                   "-p", str(pitch), "-w", tmp.name, text]
+            cmd = [
+                "espeak-ng",
+                "-v",
+                voice.name,
+                "-s",
+                str(int(round(170 * speed))),
+                "-p",
+                str(pitch),
+                "-w",
+                tmp.name,
+                text,
+            ]
         else:
             # flite: duration_stretch > 1 is slower; int_f0_target_mean shifts the pitch.
-            cmd = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1.0 / speed:.3f}",
-                   "--setf", f"int_f0_target_mean={80 + 1.6 * pitch:.0f}", "-t", text, "-o", tmp.name]
+            cmd = [
+                "flite",
+                "-voice",
+                voice.name,
+                "--setf",
+                f"duration_stretch={1.0 / speed:.3f}",
+                "--setf",
+                f"int_f0_target_mean={80 + 1.6 * pitch:.0f}",
+                "-t",
+                text,
+                "-o",
+                tmp.name,
+            ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         samples, sample_rate = sf.read(tmp.name, dtype="float32")
     samples = _to_16k_mono(samples, sample_rate)
@@ -269,52 +311,80 @@ def synthesise(voice: Voice, text: str, speed: float, pitch: int, out_path: Path
     if np.isfinite(snr_db):
         samples = add_noise_floor(samples, snr_db, noise_seed)
     peak = float(np.max(np.abs(samples)))
-    if peak > 0.99:                      # the noise must not clip the 16-bit file
+    if peak > 0.99:  # the noise must not clip the 16-bit file
         samples = samples * (0.99 / peak)
     sf.write(out_path, samples, SAMPLE_RATE, subtype="PCM_16")
     return len(samples) / SAMPLE_RATE
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--num-train", type=int, default=12000,
-                        help="training utterances (sentences repeat, with other voices, when "
-                             "there are fewer training sentences)")
+    parser.add_argument(
+        "--num-train",
+        type=int,
+        default=12000,
+        help="training utterances (sentences repeat, with other voices, when there are fewer training sentences)",
+    )
     parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (training voices)")
-    parser.add_argument("--num-test", type=int, default=200,
-                        help="test clauses, each spoken by every held-out voice (12 with flite)")
+    parser.add_argument(
+        "--num-test", type=int, default=200, help="test clauses, each spoken by every held-out voice (12 with flite)"
+    )
     parser.add_argument("--min-words", type=int, default=3)
     parser.add_argument("--max-words", type=int, default=12)
-    parser.add_argument("--no-clauses", action="store_true",
-                        help="whole sentences only (default: also split them at , ; : ( ) --)")
-    parser.add_argument("--top-words", type=int, default=300,
-                        help="keep sentences made only of the N most frequent words (0: all)")
-    parser.add_argument("--speed-range", type=float, nargs=2, default=(0.85, 1.15),
-                        help="speaking-rate factors, uniform")
-    parser.add_argument("--pitch-range", type=int, nargs=2, default=(30, 70),
-                        help="espeak pitch 0-99, uniform")
-    parser.add_argument("--snr-range", type=float, nargs=2, default=(30.0, 50.0),
-                        help="white-noise floor, dB below the speech, uniform ('0 0': none)")
-    parser.add_argument("--test-voices", nargs="+", default=DEFAULT_TEST_VOICES,
-                        help="the split test: voices held out of train/dev, from the training "
-                             "population (each one's accent, or engine for flite, and espeak "
-                             "variant heard in training), as engine:name, '*' as suffix wildcard "
-                             "(default: %(default)s)")
-    parser.add_argument("--accent-test-voices", nargs="*", default=DEFAULT_ACCENT_TEST_VOICES,
-                        help="the split test-accent (out of domain): voices held out of train/dev "
-                             "too, the same test clauses; none: no test-accent split "
-                             "(default: %(default)s)")
-    parser.add_argument("--test-seen-voices", type=int, default=12,
-                        help="the split test-seen: every test clause spoken by this many "
-                             "distinct training voices (0: no test-seen split)")
+    parser.add_argument(
+        "--no-clauses", action="store_true", help="whole sentences only (default: also split them at , ; : ( ) --)"
+    )
+    parser.add_argument(
+        "--top-words", type=int, default=300, help="keep sentences made only of the N most frequent words (0: all)"
+    )
+    parser.add_argument(
+        "--speed-range", type=float, nargs=2, default=(0.85, 1.15), help="speaking-rate factors, uniform"
+    )
+    parser.add_argument("--pitch-range", type=int, nargs=2, default=(30, 70), help="espeak pitch 0-99, uniform")
+    parser.add_argument(
+        "--snr-range",
+        type=float,
+        nargs=2,
+        default=(30.0, 50.0),
+        help="white-noise floor, dB below the speech, uniform ('0 0': none)",
+    )
+    parser.add_argument(
+        "--test-voices",
+        nargs="+",
+        default=DEFAULT_TEST_VOICES,
+        help="the split test: voices held out of train/dev, from the training "
+        "population (each one's accent, or engine for flite, and espeak "
+        "variant heard in training), as engine:name, '*' as suffix wildcard "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--accent-test-voices",
+        nargs="*",
+        default=DEFAULT_ACCENT_TEST_VOICES,
+        help="the split test-accent (out of domain): voices held out of train/dev "
+        "too, the same test clauses; none: no test-accent split "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--test-seen-voices",
+        type=int,
+        default=12,
+        help="the split test-seen: every test clause spoken by this many "
+        "distinct training voices (0: no test-seen split)",
+    )
     parser.add_argument("--no-flite", action="store_true", help="use espeak-ng only")
-    parser.add_argument("--flite-share", type=float, default=None,
-                        help="share of the train/dev utterances spoken by the training flite "
-                             "voices (default: every training voice equally likely, so the 3 "
-                             "flite voices speak 3 in 80). Measured: 0.25 halves the held-out "
-                             "flite voice's CER and costs the espeak test voices 2 points")
+    parser.add_argument(
+        "--flite-share",
+        type=float,
+        default=None,
+        help="share of the train/dev utterances spoken by the training flite "
+        "voices (default: every training voice equally likely, so the 3 "
+        "flite voices speak 3 in 80). Measured: 0.25 halves the held-out "
+        "flite voice's CER and costs the espeak test voices 2 points",
+    )
     parser.add_argument("--fortunes-dir", type=Path, default=Path("/usr/share/games/fortunes"))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=1234)
@@ -325,15 +395,17 @@ def check_tools(args) -> bool:
     """CorpusError naming the Debian package to install when something is missing.
     Returns whether flite is used."""
     if shutil.which("espeak-ng") is None:
-        raise CorpusError("espeak-ng not found on PATH; install the Debian package 'espeak-ng' "
-                          "(apt-get install -y espeak-ng)")
+        raise CorpusError(
+            "espeak-ng not found on PATH; install the Debian package 'espeak-ng' (apt-get install -y espeak-ng)"
+        )
     if not args.fortunes_dir.is_dir() or not any(args.fortunes_dir.iterdir()):
-        raise CorpusError(f"no fortune files in {args.fortunes_dir}; install the Debian package 'fortunes' "
-                          "(apt-get install -y fortunes) or pass --fortunes-dir")
+        raise CorpusError(
+            f"no fortune files in {args.fortunes_dir}; install the Debian package 'fortunes' "
+            "(apt-get install -y fortunes) or pass --fortunes-dir"
+        )
     use_flite = not args.no_flite and shutil.which("flite") is not None
     if not use_flite and not args.no_flite:
-        print("prepare_demo_corpus: flite not found (Debian package 'flite'); espeak-ng voices only",
-              file=sys.stderr)
+        print("prepare_demo_corpus: flite not found (Debian package 'flite'); espeak-ng voices only", file=sys.stderr)
     return use_flite
 
 
@@ -345,7 +417,7 @@ class CorpusError(RuntimeError):
         super().__init__(f"prepare_demo_corpus: {message}")
 
 
-MARKER = "demo-corpus.json"    # written first into every corpus this script makes
+MARKER = "demo-corpus.json"  # written first into every corpus this script makes
 
 
 def check_output(out: Path) -> None:
@@ -358,15 +430,19 @@ def check_output(out: Path) -> None:
         found = sorted(p.name for p in out.iterdir())
         if found:
             shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
-            raise CorpusError(f"--out {out} already holds {shown}, and no {MARKER}: it is not a demo corpus "
-                              "made by this script, and nothing in it is overwritten. Choose a new or empty "
-                              "folder (a demo corpus made before the marker existed: delete it and make it "
-                              "again)")
+            raise CorpusError(
+                f"--out {out} already holds {shown}, and no {MARKER}: it is not a demo corpus "
+                "made by this script, and nothing in it is overwritten. Choose a new or empty "
+                "folder (a demo corpus made before the marker existed: delete it and make it "
+                "again)"
+            )
     link = _first_link(out) if out.is_dir() else None
     if link is not None:
-        raise CorpusError(f"{link} is a link to {os.path.realpath(link)}: a demo corpus holds no links, and "
-                          "nothing is written through one (its target is not the corpus's). Remove the link, "
-                          "or choose another --out (--out itself may be a link)")
+        raise CorpusError(
+            f"{link} is a link to {os.path.realpath(link)}: a demo corpus holds no links, and "
+            "nothing is written through one (its target is not the corpus's). Remove the link, "
+            "or choose another --out (--out itself may be a link)"
+        )
 
 
 def _first_link(folder: Path):
@@ -386,16 +462,21 @@ def claim_output(out: Path, options: dict) -> None:
     """check_output, then OUT/demo-corpus.json (with the options) written before anything else."""
     check_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"made_by": "cifhkd.corpus.make_corpus", "options": options},
-                                         default=str) + "\n")
+    (out / MARKER).write_text(
+        json.dumps({"made_by": "cifhkd.corpus.make_corpus", "options": options}, default=str) + "\n"
+    )
 
 
 def write_split(out: Path, split: str, rows):
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: r["id"])   # Kaldi wants sorted keys
-    with open(split_dir / "wav.scp", "w") as scp, open(split_dir / "text", "w") as text, \
-            open(split_dir / "utt2spk", "w") as u2s, open(out / f"{split}.jsonl", "w") as jsonl:
+    rows = sorted(rows, key=lambda r: r["id"])  # Kaldi wants sorted keys
+    with (
+        open(split_dir / "wav.scp", "w") as scp,
+        open(split_dir / "text", "w") as text,
+        open(split_dir / "utt2spk", "w") as u2s,
+        open(out / f"{split}.jsonl", "w") as jsonl,
+    ):
         for row in rows:
             scp.write(f"{row['id']} {row['audio']}\n")
             text.write(f"{row['id']} {row['text']}\n")
@@ -417,8 +498,9 @@ def parse_options(out, options: dict) -> argparse.Namespace:
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     unknown = sorted(set(options) - set(actions) | ({"out"} & set(options)))
     if unknown:
-        raise TypeError(f"make_corpus: unknown option(s) {', '.join(unknown)} (prepare_demo_corpus.py --help "
-                        "lists them)")
+        raise TypeError(
+            f"make_corpus: unknown option(s) {', '.join(unknown)} (prepare_demo_corpus.py --help lists them)"
+        )
     argv = ["--out", str(out)]
     for name, value in options.items():
         action, flag = actions[name], actions[name].option_strings[0]
@@ -458,33 +540,44 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     use_flite = check_tools(args)
     rng = random.Random(args.seed)
 
-    pool = build_sentence_pool(args.fortunes_dir, args.min_words, args.max_words, args.top_words,
-                               clauses=not args.no_clauses)
-    print(f"prepare_demo_corpus: {len(pool)} distinct {'sentences' if args.no_clauses else 'clauses'} "
-          f"after cleaning ({args.min_words}-{args.max_words} words"
-          + (f", {args.top_words} most frequent words only)" if args.top_words > 0 else ")"))
+    pool = build_sentence_pool(
+        args.fortunes_dir, args.min_words, args.max_words, args.top_words, clauses=not args.no_clauses
+    )
+    print(
+        f"prepare_demo_corpus: {len(pool)} distinct {'sentences' if args.no_clauses else 'clauses'} "
+        f"after cleaning ({args.min_words}-{args.max_words} words"
+        + (f", {args.top_words} most frequent words only)" if args.top_words > 0 else ")")
+    )
     held = args.num_dev + args.num_test
     if len(pool) <= held:
-        raise CorpusError(f"{len(pool)} sentences leave none for training after {held} dev+test: lower "
-                          "--num-dev/--num-test, widen --min/max-words or raise --top-words")
+        raise CorpusError(
+            f"{len(pool)} sentences leave none for training after {held} dev+test: lower "
+            "--num-dev/--num-test, widen --min/max-words or raise --top-words"
+        )
     rng.shuffle(pool)
     # split by sentence; training sentences are spoken again (by other random voices)
     # when --num-train exceeds them
     train_pool = pool[held:]
-    sentences = {"train": [train_pool[i % len(train_pool)] for i in range(args.num_train)],
-                 "dev": pool[:args.num_dev], "test": pool[args.num_dev:held]}
+    sentences = {
+        "train": [train_pool[i % len(train_pool)] for i in range(args.num_train)],
+        "dev": pool[: args.num_dev],
+        "test": pool[args.num_dev : held],
+    }
 
     seen, held_out, accent_held_out = split_voices(use_flite, args.test_voices, args.accent_test_voices)
     if not held_out or not seen:
         raise CorpusError(f"--test-voices {args.test_voices} must hold out some but not all voices")
     unheard = unheard_population(seen, held_out)
     if unheard:
-        raise CorpusError(f"--test-voices: {', '.join(v.speaker_id for v in unheard)} not from the training "
-                          "population (its accent, engine or variant is held out of training too); "
-                          "out-of-domain voices belong in --accent-test-voices")
+        raise CorpusError(
+            f"--test-voices: {', '.join(v.speaker_id for v in unheard)} not from the training "
+            "population (its accent, engine or variant is held out of training too); "
+            "out-of-domain voices belong in --accent-test-voices"
+        )
     if not 0 <= args.test_seen_voices <= len(seen):
-        raise CorpusError(f"--test-seen-voices must be in [0, {len(seen)}] (the training voices), "
-                          f"got {args.test_seen_voices}")
+        raise CorpusError(
+            f"--test-seen-voices must be in [0, {len(seen)}] (the training voices), got {args.test_seen_voices}"
+        )
     if args.flite_share is not None and not 0.0 <= args.flite_share <= 1.0:
         raise CorpusError(f"--flite-share must be in [0, 1], got {args.flite_share}")
     by_engine = {engine: [v for v in seen if v.engine == engine] for engine in ("espeak", "flite")}
@@ -503,7 +596,7 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
         # one generator per split: a bigger --num-train leaves dev and test as they were
         split_rng = random.Random(f"{args.seed}-{split}")
         for i, text in enumerate(sentences[split]):
-            if split == "test":     # every held-out voice speaks every test clause
+            if split == "test":  # every held-out voice speaks every test clause
                 speakers = held_out
             elif split == "test-accent":
                 speakers = accent_held_out
@@ -516,7 +609,7 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
                 speed = split_rng.uniform(*args.speed_range)
                 pitch = split_rng.randint(*args.pitch_range)
                 snr_db = split_rng.uniform(*args.snr_range) if args.snr_range[0] > 0 else float("inf")
-                utt = f"{voice.speaker_id}_{split}{i:06d}"   # speaker prefix: Kaldi's convention
+                utt = f"{voice.speaker_id}_{split}{i:06d}"  # speaker prefix: Kaldi's convention
                 jobs.append((split, utt, voice, text, speed, pitch, snr_db))
 
     def run(job):
@@ -529,7 +622,7 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
             try:
                 return split, utt, voice, text, path, sf.info(str(path)).duration, False
             except RuntimeError:
-                pass   # broken from an interrupted run: synthesise again
+                pass  # broken from an interrupted run: synthesise again
         duration = synthesise(voice, text, speed, pitch, path, snr_db, zlib.crc32(utt.encode()))
         return split, utt, voice, text, path, duration, True
 
@@ -538,8 +631,15 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     synthesised, audio_seconds = 0, 0.0
     with ThreadPoolExecutor(max_workers=args.jobs) as pool_exec:
         for n, (split, utt, voice, text, path, duration, new) in enumerate(pool_exec.map(run, jobs), 1):
-            rows[split].append({"id": utt, "audio": str(path), "text": text,
-                                "duration": round(duration, 3), "speaker": voice.speaker_id})
+            rows[split].append(
+                {
+                    "id": utt,
+                    "audio": str(path),
+                    "text": text,
+                    "duration": round(duration, 3),
+                    "speaker": voice.speaker_id,
+                }
+            )
             synthesised += new
             audio_seconds += duration
             if n % 500 == 0:
@@ -547,7 +647,7 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
     elapsed = time.perf_counter() - start
 
     for split, split_rows in rows.items():
-        if not split_rows:     # --test-seen-voices 0 etc.: no stale split from an earlier run
+        if not split_rows:  # --test-seen-voices 0 etc.: no stale split from an earlier run
             shutil.rmtree(out / split, ignore_errors=True)
             (out / f"{split}.jsonl").unlink(missing_ok=True)
             continue
@@ -555,13 +655,14 @@ def make_corpus_from_args(args: argparse.Namespace) -> Path:
         hours = sum(r["duration"] for r in split_rows) / 3600
         speakers = len({r["speaker"] for r in split_rows})
         distinct = len({r["text"] for r in split_rows})
-        print(f"  {split}: {len(split_rows)} utterances of {distinct} sentences, {hours:.2f} h, "
-              f"{speakers} voices")
+        print(f"  {split}: {len(split_rows)} utterances of {distinct} sentences, {hours:.2f} h, {speakers} voices")
     rate = synthesised / elapsed if elapsed > 0 else float("inf")
-    print(f"prepare_demo_corpus: synthesised {synthesised} utterances ({audio_seconds / 3600:.2f} h "
-          f"of audio in all) in {elapsed:.1f} s with {args.jobs} jobs: {rate:.1f} utterances/s; "
-          f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)}), "
-          f"{len(accent_held_out)} for test-accent ({', '.join(args.accent_test_voices) or 'none'})")
+    print(
+        f"prepare_demo_corpus: synthesised {synthesised} utterances ({audio_seconds / 3600:.2f} h "
+        f"of audio in all) in {elapsed:.1f} s with {args.jobs} jobs: {rate:.1f} utterances/s; "
+        f"{len(held_out)} voices held out for test ({', '.join(args.test_voices)}), "
+        f"{len(accent_held_out)} for test-accent ({', '.join(args.accent_test_voices) or 'none'})"
+    )
     names = ",".join(split for split, split_rows in rows.items() if split_rows)
     print(f"prepare_demo_corpus: wrote {out}/{{{names}}} and {out}/{{{names}}}.jsonl")
     return out
@@ -575,5 +676,5 @@ def main(argv=None):
         sys.exit(2)
 
 
-if __name__ == "__main__":      # python -m cifhkd.corpus
+if __name__ == "__main__":  # python -m cifhkd.corpus
     main()

@@ -21,6 +21,7 @@ Audio is read with soundfile, mixed down to mono and resampled to 16 kHz with so
 batches are cifhkd.sampler's; files written whole are cifhkd.files'. This module imports
 no torch (the ONNX runtime path reads audio with it).
 """
+
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class ManifestError(ValueError):
 class Utterance:
     """One utterance. duration is in seconds (None until known); source is "file:line"
     of the manifest entry, for error messages."""
+
     id: str
     audio: str
     text: str
@@ -52,6 +54,7 @@ class Utterance:
 @dataclass
 class SkipReport:
     """What a loader skipped with skip_bad=True: reason -> count, and a few examples."""
+
     counts: Counter = field(default_factory=Counter)
     examples: List[str] = field(default_factory=list)
 
@@ -87,10 +90,14 @@ def text_lines(path, report: Optional[SkipReport] = None) -> Iterator[Tuple[int,
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                _fail(report, "not UTF-8", f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                                           f"column {e.start + 1}): manifests, transcripts and vocabularies "
-                                           "are read as UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8; "
-                                           "or is it not a manifest?)")
+                _fail(
+                    report,
+                    "not UTF-8",
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                    f"column {e.start + 1}): manifests, transcripts and vocabularies "
+                    "are read as UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8; "
+                    "or is it not a manifest?)",
+                )
 
 
 def _read_table(path: Path, report: Optional[SkipReport], what: str) -> Dict[str, Tuple[str, int]]:
@@ -106,8 +113,11 @@ def _read_table(path: Path, report: Optional[SkipReport], what: str) -> Dict[str
             _fail(report, "malformed line", f"{path}:{lineno}: expected '<utt-id> <{what}>', got {line!r}")
             continue
         if key in table:
-            _fail(report, "duplicate id", f"{path}:{lineno}: duplicate utterance id {key!r} "
-                                          f"(first on line {table[key][1]})")
+            _fail(
+                report,
+                "duplicate id",
+                f"{path}:{lineno}: duplicate utterance id {key!r} (first on line {table[key][1]})",
+            )
             continue
         table[key] = (value, lineno)
     return table
@@ -136,8 +146,11 @@ def read_kaldi_dir(data_dir, skip_bad: bool = False) -> Tuple[List[Utterance], S
     for utt, (audio, lineno) in wavs.items():
         source = f"{scp_path}:{lineno}"
         if audio.endswith("|") or ":" in audio.split()[-1] and audio.split()[-1].split(":")[-1].isdigit():
-            _fail(fail_to, "unsupported wav.scp entry",
-                  f"{source}: {utt}: only plain file paths are supported, got {audio!r}")
+            _fail(
+                fail_to,
+                "unsupported wav.scp entry",
+                f"{source}: {utt}: only plain file paths are supported, got {audio!r}",
+            )
             continue
         if utt not in texts:
             _fail(fail_to, "no transcript", f"{source}: {utt} has audio but no line in {text_path}")
@@ -151,16 +164,15 @@ def read_kaldi_dir(data_dir, skip_bad: bool = False) -> Tuple[List[Utterance], S
             try:
                 duration = float(durs[utt][0])
             except ValueError:
-                _fail(fail_to, "malformed line", f"{data_dir / 'utt2dur'}:{durs[utt][1]}: "
-                                                 f"bad duration {durs[utt][0]!r}")
+                _fail(
+                    fail_to, "malformed line", f"{data_dir / 'utt2dur'}:{durs[utt][1]}: bad duration {durs[utt][0]!r}"
+                )
                 continue
         path = Path(audio) if Path(audio).is_absolute() else data_dir / audio
-        utterances.append(Utterance(utt, str(path), text, duration,
-                                    spk.get(utt, (None, 0))[0], source))
+        utterances.append(Utterance(utt, str(path), text, duration, spk.get(utt, (None, 0))[0], source))
     for utt, (_, lineno) in texts.items():
         if utt not in wavs:
-            _fail(fail_to, "no audio", f"{text_path}:{lineno}: {utt} has a transcript but no "
-                                       f"line in {scp_path}")
+            _fail(fail_to, "no audio", f"{text_path}:{lineno}: {utt} has a transcript but no line in {scp_path}")
     return utterances, report
 
 
@@ -192,19 +204,26 @@ def read_jsonl_manifest(path, skip_bad: bool = False) -> Tuple[List[Utterance], 
             continue
         duration = row.get("duration")
         if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
-            _fail(fail_to, "malformed line", f"{source}: 'duration' must be a positive number, "
-                                             f"got {duration!r}")
+            _fail(fail_to, "malformed line", f"{source}: 'duration' must be a positive number, got {duration!r}")
             continue
         utt = str(row.get("id", Path(audio).stem))
         if utt in first_line:
-            _fail(fail_to, "duplicate id", f"{source}: duplicate utterance id {utt!r} "
-                                           f"(first on line {first_line[utt]})")
+            _fail(
+                fail_to, "duplicate id", f"{source}: duplicate utterance id {utt!r} (first on line {first_line[utt]})"
+            )
             continue
         first_line[utt] = lineno
         audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
-        utterances.append(Utterance(utt, str(audio_path), text.strip(),
-                                    float(duration) if duration is not None else None,
-                                    row.get("speaker"), source))
+        utterances.append(
+            Utterance(
+                utt,
+                str(audio_path),
+                text.strip(),
+                float(duration) if duration is not None else None,
+                row.get("speaker"),
+                source,
+            )
+        )
     return utterances, report
 
 
@@ -243,13 +262,18 @@ def _non_finite(samples: np.ndarray, sample_rate: int) -> Optional[str]:
     if finite.all():
         return None
     bad = np.flatnonzero(~finite.reshape(len(samples), -1).all(axis=1))
-    return (f"{len(bad)} NaN/infinite sample(s), the first at {bad[0] / sample_rate:.3f} s "
-            "(features and losses would be NaN)")
+    return (
+        f"{len(bad)} NaN/infinite sample(s), the first at {bad[0] / sample_rate:.3f} s "
+        "(features and losses would be NaN)"
+    )
 
 
-def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
-                report: Optional[SkipReport] = None, max_duration: Optional[float] = None
-                ) -> Tuple[List[Utterance], SkipReport]:
+def check_audio(
+    utterances: Sequence[Utterance],
+    skip_bad: bool = False,
+    report: Optional[SkipReport] = None,
+    max_duration: Optional[float] = None,
+) -> Tuple[List[Utterance], SkipReport]:
     """Open every file's header: fill in missing durations, and reject unreadable audio,
     empty audio, and a stated duration that disagrees with the file by more than 0.1 s
     (the manifest does not describe this audio). Files of floating-point samples
@@ -271,14 +295,15 @@ def check_audio(utterances: Sequence[Utterance], skip_bad: bool = False,
             _fail(fail_to, "empty audio", f"{utt.source}: {utt.id}: {utt.audio} has no samples")
             continue
         if utt.duration is not None and abs(utt.duration - duration) > 0.1:
-            _fail(fail_to, "duration mismatch",
-                  f"{utt.source}: {utt.id}: manifest says {utt.duration:.3f} s, {utt.audio} "
-                  f"holds {duration:.3f} s")
+            _fail(
+                fail_to,
+                "duration mismatch",
+                f"{utt.source}: {utt.id}: manifest says {utt.duration:.3f} s, {utt.audio} holds {duration:.3f} s",
+            )
             continue
         if info.subtype in FLOAT_SUBTYPES:
             try:
-                problem = _non_finite(sf.read(utt.audio, dtype="float32", always_2d=True)[0],
-                                      info.samplerate)
+                problem = _non_finite(sf.read(utt.audio, dtype="float32", always_2d=True)[0], info.samplerate)
             except (RuntimeError, OSError, sf.LibsndfileError) as e:
                 problem = f"cannot decode it: {e}"
             if problem is not None:
@@ -306,12 +331,14 @@ def load_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if file_rate != sample_rate:
         import soxr
+
         samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
     return np.ascontiguousarray(samples)
 
 
-def load_manifest(path, skip_bad: bool = False, max_duration: Optional[float] = None
-                  ) -> Tuple[List[Utterance], SkipReport]:
+def load_manifest(
+    path, skip_bad: bool = False, max_duration: Optional[float] = None
+) -> Tuple[List[Utterance], SkipReport]:
     """read_manifest then check_audio; a manifest with no utterances (left) is a
     ManifestError naming it."""
     utterances, report = read_manifest(path, skip_bad)

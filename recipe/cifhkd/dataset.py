@@ -17,6 +17,7 @@ than their transcripts need (min_encoder_frames: CTC's alignment); dataset.drop 
 them. A data-loader worker imports this module and cifhkd.batch, never the model or
 cifops.
 """
+
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -35,10 +36,16 @@ class AsrDataset(torch.utils.data.Dataset):
     if the voice were another speaker's); each item draws one uniformly. The factor and
     the SpecAugment masks are seeded by (seed, epoch, i)."""
 
-    def __init__(self, utterances: Sequence[data.Utterance], vocab: teacher_lib.TokenVocab,
-                 tokenizer, teacher_states: Optional[Dict[str, Tensor]] = None,
-                 spec_augment: Optional[features.SpecAugment] = None, seed: int = 0,
-                 speed_perturb: Sequence[float] = ()):
+    def __init__(
+        self,
+        utterances: Sequence[data.Utterance],
+        vocab: teacher_lib.TokenVocab,
+        tokenizer,
+        teacher_states: Optional[Dict[str, Tensor]] = None,
+        spec_augment: Optional[features.SpecAugment] = None,
+        seed: int = 0,
+        speed_perturb: Sequence[float] = (),
+    ):
         if any(not 0.5 <= f <= 2.0 for f in speed_perturb):
             raise ValueError(f"speed_perturb factors must be in [0.5, 2], got {list(speed_perturb)}")
         self.speed_perturb = [float(f) for f in speed_perturb]
@@ -54,9 +61,11 @@ class AsrDataset(torch.utils.data.Dataset):
                 if states is None:
                     raise KeyError(f"{utt.source}: {utt.id} is not in the teacher cache")
                 if states.shape[0] != len(self.tokens[-1]) + 1:
-                    raise ValueError(f"{utt.source}: {utt.id}: {states.shape[0]} cached teacher "
-                                     f"states for {len(self.tokens[-1])} tokens + [SEP]; "
-                                     "re-run extract_teacher.py")
+                    raise ValueError(
+                        f"{utt.source}: {utt.id}: {states.shape[0]} cached teacher "
+                        f"states for {len(self.tokens[-1])} tokens + [SEP]; "
+                        "re-run extract_teacher.py"
+                    )
         self.teacher_states = teacher_states
         self.spec_augment = spec_augment
         self.seed = seed

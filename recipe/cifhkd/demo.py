@@ -62,6 +62,7 @@ budget, the last logged loss per token, the time elapsed and left (cifhkd.progre
 each system's train_log.jsonl every few seconds); while they decode, the splits decoded
 of each. On a terminal the line is rewritten in place; in a log, it is a line every 30 s.
 """
+
 import argparse
 import importlib.resources
 import json
@@ -92,28 +93,47 @@ LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 
 # name -> (label, ACD on, LRD on); the paper's Table rows
-SYSTEMS = {"cif": ("CIF", False, False), "acd": ("CIF + ACD", True, False),
-           "lrd": ("CIF + LRD", False, True), "hkd": ("CIF + HKD", True, True)}
+SYSTEMS = {
+    "cif": ("CIF", False, False),
+    "acd": ("CIF + ACD", True, False),
+    "lrd": ("CIF + LRD", False, True),
+    "hkd": ("CIF + HKD", True, True),
+}
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("exp/demo"))
-    parser.add_argument("--config", type=Path, default=None,
-                        help="train_hkd.py options shared by every system (default: cifhkd's "
-                             "conf/demo.yaml, recipe/cifhkd/conf/demo.yaml in the repository)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="train_hkd.py options shared by every system (default: cifhkd's "
+        "conf/demo.yaml, recipe/cifhkd/conf/demo.yaml in the repository)",
+    )
     parser.add_argument("--ablations", action="store_true", help="also train CIF+ACD and CIF+LRD")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's budget")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="train and decode every system with each seed (OUT/seed-<seed>/), then pool "
-                             "them: OUT/pooled.md (pooled CER, gains with paired bootstrap and t intervals)")
-    parser.add_argument("--acd-weight", type=float, default=None,
-                        help="override the config's ACD weight in the systems with ACD (the baseline's "
-                             "training is unchanged, so it is reused)")
-    parser.add_argument("--jobs", type=int, default=0,
-                        help="systems trained at once (0: one per core, at most all of them)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train and decode every system with each seed (OUT/seed-<seed>/), then pool "
+        "them: OUT/pooled.md (pooled CER, gains with paired bootstrap and t intervals)",
+    )
+    parser.add_argument(
+        "--acd-weight",
+        type=float,
+        default=None,
+        help="override the config's ACD weight in the systems with ACD (the baseline's "
+        "training is unchanged, so it is reused)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=0, help="systems trained at once (0: one per core, at most all of them)"
+    )
     parser.add_argument("--beam", type=int, default=10)
     return parser
 
@@ -125,9 +145,11 @@ def absolute_paths(args) -> argparse.Namespace:
     conf/demo.yaml is missing."""
     if args.config is None:
         if not DEFAULT_CONFIG.is_file():
-            sys.exit(f"demo: no --config given, and {DEFAULT_CONFIG} does not exist (an install of "
-                     "cifhkd without its package data): pass --config FILE (the repository's "
-                     "recipe/cifhkd/conf/demo.yaml is the demo's)")
+            sys.exit(
+                f"demo: no --config given, and {DEFAULT_CONFIG} does not exist (an install of "
+                "cifhkd without its package data): pass --config FILE (the repository's "
+                "recipe/cifhkd/conf/demo.yaml is the demo's)"
+            )
         args.config = DEFAULT_CONFIG
     args.config = args.config if args.config.is_absolute() else Path.cwd() / args.config
     args.out = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -136,6 +158,7 @@ def absolute_paths(args) -> argparse.Namespace:
 
 def load_config(path: Path) -> dict:
     import yaml
+
     return {k.replace("-", "_"): v for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
 
 
@@ -148,16 +171,16 @@ def run_logged(cmd: List[str], log_path: Path, threads: int):
         result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"demo: `{' '.join(cmd)}` failed (exit {result.returncode}); "
-                           f"last lines of {log_path}:\n{tail}")
+        raise RuntimeError(
+            f"demo: `{' '.join(cmd)}` failed (exit {result.returncode}); last lines of {log_path}:\n{tail}"
+        )
 
 
 def train_command(args, name: str) -> List[str]:
     """train_hkd.py's command for one system (without --threads, which does not change
     what is trained); args: absolute_paths'."""
     _, acd, lrd = SYSTEMS[name]
-    cmd = [sys.executable, *TRAIN_MODULE, "--config", str(args.config),
-           "--exp-dir", str(args.out / name)]
+    cmd = [sys.executable, *TRAIN_MODULE, "--config", str(args.config), "--exp-dir", str(args.out / name)]
     if not acd:
         cmd += ["--acd-weight", "0"]
     elif args.acd_weight is not None:
@@ -178,6 +201,7 @@ def same_training(stamp: str, cmd: List[str], config_text: str) -> bool:
     --exp-dir does not count either: a trained system copied into another OUT (a baseline
     shared by two runs) is the same training."""
     import yaml
+
     old = json.loads(stamp)
     command = old[:-1]
 
@@ -198,8 +222,10 @@ def train(args, name: str, threads: int, training: progress.Training, status: pr
         # kept, not deleted: a trained system is hours of CPU time
         kept = exp.with_name(f"{exp.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         exp.rename(kept)
-        status.say(f"demo: {name}: the command or config changed; training again (the previous "
-                   f"experiment is now {kept}: delete it when it is no longer needed)")
+        status.say(
+            f"demo: {name}: the command or config changed; training again (the previous "
+            f"experiment is now {kept}: delete it when it is no longer needed)"
+        )
     seconds_file = exp / "demo-train-seconds.txt"
     if (exp / "averaged.pt").exists() and seconds_file.exists():
         training.state = "done"
@@ -211,8 +237,11 @@ def train(args, name: str, threads: int, training: progress.Training, status: pr
     if (exp / rundir.RECORD).exists() or any(exp.glob("checkpoint-*.pt")):
         # an interrupted run (the trainer refuses a fresh run into it): continue it
         cmd.append("--resume")
-        status.say(f"demo: {name}: resuming from its last checkpoint" if any(exp.glob("checkpoint-*.pt"))
-                   else f"demo: {name}: an interrupted run with no checkpoint yet: starting it again")
+        status.say(
+            f"demo: {name}: resuming from its last checkpoint"
+            if any(exp.glob("checkpoint-*.pt"))
+            else f"demo: {name}: an interrupted run with no checkpoint yet: starting it again"
+        )
     start = time.perf_counter()
     status.say(f"demo: training {SYSTEMS[name][0]} ({threads} thread(s); log {exp / 'train.out'})")
     training.begin()
@@ -234,6 +263,7 @@ def librivox_manifest(out: Path):
     if not transcription.exists():
         return None
     import soundfile as sf
+
     path = out / "librivox.jsonl"
     with open(path, "w") as f:
         for line in transcription.read_text().splitlines():
@@ -242,8 +272,12 @@ def librivox_manifest(out: Path):
             utt = utt.strip().rstrip(")")
             words = [w for w in text.split() if w not in ("<s>", "</s>")]
             audio = LIBRIVOX / f"{utt}.wav"
-            f.write(json.dumps({"id": utt, "audio": str(audio), "text": " ".join(words),
-                                "duration": sf.info(str(audio)).duration}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": utt, "audio": str(audio), "text": " ".join(words), "duration": sf.info(str(audio)).duration}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -252,6 +286,7 @@ def constant_baseline(corpus: Path) -> dict:
     errors on dev, scored on test (what a recognizer that ignores the audio can reach)."""
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
+
     train = [u.text for u in data.read_manifest(corpus / "train")[0]]
     dev = [u.text.replace(" ", "") for u in data.read_manifest(corpus / "dev")[0]]
     test = [u.text for u in data.read_manifest(corpus / "test")[0]]
@@ -265,11 +300,13 @@ def constant_baseline(corpus: Path) -> dict:
 
 def plot_curves(out: Path, names: List[str]):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
-        rows = [json.loads(l) for l in (out / name / "train_log.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in rows]
         for ax, key in zip(axes, ("ce", "ctc")):
             ax.plot(steps, [r[key] for r in rows], label=SYSTEMS[name][0])
@@ -284,8 +321,9 @@ def plot_curves(out: Path, names: List[str]):
     plt.close(fig)
 
 
-def bootstrap(decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "cif",
-              samples: int = 2000, seed: int = 0) -> Dict[str, dict]:
+def bootstrap(
+    decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "cif", samples: int = 2000, seed: int = 0
+) -> Dict[str, dict]:
     """95% bootstrap intervals of each system's CER and of its CER gain over `base` (base
     CER minus its CER, in points; paired: every resample scores all systems on the same
     utterances). The resampled unit is the test clause with all its voices, since they
@@ -296,12 +334,16 @@ def bootstrap(decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "
     seeds, each decoded on the same test set) is pooled: a clause's errors and characters
     are summed over the runs, so its CER is the runs' overall CER and the resamples pair
     every run of every system on the same clauses."""
-    runs = {name: [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
-            for name, dirs in decode_dirs.items()}
+    runs = {
+        name: [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+        for name, dirs in decode_dirs.items()
+    }
     if any(not dirs for dirs in runs.values()):
         raise ValueError("demo: bootstrap: every system needs at least one decode directory")
-    rows = {name: [[json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines()]
-                   for d in dirs] for name, dirs in runs.items()}
+    rows = {
+        name: [[json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines()] for d in dirs]
+        for name, dirs in runs.items()
+    }
     clause_of = {}
     for r in rows[base][0]:
         clause_of.setdefault(r["ref"], len(clause_of))
@@ -321,49 +363,91 @@ def bootstrap(decode_dirs: Dict[str, Union[Path, Sequence[Path]]], base: str = "
     out = {}
     for name in rows:
         gain = cer[base] - cer[name]
-        out[name] = {"cer": round(float(point[name]), 2), "gain": round(float(point[base] - point[name]), 2),
-                     "cer_ci": np.percentile(cer[name], [2.5, 97.5]).round(2).tolist(),
-                     "gain_ci": np.percentile(gain, [2.5, 97.5]).round(2).tolist(),
-                     "p_better": float((gain > 0).mean()), "clauses": len(clause_of), "samples": samples}
+        out[name] = {
+            "cer": round(float(point[name]), 2),
+            "gain": round(float(point[base] - point[name]), 2),
+            "cer_ci": np.percentile(cer[name], [2.5, 97.5]).round(2).tolist(),
+            "gain_ci": np.percentile(gain, [2.5, 97.5]).round(2).tolist(),
+            "p_better": float((gain > 0).mean()),
+            "clauses": len(clause_of),
+            "samples": samples,
+        }
     return out
 
 
 # decode.py's options of the two decoding protocols
-PROTOCOLS = {"paper": {"count_search": 0, "ctc_weight": 0.0},
-             "tuned": {"count_search": decode_lib.COUNT_SEARCH, "ctc_weight": None}}
-PROTOCOL_TEXT = {"paper": "the paper's decoding: the decoder alone with CIF's own token count "
-                          "(decode.py --count-search 0 --ctc-weight 0)",
-                 "tuned": f"the tuned decoding: a search over CIF's count +-{decode_lib.COUNT_SEARCH} and CTC "
-                          f"rescoring (--count-search {decode_lib.COUNT_SEARCH} --ctc-weight "
-                          f"{decode_lib.CTC_WEIGHT}, chosen on dev)"}
+PROTOCOLS = {
+    "paper": {"count_search": 0, "ctc_weight": 0.0},
+    "tuned": {"count_search": decode_lib.COUNT_SEARCH, "ctc_weight": None},
+}
+PROTOCOL_TEXT = {
+    "paper": "the paper's decoding: the decoder alone with CIF's own token count "
+    "(decode.py --count-search 0 --ctc-weight 0)",
+    "tuned": f"the tuned decoding: a search over CIF's count +-{decode_lib.COUNT_SEARCH} and CTC "
+    f"rescoring (--count-search {decode_lib.COUNT_SEARCH} --ctc-weight "
+    f"{decode_lib.CTC_WEIGHT}, chosen on dev)",
+}
 # what is decoded, in the tables' order; a split the corpus lacks is left out (test-accent
 # and test-seen with the paper's decoding only: the tuned decoding's count search and CTC
 # cost about twice as much, and make demo must stay under 30 minutes on 2 cores)
-EVALS = [("test", "paper"), ("test", "tuned"), ("dev", "paper"), ("dev", "tuned"),
-         ("test-accent", "paper"), ("test-seen", "paper")]
-SPLIT_TEXT = {"test": "test (held-out speakers of the training population, clauses not in training: "
-                      "the claim's split)",
-              "dev": "dev (training voices, clauses not in training: where choices are made)",
-              "test-accent": "test-accent (out of domain: an accent and a flite voice training never "
-                             "hears; no claim)",
-              "test-seen": "test-seen (the test clauses spoken by training voices)"}
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042]    # Student's t, 97.5% quantile, 1..30 degrees of freedom
+EVALS = [
+    ("test", "paper"),
+    ("test", "tuned"),
+    ("dev", "paper"),
+    ("dev", "tuned"),
+    ("test-accent", "paper"),
+    ("test-seen", "paper"),
+]
+SPLIT_TEXT = {
+    "test": "test (held-out speakers of the training population, clauses not in training: the claim's split)",
+    "dev": "dev (training voices, clauses not in training: where choices are made)",
+    "test-accent": "test-accent (out of domain: an accent and a flite voice training never hears; no claim)",
+    "test-seen": "test-seen (the test clauses spoken by training voices)",
+}
+T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]  # Student's t, 97.5% quantile, 1..30 degrees of freedom
 
 
 def decode_dir(split: str, protocol: str) -> str:
     return f"decode-{split}-{protocol}"
 
 
-def decode_once(checkpoint: Path, split: Path, out: Path, beam: int, protocol: str, device: str,
-                log) -> dict:
+def decode_once(checkpoint: Path, split: Path, out: Path, beam: int, protocol: str, device: str, log) -> dict:
     """decode.decode with the protocol's options, or the scores of an earlier decoding of
     the same checkpoint (its size and time: a copied system's decodings are reused too),
     split, beam and protocol."""
     info = checkpoint.stat()
-    stamp = {"checkpoint": [info.st_size, info.st_mtime_ns], "split": str(split), "beam": beam,
-             **PROTOCOLS[protocol]}
+    stamp = {"checkpoint": [info.st_size, info.st_mtime_ns], "split": str(split), "beam": beam, **PROTOCOLS[protocol]}
     stamp_file = out / "demo-decode.json"
     if stamp_file.exists() and (out / "wer.json").exists() and json.loads(stamp_file.read_text()) == stamp:
         return json.loads((out / "wer.json").read_text())
@@ -409,61 +493,96 @@ def table(evals: Dict[str, dict], trivial: dict, librivox: Dict[str, dict], meta
     test, ci = evals["test/paper"]["systems"], evals["test/paper"]["bootstrap"]
     tuned = evals["test/tuned"]["bootstrap"]
     voices = len(test["cif"].get("per_speaker", {}))
-    lines = [f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)", "",
-             f"Test: {test['cif']['utterances']} utterances ({ci['cif']['clauses']} clauses not in training, "
-             f"each spoken by each of {voices} held-out speakers of the training population: voices never "
-             "heard in training whose accent, engine and espeak variant training hears). "
-             f"Headline: {PROTOCOL_TEXT['paper']}, beam {meta['beam']}; second: {PROTOCOL_TEXT['tuned']}. "
-             "Gain: CIF's CER minus the system's, in points (positive = fewer errors), with its 95% paired "
-             f"bootstrap interval over the test clauses ({ci['cif']['samples']} resamples); P(better): the "
-             "share of resamples where the system beats CIF.", "",
-             "| system | ACD weight | bank rows | LRD weight | test CER %, paper | 95% CI | gain, points "
-             "(95% CI) | rel. CER reduction | P(better) | test WER %, paper | test CER %, tuned | gain, tuned "
-             "(95% CI) | dev CER %, paper | dev CER %, tuned |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# CIF-HKD CPU demo (seed {meta['seed']}, {meta['max_steps']} updates per system)",
+        "",
+        f"Test: {test['cif']['utterances']} utterances ({ci['cif']['clauses']} clauses not in training, "
+        f"each spoken by each of {voices} held-out speakers of the training population: voices never "
+        "heard in training whose accent, engine and espeak variant training hears). "
+        f"Headline: {PROTOCOL_TEXT['paper']}, beam {meta['beam']}; second: {PROTOCOL_TEXT['tuned']}. "
+        "Gain: CIF's CER minus the system's, in points (positive = fewer errors), with its 95% paired "
+        f"bootstrap interval over the test clauses ({ci['cif']['samples']} resamples); P(better): the "
+        "share of resamples where the system beats CIF.",
+        "",
+        "| system | ACD weight | bank rows | LRD weight | test CER %, paper | 95% CI | gain, points "
+        "(95% CI) | rel. CER reduction | P(better) | test WER %, paper | test CER %, tuned | gain, tuned "
+        "(95% CI) | dev CER %, paper | dev CER %, tuned |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name in names:
         c, first = ci[name], name == "cif"
-        lines.append(f"| {SYSTEMS[name][0]} | {weights_cells(meta, name)} | {c['cer']:.2f} | {interval(c['cer_ci'])} | "
-                     + ("- | - | - | " if first else f"{gain_cell(c)} | {relative(c, ci['cif'])} | "
-                        f"{c['p_better']:.2f} | ")
-                     + f"{100 * test[name]['wer']:.2f} | {tuned[name]['cer']:.2f} | "
-                     + ("- | " if first else f"{gain_cell(tuned[name])} | ")
-                     + " | ".join(f"{100 * evals[f'dev/{p}']['systems'][name]['cer']:.2f}" for p in PROTOCOLS) + " |")
-    lines.append(f"| trivial: best constant sentence | | | | {100 * trivial['cer']:.2f} | | | | | "
-                 f"{100 * trivial['wer']:.2f} | | | | |")
-    lines += ["", f"The constant sentence (the training transcript closest to dev): \"{trivial['hypothesis']}\"; "
-              "the empty output scores 100%."]
+        lines.append(
+            f"| {SYSTEMS[name][0]} | {weights_cells(meta, name)} | {c['cer']:.2f} | {interval(c['cer_ci'])} | "
+            + ("- | - | - | " if first else f"{gain_cell(c)} | {relative(c, ci['cif'])} | {c['p_better']:.2f} | ")
+            + f"{100 * test[name]['wer']:.2f} | {tuned[name]['cer']:.2f} | "
+            + ("- | " if first else f"{gain_cell(tuned[name])} | ")
+            + " | ".join(f"{100 * evals[f'dev/{p}']['systems'][name]['cer']:.2f}" for p in PROTOCOLS)
+            + " |"
+        )
+    lines.append(
+        f"| trivial: best constant sentence | | | | {100 * trivial['cer']:.2f} | | | | | "
+        f"{100 * trivial['wer']:.2f} | | | | |"
+    )
+    lines += [
+        "",
+        f'The constant sentence (the training transcript closest to dev): "{trivial["hypothesis"]}"; '
+        "the empty output scores 100%.",
+    ]
     others = [key for key in evals if key.split("/")[0] not in ("test", "dev")]
     if others:
-        lines += ["", "Other splits, the same systems (CER %, and the gain over CIF in points with its 95% "
-                  "interval): " + "; ".join(SPLIT_TEXT[s] for s in dict.fromkeys(k.split("/")[0] for k in others))
-                  + ".", "",
-                  "| system | " + " | ".join(f"{k.replace('/', ', ')} CER % | gain (95% CI)" for k in others) + " |",
-                  "| --- |" + " ---: |" * (2 * len(others))]
+        lines += [
+            "",
+            "Other splits, the same systems (CER %, and the gain over CIF in points with its 95% "
+            "interval): " + "; ".join(SPLIT_TEXT[s] for s in dict.fromkeys(k.split("/")[0] for k in others)) + ".",
+            "",
+            "| system | " + " | ".join(f"{k.replace('/', ', ')} CER % | gain (95% CI)" for k in others) + " |",
+            "| --- |" + " ---: |" * (2 * len(others)),
+        ]
         for name in names:
-            lines.append(f"| {SYSTEMS[name][0]} | " + " | ".join(
-                f"{evals[k]['bootstrap'][name]['cer']:.2f} | "
-                + ("-" if name == "cif" else gain_cell(evals[k]['bootstrap'][name])) for k in others) + " |")
+            lines.append(
+                f"| {SYSTEMS[name][0]} | "
+                + " | ".join(
+                    f"{evals[k]['bootstrap'][name]['cer']:.2f} | "
+                    + ("-" if name == "cif" else gain_cell(evals[k]["bootstrap"][name]))
+                    for k in others
+                )
+                + " |"
+            )
     for key in ("test/paper", "test-accent/paper"):
         systems = evals.get(key, {}).get("systems", {})
         speakers = sorted(systems.get("cif", {}).get("per_speaker", {}))
         if speakers:
-            lines += ["", f"CER % per voice, {key.replace('/', ', ')}:", "",
-                      "| voice | utterances | " + " | ".join(SYSTEMS[n][0] for n in names) + " |",
-                      "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+            lines += [
+                "",
+                f"CER % per voice, {key.replace('/', ', ')}:",
+                "",
+                "| voice | utterances | " + " | ".join(SYSTEMS[n][0] for n in names) + " |",
+                "| --- | ---: | " + " | ".join("---:" for _ in names) + " |",
+            ]
             for spk in speakers:
-                lines.append(f"| {spk} | {systems['cif']['per_speaker'][spk]['utterances']} | " + " | ".join(
-                    f"{100 * systems[n]['per_speaker'][spk]['cer']:.2f}" for n in names) + " |")
+                lines.append(
+                    f"| {spk} | {systems['cif']['per_speaker'][spk]['utterances']} | "
+                    + " | ".join(f"{100 * systems[n]['per_speaker'][spk]['cer']:.2f}" for n in names)
+                    + " |"
+                )
     if librivox:
-        lines += ["", "Real speech (5 LibriVox recordings of Debian's pocketsphinx-testdata, out of domain: "
-                  "the models heard synthetic voices only), the paper's decoding:", ""]
-        lines += [f"- {SYSTEMS[n][0]}: CER {100 * r['cer']:.2f}%, WER {100 * r['wer']:.2f}%"
-                  for n, r in librivox.items()]
-    lines += ["", "Training wall time: " + ", ".join(
-        f"{SYSTEMS[n][0]} {t / 60:.1f} min" for n, t in meta["train_seconds"].items())
-              + f" ({meta['jobs']} system(s) at a time, {meta['threads']} thread(s) each, on {meta['device']}); "
-              f"this run of demo.py {meta['total_seconds'] / 60:.1f} min on {os.cpu_count()} cores "
-              "(systems trained or splits decoded before are reused, their time not counted)."]
+        lines += [
+            "",
+            "Real speech (5 LibriVox recordings of Debian's pocketsphinx-testdata, out of domain: "
+            "the models heard synthetic voices only), the paper's decoding:",
+            "",
+        ]
+        lines += [
+            f"- {SYSTEMS[n][0]}: CER {100 * r['cer']:.2f}%, WER {100 * r['wer']:.2f}%" for n, r in librivox.items()
+        ]
+    lines += [
+        "",
+        "Training wall time: "
+        + ", ".join(f"{SYSTEMS[n][0]} {t / 60:.1f} min" for n, t in meta["train_seconds"].items())
+        + f" ({meta['jobs']} system(s) at a time, {meta['threads']} thread(s) each, on {meta['device']}); "
+        f"this run of demo.py {meta['total_seconds'] / 60:.1f} min on {os.cpu_count()} cores "
+        "(systems trained or splits decoded before are reused, their time not counted).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -478,44 +597,70 @@ def pooled(out: Path, seeds: Sequence[int], names: Sequence[str], keys: Sequence
         per_seed = {n: [100 * json.loads((d / "wer.json").read_text())["cer"] for d in dirs[n]] for n in names}
         for n in names:
             gains = [b - c for b, c in zip(per_seed["cif"], per_seed[n])]
-            ci[n].update({"seed_cer": [round(c, 2) for c in per_seed[n]], "seed_gain": [round(g, 2) for g in gains],
-                          "seed_gain_mean": round(float(np.mean(gains)), 2), "seed_gain_t_ci": t_interval(gains),
-                          "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 1)})
+            ci[n].update(
+                {
+                    "seed_cer": [round(c, 2) for c in per_seed[n]],
+                    "seed_gain": [round(g, 2) for g in gains],
+                    "seed_gain_mean": round(float(np.mean(gains)), 2),
+                    "seed_gain_t_ci": t_interval(gains),
+                    "relative_gain": round(100 * ci[n]["gain"] / ci["cif"]["cer"], 1),
+                }
+            )
         result[key] = ci
     return result
 
 
 def pooled_table(results: Dict[str, dict], seeds: Sequence[int], meta: dict) -> str:
     names = list(results["test/paper"])
-    lines = [f"# CIF-HKD demo pooled over seeds {', '.join(map(str, seeds))} ({meta['max_steps']} updates "
-             "per system)", "",
-             "Per split and decoding: each system's CER over all its seeds' decodings; the gain over CIF "
-             "(CIF's CER minus the system's, points) with its 95% paired bootstrap interval over clauses "
-             "(every seed of every system resampled on the same clauses); the relative CER reduction; "
-             "each seed's gain; and the 95% t-interval of the mean gain over seeds (the spread between "
-             f"trainings). Paper: {PROTOCOL_TEXT['paper']}; tuned: {PROTOCOL_TEXT['tuned']}.", "",
-             "| system | ACD weight | bank rows | LRD weight |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"# CIF-HKD demo pooled over seeds {', '.join(map(str, seeds))} ({meta['max_steps']} updates per system)",
+        "",
+        "Per split and decoding: each system's CER over all its seeds' decodings; the gain over CIF "
+        "(CIF's CER minus the system's, points) with its 95% paired bootstrap interval over clauses "
+        "(every seed of every system resampled on the same clauses); the relative CER reduction; "
+        "each seed's gain; and the 95% t-interval of the mean gain over seeds (the spread between "
+        f"trainings). Paper: {PROTOCOL_TEXT['paper']}; tuned: {PROTOCOL_TEXT['tuned']}.",
+        "",
+        "| system | ACD weight | bank rows | LRD weight |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     lines += [f"| {SYSTEMS[n][0]} | {weights_cells(meta, n)} |" for n in names]
     for key, ci in results.items():
         split, protocol = key.split("/")
-        lines += ["", f"## {SPLIT_TEXT[split]}, {protocol} decoding", "",
-                  "| system | pooled CER % | 95% CI | gain, points (95% CI) | rel. CER reduction | P(better) "
-                  "| CER per seed | gain per seed | mean gain (t 95% CI) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            f"## {SPLIT_TEXT[split]}, {protocol} decoding",
+            "",
+            "| system | pooled CER % | 95% CI | gain, points (95% CI) | rel. CER reduction | P(better) "
+            "| CER per seed | gain per seed | mean gain (t 95% CI) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for n in names:
             c = ci[n]
-            lines.append(f"| {SYSTEMS[n][0]} | {c['cer']:.2f} | {interval(c['cer_ci'])} | "
-                         + ("- | - | - | " if n == "cif" else
-                            f"{gain_cell(c)} | {c['relative_gain']:+.1f}% | {c['p_better']:.2f} | ")
-                         + ", ".join(f"{v:.2f}" for v in c["seed_cer"]) + " | "
-                         + ("- | - |" if n == "cif" else ", ".join(f"{v:+.2f}" for v in c["seed_gain"])
-                            + f" | {c['seed_gain_mean']:+.2f} "
-                            + (interval(c['seed_gain_t_ci'], '+') if len(seeds) > 1 else "(one seed)") + " |"))
+            lines.append(
+                f"| {SYSTEMS[n][0]} | {c['cer']:.2f} | {interval(c['cer_ci'])} | "
+                + (
+                    "- | - | - | "
+                    if n == "cif"
+                    else f"{gain_cell(c)} | {c['relative_gain']:+.1f}% | {c['p_better']:.2f} | "
+                )
+                + ", ".join(f"{v:.2f}" for v in c["seed_cer"])
+                + " | "
+                + (
+                    "- | - |"
+                    if n == "cif"
+                    else ", ".join(f"{v:+.2f}" for v in c["seed_gain"])
+                    + f" | {c['seed_gain_mean']:+.2f} "
+                    + (interval(c["seed_gain_t_ci"], "+") if len(seeds) > 1 else "(one seed)")
+                    + " |"
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
-def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str], budget: int,
-             start: float, export: bool = True) -> Dict[str, dict]:
+def run_seed(
+    args, out: Path, seed: Optional[int], corpus: Path, names: List[str], budget: int, start: float, export: bool = True
+) -> Dict[str, dict]:
     """Train (or reuse) every system with this seed in OUT, decode every split of EVALS the
     corpus has, export the last system to ONNX and decode dev with it (with `export`),
     write OUT/results.md, results.json and the pictures.
@@ -542,39 +687,61 @@ def run_seed(args, out: Path, seed: Optional[int], corpus: Path, names: List[str
         done = {}
         for split, protocol in evals + ([("librivox", "paper")] if librivox is not None else []):
             path = librivox if split == "librivox" else corpus / split
-            done[f"{split}/{protocol}"] = decode_once(out / name / "averaged.pt", path,
-                                                      out / name / decode_dir(split, protocol), args.beam,
-                                                      protocol, device, status.say)
+            done[f"{split}/{protocol}"] = decode_once(
+                out / name / "averaged.pt",
+                path,
+                out / name / decode_dir(split, protocol),
+                args.beam,
+                protocol,
+                device,
+                status.say,
+            )
             phase.items[name].done += 1
         return done
 
     torch.set_num_threads(threads)
     # transformers resolves its names lazily, and two threads importing it at once can fail
     from transformers import AutoTokenizer  # noqa: F401
+
     with progress.StatusLine(phase.render) as status, ThreadPoolExecutor(max_workers=jobs) as pool:
         decoded = dict(zip(names, pool.map(decode_system, names)))
     results = {}
     for split, protocol in evals:
         key = f"{split}/{protocol}"
-        results[key] = {"systems": {n: decoded[n][key] for n in names},
-                        "bootstrap": bootstrap({n: out / n / decode_dir(split, protocol) for n in names})}
+        results[key] = {
+            "systems": {n: decoded[n][key] for n in names},
+            "bootstrap": bootstrap({n: out / n / decode_dir(split, protocol) for n in names}),
+        }
     real = {n: decoded[n]["librivox/paper"] for n in names if "librivox/paper" in decoded[n]}
     trivial = constant_baseline(corpus)
     # deployment: the last system exported to ONNX, its dev split decoded in ONNX Runtime
-    deploy_text, deployed = (deploy(out / names[-1], corpus / "dev", SYSTEMS[names[-1]][0], args.beam)
-                             if export else ("", None))
+    deploy_text, deployed = (
+        deploy(out / names[-1], corpus / "dev", SYSTEMS[names[-1]][0], args.beam) if export else ("", None)
+    )
 
     plot_curves(out, names)
-    plot_alignment.plot_alignment(out / names[-1] / "averaged.pt", corpus / "test", out / "alignment.png",
-                                  beam=args.beam)
+    plot_alignment.plot_alignment(
+        out / names[-1] / "averaged.pt", corpus / "test", out / "alignment.png", beam=args.beam
+    )
     meta = run_meta(out, names)
-    meta.update({"beam": args.beam, "train_seconds": seconds, "jobs": jobs, "threads": threads,
-                 "device": device, "total_seconds": time.perf_counter() - start})
+    meta.update(
+        {
+            "beam": args.beam,
+            "train_seconds": seconds,
+            "jobs": jobs,
+            "threads": threads,
+            "device": device,
+            "total_seconds": time.perf_counter() - start,
+        }
+    )
     text = table(results, trivial, real, meta) + deploy_text
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(
-        {"evals": results, "trivial_constant": trivial, "librivox": real, "onnx": deployed, **meta},
-        indent=1) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {"evals": results, "trivial_constant": trivial, "librivox": real, "onnx": deployed, **meta}, indent=1
+        )
+        + "\n"
+    )
     print("\n" + text)
     print(f"demo: wrote {out}/results.md, results.json, curves.png, alignment.png")
     return results
@@ -586,21 +753,27 @@ def check_corpus(corpus: Path) -> None:
     training population)."""
     marker = corpus / corpus_lib.MARKER
     if marker.is_file() and "accent_test_voices" not in json.loads(marker.read_text()).get("options", {}):
-        sys.exit(f"demo: {corpus} is a demo corpus made before its test split held out speakers of the "
-                 "training population (its test split is an unheard accent): delete it, or set another "
-                 "corpus: folder in the config, and run again to synthesise the current one")
+        sys.exit(
+            f"demo: {corpus} is a demo corpus made before its test split held out speakers of the "
+            "training population (its test split is an unheard accent): delete it, or set another "
+            "corpus: folder in the config, and run again to synthesise the current one"
+        )
 
 
 def run_meta(out: Path, names: Sequence[str]) -> dict:
     """The seed, budget and weights the systems in OUT were trained with (their args.json)."""
     trained = {name: json.loads((out / name / "args.json").read_text()) for name in names}
     first = trained[names[0]]
-    return {"seed": first["seed"], "max_steps": first["max_steps"],
-            "weights": {name: (a["acd_weight"], a.get("acd_bank", 0), a["lrd_weight"])
-                        for name, a in trained.items()}}
+    return {
+        "seed": first["seed"],
+        "max_steps": first["max_steps"],
+        "weights": {name: (a["acd_weight"], a.get("acd_bank", 0), a["lrd_weight"]) for name, a in trained.items()},
+    }
 
 
-ONNX_DIR = "onnx"                       # OUT/<system>/onnx: export_onnx.py's folder
+ONNX_DIR = "onnx"  # OUT/<system>/onnx: export_onnx.py's folder
+
+
 def deploy(exp: Path, split: Path, label: str, beam: int) -> Tuple[str, dict]:
     """Export exp/averaged.pt to exp/onnx (kept when it is that checkpoint's export,
     else moved aside and made again) and decode `split` with it in ONNX Runtime into
@@ -608,6 +781,7 @@ def deploy(exp: Path, split: Path, label: str, beam: int) -> Tuple[str, dict]:
     decoded; -> (lines for results.md, numbers for results.json: CERs, the utterances with
     the PyTorch decode's hypothesis, seconds)."""
     from . import export as export_lib
+
     checkpoint, folder = exp / "averaged.pt", exp / ONNX_DIR
     start = time.perf_counter()
     if folder.exists():
@@ -627,13 +801,22 @@ def deploy(exp: Path, split: Path, label: str, beam: int) -> Tuple[str, dict]:
     pytorch = json.loads((exp / pytorch_dir / "wer.json").read_text())
     hyps = [(exp / d / "hyp.txt").read_text().splitlines() for d in (pytorch_dir, onnx_dir)]
     same = sum(a == b for a, b in zip(*hyps))
-    numbers = {"split": split.name, "cer": result["cer"], "pytorch_cer": pytorch["cer"], "same_hypothesis": same,
-               "utterances": len(hyps[0]), "export_s": round(export_s, 1), "decode_s": round(decode_s, 1)}
-    text = (f"\nDeployed: {label} exported to ONNX (python/export_onnx.py, {folder.name}/) and the {split.name} "
-            f"split decoded in ONNX Runtime, float32, with the paper's decoding (beam {beam}): "
-            f"{split.name} CER {100 * result['cer']:.2f}% (PyTorch {100 * pytorch['cer']:.2f}%), the PyTorch "
-            f"hypothesis for {same} of {len(hyps[0])} utterances; export {export_s:.0f} s, "
-            f"decoding {decode_s:.0f} s.\n")
+    numbers = {
+        "split": split.name,
+        "cer": result["cer"],
+        "pytorch_cer": pytorch["cer"],
+        "same_hypothesis": same,
+        "utterances": len(hyps[0]),
+        "export_s": round(export_s, 1),
+        "decode_s": round(decode_s, 1),
+    }
+    text = (
+        f"\nDeployed: {label} exported to ONNX (python/export_onnx.py, {folder.name}/) and the {split.name} "
+        f"split decoded in ONNX Runtime, float32, with the paper's decoding (beam {beam}): "
+        f"{split.name} CER {100 * result['cer']:.2f}% (PyTorch {100 * pytorch['cer']:.2f}%), the PyTorch "
+        f"hypothesis for {same} of {len(hyps[0])} utterances; export {export_s:.0f} s, "
+        f"decoding {decode_s:.0f} s.\n"
+    )
     print(text.strip())
     return text, numbers
 
@@ -669,12 +852,11 @@ def main(argv=None):
     meta = run_meta(args.out / f"seed-{args.seeds[0]}", names)
     text = pooled_table(results, args.seeds, meta)
     (args.out / "pooled.md").write_text(text)
-    (args.out / "pooled.json").write_text(json.dumps({"seeds": args.seeds, "pooled": results, **meta},
-                                                     indent=1) + "\n")
+    (args.out / "pooled.json").write_text(json.dumps({"seeds": args.seeds, "pooled": results, **meta}, indent=1) + "\n")
     print("\n" + text)
     print(f"demo: wrote {args.out}/pooled.md, pooled.json (each seed's tables: {args.out}/seed-<seed>/results.md)")
     return 0
 
 
-if __name__ == "__main__":      # python -m cifhkd.demo
+if __name__ == "__main__":  # python -m cifhkd.demo
     main()

@@ -4,6 +4,7 @@ with. kaldi-native-fbank (Kaldi's compute-fbank-feats: 25 ms Povey window, 10 ms
 pre-emphasis 0.97, snip_edges), no dither; samples are scaled to the 16-bit range first,
 as Kaldi reads wav files.
 """
+
 import numpy as np
 
 import kaldi_native_fbank as knf
@@ -11,8 +12,9 @@ import kaldi_native_fbank as knf
 SAMPLE_RATE = 16000
 
 
-def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80,
-                  dither: float = 0.0) -> np.ndarray:
+def compute_fbank(
+    samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80, dither: float = 0.0
+) -> np.ndarray:
     """Log-mel filterbank of one utterance: samples [num_samples] float in [-1, 1] ->
     [T, num_mel_bins] float32, T = 1 + (num_samples - 400) // 160 at 16 kHz (0 frames
     when the utterance is shorter than one 25 ms window)."""

@@ -9,6 +9,7 @@ compute_fbank is cifhkd.fbank's (kaldi-native-fbank, Kaldi's compute-fbank-feats
 Povey window, 10 ms shift, pre-emphasis 0.97, snip_edges) with no dither, so features
 are deterministic; that module is numpy only, for the ONNX Runtime transcriber.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,8 +21,9 @@ from . import fbank
 from .fbank import SAMPLE_RATE, num_fbank_frames  # noqa: F401 (this module's API)
 
 
-def compute_fbank(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80,
-                  dither: float = 0.0) -> Tensor:
+def compute_fbank(
+    samples: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80, dither: float = 0.0
+) -> Tensor:
     """Log-mel filterbank of one utterance (fbank.compute_fbank, as a tensor).
 
     Args:
@@ -48,6 +50,7 @@ def speed_perturb(samples: np.ndarray, factor: float, sample_rate: int = SAMPLE_
     if factor == 1.0:
         return samples
     import soxr
+
     return soxr.resample(samples, factor * sample_rate, sample_rate).astype(np.float32)
 
 
@@ -67,6 +70,7 @@ class SpecAugmentConfig:
     max_time_ratio * T)] frames; masked values are set to mask_value (0 = the mean
     after utterance CMVN).
     """
+
     num_freq_masks: int = 2
     freq_mask_width: int = 27
     num_time_masks: int = 2
@@ -99,18 +103,18 @@ class SpecAugment(torch.nn.Module):
         feats = feats.clone()
         num_frames, num_bins = feats.shape
 
-        def randint(high: int) -> int:          # uniform in [0, high]
+        def randint(high: int) -> int:  # uniform in [0, high]
             return int(torch.randint(0, high + 1, (1,), generator=generator))
 
         for _ in range(c.num_freq_masks):
             width = randint(min(c.freq_mask_width, num_bins))
             start = randint(num_bins - width)
-            feats[:, start:start + width] = c.mask_value
+            feats[:, start : start + width] = c.mask_value
         max_time = min(c.time_mask_width, int(c.max_time_ratio * num_frames))
         for _ in range(c.num_time_masks):
             width = randint(max_time)
             start = randint(num_frames - width)
-            feats[start:start + width, :] = c.mask_value
+            feats[start : start + width, :] = c.mask_value
         return feats
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ renamed; the folder fsynced); remove_stale_temporaries removes what a killed wri
 sha256_file is the one digest of a file's bytes (the teacher cache, the ONNX export's
 checkpoint record, the demo's reuse test).
 """
+
 import hashlib
 import os
 import re
@@ -23,7 +24,7 @@ def _fsync_dir(directory: Path):
     try:
         os.fsync(fd)
     except OSError:
-        pass                   # some file systems cannot fsync a folder
+        pass  # some file systems cannot fsync a folder
     finally:
         os.close(fd)
 
@@ -59,7 +60,7 @@ def write_atomically(path, write: Callable[[Path], None]):
 
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False           # this process writes one file at a time: its own leftovers are stale
+        return False  # this process writes one file at a time: its own leftovers are stale
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,10 +77,10 @@ def remove_stale_temporaries(folder, is_ours: Callable[[str], bool]) -> List[Pat
     removed = []
     for path in sorted(Path(folder).glob("*.tmp*")):
         match = _TEMPORARY.search(path.name)
-        if match is None or not path.is_file() or not is_ours(path.name[:match.start()]):
+        if match is None or not path.is_file() or not is_ours(path.name[: match.start()]):
             continue
         if _pid_alive(int(match.group(1))):
-            continue           # another process is writing into this folder right now
+            continue  # another process is writing into this folder right now
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed

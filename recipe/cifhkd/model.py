@@ -37,6 +37,7 @@ then reads nothing back from the device and torch.compile traces it whole.
 ModelConfig() is a small configuration for the CPU demo; aishell1_config() is the
 paper's released AISHELL-1 configuration (about 47 M parameters with a 4k vocabulary).
 """
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -49,8 +50,8 @@ import cifops
 from . import batch as batch_lib
 from .batch import lengths_to_mask
 
-BLANK_ID = 0   # CTC blank and padding (teacher.TokenVocab.BLANK)
-EOS_ID = 1     # end of sentence, the teacher's [SEP]; also the decoder's start symbol
+BLANK_ID = 0  # CTC blank and padding (teacher.TokenVocab.BLANK)
+EOS_ID = 1  # end of sentence, the teacher's [SEP]; also the decoder's start symbol
 IGNORE = -100  # ignored target
 
 
@@ -58,15 +59,16 @@ IGNORE = -100  # ignored target
 class ModelConfig:
     """Model sizes and loss weights. Defaults: the CPU demo (about 5 M parameters plus
     2 x vocab x d_model for the embeddings and output layers)."""
-    vocab_size: int = 0                 # ASR vocabulary incl. blank, [SEP], [UNK]
-    teacher_dim: int = 384              # PLM width (all-MiniLM-L6-v2: 384; BERT-base: 768)
+
+    vocab_size: int = 0  # ASR vocabulary incl. blank, [SEP], [UNK]
+    teacher_dim: int = 384  # PLM width (all-MiniLM-L6-v2: 384; BERT-base: 768)
     num_mel_bins: int = 80
     # encoder
     d_model: int = 144
     num_heads: int = 4
     ffn_dim: int = 576
     num_layers: int = 6
-    pool_after: Tuple[int, ...] = (2, 4)   # MaxPool(2) after these layers (1-based)
+    pool_after: Tuple[int, ...] = (2, 4)  # MaxPool(2) after these layers (1-based)
     conv_kernel: int = 15
     subsampling_channels: int = 64
     # LayerNorm at the end of every Conformer block (Gulati et al.; the released
@@ -102,17 +104,28 @@ class ModelConfig:
         if self.acd_bank < 0:
             raise ValueError(f"ModelConfig: acd_bank must be >= 0, got {self.acd_bank}")
         if any(not 1 <= p <= self.num_layers for p in self.pool_after):
-            raise ValueError(f"ModelConfig: pool_after {self.pool_after} must name layers "
-                             f"1..{self.num_layers}")
+            raise ValueError(f"ModelConfig: pool_after {self.pool_after} must name layers 1..{self.num_layers}")
 
 
 def aishell1_config(vocab_size: int = 4233, teacher_dim: int = 768) -> ModelConfig:
     """The paper's AISHELL-1 configuration (15 Conformer layers, d 256, FFN 2048, 4 heads,
     kernel 15, pooling after layers 5 and 10, 2 decoder layers; teacher bert-base-chinese)."""
-    return ModelConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, d_model=256, num_heads=4,
-                       ffn_dim=2048, num_layers=15, pool_after=(5, 10), conv_kernel=15,
-                       subsampling_channels=256, dropout=0.1, decoder_layers=2, decoder_heads=4,
-                       decoder_ffn_dim=2048, block_final_norm=True)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        teacher_dim=teacher_dim,
+        d_model=256,
+        num_heads=4,
+        ffn_dim=2048,
+        num_layers=15,
+        pool_after=(5, 10),
+        conv_kernel=15,
+        subsampling_channels=256,
+        dropout=0.1,
+        decoder_layers=2,
+        decoder_heads=4,
+        decoder_ffn_dim=2048,
+        block_final_norm=True,
+    )
 
 
 class Dropout(nn.Module):
@@ -140,7 +153,7 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return F.dropout(x, self.p, training=True)     # torch.compile draws its own masks
+            return F.dropout(x, self.p, training=True)  # torch.compile draws its own masks
         return x * dropout_mask(x.shape, self.p).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -151,9 +164,9 @@ def dropout_mask(shape, p: float) -> Tensor:
     """float32 CPU tensor of `shape`: 0 with probability round(65536 p) / 65536, else
     1 / (1 - that probability); independent elements (Dropout's mask)."""
     n = math.prod(shape)
-    dropped = round(p * 65536)                       # of the 65536 values of a draw
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
-    draws = words.view(torch.int16)[:n].to(torch.float32)       # uniform in [-32768, 32767]
+    dropped = round(p * 65536)  # of the 65536 values of a draw
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    draws = words.view(torch.int16)[:n].to(torch.float32)  # uniform in [-32768, 32767]
     # keep draw >= -32768 + dropped: draw - (-32768 + dropped - 1) is >= 1 exactly then
     keep = draws.sub_(dropped - 32769).clamp_(0.0, 1.0)
     return keep.mul_(65536 / (65536 - dropped)).view(shape)
@@ -161,8 +174,9 @@ def dropout_mask(shape, p: float) -> Tensor:
 
 def sinusoids(positions: Tensor, dim: int) -> Tensor:
     """Transformer sinusoidal encodings of float positions [P] -> [P, dim]."""
-    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
-                         * (-math.log(10000.0) / dim))
+    inv_freq = torch.exp(
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
     angles = positions.float()[:, None] * inv_freq[None, :]
     out = torch.zeros(positions.shape[0], dim, device=positions.device)
     out[:, 0::2] = torch.sin(angles)
@@ -171,6 +185,7 @@ def sinusoids(positions: Tensor, dim: int) -> Tensor:
 
 
 # --- encoder -------------------------------------------------------------------------
+
 
 class Conv2dSubsampling(nn.Module):
     """[B, T, F] -> [B, ceil(T/2), D]: Conv2d(k3, stride 2) + ReLU + Linear."""
@@ -181,7 +196,7 @@ class Conv2dSubsampling(nn.Module):
         self.out = nn.Linear(channels * ((num_mel_bins + 1) // 2), d_model)
 
     def forward(self, feats: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
-        x = F.relu(self.conv(feats.unsqueeze(1)))          # [B, C, T2, F2]
+        x = F.relu(self.conv(feats.unsqueeze(1)))  # [B, C, T2, F2]
         b, c, t, f = x.shape
         x = self.out(x.permute(0, 2, 1, 3).reshape(b, t, c * f))
         return x, (lengths + 1) // 2
@@ -215,7 +230,7 @@ class RelPositionMultiheadAttention(nn.Module):
         """x [B, T, D]; pos_emb [2T-1, D]; padding_mask [B, T] True at padding."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)                          # [B, H, T, dh]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, dh]
         p = self.pos(pos_emb).view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # [H, 2T-1, dh]
         content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)
         position = self.rel_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
@@ -227,8 +242,14 @@ class RelPositionMultiheadAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, ffn_dim: int, dropout: float):
-        super().__init__(nn.LayerNorm(d_model), nn.Linear(d_model, ffn_dim), nn.SiLU(),
-                         Dropout(dropout), nn.Linear(ffn_dim, d_model), Dropout(dropout))
+        super().__init__(
+            nn.LayerNorm(d_model),
+            nn.Linear(d_model, ffn_dim),
+            nn.SiLU(),
+            Dropout(dropout),
+            nn.Linear(ffn_dim, d_model),
+            Dropout(dropout),
+        )
 
 
 class ConvModule(nn.Module):
@@ -247,7 +268,7 @@ class ConvModule(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
         x = F.glu(self.pointwise_in(self.norm_in(x)), dim=-1)
-        x = x.masked_fill(padding_mask[..., None], 0.0)     # padding must not leak in
+        x = x.masked_fill(padding_mask[..., None], 0.0)  # padding must not leak in
         x = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
         return self.dropout(self.pointwise_out(F.silu(self.norm(x))))
 
@@ -256,8 +277,9 @@ class ConformerLayer(nn.Module):
     """Macaron FFN/2, relative-position MHSA, convolution, FFN/2, LayerNorm (when
     final_norm; otherwise the pre-norm residual stream is the output)."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, kernel: int, dropout: float,
-                 final_norm: bool = True):
+    def __init__(
+        self, d_model: int, num_heads: int, ffn_dim: int, kernel: int, dropout: float, final_norm: bool = True
+    ):
         super().__init__()
         self.ffn1 = FeedForward(d_model, ffn_dim, dropout)
         self.norm_attn = nn.LayerNorm(d_model)
@@ -282,9 +304,10 @@ class ConformerEncoder(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.subsampling = Conv2dSubsampling(c.num_mel_bins, c.subsampling_channels, c.d_model)
-        self.layers = nn.ModuleList(ConformerLayer(c.d_model, c.num_heads, c.ffn_dim, c.conv_kernel,
-                                                   c.dropout, c.block_final_norm)
-                                    for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(
+            ConformerLayer(c.d_model, c.num_heads, c.ffn_dim, c.conv_kernel, c.dropout, c.block_final_norm)
+            for _ in range(c.num_layers)
+        )
         self.pool_after = set(c.pool_after)
         self.dropout = Dropout(c.dropout)
         self.d_model = c.d_model
@@ -312,7 +335,7 @@ class ConformerEncoder(nn.Module):
                 lowest = torch.finfo(x.dtype).min
                 x = F.pad(x.masked_fill(padding_mask[..., None], lowest), (0, 0, 0, 1), value=lowest)
                 pairs = (t + 1) // 2
-                x = x[:, :2 * pairs].reshape(x.shape[0], pairs, 2, x.shape[2]).amax(dim=2)
+                x = x[:, : 2 * pairs].reshape(x.shape[0], pairs, 2, x.shape[2]).amax(dim=2)
                 lengths = (lengths + 1) // 2
                 x = x.masked_fill(~lengths_to_mask(lengths, x.shape[1])[..., None], 0.0)
         x = x.masked_fill(~lengths_to_mask(lengths, x.shape[1])[..., None], 0.0)
@@ -323,12 +346,13 @@ def encoder_length(num_frames: int, config: ModelConfig) -> int:
     """ConformerEncoder's output length for num_frames fbank frames: ceil(T/2), halved
     (ceil) again after each pooling layer."""
     length = (num_frames + 1) // 2
-    for _ in set(config.pool_after):          # as ConformerEncoder: a layer pools once
+    for _ in set(config.pool_after):  # as ConformerEncoder: a layer pools once
         length = (length + 1) // 2
     return length
 
 
 # --- CIF and decoder ---------------------------------------------------------------------
+
 
 class CifWeightPredictor(nn.Module):
     """enc [B, T', D] -> alphas [B, T'] in (0, 1), 0 at padding:
@@ -360,10 +384,12 @@ class CifDecoder(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, d)
         self.input_proj = nn.Linear(2 * d, d)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, c.decoder_heads, c.decoder_ffn_dim, c.dropout,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(c.decoder_layers))
-        for layer in self.layers:      # the cheaper CPU mask (the attention's own dropout stays)
+            nn.TransformerEncoderLayer(
+                d, c.decoder_heads, c.decoder_ffn_dim, c.dropout, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(c.decoder_layers)
+        )
+        for layer in self.layers:  # the cheaper CPU mask (the attention's own dropout stays)
             layer.dropout, layer.dropout1, layer.dropout2 = (Dropout(c.dropout) for _ in range(3))
         self.norm = nn.LayerNorm(d)
         self.output_proj = nn.Linear(2 * d, d)
@@ -381,9 +407,14 @@ class CifDecoder(nn.Module):
         h = self.output_proj(torch.cat([self.norm(x), cif], dim=-1))
         return self.vocab_proj(h), h
 
-    def step(self, prev_token: Tensor, cif_prev: Tensor, cif_cur: Tensor, position: int,
-             cache: Optional[List[Tuple[Tensor, Tensor]]] = None
-             ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+    def step(
+        self,
+        prev_token: Tensor,
+        cif_prev: Tensor,
+        cif_cur: Tensor,
+        position: int,
+        cache: Optional[List[Tuple[Tensor, Tensor]]] = None,
+    ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
         """One decoding step with cached keys and values (inference only: no dropout).
 
         prev_token [R] (y_{i-1}, [SEP] at i = 0), cif_prev [R, D] (c_{i-1}, zeros at
@@ -408,7 +439,7 @@ class CifDecoder(nn.Module):
                 k = torch.cat([cache[index][0], k], dim=2)
                 v = torch.cat([cache[index][1], v], dim=2)
             new_cache.append((k, v))
-            a = F.scaled_dot_product_attention(q, k, v)          # every cached key is a past position
+            a = F.scaled_dot_product_attention(q, k, v)  # every cached key is a past position
             x = x + attn.out_proj(a.reshape(-1, d))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
         h = self.output_proj(torch.cat([self.norm(x), cif_cur], dim=-1))
@@ -425,11 +456,14 @@ def teacher_row_keys(rows: Tensor) -> Tensor:
     """One int64 key per teacher row [n, Dt]: a fixed random linear hash of the row's
     float16 bits (the teacher cache's precision), so rows equal in float16 have equal keys
     whatever dtype they come in."""
-    weights = torch.randint(1, 2 ** 40, (rows.shape[-1],),
-                            generator=torch.Generator().manual_seed(20230130)).to(rows.device)
+    weights = torch.randint(1, 2**40, (rows.shape[-1],), generator=torch.Generator().manual_seed(20230130)).to(
+        rows.device
+    )
     rows = rows.detach().to(torch.float16).view(torch.int16)
-    return torch.cat([(chunk.long() * weights).sum(-1) for chunk in rows.split(8192)]
-                     or [torch.zeros(0, dtype=torch.long, device=rows.device)])
+    return torch.cat(
+        [(chunk.long() * weights).sum(-1) for chunk in rows.split(8192)]
+        or [torch.zeros(0, dtype=torch.long, device=rows.device)]
+    )
 
 
 class TeacherBank:
@@ -449,22 +483,31 @@ class TeacherBank:
     {utt_id: [L+1, Dt]} states (identical rows kept once); `sources` names each row's
     (utterance, position)."""
 
-    def __init__(self, rows: Tensor, size: int, seed: int = 0, gather: Optional[GatherTeacher] = None,
-                 sources: Optional[List[Tuple[str, int]]] = None):
+    def __init__(
+        self,
+        rows: Tensor,
+        size: int,
+        seed: int = 0,
+        gather: Optional[GatherTeacher] = None,
+        sources: Optional[List[Tuple[str, int]]] = None,
+    ):
         if size < 1:
             raise ValueError(f"TeacherBank: size must be >= 1, got {size}")
         keys = teacher_row_keys(rows)
         if torch.unique(keys).numel() != keys.numel():
             raise ValueError("TeacherBank: rows must be distinct (from_states removes repeats)")
         if size >= rows.shape[0]:
-            raise ValueError(f"TeacherBank: size {size} must be below the {rows.shape[0]} distinct "
-                             "teacher rows of the training split (lower --acd-bank)")
+            raise ValueError(
+                f"TeacherBank: size {size} must be below the {rows.shape[0]} distinct "
+                "teacher rows of the training split (lower --acd-bank)"
+            )
         self.rows, self.keys, self.size, self.seed = rows, keys, size, seed
         self.gather, self.sources = gather, sources
 
     @classmethod
-    def from_states(cls, states: Dict[str, Tensor], size: int, seed: int = 0, device="cpu",
-                    gather: Optional[GatherTeacher] = None) -> "TeacherBank":
+    def from_states(
+        cls, states: Dict[str, Tensor], size: int, seed: int = 0, device="cpu", gather: Optional[GatherTeacher] = None
+    ) -> "TeacherBank":
         """The bank over every row of `states` (utterance id -> [L+1, Dt]; ids sorted, so
         the rows' order does not depend on the dict's), identical rows kept once."""
         ids = sorted(states)
@@ -481,16 +524,19 @@ class TeacherBank:
         """Indices into self.rows of the `size` rows drawn for a batch whose (all ranks')
         teacher rows are `local`."""
         local_keys = teacher_row_keys(local)
-        seed = (self.seed * 1_000_003 + int(local_keys.sum())) % (2 ** 63)
+        seed = (self.seed * 1_000_003 + int(local_keys.sum())) % (2**63)
         generator = torch.Generator(device=self.rows.device).manual_seed(seed)
-        candidates = torch.randperm(self.rows.shape[0], generator=generator,
-                                    device=self.rows.device)[:self.size + local.shape[0]]
+        candidates = torch.randperm(self.rows.shape[0], generator=generator, device=self.rows.device)[
+            : self.size + local.shape[0]
+        ]
         # at most one pool row per batch row is excluded: the pool's rows are distinct
         candidates = candidates[~torch.isin(self.keys[candidates], local_keys)]
         if candidates.shape[0] < self.size:
-            raise ValueError(f"TeacherBank: {self.rows.shape[0]} distinct rows leave fewer than {self.size} "
-                             f"outside a batch of {local.shape[0]} rows (lower --acd-bank)")
-        return candidates[:self.size]
+            raise ValueError(
+                f"TeacherBank: {self.rows.shape[0]} distinct rows leave fewer than {self.size} "
+                f"outside a batch of {local.shape[0]} rows (lower --acd-bank)"
+            )
+        return candidates[: self.size]
 
     def __call__(self, local: Tensor) -> Tuple[Tensor, int]:
         rows, offset = self.gather(local) if self.gather is not None else (local, 0)
@@ -498,30 +544,32 @@ class TeacherBank:
         return torch.cat([rows, drawn.to(rows.dtype)]), offset
 
 
-def _ctc_forward(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
-                 blank: int) -> Tuple[Tensor, Tensor]:
+def _ctc_forward(
+    log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int
+) -> Tuple[Tensor, Tensor]:
     """aten's CTC as F.ctc_loss(zero_infinity=True) calls it -> (loss [B], log-alpha)."""
-    nll, log_alpha = torch.ops.aten._ctc_loss(log_probs, targets, input_lengths.tolist(),
-                                              target_lengths.tolist(), blank, True)
+    nll, log_alpha = torch.ops.aten._ctc_loss(
+        log_probs, targets, input_lengths.tolist(), target_lengths.tolist(), blank, True
+    )
     return nll, log_alpha
 
 
 @torch.library.custom_op("cifhkd::ctc_loss", mutates_args=())
-def _ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
-              blank: int) -> Tensor:
+def _ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
     nll, _ = _ctc_forward(log_probs, targets, input_lengths, target_lengths, blank)
     return torch.where(nll == float("inf"), torch.zeros((), dtype=nll.dtype, device=nll.device), nll)
 
 
 @torch.library.custom_op("cifhkd::ctc_loss_backward", mutates_args=())
-def _ctc_loss_backward(grad: Tensor, log_probs: Tensor, targets: Tensor, input_lengths: Tensor,
-                       target_lengths: Tensor, blank: int) -> Tensor:
+def _ctc_loss_backward(
+    grad: Tensor, log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int
+) -> Tensor:
     # the forward again, for log-alpha (whose width is data-dependent, so it is no output)
     nll, log_alpha = _ctc_forward(log_probs, targets, input_lengths, target_lengths, blank)
     grad = torch.where(nll == float("inf"), torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
-    return torch.ops.aten._ctc_loss_backward(grad, log_probs, targets, input_lengths.tolist(),
-                                             target_lengths.tolist(), nll, log_alpha, blank,
-                                             True).contiguous()
+    return torch.ops.aten._ctc_loss_backward(
+        grad, log_probs, targets, input_lengths.tolist(), target_lengths.tolist(), nll, log_alpha, blank, True
+    ).contiguous()
 
 
 @_ctc_loss.register_fake
@@ -531,7 +579,7 @@ def _(log_probs, targets, input_lengths, target_lengths, blank):
 
 @_ctc_loss_backward.register_fake
 def _(grad, log_probs, targets, input_lengths, target_lengths, blank):
-    return log_probs.new_empty(log_probs.shape)        # contiguous, as aten's
+    return log_probs.new_empty(log_probs.shape)  # contiguous, as aten's
 
 
 def _ctc_setup_context(ctx, inputs, output):
@@ -546,8 +594,9 @@ def _ctc_backward(ctx, grad):
 _ctc_loss.register_autograd(_ctc_backward, setup_context=_ctc_setup_context)
 
 
-def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
-             blank: int = BLANK_ID) -> Tensor:
+def ctc_loss(
+    log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int = BLANK_ID
+) -> Tensor:
     """F.ctc_loss(..., reduction="none", zero_infinity=True) -> [B]. Lengths are read on
     the host: give them as CPU tensors, or CUDA synchronises. Under torch.compile it is
     the op cifhkd::ctc_loss, which the compiler takes as a whole (aten's CTC has no shape
@@ -555,8 +604,9 @@ def ctc_loss(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_l
     numbers, its backward recomputing the forward."""
     if torch.compiler.is_compiling():
         return torch.ops.cifhkd.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank)
-    return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=blank, reduction="none",
-                      zero_infinity=True)
+    return F.ctc_loss(
+        log_probs, targets, input_lengths, target_lengths, blank=blank, reduction="none", zero_infinity=True
+    )
 
 
 class CifHkdModel(nn.Module):
@@ -583,13 +633,15 @@ class CifHkdModel(nn.Module):
         layout)."""
         return F.log_softmax(self.ctc_head(enc).float(), dim=-1).transpose(0, 1)
 
-    def forward(self, batch: batch_lib.Batch, gather_teacher: Optional[GatherTeacher] = None
-                ) -> Tuple[Tensor, Dict[str, Tensor], int]:
+    def forward(
+        self, batch: batch_lib.Batch, gather_teacher: Optional[GatherTeacher] = None
+    ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """compute_loss (forward is what DistributedDataParallel wraps)."""
         return self.compute_loss(batch, gather_teacher)
 
-    def compute_loss(self, batch: batch_lib.Batch, gather_teacher: Optional[GatherTeacher] = None
-                     ) -> Tuple[Tensor, Dict[str, Tensor], int]:
+    def compute_loss(
+        self, batch: batch_lib.Batch, gather_teacher: Optional[GatherTeacher] = None
+    ) -> Tuple[Tensor, Dict[str, Tensor], int]:
         """-> (weighted sum of the enabled terms, {name: detached term}, number of tokens
         the CE/ACD/LRD terms are summed over: sum(L+1)). Terms are sums, not means.
 
@@ -607,10 +659,9 @@ class CifHkdModel(nn.Module):
             batch = batch_lib.prepare_batch(batch)
         n, rows = batch.max_tokens, batch.token_index
         enc, enc_lens, alphas = self.encode(batch.feats, batch.feat_lens)
-        num_targets = batch.token_lens + 1                      # L + 1 with [SEP]
-        out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold,
-                         target_lengths=num_targets, max_tokens=n)
-        cif = out.embeds                                        # [B, N, D]
+        num_targets = batch.token_lens + 1  # L + 1 with [SEP]
+        out = cifops.cif(enc, alphas, enc_lens, threshold=c.cif_threshold, target_lengths=num_targets, max_tokens=n)
+        cif = out.embeds  # [B, N, D]
         # CIF fires exactly L + 1 tokens with target_lengths, so this mask equals the host's
         # rows (token_index); should a token not fire, its rows are ignored below
         token_mask = lengths_to_mask(torch.minimum(out.token_lengths, num_targets), n)
@@ -620,8 +671,7 @@ class CifHkdModel(nn.Module):
         tokens = batch.tokens[:, :n]
         if tokens.shape[1] < n:
             tokens = F.pad(tokens, (0, n - tokens.shape[1]), value=BLANK_ID)
-        targets = torch.where(positions < batch.token_lens[:, None], tokens,
-                              torch.full_like(tokens, EOS_ID))
+        targets = torch.where(positions < batch.token_lens[:, None], tokens, torch.full_like(tokens, EOS_ID))
         targets = targets.masked_fill(~token_mask, IGNORE)
 
         terms: Dict[str, Tensor] = {}
@@ -629,19 +679,24 @@ class CifHkdModel(nn.Module):
             terms["quantity"] = (out.alpha_sum - num_targets.to(out.alpha_sum.dtype)).abs().sum()
         if c.ctc_weight > 0:
             feat_lens, token_lens = batch.host_lens
-            terms["ctc"] = ctc_loss(self.ctc_log_probs(enc), batch.ctc_targets,
-                                    self.encoder.output_lengths(feat_lens), token_lens).sum()
+            terms["ctc"] = ctc_loss(
+                self.ctc_log_probs(enc), batch.ctc_targets, self.encoder.output_lengths(feat_lens), token_lens
+            ).sum()
         h = None
         if c.ce_weight > 0 or c.lrd_weight > 0:
             prev = torch.cat([torch.full_like(targets[:, :1], EOS_ID), targets[:, :-1]], dim=1)
             prev = prev.masked_fill(prev == IGNORE, BLANK_ID)
             logits, h = self.decoder(prev, cif, token_mask)
             if c.ce_weight > 0:
-                terms["ce"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                              targets.reshape(-1), ignore_index=IGNORE,
-                                              label_smoothing=c.label_smoothing, reduction="sum")
+                terms["ce"] = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE,
+                    label_smoothing=c.label_smoothing,
+                    reduction="sum",
+                )
         if c.acd_weight > 0 or c.lrd_weight > 0:
-            teacher = batch.teacher_rows                         # [num_tokens, Dt]
+            teacher = batch.teacher_rows  # [num_tokens, Dt]
             if teacher is None:
                 raise ValueError("compute_loss: ACD/LRD are on but the batch has no teacher states")
             fired = token_mask.flatten().index_select(0, rows)  # all True (see token_mask)
@@ -656,15 +711,26 @@ class CifHkdModel(nn.Module):
                 # so that a bfloat16 student under autocast runs the bfloat16 path: with the
                 # cache's float16 rows, promotion would compute in float32.
                 terms["acd"] = cifops.contrastive_loss(
-                    student, negatives.to(student.dtype), positives.masked_fill(~fired, IGNORE),
-                    temperature=c.acd_temperature, normalize=True, reduction="sum", ignore_index=IGNORE)
+                    student,
+                    negatives.to(student.dtype),
+                    positives.masked_fill(~fired, IGNORE),
+                    temperature=c.acd_temperature,
+                    normalize=True,
+                    reduction="sum",
+                    ignore_index=IGNORE,
+                )
             if c.lrd_weight > 0:
                 student = self.lrd_proj(h.flatten(0, 1).index_select(0, rows)).float()
                 student = torch.where(fired[:, None], student, teacher.float())
                 terms["lrd"] = F.mse_loss(student, teacher.float(), reduction="sum")
 
-        weights = {"ce": c.ce_weight, "quantity": c.quantity_weight, "ctc": c.ctc_weight,
-                   "acd": c.acd_weight, "lrd": c.lrd_weight}
+        weights = {
+            "ce": c.ce_weight,
+            "quantity": c.quantity_weight,
+            "ctc": c.ctc_weight,
+            "acd": c.acd_weight,
+            "lrd": c.lrd_weight,
+        }
         if not terms:
             raise ValueError("compute_loss: every loss weight is 0")
         loss = sum(weights[name] * value for name, value in terms.items())

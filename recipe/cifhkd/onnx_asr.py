@@ -19,6 +19,7 @@ by duration (sampler.BucketBatchSampler, as decode.py batches them, max_batch_se
 padded audio a batch). beam_search below is decode.forced_beam_search in numpy, and
 ctc_log_likelihoods decode.ctc_logprobs: tests/test_hkd_onnx.py checks that they agree.
 """
+
 import json
 import os
 from dataclasses import dataclass
@@ -32,14 +33,15 @@ from . import data
 from . import fbank
 from . import sampler as sampler_lib
 
-FORMAT = "cifhkd-onnx"        # export.FORMAT (export imports torch: not imported here)
-FORMAT_VERSION = 1            # export.FORMAT_VERSION: the newest format this module reads
+FORMAT = "cifhkd-onnx"  # export.FORMAT (export imports torch: not imported here)
+FORMAT_VERSION = 1  # export.FORMAT_VERSION: the newest format this module reads
 CONFIG_FILE = "config.json"
 
 Audio = Union[str, os.PathLike, np.ndarray]
 # (prev_tokens [R], cif_prev [R, D], cif_cur [R, D], keys, values) -> (log_probs [R, V], keys, values)
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                  Tuple[np.ndarray, np.ndarray, np.ndarray]]
+StepFn = Callable[
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]
+]
 
 
 class ExportError(ValueError):
@@ -50,6 +52,7 @@ class ExportError(ValueError):
 class Hypothesis:
     """One utterance's result: text, the ASR token ids and pieces (without [SEP]), and
     each token's start time in seconds (its CIF fire frame x the encoder frame period)."""
+
     text: str
     token_ids: List[int]
     tokens: List[str]
@@ -64,27 +67,34 @@ def read_export(folder: Union[str, os.PathLike], int8: bool = False) -> dict:
         raise ExportError(f"{folder} is not a folder (an export of python/export_onnx.py)")
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise ExportError(f"{folder} is not a CIF-HKD ONNX export: it has no {CONFIG_FILE} "
-                          "(make one with python/export_onnx.py)")
+        raise ExportError(
+            f"{folder} is not a CIF-HKD ONNX export: it has no {CONFIG_FILE} (make one with python/export_onnx.py)"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path}: not JSON: {e}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ExportError(f"{path}: not a {FORMAT} config (format {config.get('format')!r})"
-                          if isinstance(config, dict) else f"{path}: not a {FORMAT} config")
+        raise ExportError(
+            f"{path}: not a {FORMAT} config (format {config.get('format')!r})"
+            if isinstance(config, dict)
+            else f"{path}: not a {FORMAT} config"
+        )
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {version!r} is newer than this cifhkd reads "
-                          f"({FORMAT_VERSION}): update cifops/cifhkd, or export again with this one")
+        raise ExportError(
+            f"{path}: format_version {version!r} is newer than this cifhkd reads "
+            f"({FORMAT_VERSION}): update cifops/cifhkd, or export again with this one"
+        )
     for key in ("files", "features", "model", "decoding"):
         if not isinstance(config.get(key), dict):
             raise ExportError(f"{path}: the field {key!r} is missing")
     files = config["files"]
     if int8 and "int8" not in files:
         raise ExportError(f"{folder} has no int8 graphs: export with --int8 (or load it without int8)")
-    names = [files["tokens"]] + ([files["int8"]["encoder"], files["int8"]["decoder"]] if int8
-                                 else [files["encoder"], files["decoder"]])
+    names = [files["tokens"]] + (
+        [files["int8"]["encoder"], files["int8"]["decoder"]] if int8 else [files["encoder"], files["decoder"]]
+    )
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise ExportError(f"{folder} is an incomplete export: {', '.join(missing)} missing")
@@ -132,8 +142,15 @@ def _top_k(candidates: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1)
 
 
-def beam_search(step: StepFn, cif: np.ndarray, counts: np.ndarray, beam: int, cache_shape: Tuple[int, int, int],
-                blank_id: int = 0, eos_id: int = 1) -> Tuple[List[List[List[int]]], np.ndarray]:
+def beam_search(
+    step: StepFn,
+    cif: np.ndarray,
+    counts: np.ndarray,
+    beam: int,
+    cache_shape: Tuple[int, int, int],
+    blank_id: int = 0,
+    eos_id: int = 1,
+) -> Tuple[List[List[List[int]]], np.ndarray]:
     """decode.forced_beam_search in numpy: R rows of CIF tokens cif [R, N, D], each row's
     hypotheses exactly counts[r] steps long (counts[r] - 1 tokens, neither blank nor
     [SEP], then [SEP]), with the decoder step's key/value cache; rows processed longest
@@ -147,7 +164,7 @@ def beam_search(step: StepFn, cif: np.ndarray, counts: np.ndarray, beam: int, ca
     counts = np.asarray(counts, dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
     cif, counts = cif[order], counts[order]
-    cif_k = np.repeat(cif, k, axis=0)                                   # [R*K, N, D]
+    cif_k = np.repeat(cif, k, axis=0)  # [R*K, N, D]
     tokens = np.zeros((rows, k, n), dtype=np.int64)
     scores = np.full((rows, k), -np.inf, dtype=np.float32)
     scores[:, 0] = 0.0
@@ -158,8 +175,9 @@ def beam_search(step: StepFn, cif: np.ndarray, counts: np.ndarray, beam: int, ca
         m = int((counts > i).sum())
         mk = m * k
         cif_prev = cif_k[:mk, i - 1] if i else np.zeros((mk, d), dtype=cif.dtype)
-        logp, keys, values = step(prev[:mk], np.ascontiguousarray(cif_prev),
-                                  np.ascontiguousarray(cif_k[:mk, i]), keys[:, :mk], values[:, :mk])
+        logp, keys, values = step(
+            prev[:mk], np.ascontiguousarray(cif_prev), np.ascontiguousarray(cif_k[:mk, i]), keys[:, :mk], values[:, :mk]
+        )
         v = logp.shape[-1]
         is_last = np.repeat(counts[:m] == i + 1, k)
         logp = logp.copy()
@@ -180,15 +198,20 @@ def beam_search(step: StepFn, cif: np.ndarray, counts: np.ndarray, beam: int, ca
     reached = np.isfinite(scores)
     for sorted_row, row in enumerate(order.tolist()):
         length = max(int(counts[sorted_row]) - 1, 0)
-        hyps[row] = [tokens[sorted_row, j, :length].tolist() if reached[sorted_row, j] else []
-                     for j in range(k)]
+        hyps[row] = [tokens[sorted_row, j, :length].tolist() if reached[sorted_row, j] else [] for j in range(k)]
     out_scores = np.empty_like(scores)
     out_scores[order] = scores
     return hyps, out_scores
 
 
-def ctc_log_likelihoods(log_probs: np.ndarray, lengths: np.ndarray, hyps: Sequence[Sequence[int]],
-                        utts: np.ndarray, blank_id: int = 0, max_elements: int = 2 ** 24) -> np.ndarray:
+def ctc_log_likelihoods(
+    log_probs: np.ndarray,
+    lengths: np.ndarray,
+    hyps: Sequence[Sequence[int]],
+    utts: np.ndarray,
+    blank_id: int = 0,
+    max_elements: int = 2**24,
+) -> np.ndarray:
     """log P_CTC(hyps[i] | utterance utts[i]) (decode.ctc_logprobs): the CTC forward
     algorithm in float64 over the frame log-probabilities log_probs [B, T, V] of the
     lengths[b] valid frames; -inf where no alignment exists. Hypotheses go in chunks of
@@ -200,18 +223,19 @@ def ctc_log_likelihoods(log_probs: np.ndarray, lengths: np.ndarray, hyps: Sequen
     longest = max(len(h) for h in hyps)
     chunk = max(1, max_elements // (t_max * (2 * longest + 1)))
     for start in range(0, len(hyps), chunk):
-        part, index = hyps[start:start + chunk], np.asarray(utts[start:start + chunk])
+        part, index = hyps[start : start + chunk], np.asarray(utts[start : start + chunk])
         h, s = len(part), 2 * max(len(p) for p in part) + 1
-        ext = np.full((h, s), blank_id, dtype=np.int64)       # blank, y1, blank, y2, ..., blank
+        ext = np.full((h, s), blank_id, dtype=np.int64)  # blank, y1, blank, y2, ..., blank
         for j, p in enumerate(part):
-            ext[j, 1:2 * len(p):2] = p
+            ext[j, 1 : 2 * len(p) : 2] = p
         states = np.array([2 * len(p) + 1 for p in part])
         # a label may be skipped to from two back when it differs from that one's label
         skip = np.zeros((h, s), dtype=bool)
         skip[:, 2:] = (ext[:, 2:] != blank_id) & (ext[:, 2:] != ext[:, :-2])
         frames = lengths[index]
-        emit = log_probs[index[:, None, None], np.arange(t_max)[None, :, None],
-                         ext[:, None, :]].astype(np.float64)                          # [h, T, S]
+        emit = log_probs[index[:, None, None], np.arange(t_max)[None, :, None], ext[:, None, :]].astype(
+            np.float64
+        )  # [h, T, S]
         alpha = np.full((h, s), -np.inf)
         alpha[:, 0] = emit[:, 0, 0]
         if s > 1:
@@ -229,8 +253,8 @@ def ctc_log_likelihoods(log_probs: np.ndarray, lengths: np.ndarray, hyps: Sequen
             alpha = np.where((t < frames)[:, None], new, alpha)
         last = alpha[np.arange(h), states - 1]
         before = np.where(states > 1, alpha[np.arange(h), np.maximum(states - 2, 0)], -np.inf)
-        out[start:start + h] = np.logaddexp(last, before)
-        out[start:start + h][frames == 0] = -np.inf
+        out[start : start + h] = np.logaddexp(last, before)
+        out[start : start + h][frames == 0] = -np.inf
     return out.astype(np.float32)
 
 
@@ -242,8 +266,9 @@ def load_samples(audio: Audio, sample_rate: int, name: Optional[str] = None) -> 
     if isinstance(audio, np.ndarray):
         name = name or "audio array"
         if audio.ndim != 1:
-            raise ValueError(f"{name}: audio arrays must be 1-D [num_samples] at {sample_rate} Hz, "
-                             f"got shape {audio.shape}")
+            raise ValueError(
+                f"{name}: audio arrays must be 1-D [num_samples] at {sample_rate} Hz, got shape {audio.shape}"
+            )
         samples = audio.astype(np.float32, copy=False)
         if not np.isfinite(samples).all():
             raise ValueError(f"{name}: holds NaN or infinite samples")
@@ -252,12 +277,13 @@ def load_samples(audio: Audio, sample_rate: int, name: Optional[str] = None) -> 
         name = name or path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: no such audio file")
-        samples = data.load_audio(path, sample_rate)     # ManifestError (a ValueError) naming it
+        samples = data.load_audio(path, sample_rate)  # ManifestError (a ValueError) naming it
     if len(samples) == 0:
         raise ValueError(f"{name}: the audio is empty (no samples)")
     if fbank.num_fbank_frames(len(samples), sample_rate) == 0:
-        raise ValueError(f"{name}: the audio is {len(samples) / sample_rate * 1000:.1f} ms long, "
-                         "shorter than one 25 ms fbank window")
+        raise ValueError(
+            f"{name}: the audio is {len(samples) / sample_rate * 1000:.1f} ms long, shorter than one 25 ms fbank window"
+        )
     return samples
 
 
@@ -273,21 +299,30 @@ class OnnxRecognizer:
         threads: ONNX Runtime's intra-op threads (0: its default, every core).
     """
 
-    def __init__(self, model_dir: Union[str, os.PathLike], *, int8: bool = False,
-                 beam: Optional[int] = None, count_search: Optional[int] = None,
-                 ctc_weight: Optional[float] = None, max_batch_seconds: Optional[float] = None,
-                 threads: int = 0):
+    def __init__(
+        self,
+        model_dir: Union[str, os.PathLike],
+        *,
+        int8: bool = False,
+        beam: Optional[int] = None,
+        count_search: Optional[int] = None,
+        ctc_weight: Optional[float] = None,
+        max_batch_seconds: Optional[float] = None,
+        threads: int = 0,
+    ):
         self.model_dir = Path(model_dir)
         self.config = read_export(self.model_dir, int8)
         files, model, defaults = self.config["files"], self.config["model"], self.config["decoding"]
         self.tokens = read_tokens(self.model_dir / files["tokens"])
         if len(self.tokens) != model["vocab_size"]:
-            raise ExportError(f"{self.model_dir / files['tokens']} has {len(self.tokens)} tokens, "
-                              f"the model {model['vocab_size']}")
+            raise ExportError(
+                f"{self.model_dir / files['tokens']} has {len(self.tokens)} tokens, the model {model['vocab_size']}"
+            )
         self.beam = int(defaults["beam"] if beam is None else beam)
         self.count_search = int(defaults["count_search"] if count_search is None else count_search)
-        self.max_batch_seconds = float(defaults["max_batch_seconds"] if max_batch_seconds is None
-                                       else max_batch_seconds)
+        self.max_batch_seconds = float(
+            defaults["max_batch_seconds"] if max_batch_seconds is None else max_batch_seconds
+        )
         if self.beam < 1:
             raise ValueError(f"OnnxRecognizer: beam must be >= 1, got {self.beam}")
         if self.count_search < 0:
@@ -301,8 +336,10 @@ class OnnxRecognizer:
         elif not 0.0 <= ctc_weight <= 1.0:
             raise ValueError(f"OnnxRecognizer: ctc_weight must be in [0, 1], got {ctc_weight}")
         elif ctc_weight > 0 and not model["ctc_trained"]:
-            raise ValueError(f"OnnxRecognizer: ctc_weight {ctc_weight} needs a model trained with its "
-                             "CTC branch (this one was not); decode with 0")
+            raise ValueError(
+                f"OnnxRecognizer: ctc_weight {ctc_weight} needs a model trained with its "
+                "CTC branch (this one was not); decode with 0"
+            )
         self.ctc_weight = float(ctc_weight)
         self.sample_rate = int(self.config["features"]["sample_rate"])
         self.num_mel_bins = int(self.config["features"]["num_mel_bins"])
@@ -319,10 +356,12 @@ class OnnxRecognizer:
         # (2x slower with 2 threads on a shared 2-core machine: benchmarks/RESULTS.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graphs = files["int8"] if int8 else files
-        self.encoder = ort.InferenceSession(str(self.model_dir / graphs["encoder"]), options,
-                                            providers=["CPUExecutionProvider"])
-        self.decoder = ort.InferenceSession(str(self.model_dir / graphs["decoder"]), options,
-                                            providers=["CPUExecutionProvider"])
+        self.encoder = ort.InferenceSession(
+            str(self.model_dir / graphs["encoder"]), options, providers=["CPUExecutionProvider"]
+        )
+        self.decoder = ort.InferenceSession(
+            str(self.model_dir / graphs["decoder"]), options, providers=["CPUExecutionProvider"]
+        )
 
     # --- the parts -----------------------------------------------------------------------
 
@@ -330,25 +369,29 @@ class OnnxRecognizer:
         """fbank + utterance CMVN of one utterance's samples: [T, num_mel_bins] float32."""
         return fbank.utterance_cmvn(fbank.compute_fbank(samples, self.sample_rate, self.num_mel_bins))
 
-    def step(self, prev: np.ndarray, cif_prev: np.ndarray, cif_cur: np.ndarray, keys: np.ndarray,
-             values: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self, prev: np.ndarray, cif_prev: np.ndarray, cif_cur: np.ndarray, keys: np.ndarray, values: np.ndarray
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One decoder step (decoder.onnx): -> (log_probs [R, V], new keys, new values)."""
-        return tuple(self.decoder.run(None, {"prev_token": prev, "cif_prev": cif_prev, "cif_cur": cif_cur,
-                                             "keys": keys, "values": values}))
+        return tuple(
+            self.decoder.run(
+                None, {"prev_token": prev, "cif_prev": cif_prev, "cif_cur": cif_cur, "keys": keys, "values": values}
+            )
+        )
 
     def encode(self, feats: Sequence[np.ndarray]) -> dict:
         """encoder.onnx on a batch of features (zero padded): its outputs by name."""
         lens = np.array([len(f) for f in feats], dtype=np.int64)
         batch = np.zeros((len(feats), int(lens.max()), self.num_mel_bins), dtype=np.float32)
         for b, f in enumerate(feats):
-            batch[b, :len(f)] = f
+            batch[b, : len(f)] = f
         offsets = np.arange(-self.count_search, self.count_search + 1, dtype=np.int64)
         names = [o.name for o in self.encoder.get_outputs()]
-        return dict(zip(names, self.encoder.run(None, {"feats": batch, "feat_lens": lens,
-                                                        "count_offsets": offsets})))
+        return dict(zip(names, self.encoder.run(None, {"feats": batch, "feat_lens": lens, "count_offsets": offsets})))
 
-    def decode_features(self, feats: Sequence[np.ndarray], names: Optional[Sequence[str]] = None
-                        ) -> List[Tuple[List[int], List[int]]]:
+    def decode_features(
+        self, feats: Sequence[np.ndarray], names: Optional[Sequence[str]] = None
+    ) -> List[Tuple[List[int], List[int]]]:
         """Decode one batch of utterances' features ([T, F] float32 each, utterance
         CMVN): decode.beam_search. names: the utterances' names, for the error raised
         when one needs more tokens than the export's max_tokens.
@@ -360,24 +403,26 @@ class OnnxRecognizer:
         if (need > self.max_tokens).any():
             u = int(np.argmax(need > self.max_tokens))
             name = names[u] if names is not None else f"utterance {u} of the batch"
-            raise ValueError(f"{name}: CIF fires {int(out['counts'][u])}"
-                             f"{'+' if out['counts'][u] > self.max_tokens else ''} tokens; with the count "
-                             f"search (+{self.count_search}) that is more than this export's max_tokens "
-                             f"{self.max_tokens}: export again with a larger --max-tokens, or split the audio")
+            raise ValueError(
+                f"{name}: CIF fires {int(out['counts'][u])}"
+                f"{'+' if out['counts'][u] > self.max_tokens else ''} tokens; with the count "
+                f"search (+{self.count_search}) that is more than this export's max_tokens "
+                f"{self.max_tokens}: export again with a larger --max-tokens, or split the audio"
+            )
         c = 2 * self.count_search + 1
         n = max(int(out["cif_counts"].max()), 1)
-        cif = out["cif"][:, :, :n].reshape(c * b, n, -1)                     # candidate-major
+        cif = out["cif"][:, :, :n].reshape(c * b, n, -1)  # candidate-major
         counts = out["cif_counts"].reshape(-1)
         fire = out["fire_frames"][:, :, :n].reshape(c * b, n)
-        hyps, logp = beam_search(self.step, cif, counts, self.beam, self.cache_shape,
-                                 self.blank_id, self.eos_id)
+        hyps, logp = beam_search(self.step, cif, counts, self.beam, self.cache_shape, self.blank_id, self.eos_id)
         score = logp
         w = np.float32(self.ctc_weight)
         if w > 0:
             flat = [h for row in hyps for h in row]
             utts = (np.arange(len(flat)) // self.beam) % b
-            ctc = ctc_log_likelihoods(out["ctc_log_probs"], out["enc_lens"], flat, utts,
-                                      self.blank_id).reshape(logp.shape)
+            ctc = ctc_log_likelihoods(out["ctc_log_probs"], out["enc_lens"], flat, utts, self.blank_id).reshape(
+                logp.shape
+            )
             with np.errstate(invalid="ignore"):
                 score = np.where(np.isfinite(logp), (1 - w) * logp + w * ctc, np.float32(-np.inf))
         score = (score / np.maximum(counts, 1).astype(np.float32)[:, None]).astype(np.float32)
@@ -386,12 +431,16 @@ class OnnxRecognizer:
         for u, index in enumerate(best.tolist()):
             row, slot = (index // self.beam) * b + u, index % self.beam
             hyp = hyps[row][slot]
-            results.append((hyp, fire[row, :len(hyp)].tolist()))
+            results.append((hyp, fire[row, : len(hyp)].tolist()))
         return results
 
     def hypothesis(self, ids: Sequence[int], frames: Sequence[int]) -> Hypothesis:
-        return Hypothesis(tokens_to_text(self.tokens, ids, self.blank_id, self.eos_id), list(ids),
-                          [self.tokens[i] for i in ids], [round(f * self.frame_period_s, 3) for f in frames])
+        return Hypothesis(
+            tokens_to_text(self.tokens, ids, self.blank_id, self.eos_id),
+            list(ids),
+            [self.tokens[i] for i in ids],
+            [round(f * self.frame_period_s, 3) for f in frames],
+        )
 
     # --- the API ---------------------------------------------------------------------------
 
@@ -402,16 +451,18 @@ class OnnxRecognizer:
         non-finite input."""
         if isinstance(audio, (str, os.PathLike, np.ndarray)):
             raise TypeError("OnnxRecognizer: pass a list of files or arrays, not one")
-        names = [f"audio[{i}] (an array)" if isinstance(item, np.ndarray) else os.fspath(item)
-                 for i, item in enumerate(audio)]
+        names = [
+            f"audio[{i}] (an array)" if isinstance(item, np.ndarray) else os.fspath(item)
+            for i, item in enumerate(audio)
+        ]
         samples = [load_samples(item, self.sample_rate, name) for item, name in zip(audio, names)]
         if not samples:
             return []
-        return [self.hypothesis(ids, frames)
-                for ids, frames in self.decode_samples(samples, names)]
+        return [self.hypothesis(ids, frames) for ids, frames in self.decode_samples(samples, names)]
 
-    def decode_samples(self, samples: Sequence[np.ndarray], names: Optional[Sequence[str]] = None
-                       ) -> List[Tuple[List[int], List[int]]]:
+    def decode_samples(
+        self, samples: Sequence[np.ndarray], names: Optional[Sequence[str]] = None
+    ) -> List[Tuple[List[int], List[int]]]:
         """Checked 16 kHz samples (load_samples) -> per utterance (ids, fire frames), in
         order, decoded in batches of at most max_batch_seconds padded seconds."""
         durations = [len(s) / self.sample_rate for s in samples]

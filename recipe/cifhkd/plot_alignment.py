@@ -9,6 +9,7 @@ weight alpha_t of each encoder frame (bars, 80 ms per frame with 8x subsampling)
 running sum of alpha (line, right axis) and a vertical line where CIF fires, labelled with
 the token the decoder emitted for it. Without --utt the split's first utterance is drawn.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -22,10 +23,12 @@ from . import features
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="train_hkd.py's averaged.pt or checkpoint-<step>.pt")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="train_hkd.py's averaged.pt or checkpoint-<step>.pt"
+    )
     parser.add_argument("--split", type=Path, required=True, help="Kaldi dir or JSONL manifest")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--utt", default=None, help="utterance id (default: the first)")
@@ -36,14 +39,19 @@ def get_parser():
 
 def plot(path: Path, title: str, feats, alphas, fire_frames, tokens, frame_period_s: float):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_f, ax_a) = plt.subplots(2, 1, figsize=(max(8.0, 1.2 * len(alphas) * frame_period_s + 2), 6),
-                                     sharex=True, gridspec_kw={"height_ratios": [1.2, 1]})
+    fig, (ax_f, ax_a) = plt.subplots(
+        2,
+        1,
+        figsize=(max(8.0, 1.2 * len(alphas) * frame_period_s + 2), 6),
+        sharex=True,
+        gridspec_kw={"height_ratios": [1.2, 1]},
+    )
     duration = feats.shape[0] * decode_lib.FBANK_SHIFT_S
-    ax_f.imshow(feats.T.numpy(), origin="lower", aspect="auto", cmap="viridis",
-                extent=(0, duration, 0, feats.shape[1]))
+    ax_f.imshow(feats.T.numpy(), origin="lower", aspect="auto", cmap="viridis", extent=(0, duration, 0, feats.shape[1]))
     ax_f.set_ylabel("mel bin")
     ax_f.set_title(title, fontsize=9, loc="left")
     times = [(i + 0.5) * frame_period_s for i in range(len(alphas))]
@@ -68,8 +76,14 @@ class UnknownUtterance(LookupError):
     """--utt names no utterance of the split (main: exit status 2)."""
 
 
-def plot_alignment(checkpoint: Union[str, Path], split: Union[str, Path], out: Union[str, Path],
-                   utt: Optional[str] = None, method: str = "beam", beam: int = decode_lib.BEAM) -> Path:
+def plot_alignment(
+    checkpoint: Union[str, Path],
+    split: Union[str, Path],
+    out: Union[str, Path],
+    utt: Optional[str] = None,
+    method: str = "beam",
+    beam: int = decode_lib.BEAM,
+) -> Path:
     """Draw utterance `utt` of the split (default: its first) as decoded by the checkpoint
     into the PNG file `out` (the module docstring; the arguments are the command line's
     options; paths as str or Path). -> out, a Path. UnknownUtterance when utt is not in
@@ -91,14 +105,13 @@ def plot_alignment(checkpoint: Union[str, Path], split: Union[str, Path], out: U
         c = model.config
         enc, enc_lens, alphas = model.encode(x, lens)
         if method == "greedy":
-            (tokens, frames), = decode_lib.greedy_search(model, x, lens)
+            ((tokens, frames),) = decode_lib.greedy_search(model, x, lens)
         else:
-            (tokens, frames), = decode_lib.beam_search(model, x, lens, beam)
+            ((tokens, frames),) = decode_lib.beam_search(model, x, lens, beam)
     words = [vocab.tokens[t] for t in tokens]
     hyp = vocab.decode(tokens)
     title = f"{chosen.id}\nREF: {chosen.text}\nHYP: {hyp}"
-    plot(out, title, feats, alphas[0, :int(enc_lens[0])], frames, words,
-         decode_lib.frame_period_s(c))
+    plot(out, title, feats, alphas[0, : int(enc_lens[0])], frames, words, decode_lib.frame_period_s(c))
     print(f"plot_alignment: {chosen.id}: {len(frames)} tokens -> {out}")
     return out
 
@@ -112,5 +125,5 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":      # python -m cifhkd.plot_alignment
+if __name__ == "__main__":  # python -m cifhkd.plot_alignment
     main()

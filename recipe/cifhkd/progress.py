@@ -6,6 +6,7 @@ minute, so that watching costs them nothing. StatusLine redraws one console line
 render function: in place on a terminal, or as a plain line every half minute where the
 output is a file or a pipe (a log of `make demo`, CI).
 """
+
 import json
 import logging
 import sys
@@ -70,9 +71,10 @@ class Training:
     EXP/train_log.jsonl then (a resumed run's old lines, which may go past the checkpoint
     it resumes from, are not its own); base: the step and time (time.monotonic) of the
     run's first logged line, as first seen: the rate of the time left counts from it."""
+
     label: str
     exp: Path
-    budget: int = 0                  # --max-steps (0: none)
+    budget: int = 0  # --max-steps (0: none)
     state: str = "waiting"
     start: float = 0.0
     log_offset: int = 0
@@ -110,6 +112,7 @@ class Training:
 @dataclass
 class Decoding:
     """One system's decodings: `total` splits, `done` of them finished."""
+
     label: str
     total: int
     done: int = 0
@@ -121,14 +124,16 @@ class Decoding:
 @dataclass
 class Phase:
     """What the status line shows: the phase's name, its start and its systems."""
+
     name: str
     items: Dict[str, Union[Training, Decoding]] = field(default_factory=dict)
     start: float = field(default_factory=time.monotonic)
 
     def render(self, now: Optional[float] = None) -> str:
         now = time.monotonic() if now is None else now
-        return (f"demo: {self.name} {duration(now - self.start)} | "
-                + " | ".join(item.status(now) for item in self.items.values()))
+        return f"demo: {self.name} {duration(now - self.start)} | " + " | ".join(
+            item.status(now) for item in self.items.values()
+        )
 
 
 class StatusLine:
@@ -139,14 +144,19 @@ class StatusLine:
     the lock held; an error in it (or in writing) is logged once and ends the redrawing,
     never the program, nor does it replace an exception leaving the context."""
 
-    def __init__(self, render: Callable[[], str], stream: Optional[TextIO] = None, interval: float = 2.0,
-                 plain_interval: float = 30.0):
+    def __init__(
+        self,
+        render: Callable[[], str],
+        stream: Optional[TextIO] = None,
+        interval: float = 2.0,
+        plain_interval: float = 30.0,
+    ):
         self.render, self.stream = render, stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if self.tty else plain_interval
         self.lock, self.stop = threading.RLock(), threading.Event()
-        self.shown = False          # a status is on the terminal's last line
-        self.failed = False         # render() or a write failed: no more drawing
+        self.shown = False  # a status is on the terminal's last line
+        self.failed = False  # render() or a write failed: no more drawing
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _clear(self):

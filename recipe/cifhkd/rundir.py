@@ -32,6 +32,7 @@ The checkpoints themselves: atomic_save writes one whole or not at all,
 remove_stale_temporaries removes what a killed save left, average_checkpoints makes
 averaged.pt, rng_state/set_rng_state are the RNG states a checkpoint saves and restores.
 """
+
 import datetime
 import fcntl
 import json
@@ -56,11 +57,32 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
 
 # options that say how far, where from or how fast to run, not what is trained: they may
 # change on --resume (all others must be as recorded)
-RUN_CONTROL = frozenset({
-    "config", "exp_dir", "resume", "overwrite_exp_dir", "max_steps", "num_epochs", "save_every_steps",
-    "keep_last", "average_last", "log_every_steps", "valid_every_steps", "no_progress", "threads",
-    "num_workers", "device", "compile", "too_short", "make_demo_corpus", "demo_num_train", "demo_num_dev",
-    "demo_num_test", "inject_nan_at_step"})
+RUN_CONTROL = frozenset(
+    {
+        "config",
+        "exp_dir",
+        "resume",
+        "overwrite_exp_dir",
+        "max_steps",
+        "num_epochs",
+        "save_every_steps",
+        "keep_last",
+        "average_last",
+        "log_every_steps",
+        "valid_every_steps",
+        "no_progress",
+        "threads",
+        "num_workers",
+        "device",
+        "compile",
+        "too_short",
+        "make_demo_corpus",
+        "demo_num_train",
+        "demo_num_dev",
+        "demo_num_test",
+        "inject_nan_at_step",
+    }
+)
 PATH_OPTIONS = frozenset({"corpus", "teacher_dir", "teacher"})
 
 
@@ -68,7 +90,7 @@ class RunDirError(RuntimeError):
     """--exp-dir holds what the run may not write over, or --resume changes the run."""
 
 
-_LOCKS: Dict[Path, int] = {}        # the folders this process trains into: their locked descriptors
+_LOCKS: Dict[Path, int] = {}  # the folders this process trains into: their locked descriptors
 
 
 def release_locks():
@@ -125,11 +147,17 @@ class RunDir:
             record = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             record = None
-        if not (isinstance(record, dict) and record.get("format") == FORMAT
-                and isinstance(record.get("files"), list) and isinstance(record.get("sessions"), list)):
-            raise RunDirError(f"train_hkd: {file} was not written by the trainer (it is not a {FORMAT} record); "
-                              "the trainer never replaces a file it did not write: move it away or choose "
-                              "another --exp-dir")
+        if not (
+            isinstance(record, dict)
+            and record.get("format") == FORMAT
+            and isinstance(record.get("files"), list)
+            and isinstance(record.get("sessions"), list)
+        ):
+            raise RunDirError(
+                f"train_hkd: {file} was not written by the trainer (it is not a {FORMAT} record); "
+                "the trainer never replaces a file it did not write: move it away or choose "
+                "another --exp-dir"
+            )
         return cls(path, record)
 
     # --- what is the run's
@@ -140,8 +168,11 @@ class RunDir:
     def owned(self) -> List[str]:
         """The names the record holds that a trainer writes (a hand-edited record cannot
         make the trainer remove anything else)."""
-        return [] if self.record is None else [n for n in self.record["files"]
-                                               if n != RECORD and (n == BOARD or is_trainer_file(n))]
+        return (
+            []
+            if self.record is None
+            else [n for n in self.record["files"] if n != RECORD and (n == BOARD or is_trainer_file(n))]
+        )
 
     def checkpoints(self) -> List[Path]:
         """The run's checkpoint-<step>.pt, oldest first."""
@@ -158,10 +189,12 @@ class RunDir:
         foreign = [self.path / n for n in names if (self.path / n).exists() and not self.owns(n)]
         if not foreign:
             return None
-        return (f"train_hkd: {', '.join(map(str, foreign))} {'was' if len(foreign) == 1 else 'were'} "
-                f"not written by this run (its record {self.path / RECORD} does not name "
-                f"{'it' if len(foreign) == 1 else 'them'}: a user's file, or a run of an older cifhkd); "
-                "the trainer never replaces a file it did not write: move it away or choose another --exp-dir")
+        return (
+            f"train_hkd: {', '.join(map(str, foreign))} {'was' if len(foreign) == 1 else 'were'} "
+            f"not written by this run (its record {self.path / RECORD} does not name "
+            f"{'it' if len(foreign) == 1 else 'them'}: a user's file, or a run of an older cifhkd); "
+            "the trainer never replaces a file it did not write: move it away or choose another --exp-dir"
+        )
 
     # --- before anything is written
 
@@ -175,9 +208,10 @@ class RunDir:
             raise RunDirError(
                 f"train_hkd: --exp-dir {self.path} holds a run ({self.describe()}): continue it with --resume, "
                 f"or start afresh with {OVERWRITE}, which removes the files that run wrote "
-                f"({', '.join(owned + [RECORD])}) and no other; or train into another --exp-dir")
+                f"({', '.join(owned + [RECORD])}) and no other; or train into another --exp-dir"
+            )
         names = [ARGS, LOG] + ([AVERAGED] if args.average_last > 0 else [])
-        if args.resume is None:            # a fresh run writes checkpoints from step 1 on
+        if args.resume is None:  # a fresh run writes checkpoints from step 1 on
             names += [p.name for p in list_checkpoints(self.path)]
         message = self._foreign(names)
         if message:
@@ -204,10 +238,12 @@ class RunDir:
                 changed.append(f"--{key.replace('_', '-')}: recorded {old_text}, given {new}")
         if changed:
             raise RunDirError(
-                f"train_hkd: --resume with options that change the run ({source}): " + "; ".join(changed)
+                f"train_hkd: --resume with options that change the run ({source}): "
+                + "; ".join(changed)
                 + ". A run continues with the options it was trained with: leave these out (or give the "
                 "recorded values), or start a new run in another --exp-dir. Options that only say how far "
-                f"or how to run may change: {', '.join('--' + k.replace('_', '-') for k in sorted(RUN_CONTROL - {'inject_nan_at_step'}))}")
+                f"or how to run may change: {', '.join('--' + k.replace('_', '-') for k in sorted(RUN_CONTROL - {'inject_nan_at_step'}))}"
+            )
 
     def recorded_options(self) -> Optional[dict]:
         """The run's args.json (the options of its latest session), or None."""
@@ -216,8 +252,9 @@ class RunDir:
         try:
             options = json.loads((self.path / ARGS).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RunDirError(f"train_hkd: {self.path / ARGS}, the run's record of its options, does not "
-                              f"read as JSON ({e})") from e
+            raise RunDirError(
+                f"train_hkd: {self.path / ARGS}, the run's record of its options, does not read as JSON ({e})"
+            ) from e
         return options if isinstance(options, dict) else None
 
     # --- writing
@@ -279,16 +316,30 @@ class RunDir:
             removed = self.remove_run()
             log(f"{OVERWRITE}: removed the previous run's {', '.join(removed + [RECORD])} from {self.path}")
         if self.record is None:
-            self.record = {"format": FORMAT, "version": 1, "id": uuid.uuid4().hex, "created": _now(),
-                           "files": [], "sessions": []}
+            self.record = {
+                "format": FORMAT,
+                "version": 1,
+                "id": uuid.uuid4().hex,
+                "created": _now(),
+                "files": [],
+                "sessions": [],
+            }
         previous, given = self.recorded_options(), _plain(vars(args))
-        changed = {k: [previous.get(k), v] for k, v in given.items()
-                   if previous is not None and previous.get(k) != v and k not in ("resume", "overwrite_exp_dir")}
-        self.record["sessions"].append({"started": _now(), "step": step,
-                                        "resumed_from": None if resumed_from is None else str(resumed_from),
-                                        "changed": changed})
+        changed = {
+            k: [previous.get(k), v]
+            for k, v in given.items()
+            if previous is not None and previous.get(k) != v and k not in ("resume", "overwrite_exp_dir")
+        }
+        self.record["sessions"].append(
+            {
+                "started": _now(),
+                "step": step,
+                "resumed_from": None if resumed_from is None else str(resumed_from),
+                "changed": changed,
+            }
+        )
         names = [ARGS, LOG] + ([BOARD] if not (self.path / BOARD).exists() or self.owns(BOARD) else [])
-        self.claim(*names)           # saves the record
+        self.claim(*names)  # saves the record
         text = json.dumps(vars(args), default=str, indent=1)
         files.write_atomically(self.path / ARGS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.cut_log(step)
@@ -302,20 +353,25 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunDirError(f"train_hkd: another trainer is running in --exp-dir {self.path} (it holds the "
-                              "folder's lock): wait for it to end, or train into another --exp-dir") from None
+            raise RunDirError(
+                f"train_hkd: another trainer is running in --exp-dir {self.path} (it holds the "
+                "folder's lock): wait for it to end, or train into another --exp-dir"
+            ) from None
         except OSError:
-            os.close(fd)            # a file system without flock (some network ones): no guard
+            os.close(fd)  # a file system without flock (some network ones): no guard
             return
         _LOCKS[self.path] = fd
         now = RunDir.read(self.path).record
 
         def identity(record):
             return None if record is None else (record["id"], len(record["sessions"]))
+
         if identity(now) != identity(self.record):
             release_locks()
-            raise RunDirError(f"train_hkd: --exp-dir {self.path} changed while this run was loading (another "
-                              "trainer started in it): nothing was written; look at it, then start again")
+            raise RunDirError(
+                f"train_hkd: --exp-dir {self.path} changed while this run was loading (another "
+                "trainer started in it): nothing was written; look at it, then start again"
+            )
 
     def cut_log(self, step: int):
         """Keep the lines of train_log.jsonl up to `step` (those of a killed session after its
@@ -329,8 +385,12 @@ class RunDir:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if line.endswith("\n") and isinstance(row, dict) and isinstance(row.get("step"), int) \
-                    and row["step"] <= step:
+            if (
+                line.endswith("\n")
+                and isinstance(row, dict)
+                and isinstance(row.get("step"), int)
+                and row["step"] <= step
+            ):
                 kept.append(line)
         text = "".join(kept)
         if text != path.read_text(encoding="utf-8", errors="replace"):
@@ -339,10 +399,10 @@ class RunDir:
 
 # --- checkpoints: what they hold and how they are written ---------------------------------
 
+
 def rng_state() -> dict:
     """The Python, numpy, torch (and CUDA) RNG states, as a checkpoint saves them."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -371,8 +431,7 @@ def remove_stale_temporaries(exp_dir: Path, log: Optional[Callable[[str], None]]
     removed paths."""
     removed = files.remove_stale_temporaries(exp_dir, is_trainer_file)
     if removed and log is not None:
-        log(f"removed {len(removed)} temporary file(s) of interrupted saves: "
-            + ", ".join(p.name for p in removed))
+        log(f"removed {len(removed)} temporary file(s) of interrupted saves: " + ", ".join(p.name for p in removed))
     return removed
 
 
@@ -391,9 +450,12 @@ def average_checkpoints(paths: List[Path], out: Path) -> dict:
         else:
             for k, v in weights.items():
                 total[k] = total[k] + v.double() if v.is_floating_point() else v.clone()
-    averaged = {k: (v / len(paths)).to(weights[k].dtype) if v.is_floating_point() else v
-                for k, v in total.items()}
-    result = {"model": averaged, **{k: state[k] for k in ("model_config", "vocab", "tokenizer") if k in state},
-              "step": state["step"], "averaged": [str(p) for p in paths]}
+    averaged = {k: (v / len(paths)).to(weights[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
+    result = {
+        "model": averaged,
+        **{k: state[k] for k in ("model_config", "vocab", "tokenizer") if k in state},
+        "step": state["step"],
+        "averaged": [str(p) for p in paths],
+    }
     atomic_save(result, out)
     return result

@@ -1,5 +1,6 @@
 """Length-bucketed batches for the recipe's data loaders (imports neither torch nor numpy:
 the ONNX runtime path uses it too)."""
+
 import math
 import random
 from typing import Iterator, List, Optional, Sequence
@@ -21,17 +22,28 @@ class BucketBatchSampler:
     advances ``batches_done``; call ``set_epoch`` at the start of each epoch.
     """
 
-    def __init__(self, durations: Sequence[float], max_batch_seconds: float, *,
-                 max_batch_size: int = 10 ** 9, num_buckets: int = 10, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        durations: Sequence[float],
+        max_batch_seconds: float,
+        *,
+        max_batch_size: int = 10**9,
+        num_buckets: int = 10,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         if not durations:
             raise ValueError("BucketBatchSampler: durations is empty")
         if any(d is None or not math.isfinite(d) or d <= 0 for d in durations):
-            raise ValueError("BucketBatchSampler: every duration must be a positive number "
-                             "(run data.check_audio first to fill them in)")
+            raise ValueError(
+                "BucketBatchSampler: every duration must be a positive number "
+                "(run data.check_audio first to fill them in)"
+            )
         if max_batch_seconds <= 0 or max_batch_size < 1 or num_buckets < 1:
-            raise ValueError("BucketBatchSampler: max_batch_seconds > 0, max_batch_size >= 1 "
-                             "and num_buckets >= 1 expected")
+            raise ValueError(
+                "BucketBatchSampler: max_batch_seconds > 0, max_batch_size >= 1 and num_buckets >= 1 expected"
+            )
         self.durations = list(durations)
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
@@ -57,14 +69,15 @@ class BucketBatchSampler:
         size = math.ceil(len(order) / self.num_buckets)
         result = []
         for start in range(0, len(order), size):
-            bucket = order[start:start + size]
+            bucket = order[start : start + size]
             if self.shuffle:
                 rng.shuffle(bucket)
             batch, longest = [], 0.0
             for i in bucket:
                 new_longest = max(longest, self.durations[i])
-                if batch and (new_longest * (len(batch) + 1) > self.max_batch_seconds
-                              or len(batch) >= self.max_batch_size):
+                if batch and (
+                    new_longest * (len(batch) + 1) > self.max_batch_seconds or len(batch) >= self.max_batch_size
+                ):
                     result.append(batch)
                     batch, new_longest = [], self.durations[i]
                 batch.append(i)

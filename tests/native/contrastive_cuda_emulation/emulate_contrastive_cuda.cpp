@@ -52,28 +52,70 @@ constexpr bool kIsHalf = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfl
 template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-template <typename T> ScalarKind kind_of();
-template <> ScalarKind kind_of<float>() { return ScalarKind::kFloat32; }
-template <> ScalarKind kind_of<double>() { return ScalarKind::kFloat64; }
-template <> ScalarKind kind_of<__half>() { return ScalarKind::kFloat16; }
-template <> ScalarKind kind_of<__nv_bfloat16>() { return ScalarKind::kBFloat16; }
-template <typename T> const char* name_of();
-template <> const char* name_of<float>() { return "float32"; }
-template <> const char* name_of<double>() { return "float64"; }
-template <> const char* name_of<__half>() { return "float16"; }
-template <> const char* name_of<__nv_bfloat16>() { return "bfloat16"; }
+template <typename T>
+ScalarKind kind_of();
+template <>
+ScalarKind kind_of<float>() {
+  return ScalarKind::kFloat32;
+}
+template <>
+ScalarKind kind_of<double>() {
+  return ScalarKind::kFloat64;
+}
+template <>
+ScalarKind kind_of<__half>() {
+  return ScalarKind::kFloat16;
+}
+template <>
+ScalarKind kind_of<__nv_bfloat16>() {
+  return ScalarKind::kBFloat16;
+}
+template <typename T>
+const char* name_of();
+template <>
+const char* name_of<float>() {
+  return "float32";
+}
+template <>
+const char* name_of<double>() {
+  return "float64";
+}
+template <>
+const char* name_of<__half>() {
+  return "float16";
+}
+template <>
+const char* name_of<__nv_bfloat16>() {
+  return "bfloat16";
+}
 
-template <typename T> double to_d(T x) { return static_cast<double>(x); }
-template <> double to_d<__half>(__half x) { return __half2float(x); }
-template <> double to_d<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> T from_d(double x) { return static_cast<T>(x); }
-template <> __half from_d<__half>(double x) { return __float2half(static_cast<float>(x)); }
-template <> __nv_bfloat16 from_d<__nv_bfloat16>(double x) {
+template <typename T>
+double to_d(T x) {
+  return static_cast<double>(x);
+}
+template <>
+double to_d<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+double to_d<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+T from_d(double x) {
+  return static_cast<T>(x);
+}
+template <>
+__half from_d<__half>(double x) {
+  return __float2half(static_cast<float>(x));
+}
+template <>
+__nv_bfloat16 from_d<__nv_bfloat16>(double x) {
   return __float2bfloat16(static_cast<float>(x));
 }
 
 // ---- results -----------------------------------------------------------------------------
-double g_worst = 0;       // max over checks of error / tolerance
+double g_worst = 0;  // max over checks of error / tolerance
 int g_failed_checks = 0;
 void fail_hard(const char* what) {
   std::printf("  FAIL %s\n", what);
@@ -146,9 +188,7 @@ class Dev {
     return *this;
   }
   ~Dev() { verify(); }
-  T* data() {
-    return raw_.empty() ? nullptr : reinterpret_cast<T*>(aligned_base() + kGuard);
-  }
+  T* data() { return raw_.empty() ? nullptr : reinterpret_cast<T*>(aligned_base() + kGuard); }
   const T* data() const { return const_cast<Dev*>(this)->data(); }
   size_t size() const { return n_; }
   T& operator[](size_t i) { return data()[i]; }
@@ -263,7 +303,11 @@ struct CudaOp {
   int64_t g_entries = 0, g_nonzero_below_normal = 0, g_zero = 0;  // G as stored
 
   CudaOp(const Problem& p_, int64_t workspace, int64_t gran)
-      : p(p_), workspace_bytes(workspace), granule(gran), xs(p_.N * p_.D), xt(p_.M * p_.D),
+      : p(p_),
+        workspace_bytes(workspace),
+        granule(gran),
+        xs(p_.N * p_.D),
+        xt(p_.M * p_.D),
         counted(p_.counted()) {
     for (int64_t i = 0; i < p.N * p.D; ++i) xs[i] = from_d<T>(p.xs[i]);
     for (int64_t i = 0; i < p.M * p.D; ++i) xt[i] = from_d<T>(p.xt[i]);
@@ -348,7 +392,7 @@ struct CudaOp {
         g_zero += v == 0;
         g_nonzero_below_normal += v != 0 && std::fabs(v) < acc_t(6.103515625e-05);  // 2^-14
       }
-      if (grad_a != nullptr)            // grad_a[r0 + r] = G[r] . b
+      if (grad_a != nullptr)  // grad_a[r0 + r] = G[r] . b
         for (int64_t r = 0; r < rows; ++r) {
           std::vector<acc_t> s(D, acc_t(0));
           for (int64_t c = 0; c < C; ++c)
@@ -521,10 +565,12 @@ struct CpuOp {
   const Problem& p;
   std::vector<V> xs, xt;
   std::vector<char> counted;
-  static constexpr ScalarKind kKind = std::is_same_v<V, double> ? ScalarKind::kFloat64
-                                                                : ScalarKind::kFloat32;
+  static constexpr ScalarKind kKind =
+      std::is_same_v<V, double> ? ScalarKind::kFloat64 : ScalarKind::kFloat32;
   explicit CpuOp(const Problem& p_)
-      : p(p_), xs(p_.xs.begin(), p_.xs.end()), xt(p_.xt.begin(), p_.xt.end()),
+      : p(p_),
+        xs(p_.xs.begin(), p_.xs.end()),
+        xt(p_.xt.begin(), p_.xt.end()),
         counted(p_.counted()) {}
 
   struct Side {
@@ -657,7 +703,8 @@ struct CpuOp {
 template <typename X>
 std::vector<double> doubles(const std::vector<X>& v, size_t begin = 0, size_t count = SIZE_MAX) {
   std::vector<double> o;
-  for (size_t i = begin; i < v.size() && i - begin < count; ++i) o.push_back(static_cast<double>(v[i]));
+  for (size_t i = begin; i < v.size() && i - begin < count; ++i)
+    o.push_back(static_cast<double>(v[i]));
   return o;
 }
 
@@ -669,12 +716,12 @@ struct Case {
   double tau = 0.07;
   int64_t ignore_index = -100;
   double ignore_fraction = 0.2;  // of the targets
-  double align = 0;            // > 0: teacher row i = student row i + align * noise
-  double common = 0;           // > 0: one shared random vector (this times the noise) in every row
-  bool ties = false;           // plant exact argmax ties (duplicate teacher rows)
-  bool tiny_rows = false;      // a zero row and a row whose norm is below eps
-  int64_t workspace = 4096;    // chunk workspace bound in bytes
-  int64_t granule = 4;         // chunk rows multiple
+  double align = 0;              // > 0: teacher row i = student row i + align * noise
+  double common = 0;         // > 0: one shared random vector (this times the noise) in every row
+  bool ties = false;         // plant exact argmax ties (duplicate teacher rows)
+  bool tiny_rows = false;    // a zero row and a row whose norm is below eps
+  int64_t workspace = 4096;  // chunk workspace bound in bytes
+  int64_t granule = 4;       // chunk rows multiple
   unsigned seed = 1;
 };
 
@@ -703,7 +750,8 @@ Problem make_problem(const Case& c) {
     }
   for (auto& v : p.xs) v = rep(v);
   for (auto& v : p.xt) v = rep(v);
-  auto copy_row = [&](std::vector<double>& dst, int64_t j, const std::vector<double>& src, int64_t i) {
+  auto copy_row = [&](std::vector<double>& dst, int64_t j, const std::vector<double>& src,
+                      int64_t i) {
     for (int64_t d = 0; d < c.D; ++d) dst[j * c.D + d] = src[i * c.D + d];
   };
   if (c.ties) {  // student row i's best columns are two identical teacher rows
@@ -716,7 +764,7 @@ Problem make_problem(const Case& c) {
   }
   if (c.tiny_rows && c.N > 3 && c.M > 3) {
     for (int64_t d = 0; d < c.D; ++d) {
-      p.xs[2 * c.D + d] = 0;                             // zero row
+      p.xs[2 * c.D + d] = 0;                              // zero row
       p.xt[3 * c.D + d] = rep(p.xt[3 * c.D + d] * 1e-8);  // norm below eps: the clamp
     }
   }
@@ -824,8 +872,10 @@ void run_case(const Case& c) {
         za += double(rs.unit[i * rs.dim_padded + d]) * double(rt.unit[am[i] * rt.dim_padded + d]);
         zb += double(rs.unit[i * rs.dim_padded + d]) * double(rt.unit[ram[i] * rt.dim_padded + d]);
       }
-      if (za != zb && std::fabs(za - zb) <= (std::is_same_v<T, float> ? 1e-5 : 1e-13)) ++near;
-      else ++bad;
+      if (za != zb && std::fabs(za - zb) <= (std::is_same_v<T, float> ? 1e-5 : 1e-13))
+        ++near;
+      else
+        ++bad;
     }
     if (kIsHalf<T>) {  // half logits are not the float64 ones: report only
       std::printf("  argmax differs from float64 in %d/%ld rows (not checked)\n", bad, long(N));
@@ -864,8 +914,8 @@ void grad_scale_case() {
   c.granule = 128;
   c.seed = 21;
   const Problem p = make_problem<__half>(c);
-  std::printf("float16 GradScale: N=M=%ld D=%ld reduction=mean tau=%g (aligned rows)\n",
-              long(p.N), long(p.D), p.tau);
+  std::printf("float16 GradScale: N=M=%ld D=%ld reduction=mean tau=%g (aligned rows)\n", long(p.N),
+              long(p.D), p.tau);
   const CpuOp<double> cpu(p);
   const auto rf = cpu.forward(true);
   const auto rb = cpu.backward(rf);
@@ -936,7 +986,8 @@ void grid_stride_case() {
   cuda.chunk_loop(s, t, proto, false, nullptr, nullptr);
   g_emu_grid_cap = 0;
   const Tol tol = tolerances<float>();
-  check("lse", stats.doubles(kStatLse * p.N, p.N), doubles(rf.stats, kStatLse * p.N, p.N), tol.stat);
+  check("lse", stats.doubles(kStatLse * p.N, p.N), doubles(rf.stats, kStatLse * p.N, p.N),
+        tol.stat);
   check("expect", stats.doubles(kStatExpect * p.N, p.N), doubles(rf.stats, kStatExpect * p.N, p.N),
         tol.expect);
   check("target logit", stats.doubles(kStatTarget * p.N, p.N),
@@ -1144,7 +1195,7 @@ int main(int argc, char** argv) {
   const bool pass = g_failed_checks == 0 && g_worst <= 1 && probe_failures == 0;
   std::printf("%d known bug(s) probed%s\n", g_probes_failing,
               strict ? " (--strict: they count)" : " (not counted; --strict counts them)");
-  std::printf("worst error / tolerance: %.3g, %d failed check(s) -> %s\n", g_worst,
-              g_failed_checks, pass ? "PASS" : "FAIL");
+  std::printf("worst error / tolerance: %.3g, %d failed check(s) -> %s\n", g_worst, g_failed_checks,
+              pass ? "PASS" : "FAIL");
   return pass ? 0 : 1;
 }

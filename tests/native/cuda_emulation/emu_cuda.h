@@ -77,8 +77,12 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 #define CUDART_NAN std::numeric_limits<double>::quiet_NaN()
 
 // ---- half types (storage only: the kernels do their arithmetic in float) ---------------
-struct __half { _Float16 v; };
-struct __nv_bfloat16 { uint16_t bits; };
+struct __half {
+  _Float16 v;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
 inline float __half2float(__half h) { return static_cast<float>(h.v); }
 inline __half __float2half(float f) { return __half{static_cast<_Float16>(f)}; }  // RNE
 inline float __bfloat162float(__nv_bfloat16 b) {
@@ -388,8 +392,10 @@ inline void run_block(unsigned n) {
     // the slow warp waits while any other thread can run
     const bool hold = slow >= 0 && !std::all_of(rt.ready.begin(), rt.ready.end(), is_slow);
     for (unsigned id : rt.ready) {
-      if (hold && is_slow(id)) rt.next_ready.push_back(id);
-      else resume(id);
+      if (hold && is_slow(id))
+        rt.next_ready.push_back(id);
+      else
+        resume(id);
     }
     std::swap(rt.ready, rt.next_ready);
   }
@@ -414,8 +420,7 @@ inline const uint64_t* warp_exchange(unsigned mask, uint64_t bits, const char* w
   const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
   Barrier& bar = rt.warps[w];
   if (mask != 0xffffffffu)
-    emu_fail("%s at line %u with mask %08x: only full warps are emulated", what, loc.line(),
-             mask);
+    emu_fail("%s at line %u with mask %08x: only full warps are emulated", what, loc.line(), mask);
   if (bar.expected != 32)
     emu_fail("%s at line %u with a full mask in a partial warp", what, loc.line());
   rt.slots[bar.phase & 1][w][l] = bits;
